@@ -1,0 +1,234 @@
+//! Why a VM stopped, and the shared state that records it.
+//!
+//! The first terminal event wins: a vCPU exit, a device (the i8042 reset
+//! line) or the host's `stop()`. Recording it also kicks every vCPU out of
+//! the guest, so one reason always stops the whole VM and nothing is left
+//! running.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::kick;
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// The guest reset the machine: an i8042 reset pulse (Linux `reboot=k`)
+    /// or a KVM reset system event.
+    Reset,
+    /// The guest powered the machine off (KVM shutdown system event).
+    PowerOff,
+    /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// The guest reported a crash (KVM crash system event).
+    Crash,
+    /// The host stopped the VM with `stop()`.
+    Stopped,
+    /// KVM could not emulate a guest instruction (`KVM_EXIT_INTERNAL_ERROR`).
+    InternalError {
+        /// The vCPU that failed.
+        vcpu: u8,
+        /// `kvm_run.internal.suberror` (1 = emulation failure).
+        suberror: u32,
+    },
+    /// The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`).
+    FailEntry {
+        /// The vCPU that failed.
+        vcpu: u8,
+        /// The hardware's entry failure reason.
+        reason: u64,
+    },
+    /// A vCPU exited for a reason chitin does not handle.
+    UnhandledExit {
+        /// The vCPU that exited.
+        vcpu: u8,
+        /// The exit, as KVM named it.
+        exit: String,
+    },
+    /// `KVM_RUN` itself failed.
+    VcpuError {
+        /// The vCPU whose run failed.
+        vcpu: u8,
+        /// The OS error number.
+        errno: i32,
+    },
+}
+
+impl ExitReason {
+    /// Whether the guest ended itself in an orderly way (reset or power-off)
+    /// or the host stopped it.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Reset | Self::PowerOff | Self::Stopped)
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Reset => write!(f, "guest reset"),
+            Self::PowerOff => write!(f, "guest powered off"),
+            Self::TripleFault => write!(f, "guest triple fault"),
+            Self::Crash => write!(f, "guest crashed"),
+            Self::Stopped => write!(f, "stopped by the host"),
+            Self::InternalError { vcpu, suberror } => {
+                write!(f, "KVM internal error {suberror} on vCPU {vcpu}")
+            }
+            Self::FailEntry { vcpu, reason } => {
+                write!(f, "KVM entry failure {reason:#x} on vCPU {vcpu}")
+            }
+            Self::UnhandledExit { vcpu, exit } => write!(f, "unhandled exit {exit} on vCPU {vcpu}"),
+            Self::VcpuError { vcpu, errno } => write!(
+                f,
+                "KVM_RUN failed on vCPU {vcpu}: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+        }
+    }
+}
+
+/// Shared between the vCPU threads, the devices and the host handle: the stop
+/// flag, the first exit reason and the threads to kick.
+#[derive(Debug, Default)]
+pub struct VmControl {
+    stop: AtomicBool,
+    reason: Mutex<Option<ExitReason>>,
+    exited: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl VmControl {
+    /// A control block for a VM that has not stopped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn reason(&self) -> MutexGuard<'_, Option<ExitReason>> {
+        // A poisoned lock only means a thread panicked while holding it; the
+        // Option inside is still valid.
+        self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record `reason` unless another was recorded first, then kick every
+    /// vCPU out of the guest. Returns whether this call's reason won.
+    pub fn request_exit(&self, reason: ExitReason) -> bool {
+        let won = {
+            let mut slot = self.reason();
+            if slot.is_none() {
+                *slot = Some(reason);
+                true
+            } else {
+                false
+            }
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        self.exited.notify_all();
+        self.kick_all();
+        won
+    }
+
+    /// Whether the VM must stop: vCPU loops check this before every entry.
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The exit reason, if the VM has stopped.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.reason().clone()
+    }
+
+    /// Block until the VM stops.
+    pub fn wait(&self) -> ExitReason {
+        let mut slot = self.reason();
+        loop {
+            if let Some(reason) = slot.as_ref() {
+                return reason.clone();
+            }
+            slot = self.exited.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Block until the VM stops or `timeout` passes.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let deadline = Instant::now() + timeout;
+        let mut slot = self.reason();
+        loop {
+            if let Some(reason) = slot.as_ref() {
+                return Some(reason.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            slot = self
+                .exited
+                .wait_timeout(slot, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Register the calling thread as a vCPU thread to kick on exit.
+    pub(crate) fn register_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(me);
+    }
+
+    /// Unregister the calling thread; it must not be kicked after this.
+    pub(crate) fn unregister_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|&t| t != me);
+    }
+
+    fn kick_all(&self) {
+        // Holding the lock keeps every listed thread alive: a thread
+        // unregisters (under this lock) before it can exit.
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for &thread in threads.iter() {
+            kick::kick(thread);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn request_exit_first_reason_wins() {
+        let control = VmControl::new();
+        assert!(control.request_exit(ExitReason::Reset));
+        assert!(!control.request_exit(ExitReason::Stopped));
+        assert_eq!(control.exit_reason(), Some(ExitReason::Reset));
+        assert!(control.should_stop());
+    }
+
+    #[test]
+    fn wait_timeout_without_exit_returns_none() {
+        let control = VmControl::new();
+        assert_eq!(control.wait_timeout(Duration::from_millis(10)), None);
+    }
+
+    #[test]
+    fn wait_returns_reason_set_by_other_thread() {
+        let control = Arc::new(VmControl::new());
+        let other = Arc::clone(&control);
+        let t = std::thread::spawn(move || other.request_exit(ExitReason::TripleFault));
+        assert_eq!(control.wait(), ExitReason::TripleFault);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn exit_reason_clean_only_for_orderly_stops() {
+        assert!(ExitReason::PowerOff.is_clean());
+        assert!(!ExitReason::TripleFault.is_clean());
+        assert!(!ExitReason::VcpuError { vcpu: 0, errno: 22 }.is_clean());
+    }
+}

@@ -1,0 +1,232 @@
+//! One vCPU: its KVM setup and its run loop.
+//!
+//! The loop dispatches port-I/O and MMIO exits to the buses and turns every
+//! other exit into an [`ExitReason`]. It never panics on what the guest does:
+//! an access nobody claims reads as all ones and is otherwise ignored, as on
+//! an ISA bus with nothing plugged in.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use chitin_boot::BootInfo;
+use chitin_devices::Bus;
+use chitin_memory::GuestMemoryMmap;
+use kvm_bindings::{Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::x86_64::{cpuid, lapic, msr};
+use crate::exit::{ExitReason, VmControl};
+use crate::kick;
+use crate::vm::Vm;
+
+/// Why a vCPU could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("vCPU {id}: {step} failed")]
+    Kvm {
+        /// The vCPU.
+        id: u8,
+        /// What was being done.
+        step: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only some of the boot MSRs.
+    #[error("vCPU {id}: KVM accepted {set} of {wanted} boot MSRs (first refused: {refused:#x})")]
+    Msrs {
+        /// The vCPU.
+        id: u8,
+        /// How many were set.
+        set: usize,
+        /// How many were wanted.
+        wanted: usize,
+        /// The first MSR index KVM refused.
+        refused: u32,
+    },
+    /// Writing the boot structures for the boot vCPU failed.
+    #[error("vCPU {id}: boot state setup failed")]
+    Boot {
+        /// The vCPU.
+        id: u8,
+        /// The cause.
+        #[source]
+        source: chitin_boot::BootError,
+    },
+    /// The vCPU thread could not be spawned.
+    #[error("cannot spawn the thread of vCPU {id}")]
+    Spawn {
+        /// The vCPU.
+        id: u8,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The port-I/O and MMIO buses a vCPU dispatches exits to.
+#[derive(Default)]
+pub struct IoBuses {
+    /// Port I/O (16-bit port numbers).
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+/// A configured vCPU, ready to run on its own thread.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+impl Vcpu {
+    /// Create vCPU `id` of `count` and set its CPUID, MSRs and LAPIC.
+    pub fn new(vm: &Vm, id: u8, count: u8) -> Result<Self, VcpuError> {
+        let kvm_err = |step| move |source| VcpuError::Kvm { id, step, source };
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create"))?;
+        let mut cpuid = vm.supported_cpuid().clone();
+        cpuid::adjust(&mut cpuid, id, count);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        let entries = msr::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+            id,
+            set: 0,
+            wanted: entries.len(),
+            refused: entries[0].index,
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                id,
+                set,
+                wanted: entries.len(),
+                refused: entries[set].index,
+            });
+        }
+        let mut lapic_state = fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+        lapic::set_lint(&mut lapic_state);
+        fd.set_lapic(&lapic_state).map_err(kvm_err("set LAPIC"))?;
+        Ok(Self { fd, id })
+    }
+
+    /// This vCPU's index (and APIC id).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Put the boot vCPU at the kernel entry: registers, segments, page
+    /// tables and FPU per the boot protocol the loader chose.
+    pub fn configure_boot(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        info: &BootInfo,
+    ) -> Result<(), VcpuError> {
+        let id = self.id;
+        let kvm_err = |step| move |source| VcpuError::Kvm { id, step, source };
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("get sregs"))?;
+        chitin_boot::setup_sregs(mem, info, &mut sregs)
+            .map_err(|source| VcpuError::Boot { id, source })?;
+        self.fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+        self.fd
+            .set_regs(&chitin_boot::setup_regs(info))
+            .map_err(kvm_err("set regs"))?;
+        self.fd
+            .set_fpu(&chitin_boot::setup_fpu())
+            .map_err(kvm_err("set FPU"))?;
+        Ok(())
+    }
+
+    /// Start the vCPU on its own thread, named `chitin-vcpu<id>`. The thread
+    /// runs until `control` says stop, then records nothing more and exits.
+    pub fn spawn(
+        self,
+        buses: Arc<IoBuses>,
+        control: Arc<VmControl>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
+        let id = self.id;
+        std::thread::Builder::new()
+            .name(format!("chitin-vcpu{id}"))
+            .spawn(move || self.run(&buses, &control))
+            .map_err(|source| VcpuError::Spawn { id, source })
+    }
+
+    fn run(mut self, buses: &IoBuses, control: &VmControl) {
+        control.register_current_thread();
+        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        kick::set_immediate_exit_target(flag);
+        while !control.should_stop() {
+            if let Some(reason) = self.run_once(buses) {
+                control.request_exit(reason);
+            }
+        }
+        kick::set_immediate_exit_target(std::ptr::null_mut());
+        control.unregister_current_thread();
+    }
+
+    /// Enter the guest once; `Some` when the VM must stop.
+    fn run_once(&mut self, buses: &IoBuses) -> Option<ExitReason> {
+        let vcpu = self.id;
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return None;
+            }
+            Err(e) => {
+                return Some(ExitReason::VcpuError {
+                    vcpu,
+                    errno: e.errno(),
+                })
+            }
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                if !buses.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            VcpuExit::IoOut(port, data) => {
+                buses.pio.write(u64::from(port), data);
+                None
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                buses.mmio.write(addr, data);
+                None
+            }
+            VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
+            VcpuExit::Shutdown => Some(ExitReason::TripleFault),
+            VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash,
+                other => ExitReason::UnhandledExit {
+                    vcpu,
+                    exit: format!("system event {other}"),
+                },
+            }),
+            VcpuExit::FailEntry(reason, _cpu) => Some(ExitReason::FailEntry { vcpu, reason }),
+            VcpuExit::InternalError => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+                // kernel filled the `internal` member of the exit union.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Some(ExitReason::InternalError { vcpu, suberror })
+            }
+            other => Some(ExitReason::UnhandledExit {
+                vcpu,
+                exit: format!("{other:?}"),
+            }),
+        }
+    }
+}

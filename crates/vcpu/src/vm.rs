@@ -1,0 +1,114 @@
+//! The KVM VM: `/dev/kvm`, the VM file descriptor, the in-kernel interrupt
+//! controllers (PIC, IOAPIC, LAPICs) and PIT.
+//!
+//! Everything here happens before any guest code runs. Interrupt lines are
+//! raised by devices through irqfds registered here; this module never
+//! decides what a device does.
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::kick;
+
+/// KVM API version every kernel since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+/// Three pages in the MMIO gap that Intel VMX needs for its real-mode TSS;
+/// placed just below the identity-map page, inside the reserved gap.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Why a VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The kernel's KVM API version is not 12.
+    #[error("unsupported KVM API version {0}")]
+    ApiVersion(i32),
+    /// A capability chitin needs is missing.
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCapability(&'static str),
+    /// A KVM ioctl failed while setting up the VM.
+    #[error("KVM setup step failed: {step}")]
+    Setup {
+        /// What was being set up.
+        step: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+}
+
+/// A KVM virtual machine with its interrupt controllers.
+#[derive(Debug)]
+pub struct Vm {
+    fd: VmFd,
+    supported_cpuid: CpuId,
+}
+
+impl Vm {
+    /// Open `/dev/kvm` and create a VM with the in-kernel irqchip and PIT.
+    pub fn new() -> Result<Self, VmError> {
+        kick::install_handler().map_err(VmError::SignalHandler)?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(VmError::ApiVersion(version));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "irqchip"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::ImmediateExit, "immediate exit"),
+            (Cap::ExtCpuid, "extended CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(name));
+            }
+        }
+        let setup = |step| move |source| VmError::Setup { step, source };
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("get supported CPUID"))?;
+        let fd = kvm.create_vm().map_err(setup("create VM"))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(setup("set TSS address"))?;
+        fd.create_irq_chip().map_err(setup("create irqchip"))?;
+        let pit = kvm_pit_config {
+            // The speaker port is emulated as a dummy so port 0x61 reads work.
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(setup("create PIT"))?;
+        Ok(Self {
+            fd,
+            supported_cpuid,
+        })
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The CPUID KVM supports on this host, before per-vCPU adjustment.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Make writes to `event` raise interrupt line `gsi`.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(|source| VmError::Setup {
+                step: "register irqfd",
+                source,
+            })
+    }
+}

@@ -1,0 +1,115 @@
+//! Boot a guest kernel in a chitin sandbox, console on stdout.
+//!
+//! ```text
+//! cargo run --release --example boot -- --kernel vmlinux [--initrd FILE]
+//!     [--cmdline STR] [--mem MIB] [--vcpus N]
+//! cargo run --release --example boot -- --test-guest report
+//! ```
+//!
+//! Exit code: 0 when the guest reset or powered off, 2 on a triple fault,
+//! 3 on a guest crash, 4 when `--timeout` expired, 1 for any error (printed
+//! as one line on stderr).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chitin::{error_chain, Console, ConsoleInput, ExitReason, Sandbox};
+use chitin_test_guests::Guest;
+use clap::Parser;
+
+/// Boot a guest kernel in a chitin sandbox.
+#[derive(Parser)]
+struct Args {
+    /// Guest kernel: ELF vmlinux or bzImage.
+    #[arg(long, required_unless_present = "test_guest")]
+    kernel: Option<PathBuf>,
+    /// Boot one of the repo's test guests instead (report, smp, echo, ...).
+    #[arg(long, conflicts_with = "kernel")]
+    test_guest: Option<String>,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = chitin::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = chitin::DEFAULT_MEMORY_MIB)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Enter an ELF kernel through its PVH entry point.
+    #[arg(long)]
+    pvh: bool,
+    /// Feed standard input to the guest's serial console.
+    #[arg(long)]
+    stdin: bool,
+    /// Stop the guest after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(reason) => {
+            eprintln!("chitin: {reason}");
+            ExitCode::from(exit_code(&reason))
+        }
+        Err(message) => {
+            eprintln!("chitin: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<ExitReason, String> {
+    let kernel = match (&args.kernel, &args.test_guest) {
+        (Some(path), _) => path.clone(),
+        (None, Some(name)) => Guest::ALL
+            .into_iter()
+            .find(|g| g.name() == name)
+            .map(|g| g.path().to_path_buf())
+            .ok_or_else(|| {
+                let names: Vec<_> = Guest::ALL.iter().map(|g| g.name()).collect();
+                format!("unknown test guest {name:?}; one of: {}", names.join(", "))
+            })?,
+        (None, None) => return Err("give --kernel FILE or --test-guest NAME".into()),
+    };
+    let mut builder = Sandbox::builder()
+        .kernel(kernel)
+        .cmdline(args.cmdline)
+        .memory_mib(args.mem)
+        .vcpus(args.vcpus)
+        .pvh(args.pvh)
+        .console(Console::stdout());
+    if let Some(initrd) = args.initrd {
+        builder = builder.initrd(initrd);
+    }
+    if args.stdin {
+        builder = builder.console_input(ConsoleInput::new(std::io::stdin()));
+    }
+    let sandbox = builder.build().map_err(|e| error_chain(&e))?;
+    let mut running = sandbox.start().map_err(|e| error_chain(&e))?;
+    Ok(match args.timeout {
+        Some(secs) => match running.wait_timeout(Duration::from_secs(secs)) {
+            Some(reason) => reason,
+            None => {
+                eprintln!("chitin: timeout after {secs} s, stopping the guest");
+                running.stop()
+            }
+        },
+        None => running.wait(),
+    })
+}
+
+fn exit_code(reason: &ExitReason) -> u8 {
+    match reason {
+        ExitReason::Reset | ExitReason::PowerOff => 0,
+        ExitReason::Stopped => 4,
+        ExitReason::TripleFault => 2,
+        ExitReason::Crash => 3,
+        _ => 1,
+    }
+}

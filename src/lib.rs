@@ -1,0 +1,44 @@
+//! chitin: a hardened, embeddable KVM microVM monitor.
+//!
+//! A runtime links chitin to give each workload its own KVM virtual machine:
+//! configure a [`Sandbox`] (kernel, initrd, command line, vCPUs, memory,
+//! console), `build()` it (everything is validated and the kernel loaded),
+//! `start()` it, then `wait()` for or `stop()` it and get a typed
+//! [`ExitReason`].
+//!
+//! ```no_run
+//! use chitin::{Console, ConsoleCapture, ExitReason, Sandbox};
+//!
+//! let console = ConsoleCapture::default();
+//! let mut vm = Sandbox::builder()
+//!     .kernel("/path/to/vmlinux")
+//!     .initrd("/path/to/initramfs.cpio.gz")
+//!     .cmdline("console=ttyS0 reboot=k panic=-1")
+//!     .vcpus(2)
+//!     .memory_mib(256)
+//!     .console(Console::capture(&console))
+//!     .build()?
+//!     .start()?;
+//! assert_eq!(vm.wait(), ExitReason::Reset);
+//! print!("{}", String::from_utf8_lossy(&console.contents()));
+//! # Ok::<(), chitin::SandboxError>(())
+//! ```
+//!
+//! The facade owns no device or KVM logic itself: it composes
+//! `chitin-memory`, `chitin-boot`, `chitin-vcpu` and `chitin-devices`.
+
+#![deny(missing_docs)]
+
+mod console;
+mod error;
+mod event_loop;
+mod sandbox;
+
+pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
+pub use chitin_vcpu::ExitReason;
+pub use console::{Console, ConsoleCapture, ConsoleInput};
+pub use error::{error_chain, SandboxError};
+pub use sandbox::{
+    RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    MAX_VCPUS,
+};

@@ -1,0 +1,426 @@
+//! The `Sandbox` life cycle, enforced by types:
+//! [`SandboxBuilder`] → `build()` → [`Sandbox`] (configured, kernel loaded,
+//! no guest code run) → `start()` → [`RunningSandbox`] (`wait`, `stop`).
+//! Only a running sandbox can be waited on or stopped, and dropping either
+//! one tears everything down: no thread, fd or mapping outlives it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chitin_boot::{BootInfo, BootParams, BootProtocol};
+use chitin_devices::{
+    CmosRtc, I8042Device, SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE,
+    RTC_LEN,
+};
+use chitin_memory::layout::CMDLINE_MAX_SIZE;
+use chitin_memory::{Backing, GuestRam};
+use chitin_vcpu::{ExitReason, IoBuses, Vcpu, VmControl, Vm};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::console::{Console, ConsoleInput};
+use crate::error::SandboxError;
+use crate::event_loop::{EventLoop, RunningEventLoop};
+
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// Default number of vCPUs.
+pub const DEFAULT_VCPUS: u8 = 1;
+/// Most vCPUs a sandbox can have: APIC ids 0..=253, with 254 left for the
+/// IOAPIC and 255 being the broadcast id.
+pub const MAX_VCPUS: u8 = 254;
+/// The command line used when none is given: console on COM1, reset through
+/// the i8042 on reboot, reboot at once on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Port of the i8042 data register; the device spans 0x60..=0x64.
+const I8042_BASE: u64 = 0x60;
+/// The i8042 window: data port 0x60 through command port 0x64.
+const I8042_LEN: u64 = 5;
+
+/// The entry point: `Sandbox::builder()`.
+///
+/// ```no_run
+/// use chitin::{Console, Sandbox};
+///
+/// let sandbox = Sandbox::builder()
+///     .kernel("vmlinux")
+///     .memory_mib(256)
+///     .vcpus(2)
+///     .console(Console::stdout())
+///     .build()?;
+/// let mut running = sandbox.start()?;
+/// let reason = running.wait();
+/// println!("guest stopped: {reason}");
+/// # Ok::<(), chitin::SandboxError>(())
+/// ```
+pub struct Sandbox {
+    // Field order is drop order: vCPUs and the VM go before guest RAM.
+    vcpus: Vec<Vcpu>,
+    buses: Arc<IoBuses>,
+    control: Arc<VmControl>,
+    events: EventLoop,
+    vm: Vm,
+    boot: BootInfo,
+    ram: GuestRam,
+}
+
+/// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
+/// value is reported by [`SandboxBuilder::build`].
+#[derive(Debug)]
+pub struct SandboxBuilder {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    vcpus: u8,
+    memory_mib: u64,
+    backing: Backing,
+    protocol: BootProtocol,
+    console: Console,
+    input: Option<ConsoleInput>,
+    first_error: Option<SandboxError>,
+}
+
+impl Default for SandboxBuilder {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            backing: Backing::Anonymous,
+            protocol: BootProtocol::Linux64,
+            console: Console::null(),
+            input: None,
+            first_error: None,
+        }
+    }
+}
+
+impl SandboxBuilder {
+    fn fail(&mut self, error: SandboxError) {
+        self.first_error.get_or_insert(error);
+    }
+
+    /// The guest kernel: an ELF vmlinux or a bzImage, told apart by content.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// An initramfs for the guest.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// The kernel command line (replaces [`DEFAULT_CMDLINE`]). chitin
+    /// appends its own entries for the devices it adds.
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
+    pub fn vcpus(mut self, count: u32) -> Self {
+        match u8::try_from(count) {
+            Ok(n) if (1..=MAX_VCPUS).contains(&n) => self.vcpus = n,
+            _ => self.fail(SandboxError::InvalidVcpus(count)),
+        }
+        self
+    }
+
+    /// Guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Back guest RAM with a memfd instead of anonymous memory.
+    pub fn memfd_backing(mut self, enabled: bool) -> Self {
+        self.backing = if enabled {
+            Backing::Memfd
+        } else {
+            Backing::Anonymous
+        };
+        self
+    }
+
+    /// Enter an ELF kernel through its PVH entry point (Xen PVH boot ABI)
+    /// instead of the Linux 64-bit entry. `build()` fails if the kernel has
+    /// no PVH note.
+    pub fn pvh(mut self, enabled: bool) -> Self {
+        self.protocol = if enabled {
+            BootProtocol::Pvh
+        } else {
+            BootProtocol::Linux64
+        };
+        self
+    }
+
+    /// Where the guest's serial console output goes (default: discarded).
+    pub fn console(mut self, console: Console) -> Self {
+        self.console = console;
+        self
+    }
+
+    /// Where the guest's serial console input comes from (default: none).
+    pub fn console_input(mut self, input: ConsoleInput) -> Self {
+        self.input = Some(input);
+        self
+    }
+
+    /// Validate the configuration, create the VM and load the kernel. No
+    /// guest code runs until [`Sandbox::start`].
+    pub fn build(self) -> Result<Sandbox, SandboxError> {
+        if let Some(error) = self.first_error {
+            return Err(error);
+        }
+        let kernel = self.kernel.ok_or(SandboxError::MissingKernel)?;
+        let memory_bytes = self
+            .memory_mib
+            .checked_mul(1 << 20)
+            .unwrap_or(u64::MAX & !0xfff);
+        let ram = GuestRam::new(memory_bytes, self.backing)
+            .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
+        let cmdline = chitin_boot::build_cmdline(&self.cmdline, &[], CMDLINE_MAX_SIZE)
+            .map_err(SandboxError::Cmdline)?;
+        let vm = Vm::new().map_err(SandboxError::Kvm)?;
+        ram.register(vm.fd()).map_err(SandboxError::RegisterMemory)?;
+        let boot = chitin_boot::load_kernel(
+            &ram,
+            &BootParams {
+                kernel: &kernel,
+                initrd: self.initrd.as_deref(),
+                cmdline: &cmdline,
+                protocol: self.protocol,
+            },
+        )
+        .map_err(SandboxError::Boot)?;
+        chitin_boot::setup_mptable(ram.memory(), self.vcpus).map_err(SandboxError::Boot)?;
+
+        let control = Arc::new(VmControl::new());
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
+        for id in 0..self.vcpus {
+            vcpus.push(Vcpu::new(&vm, id, self.vcpus).map_err(SandboxError::Vcpu)?);
+        }
+        vcpus[0]
+            .configure_boot(ram.memory(), &boot)
+            .map_err(SandboxError::Vcpu)?;
+
+        let mut events = EventLoop::new().map_err(|e| device_err("event loop", e))?;
+        let buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
+        Ok(Sandbox {
+            vcpus,
+            buses: Arc::new(buses),
+            control,
+            events,
+            vm,
+            boot,
+            ram,
+        })
+    }
+}
+
+fn device_err(
+    what: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> SandboxError {
+    SandboxError::Device(what, Box::new(e))
+}
+
+/// COM1, the i8042 and the CMOS RTC on the port-I/O bus.
+fn legacy_devices(
+    vm: &Vm,
+    control: &Arc<VmControl>,
+    console: Console,
+    input: Option<ConsoleInput>,
+    events: &mut EventLoop,
+) -> Result<IoBuses, SandboxError> {
+    let mut buses = IoBuses::default();
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("serial irq", e))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| device_err("serial irq", e))?;
+    let serial =
+        Arc::new(SerialDevice::new(serial_irq, console.open()?).map_err(|e| device_err("serial", e))?);
+    buses
+        .pio
+        .insert(serial.clone(), COM1_BASE, COM1_LEN)
+        .map_err(|e| device_err("serial", e))?;
+    if let Some(ConsoleInput(source)) = input {
+        events.add(Arc::new(Mutex::new(SerialInput::new(serial, source))));
+    }
+
+    let reset_control = Arc::clone(control);
+    let i8042 = I8042Device::new(Box::new(move || {
+        reset_control.request_exit(ExitReason::Reset);
+    }));
+    buses
+        .pio
+        .insert(Arc::new(i8042), I8042_BASE, I8042_LEN)
+        .map_err(|e| device_err("i8042", e))?;
+    buses
+        .pio
+        .insert(Arc::new(CmosRtc::new()), RTC_BASE, RTC_LEN)
+        .map_err(|e| device_err("rtc", e))?;
+    Ok(buses)
+}
+
+impl Sandbox {
+    /// Start configuring a sandbox.
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder::default()
+    }
+
+    /// Where the kernel was loaded and how it will be entered.
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+
+    /// Start the vCPU and device threads; the guest runs from here on.
+    pub fn start(self) -> Result<RunningSandbox, SandboxError> {
+        let Sandbox {
+            vcpus,
+            buses,
+            control,
+            events,
+            vm,
+            boot: _,
+            ram,
+        } = self;
+        let events = events
+            .spawn()
+            .map_err(|e| device_err("event loop thread", e))?;
+        let mut running = RunningSandbox {
+            threads: Vec::with_capacity(vcpus.len()),
+            events,
+            control,
+            vm,
+            ram,
+        };
+        for vcpu in vcpus {
+            match vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.control)) {
+                Ok(thread) => running.threads.push(thread),
+                Err(e) => {
+                    // Dropping `running` stops and joins what already runs.
+                    return Err(SandboxError::Vcpu(e));
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+/// A started sandbox. Dropping it stops the guest and joins every thread.
+pub struct RunningSandbox {
+    // Field order is drop order: threads are joined (in Drop) before the VM
+    // and guest RAM go away.
+    threads: Vec<JoinHandle<()>>,
+    events: RunningEventLoop,
+    control: Arc<VmControl>,
+    #[allow(dead_code)] // kept alive for the vCPUs' sake
+    vm: Vm,
+    ram: GuestRam,
+}
+
+impl RunningSandbox {
+    /// Block until the guest stops, tear down its threads and return why it
+    /// stopped.
+    pub fn wait(&mut self) -> ExitReason {
+        let reason = self.control.wait();
+        self.teardown();
+        reason
+    }
+
+    /// Like [`RunningSandbox::wait`], but give up after `timeout` and return
+    /// `None` with the guest still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReason> {
+        let reason = self.control.wait_timeout(timeout)?;
+        self.teardown();
+        Some(reason)
+    }
+
+    /// Bytes of guest RAM resident on the host: what the guest has touched.
+    pub fn guest_memory_resident(&self) -> std::io::Result<u64> {
+        self.ram.resident_bytes()
+    }
+
+    /// Whether the guest has stopped (without blocking).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.control.exit_reason()
+    }
+
+    /// Stop the guest, even one spinning in guest code, and return why it
+    /// stopped: [`ExitReason::Stopped`], or the guest's own reason if it had
+    /// already stopped.
+    pub fn stop(mut self) -> ExitReason {
+        self.control.request_exit(ExitReason::Stopped);
+        self.teardown();
+        self.control
+            .exit_reason()
+            .unwrap_or(ExitReason::Stopped)
+    }
+
+    fn teardown(&mut self) {
+        // Make sure every vCPU leaves the guest, then join.
+        self.control.request_exit(ExitReason::Stopped);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        self.events.stop();
+    }
+}
+
+impl Drop for RunningSandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_without_kernel_is_missing_kernel() {
+        let err = Sandbox::builder().build().err().unwrap();
+        assert!(matches!(err, SandboxError::MissingKernel));
+    }
+
+    #[test]
+    fn vcpus_zero_is_reported_by_build() {
+        let err = Sandbox::builder().kernel("k").vcpus(0).build().err().unwrap();
+        assert!(matches!(err, SandboxError::InvalidVcpus(0)));
+    }
+
+    #[test]
+    fn vcpus_above_max_is_reported_by_build() {
+        let err = Sandbox::builder().kernel("k").vcpus(255).build().err().unwrap();
+        assert!(matches!(err, SandboxError::InvalidVcpus(255)));
+    }
+
+    #[test]
+    fn first_error_wins_over_later_ones() {
+        let err = Sandbox::builder().vcpus(0).vcpus(1000).build().err().unwrap();
+        assert!(matches!(err, SandboxError::InvalidVcpus(0)));
+    }
+
+    #[test]
+    fn memory_zero_is_invalid_memory() {
+        let err = Sandbox::builder().kernel("k").memory_mib(0).build().err().unwrap();
+        assert!(matches!(err, SandboxError::InvalidMemory(0, _)));
+    }
+
+    #[test]
+    fn memory_overflowing_bytes_is_invalid_memory() {
+        let err = Sandbox::builder()
+            .kernel("k")
+            .memory_mib(u64::MAX)
+            .build()
+            .err()
+            .unwrap();
+        assert!(matches!(err, SandboxError::InvalidMemory(u64::MAX, _)));
+    }
+}

@@ -1,0 +1,57 @@
+//! Shared helpers of the host-KVM tests.
+//!
+//! A test that needs KVM calls [`kvm_available`] first: without `/dev/kvm`
+//! it prints why it skips and passes, unless `CHITIN_REQUIRE_KVM=1` (set by
+//! CI), which turns the skip into a failure.
+
+#![allow(dead_code)]
+
+use std::fs::OpenOptions;
+use std::time::Duration;
+
+use chitin::{Console, ConsoleCapture, ExitReason, Sandbox, SandboxBuilder};
+use chitin_test_guests::Guest;
+
+/// Upper bound for any guest in these tests to finish; a guest that takes
+/// longer is hung, and the test fails instead of hanging CI.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether KVM can be used; prints the reason when it cannot.
+pub fn kvm_available(test: &str) -> bool {
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            let why = format!("{test}: skipped: /dev/kvm is not usable ({e})");
+            if std::env::var("CHITIN_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{why}, but CHITIN_REQUIRE_KVM=1");
+            }
+            eprintln!("{why}");
+            false
+        }
+    }
+}
+
+/// A builder for `guest` with its console captured.
+pub fn guest_builder(guest: Guest, console: &ConsoleCapture) -> SandboxBuilder {
+    Sandbox::builder()
+        .kernel(guest.path())
+        .memory_mib(64)
+        .console(Console::capture(console))
+}
+
+/// Build, start and wait for a sandbox, failing the test if it hangs.
+pub fn run_to_exit(builder: SandboxBuilder) -> ExitReason {
+    let mut running = builder.build().expect("build").start().expect("start");
+    match running.wait_timeout(GUEST_TIMEOUT) {
+        Some(reason) => reason,
+        None => {
+            let reason = running.stop();
+            panic!("guest did not stop within {GUEST_TIMEOUT:?} (stopped: {reason})");
+        }
+    }
+}
+
+/// The captured console as text.
+pub fn text(console: &ConsoleCapture) -> String {
+    String::from_utf8_lossy(&console.contents()).into_owned()
+}

@@ -1,0 +1,228 @@
+//! Host-KVM tier: the repo's tiny test guests boot through real KVM exits on
+//! this host, and each test asserts what the guest reports and why it stopped.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use chitin::{ConsoleCapture, ConsoleInput, ExitReason, Sandbox, SandboxError};
+use chitin_test_guests::Guest;
+use common::{guest_builder, kvm_available, run_to_exit, text, GUEST_TIMEOUT};
+
+/// The e820 map chitin reports for a 64 MiB guest, as the report guest
+/// prints it: low RAM to the EBDA, EBDA + BIOS hole reserved, RAM from 1 MiB,
+/// the MMIO gap from 3 GiB to 4 GiB reserved.
+const E820_64MIB: &str = "e820: 4\n\
+e820 0000000000000000 000000000009fc00 1\n\
+e820 000000000009fc00 0000000000060400 2\n\
+e820 0000000000100000 0000000003f00000 1\n\
+e820 00000000c0000000 0000000040000000 2\n";
+
+fn assert_report(guest: Guest) {
+    // Arrange
+    let console = ConsoleCapture::default();
+    let builder = guest_builder(guest, &console)
+        .cmdline("chitin.test=report quiet")
+        .vcpus(3);
+    // Act
+    let reason = run_to_exit(builder);
+    // Assert
+    let out = text(&console);
+    assert_eq!(reason, ExitReason::Reset, "console:\n{out}");
+    assert!(out.starts_with("chitin-test: report\n"), "{out}");
+    assert!(out.contains("cmdline: chitin.test=report quiet\n"), "{out}");
+    assert!(out.contains(E820_64MIB), "{out}");
+    assert!(out.contains("cpus: 3\n"), "{out}");
+    assert!(out.ends_with("done\n"), "{out}");
+}
+
+#[test]
+fn report_guest_elf_reports_cmdline_e820_and_cpus() {
+    if kvm_available("report_guest_elf") {
+        assert_report(Guest::Report);
+    }
+}
+
+#[test]
+fn report_guest_bzimage_reports_cmdline_e820_and_cpus() {
+    if kvm_available("report_guest_bzimage") {
+        assert_report(Guest::ReportBzImage);
+    }
+}
+
+fn assert_apic_ids(vcpus: u32) {
+    let console = ConsoleCapture::default();
+    let reason = run_to_exit(guest_builder(Guest::Smp, &console).vcpus(vcpus));
+    let out = text(&console);
+    assert_eq!(reason, ExitReason::Reset, "console:\n{out}");
+    let mut ids: Vec<u32> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("apic "))
+        .map(|id| id.parse().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..vcpus).collect::<Vec<_>>(), "{out}");
+    assert!(out.ends_with("done\n"), "{out}");
+}
+
+#[test]
+fn smp_guest_two_vcpus_each_report_apic_id() {
+    if kvm_available("smp_guest_two_vcpus") {
+        assert_apic_ids(2);
+    }
+}
+
+#[test]
+fn smp_guest_four_vcpus_each_report_apic_id() {
+    if kvm_available("smp_guest_four_vcpus") {
+        assert_apic_ids(4);
+    }
+}
+
+#[test]
+fn triple_fault_guest_exits_with_triple_fault() {
+    if !kvm_available("triple_fault_guest") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let reason = run_to_exit(guest_builder(Guest::TripleFault, &console));
+    assert_eq!(reason, ExitReason::TripleFault, "{}", text(&console));
+    assert!(text(&console).starts_with("chitin-test: triple_fault\n"));
+}
+
+#[test]
+fn spin_guest_stop_interrupts_guest_code() {
+    if !kvm_available("spin_guest_stop") {
+        return;
+    }
+    // Arrange: a guest spinning with interrupts off, never exiting.
+    let console = ConsoleCapture::default();
+    let mut running = guest_builder(Guest::Spin, &console)
+        .vcpus(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(console.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    assert_eq!(running.wait_timeout(Duration::from_millis(50)), None);
+    // Act
+    let reason = running.stop();
+    // Assert
+    assert_eq!(reason, ExitReason::Stopped);
+}
+
+#[test]
+fn echo_guest_reads_console_input() {
+    if !kvm_available("echo_guest") {
+        return;
+    }
+    // Arrange: console input from one end of a socket pair.
+    let (mut host, guest_end) = UnixStream::pair().unwrap();
+    let console = ConsoleCapture::default();
+    let mut running = guest_builder(Guest::Echo, &console)
+        .console_input(ConsoleInput::new(guest_end))
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(console.wait_for(b"ready\n", GUEST_TIMEOUT), "{}", text(&console));
+    // Act: more bytes than the 64-byte receive FIFO holds (digits only, so
+    // no early quit key), then the quit key.
+    let payload: String = (0..200).map(|i| char::from(b'0' + (i % 10) as u8)).collect();
+    host.write_all(payload.as_bytes()).unwrap();
+    host.write_all(b"q").unwrap();
+    let reason = running.wait_timeout(GUEST_TIMEOUT);
+    // Assert
+    let out = text(&console);
+    assert_eq!(reason, Some(ExitReason::Reset), "{out}");
+    // The guest echoes every byte but the quit key, then says bye.
+    assert!(out.ends_with(&format!("ready\n{payload}\nbye\n")), "{out}");
+}
+
+#[test]
+fn pvh_guest_enters_through_pvh_note() {
+    if !kvm_available("pvh_guest") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let reason = run_to_exit(
+        guest_builder(Guest::Pvh, &console)
+            .pvh(true)
+            .cmdline("chitin.test=pvh"),
+    );
+    let out = text(&console);
+    assert_eq!(reason, ExitReason::Reset, "{out}");
+    assert!(out.contains("pvh: magic ok\n"), "{out}");
+    assert!(out.contains("cmdline: chitin.test=pvh\n"), "{out}");
+    assert!(out.contains("memmap: 4\n"), "{out}");
+}
+
+#[test]
+fn pvh_guest_without_pvh_flag_uses_64bit_entry() {
+    if !kvm_available("pvh_guest_64bit") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let reason = run_to_exit(guest_builder(Guest::Pvh, &console));
+    assert_eq!(reason, ExitReason::Reset);
+    assert!(text(&console).contains("pvh: entered via 64-bit entry"));
+}
+
+#[test]
+fn two_sandboxes_run_at_the_same_time() {
+    if !kvm_available("two_sandboxes") {
+        return;
+    }
+    // Arrange: two spinning guests, both started before either is stopped.
+    let (a_out, b_out) = (ConsoleCapture::default(), ConsoleCapture::default());
+    let a = guest_builder(Guest::Spin, &a_out).build().unwrap().start().unwrap();
+    let b = guest_builder(Guest::Spin, &b_out).build().unwrap().start().unwrap();
+    // Act / Assert: both run concurrently, each stops on its own.
+    assert!(a_out.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    assert!(b_out.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    assert_eq!(a.exit_reason(), None);
+    assert_eq!(b.exit_reason(), None);
+    assert_eq!(a.stop(), ExitReason::Stopped);
+    assert_eq!(b.exit_reason(), None, "stopping one sandbox left the other running");
+    assert_eq!(b.stop(), ExitReason::Stopped);
+}
+
+#[test]
+fn build_not_a_kernel_is_a_typed_error() {
+    if !kvm_available("build_not_a_kernel") {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("chitin-not-a-kernel-{}", std::process::id()));
+    std::fs::write(&path, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
+    let err = Sandbox::builder().kernel(&path).build().err().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(err, SandboxError::Boot(_)), "{err:?}");
+    let line = chitin::error_chain(&err);
+    assert!(line.contains("neither ELF nor bzImage"), "{line}");
+}
+
+#[test]
+fn build_missing_kernel_file_names_the_path() {
+    if !kvm_available("build_missing_kernel") {
+        return;
+    }
+    let err = Sandbox::builder()
+        .kernel("/nonexistent/vmlinux")
+        .build()
+        .err()
+        .unwrap();
+    assert!(chitin::error_chain(&err).contains("/nonexistent/vmlinux"));
+}
+
+#[test]
+fn built_sandbox_dropped_without_start_runs_nothing() {
+    if !kvm_available("built_not_started") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let sandbox = guest_builder(Guest::Report, &console).build().unwrap();
+    drop(sandbox);
+    assert!(console.is_empty());
+}

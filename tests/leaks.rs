@@ -1,0 +1,35 @@
+//! Twenty sandboxes built, run and dropped in sequence leave the process's
+//! fd and thread counts where they were. In its own test binary so no other
+//! test's threads or fds move the counts.
+
+mod common;
+
+use chitin::{ConsoleCapture, ExitReason};
+use chitin_test_guests::Guest;
+use common::{guest_builder, kvm_available, run_to_exit};
+
+fn count_entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+#[test]
+fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
+    if !kvm_available("twenty_sandboxes") {
+        return;
+    }
+    // Arrange: one warm-up run so process-wide one-time state (the signal
+    // handler, stdio buffers) is in place before counting.
+    let console = ConsoleCapture::default();
+    assert_eq!(run_to_exit(guest_builder(Guest::Report, &console).vcpus(2)), ExitReason::Reset);
+    let fds = count_entries("/proc/self/fd");
+    let threads = count_entries("/proc/self/task");
+    // Act
+    for _ in 0..20 {
+        let console = ConsoleCapture::default();
+        let reason = run_to_exit(guest_builder(Guest::Report, &console).vcpus(2));
+        assert_eq!(reason, ExitReason::Reset);
+    }
+    // Assert
+    assert_eq!(count_entries("/proc/self/fd"), fds, "fd count changed");
+    assert_eq!(count_entries("/proc/self/task"), threads, "thread count changed");
+}
