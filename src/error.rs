@@ -44,7 +44,10 @@ pub enum SandboxError {
     },
     /// A legacy device or the event loop could not be set up.
     #[error("cannot set up device: {0}")]
-    Device(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    Device(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
 }
 
 /// Render an error and its whole `source()` chain on one line, as

@@ -16,7 +16,7 @@ use chitin_devices::{
 };
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
-use chitin_vcpu::{ExitReason, IoBuses, Vcpu, VmControl, Vm};
+use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::console::{Console, ConsoleInput};
@@ -178,16 +178,15 @@ impl SandboxBuilder {
             return Err(error);
         }
         let kernel = self.kernel.ok_or(SandboxError::MissingKernel)?;
-        let memory_bytes = self
-            .memory_mib
-            .checked_mul(1 << 20)
-            .unwrap_or(u64::MAX & !0xfff);
+        // An overflowing size saturates and is reported as too large.
+        let memory_bytes = self.memory_mib.saturating_mul(1 << 20);
         let ram = GuestRam::new(memory_bytes, self.backing)
             .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
         let cmdline = chitin_boot::build_cmdline(&self.cmdline, &[], CMDLINE_MAX_SIZE)
             .map_err(SandboxError::Cmdline)?;
         let vm = Vm::new().map_err(SandboxError::Kvm)?;
-        ram.register(vm.fd()).map_err(SandboxError::RegisterMemory)?;
+        ram.register(vm.fd())
+            .map_err(SandboxError::RegisterMemory)?;
         let boot = chitin_boot::load_kernel(
             &ram,
             &BootParams {
@@ -243,8 +242,9 @@ fn legacy_devices(
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("serial irq", e))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| device_err("serial irq", e))?;
-    let serial =
-        Arc::new(SerialDevice::new(serial_irq, console.open()?).map_err(|e| device_err("serial", e))?);
+    let serial = Arc::new(
+        SerialDevice::new(serial_irq, console.open()?).map_err(|e| device_err("serial", e))?,
+    );
     buses
         .pio
         .insert(serial.clone(), COM1_BASE, COM1_LEN)
@@ -358,9 +358,7 @@ impl RunningSandbox {
     pub fn stop(mut self) -> ExitReason {
         self.control.request_exit(ExitReason::Stopped);
         self.teardown();
-        self.control
-            .exit_reason()
-            .unwrap_or(ExitReason::Stopped)
+        self.control.exit_reason().unwrap_or(ExitReason::Stopped)
     }
 
     fn teardown(&mut self) {
@@ -391,25 +389,45 @@ mod tests {
 
     #[test]
     fn vcpus_zero_is_reported_by_build() {
-        let err = Sandbox::builder().kernel("k").vcpus(0).build().err().unwrap();
+        let err = Sandbox::builder()
+            .kernel("k")
+            .vcpus(0)
+            .build()
+            .err()
+            .unwrap();
         assert!(matches!(err, SandboxError::InvalidVcpus(0)));
     }
 
     #[test]
     fn vcpus_above_max_is_reported_by_build() {
-        let err = Sandbox::builder().kernel("k").vcpus(255).build().err().unwrap();
+        let err = Sandbox::builder()
+            .kernel("k")
+            .vcpus(255)
+            .build()
+            .err()
+            .unwrap();
         assert!(matches!(err, SandboxError::InvalidVcpus(255)));
     }
 
     #[test]
     fn first_error_wins_over_later_ones() {
-        let err = Sandbox::builder().vcpus(0).vcpus(1000).build().err().unwrap();
+        let err = Sandbox::builder()
+            .vcpus(0)
+            .vcpus(1000)
+            .build()
+            .err()
+            .unwrap();
         assert!(matches!(err, SandboxError::InvalidVcpus(0)));
     }
 
     #[test]
     fn memory_zero_is_invalid_memory() {
-        let err = Sandbox::builder().kernel("k").memory_mib(0).build().err().unwrap();
+        let err = Sandbox::builder()
+            .kernel("k")
+            .memory_mib(0)
+            .build()
+            .err()
+            .unwrap();
         assert!(matches!(err, SandboxError::InvalidMemory(0, _)));
     }
 

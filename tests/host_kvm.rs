@@ -127,10 +127,16 @@ fn echo_guest_reads_console_input() {
         .unwrap()
         .start()
         .unwrap();
-    assert!(console.wait_for(b"ready\n", GUEST_TIMEOUT), "{}", text(&console));
+    assert!(
+        console.wait_for(b"ready\n", GUEST_TIMEOUT),
+        "{}",
+        text(&console)
+    );
     // Act: more bytes than the 64-byte receive FIFO holds (digits only, so
     // no early quit key), then the quit key.
-    let payload: String = (0..200).map(|i| char::from(b'0' + (i % 10) as u8)).collect();
+    let payload: String = (0..200)
+        .map(|i| char::from(b'0' + (i % 10) as u8))
+        .collect();
     host.write_all(payload.as_bytes()).unwrap();
     host.write_all(b"q").unwrap();
     let reason = running.wait_timeout(GUEST_TIMEOUT);
@@ -177,15 +183,27 @@ fn two_sandboxes_run_at_the_same_time() {
     }
     // Arrange: two spinning guests, both started before either is stopped.
     let (a_out, b_out) = (ConsoleCapture::default(), ConsoleCapture::default());
-    let a = guest_builder(Guest::Spin, &a_out).build().unwrap().start().unwrap();
-    let b = guest_builder(Guest::Spin, &b_out).build().unwrap().start().unwrap();
+    let a = guest_builder(Guest::Spin, &a_out)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let b = guest_builder(Guest::Spin, &b_out)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
     // Act / Assert: both run concurrently, each stops on its own.
     assert!(a_out.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
     assert!(b_out.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
     assert_eq!(a.exit_reason(), None);
     assert_eq!(b.exit_reason(), None);
     assert_eq!(a.stop(), ExitReason::Stopped);
-    assert_eq!(b.exit_reason(), None, "stopping one sandbox left the other running");
+    assert_eq!(
+        b.exit_reason(),
+        None,
+        "stopping one sandbox left the other running"
+    );
     assert_eq!(b.stop(), ExitReason::Stopped);
 }
 

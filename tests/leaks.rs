@@ -20,7 +20,10 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
     // Arrange: one warm-up run so process-wide one-time state (the signal
     // handler, stdio buffers) is in place before counting.
     let console = ConsoleCapture::default();
-    assert_eq!(run_to_exit(guest_builder(Guest::Report, &console).vcpus(2)), ExitReason::Reset);
+    assert_eq!(
+        run_to_exit(guest_builder(Guest::Report, &console).vcpus(2)),
+        ExitReason::Reset
+    );
     let fds = count_entries("/proc/self/fd");
     let threads = count_entries("/proc/self/task");
     // Act
@@ -31,5 +34,9 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
     }
     // Assert
     assert_eq!(count_entries("/proc/self/fd"), fds, "fd count changed");
-    assert_eq!(count_entries("/proc/self/task"), threads, "thread count changed");
+    assert_eq!(
+        count_entries("/proc/self/task"),
+        threads,
+        "thread count changed"
+    );
 }

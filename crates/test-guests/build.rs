@@ -50,13 +50,48 @@ struct ElfGuest {
 
 /// Every ELF image the crate exposes, plus the bzImage's protected-mode part.
 const ELF_GUESTS: [ElfGuest; 7] = [
-    ElfGuest { stem: "report", source: "report.S", defines: &[], pvh_note: false },
-    ElfGuest { stem: "report_bz", source: "report.S", defines: &["BZIMAGE"], pvh_note: false },
-    ElfGuest { stem: "smp", source: "smp.S", defines: &[], pvh_note: false },
-    ElfGuest { stem: "triple_fault", source: "triple_fault.S", defines: &[], pvh_note: false },
-    ElfGuest { stem: "spin", source: "spin.S", defines: &[], pvh_note: false },
-    ElfGuest { stem: "echo", source: "echo.S", defines: &[], pvh_note: false },
-    ElfGuest { stem: "pvh", source: "pvh.S", defines: &[], pvh_note: true },
+    ElfGuest {
+        stem: "report",
+        source: "report.S",
+        defines: &[],
+        pvh_note: false,
+    },
+    ElfGuest {
+        stem: "report_bz",
+        source: "report.S",
+        defines: &["BZIMAGE"],
+        pvh_note: false,
+    },
+    ElfGuest {
+        stem: "smp",
+        source: "smp.S",
+        defines: &[],
+        pvh_note: false,
+    },
+    ElfGuest {
+        stem: "triple_fault",
+        source: "triple_fault.S",
+        defines: &[],
+        pvh_note: false,
+    },
+    ElfGuest {
+        stem: "spin",
+        source: "spin.S",
+        defines: &[],
+        pvh_note: false,
+    },
+    ElfGuest {
+        stem: "echo",
+        source: "echo.S",
+        defines: &[],
+        pvh_note: false,
+    },
+    ElfGuest {
+        stem: "pvh",
+        source: "pvh.S",
+        defines: &[],
+        pvh_note: true,
+    },
 ];
 
 /// Every file in `guests/` the images are built from.
@@ -100,7 +135,12 @@ fn run() -> Result<(), String> {
 
     for guest in &ELF_GUESTS {
         let object = out_dir.join(format!("{}.o", guest.stem));
-        assemble(&src_dir, &src_dir.join(guest.source), guest.defines, &object)?;
+        assemble(
+            &src_dir,
+            &src_dir.join(guest.source),
+            guest.defines,
+            &object,
+        )?;
         let script = if guest.pvh_note { &pvh_lds } else { &guest_lds };
         let elf = out_dir.join(format!("{}.elf", guest.stem));
         run_tool(
@@ -141,11 +181,17 @@ fn preprocess_linker_script(
     let mut command = Command::new("gcc");
     // -undef: no predefined macros, so `i386` or `linux` in the script stay
     // words; -P: no line markers, which ld cannot parse.
-    command.args(["-E", "-P", "-undef", "-x", "c", "-nostdinc", "-Werror"]).arg("-I").arg(src_dir);
+    command
+        .args(["-E", "-P", "-undef", "-x", "c", "-nostdinc", "-Werror"])
+        .arg("-I")
+        .arg(src_dir);
     if pvh_note {
         command.arg("-DPVH_NOTE");
     }
-    command.arg("-o").arg(&output).arg(src_dir.join("guest.lds.S"));
+    command
+        .arg("-o")
+        .arg(&output)
+        .arg(src_dir.join("guest.lds.S"));
     run_tool(&mut command)?;
     Ok(output)
 }
@@ -155,7 +201,15 @@ fn preprocess_linker_script(
 fn assemble(src_dir: &Path, source: &Path, defines: &[&str], object: &Path) -> Result<(), String> {
     let mut command = Command::new("gcc");
     command
-        .args(["-c", "-m64", "-x", "assembler-with-cpp", "-nostdinc", "-Wall", "-Werror"])
+        .args([
+            "-c",
+            "-m64",
+            "-x",
+            "assembler-with-cpp",
+            "-nostdinc",
+            "-Wall",
+            "-Werror",
+        ])
         .arg("-Wa,--fatal-warnings")
         .arg("-I")
         .arg(src_dir);
@@ -189,13 +243,22 @@ fn build_bzimage(src_dir: &Path, out_dir: &Path) -> Result<(), String> {
     assemble(
         src_dir,
         &src_dir.join("bzimage_setup.S"),
-        &[&format!("SYSSIZE={syssize:#x}"), &format!("INIT_SIZE={init_size:#x}")],
+        &[
+            &format!("SYSSIZE={syssize:#x}"),
+            &format!("INIT_SIZE={init_size:#x}"),
+        ],
         &setup_object,
     )?;
     let setup_elf = out_dir.join("bzimage_setup.elf");
     run_tool(
         Command::new("ld")
-            .args(["-m", "elf_x86_64", "-nostdlib", "--build-id=none", "--fatal-warnings"])
+            .args([
+                "-m",
+                "elf_x86_64",
+                "-nostdlib",
+                "--build-id=none",
+                "--fatal-warnings",
+            ])
             .args(["-Ttext=0", "-e", "bootsect"])
             .arg("-o")
             .arg(&setup_elf)
@@ -211,7 +274,11 @@ fn build_bzimage(src_dir: &Path, out_dir: &Path) -> Result<(), String> {
     let setup = read(&setup_bin)?;
 
     // The loader finds the protected-mode part at (setup_sects + 1) * 512.
-    let setup_sects = usize::from(*setup.get(SETUP_SECTS_OFFSET).ok_or("setup part is too short")?);
+    let setup_sects = usize::from(
+        *setup
+            .get(SETUP_SECTS_OFFSET)
+            .ok_or("setup part is too short")?,
+    );
     if setup.len() != (setup_sects + 1) * SECTOR_SIZE {
         return Err(format!(
             "setup part is {} bytes, but setup_sects = {setup_sects} says {}",
@@ -233,7 +300,9 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 
 /// Runs `command`; on failure returns the command line and its output.
 fn run_tool(command: &mut Command) -> Result<(), String> {
-    let output = command.output().map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
     if output.status.success() {
         return Ok(());
     }

@@ -60,7 +60,10 @@ fn install_packages(packages: &[(&str, &str)]) -> Result<(), String> {
         return Ok(());
     }
     println!("xtask: installing {}", missing.join(" "));
-    run("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
     run(
         "apt-get install",
         Command::new("apt-get")
@@ -91,7 +94,10 @@ fn cargo(args: &[&str]) -> Command {
 fn test() -> Result<(), String> {
     let start = Instant::now();
     install_packages(TEST_PACKAGES)?;
-    run("cargo fmt --check", &mut cargo(&["fmt", "--all", "--check"]))?;
+    run(
+        "cargo fmt --check",
+        &mut cargo(&["fmt", "--all", "--check"]),
+    )?;
     run(
         "cargo clippy",
         &mut cargo(&[

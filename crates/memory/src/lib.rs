@@ -184,11 +184,11 @@ fn validate_size(size: u64) -> Result<(), MemoryError> {
     if size < MIN_RAM_SIZE {
         return Err(MemoryError::TooSmall(size));
     }
-    if size % layout::PAGE_SIZE != 0 {
-        return Err(MemoryError::Unaligned(size));
-    }
     if size > layout::MAX_RAM_SIZE {
         return Err(MemoryError::TooLarge(size));
+    }
+    if size % layout::PAGE_SIZE != 0 {
+        return Err(MemoryError::Unaligned(size));
     }
     Ok(())
 }

@@ -11,7 +11,9 @@ use std::thread::JoinHandle;
 use chitin_boot::BootInfo;
 use chitin_devices::Bus;
 use chitin_memory::GuestMemoryMmap;
-use kvm_bindings::{Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::arch::x86_64::{cpuid, lapic, msr};

@@ -41,10 +41,7 @@ fn id_bits(count: u8) -> u32 {
 pub fn adjust(cpuid: &mut CpuId, id: u8, count: u8) {
     let apic_id = u32::from(id);
     let count32 = u32::from(count);
-    let has_topology = cpuid
-        .as_slice()
-        .iter()
-        .any(|e| e.function == LEAF_TOPOLOGY);
+    let has_topology = cpuid.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY);
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             LEAF_FEATURES => {

@@ -2,7 +2,7 @@
 //!
 //! Pure functions over KVM's data structures where possible, so the logic is
 //! unit-tested without KVM; the thin wrappers that issue ioctls are in
-//! [`crate::vcpu`].
+//! [`crate::Vcpu`].
 
 pub mod cpuid;
 pub mod lapic;
