@@ -24,9 +24,6 @@ pub enum SandboxError {
     /// KVM is missing or refused to create the VM.
     #[error("cannot create a KVM virtual machine")]
     Kvm(#[source] chitin_vcpu::VmError),
-    /// Guest RAM could not be handed to KVM.
-    #[error("cannot register guest memory with KVM")]
-    RegisterMemory(#[source] chitin_memory::MemoryError),
     /// The kernel or initrd could not be loaded.
     #[error("cannot load the guest kernel")]
     Boot(#[source] chitin_boot::BootError),

@@ -184,9 +184,7 @@ impl SandboxBuilder {
             .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
         let cmdline = chitin_boot::build_cmdline(&self.cmdline, &[], CMDLINE_MAX_SIZE)
             .map_err(SandboxError::Cmdline)?;
-        let vm = Vm::new().map_err(SandboxError::Kvm)?;
-        ram.register(vm.fd())
-            .map_err(SandboxError::RegisterMemory)?;
+        let vm = Vm::new(&ram).map_err(SandboxError::Kvm)?;
         let boot = chitin_boot::load_kernel(
             &ram,
             &BootParams {

@@ -9,7 +9,8 @@
  *   done                            once N-1 APs have checked in
  * then an i8042 reset. If the MP table is missing or invalid the BSP prints
  * "cpus: none" instead of any apic line and resets; if the APs do not all
- * check in within AP_WAIT_ITERATIONS polls it prints "timeout" and resets.
+ * check in within AP_WAIT_TICKS (several seconds) it prints "timeout" and
+ * resets.
  *
  * The BSP (entered by the 64-bit boot protocol):
  *   1. counts N enabled processors in the MP table (MP spec 1.4 §4);
@@ -32,19 +33,30 @@
 #include "common.S"
 
 /*
- * Bounded waits, in iterations of a loop around `pause`, which takes
- * roughly 10-30 ns on current x86 cores.
- *   INIT_DELAY_ITERATIONS  ~10 ms after INIT (MP spec §B.4.1)
- *   SIPI_DELAY_ITERATIONS  ~200 us after each Start-Up (MP spec §B.4.2)
- *   ICR_IDLE_ITERATIONS    bound on waiting for ICR delivery status idle
- *   AP_WAIT_ITERATIONS     ~3-8 s for every AP to check in
+ * Waits are measured in time-stamp-counter ticks, not loop iterations: on
+ * the software hypervisor of chitin's test host a loop iteration costs about
+ * a microsecond and `pause` traps to the host, while on hardware-assisted
+ * KVM they cost nanoseconds, so no iteration count is right for both. The
+ * TSC counts real time on both. Its rate is not something this guest can
+ * learn reliably (CPUID shows the host's leaves, and there is no calibrated
+ * timer it may assume), so the counts assume a 1-5 GHz TSC:
+ *   INIT_DELAY_TICKS  2^25: 7-34 ms after INIT (MP spec 1.4 §B.4.1 asks 10 ms)
+ *   SIPI_DELAY_TICKS  2^20: 0.2-1 ms after each Start-Up (§B.4.2: 200 us)
+ *   AP_WAIT_TICKS     2^34: 3.4-17 s (6.6 s at 2.6 GHz) for all APs to check in
  * KVM's in-kernel LAPIC latches INIT and Start-Up as pending events, so the
  * two delays are for fidelity to the documented sequence, not correctness.
  */
-#define INIT_DELAY_ITERATIONS   (1 << 19)
-#define SIPI_DELAY_ITERATIONS   (1 << 13)
-#define ICR_IDLE_ITERATIONS     (1 << 16)
-#define AP_WAIT_ITERATIONS      (1 << 28)
+#define INIT_DELAY_TICKS        (1 << 25)
+#define SIPI_DELAY_TICKS        (1 << 20)
+#define AP_WAIT_TICKS           (1 << 34)
+/* Bound on polls of the ICR delivery-status bit; KVM reports idle at once. */
+#define ICR_IDLE_POLLS          1024
+
+/*
+ * RDTSC_RAX: RAX = the 64-bit time-stamp counter (SDM Vol. 2, RDTSC: EDX:EAX,
+ * upper halves of RAX and RDX cleared). Clobbers RDX.
+ */
+#define RDTSC_RAX rdtsc; shl $32, %rdx; or %rdx, %rax
 
 /*
  * SPIN_LOCK(var): take a test-and-test-and-set spinlock. XCHG with a memory
@@ -64,8 +76,8 @@
  */
 #define SPIN_UNLOCK(var) movl $0, var
 
-/* DELAY(n): spin n iterations of `pause`; clobbers ECX. */
-#define DELAY(n) mov $(n), %ecx; 9996: pause; dec %ecx; jnz 9996b
+/* DELAY(ticks): wait at least `ticks` TSC ticks (delay_ticks). */
+#define DELAY(ticks) mov $(ticks), %edi; call delay_ticks
 
     .section .text.entry, "ax"
     .code64
@@ -117,30 +129,34 @@ _start:
     movl $0, LAPIC_ICR_HIGH(%r14)
     movl $ICR_INIT_ALL_BUT_SELF, LAPIC_ICR_LOW(%r14)
     call wait_icr_idle
-    DELAY(INIT_DELAY_ITERATIONS)
+    DELAY(INIT_DELAY_TICKS)
 
     movl $0, LAPIC_ICR_HIGH(%r14)
     movl $(ICR_SIPI_ALL_BUT_SELF | SIPI_VECTOR), LAPIC_ICR_LOW(%r14)
     call wait_icr_idle
-    DELAY(SIPI_DELAY_ITERATIONS)
+    DELAY(SIPI_DELAY_TICKS)
 
     // The second Start-Up is for a processor that missed the first; one
     // that is already running ignores it (it is not in wait-for-SIPI).
     movl $0, LAPIC_ICR_HIGH(%r14)
     movl $(ICR_SIPI_ALL_BUT_SELF | SIPI_VECTOR), LAPIC_ICR_LOW(%r14)
     call wait_icr_idle
-    DELAY(SIPI_DELAY_ITERATIONS)
+    DELAY(SIPI_DELAY_TICKS)
 
     // Wait, in memory, for the N-1 APs. ">=" rather than "==" so that
     // more CPUs than the MP table lists still end the wait.
     lea -1(%r12), %r13
-    mov $AP_WAIT_ITERATIONS, %ecx
+    RDTSC_RAX
+    mov %rax, %r15                  // R15 = start of the wait
+    movabs $AP_WAIT_TICKS, %rbx
 2:  mov ap_count(%rip), %eax
     cmp %r13, %rax
     jae .Lall_in
     pause
-    dec %ecx
-    jnz 2b
+    RDTSC_RAX
+    sub %r15, %rax
+    cmp %rbx, %rax
+    jb 2b
 
     SPIN_LOCK(print_lock(%rip))
     PUTS64("timeout\n")
@@ -157,13 +173,27 @@ _start:
  * Clobbers ECX.
  */
 wait_icr_idle:
-    mov $ICR_IDLE_ITERATIONS, %ecx
+    mov $ICR_IDLE_POLLS, %ecx
 1:  testl $ICR_DELIVERY_STATUS, LAPIC_ICR_LOW(%r14)
     jz 2f
     pause
     dec %ecx
     jnz 1b
 2:  ret
+
+/*
+ * delay_ticks: return after at least RDI TSC ticks, pausing between reads.
+ * Clobbers RAX, RDX, RSI.
+ */
+delay_ticks:
+    RDTSC_RAX
+    mov %rax, %rsi
+1:  pause
+    RDTSC_RAX
+    sub %rsi, %rax
+    cmp %rdi, %rax
+    jb 1b
+    ret
 
 /*
  * AP trampoline, real mode. Copied to TRAMP_BASE and entered there with
