@@ -1,0 +1,207 @@
+//! The test scenarios the host can ask for with `chitin.scenario=<name>`.
+//!
+//! Each scenario checks what the guest kernel sees against what the host
+//! configured (passed as `chitin.expect_*` command-line entries) and prints
+//! one result line per check. Unknown scenarios fail one check.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+use crate::cmdline::KernelCmdline;
+use crate::report::Report;
+
+/// Bytes of the console pattern: 4096 lines of 64 bytes.
+const CONSOLE_PATTERN_LINES: usize = 4096;
+/// One pattern line, newline included.
+const CONSOLE_LINE_LEN: usize = 64;
+/// Marker lines around the pattern; the host checksums the bytes between.
+pub const CONSOLE_BEGIN: &str = "chitin-console-begin";
+/// See [`CONSOLE_BEGIN`].
+pub const CONSOLE_END: &str = "chitin-console-end";
+
+/// Run scenario `name`.
+pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
+    report.line(&format!("chitin-agent: cmdline {}", cmdline.raw()));
+    match name {
+        "boot" | "smp4" => check_machine(cmdline, report),
+        "reset" => report.check("reset", true, "rebooting"),
+        "panic" => trigger_panic(report),
+        "console" => console_pattern(report),
+        other => report.check("scenario", false, &format!("unknown scenario {other}")),
+    }
+}
+
+/// Number of CPUs in a kernel CPU list such as `0-3,5`.
+fn count_cpu_list(list: &str) -> Option<u32> {
+    let mut count = 0;
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        count += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().ok()?.checked_sub(a.parse::<u32>().ok()?)? + 1,
+            None => {
+                part.parse::<u32>().ok()?;
+                1
+            }
+        };
+    }
+    Some(count)
+}
+
+/// `MemTotal` from /proc/meminfo, in KiB.
+fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn check_machine(cmdline: &KernelCmdline, report: &mut Report) {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let cpus = count_cpu_list(&online);
+    match cmdline.get_u64("chitin.expect_cpus") {
+        Some(want) => report.check(
+            "cpus",
+            cpus == Some(want as u32),
+            &format!("online={} want={want}", online.trim()),
+        ),
+        None => report.check("cpus", false, "no chitin.expect_cpus on the command line"),
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total = mem_total_kib(&meminfo);
+    match (cmdline.get_u64("chitin.expect_mem_mib"), total) {
+        (Some(mib), Some(kib)) => {
+            // The kernel keeps its own image, page structures and reserved
+            // low memory out of MemTotal: allow up to 20% (a minimal kernel
+            // in 256 MiB keeps far less).
+            let given = mib * 1024;
+            let ok = kib <= given && kib >= given * 8 / 10;
+            report.check(
+                "memory",
+                ok,
+                &format!("mem_total_kib={kib} given_kib={given}"),
+            );
+        }
+        _ => report.check("memory", false, "no chitin.expect_mem_mib or MemTotal"),
+    }
+}
+
+fn trigger_panic(report: &mut Report) {
+    report.line("chitin-agent: triggering a kernel panic through sysrq");
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/sysrq-trigger")
+        .and_then(|mut f| f.write_all(b"c"));
+    // Only reached when the panic did not happen.
+    report.check("panic", false, &format!("sysrq-trigger: {result:?}"));
+}
+
+/// The deterministic pattern line `index`: 63 printable bytes and `\n`.
+fn pattern_line(index: usize, line: &mut [u8; CONSOLE_LINE_LEN]) {
+    // xorshift64 seeded by the line number: cheap and reproducible.
+    let mut x = (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for byte in line.iter_mut().take(CONSOLE_LINE_LEN - 1) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = b'!' + (x % 94) as u8;
+    }
+    line[CONSOLE_LINE_LEN - 1] = b'\n';
+}
+
+/// FNV-1a, 64 bit: the checksum both sides print for the console pattern.
+pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// FNV-1a offset basis.
+pub const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Turn off output post-processing (`\n` → `\r\n`) on the console so the
+/// host receives exactly the bytes written; returns the previous settings.
+fn raw_output(fd: i32) -> Option<libc::termios> {
+    // SAFETY: termios is plain data; tcgetattr fills it or fails.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the duration; `saved` is a valid termios.
+    if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+        return None;
+    }
+    let mut raw = saved;
+    raw.c_oflag &= !libc::OPOST;
+    // SAFETY: as above; TCSADRAIN waits for pending output first.
+    if unsafe { libc::tcsetattr(fd, libc::TCSADRAIN, &raw) } != 0 {
+        return None;
+    }
+    Some(saved)
+}
+
+fn console_pattern(report: &mut Report) {
+    let stdout = std::io::stdout();
+    let fd = stdout.as_raw_fd();
+    let saved = raw_output(fd);
+    let mut out = stdout.lock();
+    let mut hash = FNV_BASIS;
+    let mut line = [0u8; CONSOLE_LINE_LEN];
+    let mut ok = writeln!(out, "{CONSOLE_BEGIN}").is_ok();
+    for i in 0..CONSOLE_PATTERN_LINES {
+        pattern_line(i, &mut line);
+        hash = fnv1a(hash, &line);
+        ok &= out.write_all(&line).is_ok();
+    }
+    ok &= writeln!(out, "{CONSOLE_END}").is_ok();
+    ok &= out.flush().is_ok();
+    drop(out);
+    if let Some(saved) = saved {
+        // SAFETY: restores the settings read above on the same open fd.
+        unsafe { libc::tcsetattr(fd, libc::TCSADRAIN, &saved) };
+    }
+    let len = CONSOLE_PATTERN_LINES * CONSOLE_LINE_LEN;
+    report.check(
+        "console-pattern",
+        ok && saved.is_some(),
+        &format!("fnv={hash:016x} len={len}"),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_cpu_list_handles_ranges_and_singles() {
+        assert_eq!(count_cpu_list("0-3\n"), Some(4));
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-1,4,6-7"), Some(5));
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn mem_total_parses_kib() {
+        let meminfo = "MemTotal:         245676 kB\nMemFree: 1 kB\n";
+        assert_eq!(mem_total_kib(meminfo), Some(245_676));
+        assert_eq!(mem_total_kib("MemFree: 1 kB"), None);
+    }
+
+    #[test]
+    fn pattern_line_is_printable_and_deterministic() {
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        pattern_line(7, &mut a);
+        pattern_line(7, &mut b);
+        assert_eq!(a, b);
+        assert!(a[..63].iter().all(|c| (b'!'..=b'~').contains(c)));
+        assert_eq!(a[63], b'\n');
+        pattern_line(8, &mut b);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn fnv1a_matches_reference_vector() {
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c (reference test vector).
+        assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,280 @@
+//! PID 1 of the nested tier's L1 Linux (QEMU TCG with a real KVM inside).
+//!
+//! It mounts the basics, loads irqbypass, kvm and kvm-amd, then runs every
+//! scenario of `/nested/plan` as a child process (chitin's `boot` example,
+//! or QEMU for the peer column) with a hard timeout, and reports on its
+//! console in lines the host harness (`cargo xtask nested`) parses:
+//!
+//! - `nested: l1 up` — L1 reached /init (the harness may retry a run that
+//!   never printed this, never one that did);
+//! - `nested: kvm ready` or `nested: error <why>`;
+//! - `nested: begin <scenario>`;
+//! - `| <line>` — each console line of the child (L2's console);
+//! - `nested: marker <scenario> <ms>` — first appearance of the plan's
+//!   marker text, in ms since the child was spawned;
+//! - `nested: console <scenario> fnv=<hex> len=<n>` — checksum of the bytes
+//!   between `chitin-console-begin` and `chitin-console-end` lines (not
+//!   forwarded);
+//! - `nested: end <scenario> exit=<code|signal:N|timeout> ms=<ms>`;
+//! - `nested: done`, then L1 reboots (QEMU runs with `-no-reboot` and exits).
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const PLAN: &str = "/nested/plan";
+const MODULES: &str = "/nested/modules";
+const CONSOLE_BEGIN: &[u8] = b"chitin-console-begin";
+const CONSOLE_END: &[u8] = b"chitin-console-end";
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f) = (
+        CString::new(source).unwrap_or_default(),
+        CString::new(target).unwrap_or_default(),
+        CString::new(fstype).unwrap_or_default(),
+    );
+    // SAFETY: valid NUL-terminated strings that outlive the call; null data.
+    let ret = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if ret != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            say(&format!("nested: error mount {target}: {err}"));
+        }
+    }
+}
+
+/// Load a kernel module from a file with finit_module(2).
+fn insmod(path: &str) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
+    let params = CString::default();
+    // SAFETY: the fd is open for the call; params is a valid empty string.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    if ret != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EEXIST) {
+            return Err(format!("finit_module {path}: {err}"));
+        }
+    }
+    Ok(())
+}
+
+fn load_kvm() -> Result<(), String> {
+    let order = std::fs::read_to_string(format!("{MODULES}/order"))
+        .map_err(|e| format!("read module order: {e}"))?;
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        insmod(&format!("{MODULES}/{name}"))?;
+    }
+    std::fs::metadata("/dev/kvm").map_err(|e| format!("/dev/kvm after loading modules: {e}"))?;
+    Ok(())
+}
+
+/// One scenario of the plan.
+struct Scenario {
+    name: String,
+    timeout: Duration,
+    marker: String,
+    argv: Vec<String>,
+}
+
+fn parse_plan(text: &str) -> Vec<Scenario> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let name = f.next()?.to_string();
+            let timeout = Duration::from_secs(f.next()?.parse().ok()?);
+            let marker = f.next()?.to_string();
+            let argv: Vec<String> = f.map(str::to_string).collect();
+            (!argv.is_empty()).then_some(Scenario {
+                name,
+                timeout,
+                marker,
+                argv,
+            })
+        })
+        .collect()
+}
+
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Forward the child's console, timestamp the marker, checksum the console
+/// pattern block.
+fn pump_console(name: &str, marker: &str, start: Instant, stdout: impl Read) {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    let mut marker_seen = marker.is_empty();
+    let mut block: Option<(u64, usize)> = None;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = trim_eol(&line);
+        if let Some((hash, len)) = block.as_mut() {
+            if text == CONSOLE_END {
+                say(&format!("nested: console {name} fnv={hash:016x} len={len}"));
+                block = None;
+            } else {
+                *hash = fnv1a(*hash, &line);
+                *len += line.len();
+            }
+            continue;
+        }
+        if text == CONSOLE_BEGIN {
+            block = Some((FNV_BASIS, 0));
+            continue;
+        }
+        let shown = String::from_utf8_lossy(text);
+        say(&format!("| {shown}"));
+        if !marker_seen && shown.contains(marker) {
+            marker_seen = true;
+            say(&format!(
+                "nested: marker {name} {}",
+                start.elapsed().as_millis()
+            ));
+        }
+    }
+    if block.is_some() {
+        say(&format!("nested: console {name} unterminated"));
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+fn run_scenario(s: &Scenario) {
+    say(&format!("nested: begin {}", s.name));
+    let start = Instant::now();
+    let spawned = Command::new(&s.argv[0])
+        .args(&s.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            say(&format!("nested: error spawn {}: {e}", s.argv[0]));
+            say(&format!("nested: end {} exit=spawn-failed ms=0", s.name));
+            return;
+        }
+    };
+    let (done_tx, done_rx) = mpsc::channel();
+    let stdout = child.stdout.take();
+    let (name, marker) = (s.name.clone(), s.marker.clone());
+    let out_thread = std::thread::spawn(move || {
+        if let Some(stdout) = stdout {
+            pump_console(&name, &marker, start, stdout);
+        }
+        let _ = done_tx.send(());
+    });
+    let stderr = child.stderr.take();
+    let err_thread = std::thread::spawn(move || {
+        if let Some(stderr) = stderr {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                say(&format!("! {line}"));
+            }
+        }
+    });
+    let status = wait_with_timeout(&mut child, s.timeout);
+    let ms = start.elapsed().as_millis();
+    // The pipes close when the child (and anything it spawned) exits; give
+    // the readers a moment to drain.
+    let _ = done_rx.recv_timeout(Duration::from_secs(5));
+    let _ = out_thread.join();
+    let _ = err_thread.join();
+    let exit = match status {
+        None => "timeout".to_string(),
+        Some(st) => match (st.code(), st.signal()) {
+            (Some(code), _) => code.to_string(),
+            (None, Some(sig)) => format!("signal:{sig}"),
+            (None, None) => "unknown".to_string(),
+        },
+    };
+    say(&format!("nested: end {} exit={exit} ms={ms}", s.name));
+}
+
+fn main() {
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("tmpfs", "/tmp", "tmpfs");
+    say("nested: l1 up");
+    match load_kvm() {
+        Ok(()) => {
+            say("nested: kvm ready");
+            let plan = std::fs::read_to_string(PLAN).unwrap_or_default();
+            for scenario in parse_plan(&plan) {
+                run_scenario(&scenario);
+            }
+        }
+        Err(e) => say(&format!("nested: error {e}")),
+    }
+    say("nested: done");
+    // SAFETY: sync and reboot take no pointers; as PID 1 we may reboot.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    loop {
+        // SAFETY: pause has no preconditions; PID 1 must never exit.
+        unsafe { libc::pause() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_plan_reads_tab_separated_scenarios() {
+        let plan = "boot\t30\tchitin-agent: up\t/bin/chitin\t--vcpus\t2\n\nbad\tx\t\t/bin/a\n";
+        let s = parse_plan(plan);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].name, "boot");
+        assert_eq!(s[0].timeout, Duration::from_secs(30));
+        assert_eq!(s[0].marker, "chitin-agent: up");
+        assert_eq!(s[0].argv, ["/bin/chitin", "--vcpus", "2"]);
+    }
+
+    #[test]
+    fn trim_eol_strips_crlf() {
+        assert_eq!(trim_eol(b"abc\r\n"), b"abc");
+        assert_eq!(trim_eol(b"abc"), b"abc");
+    }
+}

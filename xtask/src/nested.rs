@@ -1,0 +1,702 @@
+//! `cargo xtask nested [SCENARIO...]`: the real-Linux tier.
+//!
+//! QEMU in software emulation (TCG, `-cpu EPYC` with SVM and nested paging)
+//! runs an L1 Debian cloud kernel that loads `kvm_amd` and gets a real
+//! `/dev/kvm`. chitin's `boot` example runs in L1 and boots an unmodified L2
+//! Linux (the default guest from `cargo xtask guest`), whose PID 1 is
+//! `chitin-agent` running the scenario named on its command line. L1's PID 1
+//! (`chitin-nested-init`) runs the scenarios and reports on the serial
+//! console; this module builds everything, runs QEMU with hard timeouts and
+//! judges each scenario from that log.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::cpio::Cpio;
+use crate::guest;
+use crate::util::{self, cache_dir, install_packages, output, Step};
+
+/// Packages the tier needs on the host.
+const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "e2fsprogs"];
+/// The meta package whose dependency names the current cloud kernel.
+const L1_KERNEL_META: &str = "linux-image-cloud-amd64";
+/// L2 command line shared by every chitin scenario: console on COM1, reset
+/// through the i8042 on reboot, reboot at once on panic, quiet boot.
+const L2_BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// The agent's "up" line: VMM start → this line is the boot figure.
+const UP_MARKER: &str = "chitin-agent: up";
+/// How long L1 may take to reach its /init before the run counts as the
+/// known "L1 printed nothing" flake and is retried once.
+const L1_UP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A scenario: how to run it and how to judge it.
+struct Scenario {
+    name: &'static str,
+    vcpus: u32,
+    mem_mib: u32,
+    timeout_s: u32,
+    /// Run the peer (QEMU microvm) instead of chitin.
+    peer: bool,
+    judge: fn(&Run) -> Result<String, String>,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "boot",
+        vcpus: 2,
+        mem_mib: 256,
+        timeout_s: 60,
+        peer: false,
+        judge: judge_checks,
+    },
+    Scenario {
+        name: "boot-qemu",
+        vcpus: 2,
+        mem_mib: 256,
+        timeout_s: 60,
+        peer: true,
+        judge: judge_checks,
+    },
+    Scenario {
+        name: "reset",
+        vcpus: 1,
+        mem_mib: 128,
+        timeout_s: 60,
+        peer: false,
+        judge: judge_checks,
+    },
+    Scenario {
+        name: "panic",
+        vcpus: 1,
+        mem_mib: 128,
+        timeout_s: 60,
+        peer: false,
+        judge: judge_panic,
+    },
+    Scenario {
+        name: "console",
+        vcpus: 1,
+        mem_mib: 128,
+        timeout_s: 240,
+        peer: false,
+        judge: judge_console,
+    },
+    Scenario {
+        name: "smp4",
+        vcpus: 4,
+        mem_mib: 256,
+        timeout_s: 90,
+        peer: false,
+        judge: judge_checks,
+    },
+];
+
+/// What one scenario produced in the L1 log.
+#[derive(Default)]
+struct Run {
+    /// The scenario's agent name (`boot` for `boot-qemu`).
+    agent_scenario: String,
+    /// The L2 command line passed.
+    cmdline: String,
+    /// Console lines of the child (`| ` prefix removed) and its stderr.
+    lines: Vec<String>,
+    marker_ms: Option<u64>,
+    console: Option<String>,
+    exit: Option<String>,
+    ms: Option<u64>,
+}
+
+impl Run {
+    fn has(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+}
+
+fn agent_scenario(s: &Scenario) -> &'static str {
+    s.name.strip_suffix("-qemu").unwrap_or(s.name)
+}
+
+fn l2_cmdline(s: &Scenario) -> String {
+    let reboot = if s.peer {
+        // QEMU's microvm has no i8042: stop through a triple fault.
+        "console=ttyS0 reboot=t panic=-1 quiet"
+    } else {
+        L2_BASE_CMDLINE
+    };
+    format!(
+        "{reboot} chitin.scenario={} chitin.expect_cpus={} chitin.expect_mem_mib={}",
+        agent_scenario(s),
+        s.vcpus,
+        s.mem_mib
+    )
+}
+
+/// The plan line for L1's runner: name, timeout, marker, argv (tab separated).
+fn plan_line(s: &Scenario) -> String {
+    let cmdline = l2_cmdline(s);
+    let argv: Vec<String> = if s.peer {
+        [
+            "/usr/bin/qemu-system-x86_64",
+            "-M",
+            "microvm,acpi=off,rtc=on",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            &s.vcpus.to_string(),
+            "-m",
+            &format!("{}M", s.mem_mib),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-L",
+            "/usr/share/qemu",
+            "-kernel",
+            "/l2/vmlinux",
+            "-initrd",
+            "/l2/initramfs.cpio",
+            "-append",
+            &cmdline,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    } else {
+        [
+            "/bin/chitin-boot",
+            "--kernel",
+            "/l2/vmlinux",
+            "--initrd",
+            "/l2/initramfs.cpio",
+            "--vcpus",
+            &s.vcpus.to_string(),
+            "--mem",
+            &s.mem_mib.to_string(),
+            "--timeout",
+            &s.timeout_s.to_string(),
+            "--cmdline",
+            &cmdline,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // The runner's own timeout is a little longer than the VMM's, so the
+    // VMM's timeout (a clean stop) fires first.
+    format!(
+        "{}\t{}\t{UP_MARKER}\t{}",
+        s.name,
+        s.timeout_s + 15,
+        argv.join("\t")
+    )
+}
+
+/// Install what the tier needs on the host (idempotent).
+pub fn prerequisites() -> Step {
+    install_packages(PACKAGES)
+}
+
+/// Entry point.
+pub fn nested(args: &[String]) -> Step {
+    let selected = select(args)?;
+    prerequisites()?;
+    let image = guest::prepare()?;
+    let boot = guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?;
+    let init = guest::build_static(
+        &["-p", "chitin-nested-init", "--bin", "chitin-nested-init"],
+        "chitin-nested-init",
+    )?;
+    let l1 = l1_kernel()?;
+    let plan: Vec<String> = selected.iter().map(|s| plan_line(s)).collect();
+    let initramfs = l1_initramfs(&l1, &init, &boot, &image, &plan.join("\n"))?;
+    let total: u64 = selected.iter().map(|s| u64::from(s.timeout_s) + 15).sum();
+    let budget = Duration::from_secs(total + 120);
+    let log = match run_l1(&l1.vmlinuz, &initramfs, budget)? {
+        L1Outcome::Ran(log) => log,
+        L1Outcome::NeverUp => {
+            println!("xtask: L1 never reached /init (known rare QEMU flake); retrying once");
+            match run_l1(&l1.vmlinuz, &initramfs, budget)? {
+                L1Outcome::Ran(log) => log,
+                L1Outcome::NeverUp => return Err("L1 never reached /init, twice".into()),
+            }
+        }
+    };
+    report(&selected, &log)
+}
+
+fn select(args: &[String]) -> Step<Vec<&'static Scenario>> {
+    if args.is_empty() {
+        return Ok(SCENARIOS.iter().collect());
+    }
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for a in args {
+        if !SCENARIOS.iter().any(|s| s.name == a) {
+            let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+            return Err(format!(
+                "unknown scenario {a:?}; known: {}",
+                known.join(" ")
+            ));
+        }
+        names.insert(a);
+        if a == "boot" {
+            // The peer column always runs next to chitin's boot.
+            names.insert("boot-qemu");
+        }
+    }
+    Ok(SCENARIOS
+        .iter()
+        .filter(|s| names.contains(s.name))
+        .collect())
+}
+
+/// The L1 kernel and the KVM modules, from Debian's cloud kernel package.
+struct L1Kernel {
+    vmlinuz: PathBuf,
+    /// irqbypass, kvm, kvm-amd, in load order.
+    modules: Vec<PathBuf>,
+}
+
+fn l1_kernel() -> Step<L1Kernel> {
+    let deps = output(Command::new("apt-cache").args(["depends", L1_KERNEL_META]))?;
+    let package = match deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+    {
+        Some(p) => p.trim().to_string(),
+        None => {
+            util::run(
+                "apt-get update",
+                Command::new("apt-get").args(["update", "-q"]),
+            )?;
+            let deps = output(Command::new("apt-cache").args(["depends", L1_KERNEL_META]))?;
+            deps.lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .find(|p| p.starts_with("linux-image-"))
+                .map(|p| p.trim().to_string())
+                .ok_or_else(|| format!("apt-cache names no kernel for {L1_KERNEL_META}"))?
+        }
+    };
+    let version = package.trim_start_matches("linux-image-").to_string();
+    let dir = cache_dir().join("l1").join(&package);
+    let root = dir.join("root");
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
+    if !vmlinuz.exists() {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        util::run(
+            &format!("apt-get download {package}"),
+            Command::new("apt-get")
+                .args(["download", &package])
+                .current_dir(&dir),
+        )?;
+        let deb = std::fs::read_dir(&dir)
+            .map_err(|e| format!("read {}: {e}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or("apt-get download produced no .deb")?;
+        util::run(
+            "unpack L1 kernel",
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+        )?;
+        let _ = std::fs::remove_file(&deb);
+    }
+    let kmod = root.join("lib/modules").join(&version).join("kernel");
+    let modules = vec![
+        kmod.join("virt/lib/irqbypass.ko"),
+        kmod.join("arch/x86/kvm/kvm.ko"),
+        kmod.join("arch/x86/kvm/kvm-amd.ko"),
+    ];
+    for m in &modules {
+        if !m.exists() {
+            return Err(format!("L1 kernel package lacks {}", m.display()));
+        }
+    }
+    Ok(L1Kernel { vmlinuz, modules })
+}
+
+/// Adds files at absolute paths, creating parent directories once.
+struct Tree {
+    cpio: Cpio,
+    dirs: BTreeSet<String>,
+}
+
+impl Tree {
+    fn dirs_for(&mut self, path: &str) {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if self.dirs.insert(prefix.clone()) {
+                self.cpio.dir(&prefix);
+            }
+        }
+    }
+
+    fn file(&mut self, path: &str, mode: u32, host: &Path) -> Step {
+        self.dirs_for(path);
+        self.cpio
+            .file_from(path.trim_start_matches('/'), mode, host)
+    }
+
+    fn data(&mut self, path: &str, body: &[u8]) {
+        self.dirs_for(path);
+        self.cpio.file(path.trim_start_matches('/'), 0o644, body);
+    }
+}
+
+/// Shared libraries a dynamic binary needs, as absolute paths (`ldd`).
+fn shared_libraries(binary: &str) -> Step<Vec<String>> {
+    let text = output(Command::new("ldd").arg(binary))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.trim().split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect())
+}
+
+fn l1_initramfs(
+    l1: &L1Kernel,
+    init: &Path,
+    boot: &Path,
+    image: &guest::GuestImage,
+    plan: &str,
+) -> Step<PathBuf> {
+    let mut tree = Tree {
+        cpio: Cpio::new(),
+        dirs: BTreeSet::new(),
+    };
+    for dir in ["dev", "proc", "sys", "tmp", "bin"] {
+        tree.dirs.insert(dir.to_string());
+        tree.cpio.dir(dir);
+    }
+    tree.cpio.char_dev("dev/console", 5, 1);
+    tree.file("/init", 0o755, init)?;
+    tree.file("/bin/chitin-boot", 0o755, boot)?;
+    tree.file("/l2/vmlinux", 0o644, &image.kernel)?;
+    tree.file("/l2/initramfs.cpio", 0o644, &image.initramfs)?;
+    let mut order = String::new();
+    for m in &l1.modules {
+        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        tree.file(&format!("/nested/modules/{name}"), 0o644, m)?;
+        order.push_str(name);
+        order.push('\n');
+    }
+    tree.data("/nested/modules/order", order.as_bytes());
+    tree.data("/nested/plan", plan.as_bytes());
+    let qemu = "/usr/bin/qemu-system-x86_64";
+    tree.file(qemu, 0o755, Path::new(qemu))?;
+    for lib in shared_libraries(qemu)? {
+        tree.file(&lib, 0o755, Path::new(&lib))?;
+    }
+    for rom in [
+        "bios-microvm.bin",
+        "qboot.rom",
+        "pvh.bin",
+        "linuxboot_dma.bin",
+        "kvmvapic.bin",
+    ] {
+        let path = format!("/usr/share/qemu/{rom}");
+        if Path::new(&path).exists() {
+            tree.file(&path, 0o644, Path::new(&path))?;
+        }
+    }
+    let path = cache_dir().join("nested").join("l1-initramfs.cpio");
+    util::write_atomic(&path, &tree.cpio.finish())?;
+    Ok(path)
+}
+
+enum L1Outcome {
+    Ran(Vec<String>),
+    NeverUp,
+}
+
+/// Boot L1 and collect its console until QEMU exits or `budget` passes.
+fn run_l1(vmlinuz: &Path, initramfs: &Path, budget: Duration) -> Step<L1Outcome> {
+    println!("xtask: == booting L1 (QEMU TCG, nested SVM)");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-M",
+            "microvm",
+            "-cpu",
+            "EPYC",
+        ])
+        .args(["-smp", "1", "-m", "2G", "-nodefaults", "-no-user-config"])
+        .args(["-nographic", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+    let stdout = child.stdout.take().ok_or("qemu stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let text = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            if tx.send(text).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut log = Vec::new();
+    let mut up = false;
+    let log_path = cache_dir().join("nested").join("l1-console.log");
+    loop {
+        let limit = if up { budget } else { L1_UP_TIMEOUT };
+        let Some(left) = limit.checked_sub(start.elapsed()) else {
+            let _ = child.kill();
+            break;
+        };
+        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+            Ok(line) => {
+                progress(&line, start);
+                up |= line.contains("nested: l1 up");
+                log.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let timed_out = start.elapsed() >= if up { budget } else { L1_UP_TIMEOUT };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    let _ = util::write_atomic(&log_path, log.join("\n").as_bytes());
+    println!("xtask: L1 console log: {}", log_path.display());
+    if !up {
+        return Ok(L1Outcome::NeverUp);
+    }
+    if timed_out {
+        log.push(format!("nested: harness timeout after {budget:?}"));
+    }
+    Ok(L1Outcome::Ran(log))
+}
+
+/// Show a person what is happening while L1 runs.
+fn progress(line: &str, start: Instant) {
+    let t = start.elapsed().as_secs_f64();
+    if let Some(rest) = line.strip_prefix("nested: ") {
+        if !rest.starts_with("marker") {
+            println!("xtask: [{t:6.1} s] {rest}");
+        }
+    }
+}
+
+/// Split the log into runs per scenario.
+fn parse_runs(selected: &[&Scenario], log: &[String]) -> Vec<Run> {
+    let mut runs: Vec<Run> = selected
+        .iter()
+        .map(|s| Run {
+            agent_scenario: agent_scenario(s).to_string(),
+            cmdline: l2_cmdline(s),
+            ..Run::default()
+        })
+        .collect();
+    let index = |name: &str| selected.iter().position(|s| s.name == name);
+    let mut current: Option<usize> = None;
+    for line in log {
+        if let Some(name) = line.strip_prefix("nested: begin ") {
+            current = index(name.trim());
+        } else if let Some(rest) = line.strip_prefix("nested: end ") {
+            let mut f = rest.split_whitespace();
+            if let Some(i) = f.next().and_then(index) {
+                for kv in f {
+                    match kv.split_once('=') {
+                        Some(("exit", v)) => runs[i].exit = Some(v.to_string()),
+                        Some(("ms", v)) => runs[i].ms = v.parse().ok(),
+                        _ => {}
+                    }
+                }
+            }
+            current = None;
+        } else if let Some(rest) = line.strip_prefix("nested: marker ") {
+            let mut f = rest.split_whitespace();
+            if let (Some(i), Some(ms)) = (f.next().and_then(index), f.next()) {
+                runs[i].marker_ms = ms.parse().ok();
+            }
+        } else if let Some(rest) = line.strip_prefix("nested: console ") {
+            if let Some((name, sum)) = rest.split_once(' ') {
+                if let Some(i) = index(name) {
+                    runs[i].console = Some(sum.to_string());
+                }
+            }
+        } else if let Some(i) = current {
+            let text = line
+                .strip_prefix("| ")
+                .or_else(|| line.strip_prefix("! "))
+                .unwrap_or(line);
+            runs[i].lines.push(text.to_string());
+        }
+    }
+    runs
+}
+
+/// Common checks: the child exited 0, the agent came up for the right
+/// scenario, reported every check passing, and saw our command line.
+fn judge_checks(run: &Run) -> Result<String, String> {
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if exit != "0" {
+        return Err(format!("VMM exit {exit}, want 0"));
+    }
+    let up = format!("{UP_MARKER} version=1 scenario={}", run.agent_scenario);
+    if !run.has(&up) {
+        return Err(format!("no `{up}` line"));
+    }
+    if let Some(fail) = run
+        .lines
+        .iter()
+        .find(|l| l.contains("chitin-check:") && l.contains(" FAIL"))
+    {
+        return Err(fail.clone());
+    }
+    if !run.has("chitin-agent: done") || !run.has(" fail=0") {
+        return Err("agent did not finish with fail=0".into());
+    }
+    let seen = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("chitin-agent: cmdline "))
+        .unwrap_or_default();
+    if !seen.contains(&run.cmdline) {
+        return Err(format!(
+            "guest command line {seen:?} lacks {:?}",
+            run.cmdline
+        ));
+    }
+    let passes: Vec<String> = run
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("chitin-check: "))
+        .map(|l| l.split(" PASS ").collect::<Vec<_>>().join(": "))
+        .collect();
+    Ok(passes.join("; "))
+}
+
+fn judge_panic(run: &Run) -> Result<String, String> {
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if !run.has(&format!("{UP_MARKER} version=1 scenario=panic")) {
+        return Err("agent never came up".into());
+    }
+    if !run.has("Kernel panic - not syncing") {
+        return Err("no `Kernel panic - not syncing` on the captured console".into());
+    }
+    if exit != "0" {
+        return Err(format!("VMM exit {exit}, want 0 (reset after panic=-1)"));
+    }
+    Ok("panic message captured, guest reset".into())
+}
+
+fn judge_console(run: &Run) -> Result<String, String> {
+    let sent = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("chitin-check: console-pattern PASS "))
+        .ok_or("agent did not report writing the pattern")?;
+    let received = run
+        .console
+        .as_deref()
+        .ok_or("no console block seen in L1")?;
+    if sent.trim() != received.trim() {
+        return Err(format!("guest wrote {sent}, L1 captured {received}"));
+    }
+    judge_checks(run)?;
+    Ok(format!("byte-exact: {received}"))
+}
+
+fn fmt_ms(ms: Option<u64>) -> String {
+    ms.map_or("-".into(), |ms| format!("{:.2} s", ms as f64 / 1000.0))
+}
+
+fn report(selected: &[&Scenario], log: &[String]) -> Step {
+    let runs = parse_runs(selected, log);
+    println!();
+    println!(
+        "{:<10} {:<6} {:>14} {:>10}  detail",
+        "scenario", "result", "VMM start->up", "total"
+    );
+    let mut failures = Vec::new();
+    for (s, run) in selected.iter().zip(&runs) {
+        let verdict = if run.exit.is_none() {
+            Err("scenario never finished (L1 stopped or timed out)".to_string())
+        } else if run.exit.as_deref() == Some("timeout") {
+            Err(format!("hung past its {} s timeout", s.timeout_s + 15))
+        } else {
+            (s.judge)(run)
+        };
+        let (result, detail) = match &verdict {
+            Ok(d) => ("PASS", d.clone()),
+            Err(e) => ("FAIL", e.clone()),
+        };
+        println!(
+            "{:<10} {:<6} {:>14} {:>10}  {}",
+            s.name,
+            result,
+            fmt_ms(run.marker_ms),
+            fmt_ms(run.ms),
+            detail
+        );
+        if verdict.is_err() {
+            failures.push((s.name, run));
+        }
+    }
+    let find = |name: &str| {
+        selected
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| &runs[i])
+    };
+    if let (Some(c), Some(q)) = (find("boot"), find("boot-qemu")) {
+        if let (Some(cm), Some(qm)) = (c.marker_ms, q.marker_ms) {
+            println!(
+                "boot, VMM start -> agent up: chitin {:.2} s, QEMU microvm {:.2} s, ratio QEMU/chitin {:.2}",
+                cm as f64 / 1000.0,
+                qm as f64 / 1000.0,
+                qm as f64 / cm.max(1) as f64
+            );
+        }
+    }
+    for (name, run) in &failures {
+        println!("\n--- {name}: last console lines");
+        let start = run.lines.len().saturating_sub(40);
+        for line in &run.lines[start..] {
+            println!("    {line}");
+        }
+    }
+    if failures.is_empty() {
+        println!("{} passed, 0 failed", selected.len());
+        Ok(())
+    } else {
+        println!(
+            "{} passed, {} failed",
+            selected.len() - failures.len(),
+            failures.len()
+        );
+        Err(format!("{} nested scenario(s) failed", failures.len()))
+    }
+}

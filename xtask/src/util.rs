@@ -1,0 +1,136 @@
+//! Helpers shared by the xtask commands: running programs, installing
+//! Debian packages, the cache directory, a content hash.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Result type of every xtask step: the error is the line to print.
+pub type Step<T = ()> = Result<T, String>;
+
+/// The workspace root (the directory holding the top Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Where prepared artifacts (guest kernel, initramfs, L1 kernel) are kept:
+/// `$CHITIN_CACHE`, or `target/chitin-cache` in the workspace.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("CHITIN_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_root().join("target").join("chitin-cache"),
+    }
+}
+
+/// Whether a Debian package is installed.
+pub fn have_package(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Install the packages that are not installed yet, with apt-get. Present
+/// ones cost one dpkg query and no network.
+pub fn install_packages(packages: &[&str]) -> Step {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !have_package(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("xtask: installing Debian packages: {}", missing.join(" "));
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
+    run(
+        "apt-get install",
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Run a command, echoing the step name and its duration; fail on a
+/// non-zero exit.
+pub fn run(step: &str, cmd: &mut Command) -> Step {
+    let start = Instant::now();
+    println!("xtask: == {step}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: cannot run {:?}: {e}", cmd.get_program()))?;
+    if !status.success() {
+        return Err(format!("{step}: {status}"));
+    }
+    println!("xtask: ok {step} ({:.1} s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Run a command quietly and return its stdout.
+pub fn output(cmd: &mut Command) -> Step<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{:?} failed ({}): {}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `cargo` with the workspace as working directory.
+pub fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    cmd
+}
+
+/// FNV-1a 64 offset basis.
+pub const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64: a content hash for cache keys and console checksums (not a
+/// security boundary).
+pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Read a file or say which one could not be read.
+pub fn read(path: &Path) -> Step<Vec<u8>> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// Write a file atomically (temp file + rename), creating its directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Step {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("rename {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_reference_vectors() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a(FNV_BASIS, b""), FNV_BASIS);
+        assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(FNV_BASIS, b"foobar"), 0x8594_4171_f739_67e8);
+    }
+}
