@@ -31,7 +31,7 @@ impl KernelCmdline {
             .filter_map(|w| w.split_once('='))
             .filter(|(k, _)| *k == key)
             .map(|(_, v)| v)
-            .last()
+            .next_back()
     }
 
     /// The value of `key` parsed as a number.

@@ -40,6 +40,9 @@ const STATUS_OUTPUT_FULL: u8 = 1 << 0;
 const STATUS_SYSTEM_FLAG: u8 = 1 << 2;
 /// The last byte written went to the command port (not the data port).
 const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
+/// Status bit 4: keyboard not inhibited (no keylock). Clear, Linux warns
+/// "Keylock active".
+const STATUS_NOT_INHIBITED: u8 = 1 << 4;
 
 // Controller configuration byte bits.
 /// System flag, mirrored from the status register.
@@ -72,6 +75,13 @@ const CMD_DISABLE_KBD: u8 = 0xad;
 const CMD_ENABLE_KBD: u8 = 0xae;
 const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
 const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+/// Write the next data byte to the output buffer as if the keyboard sent it.
+const CMD_KBD_LOOP: u8 = 0xd2;
+/// Write the next data byte to the output buffer as if the AUX (mouse) port
+/// sent it.
+const CMD_AUX_LOOP: u8 = 0xd3;
+/// Send the next data byte to the AUX device.
+const CMD_WRITE_AUX: u8 = 0xd4;
 /// `0xf0..=0xff` pulse the output port lines whose bit is clear in the low
 /// nibble for 6 µs; `0xfe` pulses only the reset line.
 const CMD_PULSE_FIRST: u8 = 0xf0;
@@ -80,6 +90,8 @@ const CMD_PULSE_FIRST: u8 = 0xf0;
 const SELF_TEST_PASSED: u8 = 0x55;
 /// Response to the port interface tests: no error.
 const INTERFACE_TEST_PASSED: u8 = 0x00;
+/// AUX interface test answer "clock line stuck low": there is no AUX port.
+const INTERFACE_TEST_CLOCK_STUCK_LOW: u8 = 0x01;
 
 /// The controller's registers.
 #[derive(Debug)]
@@ -114,7 +126,7 @@ enum Reset {
 
 impl Controller {
     fn status(&self) -> u8 {
-        let mut status = STATUS_SYSTEM_FLAG;
+        let mut status = STATUS_SYSTEM_FLAG | STATUS_NOT_INHIBITED;
         if self.output.is_some() {
             status |= STATUS_OUTPUT_FULL;
         }
@@ -135,13 +147,18 @@ impl Controller {
         self.awaiting_data = None;
         match command {
             CMD_READ_CONFIG => self.output = Some(self.config),
-            CMD_WRITE_CONFIG | CMD_WRITE_OUTPUT_PORT => self.awaiting_data = Some(command),
+            CMD_WRITE_CONFIG | CMD_WRITE_OUTPUT_PORT | CMD_KBD_LOOP | CMD_AUX_LOOP
+            | CMD_WRITE_AUX => self.awaiting_data = Some(command),
             CMD_DISABLE_AUX => self.config |= CONFIG_AUX_DISABLED,
             CMD_ENABLE_AUX => self.config &= !CONFIG_AUX_DISABLED,
             CMD_DISABLE_KBD => self.config |= CONFIG_KBD_DISABLED,
             CMD_ENABLE_KBD => self.config &= !CONFIG_KBD_DISABLED,
             CMD_SELF_TEST => self.output = Some(SELF_TEST_PASSED),
-            CMD_TEST_AUX | CMD_TEST_KBD => self.output = Some(INTERFACE_TEST_PASSED),
+            CMD_TEST_KBD => self.output = Some(INTERFACE_TEST_PASSED),
+            // There is no AUX port. Saying so at once matters: Linux's i8042
+            // driver otherwise waits 500 ms per unanswered AUX probe (over a
+            // second of boot time measured in the nested tier).
+            CMD_TEST_AUX => self.output = Some(INTERFACE_TEST_CLOCK_STUCK_LOW),
             CMD_READ_OUTPUT_PORT => self.output = Some(self.output_port),
             CMD_PULSE_FIRST..=u8::MAX if command & OUTPUT_PORT_RESET_DEASSERTED == 0 => {
                 return Reset::Requested;
@@ -156,6 +173,10 @@ impl Controller {
         self.last_was_command = false;
         match self.awaiting_data.take() {
             Some(CMD_WRITE_CONFIG) => self.config = byte,
+            // Loop the byte back, always as keyboard data (status bit 5,
+            // AUX data, stays clear): an AUX loopback that comes back as
+            // keyboard data tells Linux at once that no AUX port exists.
+            Some(CMD_KBD_LOOP | CMD_AUX_LOOP) => self.output = Some(byte),
             Some(CMD_WRITE_OUTPUT_PORT) => {
                 self.output_port = byte;
                 if byte & OUTPUT_PORT_RESET_DEASSERTED == 0 {
@@ -179,9 +200,12 @@ impl Controller {
 ///
 /// Status register: bit 0 (output buffer full) is set while a response waits
 /// in the data port, bit 1 (input buffer full) is always clear, bit 2 (system
-/// flag) is always set. Commands: `0x20`/`0x60` read/write the configuration
-/// byte, `0xaa` self test (answers `0x55`), `0xab`/`0xa9` interface tests
-/// (answer `0x00`), `0xad`/`0xae`/`0xa7`/`0xa8` disable/enable the ports,
+/// flag) and bit 4 (keyboard not inhibited) are always set. Commands:
+/// `0x20`/`0x60` read/write the configuration byte, `0xaa` self test
+/// (answers `0x55`), `0xab` keyboard interface test (answers `0x00`), `0xa9`
+/// AUX interface test (answers `0x01`: there is no AUX port), `0xd2`/`0xd3`
+/// loop the next data byte back as keyboard data, `0xd4` swallows the next
+/// data byte, `0xad`/`0xae`/`0xa7`/`0xa8` disable/enable the ports,
 /// `0xd0`/`0xd1` read/write the output port (bit 0 clear resets), and
 /// `0xf0..=0xff` with bit 0 clear (`0xfe` in practice) pulse the reset line.
 /// Reading the data port returns the pending byte and clears bit 0 of the
@@ -328,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn i8042_interface_tests_answer_zero() {
+    fn i8042_interface_tests_report_keyboard_ok_and_no_aux() {
         // Arrange
         let (device, _) = counting_device();
 
@@ -340,7 +364,32 @@ mod tests {
 
         // Assert
         assert_eq!(kbd, INTERFACE_TEST_PASSED);
-        assert_eq!(aux, INTERFACE_TEST_PASSED);
+        assert_eq!(aux, INTERFACE_TEST_CLOCK_STUCK_LOW);
+    }
+
+    #[test]
+    fn i8042_aux_loopback_answers_at_once_as_keyboard_data() {
+        // Arrange: Linux's AUX probe sends 0xd3 then 0x5a and waits for the
+        // byte to come back with status bit 5 (AUX data) set.
+        let (device, _) = counting_device();
+        let aux_data = 1 << 5;
+
+        // Act
+        device.write(COMMAND_OFFSET, &[CMD_AUX_LOOP]);
+        device.write(DATA_OFFSET, &[0x5a]);
+        let status = read_port(&device, COMMAND_OFFSET);
+        let byte = read_port(&device, DATA_OFFSET);
+
+        // Assert: an answer is pending at once, but not as AUX data.
+        assert_ne!(status & STATUS_OUTPUT_FULL, 0);
+        assert_eq!(status & aux_data, 0);
+        assert_eq!(byte, 0x5a);
+    }
+
+    #[test]
+    fn i8042_status_reports_keyboard_not_inhibited() {
+        let (device, _) = counting_device();
+        assert_ne!(read_port(&device, COMMAND_OFFSET) & STATUS_NOT_INHIBITED, 0);
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Vcpu {
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create"))?;
         let mut cpuid = vm.supported_cpuid().clone();
-        cpuid::adjust(&mut cpuid, id, count);
+        cpuid::adjust(&mut cpuid, id, count, vm.host_features());
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         let entries = msr::boot_msrs();
         let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {

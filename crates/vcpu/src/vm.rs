@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use chitin_memory::GuestRam;
 
+use crate::arch::x86_64::cpuid::HostFeatures;
 use crate::kick;
 
 /// KVM API version every kernel since 2.6.22 reports.
@@ -53,6 +54,7 @@ pub enum VmError {
 pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
+    host_features: HostFeatures,
 }
 
 impl Vm {
@@ -83,6 +85,9 @@ impl Vm {
                 return Err(VmError::MissingCapability(name));
             }
         }
+        let host_features = HostFeatures {
+            tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
         let setup = |step| move |source| VmError::Setup { step, source };
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -101,6 +106,7 @@ impl Vm {
         Ok(Self {
             fd,
             supported_cpuid,
+            host_features,
         })
     }
 
@@ -112,6 +118,11 @@ impl Vm {
     /// The CPUID KVM supports on this host, before per-vCPU adjustment.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    /// CPU features the host offers that the supported CPUID omits.
+    pub fn host_features(&self) -> HostFeatures {
+        self.host_features
     }
 
     /// Make writes to `event` raise interrupt line `gsi`.

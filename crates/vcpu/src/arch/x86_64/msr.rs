@@ -3,10 +3,13 @@
 //! Linux expects the syscall MSRs cleared and fast strings enabled; MTRRs
 //! default to write-back so the guest does not run with caching disabled
 //! (Intel SDM vol. 3A §11.11.2.1).
+//!
+//! The TSC is deliberately not written: KVM starts every vCPU's TSC in
+//! step, while writing it per vCPU at slightly different times made Linux
+//! mark the TSC unstable ("TSCs unsynchronized") in the nested tier.
 
 use kvm_bindings::kvm_msr_entry;
 
-const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -34,7 +37,6 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         (MSR_KERNEL_GS_BASE, 0),
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
-        (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ]
