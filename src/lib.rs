@@ -40,5 +40,5 @@ pub use console::{Console, ConsoleCapture, ConsoleInput};
 pub use error::{error_chain, SandboxError};
 pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
-    MAX_VCPUS,
+    MAX_VCPUS, VMM_CMDLINE_ENTRIES,
 };

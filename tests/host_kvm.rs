@@ -32,7 +32,12 @@ fn assert_report(guest: Guest) {
     let out = text(&console);
     assert_eq!(reason, ExitReason::Reset, "console:\n{out}");
     assert!(out.starts_with("chitin-test: report\n"), "{out}");
-    assert!(out.contains("cmdline: chitin.test=report quiet\n"), "{out}");
+    // The user's command line first, then chitin's own entries.
+    let want = format!(
+        "cmdline: chitin.test=report quiet {}\n",
+        chitin::VMM_CMDLINE_ENTRIES.join(" ")
+    );
+    assert!(out.contains(&want), "{out}");
     assert!(out.contains(E820_64MIB), "{out}");
     assert!(out.contains("cpus: 3\n"), "{out}");
     assert!(out.ends_with("done\n"), "{out}");
@@ -161,7 +166,10 @@ fn pvh_guest_enters_through_pvh_note() {
     let out = text(&console);
     assert_eq!(reason, ExitReason::Reset, "{out}");
     assert!(out.contains("pvh: magic ok\n"), "{out}");
-    assert!(out.contains("cmdline: chitin.test=pvh\n"), "{out}");
+    assert!(
+        out.contains("cmdline: chitin.test=pvh i8042.nokbd"),
+        "{out}"
+    );
     assert!(out.contains("memmap: 4\n"), "{out}");
 }
 

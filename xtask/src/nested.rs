@@ -738,7 +738,12 @@ fn report(selected: &[&Scenario], runs: &[(String, &Scenario)], log: &[String]) 
             fmt_ms(total),
         );
     }
-    let find = |name: &str| up_medians.iter().find(|(n, _)| *n == name).and_then(|(_, m)| *m);
+    let find = |name: &str| {
+        up_medians
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, m)| *m)
+    };
     if let (Some(cm), Some(qm)) = (find("boot"), find("boot-qemu")) {
         println!(
             "boot, VMM start -> agent up (median of {BOOT_REPEATS}): chitin {:.2} s, QEMU microvm {:.2} s, QEMU/chitin {:.2}",
@@ -755,7 +760,11 @@ fn report(selected: &[&Scenario], runs: &[(String, &Scenario)], log: &[String]) 
         }
     }
     let total = selected.len() + 1;
-    println!("{} passed, {} failed", total - failures.len().min(total), failures.len());
+    println!(
+        "{} passed, {} failed",
+        total - failures.len().min(total),
+        failures.len()
+    );
     if failures.is_empty() {
         Ok(())
     } else {

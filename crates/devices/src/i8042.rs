@@ -147,7 +147,10 @@ impl Controller {
         self.awaiting_data = None;
         match command {
             CMD_READ_CONFIG => self.output = Some(self.config),
-            CMD_WRITE_CONFIG | CMD_WRITE_OUTPUT_PORT | CMD_KBD_LOOP | CMD_AUX_LOOP
+            CMD_WRITE_CONFIG
+            | CMD_WRITE_OUTPUT_PORT
+            | CMD_KBD_LOOP
+            | CMD_AUX_LOOP
             | CMD_WRITE_AUX => self.awaiting_data = Some(command),
             CMD_DISABLE_AUX => self.config |= CONFIG_AUX_DISABLED,
             CMD_ENABLE_AUX => self.config &= !CONFIG_AUX_DISABLED,
