@@ -1,0 +1,22 @@
+//! virtio for chitin: the device trait and the virtio-mmio transport.
+//!
+//! - [`device`]: [`VirtioDevice`], what every device crate implements;
+//! - [`interrupt`]: [`VirtioInterrupt`], how a device raises interrupts;
+//! - [`mmio`]: the virtio-mmio version 2 transport (virtio 1.2 §4.2);
+//! - `test_utils` (feature `test-utils`): guest memory and hand-built
+//!   descriptor chains for device unit tests.
+//!
+//! Guest data is hostile here: every register value and queue address the
+//! driver writes is checked before use, and nothing panics on it.
+
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod interrupt;
+pub mod mmio;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+pub use device::{ActivateContext, ActivateError, VirtioDevice};
+pub use interrupt::{InterruptKind, VirtioInterrupt};
+pub use virtio_queue::{DescriptorChain, Queue, QueueT};
