@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example boot -- --kernel vmlinux [--initrd FILE]
-//!     [--cmdline STR] [--mem MIB] [--vcpus N]
+//!     [--cmdline STR] [--mem MIB] [--vcpus N] [--disk PATH[,ro][,root]]...
 //! cargo run --release --example boot -- --test-guest report
 //! ```
 //!
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chitin::{error_chain, Console, ConsoleInput, ExitReason, Sandbox};
+use chitin::{error_chain, Console, ConsoleInput, Disk, ExitReason, Sandbox};
 use chitin_test_guests::Guest;
 use clap::Parser;
 
@@ -45,6 +45,10 @@ struct Args {
     /// Feed standard input to the guest's serial console.
     #[arg(long)]
     stdin: bool,
+    /// A disk image or block device, as virtio-blk: `PATH[,ro][,root][,id=ID]`;
+    /// repeat for more disks (vda, vdb, ... in order).
+    #[arg(long = "disk", value_name = "PATH[,ro][,root][,id=ID]")]
+    disks: Vec<String>,
     /// Stop the guest after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
@@ -84,6 +88,14 @@ fn run(args: Args) -> Result<ExitReason, String> {
         .vcpus(args.vcpus)
         .pvh(args.pvh)
         .console(Console::stdout());
+    for spec in &args.disks {
+        let (disk, root) = parse_disk(spec)?;
+        builder = if root {
+            builder.root_disk(disk)
+        } else {
+            builder.disk(disk)
+        };
+    }
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
     }
@@ -102,6 +114,28 @@ fn run(args: Args) -> Result<ExitReason, String> {
         },
         None => running.wait(),
     })
+}
+
+/// `PATH[,ro][,root][,id=ID]` → the disk and whether it is the root.
+fn parse_disk(spec: &str) -> Result<(Disk, bool), String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("--disk needs a path")?;
+    let mut disk = Disk::new(path);
+    let mut root = false;
+    for option in parts {
+        match option {
+            "ro" => disk = disk.read_only(true),
+            "root" => root = true,
+            _ => match option.strip_prefix("id=") {
+                Some(id) => disk = disk.id(id),
+                None => return Err(format!("unknown --disk option {option:?} in {spec:?}")),
+            },
+        }
+    }
+    Ok((disk, root))
 }
 
 fn exit_code(reason: &ExitReason) -> u8 {

@@ -39,6 +39,21 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// A disk image could not be opened or is unusable.
+    #[error("cannot use a disk image")]
+    Disk {
+        /// The image.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: chitin_blk::BlkError,
+    },
+    /// `.root_disk(..)` was called twice.
+    #[error("only one disk can be the root disk")]
+    SecondRootDisk,
+    /// More devices than interrupt lines for them.
+    #[error("too many virtio devices: at most {0}")]
+    TooManyDevices(usize),
     /// A legacy device or the event loop could not be set up.
     #[error("cannot set up device: {0}")]
     Device(

@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 mod console;
+mod disk;
 mod error;
 mod event_loop;
 mod sandbox;
@@ -37,6 +38,7 @@ mod sandbox;
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
 pub use chitin_vcpu::ExitReason;
 pub use console::{Console, ConsoleCapture, ConsoleInput};
+pub use disk::Disk;
 pub use error::{error_chain, SandboxError};
 pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,

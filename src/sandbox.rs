@@ -9,17 +9,21 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
 use chitin_devices::{
     CmosRtc, I8042Device, SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE,
     RTC_LEN,
 };
-use chitin_memory::layout::CMDLINE_MAX_SIZE;
+use chitin_memory::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
 use chitin_memory::{Backing, GuestRam};
 use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
+use chitin_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use chitin_virtio::VirtioDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::console::{Console, ConsoleInput};
+use crate::disk::{device_name, Disk};
 use crate::error::SandboxError;
 use crate::event_loop::{EventLoop, RunningEventLoop};
 
@@ -83,6 +87,8 @@ pub struct SandboxBuilder {
     protocol: BootProtocol,
     console: Console,
     input: Option<ConsoleInput>,
+    disks: Vec<Disk>,
+    root_disk: Option<usize>,
     first_error: Option<SandboxError>,
 }
 
@@ -98,6 +104,8 @@ impl Default for SandboxBuilder {
             protocol: BootProtocol::Linux64,
             console: Console::null(),
             input: None,
+            disks: Vec::new(),
+            root_disk: None,
             first_error: None,
         }
     }
@@ -176,6 +184,26 @@ impl SandboxBuilder {
         self
     }
 
+    /// Add a disk; disks appear in the guest in the order added
+    /// (`/dev/vda`, `/dev/vdb`, ...).
+    pub fn disk(mut self, disk: Disk) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Add a disk and boot from it: chitin appends `root=/dev/vdX` and `rw`
+    /// (or `ro` for a read-only disk) to the command line. Only one disk can
+    /// be the root.
+    pub fn root_disk(mut self, disk: Disk) -> Self {
+        if self.root_disk.is_some() {
+            self.fail(SandboxError::SecondRootDisk);
+        } else {
+            self.root_disk = Some(self.disks.len());
+        }
+        self.disks.push(disk);
+        self
+    }
+
     /// Validate the configuration, create the VM and load the kernel. No
     /// guest code runs until [`Sandbox::start`].
     pub fn build(self) -> Result<Sandbox, SandboxError> {
@@ -187,10 +215,31 @@ impl SandboxBuilder {
         let memory_bytes = self.memory_mib.saturating_mul(1 << 20);
         let ram = GuestRam::new(memory_bytes, self.backing)
             .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
-        let cmdline =
-            chitin_boot::build_cmdline(&self.cmdline, VMM_CMDLINE_ENTRIES, CMDLINE_MAX_SIZE)
-                .map_err(SandboxError::Cmdline)?;
         let vm = Vm::new(&ram).map_err(SandboxError::Kvm)?;
+        let control = Arc::new(VmControl::new());
+        let mut events = EventLoop::new().map_err(|e| device_err("event loop", e))?;
+        let mut buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
+        let mut vmm_entries: Vec<String> =
+            VMM_CMDLINE_ENTRIES.iter().map(|e| e.to_string()).collect();
+        vmm_entries.extend(virtio_disks(
+            &vm,
+            &ram,
+            &self.disks,
+            &mut buses,
+            &mut events,
+        )?);
+        if let Some(root) = self.root_disk {
+            let mode = if self.disks[root].is_read_only() {
+                "ro"
+            } else {
+                "rw"
+            };
+            vmm_entries.push(format!("root=/dev/{}", device_name(root)));
+            vmm_entries.push(mode.to_string());
+        }
+        let entries: Vec<&str> = vmm_entries.iter().map(String::as_str).collect();
+        let cmdline = chitin_boot::build_cmdline(&self.cmdline, &entries, CMDLINE_MAX_SIZE)
+            .map_err(SandboxError::Cmdline)?;
         let boot = chitin_boot::load_kernel(
             &ram,
             &BootParams {
@@ -203,7 +252,6 @@ impl SandboxBuilder {
         .map_err(SandboxError::Boot)?;
         chitin_boot::setup_mptable(ram.memory(), self.vcpus).map_err(SandboxError::Boot)?;
 
-        let control = Arc::new(VmControl::new());
         let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
         for id in 0..self.vcpus {
             vcpus.push(Vcpu::new(&vm, id, self.vcpus).map_err(SandboxError::Vcpu)?);
@@ -212,8 +260,6 @@ impl SandboxBuilder {
             .configure_boot(ram.memory(), &boot)
             .map_err(SandboxError::Vcpu)?;
 
-        let mut events = EventLoop::new().map_err(|e| device_err("event loop", e))?;
-        let buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
         Ok(Sandbox {
             vcpus,
             buses: Arc::new(buses),
@@ -231,6 +277,53 @@ fn device_err(
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> SandboxError {
     SandboxError::Device(what, Box::new(e))
+}
+
+/// Interrupt lines for virtio-mmio devices: the IOAPIC pins above the ISA
+/// devices chitin emulates (timer 0, keyboard 1, COM1 4) and without the
+/// RTC's 8.
+const VIRTIO_GSIS: &[u32] = &[
+    5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];
+
+/// Each disk as virtio-blk in its own virtio-mmio window: queue
+/// notifications through KVM ioeventfds, interrupts through an irqfd, queue
+/// processing on the event loop. Returns the `virtio_mmio.device=` entries
+/// the guest needs to find them.
+fn virtio_disks(
+    vm: &Vm,
+    ram: &GuestRam,
+    disks: &[Disk],
+    buses: &mut IoBuses,
+    events: &mut EventLoop,
+) -> Result<Vec<String>, SandboxError> {
+    if disks.len() > VIRTIO_GSIS.len() {
+        return Err(SandboxError::TooManyDevices(VIRTIO_GSIS.len()));
+    }
+    let mut entries = Vec::with_capacity(disks.len());
+    for (index, (disk, &gsi)) in disks.iter().zip(VIRTIO_GSIS).enumerate() {
+        let base = VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE;
+        let block = Block::new(disk.config()).map_err(|source| SandboxError::Disk {
+            path: disk.path().to_path_buf(),
+            source,
+        })?;
+        for (queue, event) in block.queue_events().iter().enumerate() {
+            vm.register_mmio_notify(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)
+                .map_err(|e| device_err("virtio queue notification", e))?;
+        }
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("virtio irq", e))?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(|e| device_err("virtio irq", e))?;
+        let block = Arc::new(Mutex::new(block));
+        let transport = MmioTransport::new(block.clone(), ram.memory().clone(), irq);
+        buses
+            .mmio
+            .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)
+            .map_err(|e| device_err("virtio-mmio window", e))?;
+        events.add(block);
+        entries.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    Ok(entries)
 }
 
 /// COM1, the i8042 and the CMOS RTC on the port-I/O bus.

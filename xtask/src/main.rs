@@ -5,11 +5,14 @@
 //!   host-KVM tests, and the nested real-Linux tier.
 //! - `guest`: prepare the default guest (kernel + initramfs), cached.
 //! - `nested [SCENARIO...]`: boot real Linux under chitin inside QEMU.
+//! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 60 s each.
 //!
 //! Every step prints what it runs; the first failure stops the run with a
 //! non-zero exit code naming the step.
 
 mod cpio;
+mod disks;
+mod fuzz;
 mod guest;
 mod nested;
 mod util;
@@ -29,8 +32,11 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("guest") => guest::guest(),
         Some("nested") => nested::nested(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test | guest | nested [SCENARIO...]>");
+            eprintln!(
+                "usage: cargo xtask <test | guest | nested [SCENARIO...] | fuzz --smoke [SECONDS]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -70,6 +76,7 @@ fn test() -> Step {
         &mut cargo(&["test", "--workspace", "--all-targets"]),
     )?;
     run("doc tests", &mut cargo(&["test", "--workspace", "--doc"]))?;
+    fuzz::fuzz(&["--smoke".to_string()])?;
     let nested_start = Instant::now();
     println!("xtask: == nested real-Linux tier");
     if let Err(why) = nested::prerequisites() {

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cpio::Cpio;
+use crate::disks::{self, Disks};
 use crate::guest;
 use crate::util::{self, cache_dir, install_packages, output, Step};
 
@@ -41,7 +42,10 @@ struct Scenario {
     timeout_s: u32,
     /// Run the peer (QEMU microvm) instead of chitin.
     peer: bool,
-    judge: fn(&Run) -> Result<String, String>,
+    /// chitin `--disk` values, in L2 order; `@serial` stands for the L1
+    /// block device of that image (see [`disks`]).
+    disks: &'static [&'static str],
+    judge: fn(&Run, &Disks) -> Result<String, String>,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -51,6 +55,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 256,
         timeout_s: 60,
         peer: false,
+        disks: &[],
         judge: judge_checks,
     },
     Scenario {
@@ -59,6 +64,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 256,
         timeout_s: 60,
         peer: true,
+        disks: &[],
         judge: judge_checks,
     },
     Scenario {
@@ -67,6 +73,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        disks: &[],
         judge: judge_checks,
     },
     Scenario {
@@ -75,6 +82,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        disks: &[],
         judge: judge_panic,
     },
     Scenario {
@@ -83,6 +91,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 240,
         peer: false,
+        disks: &[],
         judge: judge_console,
     },
     Scenario {
@@ -91,7 +100,44 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 256,
         timeout_s: 90,
         peer: false,
+        disks: &[],
         judge: judge_checks,
+    },
+    Scenario {
+        name: "blk",
+        vcpus: 1,
+        mem_mib: 128,
+        timeout_s: 60,
+        peer: false,
+        disks: &["@blk"],
+        judge: judge_blk,
+    },
+    Scenario {
+        name: "blk-ro",
+        vcpus: 1,
+        mem_mib: 128,
+        timeout_s: 60,
+        peer: false,
+        disks: &["@ro,ro"],
+        judge: judge_checks,
+    },
+    Scenario {
+        name: "blk-integrity",
+        vcpus: 1,
+        mem_mib: 192,
+        timeout_s: 240,
+        peer: false,
+        disks: &["@ro,ro", "@integrity"],
+        judge: judge_integrity,
+    },
+    Scenario {
+        name: "blk-discard",
+        vcpus: 1,
+        mem_mib: 128,
+        timeout_s: 60,
+        peer: false,
+        disks: &["@discard"],
+        judge: judge_discard,
     },
 ];
 
@@ -194,6 +240,11 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(
+            s.disks
+                .iter()
+                .flat_map(|d| ["--disk".to_string(), d.to_string()]),
+        )
         .collect()
     };
     // The runner's own timeout is a little longer than the VMM's, so the
@@ -223,20 +274,23 @@ pub fn nested(args: &[String]) -> Step {
     let l1 = l1_kernel()?;
     let runs = schedule(&selected);
     let plan: Vec<String> = runs.iter().map(|(name, s)| plan_line(name, s)).collect();
-    let initramfs = l1_initramfs(&l1, &init, &boot, &image, &plan.join("\n"))?;
+    let disks = disks::create(&cache_dir().join("nested").join("disks"))?;
+    let serials: Vec<&str> = disks.images.iter().map(|i| i.serial).collect();
+    let initramfs = l1_initramfs(&l1, &init, &boot, &image, &plan.join("\n"), &serials)?;
+    let qemu_disks = disks::qemu_args(&disks);
     let total: u64 = runs.iter().map(|(_, s)| u64::from(s.timeout_s) + 15).sum();
     let budget = Duration::from_secs(total + 120);
-    let log = match run_l1(&l1.vmlinuz, &initramfs, budget)? {
+    let log = match run_l1(&l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
         L1Outcome::Ran(log) => log,
         L1Outcome::NeverUp => {
             println!("xtask: L1 never reached /init (known rare QEMU flake); retrying once");
-            match run_l1(&l1.vmlinuz, &initramfs, budget)? {
+            match run_l1(&l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
                 L1Outcome::Ran(log) => log,
                 L1Outcome::NeverUp => return Err("L1 never reached /init, twice".into()),
             }
         }
     };
-    report(&selected, &runs, &log)
+    report(&selected, &runs, &log, &disks)
 }
 
 /// Runs of `boot` and `boot-qemu`, interleaved, whose median is reported:
@@ -251,6 +305,7 @@ const WARMUP: Scenario = Scenario {
     mem_mib: 128,
     timeout_s: 60,
     peer: false,
+    disks: &[],
     judge: judge_checks,
 };
 
@@ -302,7 +357,8 @@ fn select(args: &[String]) -> Step<Vec<&'static Scenario>> {
 /// The L1 kernel and the KVM modules, from Debian's cloud kernel package.
 struct L1Kernel {
     vmlinuz: PathBuf,
-    /// irqbypass, kvm, kvm-amd, in load order.
+    /// irqbypass, kvm, kvm-amd, then virtio-mmio and virtio-blk (for the
+    /// disks handed to L1), in load order.
     modules: Vec<PathBuf>,
 }
 
@@ -356,6 +412,10 @@ fn l1_kernel() -> Step<L1Kernel> {
         kmod.join("virt/lib/irqbypass.ko"),
         kmod.join("arch/x86/kvm/kvm.ko"),
         kmod.join("arch/x86/kvm/kvm-amd.ko"),
+        kmod.join("drivers/virtio/virtio_ring.ko"),
+        kmod.join("drivers/virtio/virtio.ko"),
+        kmod.join("drivers/virtio/virtio_mmio.ko"),
+        kmod.join("drivers/block/virtio_blk.ko"),
     ];
     for m in &modules {
         if !m.exists() {
@@ -420,6 +480,7 @@ fn l1_initramfs(
     boot: &Path,
     image: &guest::GuestImage,
     plan: &str,
+    serials: &[&str],
 ) -> Step<PathBuf> {
     let mut tree = Tree {
         cpio: Cpio::new(),
@@ -443,6 +504,7 @@ fn l1_initramfs(
     }
     tree.data("/nested/modules/order", order.as_bytes());
     tree.data("/nested/plan", plan.as_bytes());
+    tree.data("/nested/disks", serials.join("\n").as_bytes());
     let qemu = "/usr/bin/qemu-system-x86_64";
     tree.file(qemu, 0o755, Path::new(qemu))?;
     for lib in shared_libraries(qemu)? {
@@ -471,7 +533,7 @@ enum L1Outcome {
 }
 
 /// Boot L1 and collect its console until QEMU exits or `budget` passes.
-fn run_l1(vmlinuz: &Path, initramfs: &Path, budget: Duration) -> Step<L1Outcome> {
+fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) -> Step<L1Outcome> {
     println!("xtask: == booting L1 (QEMU TCG, nested SVM)");
     let mut child = Command::new("qemu-system-x86_64")
         .args([
@@ -489,6 +551,7 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, budget: Duration) -> Step<L1Outcome>
         .arg("-initrd")
         .arg(initramfs)
         .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .args(disks)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -602,7 +665,7 @@ fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
 
 /// Common checks: the child exited 0, the agent came up for the right
 /// scenario, reported every check passing, and saw our command line.
-fn judge_checks(run: &Run) -> Result<String, String> {
+fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     let exit = run.exit.as_deref().unwrap_or("none");
     if exit != "0" {
         return Err(format!("VMM exit {exit}, want 0"));
@@ -641,7 +704,7 @@ fn judge_checks(run: &Run) -> Result<String, String> {
     Ok(passes.join("; "))
 }
 
-fn judge_panic(run: &Run) -> Result<String, String> {
+fn judge_panic(run: &Run, _disks: &Disks) -> Result<String, String> {
     let exit = run.exit.as_deref().unwrap_or("none");
     if !run.has(&format!("{UP_MARKER} version=1 scenario=panic")) {
         return Err("agent never came up".into());
@@ -655,7 +718,7 @@ fn judge_panic(run: &Run) -> Result<String, String> {
     Ok("panic message captured, guest reset".into())
 }
 
-fn judge_console(run: &Run) -> Result<String, String> {
+fn judge_console(run: &Run, disks: &Disks) -> Result<String, String> {
     let sent = run
         .lines
         .iter()
@@ -668,8 +731,40 @@ fn judge_console(run: &Run) -> Result<String, String> {
     if sent.trim() != received.trim() {
         return Err(format!("guest wrote {sent}, L1 captured {received}"));
     }
-    judge_checks(run)?;
+    judge_checks(run, disks)?;
     Ok(format!("byte-exact: {received}"))
+}
+
+/// The `key=` value in the detail of the agent's `check` line.
+fn check_value(run: &Run, check: &str, key: &str) -> Result<String, String> {
+    let prefix = format!("chitin-check: {check} PASS ");
+    run.lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|detail| {
+            detail
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        })
+        .map(str::to_string)
+        .ok_or_else(|| format!("no `{key}=` in a passing `{check}` check"))
+}
+
+fn judge_blk(run: &Run, disks: &Disks) -> Result<String, String> {
+    judge_checks(run, disks)?;
+    let fnv = check_value(run, "write-files", "big_fnv")?;
+    disks::check_blk(disks, &fnv)
+}
+
+fn judge_integrity(run: &Run, disks: &Disks) -> Result<String, String> {
+    judge_checks(run, disks)?;
+    let fnv = check_value(run, "integrity", "fnv")?;
+    disks::check_integrity(disks, &fnv)
+}
+
+fn judge_discard(run: &Run, disks: &Disks) -> Result<String, String> {
+    judge_checks(run, disks)?;
+    disks::check_discard(disks)
 }
 
 fn fmt_ms(ms: Option<u64>) -> String {
@@ -683,15 +778,20 @@ fn median(mut values: Vec<u64>) -> Option<u64> {
 
 /// Judge one run: it must have finished, within its timeout, and pass the
 /// scenario's own checks.
-fn judge(s: &Scenario, run: &Run) -> Result<String, String> {
+fn judge(s: &Scenario, run: &Run, disks: &Disks) -> Result<String, String> {
     match run.exit.as_deref() {
         None => Err("never finished (L1 stopped or timed out)".to_string()),
         Some("timeout") => Err(format!("hung past its {} s timeout", s.timeout_s + 15)),
-        Some(_) => (s.judge)(run),
+        Some(_) => (s.judge)(run, disks),
     }
 }
 
-fn report(selected: &[&Scenario], runs: &[(String, &Scenario)], log: &[String]) -> Step {
+fn report(
+    selected: &[&Scenario],
+    runs: &[(String, &Scenario)],
+    log: &[String],
+    disks: &Disks,
+) -> Step {
     let parsed = parse_runs(runs, log);
     println!();
     println!(
@@ -712,7 +812,7 @@ fn report(selected: &[&Scenario], runs: &[(String, &Scenario)], log: &[String]) 
         let mut detail = String::new();
         let mut failed = false;
         for (name, run) in &mine {
-            match judge(s, run) {
+            match judge(s, run, disks) {
                 Ok(d) => detail = d,
                 Err(e) => {
                     failed = true;

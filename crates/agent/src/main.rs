@@ -13,6 +13,7 @@
 //! The agent never panics on what it reads from the kernel: a missing file
 //! is a failed check, not a crash (a PID 1 crash would panic the guest).
 
+mod blk;
 mod cmdline;
 mod init;
 mod report;

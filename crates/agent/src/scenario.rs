@@ -27,6 +27,10 @@ pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
         "reset" => report.check("reset", true, "rebooting"),
         "panic" => trigger_panic(report),
         "console" => console_pattern(report),
+        "blk" => crate::blk::read_write(report),
+        "blk-ro" => crate::blk::read_only(report),
+        "blk-integrity" => crate::blk::integrity(report),
+        "blk-discard" => crate::blk::discard(report),
         other => report.check("scenario", false, &format!("unknown scenario {other}")),
     }
 }

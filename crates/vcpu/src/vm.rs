@@ -6,7 +6,7 @@
 //! decides what a device does.
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use chitin_memory::GuestRam;
@@ -123,6 +123,23 @@ impl Vm {
     /// CPU features the host offers that the supported CPUID omits.
     pub fn host_features(&self) -> HostFeatures {
         self.host_features
+    }
+
+    /// Make a 4-byte guest write of `datamatch` to the MMIO address `addr`
+    /// signal `event` inside KVM, without an exit to userspace (a virtio
+    /// QueueNotify register).
+    pub fn register_mmio_notify(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|source| VmError::Setup {
+                step: "register ioeventfd",
+                source,
+            })
     }
 
     /// Make writes to `event` raise interrupt line `gsi`.

@@ -24,7 +24,10 @@ use crate::interrupt::VirtioInterrupt;
 pub struct ActivateContext {
     /// Guest memory, for reading and writing buffers.
     pub mem: GuestMemoryMmap,
-    /// The queues, in index order, each ready and validated against `mem`.
+    /// All the device's queues, in index order. Those the driver made ready
+    /// are ready and validated against `mem` (size, alignment, rings inside
+    /// guest memory); a queue the driver left unused comes in its reset
+    /// state with `ready() == false` and must not be processed.
     pub queues: Vec<Queue>,
     /// Raise used-buffer or configuration-change interrupts.
     pub interrupt: Arc<dyn VirtioInterrupt>,

@@ -3,8 +3,9 @@
 //! - [`device`]: [`VirtioDevice`], what every device crate implements;
 //! - [`interrupt`]: [`VirtioInterrupt`], how a device raises interrupts;
 //! - [`mmio`]: the virtio-mmio version 2 transport (virtio 1.2 §4.2);
-//! - `test_utils` (feature `test-utils`): guest memory and hand-built
-//!   descriptor chains for device unit tests.
+//! - `test_utils` (feature `test-utils`): guest memory, hand-built split
+//!   queues, a recording interrupt and a dummy device for unit tests of
+//!   device crates and for the fuzz target.
 //!
 //! Guest data is hostile here: every register value and queue address the
 //! driver writes is checked before use, and nothing panics on it.

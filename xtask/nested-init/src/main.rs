@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 
 const PLAN: &str = "/nested/plan";
 const MODULES: &str = "/nested/modules";
+/// Serials of the disks QEMU attached to L1, one per line.
+const DISKS: &str = "/nested/disks";
+/// How long to wait for L1's virtio-blk disks to appear.
+const DISK_WAIT: Duration = Duration::from_secs(15);
 const CONSOLE_BEGIN: &[u8] = b"chitin-console-begin";
 const CONSOLE_END: &[u8] = b"chitin-console-end";
 const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
@@ -79,6 +83,51 @@ fn load_kvm() -> Result<(), String> {
     }
     std::fs::metadata("/dev/kvm").map_err(|e| format!("/dev/kvm after loading modules: {e}"))?;
     Ok(())
+}
+
+/// Map each expected disk serial to its `/dev/vdX`, waiting for the
+/// virtio-blk driver to probe them.
+fn find_disks() -> Result<Vec<(String, String)>, String> {
+    let wanted: Vec<String> = std::fs::read_to_string(DISKS)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let deadline = Instant::now() + DISK_WAIT;
+    loop {
+        let mut found = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/sys/block") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let serial =
+                    std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+                if wanted.iter().any(|w| w == serial.trim()) {
+                    found.push((serial.trim().to_string(), format!("/dev/{name}")));
+                }
+            }
+        }
+        if found.len() == wanted.len() {
+            return Ok(found);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("disks {wanted:?}: found only {found:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Replace a leading `@serial` in an argument by that disk's device path.
+fn resolve_disk(arg: &str, disks: &[(String, String)]) -> String {
+    let Some(rest) = arg.strip_prefix('@') else {
+        return arg.to_string();
+    };
+    let (serial, options) = rest.split_once(',').map_or((rest, ""), |(s, o)| (s, o));
+    match disks.iter().find(|(s, _)| s == serial) {
+        Some((_, dev)) if options.is_empty() => dev.clone(),
+        Some((_, dev)) => format!("{dev},{options}"),
+        None => arg.to_string(),
+    }
 }
 
 /// One scenario of the plan.
@@ -177,11 +226,12 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::proces
     }
 }
 
-fn run_scenario(s: &Scenario) {
+fn run_scenario(s: &Scenario, disks: &[(String, String)]) {
     say(&format!("nested: begin {}", s.name));
     let start = Instant::now();
-    let spawned = Command::new(&s.argv[0])
-        .args(&s.argv[1..])
+    let argv: Vec<String> = s.argv.iter().map(|a| resolve_disk(a, disks)).collect();
+    let spawned = Command::new(&argv[0])
+        .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -238,9 +288,16 @@ fn main() {
     match load_kvm() {
         Ok(()) => {
             say("nested: kvm ready");
+            let disks = find_disks().unwrap_or_else(|e| {
+                say(&format!("nested: error {e}"));
+                Vec::new()
+            });
+            for (serial, dev) in &disks {
+                say(&format!("nested: disk {serial} {dev}"));
+            }
             let plan = std::fs::read_to_string(PLAN).unwrap_or_default();
             for scenario in parse_plan(&plan) {
-                run_scenario(&scenario);
+                run_scenario(&scenario, &disks);
             }
         }
         Err(e) => say(&format!("nested: error {e}")),
@@ -270,6 +327,15 @@ mod tests {
         assert_eq!(s[0].timeout, Duration::from_secs(30));
         assert_eq!(s[0].marker, "chitin-agent: up");
         assert_eq!(s[0].argv, ["/bin/chitin", "--vcpus", "2"]);
+    }
+
+    #[test]
+    fn resolve_disk_replaces_serial_and_keeps_options() {
+        let disks = vec![("ro".to_string(), "/dev/vdb".to_string())];
+        assert_eq!(resolve_disk("@ro,ro", &disks), "/dev/vdb,ro");
+        assert_eq!(resolve_disk("@ro", &disks), "/dev/vdb");
+        assert_eq!(resolve_disk("@other", &disks), "@other");
+        assert_eq!(resolve_disk("--disk", &disks), "--disk");
     }
 
     #[test]

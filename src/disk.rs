@@ -1,0 +1,70 @@
+//! Disks: what a runtime author configures, and how each becomes a
+//! virtio-blk device behind a virtio-mmio window.
+
+use std::path::{Path, PathBuf};
+
+/// A raw disk image (or block device) given to the guest as virtio-blk.
+/// Disks appear in the order they were added: `/dev/vda`, `/dev/vdb`, ...
+///
+/// ```
+/// use chitin::Disk;
+///
+/// let data = Disk::new("/var/lib/images/data.img").id("data-1");
+/// let base = Disk::new("/var/lib/images/base.ext4").read_only(true);
+/// # let _ = (data, base);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Disk {
+    path: PathBuf,
+    read_only: bool,
+    id: Option<String>,
+}
+
+impl Disk {
+    /// A writable disk backed by `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            id: None,
+        }
+    }
+
+    /// Offer the disk read-only: the guest sees `VIRTIO_BLK_F_RO` and every
+    /// write it attempts fails; chitin opens the image read-only.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// The serial the guest reads with `VIRTIO_BLK_T_GET_ID` (at most 20
+    /// bytes; longer is reported by `build()`).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the disk is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub(crate) fn config(&self) -> chitin_blk::DiskConfig {
+        chitin_blk::DiskConfig {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// Guest device name of the disk at `index`: vda, vdb, ...
+pub(crate) fn device_name(index: usize) -> String {
+    let letter = char::from(b'a' + (index % 26) as u8);
+    format!("vd{letter}")
+}
