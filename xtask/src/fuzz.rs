@@ -43,6 +43,13 @@ pub fn fuzz(args: &[String]) -> Step {
     }
     let root = workspace_root();
     let fuzz_dir = root.join("fuzz");
+    run(
+        "build fuzz targets (nightly, ASan)",
+        Command::new("cargo")
+            .args(["+nightly", "fuzz", "build", "--sanitizer", "address"])
+            .current_dir(&fuzz_dir)
+            .env_remove("CARGO"),
+    )?;
     let mut summary = Vec::new();
     for target in TARGETS {
         let corpus = root.join("target").join("fuzz-corpus").join(target);
