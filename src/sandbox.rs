@@ -518,6 +518,18 @@ mod tests {
     }
 
     #[test]
+    fn second_root_disk_is_reported_by_build() {
+        let err = Sandbox::builder()
+            .kernel("k")
+            .root_disk(Disk::new("a"))
+            .root_disk(Disk::new("b"))
+            .build()
+            .err()
+            .unwrap();
+        assert!(matches!(err, SandboxError::SecondRootDisk));
+    }
+
+    #[test]
     fn memory_zero_is_invalid_memory() {
         let err = Sandbox::builder()
             .kernel("k")

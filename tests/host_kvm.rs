@@ -252,3 +252,49 @@ fn built_sandbox_dropped_without_start_runs_nothing() {
     drop(sandbox);
     assert!(console.is_empty());
 }
+
+#[test]
+fn disks_appear_on_the_command_line_with_root() {
+    if !kvm_available("disks_cmdline") {
+        return;
+    }
+    // Arrange: two 1 MiB images, the second the read-only root.
+    let dir = std::env::temp_dir().join(format!("chitin-disks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (data, root) = (dir.join("data.img"), dir.join("root.img"));
+    for path in [&data, &root] {
+        std::fs::File::create(path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let console = ConsoleCapture::default();
+    let builder = guest_builder(Guest::Report, &console)
+        .cmdline("chitin.test=disks")
+        .disk(chitin::Disk::new(&data))
+        .root_disk(chitin::Disk::new(&root).read_only(true));
+    // Act
+    let reason = run_to_exit(builder);
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Assert: one virtio-mmio window per disk in order, then the root.
+    let out = text(&console);
+    assert_eq!(reason, ExitReason::Reset, "{out}");
+    let want = "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+                root=/dev/vdb ro\n";
+    assert!(out.contains(want), "{out}");
+}
+
+#[test]
+fn build_missing_disk_image_names_the_path() {
+    if !kvm_available("build_missing_disk") {
+        return;
+    }
+    let err = Sandbox::builder()
+        .kernel(Guest::Report.path())
+        .disk(chitin::Disk::new("/nonexistent/disk.img"))
+        .build()
+        .err()
+        .unwrap();
+    assert!(matches!(err, SandboxError::Disk { .. }), "{err:?}");
+    assert!(chitin::error_chain(&err).contains("/nonexistent/disk.img"));
+}

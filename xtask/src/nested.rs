@@ -795,7 +795,7 @@ fn report(
     let parsed = parse_runs(runs, log);
     println!();
     println!(
-        "{:<10} {:<6} {:>14} {:>10}  detail",
+        "{:<14} {:<6} {:>14} {:>10}  detail",
         "scenario", "result", "VMM start->up", "total"
     );
     let mut failures = Vec::new();
@@ -831,7 +831,7 @@ fn report(
             String::new()
         };
         println!(
-            "{:<10} {:<6} {:>14} {:>10}  {detail}{runs_note}",
+            "{:<14} {:<6} {:>14} {:>10}  {detail}{runs_note}",
             s.name,
             if failed { "FAIL" } else { "PASS" },
             fmt_ms(up),
