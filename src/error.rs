@@ -48,6 +48,15 @@ pub enum SandboxError {
         #[source]
         source: chitin_blk::BlkError,
     },
+    /// The vsock device could not be created (bad CID, socket path in use).
+    #[error("cannot set up the vsock device at {}", .path.display())]
+    Vsock {
+        /// The Unix socket path.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: chitin_vsock::VsockError,
+    },
     /// `.root_disk(..)` was called twice.
     #[error("only one disk can be the root disk")]
     SecondRootDisk,

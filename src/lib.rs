@@ -30,9 +30,12 @@
 #![deny(missing_docs)]
 
 mod console;
+mod devices;
 mod disk;
 mod error;
 mod event_loop;
+mod exec;
+mod guest;
 mod sandbox;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
@@ -40,7 +43,11 @@ pub use chitin_vcpu::ExitReason;
 pub use console::{Console, ConsoleCapture, ConsoleInput};
 pub use disk::Disk;
 pub use error::{error_chain, SandboxError};
+pub use exec::{
+    Child, ChildOutput, ClientError, Command, ExecError, ExitStatus, Output, AGENT_PORT,
+};
+pub use guest::{GuestImage, GUEST_CMDLINE};
 pub use sandbox::{
-    RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
-    MAX_VCPUS, VMM_CMDLINE_ENTRIES,
+    RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, VMM_CMDLINE_ENTRIES,
 };

@@ -4,28 +4,28 @@
 //! Only a running sandbox can be waited on or stopped, and dropping either
 //! one tears everything down: no thread, fd or mapping outlives it.
 
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use chitin_agent::client::Client;
 use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
-use chitin_devices::{
-    CmosRtc, I8042Device, SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE,
-    RTC_LEN,
-};
-use chitin_memory::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
+use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
 use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
-use chitin_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use chitin_virtio::VirtioDevice;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use chitin_vsock::{Vsock, VsockConfig};
 
 use crate::console::{Console, ConsoleInput};
+use crate::devices::{attach_virtio, device_err, legacy_devices, VirtioSlots};
 use crate::disk::{device_name, Disk};
 use crate::error::SandboxError;
 use crate::event_loop::{EventLoop, RunningEventLoop};
+use crate::exec::{self, Child, Command, ExecError, Output};
+use crate::guest::{GuestImage, GUEST_CMDLINE};
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -42,10 +42,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// and Linux's probe of a missing keyboard waited 0.4 s for answers that
 /// never come, delaying boot and then shutdown (measured in the nested tier).
 pub const VMM_CMDLINE_ENTRIES: &[&str] = &["i8042.nokbd", "i8042.noaux"];
-/// Port of the i8042 data register; the device spans 0x60..=0x64.
-const I8042_BASE: u64 = 0x60;
-/// The i8042 window: data port 0x60 through command port 0x64.
-const I8042_LEN: u64 = 5;
+/// The guest CID chitin gives a sandbox's vsock device when the caller
+/// asked for the agent but configured no vsock device itself.
+pub const DEFAULT_GUEST_CID: u32 = 3;
 
 /// The entry point: `Sandbox::builder()`.
 ///
@@ -72,6 +71,7 @@ pub struct Sandbox {
     vm: Vm,
     boot: BootInfo,
     ram: GuestRam,
+    agent_socket: Option<PathBuf>,
 }
 
 /// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
@@ -89,6 +89,8 @@ pub struct SandboxBuilder {
     input: Option<ConsoleInput>,
     disks: Vec<Disk>,
     root_disk: Option<usize>,
+    vsock: Option<VsockSettings>,
+    agent: bool,
     first_error: Option<SandboxError>,
 }
 
@@ -106,6 +108,8 @@ impl Default for SandboxBuilder {
             input: None,
             disks: Vec::new(),
             root_disk: None,
+            vsock: None,
+            agent: false,
             first_error: None,
         }
     }
@@ -204,6 +208,32 @@ impl SandboxBuilder {
         self
     }
 
+    /// Give the guest a virtio-vsock device with context id `cid` (3 or
+    /// more). Host processes reach guest listeners through the Unix socket
+    /// `uds_path` (write `CONNECT <port>\n`, read `OK <n>\n`, then the
+    /// stream); a guest connection to CID 2 port `P` reaches the Unix
+    /// listener at `<uds_path>_<P>`. The same device carries the agent's
+    /// connection when the sandbox runs the agent.
+    pub fn vsock(mut self, cid: u32, uds_path: impl Into<PathBuf>) -> Self {
+        self.vsock = Some(VsockSettings {
+            cid,
+            path: uds_path.into(),
+        });
+        self
+    }
+
+    /// Boot a guest image that runs chitin's agent (see [`GuestImage`]):
+    /// sets the kernel, initramfs and command line, and enables
+    /// [`RunningSandbox::exec`] and [`RunningSandbox::spawn`]. Without
+    /// `.vsock(..)`, chitin adds a private vsock device for the agent.
+    pub fn guest(mut self, image: GuestImage) -> Self {
+        self.kernel = Some(image.kernel);
+        self.initrd = Some(image.initramfs);
+        self.cmdline = GUEST_CMDLINE.to_string();
+        self.agent = true;
+        self
+    }
+
     /// Validate the configuration, create the VM and load the kernel. No
     /// guest code runs until [`Sandbox::start`].
     pub fn build(self) -> Result<Sandbox, SandboxError> {
@@ -221,13 +251,44 @@ impl SandboxBuilder {
         let mut buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
         let mut vmm_entries: Vec<String> =
             VMM_CMDLINE_ENTRIES.iter().map(|e| e.to_string()).collect();
-        vmm_entries.extend(virtio_disks(
-            &vm,
-            &ram,
-            &self.disks,
-            &mut buses,
-            &mut events,
-        )?);
+        let mut slots = VirtioSlots::default();
+        for disk in &self.disks {
+            let block = Block::new(disk.config()).map_err(|source| SandboxError::Disk {
+                path: disk.path().to_path_buf(),
+                source,
+            })?;
+            vmm_entries.push(attach_virtio(
+                &vm,
+                &ram,
+                block,
+                &mut slots,
+                &mut buses,
+                &mut events,
+            )?);
+        }
+        let vsock = match (self.vsock, self.agent) {
+            (Some(v), _) => Some(v),
+            (None, true) => Some(VsockSettings::private()),
+            (None, false) => None,
+        };
+        if let Some(v) = &vsock {
+            let device = Vsock::new(VsockConfig {
+                guest_cid: u64::from(v.cid),
+                uds_path: v.path.clone(),
+            })
+            .map_err(|source| SandboxError::Vsock {
+                path: v.path.clone(),
+                source,
+            })?;
+            vmm_entries.push(attach_virtio(
+                &vm,
+                &ram,
+                device,
+                &mut slots,
+                &mut buses,
+                &mut events,
+            )?);
+        }
         if let Some(root) = self.root_disk {
             let mode = if self.disks[root].is_read_only() {
                 "ro"
@@ -268,101 +329,29 @@ impl SandboxBuilder {
             vm,
             boot,
             ram,
+            agent_socket: vsock.filter(|_| self.agent).map(|v| v.path),
         })
     }
 }
 
-fn device_err(
-    what: &'static str,
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> SandboxError {
-    SandboxError::Device(what, Box::new(e))
+/// A vsock device's settings.
+#[derive(Debug, Clone)]
+struct VsockSettings {
+    cid: u32,
+    path: PathBuf,
 }
 
-/// Interrupt lines for virtio-mmio devices: the IOAPIC pins above the ISA
-/// devices chitin emulates (timer 0, keyboard 1, COM1 4) and without the
-/// RTC's 8.
-const VIRTIO_GSIS: &[u32] = &[
-    5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
-];
-
-/// Each disk as virtio-blk in its own virtio-mmio window: queue
-/// notifications through KVM ioeventfds, interrupts through an irqfd, queue
-/// processing on the event loop. Returns the `virtio_mmio.device=` entries
-/// the guest needs to find them.
-fn virtio_disks(
-    vm: &Vm,
-    ram: &GuestRam,
-    disks: &[Disk],
-    buses: &mut IoBuses,
-    events: &mut EventLoop,
-) -> Result<Vec<String>, SandboxError> {
-    if disks.len() > VIRTIO_GSIS.len() {
-        return Err(SandboxError::TooManyDevices(VIRTIO_GSIS.len()));
-    }
-    let mut entries = Vec::with_capacity(disks.len());
-    for (index, (disk, &gsi)) in disks.iter().zip(VIRTIO_GSIS).enumerate() {
-        let base = VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE;
-        let block = Block::new(disk.config()).map_err(|source| SandboxError::Disk {
-            path: disk.path().to_path_buf(),
-            source,
-        })?;
-        for (queue, event) in block.queue_events().iter().enumerate() {
-            vm.register_mmio_notify(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)
-                .map_err(|e| device_err("virtio queue notification", e))?;
+impl VsockSettings {
+    /// A fresh socket path for a sandbox-private vsock device.
+    fn private() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("chitin-{}-{n}.vsock", std::process::id());
+        Self {
+            cid: DEFAULT_GUEST_CID,
+            path: std::env::temp_dir().join(name),
         }
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("virtio irq", e))?;
-        vm.register_irqfd(&irq, gsi)
-            .map_err(|e| device_err("virtio irq", e))?;
-        let block = Arc::new(Mutex::new(block));
-        let transport = MmioTransport::new(block.clone(), ram.memory().clone(), irq);
-        buses
-            .mmio
-            .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)
-            .map_err(|e| device_err("virtio-mmio window", e))?;
-        events.add(block);
-        entries.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
-    Ok(entries)
-}
-
-/// COM1, the i8042 and the CMOS RTC on the port-I/O bus.
-fn legacy_devices(
-    vm: &Vm,
-    control: &Arc<VmControl>,
-    console: Console,
-    input: Option<ConsoleInput>,
-    events: &mut EventLoop,
-) -> Result<IoBuses, SandboxError> {
-    let mut buses = IoBuses::default();
-
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("serial irq", e))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|e| device_err("serial irq", e))?;
-    let serial = Arc::new(
-        SerialDevice::new(serial_irq, console.open()?).map_err(|e| device_err("serial", e))?,
-    );
-    buses
-        .pio
-        .insert(serial.clone(), COM1_BASE, COM1_LEN)
-        .map_err(|e| device_err("serial", e))?;
-    if let Some(ConsoleInput(source)) = input {
-        events.add(Arc::new(Mutex::new(SerialInput::new(serial, source))));
-    }
-
-    let reset_control = Arc::clone(control);
-    let i8042 = I8042Device::new(Box::new(move || {
-        reset_control.request_exit(ExitReason::Reset);
-    }));
-    buses
-        .pio
-        .insert(Arc::new(i8042), I8042_BASE, I8042_LEN)
-        .map_err(|e| device_err("i8042", e))?;
-    buses
-        .pio
-        .insert(Arc::new(CmosRtc::new()), RTC_BASE, RTC_LEN)
-        .map_err(|e| device_err("rtc", e))?;
-    Ok(buses)
 }
 
 impl Sandbox {
@@ -386,6 +375,7 @@ impl Sandbox {
             vm,
             boot: _,
             ram,
+            agent_socket,
         } = self;
         let events = events
             .spawn()
@@ -396,6 +386,8 @@ impl Sandbox {
             control,
             vm,
             ram,
+            agent_socket,
+            agent: Mutex::new(None),
         };
         for vcpu in vcpus {
             match vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.control)) {
@@ -420,6 +412,8 @@ pub struct RunningSandbox {
     #[allow(dead_code)] // kept alive for the vCPUs' sake
     vm: Vm,
     ram: GuestRam,
+    agent_socket: Option<PathBuf>,
+    agent: Mutex<Option<Arc<Client<UnixStream>>>>,
 }
 
 impl RunningSandbox {
@@ -444,6 +438,45 @@ impl RunningSandbox {
         self.ram.resident_bytes()
     }
 
+    /// Run `cmd` in the guest and collect its status, stdout and stderr
+    /// (like `std::process::Command::output`). Waits up to 60 s for the
+    /// agent on the first call while the guest boots.
+    pub fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
+        let client = self.agent()?;
+        exec::exec(&client, cmd).map_err(|e| self.explain(e))
+    }
+
+    /// Start `cmd` in the guest and return a handle with its stdin, stdout
+    /// and stderr, `wait()` and `kill()`.
+    pub fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
+        let client = self.agent()?;
+        exec::spawn(&client, cmd).map_err(|e| self.explain(e))
+    }
+
+    /// The shared agent connection, opened on first use.
+    fn agent(&self) -> Result<Arc<Client<UnixStream>>, ExecError> {
+        let socket = self.agent_socket.as_ref().ok_or(ExecError::NoAgent)?;
+        let mut slot = self.agent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = slot.as_ref() {
+            return Ok(Arc::clone(client));
+        }
+        let client = Arc::new(exec::connect(
+            socket,
+            &self.control,
+            exec::DEFAULT_CONNECT_TIMEOUT,
+        )?);
+        *slot = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// A broken connection because the guest stopped says so.
+    fn explain(&self, error: ExecError) -> ExecError {
+        match (&error, self.control.exit_reason()) {
+            (ExecError::Agent(_), Some(reason)) => ExecError::GuestStopped(reason),
+            _ => error,
+        }
+    }
+
     /// Whether the guest has stopped (without blocking).
     pub fn exit_reason(&self) -> Option<ExitReason> {
         self.control.exit_reason()
@@ -459,6 +492,8 @@ impl RunningSandbox {
     }
 
     fn teardown(&mut self) {
+        // Close the agent connection first so no client thread blocks on it.
+        self.agent.lock().unwrap_or_else(|e| e.into_inner()).take();
         // Make sure every vCPU leaves the guest, then join.
         self.control.request_exit(ExitReason::Stopped);
         for thread in self.threads.drain(..) {

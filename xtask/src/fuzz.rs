@@ -54,7 +54,7 @@ pub fn fuzz(args: &[String]) -> Step {
     for target in TARGETS {
         let corpus = root.join("target").join("fuzz-corpus").join(target);
         copy_seeds(&fuzz_dir.join("seeds").join(target), &corpus)?;
-        println!("xtask: == fuzz {target} for {seconds} s (ASan, nightly)");
+        eprintln!("xtask: == fuzz {target} for {seconds} s (ASan, nightly)");
         let out = Command::new("cargo")
             .args(["+nightly", "fuzz", "run", "--sanitizer", "address", target])
             .arg(&corpus)
@@ -79,10 +79,10 @@ pub fn fuzz(args: &[String]) -> Step {
             }
             return Err(format!("fuzz target {target} failed ({})", out.status));
         }
-        println!("xtask: ok fuzz {target}: {execs} executions, no crash");
+        eprintln!("xtask: ok fuzz {target}: {execs} executions, no crash");
         summary.push(format!("{target}: {execs} executions"));
     }
-    println!("xtask: fuzz smoke passed: {}", summary.join(", "));
+    eprintln!("xtask: fuzz smoke passed: {}", summary.join(", "));
     Ok(())
 }
 

@@ -112,7 +112,7 @@ pub fn kernel() -> Step<PathBuf> {
     let cache = cache_dir();
     let done = cache.join(format!("vmlinux-{key}"));
     if done.exists() {
-        println!("xtask: guest kernel cached ({})", done.display());
+        eprintln!("xtask: guest kernel cached ({})", done.display());
         return Ok(done);
     }
     let src = unpack_source(&cache)?;
@@ -211,7 +211,7 @@ fn build_vmlinux(src: &Path, out: &Path) -> Step {
     let log_path = out.join("build.log");
     let log = std::fs::File::create(&log_path).map_err(|e| format!("create build log: {e}"))?;
     let log_err = log.try_clone().map_err(|e| format!("build log: {e}"))?;
-    println!(
+    eprintln!(
         "xtask: == building the guest kernel with {jobs} jobs (about 3-5 minutes on 2 cores; log: {})",
         log_path.display()
     );
@@ -234,7 +234,7 @@ fn build_vmlinux(src: &Path, out: &Path) -> Step {
             let lines = std::fs::read_to_string(&log_path)
                 .map(|s| s.lines().count())
                 .unwrap_or(0);
-            println!(
+            eprintln!(
                 "xtask:    ... kernel build running, {:.0} s, {lines} build steps so far",
                 start.elapsed().as_secs_f64()
             );
@@ -251,7 +251,7 @@ fn build_vmlinux(src: &Path, out: &Path) -> Step {
             log_path.display()
         ));
     }
-    println!(
+    eprintln!(
         "xtask: ok guest kernel built ({:.0} s)",
         start.elapsed().as_secs_f64()
     );

@@ -5,6 +5,8 @@
 //!   host-KVM tests, and the nested real-Linux tier.
 //! - `guest`: prepare the default guest (kernel + initramfs), cached.
 //! - `nested [SCENARIO...]`: boot real Linux under chitin inside QEMU.
+//! - `nested-exec -- CMD...`: run one command in a sandbox inside L1 (for
+//!   hosts whose KVM cannot run Linux; the `exec` example uses it).
 //! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 60 s each.
 //!
 //! Every step prints what it runs; the first failure stops the run with a
@@ -33,9 +35,13 @@ fn main() -> ExitCode {
         Some("guest") => guest::guest(),
         Some("nested") => nested::nested(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("nested-exec") => match nested::nested_exec(&args[1..]) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest | nested [SCENARIO...] | fuzz --smoke [SECONDS]>"
+                "usage: cargo xtask <test | guest | nested [SCENARIO...] | nested-exec -- CMD... | fuzz --smoke [SECONDS]>"
             );
             return ExitCode::from(2);
         }
@@ -78,20 +84,20 @@ fn test() -> Step {
     run("doc tests", &mut cargo(&["test", "--workspace", "--doc"]))?;
     fuzz::fuzz(&["--smoke".to_string()])?;
     let nested_start = Instant::now();
-    println!("xtask: == nested real-Linux tier");
+    eprintln!("xtask: == nested real-Linux tier");
     if let Err(why) = nested::prerequisites() {
         if std::env::var("CHITIN_REQUIRE_KVM").as_deref() == Ok("1") {
             return Err(format!("nested tier prerequisites: {why}"));
         }
-        println!("xtask: nested tier skipped: cannot install QEMU and tools: {why}");
+        eprintln!("xtask: nested tier skipped: cannot install QEMU and tools: {why}");
     } else {
         nested::nested(&[])?;
-        println!(
+        eprintln!(
             "xtask: ok nested tier ({:.0} s)",
             nested_start.elapsed().as_secs_f64()
         );
     }
-    println!(
+    eprintln!(
         "xtask: all test steps passed in {:.0} s",
         start.elapsed().as_secs_f64()
     );

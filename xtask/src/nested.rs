@@ -265,32 +265,116 @@ pub fn prerequisites() -> Step {
 pub fn nested(args: &[String]) -> Step {
     let selected = select(args)?;
     prerequisites()?;
-    let image = guest::prepare()?;
-    let boot = guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?;
-    let init = guest::build_static(
-        &["-p", "chitin-nested-init", "--bin", "chitin-nested-init"],
-        "chitin-nested-init",
-    )?;
-    let l1 = l1_kernel()?;
+    let tools = build_tools()?;
     let runs = schedule(&selected);
     let plan: Vec<String> = runs.iter().map(|(name, s)| plan_line(name, s)).collect();
     let disks = disks::create(&cache_dir().join("nested").join("disks"))?;
-    let serials: Vec<&str> = disks.images.iter().map(|i| i.serial).collect();
-    let initramfs = l1_initramfs(&l1, &init, &boot, &image, &plan.join("\n"), &serials)?;
-    let qemu_disks = disks::qemu_args(&disks);
     let total: u64 = runs.iter().map(|(_, s)| u64::from(s.timeout_s) + 15).sum();
-    let budget = Duration::from_secs(total + 120);
-    let log = match run_l1(&l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
-        L1Outcome::Ran(log) => log,
+    let log = boot_l1(
+        &tools,
+        &plan.join("\n"),
+        &disks,
+        Duration::from_secs(total + 120),
+    )?;
+    report(&selected, &runs, &log, &disks)
+}
+
+/// Everything L1 needs, built and fetched.
+struct Tools {
+    image: guest::GuestImage,
+    boot: PathBuf,
+    exec: PathBuf,
+    init: PathBuf,
+    l1: L1Kernel,
+}
+
+fn build_tools() -> Step<Tools> {
+    Ok(Tools {
+        image: guest::prepare()?,
+        boot: guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?,
+        exec: guest::build_static(&["-p", "chitin", "--example", "exec"], "exec")?,
+        init: guest::build_static(
+            &["-p", "chitin-nested-init", "--bin", "chitin-nested-init"],
+            "chitin-nested-init",
+        )?,
+        l1: l1_kernel()?,
+    })
+}
+
+/// Pack L1's initramfs with `plan` and boot it with `disks` attached;
+/// retry once a run whose L1 never reached its /init.
+fn boot_l1(tools: &Tools, plan: &str, disks: &Disks, budget: Duration) -> Step<Vec<String>> {
+    let serials: Vec<&str> = disks.images.iter().map(|i| i.serial).collect();
+    let initramfs = l1_initramfs(tools, plan, &serials)?;
+    let qemu_disks = disks::qemu_args(disks);
+    match run_l1(&tools.l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
+        L1Outcome::Ran(log) => Ok(log),
         L1Outcome::NeverUp => {
-            println!("xtask: L1 never reached /init (known rare QEMU flake); retrying once");
-            match run_l1(&l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
-                L1Outcome::Ran(log) => log,
-                L1Outcome::NeverUp => return Err("L1 never reached /init, twice".into()),
+            eprintln!("xtask: L1 never reached /init (known rare QEMU flake); retrying once");
+            match run_l1(&tools.l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
+                L1Outcome::Ran(log) => Ok(log),
+                L1Outcome::NeverUp => Err("L1 never reached /init, twice".into()),
             }
         }
+    }
+}
+
+/// How long a command run through `nested-exec` may take, L2 boot included.
+const NESTED_EXEC_TIMEOUT_S: u64 = 300;
+
+/// `cargo xtask nested-exec -- CMD [ARG...]`: run one command in a sandbox
+/// inside L1 (for hosts whose KVM cannot run Linux). The command's stdout
+/// and stderr are printed as they came; returns its exit code.
+pub fn nested_exec(args: &[String]) -> Step<i32> {
+    let argv: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    if argv.is_empty() {
+        return Err("usage: cargo xtask nested-exec -- CMD [ARG...]".into());
+    }
+    if let Some(bad) = argv.iter().find(|a| a.contains(['\t', '\n'])) {
+        return Err(format!(
+            "arguments cannot contain tabs or newlines: {bad:?}"
+        ));
+    }
+    prerequisites()?;
+    let tools = build_tools()?;
+    let mut plan = format!(
+        "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t/l2\t--timeout\t{}\t--",
+        NESTED_EXEC_TIMEOUT_S - 10
+    );
+    for arg in &argv {
+        plan.push('\t');
+        plan.push_str(arg);
+    }
+    let disks = Disks {
+        images: Vec::new(),
+        discard_allocated_before: 0,
     };
-    report(&selected, &runs, &log, &disks)
+    let log = boot_l1(
+        &tools,
+        &plan,
+        &disks,
+        Duration::from_secs(NESTED_EXEC_TIMEOUT_S + 120),
+    )?;
+    let mut code = None;
+    let mut inside = false;
+    for line in &log {
+        if line == "nested: begin exec" {
+            inside = true;
+        } else if let Some(rest) = line.strip_prefix("nested: end exec ") {
+            let exit = rest
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("exit="));
+            code = exit.and_then(|e| e.parse::<i32>().ok());
+            inside = false;
+        } else if inside {
+            if let Some(out) = line.strip_prefix("| ") {
+                println!("{out}");
+            } else if let Some(err) = line.strip_prefix("! ") {
+                eprintln!("{err}");
+            }
+        }
+    }
+    code.ok_or_else(|| "the nested sandbox did not report an exit code".to_string())
 }
 
 /// Runs of `boot` and `boot-qemu`, interleaved, whose median is reported:
@@ -474,14 +558,8 @@ fn shared_libraries(binary: &str) -> Step<Vec<String>> {
         .collect())
 }
 
-fn l1_initramfs(
-    l1: &L1Kernel,
-    init: &Path,
-    boot: &Path,
-    image: &guest::GuestImage,
-    plan: &str,
-    serials: &[&str],
-) -> Step<PathBuf> {
+fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
+    let (l1, image) = (&tools.l1, &tools.image);
     let mut tree = Tree {
         cpio: Cpio::new(),
         dirs: BTreeSet::new(),
@@ -491,8 +569,9 @@ fn l1_initramfs(
         tree.cpio.dir(dir);
     }
     tree.cpio.char_dev("dev/console", 5, 1);
-    tree.file("/init", 0o755, init)?;
-    tree.file("/bin/chitin-boot", 0o755, boot)?;
+    tree.file("/init", 0o755, &tools.init)?;
+    tree.file("/bin/chitin-boot", 0o755, &tools.boot)?;
+    tree.file("/bin/chitin-exec", 0o755, &tools.exec)?;
     tree.file("/l2/vmlinux", 0o644, &image.kernel)?;
     tree.file("/l2/initramfs.cpio", 0o644, &image.initramfs)?;
     let mut order = String::new();
@@ -534,7 +613,7 @@ enum L1Outcome {
 
 /// Boot L1 and collect its console until QEMU exits or `budget` passes.
 fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) -> Step<L1Outcome> {
-    println!("xtask: == booting L1 (QEMU TCG, nested SVM)");
+    eprintln!("xtask: == booting L1 (QEMU TCG, nested SVM)");
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -594,7 +673,7 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
     let _ = child.wait();
     let _ = reader.join();
     let _ = util::write_atomic(&log_path, log.join("\n").as_bytes());
-    println!("xtask: L1 console log: {}", log_path.display());
+    eprintln!("xtask: L1 console log: {}", log_path.display());
     if !up {
         return Ok(L1Outcome::NeverUp);
     }
@@ -609,7 +688,7 @@ fn progress(line: &str, start: Instant) {
     let t = start.elapsed().as_secs_f64();
     if let Some(rest) = line.strip_prefix("nested: ") {
         if !rest.starts_with("marker") {
-            println!("xtask: [{t:6.1} s] {rest}");
+            eprintln!("xtask: [{t:6.1} s] {rest}");
         }
     }
 }

@@ -44,7 +44,7 @@ pub fn install_packages(packages: &[&str]) -> Step {
     if missing.is_empty() {
         return Ok(());
     }
-    println!("xtask: installing Debian packages: {}", missing.join(" "));
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
     run(
         "apt-get update",
         Command::new("apt-get").args(["update", "-q"]),
@@ -62,14 +62,14 @@ pub fn install_packages(packages: &[&str]) -> Step {
 /// non-zero exit.
 pub fn run(step: &str, cmd: &mut Command) -> Step {
     let start = Instant::now();
-    println!("xtask: == {step}");
+    eprintln!("xtask: == {step}");
     let status = cmd
         .status()
         .map_err(|e| format!("{step}: cannot run {:?}: {e}", cmd.get_program()))?;
     if !status.success() {
         return Err(format!("{step}: {status}"));
     }
-    println!("xtask: ok {step} ({:.1} s)", start.elapsed().as_secs_f64());
+    eprintln!("xtask: ok {step} ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
 }
 

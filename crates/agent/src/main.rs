@@ -10,6 +10,11 @@
 //! - `chitin-check: <check> PASS <detail>` or `chitin-check: <check> FAIL <detail>`
 //! - `chitin-agent: done pass=<n> fail=<m>`
 //!
+//! With `chitin.agent=1` on the command line, or with no scenario at all
+//! (printed as `scenario=agent`), it then serves the exec protocol on vsock
+//! port 1024 ([`service`], the library's `server`) instead of stopping; a
+//! client's SHUTDOWN stops the VM.
+//!
 //! The agent never panics on what it reads from the kernel: a missing file
 //! is a failed check, not a crash (a PID 1 crash would panic the guest).
 
@@ -18,11 +23,13 @@ mod cmdline;
 mod init;
 mod report;
 mod scenario;
+mod service;
+mod vsock;
 
 use report::Report;
 
-/// Protocol version printed in the `up` line.
-const VERSION: u32 = 1;
+/// Protocol version printed in the `up` line: the exec protocol's.
+use chitin_agent::protocol::VERSION;
 
 fn main() {
     let mut report = Report::new();
@@ -30,15 +37,23 @@ fn main() {
         report.check("mounts", false, &e);
     }
     let cmdline = cmdline::KernelCmdline::read();
-    let name = cmdline.get("chitin.scenario").unwrap_or("boot").to_string();
+    let scenario = cmdline.get("chitin.scenario").map(str::to_string);
+    let agent = cmdline.get("chitin.agent") == Some("1") || scenario.is_none();
+    let name = scenario.as_deref().unwrap_or("agent");
     report.line(&format!(
         "chitin-agent: up version={VERSION} scenario={name}"
     ));
-    scenario::run(&name, &cmdline, &mut report);
-    report.line(&format!(
-        "chitin-agent: done pass={} fail={}",
-        report.passed(),
-        report.failed()
-    ));
+    if let Some(name) = &scenario {
+        scenario::run(name, &cmdline, &mut report);
+        report.line(&format!(
+            "chitin-agent: done pass={} fail={}",
+            report.passed(),
+            report.failed()
+        ));
+    }
+    if agent {
+        // Returns only when the socket cannot be set up.
+        service::run(&mut report);
+    }
     init::power_off();
 }

@@ -1,0 +1,279 @@
+//! [`Vsock`]: the virtio-vsock device the transport sees (virtio 1.2
+//! §5.10), with its host listener.
+//!
+//! It owns the listener at `uds_path`, the three queue `EventFd`s and the
+//! [`VsockHandler`]; between activate and reset, also the queues, guest
+//! memory and interrupt. The event loop reaches it through the `event`
+//! module.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chitin_memory::GuestMemoryMmap;
+use chitin_virtio::{ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::UnixBackend;
+use crate::handler::{HandlerError, QueueRun, VsockHandler};
+use crate::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+
+/// Virtio device ID of a socket device (virtio 1.2 §5.10.1).
+pub const DEVICE_TYPE_VSOCK: u32 = 19;
+
+/// Bytes of configuration space: `le64 guest_cid`.
+pub const CONFIG_LEN: usize = 8;
+
+/// Lowest CID a guest may have: 0-2 are reserved (virtio 1.2 §5.10.4).
+pub const MIN_GUEST_CID: u64 = 3;
+
+/// Highest CID a guest may have: only the low 32 bits are used and
+/// `0xffffffff` is reserved.
+pub const MAX_GUEST_CID: u64 = 0xffff_fffe;
+
+const QUEUE_MAX_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+
+/// How to set the device up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID, in `3..=0xffff_fffe`.
+    pub guest_cid: u64,
+    /// Where host processes connect; guest connections to port `P` go to
+    /// `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// Why a vsock device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved or does not fit 32 bits.
+    #[error("guest CID {0} is outside {MIN_GUEST_CID}..={MAX_GUEST_CID}")]
+    InvalidCid(u64),
+    /// The listener could not be bound (for instance, the path exists).
+    #[error("cannot listen on {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// What `bind` reported.
+        #[source]
+        source: io::Error,
+    },
+    /// The listener could not be made non-blocking.
+    #[error("cannot set up the listener")]
+    Listener(#[source] io::Error),
+    /// A queue notification eventfd could not be created.
+    #[error("cannot create a queue notification eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// Set between activate and reset.
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// A ring broke: NEEDS_RESET was signalled, nothing more is processed.
+    failed: bool,
+}
+
+/// A virtio-vsock device with a Firecracker-style Unix socket backend.
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    handler: VsockHandler<UnixBackend>,
+    queue_events: [EventFd; 3],
+    active: Option<Active>,
+}
+
+impl Vsock {
+    /// Bind the listener at `uds_path` (which must not exist; it is
+    /// removed when the device is dropped).
+    pub fn new(config: VsockConfig) -> Result<Vsock, VsockError> {
+        let VsockConfig {
+            guest_cid,
+            uds_path,
+        } = config;
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let queue_events = [
+            EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+        ];
+        let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
+            path: uds_path.clone(),
+            source,
+        })?;
+        if let Err(e) = listener.set_nonblocking(true) {
+            let _ = std::fs::remove_file(&uds_path);
+            return Err(VsockError::Listener(e));
+        }
+        Ok(Vsock {
+            guest_cid,
+            handler: VsockHandler::new(UnixBackend::new(uds_path.clone()), guest_cid),
+            uds_path,
+            listener,
+            queue_events,
+            active: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Where host processes connect.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// Connections with a guest port.
+    pub fn connection_count(&self) -> usize {
+        self.handler.connection_count()
+    }
+
+    pub(crate) fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    pub(crate) fn handler_mut(&mut self) -> &mut VsockHandler<UnixBackend> {
+        &mut self.handler
+    }
+
+    /// Accept every pending host connection.
+    pub(crate) fn accept_all(&mut self) {
+        // Bounded so a connect storm cannot hold the loop: the listener
+        // stays readable and the rest come next iteration.
+        for _ in 0..64 {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.handler.add_host_stream(stream);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Run the TX queue (if `tx`) then the RX queue, when active.
+    pub(crate) fn process_queues(&mut self, tx: bool) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.failed {
+            return;
+        }
+        let mut result: Result<(), HandlerError> = Ok(());
+        if tx {
+            result = self
+                .handler
+                .process_tx(&mut active.tx, &active.mem, active.interrupt.as_ref())
+                .map(|run| rearm(&self.queue_events[TX_QUEUE], run));
+        }
+        if result.is_ok() {
+            result = self
+                .handler
+                .process_rx(&mut active.rx, &active.mem, active.interrupt.as_ref())
+                .map(|run| rearm(&self.queue_events[RX_QUEUE], run));
+        }
+        if result.is_err() {
+            active.failed = true;
+            active.interrupt.signal_needs_reset();
+        }
+    }
+}
+
+/// More work than one run takes: come back through the event loop.
+fn rearm(event: &EventFd, run: QueueRun) {
+    if run.pending {
+        // One write cannot overflow the counter.
+        let _ = event.write(1);
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.handler.clear();
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_MAX_SIZES
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn device_features(&self) -> u64 {
+        // Stream sockets only; VIRTIO_F_VERSION_1 comes from the transport.
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|at| usize::try_from(at).ok())
+                .and_then(|at| config.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // guest_cid is read-only.
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let ActivateContext {
+            mem,
+            queues,
+            interrupt,
+            acked_features: _,
+        } = ctx;
+        let got = queues.len();
+        let Ok([rx, tx, _event]) = <[Queue; 3]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_MAX_SIZES.len(),
+                got,
+            });
+        };
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            failed: false,
+        });
+        // Look at both rings once now. One write cannot overflow.
+        let _ = self.queue_events[TX_QUEUE].write(1);
+        let _ = self.queue_events[RX_QUEUE].write(1);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.handler.clear();
+        // Closed streams are deregistered from the event loop, then closed,
+        // on its next call: make sure there is one.
+        let _ = self.queue_events[RX_QUEUE].write(1);
+    }
+}
+
+#[cfg(test)]
+mod tests;

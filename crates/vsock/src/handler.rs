@@ -1,0 +1,657 @@
+//! The vsock queue loops and connection table: [`VsockHandler`].
+//!
+//! It is generic over the [`VsockBackend`] (where guest connections go) and
+//! over the interrupt, so tests drive it with socket pairs and hand-built
+//! queues, no KVM and no event loop. The event loop tells it which host
+//! sockets are ready ([`VsockHandler::stream_event`]) and applies the
+//! interest it asks for ([`VsockHandler::sync_interest`]).
+//!
+//! Policy for guest packets (virtio 1.2 §5.10.6):
+//! - a chain `virtio-vsock` refuses is returned unused; if its header is
+//!   readable and it is not itself a reset, the guest gets a reset for it;
+//! - a wrong CID, a type other than STREAM, an unknown op, or a packet for
+//!   a connection that does not exist gets a reset (a reset never does);
+//! - a connection whose guest breaks the protocol or its credit is reset.
+//!
+//! RX fairness: connections with something to send wait in a round-robin
+//! queue; each RX buffer goes to the next one, which goes to the back if it
+//! has more. Resets for unknown connections go first.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+
+use chitin_virtio::{InterruptKind, VirtioInterrupt};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::backend::{VsockBackend, VsockStream};
+use crate::connection::{Connection, Interest, RxOutcome};
+use crate::packet::{self, Header, Op, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
+
+/// Most connections (established, connecting, or waiting for their
+/// `CONNECT` line) at once; more host connections are closed on accept and
+/// more guest requests are reset.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Most queued resets for unknown connections; beyond, they are dropped.
+pub const MAX_PENDING_RESETS: usize = 2 * MAX_CONNECTIONS;
+
+/// Most chains one `process_*` call handles before it yields.
+pub const MAX_CHAINS_PER_RUN: usize = 128;
+
+/// Longest `CONNECT <port>\n` line, newline included.
+pub const MAX_CONNECT_LINE: usize = 32;
+
+/// First host port handed to host-initiated connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// (local host port, guest port).
+pub type ConnKey = (u32, u32);
+
+/// Why a queue became unusable; the device must be reset.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The available ring could not be read.
+    #[error("cannot read the available ring")]
+    AvailRing(#[source] virtio_queue::Error),
+    /// A used element could not be written.
+    #[error("cannot write the used ring")]
+    UsedRing(#[source] virtio_queue::Error),
+    /// Notification suppression fields could not be accessed.
+    #[error("cannot access the notification suppression fields")]
+    Notification(#[source] virtio_queue::Error),
+    /// The interrupt could not be raised.
+    #[error("cannot raise the queue interrupt")]
+    Interrupt(#[source] io::Error),
+}
+
+/// What one `process_*` call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRun {
+    /// Chains returned to the used ring.
+    pub completed: usize,
+    /// Stopped at [`MAX_CHAINS_PER_RUN`] with work left: call again.
+    pub pending: bool,
+    /// The driver was interrupted.
+    pub notified: bool,
+}
+
+/// A host stream waiting for its `CONNECT <port>\n` line.
+struct Accepting<S> {
+    stream: S,
+    line: [u8; MAX_CONNECT_LINE],
+    len: usize,
+    registered: Option<Interest>,
+}
+
+/// Runs the vsock queues and the connections of one device.
+pub struct VsockHandler<B: VsockBackend> {
+    backend: B,
+    guest_cid: u64,
+    conns: HashMap<ConnKey, Connection<B::Stream>>,
+    by_fd: HashMap<RawFd, ConnKey>,
+    accepting: HashMap<RawFd, Accepting<B::Stream>>,
+    rr: VecDeque<ConnKey>,
+    resets: VecDeque<Header>,
+    /// Closed streams still registered with the event loop.
+    graveyard: Vec<(B::Stream, Option<Interest>)>,
+    next_local_port: u32,
+    scratch: Box<[u8]>,
+}
+
+impl<B: VsockBackend> VsockHandler<B> {
+    /// A handler for a guest with `guest_cid` and no connections.
+    pub fn new(backend: B, guest_cid: u64) -> Self {
+        VsockHandler {
+            backend,
+            guest_cid,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            accepting: HashMap::new(),
+            rr: VecDeque::new(),
+            resets: VecDeque::new(),
+            graveyard: Vec::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            scratch: vec![0u8; MAX_PKT_DATA as usize].into_boxed_slice(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Connections with a guest port (connecting or established).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Host streams still waiting for their `CONNECT` line.
+    pub fn accepting_count(&self) -> usize {
+        self.accepting.len()
+    }
+
+    /// The connection between host `local_port` and guest `peer_port`.
+    pub fn connection(&self, local_port: u32, peer_port: u32) -> Option<&Connection<B::Stream>> {
+        self.conns.get(&(local_port, peer_port))
+    }
+
+    /// Whether an RX buffer would be used now.
+    pub fn has_rx_work(&self) -> bool {
+        !self.resets.is_empty() || !self.rr.is_empty()
+    }
+
+    /// A host process connected to the listener; it must send its
+    /// `CONNECT` line next. Returns false (and closes it) at capacity.
+    pub fn add_host_stream(&mut self, stream: B::Stream) -> bool {
+        if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS {
+            let _ = stream.shutdown(Shutdown::Both);
+            return false;
+        }
+        let fd = stream.as_raw_fd();
+        self.accepting.insert(
+            fd,
+            Accepting {
+                stream,
+                line: [0; MAX_CONNECT_LINE],
+                len: 0,
+                registered: None,
+            },
+        );
+        // Data may already be there.
+        self.read_connect_line(fd);
+        true
+    }
+
+    /// The host socket `fd` is ready. Unknown descriptors are ignored.
+    pub fn stream_event(
+        &mut self,
+        fd: RawFd,
+        readable: bool,
+        writable: bool,
+        hangup: bool,
+        error: bool,
+    ) {
+        if self.accepting.contains_key(&fd) {
+            self.read_connect_line(fd);
+            return;
+        }
+        let Some(&key) = self.by_fd.get(&fd) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if error {
+            let rst = conn.rst();
+            self.close(key, Some(rst));
+            return;
+        }
+        if writable {
+            if let Err(_e) = conn.flush() {
+                let rst = conn.rst();
+                self.close(key, Some(rst));
+                return;
+            }
+            self.shut_write_if_done(key);
+        }
+        if readable || hangup {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.on_readable(hangup);
+            }
+        }
+        self.schedule(key);
+    }
+
+    /// Put `key` in the RX round-robin if it has something to send.
+    fn schedule(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            if !conn.in_rr && conn.wants_rx() {
+                conn.in_rr = true;
+                self.rr.push_back(key);
+            }
+        }
+    }
+
+    fn shut_write_if_done(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            if conn.should_shut_write() {
+                let _ = conn.stream().shutdown(Shutdown::Write);
+                conn.mark_write_shut();
+            }
+        }
+    }
+
+    /// Read the `CONNECT` line byte by byte (so no connection data is
+    /// consumed), then start the connection or close the stream.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(acc) = self.accepting.get_mut(&fd) else {
+            return;
+        };
+        let port = loop {
+            let mut byte = [0u8; 1];
+            match io::Read::read(&mut acc.stream, &mut byte) {
+                Ok(0) => break None,
+                Ok(_) => {
+                    if acc.len >= MAX_CONNECT_LINE {
+                        break None;
+                    }
+                    acc.line[acc.len] = byte[0];
+                    acc.len += 1;
+                    if byte[0] == b'\n' {
+                        break parse_connect_line(&acc.line[..acc.len]);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break None,
+            }
+        };
+        let Some(acc) = self.accepting.remove(&fd) else {
+            return;
+        };
+        let local_port = match port {
+            Some(port) => self.allocate_local_port(port),
+            None => None,
+        };
+        match (port, local_port) {
+            (Some(peer_port), Some(local_port)) => {
+                // The stream stays registered under the same fd.
+                let mut conn =
+                    Connection::host_initiated(acc.stream, self.guest_cid, local_port, peer_port);
+                conn.registered = acc.registered;
+                let key = (local_port, peer_port);
+                self.by_fd.insert(fd, key);
+                self.conns.insert(key, conn);
+                self.schedule(key);
+            }
+            _ => {
+                let _ = acc.stream.shutdown(Shutdown::Both);
+                self.graveyard.push((acc.stream, acc.registered));
+            }
+        }
+    }
+
+    /// A host port not used with `peer_port`.
+    fn allocate_local_port(&mut self, peer_port: u32) -> Option<u32> {
+        for _ in 0..=MAX_CONNECTIONS {
+            let port = self.next_local_port;
+            self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&(port, peer_port)) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    /// Forget connection `key`, closing its stream, and queue `rst`.
+    fn close(&mut self, key: ConnKey, rst: Option<Header>) {
+        if let Some(conn) = self.conns.remove(&key) {
+            let fd = conn.stream().as_raw_fd();
+            self.by_fd.remove(&fd);
+            let registered = conn.registered;
+            let stream = conn.into_stream();
+            let _ = stream.shutdown(Shutdown::Both);
+            self.graveyard.push((stream, registered));
+        }
+        if let Some(rst) = rst {
+            self.queue_reset(rst);
+        }
+    }
+
+    fn queue_reset(&mut self, rst: Header) {
+        if self.resets.len() < MAX_PENDING_RESETS {
+            self.resets.push_back(rst);
+        }
+    }
+
+    /// Close every connection and forget all state (device reset). The
+    /// streams are shut down now and closed at the next
+    /// [`VsockHandler::sync_interest`].
+    pub fn clear(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.close(key, None);
+        }
+        for (_, acc) in self.accepting.drain() {
+            let _ = acc.stream.shutdown(Shutdown::Both);
+            self.graveyard.push((acc.stream, acc.registered));
+        }
+        self.rr.clear();
+        self.resets.clear();
+        self.by_fd.clear();
+    }
+
+    /// Bring the event loop's registrations up to date: `update(fd, old,
+    /// new)` is called for every stream whose interest changed (`None`:
+    /// not registered). Closed streams get `new == None` and are dropped
+    /// (closed) right after.
+    pub fn sync_interest(
+        &mut self,
+        mut update: impl FnMut(RawFd, Option<Interest>, Option<Interest>),
+    ) {
+        for (stream, registered) in self.graveyard.drain(..) {
+            if registered.is_some() {
+                update(stream.as_raw_fd(), registered, None);
+            }
+        }
+        for acc in self.accepting.values_mut() {
+            let desired = Some(Interest {
+                read: true,
+                write: false,
+            });
+            if acc.registered != desired {
+                update(acc.stream.as_raw_fd(), acc.registered, desired);
+                acc.registered = desired;
+            }
+        }
+        for conn in self.conns.values_mut() {
+            let desired = conn.desired_interest();
+            if conn.registered != desired {
+                update(conn.stream().as_raw_fd(), conn.registered, desired);
+                conn.registered = desired;
+            }
+        }
+    }
+
+    /// Drain the TX queue: handle each guest packet, return its chain, and
+    /// interrupt the driver if it wants to hear about it.
+    pub fn process_tx<I>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &I,
+    ) -> Result<QueueRun, HandlerError>
+    where
+        I: VirtioInterrupt + ?Sized,
+    {
+        let mut run = QueueRun::default();
+        'drain: loop {
+            queue
+                .disable_notification(mem)
+                .map_err(HandlerError::Notification)?;
+            loop {
+                if run.completed >= MAX_CHAINS_PER_RUN {
+                    if has_available(queue, mem)? {
+                        run.pending = true;
+                        break 'drain;
+                    }
+                    break;
+                }
+                let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let probe = chain.clone();
+                match packet::parse_tx(mem, &mut chain) {
+                    Ok(pkt) => {
+                        let header = *pkt.header();
+                        let len = pkt.read_data(&mut self.scratch).unwrap_or(0);
+                        self.handle_guest_packet(&header, len);
+                    }
+                    Err(_) => {
+                        if let Some(header) = packet::peek_header(mem, &probe) {
+                            self.refuse(&header);
+                        }
+                    }
+                }
+                queue
+                    .add_used(mem, head, 0)
+                    .map_err(HandlerError::UsedRing)?;
+                run.completed += 1;
+            }
+            if !queue
+                .enable_notification(mem)
+                .map_err(HandlerError::Notification)?
+            {
+                break;
+            }
+        }
+        notify(queue, mem, interrupt, &mut run)?;
+        Ok(run)
+    }
+
+    /// Fill RX buffers with what connections have to send, round-robin, and
+    /// interrupt the driver if it wants to hear about it.
+    pub fn process_rx<I>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &I,
+    ) -> Result<QueueRun, HandlerError>
+    where
+        I: VirtioInterrupt + ?Sized,
+    {
+        let mut run = QueueRun::default();
+        if !self.has_rx_work() {
+            return Ok(run);
+        }
+        loop {
+            queue
+                .disable_notification(mem)
+                .map_err(HandlerError::Notification)?;
+            let mut starved = false;
+            loop {
+                if !self.has_rx_work() {
+                    break;
+                }
+                if run.completed >= MAX_CHAINS_PER_RUN {
+                    run.pending = has_available(queue, mem)?;
+                    break;
+                }
+                let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                    starved = true;
+                    break;
+                };
+                let head = chain.head_index();
+                let used = match packet::parse_rx(mem, &mut chain) {
+                    // A buffer the device cannot use goes back empty.
+                    Err(_) => 0,
+                    Ok(mut buffer) => match self.fill_rx(&mut buffer) {
+                        Some(used) => used,
+                        None => {
+                            queue.go_to_previous_position();
+                            break;
+                        }
+                    },
+                };
+                queue
+                    .add_used(mem, head, used)
+                    .map_err(HandlerError::UsedRing)?;
+                run.completed += 1;
+            }
+            let more = queue
+                .enable_notification(mem)
+                .map_err(HandlerError::Notification)?;
+            if !(more && starved && self.has_rx_work()) {
+                break;
+            }
+        }
+        notify(queue, mem, interrupt, &mut run)?;
+        Ok(run)
+    }
+
+    /// Write the next packet into `buffer`; `None` when nobody had
+    /// anything after all.
+    fn fill_rx(&mut self, buffer: &mut packet::RxBuffer<'_>) -> Option<u32> {
+        if let Some(rst) = self.resets.pop_front() {
+            return buffer.write_header(&rst).ok().or(Some(0));
+        }
+        let capacity = buffer.capacity();
+        while let Some(key) = self.rr.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.in_rr = false;
+            match conn.next_rx(&mut self.scratch, capacity) {
+                RxOutcome::Nothing => continue,
+                RxOutcome::Reset(rst) => {
+                    self.close(key, None);
+                    return buffer.write_header(&rst).ok().or(Some(0));
+                }
+                RxOutcome::Packet(header) => {
+                    let data = &self.scratch[..header.len as usize];
+                    let used = buffer
+                        .write_data(data)
+                        .and_then(|()| buffer.write_header(&header))
+                        .unwrap_or(0);
+                    self.schedule(key);
+                    return Some(used);
+                }
+            }
+        }
+        None
+    }
+
+    /// Reset the sender of a packet we cannot handle, unless it is itself
+    /// a reset (virtio 1.2 §5.10.6.3: never answer RST with RST).
+    fn refuse(&mut self, header: &Header) {
+        if header.op == Op::Rst as u16 || header.src_cid != self.guest_cid {
+            return;
+        }
+        let rst = Header::host_to_guest(self.guest_cid, header.dst_port, header.src_port, Op::Rst);
+        self.queue_reset(rst);
+    }
+
+    /// One well-formed TX packet with `len` data bytes in the scratch
+    /// buffer.
+    fn handle_guest_packet(&mut self, header: &Header, len: usize) {
+        if header.src_cid != self.guest_cid
+            || header.dst_cid != HOST_CID
+            || header.type_ != TYPE_STREAM
+        {
+            self.refuse(header);
+            return;
+        }
+        let Some(op) = header.op() else {
+            self.refuse(header);
+            return;
+        };
+        let key = (header.dst_port, header.src_port);
+        if op == Op::Request {
+            self.guest_connect(header);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.refuse(header);
+            return;
+        };
+        conn.on_guest_credit(header);
+        let result = match op {
+            Op::Request => Ok(false),
+            Op::Rst => {
+                self.close(key, None);
+                return;
+            }
+            Op::Response => conn.on_response().map(|()| false),
+            Op::Rw => conn.on_guest_rw(&self.scratch[..len]).map(|()| false),
+            Op::CreditUpdate => Ok(false),
+            Op::CreditRequest => {
+                conn.on_credit_request();
+                Ok(false)
+            }
+            Op::Shutdown => conn.on_guest_shutdown(header.flags),
+        };
+        match result {
+            Ok(false) => {
+                self.shut_write_if_done(key);
+                self.schedule(key);
+            }
+            Ok(true) | Err(_) => {
+                let rst = conn_rst(&self.conns, key);
+                self.close(key, rst);
+            }
+        }
+    }
+
+    /// The guest connects to host port `header.dst_port`.
+    fn guest_connect(&mut self, header: &Header) {
+        let key = (header.dst_port, header.src_port);
+        if self.conns.contains_key(&key) {
+            // A second request for a live connection: reset both.
+            let rst = conn_rst(&self.conns, key);
+            self.close(key, rst);
+            return;
+        }
+        if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS {
+            self.refuse(header);
+            return;
+        }
+        match self.backend.connect(header.dst_port) {
+            Ok(stream) => {
+                let fd = stream.as_raw_fd();
+                let conn =
+                    Connection::guest_initiated(stream, self.guest_cid, header.dst_port, header);
+                self.by_fd.insert(fd, key);
+                self.conns.insert(key, conn);
+                self.schedule(key);
+            }
+            Err(_) => self.refuse(header),
+        }
+    }
+}
+
+impl<B: VsockBackend> Drop for VsockHandler<B> {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+fn conn_rst<S: io::Read + io::Write>(
+    conns: &HashMap<ConnKey, Connection<S>>,
+    key: ConnKey,
+) -> Option<Header> {
+    conns.get(&key).map(Connection::rst)
+}
+
+fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, HandlerError> {
+    let available = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(HandlerError::AvailRing)?;
+    Ok(available.0 != queue.next_avail())
+}
+
+fn notify<I: VirtioInterrupt + ?Sized>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &I,
+    run: &mut QueueRun,
+) -> Result<(), HandlerError> {
+    if run.completed > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(HandlerError::Notification)?
+    {
+        interrupt
+            .trigger(InterruptKind::Queue)
+            .map_err(HandlerError::Interrupt)?;
+        run.notified = true;
+    }
+    Ok(())
+}
+
+/// The port of a `CONNECT <port>\n` line.
+pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let rest = text.strip_prefix("CONNECT ")?.strip_suffix('\n')?;
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rest.parse().ok()
+}
+
+#[cfg(test)]
+mod tests;

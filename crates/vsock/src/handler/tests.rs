@@ -1,0 +1,433 @@
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use chitin_virtio::test_utils::RecordingInterrupt;
+
+use super::*;
+use crate::connection::{State, BUF_ALLOC};
+use crate::packet::{SHUTDOWN_RCV, SHUTDOWN_SEND};
+use crate::test_utils::{Guest, PairBackend, GUEST_CID};
+
+const GUEST_PORT: u32 = 1000;
+const HOST_PORT: u32 = 52;
+
+struct Harness {
+    guest: Guest,
+    handler: VsockHandler<PairBackend>,
+    rx: Queue,
+    tx: Queue,
+    interrupt: RecordingInterrupt,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let mut guest = Guest::new();
+        guest.post_rx(64);
+        let mut queues = guest.queues();
+        let tx = queues.remove(1);
+        let rx = queues.remove(0);
+        Harness {
+            guest,
+            handler: VsockHandler::new(PairBackend::default(), GUEST_CID),
+            rx,
+            tx,
+            interrupt: RecordingInterrupt::new(),
+        }
+    }
+
+    fn run(&mut self) -> Vec<(Header, Vec<u8>)> {
+        let mem = self.guest.mem.clone();
+        self.handler
+            .process_tx(&mut self.tx, &mem, &self.interrupt)
+            .unwrap();
+        self.handler
+            .process_rx(&mut self.rx, &mem, &self.interrupt)
+            .unwrap();
+        self.guest.received()
+    }
+
+    fn send(&mut self, op: Op, data: &[u8]) {
+        let mut header = self.guest.header(GUEST_PORT, HOST_PORT, op);
+        header.len = data.len() as u32;
+        self.guest.send(header, data);
+    }
+
+    /// A guest-initiated connection; returns the host's far end.
+    fn connect(&mut self) -> UnixStream {
+        self.send(Op::Request, &[]);
+        let got = self.run();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.op, Op::Response as u16);
+        let far = self.handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+        far.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        far
+    }
+
+    fn fd(&self) -> RawFd {
+        self.handler
+            .connection(HOST_PORT, GUEST_PORT)
+            .unwrap()
+            .stream()
+            .as_raw_fd()
+    }
+
+    fn readable(&mut self) {
+        let fd = self.fd();
+        self.handler.stream_event(fd, true, false, false, false);
+    }
+}
+
+fn ops(packets: &[(Header, Vec<u8>)]) -> Vec<u16> {
+    packets.iter().map(|(h, _)| h.op).collect()
+}
+
+#[test]
+fn handler_guest_connection_request_rw_shutdown_rst() {
+    let mut h = Harness::new();
+
+    // Request -> response, addressed back to the guest with our credit.
+    h.send(Op::Request, &[]);
+    let got = h.run();
+    let (response, _) = &got[0];
+    assert_eq!(response.op, Op::Response as u16);
+    assert_eq!((response.src_cid, response.dst_cid), (HOST_CID, GUEST_CID));
+    assert_eq!(
+        (response.src_port, response.dst_port),
+        (HOST_PORT, GUEST_PORT)
+    );
+    assert_eq!(response.buf_alloc, BUF_ALLOC);
+    assert!(h.interrupt.count(chitin_virtio::InterruptKind::Queue) > 0);
+    let mut far = h.handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+    far.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+
+    // Guest -> host bytes.
+    h.send(Op::Rw, b"ping");
+    h.run();
+    let mut buf = [0u8; 4];
+    far.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    assert_eq!(h.guest.tx_used(), 2);
+
+    // Host -> guest bytes.
+    far.write_all(b"pong").unwrap();
+    h.readable();
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rw as u16]);
+    assert_eq!(got[0].1, b"pong");
+    assert_eq!(got[0].0.fwd_cnt, 4);
+
+    // Guest shuts its sending side: the host sees EOF.
+    h.shutdown(SHUTDOWN_SEND);
+    h.run();
+    assert_eq!(far.read(&mut buf).unwrap(), 0);
+    assert!(h
+        .handler
+        .connection(HOST_PORT, GUEST_PORT)
+        .unwrap()
+        .guest_shut_send());
+
+    // Host closes: the guest gets SHUTDOWN(SEND).
+    drop(far);
+    let fd = h.fd();
+    h.handler.stream_event(fd, true, false, true, false);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Shutdown as u16]);
+    assert_eq!(got[0].0.flags, SHUTDOWN_SEND);
+
+    // Guest shuts both ways: reset and forget.
+    h.shutdown(SHUTDOWN_RCV | SHUTDOWN_SEND);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rst as u16]);
+    assert_eq!(h.handler.connection_count(), 0);
+}
+
+impl Harness {
+    /// Queue a guest SHUTDOWN with `flags`.
+    fn shutdown(&mut self, flags: u32) {
+        let mut header = self.guest.header(GUEST_PORT, HOST_PORT, Op::Shutdown);
+        header.flags = flags;
+        self.guest.send(header, &[]);
+    }
+}
+
+#[test]
+fn handler_refused_port_answers_rst() {
+    let mut h = Harness::new();
+    h.handler.backend_mut().refused.push(HOST_PORT);
+    h.send(Op::Request, &[]);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rst as u16]);
+    assert_eq!(
+        (got[0].0.src_port, got[0].0.dst_port),
+        (HOST_PORT, GUEST_PORT)
+    );
+    assert_eq!(h.handler.connection_count(), 0);
+}
+
+#[test]
+fn handler_packet_for_unknown_connection_answers_rst() {
+    let mut h = Harness::new();
+    h.send(Op::Rw, b"data");
+    h.send(Op::CreditUpdate, &[]);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rst as u16, Op::Rst as u16]);
+}
+
+#[test]
+fn handler_rst_for_unknown_connection_not_answered() {
+    let mut h = Harness::new();
+    h.send(Op::Rst, &[]);
+    assert!(h.run().is_empty());
+    assert_eq!(h.guest.tx_used(), 1);
+}
+
+#[test]
+fn handler_wrong_cid_type_or_op_answers_rst() {
+    let mut h = Harness::new();
+    let mut wrong_dst = h.guest.header(GUEST_PORT, HOST_PORT, Op::Request);
+    wrong_dst.dst_cid = 7;
+    let mut wrong_type = h.guest.header(GUEST_PORT, HOST_PORT, Op::Request);
+    wrong_type.type_ = 2;
+    let mut wrong_op = h.guest.header(GUEST_PORT, HOST_PORT, Op::Request);
+    wrong_op.op = 99;
+    let mut wrong_src = h.guest.header(GUEST_PORT, HOST_PORT, Op::Request);
+    wrong_src.src_cid = 9;
+    for header in [wrong_dst, wrong_type, wrong_op, wrong_src] {
+        h.guest.send(header, &[]);
+    }
+    let got = h.run();
+    // A packet claiming another source CID is dropped.
+    assert_eq!(ops(&got), [Op::Rst as u16; 3]);
+    assert_eq!(h.handler.connection_count(), 0);
+    assert_eq!(h.guest.tx_used(), 4);
+}
+
+#[test]
+fn handler_malformed_chain_with_header_answers_rst() {
+    let mut h = Harness::new();
+    // len 100 but no data descriptor.
+    let mut header = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    header.len = 100;
+    h.guest.send(header, &[]);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rst as u16]);
+    assert_eq!(h.guest.tx_used(), 1);
+}
+
+#[test]
+fn handler_credit_exhaustion_stops_reads_and_update_resumes() {
+    let mut h = Harness::new();
+    let mut request = h.guest.header(GUEST_PORT, HOST_PORT, Op::Request);
+    request.buf_alloc = 8;
+    h.guest.send(request, &[]);
+    h.run();
+    let mut far = h.handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+    far.write_all(&[7u8; 20]).unwrap();
+
+    h.readable();
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rw as u16]);
+    assert_eq!(got[0].1.len(), 8);
+    let conn = h.handler.connection(HOST_PORT, GUEST_PORT).unwrap();
+    assert_eq!(conn.credit().peer_free(), 0);
+    // No credit: the socket is not read and not watched for reading.
+    assert_eq!(
+        conn.desired_interest(),
+        Some(Interest {
+            read: false,
+            write: false
+        })
+    );
+    assert!(h.run().is_empty());
+
+    // The guest consumed 8 bytes: 8 more come.
+    let mut update = h.guest.header(GUEST_PORT, HOST_PORT, Op::CreditUpdate);
+    update.buf_alloc = 8;
+    update.fwd_cnt = 8;
+    h.guest.send(update, &[]);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rw as u16]);
+    assert_eq!(got[0].1.len(), 8);
+    drop(far);
+}
+
+#[test]
+fn handler_credit_request_answered_with_update() {
+    let mut h = Harness::new();
+    let _far = h.connect();
+    h.send(Op::CreditRequest, &[]);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::CreditUpdate as u16]);
+    assert_eq!(got[0].0.buf_alloc, BUF_ALLOC);
+}
+
+#[test]
+fn handler_guest_beyond_credit_is_reset_and_memory_bounded() {
+    let mut h = Harness::new();
+    let _far = h.connect();
+    // The host never reads: 10 x 64 KiB is beyond the 256 KiB we gave.
+    let chunk = vec![1u8; MAX_PKT_DATA as usize];
+    for _ in 0..10 {
+        h.send(Op::Rw, &chunk);
+    }
+    let got = h.run();
+    assert!(ops(&got).contains(&(Op::Rst as u16)));
+    assert_eq!(h.handler.connection_count(), 0);
+}
+
+#[test]
+fn handler_rx_without_buffers_waits_then_delivers() {
+    let mut guest = Guest::new();
+    let mut queues = guest.queues();
+    let mut tx = queues.remove(1);
+    let mut rx = queues.remove(0);
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    let interrupt = RecordingInterrupt::new();
+    let mem = guest.mem.clone();
+    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
+    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+    let run = handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    assert_eq!(run.completed, 0);
+    assert!(handler.has_rx_work());
+
+    guest.post_rx(1);
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    assert_eq!(ops(&guest.received()), [Op::Response as u16]);
+}
+
+#[test]
+fn handler_host_connect_line_request_response_ok() {
+    let mut h = Harness::new();
+    let (near, mut far) = UnixStream::pair().unwrap();
+    near.set_nonblocking(true).unwrap();
+    far.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    far.write_all(b"CONNECT 52\nearly").unwrap();
+    assert!(h.handler.add_host_stream(near));
+
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Request as u16]);
+    let request = got[0].0;
+    assert_eq!(request.dst_port, 52);
+    assert_eq!(request.src_cid, HOST_CID);
+    let local = request.src_port;
+    assert_eq!(
+        h.handler.connection(local, 52).unwrap().state(),
+        State::Connecting
+    );
+
+    let mut response = h.guest.header(52, local, Op::Response);
+    response.buf_alloc = 4096;
+    h.guest.send(response, &[]);
+    h.run();
+    let mut line = [0u8; 64];
+    let n = far.read(&mut line).unwrap();
+    assert_eq!(&line[..n], format!("OK {local}\n").as_bytes());
+
+    // The bytes after the line were not consumed by the line reader.
+    let fd = h
+        .handler
+        .connection(local, 52)
+        .unwrap()
+        .stream()
+        .as_raw_fd();
+    h.handler.stream_event(fd, true, false, false, false);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rw as u16]);
+    assert_eq!(got[0].1, b"early");
+}
+
+#[test]
+fn handler_host_connect_guest_rst_closes_stream() {
+    let mut h = Harness::new();
+    let (near, mut far) = UnixStream::pair().unwrap();
+    near.set_nonblocking(true).unwrap();
+    far.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    far.write_all(b"CONNECT 52\n").unwrap();
+    h.handler.add_host_stream(near);
+    let local = h.run()[0].0.src_port;
+
+    h.guest.send(h.guest.header(52, local, Op::Rst), &[]);
+    h.run();
+    assert_eq!(h.handler.connection_count(), 0);
+    let mut buf = [0u8; 8];
+    assert_eq!(far.read(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn handler_overlong_connect_line_closes_stream() {
+    let mut h = Harness::new();
+    let (near, mut far) = UnixStream::pair().unwrap();
+    near.set_nonblocking(true).unwrap();
+    far.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    far.write_all(&[b'7'; 40]).unwrap();
+    h.handler.add_host_stream(near);
+    assert_eq!(h.handler.accepting_count(), 0);
+    let mut buf = [0u8; 8];
+    assert_eq!(far.read(&mut buf).unwrap(), 0);
+    assert!(h.run().is_empty());
+}
+
+#[test]
+fn parse_connect_line_valid_and_malformed() {
+    assert_eq!(parse_connect_line(b"CONNECT 52\n"), Some(52));
+    assert_eq!(parse_connect_line(b"CONNECT 4294967295\n"), Some(u32::MAX));
+    assert_eq!(parse_connect_line(b"CONNECT 4294967296\n"), None);
+    assert_eq!(parse_connect_line(b"CONNECT \n"), None);
+    assert_eq!(parse_connect_line(b"CONNECT -1\n"), None);
+    assert_eq!(parse_connect_line(b"connect 52\n"), None);
+    assert_eq!(parse_connect_line(b"CONNECT 52"), None);
+}
+
+#[test]
+fn handler_many_connections_round_robin() {
+    let mut h = Harness::new();
+    let mut fars = Vec::new();
+    for port in 0..20u32 {
+        h.guest.send(
+            h.guest.header(GUEST_PORT + port, HOST_PORT, Op::Request),
+            &[],
+        );
+        h.run();
+        let far = h.handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+        fars.push(far);
+    }
+    assert_eq!(h.handler.connection_count(), 20);
+    // Every host end has lots to say; each connection gets one buffer in
+    // turn rather than the first one taking them all.
+    for (i, far) in fars.iter_mut().enumerate() {
+        far.write_all(&[i as u8; 10_000]).unwrap();
+        let fd = h
+            .handler
+            .connection(HOST_PORT, GUEST_PORT + i as u32)
+            .unwrap()
+            .stream()
+            .as_raw_fd();
+        h.handler.stream_event(fd, true, false, false, false);
+    }
+    h.guest.post_rx(40);
+    let got = h.run();
+    let first_twenty: Vec<u32> = got.iter().take(20).map(|(hd, _)| hd.dst_port).collect();
+    let mut sorted = first_twenty.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 20);
+}
+
+#[test]
+fn handler_clear_closes_every_connection() {
+    let mut h = Harness::new();
+    let mut far = h.connect();
+    let mut seen = Vec::new();
+    h.handler
+        .sync_interest(|fd, old, new| seen.push((fd, old, new)));
+    assert_eq!(seen.len(), 1);
+    h.handler.clear();
+    assert_eq!(h.handler.connection_count(), 0);
+    let mut removed = Vec::new();
+    h.handler
+        .sync_interest(|fd, old, new| removed.push((fd, old, new)));
+    assert_eq!(removed, [(seen[0].0, seen[0].2, None)]);
+    let mut buf = [0u8; 8];
+    assert_eq!(far.read(&mut buf).unwrap(), 0);
+}

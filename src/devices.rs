@@ -1,0 +1,131 @@
+//! Device wiring: the legacy devices on the port-I/O bus and each virtio
+//! device in its own virtio-mmio window with its ioeventfds and irqfd.
+//!
+//! This is the only place that decides guest addresses and interrupt lines
+//! for devices; devices themselves never see KVM.
+
+use std::sync::{Arc, Mutex};
+
+use chitin_devices::{
+    CmosRtc, I8042Device, SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE,
+    RTC_LEN,
+};
+use chitin_memory::layout::VIRTIO_MMIO_START;
+use chitin_memory::GuestRam;
+use chitin_vcpu::{ExitReason, IoBuses, Vm, VmControl};
+use chitin_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use chitin_virtio::VirtioDevice;
+use event_manager::MutEventSubscriber;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::console::{Console, ConsoleInput};
+use crate::error::SandboxError;
+use crate::event_loop::EventLoop;
+
+/// Port of the i8042 data register; the device spans 0x60..=0x64.
+const I8042_BASE: u64 = 0x60;
+/// The i8042 window: data port 0x60 through command port 0x64.
+const I8042_LEN: u64 = 5;
+
+/// Interrupt lines for virtio-mmio devices: the IOAPIC pins above the ISA
+/// devices chitin emulates (timer 0, keyboard 1, COM1 4) and without the
+/// RTC's 8.
+const VIRTIO_GSIS: &[u32] = &[
+    5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];
+
+pub(crate) fn device_err(
+    what: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> SandboxError {
+    SandboxError::Device(what, Box::new(e))
+}
+
+/// Hands out virtio-mmio windows and interrupt lines in order.
+#[derive(Default)]
+pub(crate) struct VirtioSlots {
+    used: usize,
+}
+
+impl VirtioSlots {
+    fn next(&mut self) -> Result<(u64, u32), SandboxError> {
+        let gsi = *VIRTIO_GSIS
+            .get(self.used)
+            .ok_or(SandboxError::TooManyDevices(VIRTIO_GSIS.len()))?;
+        let base = VIRTIO_MMIO_START + self.used as u64 * MMIO_WINDOW_SIZE;
+        self.used += 1;
+        Ok((base, gsi))
+    }
+}
+
+/// Put `device` behind the next virtio-mmio window: QueueNotify writes
+/// signal its queue events inside KVM (ioeventfd), its interrupt is an
+/// irqfd, its queues are processed on the event loop. Returns the
+/// `virtio_mmio.device=` entry the guest needs to find it.
+pub(crate) fn attach_virtio<D>(
+    vm: &Vm,
+    ram: &GuestRam,
+    device: D,
+    slots: &mut VirtioSlots,
+    buses: &mut IoBuses,
+    events: &mut EventLoop,
+) -> Result<String, SandboxError>
+where
+    D: VirtioDevice + MutEventSubscriber + Send + 'static,
+{
+    let (base, gsi) = slots.next()?;
+    for (queue, event) in device.queue_events().iter().enumerate() {
+        vm.register_mmio_notify(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)
+            .map_err(|e| device_err("virtio queue notification", e))?;
+    }
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("virtio irq", e))?;
+    vm.register_irqfd(&irq, gsi)
+        .map_err(|e| device_err("virtio irq", e))?;
+    let device = Arc::new(Mutex::new(device));
+    let transport = MmioTransport::new(device.clone(), ram.memory().clone(), irq);
+    buses
+        .mmio
+        .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)
+        .map_err(|e| device_err("virtio-mmio window", e))?;
+    events.add(device);
+    Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+}
+
+/// COM1, the i8042 and the CMOS RTC on the port-I/O bus.
+pub(crate) fn legacy_devices(
+    vm: &Vm,
+    control: &Arc<VmControl>,
+    console: Console,
+    input: Option<ConsoleInput>,
+    events: &mut EventLoop,
+) -> Result<IoBuses, SandboxError> {
+    let mut buses = IoBuses::default();
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("serial irq", e))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| device_err("serial irq", e))?;
+    let serial = Arc::new(
+        SerialDevice::new(serial_irq, console.open()?).map_err(|e| device_err("serial", e))?,
+    );
+    buses
+        .pio
+        .insert(serial.clone(), COM1_BASE, COM1_LEN)
+        .map_err(|e| device_err("serial", e))?;
+    if let Some(ConsoleInput(source)) = input {
+        events.add(Arc::new(Mutex::new(SerialInput::new(serial, source))));
+    }
+
+    let reset_control = Arc::clone(control);
+    let i8042 = I8042Device::new(Box::new(move || {
+        reset_control.request_exit(ExitReason::Reset);
+    }));
+    buses
+        .pio
+        .insert(Arc::new(i8042), I8042_BASE, I8042_LEN)
+        .map_err(|e| device_err("i8042", e))?;
+    buses
+        .pio
+        .insert(Arc::new(CmosRtc::new()), RTC_BASE, RTC_LEN)
+        .map_err(|e| device_err("rtc", e))?;
+    Ok(buses)
+}
