@@ -270,7 +270,13 @@ fn initramfs(agent: &Path) -> Step<PathBuf> {
     cpio.char_dev("dev/console", 5, 1);
     cpio.file_from("init", 0o755, agent)?;
     cpio.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
-    cpio.symlink("bin/sh", "busybox");
+    // One link per applet, so `uname`, `cat`, `sleep`, ... resolve in PATH.
+    let applets = util::output(Command::new("/bin/busybox").arg("--list"))?;
+    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && !a.contains('/')) {
+        if applet != "busybox" {
+            cpio.symlink(&format!("bin/{applet}"), "busybox");
+        }
+    }
     let path = cache_dir().join("guest").join("initramfs.cpio");
     util::write_atomic(&path, &cpio.finish())?;
     Ok(path)

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -337,6 +338,7 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
     }
     prerequisites()?;
     let tools = build_tools()?;
+    QUIET.store(true, Ordering::Relaxed);
     let mut plan = format!(
         "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t/l2\t--timeout\t{}\t--",
         NESTED_EXEC_TIMEOUT_S - 10
@@ -613,7 +615,15 @@ enum L1Outcome {
 
 /// Boot L1 and collect its console until QEMU exits or `budget` passes.
 fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) -> Step<L1Outcome> {
-    eprintln!("xtask: == booting L1 (QEMU TCG, nested SVM)");
+    progress_line("xtask: == booting L1 (QEMU TCG, nested SVM)");
+    // QEMU's own stderr (TCG feature warnings, errors) goes to a file,
+    // printed when L1 does not come up.
+    let qemu_log_path = cache_dir().join("nested").join("qemu-stderr.log");
+    if let Some(dir) = qemu_log_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    let qemu_log = std::fs::File::create(&qemu_log_path)
+        .map_err(|e| format!("create {}: {e}", qemu_log_path.display()))?;
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -633,7 +643,7 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
         .args(disks)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(qemu_log)
         .spawn()
         .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
     let stdout = child.stdout.take().ok_or("qemu stdout")?;
@@ -673,8 +683,10 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
     let _ = child.wait();
     let _ = reader.join();
     let _ = util::write_atomic(&log_path, log.join("\n").as_bytes());
-    eprintln!("xtask: L1 console log: {}", log_path.display());
+    progress_line(&format!("xtask: L1 console log: {}", log_path.display()));
     if !up {
+        let qemu = std::fs::read_to_string(&qemu_log_path).unwrap_or_default();
+        eprintln!("xtask: L1 printed nothing; QEMU said:\n{qemu}");
         return Ok(L1Outcome::NeverUp);
     }
     if timed_out {
@@ -683,12 +695,21 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
     Ok(L1Outcome::Ran(log))
 }
 
+/// Progress lines are off for `nested-exec`, whose output is the command's.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+fn progress_line(line: &str) {
+    if !QUIET.load(Ordering::Relaxed) {
+        eprintln!("{line}");
+    }
+}
+
 /// Show a person what is happening while L1 runs.
 fn progress(line: &str, start: Instant) {
     let t = start.elapsed().as_secs_f64();
     if let Some(rest) = line.strip_prefix("nested: ") {
         if !rest.starts_with("marker") {
-            eprintln!("xtask: [{t:6.1} s] {rest}");
+            progress_line(&format!("xtask: [{t:6.1} s] {rest}"));
         }
     }
 }

@@ -1,0 +1,137 @@
+//! Run a command in a fresh chitin sandbox and print its output:
+//!
+//! ```text
+//! cargo run --release --example exec -- uname -a
+//! cargo run --release --example exec -- --vcpus 2 --mem 256 -- sh -c 'echo hi; exit 3'
+//! ```
+//!
+//! It prepares the default guest if needed (`cargo xtask guest`), boots it,
+//! runs the command through chitin's agent, prints the command's stdout
+//! and stderr, and exits with the command's exit code (128 + signal number
+//! when a signal killed it, 1 on a chitin error, printed as one line).
+//!
+//! On a host whose `/dev/kvm` cannot run stock Linux (kvm-pvm, a software
+//! hypervisor), it says so in one line and runs the same sandbox inside the
+//! nested tier (`cargo xtask nested-exec`): QEMU provides an L1 Linux with a
+//! real KVM, where this same program runs the command.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chitin::{error_chain, Command, ExitStatus, GuestImage, Sandbox};
+use clap::Parser;
+
+/// Run a command in a chitin sandbox.
+#[derive(Parser)]
+struct Args {
+    /// Guest image directory (vmlinux + initramfs.cpio); default: the one
+    /// `cargo xtask guest` prepares.
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    /// Kill the command after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// Where kvm-pvm, this workplace's software hypervisor, shows itself.
+const KVM_PVM: &str = "/sys/module/kvm_pvm";
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.guest_dir.is_none() && Path::new(KVM_PVM).exists() {
+        eprintln!(
+            "chitin: this host's /dev/kvm is kvm-pvm, which cannot run stock Linux; \
+             running the sandbox in the nested tier (QEMU L1 with its own KVM) instead"
+        );
+        return nested(&args.command);
+    }
+    match run(&args) {
+        Ok(status) => ExitCode::from(exit_code(status)),
+        Err(message) => {
+            eprintln!("chitin: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn exit_code(status: ExitStatus) -> u8 {
+    match status {
+        ExitStatus::Code(code) => code.clamp(0, 255) as u8,
+        ExitStatus::Signal(signo) => (128 + signo).clamp(0, 255) as u8,
+    }
+}
+
+/// Boot the guest here and run the command.
+fn run(args: &Args) -> Result<ExitStatus, String> {
+    let image = match &args.guest_dir {
+        Some(dir) => GuestImage::in_dir(dir),
+        None => prepared_default_image()?,
+    };
+    let running = Sandbox::builder()
+        .guest(image)
+        .vcpus(args.vcpus)
+        .memory_mib(args.mem)
+        .build()
+        .map_err(|e| error_chain(&e))?
+        .start()
+        .map_err(|e| error_chain(&e))?;
+    let (program, rest) = args.command.split_first().ok_or("no command given")?;
+    let cmd = Command::new(program)
+        .args(rest)
+        .env("HOME", "/")
+        .env("TERM", "linux")
+        .timeout(Duration::from_secs(args.timeout));
+    let output = running.exec(&cmd).map_err(|e| error_chain(&e))?;
+    // Dropping the sandbox stops the guest; nothing of it outlives this.
+    drop(running);
+    let _ = std::io::stdout().write_all(&output.stdout);
+    let _ = std::io::stderr().write_all(&output.stderr);
+    let _ = std::io::stdout().flush();
+    Ok(output.status)
+}
+
+/// The default image, prepared with `cargo xtask guest` when missing.
+fn prepared_default_image() -> Result<GuestImage, String> {
+    let image = GuestImage::default();
+    if !image.exists() {
+        eprintln!("chitin: preparing the default guest (cargo xtask guest; the first time builds a kernel, about 3 minutes)");
+        cargo_xtask(&["guest"])?;
+    }
+    Ok(image)
+}
+
+fn cargo_xtask(args: &[&str]) -> Result<i32, String> {
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .arg("xtask")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .map_err(|e| format!("cannot run cargo xtask: {e}"))?;
+    status
+        .code()
+        .ok_or_else(|| format!("cargo xtask {} was killed", args.join(" ")))
+}
+
+/// Run the command in the nested tier and mirror its exit code.
+fn nested(command: &[String]) -> ExitCode {
+    let mut args = vec!["nested-exec", "--"];
+    args.extend(command.iter().map(String::as_str));
+    match cargo_xtask(&args) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(message) => {
+            eprintln!("chitin: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
