@@ -112,12 +112,13 @@ fn prepared_default_image() -> Result<GuestImage, String> {
 }
 
 fn cargo_xtask(args: &[&str]) -> Result<i32, String> {
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .arg("xtask")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .map_err(|e| format!("cannot run cargo xtask: {e}"))?;
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .arg("xtask")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .map_err(|e| format!("cannot run cargo xtask: {e}"))?;
     status
         .code()
         .ok_or_else(|| format!("cargo xtask {} was killed", args.join(" ")))

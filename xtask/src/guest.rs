@@ -272,7 +272,11 @@ fn initramfs(agent: &Path) -> Step<PathBuf> {
     cpio.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
     // One link per applet, so `uname`, `cat`, `sleep`, ... resolve in PATH.
     let applets = util::output(Command::new("/bin/busybox").arg("--list"))?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && !a.contains('/')) {
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+    {
         if applet != "busybox" {
             cpio.symlink(&format!("bin/{applet}"), "busybox");
         }

@@ -43,6 +43,9 @@ struct Scenario {
     timeout_s: u32,
     /// Run the peer (QEMU microvm) instead of chitin.
     peer: bool,
+    /// Run `chitin-exec-checks <this>` in L1 (host-side checks through the
+    /// library, against the agent guest) instead of the `boot` example.
+    host_checks: Option<&'static str>,
     /// chitin `--disk` values, in L2 order; `@serial` stands for the L1
     /// block device of that image (see [`disks`]).
     disks: &'static [&'static str],
@@ -56,6 +59,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 256,
         timeout_s: 60,
         peer: false,
+        host_checks: None,
         disks: &[],
         judge: judge_checks,
     },
@@ -65,6 +69,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 256,
         timeout_s: 60,
         peer: true,
+        host_checks: None,
         disks: &[],
         judge: judge_checks,
     },
@@ -74,6 +79,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        host_checks: None,
         disks: &[],
         judge: judge_checks,
     },
@@ -83,6 +89,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        host_checks: None,
         disks: &[],
         judge: judge_panic,
     },
@@ -92,6 +99,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 240,
         peer: false,
+        host_checks: None,
         disks: &[],
         judge: judge_console,
     },
@@ -101,6 +109,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 256,
         timeout_s: 90,
         peer: false,
+        host_checks: None,
         disks: &[],
         judge: judge_checks,
     },
@@ -110,6 +119,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        host_checks: None,
         disks: &["@blk"],
         judge: judge_blk,
     },
@@ -119,6 +129,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        host_checks: None,
         disks: &["@ro,ro"],
         judge: judge_checks,
     },
@@ -128,6 +139,7 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 192,
         timeout_s: 240,
         peer: false,
+        host_checks: None,
         disks: &["@ro,ro", "@integrity"],
         judge: judge_integrity,
     },
@@ -137,8 +149,29 @@ const SCENARIOS: &[Scenario] = &[
         mem_mib: 128,
         timeout_s: 60,
         peer: false,
+        host_checks: None,
         disks: &["@discard"],
         judge: judge_discard,
+    },
+    Scenario {
+        name: "exec",
+        vcpus: 2,
+        mem_mib: 256,
+        timeout_s: 180,
+        peer: false,
+        host_checks: Some("exec"),
+        disks: &[],
+        judge: judge_host_checks,
+    },
+    Scenario {
+        name: "vsock",
+        vcpus: 2,
+        mem_mib: 256,
+        timeout_s: 180,
+        peer: false,
+        host_checks: Some("vsock"),
+        disks: &[],
+        judge: judge_host_checks,
     },
 ];
 
@@ -193,7 +226,12 @@ fn l2_cmdline(s: &Scenario) -> String {
 /// The plan line for L1's runner: name, timeout, marker, argv (tab separated).
 fn plan_line(run_name: &str, s: &Scenario) -> String {
     let cmdline = l2_cmdline(s);
-    let argv: Vec<String> = if s.peer {
+    let argv: Vec<String> = if let Some(which) = s.host_checks {
+        ["/bin/chitin-exec-checks", which, "/l2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else if s.peer {
         [
             "/usr/bin/qemu-system-x86_64",
             "-M",
@@ -250,8 +288,14 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
     };
     // The runner's own timeout is a little longer than the VMM's, so the
     // VMM's timeout (a clean stop) fires first.
+    // Host checks time VMM start to the first exec's answer instead.
+    let marker = if s.host_checks.is_some() {
+        "chitin-check: first-exec"
+    } else {
+        UP_MARKER
+    };
     format!(
-        "{run_name}\t{}\t{UP_MARKER}\t{}",
+        "{run_name}\t{}\t{marker}\t{}",
         s.timeout_s + 15,
         argv.join("\t")
     )
@@ -285,6 +329,7 @@ struct Tools {
     image: guest::GuestImage,
     boot: PathBuf,
     exec: PathBuf,
+    checks: PathBuf,
     init: PathBuf,
     l1: L1Kernel,
 }
@@ -294,6 +339,10 @@ fn build_tools() -> Step<Tools> {
         image: guest::prepare()?,
         boot: guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?,
         exec: guest::build_static(&["-p", "chitin", "--example", "exec"], "exec")?,
+        checks: guest::build_static(
+            &["-p", "chitin-nested-init", "--bin", "chitin-exec-checks"],
+            "chitin-exec-checks",
+        )?,
         init: guest::build_static(
             &["-p", "chitin-nested-init", "--bin", "chitin-nested-init"],
             "chitin-nested-init",
@@ -391,6 +440,7 @@ const WARMUP: Scenario = Scenario {
     mem_mib: 128,
     timeout_s: 60,
     peer: false,
+    host_checks: None,
     disks: &[],
     judge: judge_checks,
 };
@@ -574,6 +624,7 @@ fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     tree.file("/init", 0o755, &tools.init)?;
     tree.file("/bin/chitin-boot", 0o755, &tools.boot)?;
     tree.file("/bin/chitin-exec", 0o755, &tools.exec)?;
+    tree.file("/bin/chitin-exec-checks", 0o755, &tools.checks)?;
     tree.file("/l2/vmlinux", 0o644, &image.kernel)?;
     tree.file("/l2/initramfs.cpio", 0o644, &image.initramfs)?;
     let mut order = String::new();
@@ -848,6 +899,28 @@ fn check_value(run: &Run, check: &str, key: &str) -> Result<String, String> {
         })
         .map(str::to_string)
         .ok_or_else(|| format!("no `{key}=` in a passing `{check}` check"))
+}
+
+/// Host-side checks: exit 0, every check passed, summary line.
+fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
+    if let Some(fail) = run
+        .lines
+        .iter()
+        .find(|l| l.contains("chitin-check:") && l.contains(" FAIL"))
+    {
+        return Err(fail.clone());
+    }
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if exit != "0" || !run.has("chitin-agent: done") || !run.has(" fail=0") {
+        return Err(format!("checks did not all pass (exit {exit})"));
+    }
+    let passes: Vec<String> = run
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("chitin-check: "))
+        .map(|l| l.split(" PASS ").collect::<Vec<_>>().join(": "))
+        .collect();
+    Ok(passes.join("; "))
 }
 
 fn judge_blk(run: &Run, disks: &Disks) -> Result<String, String> {

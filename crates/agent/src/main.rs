@@ -24,6 +24,7 @@ mod init;
 mod report;
 mod scenario;
 mod service;
+mod tools;
 mod vsock;
 
 use report::Report;
@@ -32,6 +33,11 @@ use report::Report;
 use chitin_agent::protocol::VERSION;
 
 fn main() {
+    // Run as a tool (through exec, not as PID 1)?
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(code) = tools::run(&args) {
+        std::process::exit(code);
+    }
     let mut report = Report::new();
     if let Err(e) = init::mount_basics() {
         report.check("mounts", false, &e);

@@ -70,3 +70,35 @@ impl Listener {
         }
     }
 }
+
+/// The host's CID: a guest connection to it reaches the VMM.
+pub const HOST_CID: u32 = 2;
+
+/// Connect to `cid`:`port`.
+pub fn connect(cid: u32, port: u32) -> io::Result<File> {
+    // SAFETY: socket takes no pointers; the result is checked.
+    let raw =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `raw` is a fresh socket we own exclusively.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid sockaddr_vm and the length matches it.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    })?;
+    Ok(File::from(fd))
+}
+
+/// Stop sending on a connected socket (the peer reads EOF).
+pub fn shutdown_write(stream: &File) -> io::Result<()> {
+    // SAFETY: shutdown takes no pointers; the fd is open.
+    check(unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) }).map(|_| ())
+}

@@ -1,0 +1,126 @@
+//! Small vsock test tools the agent binary also provides, for the nested
+//! tier's `vsock` scenario (run through exec as `/init <tool> ...`):
+//!
+//! - `vsock-echo-client PORT BYTES`: connect to the host (CID 2) on PORT,
+//!   send BYTES of pattern while reading the echo back, and print
+//!   `sent=<n> sent_fnv=<hex> received=<n> received_fnv=<hex> ms=<ms>`;
+//!   exit 0 only when both match.
+//! - `vsock-echo-server PORT`: accept one connection on PORT, echo it until
+//!   EOF, then close; prints `echoed=<n>`.
+
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use crate::blk::fill_pattern;
+use crate::scenario::{fnv1a, FNV_BASIS};
+use crate::vsock;
+
+/// Run `tool` if `args` names one; `None` if it is not a tool invocation.
+pub fn run(args: &[String]) -> Option<i32> {
+    let tool = args.get(1)?;
+    let arg = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
+    Some(match tool.as_str() {
+        "vsock-echo-client" => match (arg(2), arg(3)) {
+            (Some(port), Some(bytes)) => echo_client(port as u32, bytes),
+            _ => usage(),
+        },
+        "vsock-echo-server" => match arg(2) {
+            Some(port) => echo_server(port as u32),
+            None => usage(),
+        },
+        _ => return None,
+    })
+}
+
+fn usage() -> i32 {
+    eprintln!("usage: vsock-echo-client PORT BYTES | vsock-echo-server PORT");
+    2
+}
+
+fn echo_client(port: u32, bytes: u64) -> i32 {
+    let stream = match vsock::connect(vsock::HOST_CID, port) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("connect to CID 2 port {port}: {e}");
+            return 1;
+        }
+    };
+    let start = Instant::now();
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("clone: {e}");
+            return 1;
+        }
+    };
+    let sender = std::thread::spawn(move || {
+        let mut chunk = vec![0u8; 64 << 10];
+        let (mut sent, mut hash, mut seed) = (0u64, FNV_BASIS, 0u64);
+        while sent < bytes {
+            let n = chunk.len().min((bytes - sent) as usize);
+            seed += 1;
+            fill_pattern(seed, &mut chunk[..n]);
+            if writer.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            hash = fnv1a(hash, &chunk[..n]);
+            sent += n as u64;
+        }
+        let _ = vsock::shutdown_write(&writer);
+        (sent, hash)
+    });
+    let mut reader = stream;
+    let (mut received, mut hash) = (0u64, FNV_BASIS);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                hash = fnv1a(hash, &buf[..n]);
+                received += n as u64;
+            }
+        }
+    }
+    let (sent, sent_hash) = sender.join().unwrap_or((0, 0));
+    println!(
+        "sent={sent} sent_fnv={sent_hash:016x} received={received} received_fnv={hash:016x} ms={}",
+        start.elapsed().as_millis()
+    );
+    i32::from(!(sent == bytes && received == bytes && sent_hash == hash))
+}
+
+fn echo_server(port: u32) -> i32 {
+    let listener = match vsock::Listener::bind(port) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("listen on port {port}: {e}");
+            return 1;
+        }
+    };
+    // Tell the spawner the listener is up before blocking in accept.
+    println!("listening={port}");
+    let _ = std::io::stdout().flush();
+    let mut stream = match listener.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("accept: {e}");
+            return 1;
+        }
+    };
+    let mut echoed = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                echoed += n as u64;
+            }
+        }
+    }
+    let _ = vsock::shutdown_write(&stream);
+    println!("echoed={echoed}");
+    0
+}

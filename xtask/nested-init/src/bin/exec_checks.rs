@@ -1,0 +1,340 @@
+//! The nested tier's host-side checks of `Sandbox::exec`/`spawn` and vsock,
+//! run inside L1 (where KVM runs Linux) against the default guest:
+//!
+//! `chitin-exec-checks exec|vsock GUEST_DIR`
+//!
+//! Prints one `chitin-check: <name> PASS|FAIL <detail>` line per check and
+//! `chitin-checks: done pass=<n> fail=<m>`; exits 0 only if all passed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox};
+
+/// FNV-1a 64, as the agent computes it.
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+struct Checks {
+    passed: u32,
+    failed: u32,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, result: Result<String, String>) {
+        let (verdict, detail) = match result {
+            Ok(d) => {
+                self.passed += 1;
+                ("PASS", d)
+            }
+            Err(d) => {
+                self.failed += 1;
+                ("FAIL", d)
+            }
+        };
+        println!("chitin-check: {name} {verdict} {detail}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn sh(script: &str) -> Command {
+    Command::new("sh").arg("-c").arg(script)
+}
+
+fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
+    let t = Instant::now();
+    let first = vm.exec(&Command::new("true"));
+    c.check(
+        "first-exec",
+        first
+            .map(|o| {
+                format!(
+                    "status={:?} ms={} (includes boot)",
+                    o.status,
+                    t.elapsed().as_millis()
+                )
+            })
+            .map_err(|e| e.to_string()),
+    );
+    let out = vm.exec(&Command::new("echo").arg("hello"));
+    c.check(
+        "echo",
+        match out {
+            Ok(o) if o.stdout == b"hello\n" && o.status == ExitStatus::Code(0) => {
+                Ok("hello".into())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    c.check(
+        "exit-code",
+        match vm.exec(&sh("exit 3")) {
+            Ok(o) if o.status == ExitStatus::Code(3) => Ok("3".into()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    c.check(
+        "stderr-separate",
+        match vm.exec(&sh("echo out; echo err >&2")) {
+            Ok(o) if o.stdout == b"out\n" && o.stderr == b"err\n" => {
+                Ok("stdout=out stderr=err".into())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let eight_mib = 8 << 20;
+    let expected: Vec<u8> = b"abcdefg\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(eight_mib)
+        .collect();
+    let t = Instant::now();
+    c.check(
+        "stdout-8mib",
+        match vm.exec(&sh(&format!("yes abcdefg | head -c {eight_mib}"))) {
+            Ok(o)
+                if o.stdout.len() == eight_mib
+                    && fnv1a(FNV_BASIS, &o.stdout) == fnv1a(FNV_BASIS, &expected) =>
+            {
+                Ok(format!(
+                    "8 MiB intact fnv={:016x} in {} ms",
+                    fnv1a(FNV_BASIS, &o.stdout),
+                    t.elapsed().as_millis()
+                ))
+            }
+            Ok(o) => Err(format!(
+                "got {} bytes, status {:?}",
+                o.stdout.len(),
+                o.status
+            )),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    let input: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    c.check(
+        "stdin-piped",
+        match vm.exec(&Command::new("cat").stdin(input.clone())) {
+            Ok(o) if o.stdout == input => Ok("1 MiB through cat".into()),
+            other => Err(format!("{:?}", other.map(|o| o.stdout.len()))),
+        },
+    );
+    let results: Vec<Result<bool, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                s.spawn(move || {
+                    vm.exec(&sh(&format!("echo {i}")))
+                        .map(|o| o.stdout == format!("{i}\n").as_bytes())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err("panicked".into())))
+            .collect()
+    });
+    let good = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    c.check(
+        "concurrent-16",
+        if good == 16 {
+            Ok("16 of 16".into())
+        } else {
+            Err(format!("{good} of 16: {results:?}"))
+        },
+    );
+    c.check(
+        "kill",
+        (|| {
+            let child = vm
+                .spawn(&Command::new("sleep").arg("1000"))
+                .map_err(|e| e.to_string())?;
+            child.kill().map_err(|e| e.to_string())?;
+            match child.wait().map_err(|e| e.to_string())? {
+                ExitStatus::Signal(9) => Ok("sleep 1000 -> signal 9".to_string()),
+                other => Err(format!("{other:?}")),
+            }
+        })(),
+    );
+    let mut rtt: Vec<u128> = (0..20)
+        .filter_map(|_| {
+            let t = Instant::now();
+            vm.exec(&Command::new("true"))
+                .ok()
+                .map(|_| t.elapsed().as_micros())
+        })
+        .collect();
+    rtt.sort_unstable();
+    c.check(
+        "exec-true-rtt",
+        rtt.get(rtt.len() / 2)
+            .map(|m| format!("median {} us of {}", m, rtt.len()))
+            .ok_or_else(|| "no exec succeeded".to_string()),
+    );
+}
+
+/// Echo server on the host side for guest-initiated connections.
+fn host_echo(listener: UnixListener) {
+    if let Ok((mut stream, _)) = listener.accept() {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// `CONNECT <port>` through the vsock device's socket; the stream after OK.
+fn host_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+    let mut stream = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "CONNECT {port}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::with_capacity(1, stream.try_clone().map_err(|e| e.to_string())?)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    if line.starts_with("OK ") {
+        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        Ok(stream)
+    } else {
+        Err(format!("refused: {line:?}"))
+    }
+}
+
+fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
+    // Guest → host: the guest connects to CID 2 port 5000, which chitin
+    // connects to <uds>_5000, our echo listener.
+    let port_path = PathBuf::from(format!("{}_5000", uds.display()));
+    let _ = std::fs::remove_file(&port_path);
+    let listener = match UnixListener::bind(&port_path) {
+        Ok(l) => l,
+        Err(e) => return c.check("guest-to-host", Err(format!("bind: {e}"))),
+    };
+    let echo = std::thread::spawn(move || host_echo(listener));
+    let four_mib = 4u64 << 20;
+    let out =
+        vm.exec(&Command::new("/init").args(["vsock-echo-client", "5000", &four_mib.to_string()]));
+    c.check(
+        "guest-to-host-4mib",
+        match out {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                let ms: u64 = text
+                    .rsplit("ms=")
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mbps = if ms > 0 {
+                    (2 * four_mib) as f64 / 1e3 / ms as f64
+                } else {
+                    0.0
+                };
+                Ok(format!("{text} echo_throughput_MBps={mbps:.1}"))
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let _ = echo.join();
+    let _ = std::fs::remove_file(&port_path);
+
+    // Host → guest: a guest listener on port 5001 reached through CONNECT.
+    c.check(
+        "host-to-guest",
+        (|| {
+            let server = vm
+                .spawn(&Command::new("/init").args(["vsock-echo-server", "5001"]))
+                .map_err(|e| e.to_string())?;
+            let mut ready = [0u8; 16];
+            let _ = server.stdout().read(&mut ready);
+            let mut stream = host_connect(uds, 5001)?;
+            let payload: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+            let t = Instant::now();
+            let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+            let data = payload.clone();
+            let sender = std::thread::spawn(move || {
+                let r = writer.write_all(&data);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+                r
+            });
+            let mut back = Vec::new();
+            stream.read_to_end(&mut back).map_err(|e| e.to_string())?;
+            let ms = t.elapsed().as_millis().max(1);
+            sender
+                .join()
+                .map_err(|_| "sender panicked".to_string())?
+                .map_err(|e| e.to_string())?;
+            let _ = server.wait_timeout(Duration::from_secs(10));
+            if back == payload {
+                let mbps = (2 * payload.len()) as f64 / 1e3 / ms as f64;
+                Ok(format!(
+                    "4 MiB echoed intact in {ms} ms, echo_throughput_MBps={mbps:.1}"
+                ))
+            } else {
+                Err(format!("echoed {} bytes, differ", back.len()))
+            }
+        })(),
+    );
+
+    // A port nobody listens on: a clean refusal, no hang.
+    let t = Instant::now();
+    c.check(
+        "refused-port",
+        match host_connect(uds, 5999) {
+            Err(e) => Ok(format!("{e} after {} ms", t.elapsed().as_millis())),
+            Ok(_) => Err("port 5999 accepted a connection".into()),
+        },
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(which), Some(dir)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: chitin-exec-checks exec|vsock GUEST_DIR");
+        std::process::exit(2);
+    };
+    let uds = PathBuf::from(format!("/tmp/chitin-checks-{which}.vsock"));
+    let _ = std::fs::remove_file(&uds);
+    let built = Sandbox::builder()
+        .guest(GuestImage::in_dir(dir))
+        .vcpus(2)
+        .memory_mib(256)
+        .vsock(3, &uds)
+        .build()
+        .and_then(|s| s.start());
+    let vm = match built {
+        Ok(vm) => vm,
+        Err(e) => {
+            println!("chitin-check: sandbox FAIL {}", chitin::error_chain(&e));
+            std::process::exit(1);
+        }
+    };
+    println!("chitin-agent: up version=1 scenario={which} (host checks)");
+    let mut c = Checks {
+        passed: 0,
+        failed: 0,
+    };
+    match which.as_str() {
+        "exec" => exec_checks(&vm, &mut c),
+        "vsock" => vsock_checks(&vm, &uds, &mut c),
+        other => c.check("scenario", Err(format!("unknown {other}"))),
+    }
+    println!("chitin-agent: done pass={} fail={}", c.passed, c.failed);
+    let _ = std::io::stdout().flush();
+    drop(vm);
+    std::process::exit(i32::from(c.failed > 0));
+}
