@@ -60,6 +60,9 @@ pub fn fuzz(args: &[String]) -> Step {
             .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
+            // An input running this long is a hang (a guest-driven
+            // infinite loop): report it instead of waiting 20 minutes.
+            .arg("-timeout=10")
             .arg("-print_final_stats=1")
             .current_dir(&fuzz_dir)
             .env_remove("CARGO")

@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use chitin_virtio::{InterruptKind, VirtioInterrupt};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::{VsockBackend, VsockStream};
@@ -391,7 +391,7 @@ impl<B: VsockBackend> VsockHandler<B> {
                     }
                     break;
                 }
-                let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                let Some(mut chain) = next_chain(queue, mem)? else {
                     break;
                 };
                 let head = chain.head_index();
@@ -452,7 +452,7 @@ impl<B: VsockBackend> VsockHandler<B> {
                     run.pending = has_available(queue, mem)?;
                     break;
                 }
-                let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                let Some(mut chain) = next_chain(queue, mem)? else {
                     starved = true;
                     break;
                 };
@@ -615,6 +615,17 @@ fn conn_rst<S: io::Read + io::Write>(
     key: ConnKey,
 ) -> Option<Header> {
     conns.get(&key).map(Connection::rst)
+}
+
+/// The next available chain. Unlike `pop_descriptor_chain`, a broken
+/// available ring (an index more than a queue ahead, found by the fuzzer)
+/// is an error rather than "nothing available": otherwise the notification
+/// loops, which see buffers pending, would spin forever.
+fn next_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, HandlerError> {
+    Ok(queue.iter(mem).map_err(HandlerError::AvailRing)?.next())
 }
 
 fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, HandlerError> {

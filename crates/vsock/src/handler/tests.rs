@@ -431,3 +431,31 @@ fn handler_clear_closes_every_connection() {
     let mut buf = [0u8; 8];
     assert_eq!(far.read(&mut buf).unwrap(), 0);
 }
+
+#[test]
+fn handler_rx_avail_index_far_ahead_is_an_error_not_a_spin() {
+    // Arrange: an RST pending for the guest, and an RX available ring whose
+    // index claims 100 more buffers than the queue holds
+    // (found by the vsock_packet fuzz target: this used to loop forever).
+    let mut guest = Guest::new();
+    let mut queues = guest.queues();
+    let mut tx = queues.remove(1);
+    let mut rx = queues.remove(0);
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    handler.backend_mut().refused.push(HOST_PORT);
+    let interrupt = RecordingInterrupt::new();
+    let mem = guest.mem.clone();
+    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
+    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+    assert!(handler.has_rx_work());
+    // The avail ring's idx field sits 2 bytes into the ring.
+    let idx = rx.next_avail().wrapping_add(rx.size() + 100);
+    vm_memory::Bytes::write_obj(&mem, idx, vm_memory::GuestAddress(rx.avail_ring() + 2)).unwrap();
+    // Act
+    let result = handler.process_rx(&mut rx, &mem, &interrupt);
+    // Assert
+    assert!(
+        matches!(result, Err(HandlerError::AvailRing(_))),
+        "{result:?}"
+    );
+}

@@ -290,6 +290,30 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
         })(),
     );
 
+    // Hundreds of connections open at once: each reaches the agent (port
+    // 1024) and completes the protocol handshake while all are open.
+    let t = Instant::now();
+    c.check(
+        "concurrent-200",
+        (|| {
+            let mut clients = Vec::new();
+            for i in 0..200 {
+                let stream =
+                    host_connect(uds, chitin::AGENT_PORT).map_err(|e| format!("#{i}: {e}"))?;
+                clients.push(
+                    chitin_agent::client::Client::handshake(stream)
+                        .map_err(|e| format!("#{i} handshake: {e}"))?,
+                );
+            }
+            let open = clients.len();
+            drop(clients);
+            Ok(format!(
+                "{open} connections open at once, {} ms",
+                t.elapsed().as_millis()
+            ))
+        })(),
+    );
+
     // A port nobody listens on: a clean refusal, no hang.
     let t = Instant::now();
     c.check(
