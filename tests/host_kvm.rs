@@ -298,3 +298,45 @@ fn build_missing_disk_image_names_the_path() {
     assert!(matches!(err, SandboxError::Disk { .. }), "{err:?}");
     assert!(chitin::error_chain(&err).contains("/nonexistent/disk.img"));
 }
+
+#[test]
+fn exec_without_agent_is_no_agent_error() {
+    if !kvm_available("exec_without_agent") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let running = guest_builder(Guest::Spin, &console)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let err = running.exec(&chitin::Command::new("true")).err().unwrap();
+    assert!(matches!(err, chitin::ExecError::NoAgent), "{err:?}");
+}
+
+#[test]
+fn exec_when_guest_stops_is_guest_stopped_error() {
+    if !kvm_available("exec_guest_stopped") {
+        return;
+    }
+    // Arrange: "boot an agent guest" whose kernel is the report guest: it
+    // resets at once and never answers on vsock.
+    let initrd = std::env::temp_dir().join(format!("chitin-fake-initrd-{}", std::process::id()));
+    std::fs::write(&initrd, [0u8; 512]).unwrap();
+    let image = chitin::GuestImage::new(Guest::Report.path(), &initrd);
+    let running = Sandbox::builder()
+        .guest(image)
+        .memory_mib(64)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    // Act
+    let err = running.exec(&chitin::Command::new("true")).err().unwrap();
+    std::fs::remove_file(&initrd).unwrap();
+    // Assert: a typed error naming why, not a hang.
+    assert!(
+        matches!(err, chitin::ExecError::GuestStopped(ExitReason::Reset)),
+        "{err:?}"
+    );
+}

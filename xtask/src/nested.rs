@@ -33,7 +33,7 @@ const L2_BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 const UP_MARKER: &str = "chitin-agent: up";
 /// How long L1 may take to reach its /init before the run counts as the
 /// known "L1 printed nothing" flake and is retried once.
-const L1_UP_TIMEOUT: Duration = Duration::from_secs(90);
+const L1_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A scenario: how to run it and how to judge it.
 struct Scenario {
@@ -736,8 +736,21 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
     let _ = util::write_atomic(&log_path, log.join("\n").as_bytes());
     progress_line(&format!("xtask: L1 console log: {}", log_path.display()));
     if !up {
+        // TCG's "doesn't support requested feature" warnings are expected
+        // noise; anything else QEMU said may explain the failure.
         let qemu = std::fs::read_to_string(&qemu_log_path).unwrap_or_default();
-        eprintln!("xtask: L1 printed nothing; QEMU said:\n{qemu}");
+        let said: Vec<&str> = qemu
+            .lines()
+            .filter(|l| !l.contains("TCG doesn't support requested feature"))
+            .collect();
+        eprintln!(
+            "xtask: L1 printed nothing within {L1_UP_TIMEOUT:?}{}",
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!("; QEMU said: {}", said.join(" | "))
+            }
+        );
         return Ok(L1Outcome::NeverUp);
     }
     if timed_out {
