@@ -381,13 +381,21 @@ impl<S: Read + Write> Connection<S> {
     pub fn on_guest_shutdown(&mut self, flags: u32) -> Result<bool, ConnectionError> {
         self.guest_shut_rcv |= flags & crate::packet::SHUTDOWN_RCV != 0;
         self.guest_shut_send |= flags & SHUTDOWN_SEND != 0;
-        if self.guest_shut_rcv && self.guest_shut_send {
-            // Best effort: hand the host what the guest sent before.
-            let _ = self.flush();
-            return Ok(true);
-        }
         self.flush().map_err(ConnectionError::Io)?;
+        if self.guest_shut_rcv && self.guest_shut_send {
+            // Answer with RST and close only once the host has every byte
+            // the guest sent: closing with bytes still pending (the host
+            // reading slower than the guest wrote) lost the tail of the
+            // stream in the nested vsock echo test.
+            return Ok(self.pending.is_empty());
+        }
         Ok(false)
+    }
+
+    /// Both directions are shut by the guest and every guest byte reached
+    /// the host: the connection can be answered with RST and closed.
+    pub fn finished(&self) -> bool {
+        self.guest_shut_rcv && self.guest_shut_send && self.pending.is_empty()
     }
 
     /// Write pending bytes to the host socket until it would block; then,

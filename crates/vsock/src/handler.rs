@@ -206,6 +206,13 @@ impl<B: VsockBackend> VsockHandler<B> {
                 self.close(key, Some(rst));
                 return;
             }
+            if conn.finished() {
+                // The guest shut both directions earlier; its last bytes
+                // have now reached the host.
+                let rst = conn.rst();
+                self.close(key, Some(rst));
+                return;
+            }
             self.shut_write_if_done(key);
         }
         if readable || hangup {

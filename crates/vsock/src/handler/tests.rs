@@ -459,3 +459,53 @@ fn handler_rx_avail_index_far_ahead_is_an_error_not_a_spin() {
         "{result:?}"
     );
 }
+
+#[test]
+fn handler_guest_close_with_bytes_pending_delivers_them_before_rst() {
+    // Arrange: an established guest connection whose host end reads
+    // nothing yet, and more guest data than the Unix socket buffer holds.
+    let mut h = Harness::new();
+    let mut far = h.connect();
+    let chunk = vec![0x5au8; 4096];
+    let chunks = 60; // 240 KiB: within the guest's 256 KiB credit
+    for _ in 0..chunks {
+        h.send(Op::Rw, &chunk);
+        h.run();
+    }
+    // Act 1: the guest shuts both directions while bytes are still pending.
+    h.shutdown(SHUTDOWN_RCV | SHUTDOWN_SEND);
+    let early = h.run();
+    // Assert 1: no RST yet, the connection lingers.
+    assert!(
+        !ops(&early).contains(&(Op::Rst as u16)),
+        "{:?}",
+        ops(&early)
+    );
+    assert_eq!(h.handler.connection_count(), 1);
+    // Act 2: the host reads; each time the socket drains, it is writable.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut rst_seen = false;
+    while got < chunk.len() * chunks && !rst_seen {
+        let n = far.read(&mut buf).unwrap();
+        got += n;
+        if h.handler.connection_count() == 1 {
+            let fd = h.fd();
+            h.handler.stream_event(fd, false, true, false, false);
+        }
+        rst_seen |= ops(&h.run()).contains(&(Op::Rst as u16));
+    }
+    // Drain what the last flush wrote.
+    far.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while let Ok(n) = far.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    // Assert 2: every byte arrived, then the guest got its RST.
+    assert_eq!(got, chunk.len() * chunks);
+    assert!(rst_seen || ops(&h.run()).contains(&(Op::Rst as u16)));
+    assert_eq!(h.handler.connection_count(), 0);
+}
