@@ -2,9 +2,10 @@
 //! separate `fuzz/` workspace under AddressSanitizer on the nightly
 //! toolchain, for 60 s each by default, and fail on any crash.
 //!
-//! Each target starts from its committed seed corpus (`fuzz/seeds/<target>`),
-//! copied to `target/fuzz-corpus/<target>` so a run never dirties the
-//! work tree. The executions each target reached are printed.
+//! Each target starts from seeds written from source ([`crate::fuzz_seeds`])
+//! into a fresh `target/fuzz-corpus/<target>`, so the repo holds no binary
+//! inputs and a run never dirties the work tree. The executions each target
+//! reached are printed.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -53,7 +54,7 @@ pub fn fuzz(args: &[String]) -> Step {
     let mut summary = Vec::new();
     for target in TARGETS {
         let corpus = root.join("target").join("fuzz-corpus").join(target);
-        copy_seeds(&fuzz_dir.join("seeds").join(target), &corpus)?;
+        write_seeds(target, &corpus)?;
         eprintln!("xtask: == fuzz {target} for {seconds} s (ASan, nightly)");
         let out = Command::new("cargo")
             .args(["+nightly", "fuzz", "run", "--sanitizer", "address", target])
@@ -89,15 +90,13 @@ pub fn fuzz(args: &[String]) -> Step {
     Ok(())
 }
 
-/// Fresh working corpus from the committed seeds.
-fn copy_seeds(seeds: &Path, corpus: &Path) -> Step {
+/// A fresh working corpus holding `target`'s seeds.
+fn write_seeds(target: &str, corpus: &Path) -> Step {
     let _ = std::fs::remove_dir_all(corpus);
     std::fs::create_dir_all(corpus).map_err(|e| format!("mkdir {}: {e}", corpus.display()))?;
-    let entries =
-        std::fs::read_dir(seeds).map_err(|e| format!("read seeds {}: {e}", seeds.display()))?;
-    for entry in entries.flatten() {
-        let to = corpus.join(entry.file_name());
-        std::fs::copy(entry.path(), &to).map_err(|e| format!("copy seed: {e}"))?;
+    for (name, bytes) in crate::fuzz_seeds::seeds(target) {
+        let path = corpus.join(name);
+        std::fs::write(&path, bytes).map_err(|e| format!("write {}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -15,6 +15,7 @@
 mod cpio;
 mod disks;
 mod fuzz;
+mod fuzz_seeds;
 mod guest;
 mod nested;
 mod util;
