@@ -17,11 +17,11 @@
 //!   caller marks the device DEVICE_NEEDS_RESET.
 
 use std::io;
-use std::sync::atomic::Ordering;
 
-use chitin_virtio::{InterruptKind, VirtioInterrupt};
+use chitin_virtio::queue::{has_available, next_chain, notify};
+use chitin_virtio::VirtioInterrupt;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::MS;
 use vm_memory::{Bytes, GuestMemory, GuestMemoryError, VolatileSlice};
 
@@ -99,35 +99,9 @@ impl ExecuteError {
     }
 }
 
-/// Why the queue itself became unusable; the device must be reset.
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// The available ring could not be read or is inconsistent.
-    #[error("cannot read the available ring")]
-    AvailRing(#[source] virtio_queue::Error),
-    /// A used element could not be written (bad head index, used ring
-    /// outside guest memory).
-    #[error("cannot write the used ring")]
-    UsedRing(#[source] virtio_queue::Error),
-    /// Notification suppression fields could not be accessed.
-    #[error("cannot access the notification suppression fields")]
-    Notification(#[source] virtio_queue::Error),
-    /// The interrupt could not be raised.
-    #[error("cannot raise the queue interrupt")]
-    Interrupt(#[source] io::Error),
-}
-
-/// What one [`QueueHandler::process_queue`] call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueRun {
-    /// Chains returned to the used ring.
-    pub completed: usize,
-    /// The run stopped at [`MAX_CHAINS_PER_RUN`] with chains still
-    /// available: call again (notifications stay disabled meanwhile).
-    pub pending: bool,
-    /// The driver was interrupted.
-    pub notified: bool,
-}
+/// Why a queue became unusable; the device must be reset.
+pub use chitin_virtio::queue::QueueError as HandlerError;
+pub use chitin_virtio::queue::QueueRun;
 
 /// Executes the requests of one virtio-blk queue against a backend.
 #[derive(Debug)]
@@ -184,11 +158,9 @@ impl<B: BlockBackend> QueueHandler<B> {
                     run.pending = true;
                     break 'drain;
                 }
-                let chain = match queue.iter(mem) {
-                    Ok(mut available) => available.next(),
-                    Err(error) => return Err(HandlerError::AvailRing(error)),
+                let Some(chain) = next_chain(queue, mem)? else {
+                    break;
                 };
-                let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let used_len = self.process_chain(mem, chain);
                 queue
@@ -203,16 +175,7 @@ impl<B: BlockBackend> QueueHandler<B> {
                 break;
             }
         }
-        if run.completed > 0
-            && queue
-                .needs_notification(mem)
-                .map_err(HandlerError::Notification)?
-        {
-            interrupt
-                .trigger(InterruptKind::Queue)
-                .map_err(HandlerError::Interrupt)?;
-            run.notified = true;
-        }
+        notify(queue, mem, interrupt, &mut run)?;
         Ok(run)
     }
 
@@ -347,14 +310,6 @@ impl<B: BlockBackend> QueueHandler<B> {
         // At most ID_BYTES.
         Ok(written as u32)
     }
-}
-
-/// Whether the driver made chains available that were not popped yet.
-fn has_available<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, HandlerError> {
-    let available = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(HandlerError::AvailRing)?;
-    Ok(available.0 != queue.next_avail())
 }
 
 /// Map checked segments to volatile slices (a segment spanning two memory

@@ -3,6 +3,8 @@
 //! - [`device`]: [`VirtioDevice`], what every device crate implements;
 //! - [`interrupt`]: [`VirtioInterrupt`], how a device raises interrupts;
 //! - [`mmio`]: the virtio-mmio version 2 transport (virtio 1.2 §4.2);
+//! - [`queue`]: chain popping, run bounds and notification shared by every
+//!   device handler;
 //! - `test_utils` (feature `test-utils`): guest memory, hand-built split
 //!   queues, a recording interrupt and a dummy device for unit tests of
 //!   device crates and for the fuzz target.
@@ -15,6 +17,7 @@
 pub mod device;
 pub mod interrupt;
 pub mod mmio;
+pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 

@@ -21,10 +21,10 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 
-use chitin_virtio::{InterruptKind, VirtioInterrupt};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use chitin_virtio::queue::{has_available, next_chain, notify};
+use chitin_virtio::VirtioInterrupt;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::{VsockBackend, VsockStream};
@@ -52,32 +52,8 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 pub type ConnKey = (u32, u32);
 
 /// Why a queue became unusable; the device must be reset.
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// The available ring could not be read.
-    #[error("cannot read the available ring")]
-    AvailRing(#[source] virtio_queue::Error),
-    /// A used element could not be written.
-    #[error("cannot write the used ring")]
-    UsedRing(#[source] virtio_queue::Error),
-    /// Notification suppression fields could not be accessed.
-    #[error("cannot access the notification suppression fields")]
-    Notification(#[source] virtio_queue::Error),
-    /// The interrupt could not be raised.
-    #[error("cannot raise the queue interrupt")]
-    Interrupt(#[source] io::Error),
-}
-
-/// What one `process_*` call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueRun {
-    /// Chains returned to the used ring.
-    pub completed: usize,
-    /// Stopped at [`MAX_CHAINS_PER_RUN`] with work left: call again.
-    pub pending: bool,
-    /// The driver was interrupted.
-    pub notified: bool,
-}
+pub use chitin_virtio::queue::QueueError as HandlerError;
+pub use chitin_virtio::queue::QueueRun;
 
 /// A host stream waiting for its `CONNECT <port>\n` line.
 struct Accepting<S> {
@@ -617,48 +593,12 @@ impl<B: VsockBackend> Drop for VsockHandler<B> {
     }
 }
 
+/// The reset for connection `key`, if it still exists.
 fn conn_rst<S: io::Read + io::Write>(
     conns: &HashMap<ConnKey, Connection<S>>,
     key: ConnKey,
 ) -> Option<Header> {
     conns.get(&key).map(Connection::rst)
-}
-
-/// The next available chain. Unlike `pop_descriptor_chain`, a broken
-/// available ring (an index more than a queue ahead, found by the fuzzer)
-/// is an error rather than "nothing available": otherwise the notification
-/// loops, which see buffers pending, would spin forever.
-fn next_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, HandlerError> {
-    Ok(queue.iter(mem).map_err(HandlerError::AvailRing)?.next())
-}
-
-fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, HandlerError> {
-    let available = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(HandlerError::AvailRing)?;
-    Ok(available.0 != queue.next_avail())
-}
-
-fn notify<I: VirtioInterrupt + ?Sized>(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &I,
-    run: &mut QueueRun,
-) -> Result<(), HandlerError> {
-    if run.completed > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(HandlerError::Notification)?
-    {
-        interrupt
-            .trigger(InterruptKind::Queue)
-            .map_err(HandlerError::Interrupt)?;
-        run.notified = true;
-    }
-    Ok(())
 }
 
 /// The port of a `CONNECT <port>\n` line.

@@ -1,0 +1,84 @@
+//! Queue plumbing every device's handler shares: popping chains without
+//! mistaking a broken available ring for an empty one, noticing chains left
+//! after a bounded run, and raising the used-buffer interrupt only when the
+//! driver wants it (EVENT_IDX, virtio 1.2 §2.7.10).
+//!
+//! This module never interprets a chain; that is the device's parser.
+
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+use crate::interrupt::{InterruptKind, VirtioInterrupt};
+
+/// Why a queue became unusable; the device must signal DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The available ring could not be read or is inconsistent (an index
+    /// more than a queue ahead).
+    #[error("cannot read the available ring")]
+    AvailRing(#[source] virtio_queue::Error),
+    /// A used element could not be written (bad head index, used ring
+    /// outside guest memory).
+    #[error("cannot write the used ring")]
+    UsedRing(#[source] virtio_queue::Error),
+    /// Notification suppression fields could not be accessed.
+    #[error("cannot access the notification suppression fields")]
+    Notification(#[source] virtio_queue::Error),
+    /// The interrupt could not be raised.
+    #[error("cannot raise the queue interrupt")]
+    Interrupt(#[source] std::io::Error),
+}
+
+/// What one run over a queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRun {
+    /// Chains returned to the used ring.
+    pub completed: usize,
+    /// The run stopped at its bound with chains still available: call
+    /// again (notifications stay disabled meanwhile).
+    pub pending: bool,
+    /// The driver was interrupted.
+    pub notified: bool,
+}
+
+/// The next available chain. Unlike `Queue::pop_descriptor_chain`, a
+/// broken available ring is an error rather than "nothing available":
+/// otherwise a handler's notification loop, which sees buffers pending,
+/// spins forever (found by the vsock_packet fuzz target).
+pub fn next_chain<'a, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'a M,
+) -> Result<Option<DescriptorChain<&'a M>>, QueueError> {
+    Ok(queue.iter(mem).map_err(QueueError::AvailRing)?.next())
+}
+
+/// Whether the driver made chains available that were not popped yet.
+pub fn has_available<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, QueueError> {
+    let available = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(QueueError::AvailRing)?;
+    Ok(available.0 != queue.next_avail())
+}
+
+/// After a run that completed chains, interrupt the driver if it asked to
+/// hear about them.
+pub fn notify<M: GuestMemory, I: VirtioInterrupt + ?Sized>(
+    queue: &mut Queue,
+    mem: &M,
+    interrupt: &I,
+    run: &mut QueueRun,
+) -> Result<(), QueueError> {
+    if run.completed > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(QueueError::Notification)?
+    {
+        interrupt
+            .trigger(InterruptKind::Queue)
+            .map_err(QueueError::Interrupt)?;
+        run.notified = true;
+    }
+    Ok(())
+}
