@@ -10,12 +10,14 @@
 //! judges each scenario from that log.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use chitin_agent::protocol::VERSION as AGENT_VERSION;
 
 use crate::cpio::Cpio;
 use crate::disks::{self, Disks};
@@ -227,16 +229,10 @@ fn l2_cmdline(s: &Scenario) -> String {
 fn plan_line(run_name: &str, s: &Scenario) -> String {
     let cmdline = l2_cmdline(s);
     let argv: Vec<String> = if let Some(which) = s.host_checks {
-        let mut argv: Vec<String> = ["/bin/chitin-exec-checks", which, "/l2"]
+        ["/bin/chitin-exec-checks", which, "/l2"]
             .iter()
             .map(|s| s.to_string())
-            .collect();
-        // CHITIN_NESTED_STRESS=1 adds 200 concurrent vsock connections,
-        // left out of CI: 2 of 5 runs with it froze L1 (open problem).
-        if std::env::var("CHITIN_NESTED_STRESS").as_deref() == Ok("1") {
-            argv.push("--stress".into());
-        }
-        argv
+            .collect()
     } else if s.peer {
         [
             "/usr/bin/qemu-system-x86_64",
@@ -366,7 +362,7 @@ fn boot_l1(tools: &Tools, plan: &str, disks: &Disks, budget: Duration) -> Step<V
     match run_l1(&tools.l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
         L1Outcome::Ran(log) => Ok(log),
         L1Outcome::NeverUp => {
-            eprintln!("xtask: L1 never reached /init (known rare QEMU flake); retrying once");
+            eprintln!("xtask: L1 never reached /init; retrying once");
             match run_l1(&tools.l1.vmlinuz, &initramfs, &qemu_disks, budget)? {
                 L1Outcome::Ran(log) => Ok(log),
                 L1Outcome::NeverUp => Err("L1 never reached /init, twice".into()),
@@ -696,8 +692,10 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .arg("-append")
+        .arg(l1_cmdline())
         .args(disks)
+        .args(monitor_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(qemu_log)
@@ -719,6 +717,8 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
     let mut log = Vec::new();
     let mut up = false;
     let log_path = cache_dir().join("nested").join("l1-console.log");
+    // The log is also written as it arrives, for watching an L1 that hangs.
+    let mut live = std::fs::File::create(log_path.with_extension("live.log")).ok();
     loop {
         let limit = if up { budget } else { L1_UP_TIMEOUT };
         let Some(left) = limit.checked_sub(start.elapsed()) else {
@@ -728,6 +728,9 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 progress(&line, start);
+                if let Some(live) = live.as_mut() {
+                    let _ = writeln!(live, "{line}");
+                }
                 up |= line.contains("nested: l1 up");
                 log.push(line);
             }
@@ -763,6 +766,82 @@ fn run_l1(vmlinuz: &Path, initramfs: &Path, disks: &[String], budget: Duration) 
         log.push(format!("nested: harness timeout after {budget:?}"));
     }
     Ok(L1Outcome::Ran(log))
+}
+
+/// L1's kernel command line.
+///
+/// L1 is told the TSC frequency instead of calibrating it. Under TCG the
+/// guest TSC is the host's, but Linux measures it against the emulated PIT
+/// in a tight timing window, and when the host is busy that fails
+/// ("Fast TSC calibration failed"): the TSC is marked unstable and the
+/// delay loop is calibrated by waiting for a jiffies tick, a wait that
+/// never ended (QEMU's monitor showed the vCPU spinning in
+/// `calibrate_delay_converge`). With four busy loops on the host's two
+/// cores, 12 of 12 L1 boots hung like that without these options and 6 of
+/// 6 came up with them. `tsc=reliable` also turns off the clocksource
+/// watchdog, which otherwise compares the TSC with the jiffies of the same
+/// loaded emulator and throws it out.
+///
+/// `CHITIN_NESTED_L1_CMDLINE` adds entries for debugging L1 itself, e.g.
+/// `loglevel=7`.
+fn l1_cmdline() -> String {
+    let tsc = match host_tsc_khz() {
+        Some(khz) => format!("tsc_early_khz={khz} tsc=reliable"),
+        None => String::new(),
+    };
+    let extra = std::env::var("CHITIN_NESTED_L1_CMDLINE").unwrap_or_default();
+    format!("console=ttyS0 reboot=t panic=-1 quiet {tsc} {extra}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The host's TSC frequency in kHz, measured against the monotonic clock
+/// over 100 ms; `None` where there is no usable TSC.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // A (TSC, time) pair read close together: retried when something
+        // ran in between (more than 50 µs of TSC at any plausible rate).
+        fn pair() -> Option<(u64, Instant)> {
+            for _ in 0..100 {
+                // SAFETY: RDTSC has no memory effects; every x86_64 CPU
+                // has it.
+                let before = unsafe { std::arch::x86_64::_rdtsc() };
+                let now = Instant::now();
+                // SAFETY: as above.
+                let after = unsafe { std::arch::x86_64::_rdtsc() };
+                if after.wrapping_sub(before) < 250_000 {
+                    return Some((before / 2 + after / 2, now));
+                }
+            }
+            None
+        }
+        let (c0, t0) = pair()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let (c1, t1) = pair()?;
+        let ns = t1.duration_since(t0).as_nanos();
+        let cycles = u128::from(c1.checked_sub(c0)?);
+        let khz = u64::try_from(cycles * 1_000_000 / ns.max(1)).ok()?;
+        // Outside 100 MHz..10 GHz the TSC is not one to trust.
+        (100_000..10_000_000).contains(&khz).then_some(khz)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// `CHITIN_NESTED_MONITOR=<path>` gives L1's QEMU a monitor on that Unix
+/// socket, for looking inside an L1 that stopped responding
+/// (`info registers`, `x/20i $pc`).
+fn monitor_args() -> Vec<String> {
+    match std::env::var("CHITIN_NESTED_MONITOR") {
+        Ok(path) if !path.is_empty() => {
+            vec!["-monitor".into(), format!("unix:{path},server,nowait")]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Progress lines are off for `nested-exec`, whose output is the command's.
@@ -840,7 +919,10 @@ fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     if exit != "0" {
         return Err(format!("VMM exit {exit}, want 0"));
     }
-    let up = format!("{UP_MARKER} version=1 scenario={}", run.agent_scenario);
+    let up = format!(
+        "{UP_MARKER} version={AGENT_VERSION} scenario={}",
+        run.agent_scenario
+    );
     if !run.has(&up) {
         return Err(format!("no `{up}` line"));
     }
@@ -876,7 +958,9 @@ fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
 
 fn judge_panic(run: &Run, _disks: &Disks) -> Result<String, String> {
     let exit = run.exit.as_deref().unwrap_or("none");
-    if !run.has(&format!("{UP_MARKER} version=1 scenario=panic")) {
+    if !run.has(&format!(
+        "{UP_MARKER} version={AGENT_VERSION} scenario=panic"
+    )) {
         return Err("agent never came up".into());
     }
     if !run.has("Kernel panic - not syncing") {
