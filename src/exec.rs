@@ -223,31 +223,59 @@ fn try_connect(socket: &Path) -> Option<Client<UnixStream>> {
     Client::handshake(stream).ok()
 }
 
-/// `exec`: spawn, feed stdin, wait (with the command's timeout), collect.
+/// `exec`: spawn, feed stdin while collecting output, wait (with the
+/// command's timeout), collect.
 pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output, ExecError> {
     let mut child = client.spawn(&cmd.request)?;
-    if let Some(bytes) = &cmd.stdin {
-        if let Some(mut stdin) = child.stdin() {
-            stdin.write_all(bytes).map_err(ExecError::Stdin)?;
-            stdin.close()?;
+    let stdin = child.stdin();
+    std::thread::scope(|scope| {
+        // Fed from its own thread: a command that writes output before it
+        // has read all of its input needs that output collected meanwhile.
+        let feeder = match (stdin, &cmd.stdin) {
+            (Some(stdin), Some(bytes)) => Some(scope.spawn(move || feed(stdin, bytes))),
+            (Some(stdin), None) => {
+                stdin.close()?;
+                None
+            }
+            (None, _) => None,
+        };
+        if let Some(timeout) = cmd.timeout {
+            if child.wait_timeout(timeout)?.is_none() {
+                child.kill()?;
+                let _ = child.wait();
+                return Err(ExecError::Timeout(timeout));
+            }
         }
-    }
-    if let Some(timeout) = cmd.timeout {
-        if child.wait_timeout(timeout)?.is_none() {
-            child.kill()?;
-            let _ = child.wait();
-            return Err(ExecError::Timeout(timeout));
+        let output = child.output()?;
+        if let Some(Ok(Err(e))) = feeder.map(|f| f.join()) {
+            return Err(ExecError::Stdin(e));
         }
-    }
-    Ok(child.output()?)
+        Ok(output)
+    })
 }
 
-/// `spawn`.
+/// Write `bytes` to a child's stdin, then close it. A process that exits
+/// (or closes its stdin) before reading everything is not an error here:
+/// its exit status says how it went.
+fn feed(mut stdin: AgentStdin<UnixStream>, bytes: &[u8]) -> std::io::Result<()> {
+    match stdin.write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => stdin.close().map_err(std::io::Error::other),
+    }
+}
+
+/// `spawn`: initial stdin bytes are fed, then stdin closed, by a thread
+/// that ends when they are delivered or the process exits.
 pub(crate) fn spawn(client: &Client<UnixStream>, cmd: &Command) -> Result<Child, ExecError> {
     let mut inner = client.spawn(&cmd.request)?;
     if let Some(bytes) = &cmd.stdin {
-        if let Some(mut stdin) = inner.stdin() {
-            stdin.write_all(bytes).map_err(ExecError::Stdin)?;
+        if let Some(stdin) = inner.stdin() {
+            let bytes = bytes.clone();
+            std::thread::Builder::new()
+                .name("chitin-stdin".into())
+                .spawn(move || feed(stdin, &bytes))
+                .map_err(ExecError::Stdin)?;
         }
     }
     Ok(Child { inner })

@@ -2,13 +2,23 @@
 //! connection to the agent.
 //!
 //! A [`Client`] owns one stream. One demultiplexer thread reads every frame
-//! and hands it to the [`Child`] it belongs to through a bounded channel per
-//! child; writes go through a lock on the stream, so several threads can
-//! spawn, feed and signal processes at once. Nothing the agent sends is
-//! trusted: frames are size-capped by [`crate::protocol`], and a child's
-//! channel is bounded, so a chatty guest stalls its connection instead of
-//! growing host memory (output a caller collects with [`Child::output`] is
-//! kept, as asked).
+//! and hands it to the [`Child`] it belongs to; writes go through a lock on
+//! the stream, so several threads can spawn, feed and signal processes at
+//! once.
+//!
+//! Flow control is per child (protocol version 2), so one child never holds
+//! up another: the agent sends a child's output only as far as the client
+//! has returned credit, and the client returns it as the child's output is
+//! pulled (read from either stream, or collected by [`Child::wait`] and
+//! [`Child::output`]). A child nobody pulls from stops on its full pipe in
+//! the guest. [`ChildStdin`] writes block while the agent has not yet
+//! passed earlier stdin on to the process.
+//!
+//! Nothing the agent sends is trusted: frames are size-capped by
+//! [`crate::protocol`], and output beyond the credit, or credit beyond the
+//! window, ends the connection as a protocol violation, so a hostile guest
+//! cannot grow host memory beyond [`WINDOW`] per child that the caller
+//! does not collect.
 //!
 //! Dropping the [`Client`] shuts the stream down; the agent then kills every
 //! process still running on this connection.
@@ -18,15 +28,19 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{self, ExecRequest, ExitStatus, Frame, ProtocolError, MAX_CHUNK, VERSION};
+use crate::protocol::{
+    self, ExecRequest, ExitStatus, Frame, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
+};
+use crate::window::Window;
 
-/// Events queued per child before the demultiplexer waits for the reader.
-const CHILD_QUEUE: usize = 64;
+/// Output credit is returned to the agent in batches of at least this
+/// much (it then still has three quarters of its window to go on with).
+const CREDIT_BATCH: u32 = WINDOW / 4;
 /// How long `spawn` waits for STARTED or ERROR.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the handshake waits for the agent's HELLO.
@@ -126,9 +140,18 @@ enum Event {
     Error(String),
 }
 
+/// Where the demultiplexer delivers one child's frames.
+struct Route {
+    events: Sender<Event>,
+    /// Credit for this child's stdin.
+    stdin: Arc<Window>,
+    /// Output bytes received and not yet credited back to the agent.
+    output_unacked: Arc<AtomicU32>,
+}
+
 /// Routes from stream id to child, and why the connection ended.
 struct Routes {
-    children: HashMap<u32, SyncSender<Event>>,
+    children: HashMap<u32, Route>,
     closed: Option<ClientError>,
 }
 
@@ -230,7 +253,10 @@ impl<S: ClientStream> Client<S> {
 
     /// Start a process; returns once the agent reports it running.
     pub fn spawn(&self, request: &ExecRequest) -> Result<Child<S>, ClientError> {
-        let (tx, rx) = sync_channel(CHILD_QUEUE);
+        // Unbounded, but the agent's window bounds what it can hold.
+        let (tx, rx) = channel();
+        let stdin = Arc::new(Window::new());
+        let output_unacked = Arc::new(AtomicU32::new(0));
         let id = {
             let mut routes = relock(&self.shared.routes);
             if routes.closed.is_some() {
@@ -241,7 +267,14 @@ impl<S: ClientStream> Client<S> {
             while id == 0 || routes.children.contains_key(&id) {
                 id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
             }
-            routes.children.insert(id, tx);
+            routes.children.insert(
+                id,
+                Route {
+                    events: tx,
+                    stdin: Arc::clone(&stdin),
+                    output_unacked: Arc::clone(&output_unacked),
+                },
+            );
             id
         };
         let frame = Frame::Exec {
@@ -253,7 +286,13 @@ impl<S: ClientStream> Client<S> {
             return Err(e);
         }
         let failure = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Event::Started(pid)) => return Ok(self.child(id, pid, request.stdin, rx)),
+            Ok(Event::Started(pid)) => {
+                let flow = Flow {
+                    stdin,
+                    output_unacked,
+                };
+                return Ok(self.child(id, pid, request.stdin, rx, flow));
+            }
             Ok(Event::Error(m)) => ClientError::AgentError(m),
             Ok(_) => ClientError::Protocol("output before STARTED".into()),
             Err(RecvTimeoutError::Timeout) => ClientError::Timeout(START_TIMEOUT),
@@ -263,17 +302,28 @@ impl<S: ClientStream> Client<S> {
         Err(failure)
     }
 
-    fn child(&self, id: u32, pid: u32, stdin: bool, rx: Receiver<Event>) -> Child<S> {
+    fn child(&self, id: u32, pid: u32, stdin: bool, rx: Receiver<Event>, flow: Flow) -> Child<S> {
+        let shared = Arc::clone(&self.shared);
+        let unacked = Arc::clone(&flow.output_unacked);
+        let credit: CreditFn = Box::new(move |bytes| {
+            // Lower the count before the agent can send more against it.
+            unacked.fetch_sub(bytes, Ordering::AcqRel);
+            // A failed send means the connection is gone; the reader will
+            // find out on its own.
+            let _ = shared.send(&Frame::OutputCredit { id, bytes });
+        });
         Child {
             id,
             pid,
             shared: Arc::clone(&self.shared),
-            stdin: stdin.then_some(()),
+            stdin: stdin.then(|| Arc::clone(&flow.stdin)),
             inbox: Arc::new(Mutex::new(Inbox {
                 rx,
                 stdout: VecDeque::new(),
                 stderr: VecDeque::new(),
                 end: None,
+                uncredited: 0,
+                credit,
             })),
         }
     }
@@ -312,23 +362,8 @@ fn demux<S: ClientStream>(mut reader: S, shared: &Shared<S>) {
             Ok(None) => break ClientError::Closed,
             Err(e) => break e.into(),
         };
-        let (id, event, last) = match frame {
-            Frame::Started { id, pid } => (id, Event::Started(pid), false),
-            Frame::Stdout { id, data } => (id, Event::Stdout(data), false),
-            Frame::Stderr { id, data } => (id, Event::Stderr(data), false),
-            Frame::Exit { id, status } => (id, Event::Exit(status), true),
-            Frame::Error { id: 0, message } => break ClientError::AgentError(message),
-            Frame::Error { id, message } => (id, Event::Error(message), false),
-            other => {
-                let t = other.type_byte();
-                break ClientError::Protocol(format!("agent sent client frame type {t:#04x}"));
-            }
-        };
-        let Some(tx) = relock(&shared.routes).children.get(&id).cloned() else {
-            continue; // a child that was dropped, or a late frame
-        };
-        if !deliver(&tx, event, &shared.closing) || last {
-            relock(&shared.routes).children.remove(&id);
+        if let Err(e) = route(frame, shared) {
+            break e;
         }
         if shared.closing.load(Ordering::Relaxed) {
             break ClientError::Closed;
@@ -336,25 +371,80 @@ fn demux<S: ClientStream>(mut reader: S, shared: &Shared<S>) {
     };
     let mut routes = relock(&shared.routes);
     routes.closed = Some(end);
-    routes.children.clear();
+    for (_, route) in routes.children.drain() {
+        route.stdin.close();
+    }
 }
 
-/// Hand one event to a child, waiting while its queue is full. False when
-/// the child is gone or the client is closing.
-fn deliver(tx: &SyncSender<Event>, mut event: Event, closing: &AtomicBool) -> bool {
-    loop {
-        match tx.try_send(event) {
-            Ok(()) => return true,
-            Err(TrySendError::Disconnected(_)) => return false,
-            Err(TrySendError::Full(e)) => {
-                if closing.load(Ordering::Relaxed) {
-                    return false;
-                }
-                event = e;
-                std::thread::sleep(Duration::from_millis(1));
+/// Deliver one frame from the agent; an error ends the connection.
+fn route<S: ClientStream>(frame: Frame, shared: &Shared<S>) -> Result<(), ClientError> {
+    let (id, event, last) = match frame {
+        Frame::Started { id, pid } => (id, Event::Started(pid), false),
+        Frame::Stdout { id, data } => (id, Event::Stdout(data), false),
+        Frame::Stderr { id, data } => (id, Event::Stderr(data), false),
+        Frame::Exit { id, status } => (id, Event::Exit(status), true),
+        Frame::Error { id: 0, message } => return Err(ClientError::AgentError(message)),
+        // A stream's ERROR ends it, as EXIT does (see `Inbox::end`).
+        Frame::Error { id, message } => (id, Event::Error(message), true),
+        Frame::StdinCredit { id, bytes } => {
+            // Unknown stream: it already ended, so its credit is moot.
+            if let Some(route) = relock(&shared.routes).children.get(&id) {
+                route.stdin.give(bytes).map_err(|e| {
+                    ClientError::Protocol(format!("stream {id}: stdin credit: {e}"))
+                })?;
             }
+            return Ok(());
+        }
+        other => {
+            let t = other.type_byte();
+            return Err(ClientError::Protocol(format!(
+                "agent sent client frame type {t:#04x}"
+            )));
+        }
+    };
+    let mut routes = relock(&shared.routes);
+    let Some(route) = routes.children.get(&id) else {
+        return Ok(()); // a child that was dropped, or a late frame
+    };
+    if let Event::Stdout(data) | Event::Stderr(data) = &event {
+        let len = data.len() as u32;
+        let unacked = route.output_unacked.fetch_add(len, Ordering::AcqRel);
+        if u64::from(unacked) + u64::from(len) > u64::from(WINDOW) {
+            return Err(ClientError::Protocol(format!(
+                "stream {id}: {len} bytes of output with {unacked} of {WINDOW} uncredited"
+            )));
         }
     }
+    let len = match &event {
+        Event::Stdout(data) | Event::Stderr(data) => data.len() as u32,
+        _ => 0,
+    };
+    // A child that was dropped no longer receives: its output is thrown
+    // away and credited at once, so the process runs on as it would with
+    // its output going nowhere.
+    let discarded = route.events.send(event).is_err() && len > 0;
+    if discarded {
+        route.output_unacked.fetch_sub(len, Ordering::AcqRel);
+    }
+    if last {
+        if let Some(route) = routes.children.remove(&id) {
+            route.stdin.close();
+        }
+    }
+    drop(routes);
+    if discarded {
+        shared.send(&Frame::OutputCredit { id, bytes: len })?;
+    }
+    Ok(())
+}
+
+/// Returns output credit to the agent for one child.
+type CreditFn = Box<dyn Fn(u32) + Send>;
+
+/// The flow-control state a child shares with the demultiplexer.
+struct Flow {
+    stdin: Arc<Window>,
+    output_unacked: Arc<AtomicU32>,
 }
 
 /// Output received but not read yet, and how the process ended.
@@ -363,6 +453,9 @@ struct Inbox {
     stdout: VecDeque<u8>,
     stderr: VecDeque<u8>,
     end: Option<Result<ExitStatus, String>>,
+    /// Output pulled from `rx` whose credit has not gone back yet.
+    uncredited: u32,
+    credit: CreditFn,
 }
 
 impl Inbox {
@@ -372,8 +465,14 @@ impl Inbox {
             return Ok(true);
         }
         match self.rx.recv_timeout(timeout) {
-            Ok(Event::Stdout(d)) => self.stdout.extend(d),
-            Ok(Event::Stderr(d)) => self.stderr.extend(d),
+            Ok(Event::Stdout(d)) => {
+                self.pulled(d.len());
+                self.stdout.extend(d);
+            }
+            Ok(Event::Stderr(d)) => {
+                self.pulled(d.len());
+                self.stderr.extend(d);
+            }
             Ok(Event::Exit(s)) => self.end = Some(Ok(s)),
             Ok(Event::Error(m)) => self.end = Some(Err(m)),
             Ok(Event::Started(_)) => {}
@@ -382,6 +481,14 @@ impl Inbox {
         }
         Ok(true)
     }
+
+    /// `n` output bytes left the channel: credit them back in batches.
+    fn pulled(&mut self, n: usize) {
+        self.uncredited += n as u32; // at most WINDOW, checked on arrival
+        if self.uncredited >= CREDIT_BATCH {
+            (self.credit)(std::mem::take(&mut self.uncredited));
+        }
+    }
 }
 
 /// A process running in the guest.
@@ -389,7 +496,8 @@ pub struct Child<S: ClientStream> {
     id: u32,
     pid: u32,
     shared: Arc<Shared<S>>,
-    stdin: Option<()>,
+    /// The stdin credit, until [`Child::stdin`] hands it out.
+    stdin: Option<Arc<Window>>,
     inbox: Arc<Mutex<Inbox>>,
 }
 
@@ -401,9 +509,10 @@ impl<S: ClientStream> Child<S> {
 
     /// The writer for stdin, once, if the request asked for a piped stdin.
     pub fn stdin(&mut self) -> Option<ChildStdin<S>> {
-        self.stdin.take().map(|()| ChildStdin {
+        self.stdin.take().map(|window| ChildStdin {
             id: self.id,
             shared: Arc::clone(&self.shared),
+            window,
             open: true,
         })
     }
@@ -484,9 +593,14 @@ impl<S: ClientStream> Child<S> {
 }
 
 /// Writes a child's stdin; dropping it (or [`ChildStdin::close`]) sends EOF.
+///
+/// A write blocks, like one to a full pipe, while the agent has not yet
+/// passed a window's worth of earlier stdin on to the process; it fails
+/// with `BrokenPipe` once the process has exited or the connection is gone.
 pub struct ChildStdin<S: ClientStream> {
     id: u32,
     shared: Arc<Shared<S>>,
+    window: Arc<Window>,
     open: bool,
 }
 
@@ -506,7 +620,13 @@ impl<S: ClientStream> Write for ChildStdin<S> {
         if buf.is_empty() {
             return Ok(0); // an empty STDIN frame would mean EOF
         }
-        let n = buf.len().min(MAX_CHUNK);
+        let Some(n) = self.window.take(buf.len().min(MAX_CHUNK) as u32) else {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the process has exited or the agent connection is gone",
+            ));
+        };
+        let n = n as usize;
         let frame = Frame::Stdin {
             id: self.id,
             data: buf[..n].to_vec(),
@@ -697,6 +817,177 @@ mod tests {
         });
     }
 
+    /// Run `f` in a thread; None if it did not finish within 20 s (the
+    /// thread is left behind, the test fails).
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(20)).ok()
+    }
+
+    #[test]
+    fn kill_reaches_process_not_reading_a_full_stdin() {
+        let (client, _server) = connect();
+        let mut child = client
+            .spawn(&request(&["sleep", "1000"]).with_stdin())
+            .unwrap();
+        let mut stdin = child.stdin().unwrap();
+        // 4 MiB is far beyond the window plus the pipe: the writer blocks.
+        let writer = thread::spawn(move || stdin.write_all(&vec![b'x'; 4 << 20]));
+        thread::sleep(Duration::from_millis(200));
+        assert!(!writer.is_finished(), "stdin should be pushing back");
+        child.kill().unwrap();
+        let status = within(move || child.wait().unwrap());
+        assert_eq!(status, Some(ExitStatus::Signal(9)));
+        let err = writer.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn unread_child_does_not_stall_other_children() {
+        let (client, _server) = connect();
+        let client = Arc::new(client);
+        // `yes` floods stdout and nobody reads it.
+        let flood = client.spawn(&request(&["yes"])).unwrap();
+        thread::sleep(Duration::from_millis(200));
+        let c = Arc::clone(&client);
+        let out = within(move || c.exec(&request(&["echo", "still here"])).unwrap());
+        assert_eq!(out.map(|o| o.stdout), Some(b"still here\n".to_vec()));
+        flood.kill().unwrap();
+        assert_eq!(flood.wait().unwrap(), ExitStatus::Signal(9));
+    }
+
+    #[test]
+    fn stdin_4_mib_through_cat_while_reading_intact() {
+        const LEN: usize = 4 << 20;
+        let (client, _server) = connect();
+        let mut child = client.spawn(&request(&["cat"]).with_stdin()).unwrap();
+        let mut stdin = child.stdin().unwrap();
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let expected = fnv1a(&data);
+        let writer = thread::spawn(move || {
+            stdin.write_all(&data).unwrap();
+            stdin.close().unwrap();
+        });
+        let mut back = Vec::new();
+        child.stdout().read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        assert_eq!(back.len(), LEN);
+        assert_eq!(fnv1a(&back), expected);
+        assert_eq!(child.wait().unwrap(), ExitStatus::Code(0));
+    }
+
+    #[test]
+    fn dropped_child_keeps_running_to_its_exit() {
+        let (client, _server) = connect();
+        // 2 MiB of output nobody receives, then a marker file: the process
+        // must not stall on its pipe after its Child is dropped.
+        let dir = std::env::temp_dir().join(format!("chitin-agent-drop-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let cmd = format!("head -c 2097152 /dev/zero; touch {}", dir.display());
+        drop(client.spawn(&request(&["sh", "-c", &cmd])).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.exists() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(dir.exists(), "the dropped child stalled");
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    /// A fake agent: handshake, take one EXEC, answer STARTED, then run
+    /// `script` on the stream.
+    fn fake_agent(
+        script: impl FnOnce(&mut UnixStream, u32) + Send + 'static,
+    ) -> Client<UnixStream> {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let _ = protocol::read_frame(&mut guest);
+            protocol::write_frame(&mut guest, &Frame::Hello { version: VERSION }).unwrap();
+            let Ok(Some(Frame::Exec { id, .. })) = protocol::read_frame(&mut guest) else {
+                return;
+            };
+            protocol::write_frame(&mut guest, &Frame::Started { id, pid: 1 }).unwrap();
+            script(&mut guest, id);
+            // Keep the stream open until the client gives up.
+            let _ = protocol::read_frame(&mut guest);
+            while let Ok(Some(_)) = protocol::read_frame(&mut guest) {}
+        });
+        Client::handshake(host).unwrap()
+    }
+
+    #[test]
+    fn agent_output_beyond_window_is_a_protocol_error() {
+        let client = fake_agent(|s, id| {
+            for _ in 0..(WINDOW as usize / MAX_CHUNK + 1) {
+                let data = vec![0u8; MAX_CHUNK];
+                let _ = protocol::write_frame(s, &Frame::Stdout { id, data });
+            }
+        });
+        let child = client.spawn(&request(&["x"])).unwrap();
+        // Nobody pulls, so no credit goes back: the last chunk overruns.
+        thread::sleep(Duration::from_millis(200));
+        assert!(matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("uncredited")));
+    }
+
+    #[test]
+    fn agent_stdin_credit_beyond_window_is_a_protocol_error() {
+        let client = fake_agent(|s, id| {
+            let _ = protocol::write_frame(s, &Frame::StdinCredit { id, bytes: 1 });
+        });
+        let child = client.spawn(&request(&["x"]).with_stdin()).unwrap();
+        assert!(
+            matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("stdin credit"))
+        );
+    }
+
+    #[test]
+    fn serve_stdin_beyond_window_errors_and_closes() {
+        let (mut host, server) = agent();
+        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
+        let _ = protocol::read_frame(&mut host).unwrap();
+        let exec = Frame::Exec {
+            id: 1,
+            request: request(&["sleep", "1000"]).with_stdin(),
+        };
+        protocol::write_frame(&mut host, &exec).unwrap();
+        // sleep never reads: once its pipe is full, the agent credits
+        // nothing more, and 2 MiB is far beyond the window plus the pipe.
+        // Writes fail once the agent has closed the connection.
+        for _ in 0..32 {
+            let stdin = Frame::Stdin {
+                id: 1,
+                data: vec![0; MAX_CHUNK],
+            };
+            if protocol::write_frame(&mut host, &stdin).is_err() {
+                break;
+            }
+        }
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(ServerError::StdinOverrun { .. })
+        ));
+    }
+
+    #[test]
+    fn serve_output_credit_beyond_window_errors_and_closes() {
+        let (mut host, server) = agent();
+        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
+        let _ = protocol::read_frame(&mut host).unwrap();
+        let exec = Frame::Exec {
+            id: 1,
+            request: request(&["sleep", "1000"]),
+        };
+        protocol::write_frame(&mut host, &exec).unwrap();
+        let credit = Frame::OutputCredit { id: 1, bytes: 1 };
+        protocol::write_frame(&mut host, &credit).unwrap();
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(ServerError::OutputCredit(_))
+        ));
+    }
+
     #[test]
     fn kill_sleep_reports_signal_9() {
         let (client, _server) = connect();
@@ -747,12 +1038,13 @@ mod tests {
         let fake = thread::spawn(move || {
             let hello = protocol::read_frame(&mut guest).unwrap();
             assert_eq!(hello, Some(Frame::Hello { version: VERSION }));
-            protocol::write_frame(&mut guest, &Frame::Hello { version: 2 }).unwrap();
+            let other = VERSION + 1;
+            protocol::write_frame(&mut guest, &Frame::Hello { version: other }).unwrap();
         });
         let result = Client::handshake(host);
         assert!(matches!(
             result,
-            Err(ClientError::VersionMismatch { agent: 2 })
+            Err(ClientError::VersionMismatch { agent }) if agent == VERSION + 1
         ));
         fake.join().unwrap();
     }
@@ -760,13 +1052,14 @@ mod tests {
     #[test]
     fn serve_other_client_version_sends_error_and_closes() {
         let (mut host, server) = agent();
-        protocol::write_frame(&mut host, &Frame::Hello { version: 2 }).unwrap();
+        let other = VERSION - 1;
+        protocol::write_frame(&mut host, &Frame::Hello { version: other }).unwrap();
         let reply = protocol::read_frame(&mut host).unwrap();
         assert!(matches!(reply, Some(Frame::Error { id: 0, .. })));
         assert!(protocol::read_frame(&mut host).unwrap().is_none());
         assert!(matches!(
             server.join().unwrap(),
-            Err(ServerError::VersionMismatch(2))
+            Err(ServerError::VersionMismatch(v)) if v == other
         ));
     }
 

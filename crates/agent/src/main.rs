@@ -6,7 +6,7 @@
 //! the VM: sync, then reboot, so the VMM sees a reset.
 //!
 //! Output protocol (one line each, on the console):
-//! - `chitin-agent: up version=1 scenario=<name>`
+//! - `chitin-agent: up version=<protocol version> scenario=<name>`
 //! - `chitin-check: <check> PASS <detail>` or `chitin-check: <check> FAIL <detail>`
 //! - `chitin-agent: done pass=<n> fail=<m>`
 //!

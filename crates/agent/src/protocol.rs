@@ -22,8 +22,9 @@ use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
-/// Protocol version spoken by this build (HELLO payload).
-pub const VERSION: u32 = 1;
+/// Protocol version spoken by this build (HELLO payload). Version 2 added
+/// per-stream flow control (the two CREDIT frames and [`WINDOW`]).
+pub const VERSION: u32 = 2;
 /// Largest payload of one frame: 1 MiB.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes counted by the length prefix before the payload: type + stream id.
@@ -32,6 +33,11 @@ pub const HEADER_LEN: usize = 1 + 4;
 pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + HEADER_LEN;
 /// Largest STDOUT/STDERR/STDIN chunk the agent and client send per frame.
 pub const MAX_CHUNK: usize = 64 << 10;
+/// Per stream and direction, the most data bytes (STDOUT plus STDERR one
+/// way, STDIN the other) a sender may have sent that its peer has not
+/// returned as credit. A sender never goes beyond it; a receiver that sees
+/// more closes the connection as a protocol violation.
+pub const WINDOW: u32 = 256 << 10;
 /// Most argv entries in one EXEC.
 pub const MAX_ARGS: usize = 4096;
 /// Most environment entries in one EXEC.
@@ -49,6 +55,9 @@ pub const TYPE_STDIN: u8 = 0x03;
 pub const TYPE_SIGNAL: u8 = 0x04;
 /// SHUTDOWN {}, client → agent, stream 0.
 pub const TYPE_SHUTDOWN: u8 = 0x05;
+/// OUTPUT_CREDIT {bytes: u32}, client → agent: that much more STDOUT and
+/// STDERR may be sent on the stream.
+pub const TYPE_OUTPUT_CREDIT: u8 = 0x06;
 /// STARTED {pid: u32}, agent → client.
 pub const TYPE_STARTED: u8 = 0x81;
 /// STDOUT {bytes}, agent → client.
@@ -59,6 +68,9 @@ pub const TYPE_STDERR: u8 = 0x83;
 pub const TYPE_EXIT: u8 = 0x84;
 /// ERROR {message}, agent → client; stream 0 = fatal for the connection.
 pub const TYPE_ERROR: u8 = 0x85;
+/// STDIN_CREDIT {bytes: u32}, agent → client: that much more STDIN may be
+/// sent on the stream.
+pub const TYPE_STDIN_CREDIT: u8 = 0x86;
 
 /// Why a frame could not be read, decoded or encoded.
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +204,13 @@ pub enum Frame {
     },
     /// Stop the guest (sync, then reboot).
     Shutdown,
+    /// The client consumed `bytes` more of the stream's output.
+    OutputCredit {
+        /// Stream id.
+        id: u32,
+        /// Bytes returned to the agent's output window.
+        bytes: u32,
+    },
     /// The process is running.
     Started {
         /// Stream id.
@@ -227,6 +246,14 @@ pub enum Frame {
         /// What went wrong, for a human.
         message: String,
     },
+    /// The agent handed `bytes` more of the stream's stdin to the process
+    /// (or dropped them because its stdin is gone).
+    StdinCredit {
+        /// Stream id.
+        id: u32,
+        /// Bytes returned to the client's stdin window.
+        bytes: u32,
+    },
 }
 
 impl Frame {
@@ -238,11 +265,13 @@ impl Frame {
             Frame::Stdin { .. } => TYPE_STDIN,
             Frame::Signal { .. } => TYPE_SIGNAL,
             Frame::Shutdown => TYPE_SHUTDOWN,
+            Frame::OutputCredit { .. } => TYPE_OUTPUT_CREDIT,
             Frame::Started { .. } => TYPE_STARTED,
             Frame::Stdout { .. } => TYPE_STDOUT,
             Frame::Stderr { .. } => TYPE_STDERR,
             Frame::Exit { .. } => TYPE_EXIT,
             Frame::Error { .. } => TYPE_ERROR,
+            Frame::StdinCredit { .. } => TYPE_STDIN_CREDIT,
         }
     }
 
@@ -257,7 +286,9 @@ impl Frame {
             | Frame::Stdout { id, .. }
             | Frame::Stderr { id, .. }
             | Frame::Exit { id, .. }
-            | Frame::Error { id, .. } => *id,
+            | Frame::Error { id, .. }
+            | Frame::OutputCredit { id, .. }
+            | Frame::StdinCredit { id, .. } => *id,
         }
     }
 
@@ -277,6 +308,9 @@ impl Frame {
             }
             Frame::Signal { signo, .. } => put_u32(&mut out, *signo as u32),
             Frame::Shutdown => {}
+            Frame::OutputCredit { bytes, .. } | Frame::StdinCredit { bytes, .. } => {
+                put_u32(&mut out, *bytes)
+            }
             Frame::Started { pid, .. } => put_u32(&mut out, *pid),
             Frame::Exit { status, .. } => {
                 let (kind, value) = match status {
@@ -311,6 +345,14 @@ impl Frame {
                 signo: r.u32()? as i32,
             },
             TYPE_SHUTDOWN => Frame::Shutdown,
+            TYPE_OUTPUT_CREDIT => Frame::OutputCredit {
+                id,
+                bytes: r.u32()?,
+            },
+            TYPE_STDIN_CREDIT => Frame::StdinCredit {
+                id,
+                bytes: r.u32()?,
+            },
             TYPE_STARTED => Frame::Started { id, pid: r.u32()? },
             TYPE_STDOUT => Frame::Stdout { id, data: r.rest() },
             TYPE_STDERR => Frame::Stderr { id, data: r.rest() },
@@ -572,6 +614,11 @@ mod tests {
                 id: 7,
                 data: Vec::new(),
             },
+            Frame::OutputCredit {
+                id: 7,
+                bytes: WINDOW,
+            },
+            Frame::StdinCredit { id: 7, bytes: 1 },
             Frame::Signal { id: 7, signo: 9 },
             Frame::Shutdown,
             Frame::Started { id: 7, pid: 42 },
@@ -699,6 +746,17 @@ mod tests {
         let bytes = raw(TYPE_HELLO, 0, &[1, 0, 0, 0, 0xaa]);
         let result = read_frame(&mut bytes.as_slice());
         assert!(matches!(result, Err(ProtocolError::Malformed(_))));
+    }
+
+    #[test]
+    fn read_frame_credit_without_count_errors() {
+        for type_byte in [TYPE_OUTPUT_CREDIT, TYPE_STDIN_CREDIT] {
+            let bytes = raw(type_byte, 3, &[1, 0]);
+            assert!(matches!(
+                read_frame(&mut bytes.as_slice()),
+                Err(ProtocolError::Malformed(_))
+            ));
+        }
     }
 
     #[test]

@@ -3,24 +3,36 @@
 //!
 //! Per connection there is one reader (the caller's thread, running
 //! [`serve`]), one writer thread that owns the write half, and for each
-//! process two pipe readers plus a waiter. Everything headed for the client
-//! goes through one bounded channel to the writer, so a slow client blocks
-//! the pipe readers (and so the processes) instead of growing a buffer.
+//! process two pipe readers, a waiter, and a stdin writer when stdin is
+//! piped. Everything headed for the client goes through one bounded channel
+//! to the writer.
+//!
+//! Flow control is per process (protocol version 2): a pipe reader reads
+//! only as much output as the client has credit for, so a client that does
+//! not read one process's output stops that process on its full pipe and
+//! nothing else; STDIN data goes to the process's own stdin writer, queued
+//! up to the client's window, so a process that does not read its stdin
+//! never blocks the connection's reader (and so never blocks SIGNAL).
 //!
 //! When the connection ends, every process still running is killed with
 //! SIGKILL (its whole process group), reaped, and every thread joined. The
 //! server never panics on what the client sends: a malformed frame gets a
 //! stream-0 ERROR and the connection is closed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use crate::protocol::{self, ExecRequest, ExitStatus, Frame, ProtocolError, MAX_CHUNK, VERSION};
+use crate::protocol::{
+    self, ExecRequest, ExitStatus, Frame, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
+};
+use crate::window::{Overflow, Window};
 
 /// Frames queued for the writer: at most this many × 64 KiB are buffered.
 const OUT_QUEUE: usize = 16;
@@ -46,6 +58,17 @@ pub enum ServerError {
     /// A helper thread could not be started.
     #[error("cannot start a thread")]
     Thread(#[source] io::Error),
+    /// The client returned more output credit than the window holds.
+    #[error("client broke output flow control")]
+    OutputCredit(#[source] Overflow),
+    /// The client sent more stdin than its window allows.
+    #[error("client sent {sent} bytes of stdin with {unacked} of {WINDOW} unacknowledged")]
+    StdinOverrun {
+        /// Bytes in the STDIN frame.
+        sent: usize,
+        /// Bytes already queued for the process.
+        unacked: u32,
+    },
 }
 
 /// What the embedding program does for requests the library cannot handle.
@@ -60,10 +83,73 @@ pub struct NoHooks;
 
 impl ServerHooks for NoHooks {}
 
+/// Pids of the processes every connection of this program started and
+/// has not reaped yet. [`spawn_orphan_reaper`] leaves these to their
+/// connection's waiter. A process is added with the lock held across its
+/// spawn and removed with it held across its reaping, so the reaper never
+/// sees one of them unowned.
+static OWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+fn owned() -> MutexGuard<'static, BTreeSet<i32>> {
+    // A poisoned lock only means a holder panicked; the set is still valid.
+    OWNED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long the reaper waits before looking again when it has no children,
+/// or when the exited child it found belongs to a connection.
+const REAPER_IDLE: Duration = Duration::from_millis(100);
+const REAPER_YIELD: Duration = Duration::from_millis(5);
+
+/// For an agent that is PID 1: reap, from a thread of its own, every exited
+/// child that no connection started: processes orphaned when their parent
+/// exited first (`sh -c 'daemon &'`), which the kernel hands to PID 1.
+/// Without it their zombies stay until the VM stops.
+///
+/// Call it only in a program whose every other child is started by this
+/// module: anything else it spawns and waits for would be reaped from
+/// under it.
+pub fn spawn_orphan_reaper() -> Result<JoinHandle<()>, ServerError> {
+    spawn_named("agent-reaper", || loop {
+        // SAFETY: siginfo_t is plain data; waitid fills it or fails.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid siginfo_t; WNOWAIT leaves the child
+        // waitable, so a connection's waiter can still reap its own.
+        let ret = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if ret != 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                // ECHILD: no children at all right now.
+                _ => thread::sleep(REAPER_IDLE),
+            }
+            continue;
+        }
+        // SAFETY: waitid succeeded with WEXITED, so the kernel filled the
+        // child fields of `info`.
+        let pid = unsafe { info.si_pid() };
+        let owned = owned();
+        if pid <= 0 || owned.contains(&pid) {
+            // Its connection's waiter reaps it in a moment.
+            drop(owned);
+            thread::sleep(REAPER_YIELD);
+            continue;
+        }
+        // SAFETY: reaps exactly the exited child `pid`, which no connection
+        // owns (checked under the lock spawns take); a null status pointer
+        // is allowed.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+    })
+}
+
 /// A running process of this connection.
 struct Proc {
     pid: i32,
-    stdin: Option<ChildStdin>,
+    /// Queue to the process's stdin writer; `None` once closed (or never
+    /// piped).
+    stdin: Option<Sender<Vec<u8>>>,
+    /// STDIN bytes received and not yet credited back to the client.
+    stdin_unacked: Arc<AtomicU32>,
+    /// Credit for this process's STDOUT and STDERR.
+    output: Arc<Window>,
 }
 
 /// The processes of one connection, by stream id. A process leaves the
@@ -130,7 +216,8 @@ fn read_loop<R: Read, H: ServerHooks + ?Sized>(
                     waiters.push(w);
                 }
             }
-            Frame::Stdin { id, data } => write_stdin(id, &data, table),
+            Frame::Stdin { id, data } => feed_stdin(id, data, table)?,
+            Frame::OutputCredit { id, bytes } => output_credit(id, bytes, table)?,
             Frame::Signal { id, signo } => signal(id, signo, tx, table),
             Frame::Shutdown => {
                 hooks.shutdown();
@@ -228,31 +315,60 @@ fn start(
         drop(procs);
         return refuse("stream id already in use");
     }
+    let mut owned = owned();
     let mut child = match command(req).spawn() {
         Ok(c) => c,
         Err(e) => {
+            drop(owned);
             drop(procs);
             let program = req.argv[0].to_string_lossy();
             return refuse(&format!("exec {program}: {e}"));
         }
     };
     let pid = child.id() as i32;
-    procs.insert(
-        id,
-        Proc {
-            pid,
-            stdin: child.stdin.take(),
-        },
-    );
-    drop(procs);
-    // STARTED is queued before the pipe readers exist, so it comes first.
+    owned.insert(pid);
+    drop(owned);
+    let output = Arc::new(Window::new());
+    let stdin_unacked = Arc::new(AtomicU32::new(0));
+    // STARTED is queued before any helper exists, so it comes first.
     let _ = tx.send(Frame::Started {
         id,
         pid: pid as u32,
     });
+    let (stdin_tx, stdin_writer) = match child.stdin.take() {
+        Some(pipe) => {
+            let (q_tx, q_rx) = channel();
+            match feed(pipe, q_rx, id, tx.clone(), Arc::clone(&stdin_unacked)) {
+                Ok(writer) => (Some(q_tx), Some(writer)),
+                Err(e) => {
+                    // The connection ends on this error; leave nothing behind.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        }
+        None => (None, None),
+    };
+    procs.insert(
+        id,
+        Proc {
+            pid,
+            stdin: stdin_tx,
+            stdin_unacked,
+            output: Arc::clone(&output),
+        },
+    );
+    drop(procs);
     let readers = [
-        child.stdout.take().map(|p| pump(p, id, tx.clone(), false)),
-        child.stderr.take().map(|p| pump(p, id, tx.clone(), true)),
+        child
+            .stdout
+            .take()
+            .map(|p| pump(p, id, tx.clone(), Arc::clone(&output), false)),
+        child
+            .stderr
+            .take()
+            .map(|p| pump(p, id, tx.clone(), Arc::clone(&output), true)),
     ];
     let (tx, table) = (tx.clone(), Arc::clone(table));
     let waiter = spawn_named("agent-wait", move || {
@@ -260,26 +376,68 @@ fn start(
             let _ = r.join();
         }
         finish(id, child, &tx, &table);
+        // After EXIT: a stdin writer can only be stuck on a pipe some
+        // leftover process holds open and does not read.
+        if let Some(w) = stdin_writer {
+            let _ = w.join();
+        }
     });
     waiter.map(Some)
 }
 
-/// Copy one pipe into STDOUT or STDERR frames until EOF.
+/// Write what the client sends for one process's stdin, returning credit
+/// for every chunk once it is in the pipe (or dropped because the process
+/// no longer reads). The pipe closes when the queue's sender is dropped.
+fn feed(
+    mut pipe: ChildStdin,
+    queue: Receiver<Vec<u8>>,
+    id: u32,
+    tx: SyncSender<Frame>,
+    unacked: Arc<AtomicU32>,
+) -> Result<JoinHandle<()>, ServerError> {
+    spawn_named("agent-stdin", move || {
+        let mut open = true;
+        for data in queue {
+            // EPIPE: the process closed its stdin; later bytes are dropped
+            // as a pipe nobody reads would, but still credited.
+            open = open && pipe.write_all(&data).is_ok();
+            let n = data.len() as u32;
+            unacked.fetch_sub(n, Ordering::AcqRel);
+            let _ = tx.send(Frame::StdinCredit { id, bytes: n });
+        }
+        drop(pipe);
+    })
+}
+
+/// Copy one pipe into STDOUT or STDERR frames until EOF, reading only as
+/// much as the client has given credit for.
 fn pump<P: Read + Send + 'static>(
     mut pipe: P,
     id: u32,
     tx: SyncSender<Frame>,
+    window: Arc<Window>,
     stderr: bool,
 ) -> Result<JoinHandle<()>, ServerError> {
     spawn_named("agent-pipe", move || {
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
-            let n = match pipe.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+            // None: the connection is going away.
+            let Some(credit) = window.take(MAX_CHUNK as u32) else {
+                return;
             };
+            let want = credit as usize;
+            let read = loop {
+                match pipe.read(&mut buf[..want]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            let n = match read {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            };
+            // Credit taken but not used goes back for the other pipe.
+            let _ = window.give((want - n) as u32);
             let data = buf[..n].to_vec();
             let frame = if stderr {
                 Frame::Stderr { id, data }
@@ -309,7 +467,11 @@ fn finish(id: u32, mut child: Child, tx: &SyncSender<Frame>, table: &ProcTable) 
         }
     }
     lock(table).remove(&id);
-    let status = match child.wait() {
+    let mut owned = owned();
+    let reaped = child.wait();
+    owned.remove(&(pid as i32));
+    drop(owned);
+    let status = match reaped {
         Ok(s) => match s.signal() {
             Some(sig) => ExitStatus::Signal(sig),
             None => ExitStatus::Code(s.code().unwrap_or(-1)),
@@ -322,22 +484,42 @@ fn finish(id: u32, mut child: Child, tx: &SyncSender<Frame>, table: &ProcTable) 
     let _ = tx.send(Frame::Exit { id, status });
 }
 
-fn write_stdin(id: u32, data: &[u8], table: &ProcTable) {
-    // Take the pipe out of the table while writing, so a blocking write does
-    // not hold the lock the waiter and SIGNAL need.
-    // No process or no open stdin: the process exited or closed it, and
-    // its EXIT is on the way; the bytes are dropped as a pipe would.
-    let Some(mut stdin) = lock(table).get_mut(&id).and_then(|p| p.stdin.take()) else {
-        return;
+/// Queue STDIN bytes for the process's stdin writer; never blocks.
+fn feed_stdin(id: u32, data: Vec<u8>, table: &ProcTable) -> Result<(), ServerError> {
+    let mut procs = lock(table);
+    // Not in the table: the process exited and its EXIT is on the way (the
+    // client stops sending when it arrives). No stdin: never piped, or
+    // already closed. Either way the bytes are dropped.
+    let Some(p) = procs.get_mut(&id) else {
+        return Ok(());
     };
     if data.is_empty() {
-        return; // dropping the pipe is the EOF
+        p.stdin = None; // the writer drains its queue, then closes the pipe
+        return Ok(());
     }
-    // EPIPE means the process closed its stdin: drop the pipe quietly.
-    if stdin.write_all(data).is_ok() {
-        if let Some(p) = lock(table).get_mut(&id) {
-            p.stdin = Some(stdin);
-        }
+    let Some(queue) = &p.stdin else {
+        return Ok(());
+    };
+    let unacked = p.stdin_unacked.load(Ordering::Acquire);
+    if u64::from(unacked) + data.len() as u64 > u64::from(WINDOW) {
+        return Err(ServerError::StdinOverrun {
+            sent: data.len(),
+            unacked,
+        });
+    }
+    p.stdin_unacked
+        .fetch_add(data.len() as u32, Ordering::AcqRel);
+    // The writer only stops after the sender is dropped.
+    let _ = queue.send(data);
+    Ok(())
+}
+
+/// The client consumed output of process `id`: let its pipe readers go on.
+fn output_credit(id: u32, bytes: u32, table: &ProcTable) -> Result<(), ServerError> {
+    // Not in the table: its output is all sent; late credit is harmless.
+    match lock(table).get(&id) {
+        Some(p) => p.output.give(bytes).map_err(ServerError::OutputCredit),
+        None => Ok(()),
     }
 }
 
@@ -360,11 +542,12 @@ fn signal(id: u32, signo: i32, tx: &SyncSender<Frame>, table: &ProcTable) {
     }
 }
 
-/// SIGKILL every process of the connection and its process group, and
-/// close their stdin; the waiters then reap them.
+/// SIGKILL every process of the connection and its process group, close
+/// their stdin and stop their pipe readers; the waiters then reap them.
 fn kill_all(table: &ProcTable) {
     for p in lock(table).values_mut() {
         p.stdin = None;
+        p.output.close();
         // SAFETY: kill takes no pointers; the pid is an unreaped child and
         // leads its own process group (process_group(0) at spawn).
         unsafe {

@@ -31,6 +31,10 @@ pub fn run(report: &mut Report) {
             return;
         }
     };
+    // From here on every child of PID 1 is a connection's, or an orphan.
+    if let Err(e) = server::spawn_orphan_reaper() {
+        report.line(&format!("chitin-agent: no orphan reaper: {e}"));
+    }
     report.line(&format!("chitin-agent: listening vsock port={PORT}"));
     loop {
         let stream = match listener.accept() {

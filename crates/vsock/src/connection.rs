@@ -5,6 +5,12 @@
 //! packets ([`Connection::on_guest_rw`] and friends) and asks it for the next
 //! packet to give the guest ([`Connection::next_rx`]). The host side is any
 //! `Read + Write` non-blocking stream.
+//!
+//! A guest that sends beyond the credit it was given has broken the
+//! protocol (a driver must not, §5.10.6.3), and that connection is reset.
+//! The alternatives are worse: pausing the TX queue until the host socket
+//! drains would stall every other connection of the guest behind this one,
+//! and buffering the excess would let the guest grow host memory at will.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
