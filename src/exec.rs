@@ -228,7 +228,7 @@ fn try_connect(socket: &Path) -> Option<Client<UnixStream>> {
 pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output, ExecError> {
     let mut child = client.spawn(&cmd.request)?;
     let stdin = child.stdin();
-    std::thread::scope(|scope| {
+    std::thread::scope(move |scope| {
         // Fed from its own thread: a command that writes output before it
         // has read all of its input needs that output collected meanwhile.
         let feeder = match (stdin, &cmd.stdin) {
@@ -239,19 +239,35 @@ pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output,
             }
             (None, _) => None,
         };
-        if let Some(timeout) = cmd.timeout {
-            if child.wait_timeout(timeout)?.is_none() {
-                child.kill()?;
-                let _ = child.wait();
-                return Err(ExecError::Timeout(timeout));
-            }
-        }
-        let output = child.output()?;
-        if let Some(Ok(Err(e))) = feeder.map(|f| f.join()) {
+        let output = collect(child, cmd.timeout);
+        let fed = feeder.map(|f| f.join());
+        let output = output?;
+        if let Some(Ok(Err(e))) = fed {
             return Err(ExecError::Stdin(e));
         }
         Ok(output)
     })
+}
+
+/// How long a timed-out command may take to report its death after the
+/// kill before `exec` stops waiting for it.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Wait for the child (killing it after `timeout`) and take its output.
+/// A killed child that does not report back within [`KILL_GRACE`] (say a
+/// grandchild keeps its output open) is abandoned, which also fails a
+/// stdin write still blocked on it.
+fn collect(child: AgentChild<UnixStream>, timeout: Option<Duration>) -> Result<Output, ExecError> {
+    if let Some(timeout) = timeout {
+        if child.wait_timeout(timeout)?.is_none() {
+            child.kill()?;
+            if child.wait_timeout(KILL_GRACE)?.is_none() {
+                child.abandon();
+            }
+            return Err(ExecError::Timeout(timeout));
+        }
+    }
+    Ok(child.output()?)
 }
 
 /// Write `bytes` to a child's stdin, then close it. A process that exits
@@ -279,4 +295,59 @@ pub(crate) fn spawn(client: &Client<UnixStream>, cmd: &Command) -> Result<Child,
         }
     }
     Ok(Child { inner })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chitin_agent::server::{self, NoHooks};
+
+    /// A client talking to the agent's server library over a socket pair;
+    /// dropping the client makes the server kill what it started.
+    fn client() -> Client<UnixStream> {
+        let (host, guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let reader = guest.try_clone().unwrap();
+            server::serve(reader, guest, &NoHooks)
+        });
+        Client::handshake(host).unwrap()
+    }
+
+    fn host_sh(script: &str) -> Command {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+    }
+
+    #[test]
+    fn exec_stdin_larger_than_window_and_pipe_comes_back_intact() {
+        let client = client();
+        let input: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let out = exec(&client, &host_sh("cat").stdin(input.clone())).unwrap();
+        assert!(out.status.success());
+        assert!(out.stdout == input, "got {} bytes", out.stdout.len());
+    }
+
+    #[test]
+    fn exec_stdin_process_reading_part_is_not_an_error() {
+        let client = client();
+        let out = exec(&client, &host_sh("head -c 10").stdin(vec![b'a'; 1 << 20])).unwrap();
+        assert_eq!(out.stdout, vec![b'a'; 10]);
+        assert!(out.status.success());
+    }
+
+    #[test]
+    fn exec_timeout_returns_even_when_a_grandchild_holds_the_pipes() {
+        let client = client();
+        // The shell is killed at the timeout; the background sleep keeps
+        // stdout open and nobody reads the 4 MiB of stdin.
+        let cmd = host_sh("sleep 1000 & sleep 1000")
+            .stdin(vec![0u8; 4 << 20])
+            .timeout(Duration::from_millis(300));
+        let started = Instant::now();
+        let result = exec(&client, &cmd);
+        assert!(matches!(result, Err(ExecError::Timeout(_))), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
 }

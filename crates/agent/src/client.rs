@@ -143,6 +143,11 @@ enum Event {
 /// Where the demultiplexer delivers one child's frames.
 struct Route {
     events: Sender<Event>,
+    /// STARTED arrived (a second one breaks the protocol).
+    started: bool,
+    /// The child was dropped or abandoned: output is thrown away and
+    /// credited at once.
+    discard: bool,
     /// Credit for this child's stdin.
     stdin: Arc<Window>,
     /// Output bytes received and not yet credited back to the agent.
@@ -271,6 +276,8 @@ impl<S: ClientStream> Client<S> {
                 id,
                 Route {
                     events: tx,
+                    started: false,
+                    discard: false,
                     stdin: Arc::clone(&stdin),
                     output_unacked: Arc::clone(&output_unacked),
                 },
@@ -295,7 +302,12 @@ impl<S: ClientStream> Client<S> {
             }
             Ok(Event::Error(m)) => ClientError::AgentError(m),
             Ok(_) => ClientError::Protocol("output before STARTED".into()),
-            Err(RecvTimeoutError::Timeout) => ClientError::Timeout(START_TIMEOUT),
+            Err(RecvTimeoutError::Timeout) => {
+                // If it starts after all, it must not run unwatched: the
+                // kill follows the EXEC on the stream, so it lands.
+                let _ = self.shared.send(&Frame::Signal { id, signo: SIGKILL });
+                ClientError::Timeout(START_TIMEOUT)
+            }
             Err(RecvTimeoutError::Disconnected) => self.shared.closed_error(),
         };
         relock(&self.shared.routes).children.remove(&id);
@@ -312,6 +324,21 @@ impl<S: ClientStream> Client<S> {
             // find out on its own.
             let _ = shared.send(&Frame::OutputCredit { id, bytes });
         });
+        let shared = Arc::clone(&self.shared);
+        let release: ReleaseFn = Box::new(move |rx| {
+            // Under the routes lock the demultiplexer cannot deliver, so
+            // nothing lands in `rx` between the drain and the switch.
+            let mut routes = relock(&shared.routes);
+            if let Some(route) = routes.children.get_mut(&id) {
+                route.discard = true;
+            }
+            rx.try_iter()
+                .map(|e| match e {
+                    Event::Stdout(d) | Event::Stderr(d) => d.len() as u32,
+                    _ => 0,
+                })
+                .sum()
+        });
         Child {
             id,
             pid,
@@ -324,6 +351,7 @@ impl<S: ClientStream> Client<S> {
                 end: None,
                 uncredited: 0,
                 credit,
+                release: Some(release),
             })),
         }
     }
@@ -403,9 +431,24 @@ fn route<S: ClientStream>(frame: Frame, shared: &Shared<S>) -> Result<(), Client
         }
     };
     let mut routes = relock(&shared.routes);
-    let Some(route) = routes.children.get(&id) else {
-        return Ok(()); // a child that was dropped, or a late frame
+    let Some(route) = routes.children.get_mut(&id) else {
+        return Ok(()); // a child that ended, or a late frame
     };
+    match &event {
+        Event::Started(_) if route.started => {
+            return Err(ClientError::Protocol(format!(
+                "stream {id}: second STARTED"
+            )));
+        }
+        Event::Started(_) => route.started = true,
+        // Empty chunks would cost an event each and count nothing.
+        Event::Stdout(data) | Event::Stderr(data) if data.is_empty() => {
+            return Err(ClientError::Protocol(format!(
+                "stream {id}: empty output frame"
+            )));
+        }
+        _ => {}
+    }
     if let Event::Stdout(data) | Event::Stderr(data) = &event {
         let len = data.len() as u32;
         let unacked = route.output_unacked.fetch_add(len, Ordering::AcqRel);
@@ -422,7 +465,7 @@ fn route<S: ClientStream>(frame: Frame, shared: &Shared<S>) -> Result<(), Client
     // A child that was dropped no longer receives: its output is thrown
     // away and credited at once, so the process runs on as it would with
     // its output going nowhere.
-    let discarded = route.events.send(event).is_err() && len > 0;
+    let discarded = (route.discard || route.events.send(event).is_err()) && len > 0;
     if discarded {
         route.output_unacked.fetch_sub(len, Ordering::AcqRel);
     }
@@ -440,6 +483,9 @@ fn route<S: ClientStream>(frame: Frame, shared: &Shared<S>) -> Result<(), Client
 
 /// Returns output credit to the agent for one child.
 type CreditFn = Box<dyn Fn(u32) + Send>;
+/// Switches a child's route to discarding and drains its channel; returns
+/// the output bytes drained.
+type ReleaseFn = Box<dyn FnOnce(&Receiver<Event>) -> u32 + Send>;
 
 /// The flow-control state a child shares with the demultiplexer.
 struct Flow {
@@ -456,6 +502,21 @@ struct Inbox {
     /// Output pulled from `rx` whose credit has not gone back yet.
     uncredited: u32,
     credit: CreditFn,
+    release: Option<ReleaseFn>,
+}
+
+impl Drop for Inbox {
+    /// The child is gone (every handle dropped): from now on its output is
+    /// thrown away as it arrives, and everything held back is credited, so
+    /// the process is not left stuck on a full window.
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            let held = release(&self.rx).saturating_add(self.uncredited);
+            if held > 0 {
+                (self.credit)(held);
+            }
+        }
+    }
 }
 
 impl Inbox {
@@ -544,6 +605,17 @@ impl<S: ClientStream> Child<S> {
     /// Kill the process (SIGKILL); [`Child::wait`] then reports `Signal(9)`.
     pub fn kill(&self) -> Result<(), ClientError> {
         self.signal(SIGKILL)
+    }
+
+    /// Stop caring about this process: its output from now on is thrown
+    /// away, and a [`ChildStdin`] write blocked on it (or any later one)
+    /// fails with `BrokenPipe`. The process itself is not signalled.
+    pub fn abandon(self) {
+        if let Some(route) = relock(&self.shared.routes).children.get(&self.id) {
+            route.stdin.close();
+        }
+        // Dropping the last handle on the inbox switches the route to
+        // discarding and credits what was held.
     }
 
     /// Wait until the process has exited and its output is all received;
@@ -887,7 +959,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("chitin-agent-drop-{}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         let cmd = format!("head -c 2097152 /dev/zero; touch {}", dir.display());
-        drop(client.spawn(&request(&["sh", "-c", &cmd])).unwrap());
+        let child = client.spawn(&request(&["sh", "-c", &cmd])).unwrap();
+        // By now a whole window of output waits, unpulled, in the client:
+        // dropping the child must credit it, or the process stalls.
+        thread::sleep(Duration::from_millis(300));
+        drop(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !dir.exists() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
@@ -929,6 +1005,63 @@ mod tests {
         // Nobody pulls, so no credit goes back: the last chunk overruns.
         thread::sleep(Duration::from_millis(200));
         assert!(matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("uncredited")));
+    }
+
+    #[test]
+    fn agent_second_started_is_a_protocol_error() {
+        let client = fake_agent(|s, id| {
+            let _ = protocol::write_frame(s, &Frame::Started { id, pid: 2 });
+        });
+        let child = client.spawn(&request(&["x"])).unwrap();
+        assert!(
+            matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("second STARTED"))
+        );
+    }
+
+    #[test]
+    fn agent_empty_output_frame_is_a_protocol_error() {
+        let client = fake_agent(|s, id| {
+            let data = Vec::new();
+            let _ = protocol::write_frame(s, &Frame::Stderr { id, data });
+        });
+        let child = client.spawn(&request(&["x"])).unwrap();
+        assert!(
+            matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("empty output"))
+        );
+    }
+
+    #[test]
+    fn abandon_fails_a_blocked_stdin_write() {
+        let (client, _server) = connect();
+        let mut child = client
+            .spawn(&request(&["sleep", "1000"]).with_stdin())
+            .unwrap();
+        let mut stdin = child.stdin().unwrap();
+        let writer = thread::spawn(move || stdin.write_all(&vec![b'x'; 4 << 20]));
+        thread::sleep(Duration::from_millis(200));
+        assert!(!writer.is_finished(), "stdin should be pushing back");
+        child.abandon();
+        let written = within(move || writer.join().unwrap());
+        let err = written.expect("the write stayed blocked").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn serve_signal_number_out_of_range_errors_and_closes() {
+        let (mut host, server) = agent();
+        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
+        let _ = protocol::read_frame(&mut host).unwrap();
+        let exec = Frame::Exec {
+            id: 1,
+            request: request(&["sleep", "1000"]),
+        };
+        protocol::write_frame(&mut host, &exec).unwrap();
+        let signal = Frame::Signal { id: 1, signo: 65 };
+        protocol::write_frame(&mut host, &signal).unwrap();
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(ServerError::BadSignal(65))
+        ));
     }
 
     #[test]

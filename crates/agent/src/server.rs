@@ -4,15 +4,17 @@
 //! Per connection there is one reader (the caller's thread, running
 //! [`serve`]), one writer thread that owns the write half, and for each
 //! process two pipe readers, a waiter, and a stdin writer when stdin is
-//! piped. Everything headed for the client goes through one bounded channel
-//! to the writer.
+//! piped. Everything headed for the client goes through one channel to the
+//! writer.
 //!
 //! Flow control is per process (protocol version 2): a pipe reader reads
 //! only as much output as the client has credit for, so a client that does
 //! not read one process's output stops that process on its full pipe and
 //! nothing else; STDIN data goes to the process's own stdin writer, queued
-//! up to the client's window, so a process that does not read its stdin
-//! never blocks the connection's reader (and so never blocks SIGNAL).
+//! up to the client's window. The connection's reader therefore never waits
+//! for a process or for the client (the writer's channel is unbounded, but
+//! output in it is bounded by the windows and the rest answers the client's
+//! own frames), so SIGNAL and credit always get through.
 //!
 //! When the connection ends, every process still running is killed with
 //! SIGKILL (its whole process group), reaped, and every thread joined. The
@@ -24,7 +26,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -34,8 +36,6 @@ use crate::protocol::{
 };
 use crate::window::{Overflow, Window};
 
-/// Frames queued for the writer: at most this many × 64 KiB are buffered.
-const OUT_QUEUE: usize = 16;
 /// Most processes running at once on one connection (bounds threads).
 const MAX_PROCS: usize = 256;
 /// Stack of the helper threads: they only copy bytes.
@@ -61,6 +61,9 @@ pub enum ServerError {
     /// The client returned more output credit than the window holds.
     #[error("client broke output flow control")]
     OutputCredit(#[source] Overflow),
+    /// The client asked for a signal number outside 1..=64.
+    #[error("client asked for signal {0}")]
+    BadSignal(i32),
     /// The client sent more stdin than its window allows.
     #[error("client sent {sent} bytes of stdin with {unacked} of {WINDOW} unacknowledged")]
     StdinOverrun {
@@ -140,9 +143,13 @@ pub fn spawn_orphan_reaper() -> Result<JoinHandle<()>, ServerError> {
     })
 }
 
-/// A running process of this connection.
+/// A process of this connection, from its spawn until its waiter is done
+/// (EXIT sent, helper threads joined).
 struct Proc {
     pid: i32,
+    /// It has exited and been reaped (or is being reaped): its pid may be
+    /// reused, so it gets no more signals.
+    exited: bool,
     /// Queue to the process's stdin writer; `None` once closed (or never
     /// piped).
     stdin: Option<Sender<Vec<u8>>>,
@@ -152,9 +159,10 @@ struct Proc {
     output: Arc<Window>,
 }
 
-/// The processes of one connection, by stream id. A process leaves the
-/// table after it exited but before it is reaped, so a signal sent while it
-/// is in the table can never hit a recycled pid.
+/// The processes of one connection, by stream id. A process is marked
+/// `exited` under this lock before it is reaped, and signals are sent under
+/// it only to processes not marked, so a signal can never hit a recycled
+/// pid.
 type ProcTable = Arc<Mutex<HashMap<u32, Proc>>>;
 
 fn lock(table: &ProcTable) -> MutexGuard<'_, HashMap<u32, Proc>> {
@@ -173,7 +181,7 @@ where
     W: Write + Send + 'static,
     H: ServerHooks + ?Sized,
 {
-    let (tx, rx) = sync_channel::<Frame>(OUT_QUEUE);
+    let (tx, rx) = channel::<Frame>();
     let writer_thread = spawn_named("agent-writer", move || write_loop(writer, rx))?;
     let table: ProcTable = Arc::default();
     let mut waiters = Vec::new();
@@ -195,7 +203,7 @@ where
 
 fn read_loop<R: Read, H: ServerHooks + ?Sized>(
     reader: &mut R,
-    tx: &SyncSender<Frame>,
+    tx: &Sender<Frame>,
     table: &ProcTable,
     waiters: &mut Vec<JoinHandle<()>>,
     hooks: &H,
@@ -218,7 +226,7 @@ fn read_loop<R: Read, H: ServerHooks + ?Sized>(
             }
             Frame::Stdin { id, data } => feed_stdin(id, data, table)?,
             Frame::OutputCredit { id, bytes } => output_credit(id, bytes, table)?,
-            Frame::Signal { id, signo } => signal(id, signo, tx, table),
+            Frame::Signal { id, signo } => signal(id, signo, table)?,
             Frame::Shutdown => {
                 hooks.shutdown();
                 return Ok(());
@@ -256,7 +264,7 @@ where
         .map_err(ServerError::Thread)
 }
 
-fn send_error(tx: &SyncSender<Frame>, id: u32, message: String) {
+fn send_error(tx: &Sender<Frame>, id: u32, message: String) {
     let _ = tx.send(Frame::Error { id, message });
 }
 
@@ -293,7 +301,7 @@ fn command(req: &ExecRequest) -> Command {
 fn start(
     id: u32,
     req: &ExecRequest,
-    tx: &SyncSender<Frame>,
+    tx: &Sender<Frame>,
     table: &ProcTable,
     running: usize,
 ) -> Result<Option<JoinHandle<()>>, ServerError> {
@@ -335,54 +343,112 @@ fn start(
         id,
         pid: pid as u32,
     });
-    let (stdin_tx, stdin_writer) = match child.stdin.take() {
-        Some(pipe) => {
-            let (q_tx, q_rx) = channel();
-            match feed(pipe, q_rx, id, tx.clone(), Arc::clone(&stdin_unacked)) {
-                Ok(writer) => (Some(q_tx), Some(writer)),
-                Err(e) => {
-                    // The connection ends on this error; leave nothing behind.
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(e);
-                }
-            }
+    let mut stdin_tx = None;
+    let mut helpers = Vec::new();
+    let mut started = Ok(());
+    if let Some(pipe) = child.stdin.take() {
+        let (q_tx, q_rx) = channel();
+        stdin_tx = Some(q_tx);
+        started =
+            feed(pipe, q_rx, id, tx.clone(), Arc::clone(&stdin_unacked)).map(|h| helpers.push(h));
+    }
+    let pipes = [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ];
+    let mut readers = Vec::new();
+    for (pipe, stderr) in pipes.into_iter().zip([false, true]) {
+        if let (Ok(()), Some(pipe)) = (&started, pipe) {
+            started =
+                pump(pipe, id, tx.clone(), Arc::clone(&output), stderr).map(|h| readers.push(h));
         }
-        None => (None, None),
-    };
+    }
+    if let Err(e) = started {
+        // The connection ends on this error; leave nothing behind. The
+        // helpers already running see their pipes close and end.
+        output.close();
+        drop(stdin_tx);
+        drop(procs);
+        abandon(child);
+        return Err(e);
+    }
     procs.insert(
         id,
         Proc {
             pid,
+            exited: false,
             stdin: stdin_tx,
             stdin_unacked,
-            output: Arc::clone(&output),
+            output,
         },
     );
     drop(procs);
-    let readers = [
-        child
-            .stdout
-            .take()
-            .map(|p| pump(p, id, tx.clone(), Arc::clone(&output), false)),
-        child
-            .stderr
-            .take()
-            .map(|p| pump(p, id, tx.clone(), Arc::clone(&output), true)),
-    ];
-    let (tx, table) = (tx.clone(), Arc::clone(table));
+    let (waiter_tx, waiter_table) = (tx.clone(), Arc::clone(table));
     let waiter = spawn_named("agent-wait", move || {
-        for r in readers.into_iter().flatten().flatten() {
+        let status = reap(id, child, &waiter_table);
+        // Output after the exit (and from anything still holding the
+        // pipes) comes before EXIT.
+        for r in readers {
             let _ = r.join();
         }
-        finish(id, child, &tx, &table);
-        // After EXIT: a stdin writer can only be stuck on a pipe some
-        // leftover process holds open and does not read.
-        if let Some(w) = stdin_writer {
-            let _ = w.join();
+        match status {
+            Ok(status) => {
+                let _ = waiter_tx.send(Frame::Exit { id, status });
+            }
+            Err(message) => send_error(&waiter_tx, id, message),
         }
+        // A stdin writer can only still be busy on a pipe that something
+        // left in the process group holds and does not read; closing the
+        // connection kills the group.
+        for h in helpers {
+            let _ = h.join();
+        }
+        lock(&waiter_table).remove(&id);
     });
-    waiter.map(Some)
+    match waiter {
+        Ok(w) => Ok(Some(w)),
+        Err(e) => {
+            if let Some(p) = lock(table).remove(&id) {
+                p.output.close();
+            }
+            // `child` moved into the closure that failed to start; it was
+            // dropped unreaped, so kill and reap it by pid.
+            abandon_pid(pid);
+            Err(e)
+        }
+    }
+}
+
+/// Kill a child whose helpers could not all start, and reap it.
+fn abandon(mut child: Child) {
+    let pid = child.id() as i32;
+    // SAFETY: kill takes no pointers; the child is unreaped and leads its
+    // own process group.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let _ = child.kill();
+    let mut owned = owned();
+    let _ = child.wait();
+    owned.remove(&pid);
+}
+
+/// [`abandon`] for a child whose `Child` handle is gone.
+fn abandon_pid(pid: i32) {
+    // SAFETY: kill takes no pointers; `pid` is our unreaped child (still in
+    // OWNED, so the orphan reaper leaves it alone).
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let mut owned = owned();
+    // SAFETY: reaps exactly our child `pid`; a null status is allowed.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    owned.remove(&pid);
 }
 
 /// Write what the client sends for one process's stdin, returning credit
@@ -392,7 +458,7 @@ fn feed(
     mut pipe: ChildStdin,
     queue: Receiver<Vec<u8>>,
     id: u32,
-    tx: SyncSender<Frame>,
+    tx: Sender<Frame>,
     unacked: Arc<AtomicU32>,
 ) -> Result<JoinHandle<()>, ServerError> {
     spawn_named("agent-stdin", move || {
@@ -414,7 +480,7 @@ fn feed(
 fn pump<P: Read + Send + 'static>(
     mut pipe: P,
     id: u32,
-    tx: SyncSender<Frame>,
+    tx: Sender<Frame>,
     window: Arc<Window>,
     stderr: bool,
 ) -> Result<JoinHandle<()>, ServerError> {
@@ -434,7 +500,10 @@ fn pump<P: Read + Send + 'static>(
             };
             let n = match read {
                 Ok(n) if n > 0 => n,
-                _ => return,
+                _ => {
+                    let _ = window.give(credit);
+                    return;
+                }
             };
             // Credit taken but not used goes back for the other pipe.
             let _ = window.give((want - n) as u32);
@@ -451,9 +520,10 @@ fn pump<P: Read + Send + 'static>(
     })
 }
 
-/// Wait for the process to exit without reaping it, take it out of the
-/// table, then reap it and send EXIT.
-fn finish(id: u32, mut child: Child, tx: &SyncSender<Frame>, table: &ProcTable) {
+/// Wait for the process to exit, mark it exited (no more signals, stdin
+/// closed), then reap it. Its zombie lives only between those steps, so
+/// the orphan reaper never waits long on it.
+fn reap(id: u32, mut child: Child, table: &ProcTable) -> Result<ExitStatus, String> {
     let pid = child.id();
     loop {
         // SAFETY: siginfo_t is plain data; waitid fills it or fails.
@@ -466,22 +536,23 @@ fn finish(id: u32, mut child: Child, tx: &SyncSender<Frame>, table: &ProcTable) 
             break;
         }
     }
-    lock(table).remove(&id);
+    if let Some(p) = lock(table).get_mut(&id) {
+        p.exited = true;
+        // The writer drains what is queued (into a pipe nobody may read any
+        // more), then ends.
+        p.stdin = None;
+    }
     let mut owned = owned();
     let reaped = child.wait();
     owned.remove(&(pid as i32));
     drop(owned);
-    let status = match reaped {
-        Ok(s) => match s.signal() {
+    match reaped {
+        Ok(s) => Ok(match s.signal() {
             Some(sig) => ExitStatus::Signal(sig),
             None => ExitStatus::Code(s.code().unwrap_or(-1)),
-        },
-        Err(e) => {
-            send_error(tx, id, format!("wait: {e}"));
-            return;
-        }
-    };
-    let _ = tx.send(Frame::Exit { id, status });
+        }),
+        Err(e) => Err(format!("wait: {e}")),
+    }
 }
 
 /// Queue STDIN bytes for the process's stdin writer; never blocks.
@@ -490,7 +561,7 @@ fn feed_stdin(id: u32, data: Vec<u8>, table: &ProcTable) -> Result<(), ServerErr
     // Not in the table: the process exited and its EXIT is on the way (the
     // client stops sending when it arrives). No stdin: never piped, or
     // already closed. Either way the bytes are dropped.
-    let Some(p) = procs.get_mut(&id) else {
+    let Some(p) = procs.get_mut(&id).filter(|p| !p.exited) else {
         return Ok(());
     };
     if data.is_empty() {
@@ -523,23 +594,19 @@ fn output_credit(id: u32, bytes: u32, table: &ProcTable) -> Result<(), ServerErr
     }
 }
 
-fn signal(id: u32, signo: i32, tx: &SyncSender<Frame>, table: &ProcTable) {
+fn signal(id: u32, signo: i32, table: &ProcTable) -> Result<(), ServerError> {
     if !(1..=MAX_SIGNO).contains(&signo) {
-        send_error(tx, id, format!("invalid signal {signo}"));
-        return;
+        return Err(ServerError::BadSignal(signo));
     }
     let procs = lock(table);
-    // Not in the table: it already exited and its EXIT is on the way.
-    let Some(p) = procs.get(&id) else {
-        return;
-    };
-    // SAFETY: kill takes no pointers; `p.pid` is our unreaped child (see
-    // ProcTable), so it cannot name another process.
-    let ret = unsafe { libc::kill(p.pid, signo) };
-    drop(procs);
-    if ret != 0 {
-        send_error(tx, id, format!("signal: {}", io::Error::last_os_error()));
+    // Gone or exited: its EXIT is on the way, there is nobody to signal.
+    if let Some(p) = procs.get(&id).filter(|p| !p.exited) {
+        // SAFETY: kill takes no pointers; `p.pid` is our child and not
+        // reaped (see ProcTable), so it cannot name another process. It
+        // cannot fail for an unreaped child of ours.
+        unsafe { libc::kill(p.pid, signo) };
     }
+    Ok(())
 }
 
 /// SIGKILL every process of the connection and its process group, close
@@ -548,11 +615,15 @@ fn kill_all(table: &ProcTable) {
     for p in lock(table).values_mut() {
         p.stdin = None;
         p.output.close();
-        // SAFETY: kill takes no pointers; the pid is an unreaped child and
-        // leads its own process group (process_group(0) at spawn).
+        // SAFETY: kill takes no pointers. The group is the one the process
+        // led (process_group(0) at spawn): its id stays taken while any
+        // member lives, even after the leader is reaped. The leader itself
+        // is signalled only while unreaped (see ProcTable).
         unsafe {
             libc::kill(-p.pid, libc::SIGKILL);
-            libc::kill(p.pid, libc::SIGKILL);
+            if !p.exited {
+                libc::kill(p.pid, libc::SIGKILL);
+            }
         }
     }
 }

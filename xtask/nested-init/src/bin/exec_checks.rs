@@ -231,11 +231,16 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
                     .map_err(|e| e.to_string())?;
                 Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
             };
-            vm.exec(&sh("for i in 1 2 3 4 5; do sleep 0.3 & done"))
+            // A background `sleep 1000` also keeps the shell's stdout open,
+            // so its stream stays open after the shell exits.
+            let holder = vm
+                .spawn(&sh("sleep 1000 & for i in 1 2 3 4 5; do sleep 0.3 & done"))
                 .map_err(|e| e.to_string())?;
             std::thread::sleep(Duration::from_millis(1500));
-            match zombies()?.as_str() {
-                "0" => Ok("5 orphaned sleeps exited, 0 zombies left".into()),
+            let left = zombies();
+            drop(holder);
+            match left?.as_str() {
+                "0" => Ok("5 orphaned sleeps and their shell exited, 0 zombies left".into()),
                 n => Err(format!("{n} zombies left")),
             }
         })(),
