@@ -112,7 +112,9 @@ pub fn kernel() -> Step<PathBuf> {
     let cache = cache_dir();
     let done = cache.join(format!("vmlinux-{key}"));
     if done.exists() {
-        eprintln!("xtask: guest kernel cached ({})", done.display());
+        if !util::quiet() {
+            eprintln!("xtask: guest kernel cached ({})", done.display());
+        }
         return Ok(done);
     }
     let src = unpack_source(&cache)?;

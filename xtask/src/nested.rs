@@ -387,9 +387,12 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
             "arguments cannot contain tabs or newlines: {bad:?}"
         ));
     }
+    // Preparing prints only what fails or takes long: the output is the
+    // command's.
+    util::set_quiet(true);
+    QUIET.store(true, Ordering::Relaxed);
     prerequisites()?;
     let tools = build_tools()?;
-    QUIET.store(true, Ordering::Relaxed);
     let mut plan = format!(
         "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t/l2\t--timeout\t{}\t--",
         NESTED_EXEC_TIMEOUT_S - 10

@@ -1,9 +1,11 @@
 //! Helpers shared by the xtask commands: running programs, installing
 //! Debian packages, the cache directory, a content hash.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// Result type of every xtask step: the error is the line to print.
 pub type Step<T = ()> = Result<T, String>;
@@ -58,9 +60,30 @@ pub fn install_packages(packages: &[&str]) -> Step {
     )
 }
 
+/// Quiet mode (for commands whose output is someone else's, like
+/// `nested-exec`): steps print nothing unless they fail or take long.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// A quiet step that runs longer than this says what it is doing.
+const QUIET_ANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+
+/// Turn quiet mode on or off.
+pub fn set_quiet(on: bool) {
+    QUIET.store(on, Ordering::Relaxed);
+}
+
+/// Whether quiet mode is on.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
 /// Run a command, echoing the step name and its duration; fail on a
-/// non-zero exit.
+/// non-zero exit. In quiet mode the command's output is kept back and
+/// shown only if it fails, and the step is named only if it takes long.
 pub fn run(step: &str, cmd: &mut Command) -> Step {
+    if quiet() {
+        return run_quiet(step, cmd);
+    }
     let start = Instant::now();
     eprintln!("xtask: == {step}");
     let status = cmd
@@ -70,6 +93,64 @@ pub fn run(step: &str, cmd: &mut Command) -> Step {
         return Err(format!("{step}: {status}"));
     }
     eprintln!("xtask: ok {step} ({:.1} s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn run_quiet(step: &str, cmd: &mut Command) -> Step {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{step}: cannot run {:?}: {e}", cmd.get_program()))?;
+    // Drained from threads, so a chatty command never blocks on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            text
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut announced = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(format!("{step}: wait: {e}")),
+        }
+        if !announced && start.elapsed() >= QUIET_ANNOUNCE_AFTER {
+            eprintln!("xtask: {step}...");
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    if !status.success() {
+        eprint!("{}", String::from_utf8_lossy(&out));
+        eprint!("{}", String::from_utf8_lossy(&err));
+        return Err(format!("{step}: {status}"));
+    }
+    if announced {
+        eprintln!("xtask: ok {step} ({:.1} s)", start.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 
