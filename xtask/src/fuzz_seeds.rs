@@ -163,12 +163,71 @@ fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// A stream of agent-to-client frames: HELLO, STARTED, STDOUT, STDERR,
+/// STDIN_CREDIT, EXIT and a stream ERROR, as the agent sends them.
+fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
+    use chitin_agent::protocol::{ExecRequest, ExitStatus, Frame, VERSION};
+    let session = [
+        Frame::Hello { version: VERSION },
+        Frame::Started { id: 1, pid: 42 },
+        Frame::Stdout {
+            id: 1,
+            data: b"hello\n".to_vec(),
+        },
+        Frame::Stderr {
+            id: 1,
+            data: b"oops\n".to_vec(),
+        },
+        Frame::StdinCredit { id: 1, bytes: 4096 },
+        Frame::Exit {
+            id: 1,
+            status: ExitStatus::Signal(9),
+        },
+        Frame::Error {
+            id: 2,
+            message: "exec nope: No such file or directory".into(),
+        },
+    ];
+    // And the client's side, which the same decoder reads in the agent.
+    let client = [
+        Frame::Exec {
+            id: 3,
+            request: ExecRequest::new(["sh", "-c", "cat"])
+                .env("PATH", "/bin")
+                .cwd("/")
+                .user(1, 1)
+                .with_stdin(),
+        },
+        Frame::Stdin {
+            id: 3,
+            data: vec![0; 64],
+        },
+        Frame::OutputCredit {
+            id: 3,
+            bytes: 65536,
+        },
+        Frame::Signal { id: 3, signo: 9 },
+        Frame::Shutdown,
+    ];
+    let encode = |frames: &[Frame]| -> Vec<u8> {
+        frames
+            .iter()
+            .flat_map(|f| f.encode().expect("seed frames are valid"))
+            .collect()
+    };
+    vec![
+        ("agent-session", encode(&session)),
+        ("client-session", encode(&client)),
+    ]
+}
+
 /// The seeds of `target`, by name.
 pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     match target {
         "virtio_mmio" => virtio_mmio(),
         "blk_request" => blk_request(),
         "vsock_packet" => vsock_packet(),
+        "agent_frames" => agent_frames(),
         _ => Vec::new(),
     }
 }
