@@ -950,13 +950,17 @@ fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
             run.cmdline
         ));
     }
-    let passes: Vec<String> = run
-        .lines
+    Ok(passed_checks(run))
+}
+
+/// The run's passed checks as `name: detail`, joined for the table.
+fn passed_checks(run: &Run) -> String {
+    run.lines
         .iter()
         .filter_map(|l| l.strip_prefix("chitin-check: "))
         .map(|l| l.split(" PASS ").collect::<Vec<_>>().join(": "))
-        .collect();
-    Ok(passes.join("; "))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn judge_panic(run: &Run, _disks: &Disks) -> Result<String, String> {
@@ -1020,13 +1024,7 @@ fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     if exit != "0" || !run.has("chitin-agent: done") || !run.has(" fail=0") {
         return Err(format!("checks did not all pass (exit {exit})"));
     }
-    let passes: Vec<String> = run
-        .lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("chitin-check: "))
-        .map(|l| l.split(" PASS ").collect::<Vec<_>>().join(": "))
-        .collect();
-    Ok(passes.join("; "))
+    Ok(passed_checks(run))
 }
 
 fn judge_blk(run: &Run, disks: &Disks) -> Result<String, String> {

@@ -972,6 +972,20 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
     }
 
+    /// A real server with one process, `req`, started as stream 1 by raw
+    /// frames (so a test can then send what no `Client` would).
+    fn agent_running(req: ExecRequest) -> (UnixStream, Server) {
+        let (mut host, server) = agent();
+        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
+        let _ = protocol::read_frame(&mut host).unwrap();
+        let exec = Frame::Exec {
+            id: 1,
+            request: req,
+        };
+        protocol::write_frame(&mut host, &exec).unwrap();
+        (host, server)
+    }
+
     /// A fake agent: handshake, take one EXEC, answer STARTED, then run
     /// `script` on the stream.
     fn fake_agent(
@@ -1048,14 +1062,7 @@ mod tests {
 
     #[test]
     fn serve_signal_number_out_of_range_errors_and_closes() {
-        let (mut host, server) = agent();
-        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
-        let _ = protocol::read_frame(&mut host).unwrap();
-        let exec = Frame::Exec {
-            id: 1,
-            request: request(&["sleep", "1000"]),
-        };
-        protocol::write_frame(&mut host, &exec).unwrap();
+        let (mut host, server) = agent_running(request(&["sleep", "1000"]));
         let signal = Frame::Signal { id: 1, signo: 65 };
         protocol::write_frame(&mut host, &signal).unwrap();
         assert!(matches!(
@@ -1077,14 +1084,7 @@ mod tests {
 
     #[test]
     fn serve_stdin_beyond_window_errors_and_closes() {
-        let (mut host, server) = agent();
-        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
-        let _ = protocol::read_frame(&mut host).unwrap();
-        let exec = Frame::Exec {
-            id: 1,
-            request: request(&["sleep", "1000"]).with_stdin(),
-        };
-        protocol::write_frame(&mut host, &exec).unwrap();
+        let (mut host, server) = agent_running(request(&["sleep", "1000"]).with_stdin());
         // sleep never reads: once its pipe is full, the agent credits
         // nothing more, and 2 MiB is far beyond the window plus the pipe.
         // Writes fail once the agent has closed the connection.
@@ -1105,14 +1105,7 @@ mod tests {
 
     #[test]
     fn serve_output_credit_beyond_window_errors_and_closes() {
-        let (mut host, server) = agent();
-        protocol::write_frame(&mut host, &Frame::Hello { version: VERSION }).unwrap();
-        let _ = protocol::read_frame(&mut host).unwrap();
-        let exec = Frame::Exec {
-            id: 1,
-            request: request(&["sleep", "1000"]),
-        };
-        protocol::write_frame(&mut host, &exec).unwrap();
+        let (mut host, server) = agent_running(request(&["sleep", "1000"]));
         let credit = Frame::OutputCredit { id: 1, bytes: 1 };
         protocol::write_frame(&mut host, &credit).unwrap();
         assert!(matches!(

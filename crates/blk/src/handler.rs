@@ -18,10 +18,10 @@
 
 use std::io;
 
-use chitin_virtio::queue::{has_available, next_chain, notify};
+use chitin_virtio::queue::drain;
 use chitin_virtio::VirtioInterrupt;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::bitmap::MS;
 use vm_memory::{Bytes, GuestMemory, GuestMemoryError, VolatileSlice};
 
@@ -132,12 +132,9 @@ impl<B: BlockBackend> QueueHandler<B> {
         self.read_only
     }
 
-    /// Process available chains: execute each, add it to the used ring,
-    /// then interrupt the driver once if `Queue::needs_notification` asks
-    /// for it (it honours `used_event` when `EVENT_IDX` was negotiated, and
-    /// always asks otherwise). Driver notifications are disabled while the
-    /// ring is drained and re-enabled before returning, with a last look for
-    /// chains that arrived in between, so none is lost.
+    /// Process available chains with [`drain`]: execute each, add it to the
+    /// used ring, then interrupt the driver once if it wants that (it
+    /// honours `used_event` when `EVENT_IDX` was negotiated).
     pub fn process_queue<M, I>(
         &self,
         queue: &mut Queue,
@@ -148,35 +145,9 @@ impl<B: BlockBackend> QueueHandler<B> {
         M: GuestMemory,
         I: VirtioInterrupt + ?Sized,
     {
-        let mut run = QueueRun::default();
-        'drain: loop {
-            queue
-                .disable_notification(mem)
-                .map_err(HandlerError::Notification)?;
-            loop {
-                if run.completed >= MAX_CHAINS_PER_RUN && has_available(queue, mem)? {
-                    run.pending = true;
-                    break 'drain;
-                }
-                let Some(chain) = next_chain(queue, mem)? else {
-                    break;
-                };
-                let head = chain.head_index();
-                let used_len = self.process_chain(mem, chain);
-                queue
-                    .add_used(mem, head, used_len)
-                    .map_err(HandlerError::UsedRing)?;
-                run.completed += 1;
-            }
-            if !queue
-                .enable_notification(mem)
-                .map_err(HandlerError::Notification)?
-            {
-                break;
-            }
-        }
-        notify(queue, mem, interrupt, &mut run)?;
-        Ok(run)
+        drain(queue, mem, interrupt, MAX_CHAINS_PER_RUN, |chain| {
+            self.process_chain(mem, chain)
+        })
     }
 
     /// Parse and execute one chain and write its status byte. Returns the

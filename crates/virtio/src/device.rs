@@ -85,3 +85,17 @@ pub trait VirtioDevice: Send {
     /// when not activated.
     fn reset(&mut self);
 }
+
+/// [`VirtioDevice::read_config`] for a configuration space held as bytes:
+/// copies what `offset` and `data.len()` cover, and zeros past its end.
+/// Never panics, whatever the offset.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}

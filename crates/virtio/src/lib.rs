@@ -21,6 +21,6 @@ pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
-pub use device::{ActivateContext, ActivateError, VirtioDevice};
+pub use device::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
 pub use interrupt::{InterruptKind, VirtioInterrupt};
 pub use virtio_queue::{DescriptorChain, Queue, QueueT};

@@ -82,3 +82,56 @@ pub fn notify<M: GuestMemory, I: VirtioInterrupt + ?Sized>(
     }
     Ok(())
 }
+
+/// Drain a queue: hand each available chain to `handle`, which returns the
+/// chain's used length, put it in the used ring, and interrupt the driver
+/// once at the end if it wants that.
+///
+/// Driver notifications are off while the ring is drained and re-enabled
+/// before returning, with a last look for chains that arrived in between,
+/// so none is lost. After `max` chains the run stops with
+/// [`QueueRun::pending`] set if more are waiting (notifications then stay
+/// off): the caller schedules another run, so one busy queue cannot hold
+/// the event loop.
+pub fn drain<'a, M, I, F>(
+    queue: &mut Queue,
+    mem: &'a M,
+    interrupt: &I,
+    max: usize,
+    mut handle: F,
+) -> Result<QueueRun, QueueError>
+where
+    M: GuestMemory,
+    I: VirtioInterrupt + ?Sized,
+    F: FnMut(DescriptorChain<&'a M>) -> u32,
+{
+    let mut run = QueueRun::default();
+    'drain: loop {
+        queue
+            .disable_notification(mem)
+            .map_err(QueueError::Notification)?;
+        loop {
+            if run.completed >= max && has_available(queue, mem)? {
+                run.pending = true;
+                break 'drain;
+            }
+            let Some(chain) = next_chain(queue, mem)? else {
+                break;
+            };
+            let head = chain.head_index();
+            let used_len = handle(chain);
+            queue
+                .add_used(mem, head, used_len)
+                .map_err(QueueError::UsedRing)?;
+            run.completed += 1;
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(QueueError::Notification)?
+        {
+            break;
+        }
+    }
+    notify(queue, mem, interrupt, &mut run)?;
+    Ok(run)
+}

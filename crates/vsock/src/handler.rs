@@ -22,7 +22,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 
-use chitin_virtio::queue::{has_available, next_chain, notify};
+use chitin_virtio::queue::{drain, has_available, next_chain, notify};
 use chitin_virtio::VirtioInterrupt;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -361,50 +361,22 @@ impl<B: VsockBackend> VsockHandler<B> {
     where
         I: VirtioInterrupt + ?Sized,
     {
-        let mut run = QueueRun::default();
-        'drain: loop {
-            queue
-                .disable_notification(mem)
-                .map_err(HandlerError::Notification)?;
-            loop {
-                if run.completed >= MAX_CHAINS_PER_RUN {
-                    if has_available(queue, mem)? {
-                        run.pending = true;
-                        break 'drain;
-                    }
-                    break;
+        drain(queue, mem, interrupt, MAX_CHAINS_PER_RUN, |mut chain| {
+            let probe = chain.clone();
+            match packet::parse_tx(mem, &mut chain) {
+                Ok(pkt) => {
+                    let header = *pkt.header();
+                    let len = pkt.read_data(&mut self.scratch).unwrap_or(0);
+                    self.handle_guest_packet(&header, len);
                 }
-                let Some(mut chain) = next_chain(queue, mem)? else {
-                    break;
-                };
-                let head = chain.head_index();
-                let probe = chain.clone();
-                match packet::parse_tx(mem, &mut chain) {
-                    Ok(pkt) => {
-                        let header = *pkt.header();
-                        let len = pkt.read_data(&mut self.scratch).unwrap_or(0);
-                        self.handle_guest_packet(&header, len);
-                    }
-                    Err(_) => {
-                        if let Some(header) = packet::peek_header(mem, &probe) {
-                            self.refuse(&header);
-                        }
+                Err(_) => {
+                    if let Some(header) = packet::peek_header(mem, &probe) {
+                        self.refuse(&header);
                     }
                 }
-                queue
-                    .add_used(mem, head, 0)
-                    .map_err(HandlerError::UsedRing)?;
-                run.completed += 1;
             }
-            if !queue
-                .enable_notification(mem)
-                .map_err(HandlerError::Notification)?
-            {
-                break;
-            }
-        }
-        notify(queue, mem, interrupt, &mut run)?;
-        Ok(run)
+            0
+        })
     }
 
     /// Fill RX buffers with what connections have to send, round-robin, and
