@@ -55,6 +55,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Guest faults the devices refused are worth seeing.
+    chitin::log_to_stderr(log::LevelFilter::Warn);
     let args = Args::parse();
     match run(args) {
         Ok(reason) => {

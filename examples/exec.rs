@@ -48,6 +48,8 @@ struct Args {
 const KVM_PVM: &str = "/sys/module/kvm_pvm";
 
 fn main() -> ExitCode {
+    // Guest faults the devices refused are worth seeing.
+    chitin::log_to_stderr(log::LevelFilter::Warn);
     let args = Args::parse();
     if args.guest_dir.is_none() && Path::new(KVM_PVM).exists() {
         eprintln!(

@@ -35,7 +35,9 @@ mod disk;
 mod error;
 mod event_loop;
 mod exec;
+mod faults;
 mod guest;
+mod logging;
 mod sandbox;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
@@ -46,7 +48,9 @@ pub use error::{error_chain, SandboxError};
 pub use exec::{
     Child, ChildOutput, ClientError, Command, ExecError, ExitStatus, Output, AGENT_PORT,
 };
+pub use faults::DeviceFaults;
 pub use guest::{GuestImage, GUEST_CMDLINE};
+pub use logging::log_to_stderr;
 pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, VMM_CMDLINE_ENTRIES,

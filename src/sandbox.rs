@@ -25,6 +25,7 @@ use crate::disk::{device_name, Disk};
 use crate::error::SandboxError;
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::exec::{self, Child, Command, ExecError, Output};
+use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 
 /// Default guest memory in MiB.
@@ -72,6 +73,7 @@ pub struct Sandbox {
     boot: BootInfo,
     ram: GuestRam,
     agent_socket: Option<PathBuf>,
+    faults: FaultTables,
 }
 
 /// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
@@ -252,11 +254,13 @@ impl SandboxBuilder {
         let mut vmm_entries: Vec<String> =
             VMM_CMDLINE_ENTRIES.iter().map(|e| e.to_string()).collect();
         let mut slots = VirtioSlots::default();
-        for disk in &self.disks {
+        let mut faults = FaultTables::default();
+        for (index, disk) in self.disks.iter().enumerate() {
             let block = Block::new(disk.config()).map_err(|source| SandboxError::Disk {
                 path: disk.path().to_path_buf(),
                 source,
             })?;
+            faults.add(device_name(index), block.faults());
             vmm_entries.push(attach_virtio(
                 &vm,
                 &ram,
@@ -280,6 +284,7 @@ impl SandboxBuilder {
                 path: v.path.clone(),
                 source,
             })?;
+            faults.add("vsock", device.faults());
             vmm_entries.push(attach_virtio(
                 &vm,
                 &ram,
@@ -330,6 +335,7 @@ impl SandboxBuilder {
             boot,
             ram,
             agent_socket: vsock.filter(|_| self.agent).map(|v| v.path),
+            faults,
         })
     }
 }
@@ -376,6 +382,7 @@ impl Sandbox {
             boot: _,
             ram,
             agent_socket,
+            faults,
         } = self;
         let events = events
             .spawn()
@@ -388,6 +395,7 @@ impl Sandbox {
             ram,
             agent_socket,
             agent: Mutex::new(None),
+            faults,
         };
         for vcpu in vcpus {
             match vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.control)) {
@@ -414,6 +422,7 @@ pub struct RunningSandbox {
     ram: GuestRam,
     agent_socket: Option<PathBuf>,
     agent: Mutex<Option<Arc<Client<UnixStream>>>>,
+    faults: FaultTables,
 }
 
 impl RunningSandbox {
@@ -431,6 +440,27 @@ impl RunningSandbox {
         let reason = self.control.wait_timeout(timeout)?;
         self.teardown();
         Some(reason)
+    }
+
+    /// What the guest sent that each of its virtio devices refused or
+    /// dropped, by reason: malformed descriptor chains, packets for
+    /// connections that do not exist, requests beyond a disk's end. One
+    /// entry per device, also when it saw no fault. Each fault is also
+    /// logged through the `log` crate (target `chitin::guest`, a few lines
+    /// a minute per device at most).
+    ///
+    /// ```no_run
+    /// # use chitin::{GuestImage, Sandbox};
+    /// let vm = Sandbox::builder().guest(GuestImage::default()).build()?.start()?;
+    /// for device in vm.device_faults() {
+    ///     for (reason, count) in &device.reasons {
+    ///         eprintln!("{}: {reason}: {count}", device.device);
+    ///     }
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn device_faults(&self) -> Vec<DeviceFaults> {
+        self.faults.snapshot()
     }
 
     /// Bytes of guest RAM resident on the host: what the guest has touched.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use chitin_memory::GuestMemoryMmap;
 use chitin_virtio::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+    read_config_bytes, ActivateContext, ActivateError, GuestFaults, VirtioDevice, VirtioInterrupt,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -189,8 +189,9 @@ impl Block {
             return Err(BlkError::UnalignedSize { path, size });
         }
         let queue_event = EventFd::new(EFD_NONBLOCK).map_err(BlkError::EventFd)?;
+        let faults = GuestFaults::new(format!("blk {}", path.display()));
         Ok(Block {
-            handler: QueueHandler::new(backend, read_only, id),
+            handler: QueueHandler::new(backend, read_only, id).with_faults(faults),
             config: config_space(size / SECTOR_SIZE, read_only),
             queue_events: [queue_event],
             active: None,
@@ -205,6 +206,12 @@ impl Block {
     /// Whether the disk refuses writes.
     pub fn read_only(&self) -> bool {
         self.handler.read_only()
+    }
+
+    /// What the guest sent that the disk refused, by reason; a clone shares
+    /// the live counts.
+    pub fn faults(&self) -> &GuestFaults {
+        self.handler.faults()
     }
 
     /// The notification eventfd of the request queue.

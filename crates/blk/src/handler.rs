@@ -12,6 +12,10 @@
 //!   maps errors to status bytes. The device keeps running.
 //! - a chain without a single device-writable byte cannot carry a status:
 //!   it is returned with used length 0.
+//! - every request refused for what the guest sent (malformed, beyond the
+//!   disk, a write to a read-only disk) is also counted with its reason in
+//!   the handler's [`GuestFaults`] and logged, rate-limited; failures of
+//!   the host's own disk are not the guest's and are not counted there.
 //! - a broken ring (available index too far ahead, a head index outside the
 //!   queue, a used ring outside guest memory) is a [`HandlerError`]: the
 //!   caller marks the device DEVICE_NEEDS_RESET.
@@ -19,7 +23,7 @@
 use std::io;
 
 use chitin_virtio::queue::drain;
-use chitin_virtio::VirtioInterrupt;
+use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::bitmap::MS;
@@ -72,6 +76,24 @@ pub enum ExecuteError {
 }
 
 impl ExecuteError {
+    /// The fault reason if the guest caused this error, `None` if the
+    /// host's disk failed.
+    pub fn guest_fault(&self) -> Option<&'static str> {
+        match self {
+            ExecuteError::Request(e) => Some(e.reason()),
+            ExecuteError::ReadOnly => Some("write to a read-only disk"),
+            ExecuteError::OutOfRange { .. } => Some("request beyond the end of the disk"),
+            ExecuteError::GuestMemory(_) => Some("guest memory access failed"),
+            ExecuteError::Read(_)
+            | ExecuteError::Write(_)
+            | ExecuteError::Flush(_)
+            | ExecuteError::Discard(_)
+            | ExecuteError::WriteZeroes(_) => None,
+        }
+    }
+}
+
+impl ExecuteError {
     /// The status byte the guest sees for this error (virtio 1.2 §5.2.6):
     /// `VIRTIO_BLK_S_UNSUPP` for request types the device does not
     /// implement and for unknown or forbidden discard/write-zeroes flags
@@ -99,6 +121,21 @@ impl ExecuteError {
     }
 }
 
+/// An error with its sources, for a log line.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Why a queue became unusable; the device must be reset.
 pub use chitin_virtio::queue::QueueError as HandlerError;
 pub use chitin_virtio::queue::QueueRun;
@@ -109,6 +146,7 @@ pub struct QueueHandler<B> {
     backend: B,
     read_only: bool,
     id: [u8; ID_BYTES],
+    faults: GuestFaults,
 }
 
 impl<B: BlockBackend> QueueHandler<B> {
@@ -119,7 +157,19 @@ impl<B: BlockBackend> QueueHandler<B> {
             backend,
             read_only,
             id,
+            faults: GuestFaults::new("blk"),
         }
+    }
+
+    /// Count faults in `faults` (which names the disk in log lines).
+    pub fn with_faults(mut self, faults: GuestFaults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// What the guest sent that this disk refused, by reason.
+    pub fn faults(&self) -> &GuestFaults {
+        &self.faults
     }
 
     /// The backend.
@@ -157,9 +207,17 @@ impl<B: BlockBackend> QueueHandler<B> {
     pub fn process_chain<M: GuestMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
         let parsed = request::parse(mem, chain);
         let Some(status_addr) = parsed.status else {
+            let error = RequestError::NoStatus;
+            self.faults
+                .record(Severity::Malformed, error.reason(), &error);
             return 0;
         };
         if !mem.address_in_range(status_addr) {
+            self.faults.record(
+                Severity::Malformed,
+                "status byte outside guest memory",
+                &format_args!("at {:#x}", status_addr.0),
+            );
             return 0;
         }
         let (status, data_len) = match parsed
@@ -168,7 +226,20 @@ impl<B: BlockBackend> QueueHandler<B> {
             .and_then(|request| self.execute(mem, &request))
         {
             Ok(data_len) => (VIRTIO_BLK_S_OK as u8, data_len),
-            Err(error) => (error.status(), 0),
+            Err(error) => {
+                if let Some(reason) = error.guest_fault() {
+                    // A request type the device does not implement is
+                    // allowed: the answer is UNSUPP (virtio 1.2 §5.2.6).
+                    let severity = match error {
+                        ExecuteError::Request(RequestError::UnsupportedType(_)) => {
+                            Severity::Allowed
+                        }
+                        _ => Severity::Malformed,
+                    };
+                    self.faults.record(severity, reason, &ErrorChain(&error));
+                }
+                (error.status(), 0)
+            }
         };
         match mem.write_obj(status, status_addr) {
             Ok(()) => data_len + 1,

@@ -212,6 +212,34 @@ pub enum RequestError {
     DiscardUnmap,
 }
 
+impl RequestError {
+    /// A short fixed name for counting this fault (see
+    /// [`chitin_virtio::GuestFaults`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RequestError::NoStatus => "no status byte",
+            RequestError::ReadableAfterWritable => "readable after writable descriptor",
+            RequestError::ZeroLengthDescriptor => "zero-length descriptor",
+            RequestError::TooManyDescriptors => "too many descriptors",
+            RequestError::HeaderTooShort => "header too short",
+            RequestError::GuestMemory(_) => "guest memory access failed",
+            RequestError::UnsupportedType(_) => "unsupported request type",
+            RequestError::TooManySegments(_) => "too many data segments",
+            RequestError::SegmentTooLarge(_) => "data segment too large",
+            RequestError::OutsideGuestMemory { .. } => "buffer outside guest memory",
+            RequestError::NoData => "request without data",
+            RequestError::UnalignedLength(_) => "data not whole sectors",
+            RequestError::UnexpectedReadable => "unexpected device-readable data",
+            RequestError::UnexpectedWritable => "unexpected device-writable data",
+            RequestError::UnalignedRanges(_) => "ranges not whole",
+            RequestError::TooManyRanges { .. } => "too many ranges",
+            RequestError::RangeTooLarge { .. } => "range too large",
+            RequestError::UnknownFlags(_) => "unknown range flags",
+            RequestError::DiscardUnmap => "unmap flag on discard",
+        }
+    }
+}
+
 /// What the parser made of one chain.
 #[derive(Debug)]
 pub struct ParsedChain {

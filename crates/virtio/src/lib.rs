@@ -1,6 +1,8 @@
 //! virtio for chitin: the device trait and the virtio-mmio transport.
 //!
 //! - [`device`]: [`VirtioDevice`], what every device crate implements;
+//! - [`faults`]: [`GuestFaults`], per-device counts and rate-limited logs
+//!   of what the driver got wrong;
 //! - [`interrupt`]: [`VirtioInterrupt`], how a device raises interrupts;
 //! - [`mmio`]: the virtio-mmio version 2 transport (virtio 1.2 §4.2);
 //! - [`queue`]: chain popping, run bounds and notification shared by every
@@ -15,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod faults;
 pub mod interrupt;
 pub mod mmio;
 pub mod queue;
@@ -22,5 +25,6 @@ pub mod queue;
 pub mod test_utils;
 
 pub use device::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
+pub use faults::{GuestFaults, Severity};
 pub use interrupt::{InterruptKind, VirtioInterrupt};
 pub use virtio_queue::{DescriptorChain, Queue, QueueT};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chitin_memory::GuestMemoryMmap;
 use chitin_virtio::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+    read_config_bytes, ActivateContext, ActivateError, GuestFaults, VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -137,6 +137,12 @@ impl Vsock {
     /// Connections with a guest port.
     pub fn connection_count(&self) -> usize {
         self.handler.connection_count()
+    }
+
+    /// What the guest sent that the device refused or dropped, by reason;
+    /// a clone shares the live counts.
+    pub fn faults(&self) -> &GuestFaults {
+        self.handler.faults()
     }
 
     pub(crate) fn listener(&self) -> &UnixListener {

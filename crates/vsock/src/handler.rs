@@ -7,11 +7,15 @@
 //! interest it asks for ([`VsockHandler::sync_interest`]).
 //!
 //! Policy for guest packets (virtio 1.2 §5.10.6):
-//! - a chain `virtio-vsock` refuses is returned unused; if its header is
-//!   readable and it is not itself a reset, the guest gets a reset for it;
+//! - a chain [`packet::parse_tx`] refuses is returned unused; if its header
+//!   is readable and it is not itself a reset, the guest gets a reset for it;
 //! - a wrong CID, a type other than STREAM, an unknown op, or a packet for
 //!   a connection that does not exist gets a reset (a reset never does);
 //! - a connection whose guest breaks the protocol or its credit is reset.
+//!
+//! Every one of these is counted in the handler's [`GuestFaults`] with its
+//! reason and logged (rate-limited), so a stream that stalls because the
+//! device refused what the guest sent says why.
 //!
 //! RX fairness: connections with something to send wait in a round-robin
 //! queue; each RX buffer goes to the next one, which goes to the back if it
@@ -23,20 +27,22 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 
 use chitin_virtio::queue::{drain, has_available, next_chain, notify};
-use chitin_virtio::VirtioInterrupt;
+use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::{VsockBackend, VsockStream};
-use crate::connection::{Connection, Interest, RxOutcome};
-use crate::packet::{self, Header, Op, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
+use crate::connection::{Connection, ConnectionError, Interest, RxOutcome};
+use crate::packet::{self, Direction, Header, Op, HEADER_LEN, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 
 /// Most connections (established, connecting, or waiting for their
 /// `CONNECT` line) at once; more host connections are closed on accept and
 /// more guest requests are reset.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Most queued resets for unknown connections; beyond, they are dropped.
+/// Most queued resets for packets to unknown connections; beyond, they are
+/// dropped. Resets of live connections the device closes are always
+/// queued: there are at most [`MAX_CONNECTIONS`] of them on top.
 pub const MAX_PENDING_RESETS: usize = 2 * MAX_CONNECTIONS;
 
 /// Most chains one `process_*` call handles before it yields.
@@ -76,6 +82,7 @@ pub struct VsockHandler<B: VsockBackend> {
     graveyard: Vec<(B::Stream, Option<Interest>)>,
     next_local_port: u32,
     scratch: Box<[u8]>,
+    faults: GuestFaults,
 }
 
 impl<B: VsockBackend> VsockHandler<B> {
@@ -92,7 +99,13 @@ impl<B: VsockBackend> VsockHandler<B> {
             graveyard: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
             scratch: vec![0u8; MAX_PKT_DATA as usize].into_boxed_slice(),
+            faults: GuestFaults::new("vsock"),
         }
+    }
+
+    /// What the guest sent that this device refused or dropped, by reason.
+    pub fn faults(&self) -> &GuestFaults {
+        &self.faults
     }
 
     /// The backend.
@@ -291,13 +304,26 @@ impl<B: VsockBackend> VsockHandler<B> {
             self.graveyard.push((stream, registered));
         }
         if let Some(rst) = rst {
-            self.queue_reset(rst);
+            self.queue_reset(rst, true);
         }
     }
 
-    fn queue_reset(&mut self, rst: Header) {
-        if self.resets.len() < MAX_PENDING_RESETS {
+    /// Queue `rst` for the guest. Resets of connections that existed
+    /// (`known`) always go in; the rest only up to [`MAX_PENDING_RESETS`].
+    fn queue_reset(&mut self, rst: Header, known: bool) {
+        let limit = if known {
+            MAX_PENDING_RESETS + MAX_CONNECTIONS
+        } else {
+            MAX_PENDING_RESETS
+        };
+        if self.resets.len() < limit {
             self.resets.push_back(rst);
+        } else {
+            self.faults.record(
+                Severity::Limit,
+                "reset not sent: too many pending",
+                &format_args!("{} resets wait for RX buffers", self.resets.len()),
+            );
         }
     }
 
@@ -361,16 +387,22 @@ impl<B: VsockBackend> VsockHandler<B> {
     where
         I: VirtioInterrupt + ?Sized,
     {
-        drain(queue, mem, interrupt, MAX_CHAINS_PER_RUN, |mut chain| {
-            let probe = chain.clone();
-            match packet::parse_tx(mem, &mut chain) {
-                Ok(pkt) => {
-                    let header = *pkt.header();
-                    let len = pkt.read_data(&mut self.scratch).unwrap_or(0);
-                    self.handle_guest_packet(&header, len);
-                }
-                Err(_) => {
-                    if let Some(header) = packet::peek_header(mem, &probe) {
+        drain(queue, mem, interrupt, MAX_CHAINS_PER_RUN, |chain| {
+            match packet::parse_tx(mem, chain, &mut self.scratch) {
+                Ok(pkt) => self.handle_guest_packet(pkt.header(), pkt.data_len()),
+                Err(refused) => {
+                    let reason = refused.error.reason(Direction::Tx);
+                    match &refused.header {
+                        Some(h) => self.faults.record(
+                            Severity::Malformed,
+                            reason,
+                            &format_args!("{} (packet {})", refused.error, Brief(h)),
+                        ),
+                        None => self
+                            .faults
+                            .record(Severity::Malformed, reason, &refused.error),
+                    }
+                    if let Some(header) = refused.header {
                         self.refuse(&header);
                     }
                 }
@@ -407,14 +439,18 @@ impl<B: VsockBackend> VsockHandler<B> {
                     run.pending = has_available(queue, mem)?;
                     break;
                 }
-                let Some(mut chain) = next_chain(queue, mem)? else {
+                let Some(chain) = next_chain(queue, mem)? else {
                     starved = true;
                     break;
                 };
                 let head = chain.head_index();
-                let used = match packet::parse_rx(mem, &mut chain) {
+                let used = match packet::parse_rx(mem, chain) {
                     // A buffer the device cannot use goes back empty.
-                    Err(_) => 0,
+                    Err(e) => {
+                        self.faults
+                            .record(Severity::Malformed, e.reason(Direction::Rx), &e);
+                        0
+                    }
                     Ok(mut buffer) => match self.fill_rx(&mut buffer) {
                         Some(used) => used,
                         None => {
@@ -441,58 +477,150 @@ impl<B: VsockBackend> VsockHandler<B> {
 
     /// Write the next packet into `buffer`; `None` when nobody had
     /// anything after all.
-    fn fill_rx(&mut self, buffer: &mut packet::RxBuffer<'_>) -> Option<u32> {
+    fn fill_rx(&mut self, buffer: &mut packet::RxBuffer<'_, GuestMemoryMmap>) -> Option<u32> {
         if let Some(rst) = self.resets.pop_front() {
-            return buffer.write_header(&rst).ok().or(Some(0));
+            return Some(self.write_control(buffer, &rst));
         }
         let capacity = buffer.capacity();
+        // Connections with data but nothing for a buffer without data room.
+        let mut starved = Vec::new();
+        let used = self.fill_from_connections(buffer, capacity, &mut starved);
+        let had_starved = !starved.is_empty();
+        for key in starved {
+            self.schedule(key);
+        }
+        match used {
+            Some(used) => Some(used),
+            // Nothing fits this buffer, but data waits: give it back empty
+            // rather than block the ring on it forever.
+            None if had_starved => {
+                self.faults.record(
+                    Severity::Allowed,
+                    "rx buffer: no room for data",
+                    &format_args!("a buffer of {HEADER_LEN} bytes while data waits"),
+                );
+                Some(0)
+            }
+            None => None,
+        }
+    }
+
+    /// The round-robin part of [`VsockHandler::fill_rx`]; connections that
+    /// want to send data a buffer of `capacity` 0 cannot take go to
+    /// `starved` (out of the round-robin until the caller puts them back).
+    fn fill_from_connections(
+        &mut self,
+        buffer: &mut packet::RxBuffer<'_, GuestMemoryMmap>,
+        capacity: usize,
+        starved: &mut Vec<ConnKey>,
+    ) -> Option<u32> {
         while let Some(key) = self.rr.pop_front() {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
             conn.in_rr = false;
             match conn.next_rx(&mut self.scratch, capacity) {
-                RxOutcome::Nothing => continue,
+                RxOutcome::Nothing => {
+                    if capacity == 0 && conn.wants_rx() {
+                        starved.push(key);
+                    }
+                    continue;
+                }
                 RxOutcome::Reset(rst) => {
                     self.close(key, None);
-                    return buffer.write_header(&rst).ok().or(Some(0));
+                    return Some(self.write_control(buffer, &rst));
                 }
                 RxOutcome::Packet(header) => {
                     let data = &self.scratch[..header.len as usize];
-                    let used = buffer
+                    let written = buffer
                         .write_data(data)
-                        .and_then(|()| buffer.write_header(&header))
-                        .unwrap_or(0);
-                    self.schedule(key);
-                    return Some(used);
+                        .and_then(|()| buffer.write_header(&header));
+                    match written {
+                        Ok(used) => {
+                            self.schedule(key);
+                            return Some(used);
+                        }
+                        Err(e) => {
+                            // The bytes left the host socket and cannot be
+                            // delivered: the stream is broken, reset it.
+                            self.faults.record(
+                                Severity::Malformed,
+                                e.reason(Direction::Rx),
+                                &format_args!("{e}; connection {} reset", Brief(&header)),
+                            );
+                            let rst = conn_rst(&self.conns, key);
+                            self.close(key, rst);
+                            return Some(0);
+                        }
+                    }
                 }
             }
         }
         None
     }
 
+    /// Write a packet without data (a reset); the used length, 0 if the
+    /// buffer could not take it.
+    fn write_control(
+        &mut self,
+        buffer: &mut packet::RxBuffer<'_, GuestMemoryMmap>,
+        header: &Header,
+    ) -> u32 {
+        match buffer.write_header(header) {
+            Ok(used) => used,
+            Err(e) => {
+                self.faults.record(
+                    Severity::Malformed,
+                    e.reason(Direction::Rx),
+                    &format_args!("{e}; {} not delivered", Brief(header)),
+                );
+                0
+            }
+        }
+    }
+
     /// Reset the sender of a packet we cannot handle, unless it is itself
     /// a reset (virtio 1.2 §5.10.6.3: never answer RST with RST).
+    ///
+    /// A packet not between this guest and the host is dropped. A refused
+    /// packet of a live connection ends that connection: the guest gets the
+    /// reset and the host socket is closed, so neither side waits on a
+    /// stream whose bytes were dropped.
     fn refuse(&mut self, header: &Header) {
-        if header.op == Op::Rst as u16 || header.src_cid != self.guest_cid {
+        if header.op == Op::Rst as u16
+            || header.src_cid != self.guest_cid
+            || header.dst_cid != HOST_CID
+        {
+            return;
+        }
+        let key = (header.dst_port, header.src_port);
+        if let Some(rst) = conn_rst(&self.conns, key) {
+            self.close(key, Some(rst));
             return;
         }
         let rst = Header::host_to_guest(self.guest_cid, header.dst_port, header.src_port, Op::Rst);
-        self.queue_reset(rst);
+        self.queue_reset(rst, false);
     }
 
     /// One well-formed TX packet with `len` data bytes in the scratch
     /// buffer.
     fn handle_guest_packet(&mut self, header: &Header, len: usize) {
-        if header.src_cid != self.guest_cid
-            || header.dst_cid != HOST_CID
-            || header.type_ != TYPE_STREAM
-        {
+        let wrong = if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
+            Some("wrong CID")
+        } else if header.type_ != TYPE_STREAM {
+            Some("unsupported socket type")
+        } else if header.op().is_none() {
+            Some("unknown operation")
+        } else {
+            None
+        };
+        if let Some(reason) = wrong {
+            self.faults
+                .record(Severity::Malformed, reason, &Brief(header));
             self.refuse(header);
             return;
         }
         let Some(op) = header.op() else {
-            self.refuse(header);
             return;
         };
         let key = (header.dst_port, header.src_port);
@@ -501,6 +629,12 @@ impl<B: VsockBackend> VsockHandler<B> {
             return;
         }
         let Some(conn) = self.conns.get_mut(&key) else {
+            // Also what a guest does in a race with a host close; a reset
+            // never gets an answer, so that is not counted.
+            if op != Op::Rst {
+                self.faults
+                    .record(Severity::Allowed, "no such connection", &Brief(header));
+            }
             self.refuse(header);
             return;
         };
@@ -525,7 +659,24 @@ impl<B: VsockBackend> VsockHandler<B> {
                 self.shut_write_if_done(key);
                 self.schedule(key);
             }
-            Ok(true) | Err(_) => {
+            Ok(true) => {
+                let rst = conn_rst(&self.conns, key);
+                self.close(key, rst);
+            }
+            Err(e) => {
+                // A host socket failing is not the guest's fault.
+                let reason = match &e {
+                    ConnectionError::CreditOverflow { .. } => Some("credit exceeded"),
+                    ConnectionError::Protocol { .. } => Some("protocol violation"),
+                    ConnectionError::Io(_) => None,
+                };
+                if let Some(reason) = reason {
+                    self.faults.record(
+                        Severity::Malformed,
+                        reason,
+                        &format_args!("{e}; connection {} reset", Brief(header)),
+                    );
+                }
                 let rst = conn_rst(&self.conns, key);
                 self.close(key, rst);
             }
@@ -537,11 +688,24 @@ impl<B: VsockBackend> VsockHandler<B> {
         let key = (header.dst_port, header.src_port);
         if self.conns.contains_key(&key) {
             // A second request for a live connection: reset both.
+            self.faults.record(
+                Severity::Malformed,
+                "request for a live connection",
+                &Brief(header),
+            );
             let rst = conn_rst(&self.conns, key);
             self.close(key, rst);
             return;
         }
         if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS {
+            self.faults.record(
+                Severity::Limit,
+                "connection limit reached",
+                &format_args!(
+                    "{MAX_CONNECTIONS} connections open; {} refused",
+                    Brief(header)
+                ),
+            );
             self.refuse(header);
             return;
         }
@@ -571,6 +735,20 @@ fn conn_rst<S: io::Read + io::Write>(
     key: ConnKey,
 ) -> Option<Header> {
     conns.get(&key).map(Connection::rst)
+}
+
+/// A header as a log line shows it: ports, op and length.
+struct Brief<'a>(&'a Header);
+
+impl std::fmt::Display for Brief<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.0;
+        write!(
+            f,
+            "{}:{} -> {}:{} op {} len {}",
+            h.src_cid, h.src_port, h.dst_cid, h.dst_port, h.op, h.len
+        )
+    }
 }
 
 /// The port of a `CONNECT <port>\n` line.

@@ -83,6 +83,52 @@ impl Guest {
         }
     }
 
+    /// Offer `count` RX buffers the way Linux 6.7+ does: one descriptor
+    /// holding the header and RX_DATA_LEN data bytes.
+    pub fn post_rx_single(&mut self, count: usize) {
+        for _ in 0..count {
+            let buf = self.alloc(HEADER_LEN as u64 + u64::from(RX_DATA_LEN));
+            let head = self
+                .rx
+                .add_chain(&[TestDescriptor::new(
+                    buf.0,
+                    HEADER_LEN as u32 + RX_DATA_LEN,
+                    WRITE,
+                )])
+                .unwrap();
+            self.rx_bufs
+                .insert(head, (buf, GuestAddress(buf.0 + HEADER_LEN as u64)));
+        }
+    }
+
+    /// Queue a TX packet the way Linux 6.7+ sends a non-linear buffer: the
+    /// header alone, then `data` in descriptors of at most `fragment` bytes.
+    pub fn send_fragmented(&mut self, header: Header, data: &[u8], fragment: usize) {
+        let hdr = self.alloc(HEADER_LEN as u64);
+        self.mem.write_slice(&header.to_bytes(), hdr).unwrap();
+        let mut descs = vec![TestDescriptor::new(hdr.0, HEADER_LEN as u32, NEXT)];
+        for piece in data.chunks(fragment) {
+            let buf = self.alloc(piece.len() as u64);
+            self.mem.write_slice(piece, buf).unwrap();
+            descs.push(TestDescriptor::new(buf.0, piece.len() as u32, NEXT));
+        }
+        if let Some(last) = descs.last_mut() {
+            *last = TestDescriptor::new(last.addr, last.len, 0);
+        }
+        self.add_tx_chain(&descs);
+    }
+
+    /// Offer an RX chain of raw descriptors (not read back by `received`).
+    pub fn add_rx_chain(&mut self, descs: &[TestDescriptor]) {
+        self.rx.add_chain(descs).unwrap();
+    }
+
+    /// The used length of the `index`th RX chain the device returned.
+    pub fn rx_used(&self, index: u16) -> Option<u32> {
+        let used = self.rx.used_idx().unwrap();
+        (index < used).then(|| self.rx.used_element(index).unwrap().1)
+    }
+
     /// Queue a TX chain of raw descriptors.
     pub fn add_tx_chain(&mut self, descs: &[TestDescriptor]) {
         self.tx.add_chain(descs).unwrap();
@@ -130,10 +176,10 @@ impl Guest {
         while self.rx_seen != used {
             let (id, len) = self.rx.used_element(self.rx_seen).unwrap();
             self.rx_seen = self.rx_seen.wrapping_add(1);
-            let (hdr, data) = self.rx_bufs[&(id as u16)];
             if len == 0 {
                 continue;
             }
+            let (hdr, data) = self.rx_bufs[&(id as u16)];
             let mut raw = [0u8; HEADER_LEN];
             self.mem.read_slice(&mut raw, hdr).unwrap();
             let header = Header::from_bytes(&raw);

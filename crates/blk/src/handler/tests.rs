@@ -1256,3 +1256,41 @@ fn random_descriptor_tables_never_panic() {
         assert_eq!(handler.backend().size(), DISK_SIZE);
     }
 }
+
+// ---- Faults the guest caused are counted by reason ----
+
+#[test]
+fn faults_read_past_end_and_unknown_type_are_counted() {
+    let mut fx = Fixture::new(false);
+    fx.read(DISK_SECTORS - 1, 1024);
+    fx.bare(T_GET_LIFETIME, 0);
+
+    fx.run();
+
+    let faults = fx.handler.faults();
+    assert_eq!(faults.count("request beyond the end of the disk"), 1);
+    assert_eq!(faults.count("unsupported request type"), 1);
+    assert_eq!(faults.total(), 2);
+}
+
+#[test]
+fn faults_write_to_read_only_disk_is_counted() {
+    let mut fx = Fixture::new(true);
+    fx.write(0, &[1; 512]);
+
+    fx.run_one();
+
+    assert_eq!(fx.handler.faults().count("write to a read-only disk"), 1);
+}
+
+#[test]
+fn faults_good_requests_count_nothing() {
+    let mut fx = Fixture::new(false);
+    fx.read(0, 1024);
+    fx.write(2, &[1; 512]);
+    fx.bare(VIRTIO_BLK_T_FLUSH, 0);
+
+    fx.run();
+
+    assert_eq!(fx.handler.faults().total(), 0);
+}

@@ -2,7 +2,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use chitin_virtio::test_utils::RecordingInterrupt;
+use chitin_virtio::test_utils::{RecordingInterrupt, TestDescriptor};
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 
 use super::*;
 use crate::connection::{State, BUF_ALLOC};
@@ -11,6 +12,7 @@ use crate::test_utils::{Guest, PairBackend, GUEST_CID};
 
 const GUEST_PORT: u32 = 1000;
 const HOST_PORT: u32 = 52;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 struct Harness {
     guest: Guest,
@@ -183,7 +185,7 @@ fn handler_rst_for_unknown_connection_not_answered() {
 }
 
 #[test]
-fn handler_wrong_cid_type_or_op_answers_rst() {
+fn handler_wrong_type_or_op_answers_rst_wrong_cid_is_dropped() {
     let mut h = Harness::new();
     let mut wrong_dst = h.guest.header(GUEST_PORT, HOST_PORT, Op::Request);
     wrong_dst.dst_cid = 7;
@@ -197,8 +199,8 @@ fn handler_wrong_cid_type_or_op_answers_rst() {
         h.guest.send(header, &[]);
     }
     let got = h.run();
-    // A packet claiming another source CID is dropped.
-    assert_eq!(ops(&got), [Op::Rst as u16; 3]);
+    // A packet not from this guest to the host is dropped, unanswered.
+    assert_eq!(ops(&got), [Op::Rst as u16; 2]);
     assert_eq!(h.handler.connection_count(), 0);
     assert_eq!(h.guest.tx_used(), 4);
 }
@@ -508,4 +510,211 @@ fn handler_guest_close_with_bytes_pending_delivers_them_before_rst() {
     assert_eq!(got, chunk.len() * chunks);
     assert!(rst_seen || ops(&h.run()).contains(&(Op::Rst as u16)));
     assert_eq!(h.handler.connection_count(), 0);
+}
+
+#[test]
+fn handler_rw_in_page_fragments_reaches_host_intact() {
+    // Linux 6.7+ sends data as header + one descriptor per page fragment.
+    let mut h = Harness::new();
+    let mut far = h.connect();
+    let data: Vec<u8> = (0..MAX_PKT_DATA).map(|i| (i % 251) as u8).collect();
+    let mut header = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    header.len = MAX_PKT_DATA;
+
+    h.guest.send_fragmented(header, &data, 4096);
+    h.run();
+
+    let mut got = vec![0u8; data.len()];
+    far.read_exact(&mut got).unwrap();
+    assert_eq!(got, data);
+    assert_eq!(h.handler.faults().total(), 0);
+}
+
+#[test]
+fn handler_single_descriptor_rx_buffers_carry_host_bytes() {
+    // Linux 6.7+ receive buffers: header and data in one descriptor.
+    let mut guest = Guest::new();
+    guest.post_rx_single(8);
+    let mut queues = guest.queues();
+    let mut tx = queues.remove(1);
+    let mut rx = queues.remove(0);
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    let interrupt = RecordingInterrupt::new();
+    let mem = guest.mem.clone();
+    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
+    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    assert_eq!(ops(&guest.received()), [Op::Response as u16]);
+    let mut far = handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+
+    far.write_all(b"hello from the host").unwrap();
+    let fd = handler
+        .connection(HOST_PORT, GUEST_PORT)
+        .unwrap()
+        .stream()
+        .as_raw_fd();
+    handler.stream_event(fd, true, false, false, false);
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+
+    let got = guest.received();
+    assert_eq!(ops(&got), [Op::Rw as u16]);
+    assert_eq!(got[0].1, b"hello from the host");
+}
+
+#[test]
+fn handler_malformed_chain_is_counted_with_its_reason() {
+    let mut h = Harness::new();
+    let mut header = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    header.len = 100;
+    h.guest.send(header, &[]);
+
+    h.run();
+
+    let faults = h.handler.faults();
+    assert_eq!(faults.count("tx chain: less data than the header says"), 1);
+    assert_eq!(faults.total(), 1);
+}
+
+#[test]
+fn handler_refused_packets_are_counted_by_reason() {
+    let mut h = Harness::new();
+    let mut wrong_cid = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    wrong_cid.dst_cid = 7;
+    let mut wrong_op = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    wrong_op.op = 99;
+    h.guest.send(wrong_cid, &[]);
+    h.guest.send(wrong_op, &[]);
+    // No connection exists for these two; the reset is not counted.
+    h.send(Op::CreditUpdate, &[]);
+    h.send(Op::Rst, &[]);
+
+    h.run();
+
+    let faults = h.handler.faults();
+    assert_eq!(faults.count("wrong CID"), 1);
+    assert_eq!(faults.count("unknown operation"), 1);
+    assert_eq!(faults.count("no such connection"), 1);
+    assert_eq!(faults.total(), 3);
+}
+
+#[test]
+fn handler_credit_overrun_is_counted() {
+    let mut h = Harness::new();
+    let _far = h.connect();
+    let chunk = vec![1u8; MAX_PKT_DATA as usize];
+    for _ in 0..10 {
+        h.send(Op::Rw, &chunk);
+    }
+
+    h.run();
+
+    assert_eq!(h.handler.faults().count("credit exceeded"), 1);
+}
+
+#[test]
+fn handler_unusable_rx_buffer_is_counted_and_returned_empty() {
+    let mut guest = Guest::new();
+    // One RX buffer, too short for a header.
+    let buf = guest.alloc(16);
+    guest.add_rx_chain(&[TestDescriptor::new(buf.0, 16, WRITE)]);
+    let mut queues = guest.queues();
+    let mut tx = queues.remove(1);
+    let mut rx = queues.remove(0);
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    let interrupt = RecordingInterrupt::new();
+    let mem = guest.mem.clone();
+    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
+    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+
+    assert_eq!(
+        handler.faults().count("rx buffer: shorter than a header"),
+        1
+    );
+    assert_eq!(guest.rx_used(0), Some(0));
+}
+
+#[test]
+fn handler_malformed_chain_on_live_connection_closes_host_socket() {
+    let mut h = Harness::new();
+    let mut far = h.connect();
+    // The header announces 100 bytes; the chain holds none.
+    let mut header = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    header.len = 100;
+    h.guest.send(header, &[]);
+
+    let got = h.run();
+
+    // The guest gets a reset, the host peer sees the stream end, and the
+    // connection is gone: nobody waits on the dropped bytes.
+    assert_eq!(ops(&got), [Op::Rst as u16]);
+    assert_eq!(h.handler.connection_count(), 0);
+    let mut buf = [0u8; 1];
+    assert_eq!(far.read(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn handler_unknown_op_on_live_connection_closes_it() {
+    let mut h = Harness::new();
+    let mut far = h.connect();
+    let mut header = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rw);
+    header.op = 99;
+    h.guest.send(header, &[]);
+
+    let got = h.run();
+
+    assert_eq!(ops(&got), [Op::Rst as u16]);
+    assert_eq!(h.handler.connection_count(), 0);
+    assert_eq!(far.read(&mut [0u8; 1]).unwrap(), 0);
+}
+
+#[test]
+fn handler_refused_reset_chain_is_not_answered() {
+    let mut h = Harness::new();
+    // A malformed RST (data announced, none there): dropped, no reply.
+    let mut header = h.guest.header(GUEST_PORT, HOST_PORT, Op::Rst);
+    header.len = 8;
+    h.guest.send(header, &[]);
+
+    assert!(h.run().is_empty());
+    assert_eq!(h.handler.faults().malformed(), 1);
+}
+
+#[test]
+fn handler_header_only_rx_buffer_does_not_stall_waiting_data() {
+    let mut guest = Guest::new();
+    let mut queues = guest.queues();
+    let mut tx = queues.remove(1);
+    let mut rx = queues.remove(0);
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    let interrupt = RecordingInterrupt::new();
+    let mem = guest.mem.clone();
+    guest.post_rx(1);
+    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
+    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    assert_eq!(ops(&guest.received()), [Op::Response as u16]);
+    let mut far = handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+    far.write_all(b"waiting").unwrap();
+    let fd = handler
+        .connection(HOST_PORT, GUEST_PORT)
+        .unwrap()
+        .stream()
+        .as_raw_fd();
+    handler.stream_event(fd, true, false, false, false);
+
+    // A buffer with room for a header only: returned empty, not held.
+    let hdr = guest.alloc(HEADER_LEN as u64);
+    guest.add_rx_chain(&[TestDescriptor::new(hdr.0, HEADER_LEN as u32, WRITE)]);
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    assert_eq!(guest.rx_used(1), Some(0));
+    assert!(handler.has_rx_work());
+
+    // The next real buffer carries the data.
+    guest.post_rx(1);
+    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    let got = guest.received();
+    assert_eq!(ops(&got), [Op::Rw as u16]);
+    assert_eq!(got[0].1, b"waiting");
 }
