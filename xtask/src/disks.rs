@@ -69,13 +69,15 @@ pub fn create(dir: &Path) -> Step<Disks> {
         )?;
         images.push(Image { serial, path });
     }
-    let integrity = dir.join("integrity.raw");
-    let file = std::fs::File::create(&integrity).map_err(|e| format!("create: {e}"))?;
-    file.set_len(64 << 20).map_err(|e| format!("size: {e}"))?;
-    images.push(Image {
-        serial: "integrity",
-        path: integrity,
-    });
+    // One integrity image per kernel, so each kernel's run is checked on
+    // what it wrote itself.
+    for serial in ["integrity", "integrity-6.12"] {
+        let path = dir.join(format!("{serial}.raw"));
+        let _ = std::fs::remove_file(&path);
+        let file = std::fs::File::create(&path).map_err(|e| format!("create: {e}"))?;
+        file.set_len(64 << 20).map_err(|e| format!("size: {e}"))?;
+        images.push(Image { serial, path });
+    }
     let discard = dir.join("discard.raw");
     std::fs::write(&discard, vec![0xa5u8; 32 << 20]).map_err(|e| format!("write: {e}"))?;
     let discard_allocated_before = allocated(&discard)?;
@@ -148,8 +150,10 @@ pub fn check_blk(disks: &Disks, guest_big_fnv: &str) -> Result<String, String> {
 }
 
 /// `blk-integrity`: the host's checksum of the whole raw image.
-pub fn check_integrity(disks: &Disks, guest_fnv: &str) -> Result<String, String> {
-    let image = disks.path("integrity").ok_or("no integrity image")?;
+pub fn check_integrity(disks: &Disks, serial: &str, guest_fnv: &str) -> Result<String, String> {
+    let image = disks
+        .path(serial)
+        .ok_or_else(|| format!("no {serial} image"))?;
     let data = util::read(image)?;
     let fnv = format!("{:016x}", util::fnv1a(util::FNV_BASIS, &data));
     if fnv != guest_fnv {

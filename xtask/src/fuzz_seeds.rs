@@ -153,9 +153,25 @@ fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
     rw.extend(vsock_header(5, 16));
     rw.resize(rw.len() + 0x100 - 44, 0);
     rw.extend([b'x'; 16]);
+    // OP_RW with the header split over two descriptors and 16 data bytes
+    // in two fragments, the way Linux 6.7+ lays out non-linear packets.
+    let mut fragments = vec![4, 1, 1, 1];
+    fragments.extend(desc(DATA_AREA, 20, NEXT, 1));
+    fragments.extend(desc(DATA_AREA + 20, 24, NEXT, 2));
+    fragments.extend(desc(DATA_AREA + 0x100, 8, NEXT, 3));
+    fragments.extend(desc(DATA_AREA + 0x200, 8, 0, 0));
+    fragments.push(0);
+    fragments.extend(&rx);
+    fragments.push(0);
+    fragments.extend(vsock_header(5, 16));
+    fragments.resize(fragments.len() + 0x100 - 44, 0);
+    fragments.extend([b'a'; 8]);
+    fragments.resize(fragments.len() + 0x100 - 8, 0);
+    fragments.extend([b'b'; 8]);
     vec![
         ("request", request),
         ("rw", rw),
+        ("rw-fragments", fragments),
         (
             "regression-rx-avail-far-ahead",
             VSOCK_RX_AVAIL_FAR_AHEAD.to_vec(),

@@ -1,13 +1,25 @@
-//! `cargo xtask guest`: prepare the default guest, idempotently.
+//! `cargo xtask guest [--kernel VERSION]`: prepare a guest, idempotently.
 //!
-//! - The kernel: Debian's `linux-source-6.1`, `make tinyconfig` plus the
-//!   project's fragment `guest/kernel.config`, built once per (fragment,
-//!   source version) and cached by their hash. The ELF vmlinux is what
-//!   chitin boots (no decompression).
+//! - The kernel: Debian's `linux-source-<VERSION>`, `make tinyconfig` plus
+//!   the project's fragment `guest/kernel.config`, built once per (version,
+//!   fragment, source package version) and cached by their hash. Both the
+//!   ELF vmlinux (what chitin boots by default: no decompression) and the
+//!   bzImage are kept. [`KernelVersion`] lists the versions: 6.1, Debian
+//!   12's own kernel and the default, and 6.12, the kernel of Debian 13 and
+//!   of bookworm-backports, whose virtio-vsock driver lays packets out
+//!   differently (one descriptor per page fragment).
 //! - The initramfs: a newc cpio written by [`crate::cpio`] holding the
-//!   static `chitin-agent` as /init and a static busybox.
+//!   static `chitin-agent` as /init and a static busybox; the same for
+//!   every kernel.
 //!
-//! A cached kernel costs one dpkg query and a hash; nothing touches the
+//! `linux-source-6.1` comes from the machine's own apt sources. 6.12 is in
+//! bookworm-backports, which a Debian 12 machine usually does not list: it
+//! is fetched with `apt-get download` through a private apt configuration
+//! under the cache (its own sources list and package lists), so the
+//! machine's apt setup is never changed and nothing is installed from
+//! backports.
+//!
+//! A cached kernel costs one package query and a hash; nothing touches the
 //! network unless a package is missing.
 
 use std::path::{Path, PathBuf};
@@ -17,54 +29,133 @@ use std::time::{Duration, Instant};
 use crate::cpio::Cpio;
 use crate::util::{self, cache_dir, install_packages, output, run, workspace_root, Step};
 
-/// Packages the kernel build needs.
-const KERNEL_PACKAGES: &[&str] = &[
-    "linux-source-6.1",
+/// Packages every kernel build needs.
+const BUILD_PACKAGES: &[&str] = &[
     "build-essential",
     "bc",
     "bison",
     "flex",
     "libelf-dev",
     "libssl-dev",
+    "xz-utils",
 ];
 /// Packages the initramfs needs.
 const INITRAMFS_PACKAGES: &[&str] = &["busybox-static"];
-const SOURCE_PACKAGE: &str = "linux-source-6.1";
-const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
+/// The private apt source for kernels from bookworm-backports.
+const BACKPORTS_SOURCE: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main";
+
+/// A guest kernel version the project builds and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelVersion {
+    /// Linux 6.1, Debian 12's kernel: the default guest.
+    V6_1,
+    /// Linux 6.12, Debian 13's kernel (and bookworm-backports').
+    V6_12,
+}
+
+impl KernelVersion {
+    /// Every version, the default first.
+    pub const ALL: [KernelVersion; 2] = [KernelVersion::V6_1, KernelVersion::V6_12];
+
+    /// `6.1`, `6.12`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelVersion::V6_1 => "6.1",
+            KernelVersion::V6_12 => "6.12",
+        }
+    }
+
+    /// The version called `name`.
+    pub fn parse(name: &str) -> Option<KernelVersion> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// Debian's source package.
+    fn package(self) -> String {
+        format!("linux-source-{}", self.name())
+    }
+
+    /// Whether the package comes from bookworm-backports rather than the
+    /// machine's own apt sources.
+    fn in_backports(self) -> bool {
+        self == KernelVersion::V6_12
+    }
+}
 /// The Rust target the static guest programs are built for (the only one
 /// installed; static through `+crt-static`, never musl).
 pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// The prepared default guest.
+/// A prepared guest.
 pub struct GuestImage {
     /// ELF vmlinux with a PVH note.
     pub kernel: PathBuf,
+    /// The same kernel as a bzImage.
+    pub bzimage: PathBuf,
+    /// Its symbols, for reading a monitor dump of a wedged machine.
+    pub system_map: PathBuf,
     /// newc initramfs.
     pub initramfs: PathBuf,
 }
 
-/// Prepare kernel and initramfs; print where they are.
-pub fn guest() -> Step {
-    let image = prepare()?;
+/// A built kernel in the cache.
+pub struct BuiltKernel {
+    /// ELF vmlinux, debug info stripped.
+    pub vmlinux: PathBuf,
+    /// bzImage.
+    pub bzimage: PathBuf,
+    /// `System.map`.
+    pub system_map: PathBuf,
+}
+
+/// `cargo xtask guest [--kernel VERSION]`: prepare the guest; print where
+/// it is.
+pub fn guest(args: &[String]) -> Step {
+    let version = match args {
+        [] => KernelVersion::V6_1,
+        [flag, name] if flag == "--kernel" => KernelVersion::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = KernelVersion::ALL.iter().map(|v| v.name()).collect();
+            format!("unknown kernel {name:?}; known: {}", known.join(" "))
+        })?,
+        _ => return Err("usage: cargo xtask guest [--kernel 6.1|6.12]".into()),
+    };
+    let image = prepare(version)?;
     println!("guest kernel:    {}", image.kernel.display());
+    println!("guest bzImage:   {}", image.bzimage.display());
     println!("guest initramfs: {}", image.initramfs.display());
     Ok(())
 }
 
-/// Prepare kernel and initramfs (cached).
-pub fn prepare() -> Step<GuestImage> {
-    let kernel = kernel()?;
+/// Prepare kernel and initramfs (cached). The default version's image is
+/// also copied to `guest/` in the cache, where `GuestImage::default()`
+/// looks; others go to `guest-<version>/`.
+pub fn prepare(version: KernelVersion) -> Step<GuestImage> {
+    let built = kernel(version)?;
     let agent = build_static(
         &["-p", "chitin-agent", "--bin", "chitin-agent"],
         "chitin-agent",
     )?;
     let initramfs = initramfs(&agent)?;
-    let dir = cache_dir().join("guest");
-    let kernel_link = dir.join("vmlinux");
+    let dir = match version {
+        KernelVersion::V6_1 => cache_dir().join("guest"),
+        other => cache_dir().join(format!("guest-{}", other.name())),
+    };
     std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-    std::fs::copy(&kernel, &kernel_link).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
+    let copy = |from: &Path, name: &str| -> Step<PathBuf> {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+        Ok(to)
+    };
+    let kernel = copy(&built.vmlinux, "vmlinux")?;
+    let bzimage = copy(&built.bzimage, "bzImage")?;
+    let initramfs = if dir.join("initramfs.cpio") == initramfs {
+        initramfs
+    } else {
+        copy(&initramfs, "initramfs.cpio")?
+    };
     Ok(GuestImage {
-        kernel: kernel_link,
+        kernel,
+        bzimage,
+        system_map: built.system_map,
         initramfs,
     })
 }
@@ -90,9 +181,102 @@ pub fn build_static(args: &[&str], name: &str) -> Step<PathBuf> {
     Ok(target_dir.join(GUEST_TARGET).join(sub).join(name))
 }
 
-fn source_version() -> Step<String> {
-    let v = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
-    Ok(v.trim().to_string())
+/// Where a kernel's source tarball is, and its package version.
+struct Source {
+    tarball: PathBuf,
+    package_version: String,
+}
+
+/// Install (6.1) or fetch (6.12) the source package.
+fn source(version: KernelVersion) -> Step<Source> {
+    let package = version.package();
+    if !version.in_backports() {
+        install_packages(&[package.as_str()])?;
+        let v = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", &package]))?;
+        return Ok(Source {
+            tarball: PathBuf::from(format!("/usr/src/{package}.tar.xz")),
+            package_version: v.trim().to_string(),
+        });
+    }
+    fetch_backports_source(&package)
+}
+
+/// The apt options of the private bookworm-backports configuration rooted
+/// at `dir`: only its own sources list, package lists and cache.
+fn backports_apt(dir: &Path, tool: &str) -> Command {
+    let mut cmd = Command::new(tool);
+    for (key, path) in [
+        ("Dir::Etc::SourceList", dir.join("sources.list")),
+        ("Dir::Etc::SourceParts", dir.join("sources.list.d")),
+        ("Dir::State::Lists", dir.join("lists")),
+        ("Dir::Cache", dir.join("cache")),
+    ] {
+        cmd.arg("-o").arg(format!("{key}={}", path.display()));
+    }
+    // The download lands in the cache, which apt's sandbox user may not
+    // be able to write.
+    cmd.args(["-o", "APT::Sandbox::User=root"]);
+    cmd
+}
+
+/// `apt-get download` `package` from bookworm-backports into the cache and
+/// unpack it there (`dpkg -x`, nothing installed). Cached: a second call
+/// reads the version file and returns.
+fn fetch_backports_source(package: &str) -> Step<Source> {
+    let root = cache_dir().join("backports").join(package);
+    let tarball = root.join("root/usr/src").join(format!("{package}.tar.xz"));
+    let version_file = root.join("version");
+    if let (true, Ok(v)) = (tarball.exists(), std::fs::read_to_string(&version_file)) {
+        return Ok(Source {
+            tarball,
+            package_version: v.trim().to_string(),
+        });
+    }
+    let apt = cache_dir().join("apt-bookworm-backports");
+    for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
+        let d = apt.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+    }
+    util::write_atomic(
+        &apt.join("sources.list"),
+        format!("{BACKPORTS_SOURCE}\n").as_bytes(),
+    )?;
+    run(
+        "apt-get update (bookworm-backports, private lists)",
+        backports_apt(&apt, "apt-get").args(["update", "-q"]),
+    )?;
+    let download = root.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download).map_err(|e| format!("mkdir {}: {e}", download.display()))?;
+    run(
+        &format!("apt-get download {package} (bookworm-backports)"),
+        backports_apt(&apt, "apt-get")
+            .args(["download", "-q", package])
+            .current_dir(&download),
+    )?;
+    let deb = std::fs::read_dir(&download)
+        .map_err(|e| format!("read {}: {e}", download.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| format!("apt-get download {package} produced no .deb"))?;
+    let version = output(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"))?;
+    run(
+        &format!("unpack {package}"),
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(&deb)
+            .arg(root.join("root")),
+    )?;
+    let _ = std::fs::remove_dir_all(&download);
+    if !tarball.exists() {
+        return Err(format!("{package} holds no {}", tarball.display()));
+    }
+    util::write_atomic(&version_file, version.trim().as_bytes())?;
+    Ok(Source {
+        tarball,
+        package_version: version.trim().to_string(),
+    })
 }
 
 /// The config fragment's path.
@@ -100,54 +284,80 @@ fn fragment_path() -> PathBuf {
     workspace_root().join("guest").join("kernel.config")
 }
 
-/// Build (or find cached) the guest vmlinux; returns its path.
-pub fn kernel() -> Step<PathBuf> {
-    install_packages(KERNEL_PACKAGES)?;
-    let fragment = util::read(&fragment_path())?;
-    let version = source_version()?;
-    let mut key_input = fragment.clone();
+/// The cache key of a kernel: its version, the fragment and the source
+/// package version.
+fn kernel_key(version: KernelVersion, fragment: &[u8], package_version: &str) -> String {
+    let mut key_input = fragment.to_vec();
     key_input.push(b'\n');
-    key_input.extend_from_slice(version.as_bytes());
-    let key = format!("{:016x}", util::fnv1a(util::FNV_BASIS, &key_input));
+    key_input.extend_from_slice(package_version.as_bytes());
+    key_input.push(b'\n');
+    key_input.extend_from_slice(version.name().as_bytes());
+    format!("{:016x}", util::fnv1a(util::FNV_BASIS, &key_input))
+}
+
+/// Build (or find cached) the guest kernel of `version`.
+pub fn kernel(version: KernelVersion) -> Step<BuiltKernel> {
+    install_packages(BUILD_PACKAGES)?;
+    let fragment = util::read(&fragment_path())?;
+    let source = source(version)?;
+    let key = kernel_key(version, &fragment, &source.package_version);
     let cache = cache_dir();
-    let done = cache.join(format!("vmlinux-{key}"));
-    if done.exists() {
+    let name = version.name();
+    let done = BuiltKernel {
+        vmlinux: cache.join(format!("vmlinux-{name}-{key}")),
+        bzimage: cache.join(format!("bzImage-{name}-{key}")),
+        system_map: cache.join(format!("System.map-{name}-{key}")),
+    };
+    if done.vmlinux.exists() && done.bzimage.exists() && done.system_map.exists() {
         if !util::quiet() {
-            eprintln!("xtask: guest kernel cached ({})", done.display());
+            eprintln!(
+                "xtask: guest kernel {name} cached ({})",
+                done.vmlinux.display()
+            );
         }
         return Ok(done);
     }
-    let src = unpack_source(&cache)?;
-    let out = cache.join(format!("kernel-out-{key}"));
+    let src = unpack_source(&cache, version, &source)?;
+    let out = cache.join(format!("kernel-out-{name}-{key}"));
     configure(&src, &out, &fragment)?;
-    build_vmlinux(&src, &out)?;
-    let built = out.join("vmlinux");
-    let tmp = done.with_extension("tmp");
+    build_kernel(&src, &out, name)?;
+    let tmp = done.vmlinux.with_extension("tmp");
     // Keep symbols out of the cached image: linux-loader only reads PT_LOAD
     // and PT_NOTE, and a smaller file loads faster.
     run(
-        "strip guest vmlinux",
+        &format!("strip guest vmlinux {name}"),
         Command::new("objcopy")
             .arg("--strip-debug")
-            .arg(&built)
+            .arg(out.join("vmlinux"))
             .arg(&tmp),
     )?;
-    std::fs::rename(&tmp, &done).map_err(|e| format!("rename {}: {e}", done.display()))?;
+    std::fs::rename(&tmp, &done.vmlinux)
+        .map_err(|e| format!("rename {}: {e}", done.vmlinux.display()))?;
+    for (from, to) in [
+        (out.join("arch/x86/boot/bzImage"), &done.bzimage),
+        (out.join("System.map"), &done.system_map),
+    ] {
+        std::fs::copy(&from, to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+    }
     Ok(done)
 }
 
-fn unpack_source(cache: &Path) -> Step<PathBuf> {
-    let dir = cache.join("kernel-src");
-    let src = dir.join("linux-source-6.1");
+/// The unpacked source tree of `version` (unpacked once per package
+/// version).
+fn unpack_source(cache: &Path, version: KernelVersion, source: &Source) -> Step<PathBuf> {
+    let package = version.package();
+    let dir = cache.join("kernel-src").join(&source.package_version);
+    let src = dir.join(&package);
     if src.join("Makefile").exists() {
         return Ok(src);
     }
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     run(
-        "unpack linux-source-6.1",
+        &format!("unpack {package}"),
         Command::new("tar")
             .arg("xf")
-            .arg(SOURCE_TARBALL)
+            .arg(&source.tarball)
             .current_dir(&dir),
     )?;
     Ok(src)
@@ -207,20 +417,21 @@ pub fn missing_options(fragment: &str, config: &str) -> Vec<String> {
         .collect()
 }
 
-/// `make vmlinux` with a progress line every 20 s instead of silence.
-fn build_vmlinux(src: &Path, out: &Path) -> Step {
+/// `make bzImage` (which builds vmlinux first) with a progress line every
+/// 20 s instead of silence.
+fn build_kernel(src: &Path, out: &Path, name: &str) -> Step {
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     let log_path = out.join("build.log");
     let log = std::fs::File::create(&log_path).map_err(|e| format!("create build log: {e}"))?;
     let log_err = log.try_clone().map_err(|e| format!("build log: {e}"))?;
     eprintln!(
-        "xtask: == building the guest kernel with {jobs} jobs (about 3-5 minutes on 2 cores; log: {})",
+        "xtask: == building guest kernel {name} with {jobs} jobs (about 3-5 minutes on 2 cores; log: {})",
         log_path.display()
     );
     let start = Instant::now();
     let mut child = make(src, out)
         .arg(format!("-j{jobs}"))
-        .arg("vmlinux")
+        .arg("bzImage")
         .stdout(log)
         .stderr(log_err)
         .spawn()
@@ -237,7 +448,7 @@ fn build_vmlinux(src: &Path, out: &Path) -> Step {
                 .map(|s| s.lines().count())
                 .unwrap_or(0);
             eprintln!(
-                "xtask:    ... kernel build running, {:.0} s, {lines} build steps so far",
+                "xtask:    ... kernel {name} build running, {:.0} s, {lines} build steps so far",
                 start.elapsed().as_secs_f64()
             );
         }
@@ -254,7 +465,7 @@ fn build_vmlinux(src: &Path, out: &Path) -> Step {
         ));
     }
     eprintln!(
-        "xtask: ok guest kernel built ({:.0} s)",
+        "xtask: ok guest kernel {name} built ({:.0} s)",
         start.elapsed().as_secs_f64()
     );
     Ok(())
@@ -291,6 +502,23 @@ fn initramfs(agent: &Path) -> Step<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_version_parse_round_trips_names() {
+        for v in KernelVersion::ALL {
+            assert_eq!(KernelVersion::parse(v.name()), Some(v));
+        }
+        assert_eq!(KernelVersion::parse("6.2"), None);
+    }
+
+    #[test]
+    fn kernel_key_differs_by_version_fragment_and_package() {
+        let a = kernel_key(KernelVersion::V6_1, b"CONFIG_A=y", "6.1.1");
+        assert_ne!(a, kernel_key(KernelVersion::V6_12, b"CONFIG_A=y", "6.1.1"));
+        assert_ne!(a, kernel_key(KernelVersion::V6_1, b"CONFIG_A=n", "6.1.1"));
+        assert_ne!(a, kernel_key(KernelVersion::V6_1, b"CONFIG_A=y", "6.1.2"));
+        assert_eq!(a, kernel_key(KernelVersion::V6_1, b"CONFIG_A=y", "6.1.1"));
+    }
 
     #[test]
     fn missing_options_finds_unset_and_wrong_values() {

@@ -3,8 +3,11 @@
 //! - `test`: the project's whole test command (what CI runs): installs what
 //!   the tests need if missing, then formatting, lint, docs, unit and
 //!   host-KVM tests, and the nested real-Linux tier.
-//! - `guest`: prepare the default guest (kernel + initramfs), cached.
+//! - `guest [--kernel 6.1|6.12]`: prepare a guest (kernel + initramfs),
+//!   cached.
 //! - `nested [SCENARIO...]`: boot real Linux under chitin inside QEMU.
+//! - `nested-stress [--runs N] [--spin K] [SCENARIO...]`: the nested tier
+//!   N times on a host loaded with K busy loops.
 //! - `nested-exec -- CMD...`: run one command in a sandbox inside L1 (for
 //!   hosts whose KVM cannot run Linux; the `exec` example uses it).
 //! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 60 s each.
@@ -33,8 +36,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
-        Some("guest") => guest::guest(),
+        Some("guest") => guest::guest(&args[1..]),
         Some("nested") => nested::nested(&args[1..]),
+        Some("nested-stress") => nested::stress(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("nested-exec") => match nested::nested_exec(&args[1..]) {
             Ok(code) => std::process::exit(code),
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest | nested [SCENARIO...] | nested-exec -- CMD... | fuzz --smoke [SECONDS]>"
+                "usage: cargo xtask <test | guest [--kernel 6.1|6.12] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec -- CMD... | fuzz --smoke [SECONDS]>"
             );
             return ExitCode::from(2);
         }

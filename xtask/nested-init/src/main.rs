@@ -7,6 +7,9 @@
 //!
 //! - `nested: l1 up` — L1 reached /init (the harness may retry a run that
 //!   never printed this, never one that did);
+//! - `nested: alive <s>` — every [`HEARTBEAT`] from then on, from a thread
+//!   of its own: while it comes, L1 still runs user space, so a harness that
+//!   hears nothing for much longer knows L1 itself is wedged;
 //! - `nested: kvm ready` or `nested: error <why>`;
 //! - `nested: begin <scenario>`;
 //! - `| <line>` — each console line of the child (L2's console);
@@ -17,6 +20,11 @@
 //!   forwarded);
 //! - `nested: end <scenario> exit=<code|signal:N|timeout> ms=<ms>`;
 //! - `nested: done`, then L1 reboots (QEMU runs with `-no-reboot` and exits).
+//!
+//! The harness sends a keepalive byte to the console every second (its
+//! receive interrupt repairs a timer interrupt QEMU's TCG can lose; see
+//! `xtask/src/nested/l1.rs`): the console is put in raw mode without echo
+//! and a thread reads and discards what arrives.
 
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,6 +43,8 @@ const DISK_WAIT: Duration = Duration::from_secs(15);
 const CONSOLE_BEGIN: &[u8] = b"chitin-console-begin";
 const CONSOLE_END: &[u8] = b"chitin-console-end";
 const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+/// How often L1 says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(10);
 
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
@@ -279,12 +289,42 @@ fn run_scenario(s: &Scenario, disks: &[(String, String)]) {
     say(&format!("nested: end {} exit={exit} ms={ms}", s.name));
 }
 
+/// Turn the console's echo and line editing off and discard its input.
+fn sink_console_input() {
+    // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios that lives for
+    // the calls; failures leave the terminal as it was.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) == 0 {
+            t.c_lflag &= !(libc::ECHO | libc::ICANON | libc::ISIG | libc::IEXTEN);
+            t.c_iflag &= !(libc::ICRNL | libc::IXON);
+            let _ = libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+    }
+    std::thread::spawn(|| {
+        let mut buf = [0u8; 256];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => std::thread::sleep(Duration::from_secs(1)),
+                Ok(_) => {}
+            }
+        }
+    });
+}
+
 fn main() {
+    sink_console_input();
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("tmpfs", "/tmp", "tmpfs");
     say("nested: l1 up");
+    let up = Instant::now();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(HEARTBEAT);
+        say(&format!("nested: alive {}", up.elapsed().as_secs()));
+    });
     match load_kvm() {
         Ok(()) => {
             say("nested: kvm ready");

@@ -1,7 +1,12 @@
 //! The nested tier's host-side checks of `Sandbox::exec`/`spawn` and vsock,
 //! run inside L1 (where KVM runs Linux) against the default guest:
 //!
-//! `chitin-exec-checks exec|vsock GUEST_DIR`
+//! `chitin-exec-checks exec|vsock KERNEL INITRAMFS`
+//!
+//! Each scenario ends with a `device-faults` check: the guest's drivers
+//! must not have sent anything the devices refused as malformed (a packet
+//! layout the device does not understand shows up there, not only as a
+//! stalled stream). Faults are also logged to stderr as they happen.
 //!
 //! Prints one `chitin-check: <name> PASS|FAIL <detail>` line per check and
 //! `chitin-checks: done pass=<n> fail=<m>`; exits 0 only if all passed.
@@ -433,16 +438,45 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     );
 }
 
+/// No device refused anything as malformed; races the protocol allows
+/// (a packet for a connection just closed) are reported, not failed.
+fn device_faults(vm: &RunningSandbox) -> Result<String, String> {
+    let devices = vm.device_faults();
+    let summary: Vec<String> = devices
+        .iter()
+        .map(|d| {
+            let reasons: Vec<String> = d.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            format!(
+                "{}: {} malformed, {} in all [{}]",
+                d.device,
+                d.malformed,
+                d.total(),
+                reasons.join(", ")
+            )
+        })
+        .collect();
+    let text = summary.join("; ");
+    if devices.is_empty() {
+        return Err("the sandbox reports no devices".into());
+    }
+    if devices.iter().any(|d| d.malformed > 0) {
+        return Err(text);
+    }
+    Ok(text)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(which), Some(dir)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: chitin-exec-checks exec|vsock GUEST_DIR");
+    let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
+    else {
+        eprintln!("usage: chitin-exec-checks exec|vsock KERNEL INITRAMFS");
         std::process::exit(2);
     };
+    chitin::log_to_stderr(log::LevelFilter::Warn);
     let uds = PathBuf::from(format!("/tmp/chitin-checks-{which}.vsock"));
     let _ = std::fs::remove_file(&uds);
     let built = Sandbox::builder()
-        .guest(GuestImage::in_dir(dir))
+        .guest(GuestImage::new(kernel, initramfs))
         .vcpus(2)
         .memory_mib(256)
         .vsock(3, &uds)
@@ -468,6 +502,7 @@ fn main() {
         "vsock" => vsock_checks(&vm, &uds, &mut c),
         other => c.check("scenario", Err(format!("unknown {other}"))),
     }
+    c.check("device-faults", device_faults(&vm));
     println!("chitin-agent: done pass={} fail={}", c.passed, c.failed);
     let _ = std::io::stdout().flush();
     drop(vm);

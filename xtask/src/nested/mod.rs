@@ -1,0 +1,485 @@
+//! `cargo xtask nested [SCENARIO...]`: the real-Linux tier.
+//!
+//! QEMU in software emulation (TCG, `-cpu EPYC` with SVM and nested paging)
+//! runs an L1 Debian cloud kernel that loads `kvm_amd` and gets a real
+//! `/dev/kvm`. chitin's `boot` example runs in L1 and boots an unmodified L2
+//! Linux (the guests from `cargo xtask guest`: 6.1 as ELF and 6.12 as
+//! bzImage), whose PID 1 is `chitin-agent` running the scenario named on
+//! its command line. L1's PID 1 (`chitin-nested-init`) runs the scenarios
+//! and reports on the serial console; this module builds everything
+//! ([`scenarios`] says what runs), runs QEMU with hard timeouts and a
+//! silence detector ([`l1`]), and judges each scenario from that log
+//! ([`report`]).
+
+mod l1;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use l1::{boot_l1, l1_kernel, L1Kernel, QUIET};
+use report::report;
+use scenarios::{
+    l2_cmdline, L2Kernel, Scenario, BOOT_REPEATS, KERNEL_6_1, SCENARIOS, UP_MARKER, WARMUP,
+};
+
+use crate::cpio::Cpio;
+use crate::disks::{self, Disks};
+use crate::guest::{self, KernelVersion};
+use crate::util::{self, cache_dir, install_packages, output, Step};
+
+/// Packages the tier needs on the host.
+const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "e2fsprogs"];
+
+/// The `exit=` the harness gives a run during which L1 went silent.
+pub const SILENT_EXIT: &str = "l1-silent";
+
+/// Where L1 finds the initramfs every L2 kernel boots with.
+const L1_INITRAMFS: &str = "/l2/initramfs.cpio";
+
+/// The plan line for L1's runner: name, timeout, marker, argv (tab separated).
+fn plan_line(run_name: &str, s: &Scenario) -> String {
+    let cmdline = l2_cmdline(s);
+    let kernel = s.kernel.l1_path();
+    let argv: Vec<String> = if let Some(which) = s.host_checks {
+        ["/bin/chitin-exec-checks", which, &kernel, L1_INITRAMFS]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else if s.peer {
+        [
+            "/usr/bin/qemu-system-x86_64",
+            "-M",
+            "microvm,acpi=off,rtc=on",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            &s.vcpus.to_string(),
+            "-m",
+            &format!("{}M", s.mem_mib),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-L",
+            "/usr/share/qemu",
+            "-kernel",
+            &kernel,
+            "-initrd",
+            L1_INITRAMFS,
+            "-append",
+            &cmdline,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    } else {
+        [
+            "/bin/chitin-boot",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            L1_INITRAMFS,
+            "--vcpus",
+            &s.vcpus.to_string(),
+            "--mem",
+            &s.mem_mib.to_string(),
+            "--timeout",
+            &s.timeout_s.to_string(),
+            "--cmdline",
+            &cmdline,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            s.disks
+                .iter()
+                .flat_map(|d| ["--disk".to_string(), d.to_string()]),
+        )
+        .collect()
+    };
+    // The runner's own timeout is a little longer than the VMM's, so the
+    // VMM's timeout (a clean stop) fires first.
+    // Host checks time VMM start to the first exec's answer instead.
+    let marker = if s.host_checks.is_some() {
+        "chitin-check: first-exec"
+    } else {
+        UP_MARKER
+    };
+    format!(
+        "{run_name}\t{}\t{marker}\t{}",
+        s.timeout_s + 15,
+        argv.join("\t")
+    )
+}
+
+/// Install what the tier needs on the host (idempotent).
+pub fn prerequisites() -> Step {
+    install_packages(PACKAGES)
+}
+
+/// Entry point.
+pub fn nested(args: &[String]) -> Step {
+    let selected = select(args)?;
+    prerequisites()?;
+    let runs = schedule(&selected);
+    let kernels: Vec<L2Kernel> = runs.iter().map(|(_, s)| s.kernel).collect();
+    let tools = build_tools(&kernels)?;
+    let plan: Vec<String> = runs.iter().map(|(name, s)| plan_line(name, s)).collect();
+    let disks = disks::create(&cache_dir().join("nested").join("disks"))?;
+    let log = boot_l1(&tools, &plan, &disks)?;
+    report(&selected, &runs, &log, &disks)
+}
+
+/// `cargo xtask nested-stress [--runs N] [--spin K] [SCENARIO...]`: the
+/// nested tier `N` times (default 5) while `K` busy loops (default: one per
+/// host core) compete with QEMU for the host, the way a loaded CI machine
+/// does. Prints each run's verdict and the tally; fails unless every run
+/// passed.
+pub fn stress(args: &[String]) -> Step {
+    let mut runs = 5usize;
+    let mut spin = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut scenarios = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut number = |flag: &str| -> Step<usize> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{flag} needs a number"))
+        };
+        match arg.as_str() {
+            "--runs" => runs = number("--runs")?,
+            "--spin" => spin = number("--spin")?,
+            _ => scenarios.push(arg.clone()),
+        }
+    }
+    // Validate the selection before loading the host.
+    select(&scenarios)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = (0..spin)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..1_000_000 {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    eprintln!("xtask: == nested-stress: {runs} runs with {spin} busy loops on the host");
+    let mut verdicts = Vec::new();
+    for i in 1..=runs {
+        let start = std::time::Instant::now();
+        let result = nested(&scenarios);
+        let line = format!(
+            "run {i}/{runs}: {} in {:.0} s",
+            match &result {
+                Ok(()) => "PASS".to_string(),
+                Err(e) => format!("FAIL ({e})"),
+            },
+            start.elapsed().as_secs_f64()
+        );
+        eprintln!("xtask: nested-stress {line}");
+        verdicts.push((result.is_ok(), line));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        let _ = l.join();
+    }
+    let passed = verdicts.iter().filter(|(ok, _)| *ok).count();
+    println!("\nnested-stress with {spin} busy loops:");
+    for (_, line) in &verdicts {
+        println!("  {line}");
+    }
+    println!("{passed} of {runs} runs passed");
+    if passed == runs && runs > 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {runs} loaded nested runs failed",
+            runs - passed
+        ))
+    }
+}
+
+/// Everything L1 needs, built and fetched.
+pub struct Tools {
+    /// Each L2 kernel image the plan boots, with the host file.
+    kernels: Vec<(L2Kernel, PathBuf)>,
+    /// The initramfs every L2 kernel boots with.
+    initramfs: PathBuf,
+    /// `System.map` of each L2 kernel version, for monitor dumps.
+    l2_system_maps: Vec<(String, PathBuf)>,
+    boot: PathBuf,
+    exec: PathBuf,
+    checks: PathBuf,
+    init: PathBuf,
+    l1: L1Kernel,
+}
+
+/// Build or fetch what L1 needs to boot `kernels` (duplicates allowed).
+fn build_tools(kernels: &[L2Kernel]) -> Step<Tools> {
+    let mut wanted: Vec<L2Kernel> = Vec::new();
+    for k in kernels {
+        if !wanted.contains(k) {
+            wanted.push(*k);
+        }
+    }
+    let mut images = Vec::new();
+    let mut initramfs = None;
+    let mut l2_system_maps = Vec::new();
+    for version in KernelVersion::ALL {
+        if !wanted.iter().any(|k| k.version == version) {
+            continue;
+        }
+        let image = guest::prepare(version)?;
+        for k in wanted.iter().filter(|k| k.version == version) {
+            let file = if k.bzimage {
+                &image.bzimage
+            } else {
+                &image.kernel
+            };
+            images.push((*k, file.clone()));
+        }
+        l2_system_maps.push((version.name().to_string(), image.system_map.clone()));
+        initramfs = Some(image.initramfs);
+    }
+    Ok(Tools {
+        kernels: images,
+        initramfs: initramfs.ok_or("the plan boots no L2 kernel")?,
+        l2_system_maps,
+        boot: guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?,
+        exec: guest::build_static(&["-p", "chitin", "--example", "exec"], "exec")?,
+        checks: guest::build_static(
+            &["-p", "chitin-nested-init", "--bin", "chitin-exec-checks"],
+            "chitin-exec-checks",
+        )?,
+        init: guest::build_static(
+            &["-p", "chitin-nested-init", "--bin", "chitin-nested-init"],
+            "chitin-nested-init",
+        )?,
+        l1: l1_kernel()?,
+    })
+}
+
+/// How long a command run through `nested-exec` may take, L2 boot included.
+const NESTED_EXEC_TIMEOUT_S: u64 = 300;
+
+/// `cargo xtask nested-exec -- CMD [ARG...]`: run one command in a sandbox
+/// inside L1 (for hosts whose KVM cannot run Linux). The command's stdout
+/// and stderr are printed as they came; returns its exit code.
+pub fn nested_exec(args: &[String]) -> Step<i32> {
+    let argv: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    if argv.is_empty() {
+        return Err("usage: cargo xtask nested-exec -- CMD [ARG...]".into());
+    }
+    if let Some(bad) = argv.iter().find(|a| a.contains(['\t', '\n'])) {
+        return Err(format!(
+            "arguments cannot contain tabs or newlines: {bad:?}"
+        ));
+    }
+    // Preparing prints only what fails or takes long: the output is the
+    // command's.
+    util::set_quiet(true);
+    QUIET.store(true, Ordering::Relaxed);
+    prerequisites()?;
+    let tools = build_tools(&[KERNEL_6_1])?;
+    let mut plan = format!(
+        "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t{}\t--timeout\t{}\t--",
+        KERNEL_6_1.l1_dir(),
+        NESTED_EXEC_TIMEOUT_S - 10
+    );
+    for arg in &argv {
+        plan.push('\t');
+        plan.push_str(arg);
+    }
+    let disks = Disks {
+        images: Vec::new(),
+        discard_allocated_before: 0,
+    };
+    let log = boot_l1(&tools, &[plan], &disks)?;
+    let mut code = None;
+    let mut inside = false;
+    for line in &log {
+        if line == "nested: begin exec" {
+            inside = true;
+        } else if let Some(rest) = line.strip_prefix("nested: end exec ") {
+            let exit = rest
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("exit="));
+            code = exit.and_then(|e| e.parse::<i32>().ok());
+            inside = false;
+        } else if inside {
+            if let Some(out) = line.strip_prefix("| ") {
+                println!("{out}");
+            } else if let Some(err) = line.strip_prefix("! ") {
+                eprintln!("{err}");
+            }
+        }
+    }
+    code.ok_or_else(|| "the nested sandbox did not report an exit code".to_string())
+}
+
+/// The ordered runs: a warm-up, then each scenario, with `boot` and its
+/// peer interleaved [`BOOT_REPEATS`] times.
+fn schedule(selected: &[&'static Scenario]) -> Vec<(String, &'static Scenario)> {
+    let mut runs = vec![(WARMUP.name.to_string(), &WARMUP)];
+    let peer = selected.iter().find(|s| s.peer);
+    for s in selected.iter().filter(|s| !s.peer) {
+        if s.name == "boot" {
+            for k in 1..=BOOT_REPEATS {
+                runs.push((format!("boot#{k}"), *s));
+                if let Some(p) = peer {
+                    runs.push((format!("{}#{k}", p.name), *p));
+                }
+            }
+        } else {
+            runs.push((s.name.to_string(), *s));
+        }
+    }
+    runs
+}
+
+fn select(args: &[String]) -> Step<Vec<&'static Scenario>> {
+    if args.is_empty() {
+        return Ok(SCENARIOS.iter().collect());
+    }
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for a in args {
+        if !SCENARIOS.iter().any(|s| s.name == a) {
+            let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+            return Err(format!(
+                "unknown scenario {a:?}; known: {}",
+                known.join(" ")
+            ));
+        }
+        names.insert(a);
+        if a == "boot" {
+            // The peer column always runs next to chitin's boot.
+            names.insert("boot-qemu");
+        }
+    }
+    Ok(SCENARIOS
+        .iter()
+        .filter(|s| names.contains(s.name))
+        .collect())
+}
+
+/// Adds files at absolute paths, creating parent directories once.
+struct Tree {
+    cpio: Cpio,
+    dirs: BTreeSet<String>,
+}
+
+impl Tree {
+    fn dirs_for(&mut self, path: &str) {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if self.dirs.insert(prefix.clone()) {
+                self.cpio.dir(&prefix);
+            }
+        }
+    }
+
+    fn file(&mut self, path: &str, mode: u32, host: &Path) -> Step {
+        self.dirs_for(path);
+        self.cpio
+            .file_from(path.trim_start_matches('/'), mode, host)
+    }
+
+    fn data(&mut self, path: &str, body: &[u8]) {
+        self.dirs_for(path);
+        self.cpio.file(path.trim_start_matches('/'), 0o644, body);
+    }
+}
+
+/// Shared libraries a dynamic binary needs, as absolute paths (`ldd`).
+fn shared_libraries(binary: &str) -> Step<Vec<String>> {
+    let text = output(Command::new("ldd").arg(binary))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect())
+}
+
+fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
+    let l1 = &tools.l1;
+    let mut tree = Tree {
+        cpio: Cpio::new(),
+        dirs: BTreeSet::new(),
+    };
+    for dir in ["dev", "proc", "sys", "tmp", "bin"] {
+        tree.dirs.insert(dir.to_string());
+        tree.cpio.dir(dir);
+    }
+    tree.cpio.char_dev("dev/console", 5, 1);
+    tree.file("/init", 0o755, &tools.init)?;
+    tree.file("/bin/chitin-boot", 0o755, &tools.boot)?;
+    tree.file("/bin/chitin-exec", 0o755, &tools.exec)?;
+    tree.file("/bin/chitin-exec-checks", 0o755, &tools.checks)?;
+    tree.file(L1_INITRAMFS, 0o644, &tools.initramfs)?;
+    let mut linked = BTreeSet::new();
+    for (kernel, file) in &tools.kernels {
+        tree.file(&kernel.l1_path(), 0o644, file)?;
+        // Each version's directory is a whole guest image for
+        // `GuestImage::in_dir`: the kernel and (a link to) the initramfs.
+        let link = format!("{}/initramfs.cpio", kernel.l1_dir());
+        if linked.insert(link.clone()) {
+            tree.cpio
+                .symlink(link.trim_start_matches('/'), "../initramfs.cpio");
+        }
+    }
+    let mut order = String::new();
+    for m in &l1.modules {
+        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        tree.file(&format!("/nested/modules/{name}"), 0o644, m)?;
+        order.push_str(name);
+        order.push('\n');
+    }
+    tree.data("/nested/modules/order", order.as_bytes());
+    tree.data("/nested/plan", plan.as_bytes());
+    tree.data("/nested/disks", serials.join("\n").as_bytes());
+    let qemu = "/usr/bin/qemu-system-x86_64";
+    tree.file(qemu, 0o755, Path::new(qemu))?;
+    for lib in shared_libraries(qemu)? {
+        tree.file(&lib, 0o755, Path::new(&lib))?;
+    }
+    for rom in [
+        "bios-microvm.bin",
+        "qboot.rom",
+        "pvh.bin",
+        "linuxboot_dma.bin",
+        "kvmvapic.bin",
+    ] {
+        let path = format!("/usr/share/qemu/{rom}");
+        if Path::new(&path).exists() {
+            tree.file(&path, 0o644, Path::new(&path))?;
+        }
+    }
+    let path = cache_dir().join("nested").join("l1-initramfs.cpio");
+    util::write_atomic(&path, &tree.cpio.finish())?;
+    Ok(path)
+}

@@ -1,0 +1,590 @@
+//! Reading L1's console log: one [`Run`] per scheduled run, judged by its
+//! scenario's judge, and the results table.
+//!
+//! The log is untrusted text (a guest kernel and a VMM under test wrote
+//! it): a judge passes a run only on the lines it needs, and a run with no
+//! passing check at all fails.
+
+use chitin_agent::protocol::VERSION as AGENT_VERSION;
+
+use super::scenarios::{l2_cmdline, Scenario, BOOT_REPEATS, UP_MARKER, WARMUP};
+use super::SILENT_EXIT;
+use crate::disks::{self, Disks};
+use crate::util::Step;
+
+/// What one scenario produced in the L1 log.
+#[derive(Default)]
+pub struct Run {
+    /// The scenario's agent name (`boot` for `boot-qemu`).
+    agent_scenario: String,
+    /// The L2 command line passed.
+    cmdline: String,
+    /// The scenario's `--disk` values (`@serial[,options]`).
+    disks: Vec<&'static str>,
+    /// Console lines of the child (`| ` prefix removed) and its stderr.
+    lines: Vec<String>,
+    marker_ms: Option<u64>,
+    console: Option<String>,
+    exit: Option<String>,
+    ms: Option<u64>,
+}
+
+impl Run {
+    fn has(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+}
+
+/// Split the log into one [`Run`] per scheduled run.
+fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
+    let mut parsed: Vec<Run> = runs
+        .iter()
+        .map(|(_, s)| Run {
+            agent_scenario: s.agent.to_string(),
+            cmdline: l2_cmdline(s),
+            disks: s.disks.to_vec(),
+            ..Run::default()
+        })
+        .collect();
+    let index = |name: &str| runs.iter().position(|(n, _)| n == name);
+    let mut current: Option<usize> = None;
+    for line in log {
+        if line.starts_with("nested: alive") {
+            // L1's heartbeat: only the harness's silence detector reads it.
+        } else if let Some(name) = line.strip_prefix("nested: begin ") {
+            current = index(name.trim());
+        } else if let Some(rest) = line.strip_prefix("nested: end ") {
+            let mut f = rest.split_whitespace();
+            if let Some(i) = f.next().and_then(index) {
+                for kv in f {
+                    match kv.split_once('=') {
+                        Some(("exit", v)) => parsed[i].exit = Some(v.to_string()),
+                        Some(("ms", v)) => parsed[i].ms = v.parse().ok(),
+                        _ => {}
+                    }
+                }
+            }
+            current = None;
+        } else if let Some(rest) = line.strip_prefix("nested: marker ") {
+            let mut f = rest.split_whitespace();
+            if let (Some(i), Some(ms)) = (f.next().and_then(index), f.next()) {
+                parsed[i].marker_ms = ms.parse().ok();
+            }
+        } else if let Some(rest) = line.strip_prefix("nested: console ") {
+            if let Some((name, sum)) = rest.split_once(' ') {
+                if let Some(i) = index(name) {
+                    parsed[i].console = Some(sum.to_string());
+                }
+            }
+        } else if let Some(i) = current {
+            let text = line
+                .strip_prefix("| ")
+                .or_else(|| line.strip_prefix("! "))
+                .unwrap_or(line);
+            parsed[i].lines.push(text.to_string());
+        }
+    }
+    parsed
+}
+
+/// Common checks: the child exited 0, the agent came up for the right
+/// scenario, reported every check passing, and saw our command line.
+pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if exit != "0" {
+        return Err(format!("VMM exit {exit}, want 0"));
+    }
+    let up = format!(
+        "{UP_MARKER} version={AGENT_VERSION} scenario={}",
+        run.agent_scenario
+    );
+    if !run.has(&up) {
+        return Err(format!("no `{up}` line"));
+    }
+    if let Some(fail) = run
+        .lines
+        .iter()
+        .find(|l| l.contains("chitin-check:") && l.contains(" FAIL"))
+    {
+        return Err(fail.clone());
+    }
+    if !run.has("chitin-agent: done") || !run.has(" fail=0") {
+        return Err("agent did not finish with fail=0".into());
+    }
+    let seen = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("chitin-agent: cmdline "))
+        .unwrap_or_default();
+    if !seen.contains(&run.cmdline) {
+        return Err(format!(
+            "guest command line {seen:?} lacks {:?}",
+            run.cmdline
+        ));
+    }
+    passed_checks(run)
+}
+
+/// The run's passed checks as `name: detail`, joined for the table; a run
+/// that passed no check at all fails.
+fn passed_checks(run: &Run) -> Result<String, String> {
+    let passed: Vec<String> = run
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("chitin-check: "))
+        .filter(|l| l.contains(" PASS"))
+        .map(|l| l.split(" PASS ").collect::<Vec<_>>().join(": "))
+        .collect();
+    if passed.is_empty() {
+        return Err("no check passed".into());
+    }
+    Ok(passed.join("; "))
+}
+
+pub fn judge_panic(run: &Run, _disks: &Disks) -> Result<String, String> {
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if !run.has(&format!(
+        "{UP_MARKER} version={AGENT_VERSION} scenario=panic"
+    )) {
+        return Err("agent never came up".into());
+    }
+    if !run.has("Kernel panic - not syncing") {
+        return Err("no `Kernel panic - not syncing` on the captured console".into());
+    }
+    if exit != "0" {
+        return Err(format!("VMM exit {exit}, want 0 (reset after panic=-1)"));
+    }
+    Ok("panic message captured, guest reset".into())
+}
+
+pub fn judge_console(run: &Run, disks: &Disks) -> Result<String, String> {
+    let sent = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("chitin-check: console-pattern PASS "))
+        .ok_or("agent did not report writing the pattern")?;
+    let received = run
+        .console
+        .as_deref()
+        .ok_or("no console block seen in L1")?;
+    if sent.trim() != received.trim() {
+        return Err(format!("guest wrote {sent}, L1 captured {received}"));
+    }
+    judge_checks(run, disks)?;
+    Ok(format!("byte-exact: {received}"))
+}
+
+/// The `key=` value in the detail of the agent's `check` line.
+fn check_value(run: &Run, check: &str, key: &str) -> Result<String, String> {
+    let prefix = format!("chitin-check: {check} PASS ");
+    run.lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|detail| {
+            detail
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        })
+        .map(str::to_string)
+        .ok_or_else(|| format!("no `{key}=` in a passing `{check}` check"))
+}
+
+/// Host-side checks: exit 0, every check passed, summary line.
+pub fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
+    if let Some(fail) = run
+        .lines
+        .iter()
+        .find(|l| l.contains("chitin-check:") && l.contains(" FAIL"))
+    {
+        return Err(fail.clone());
+    }
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if exit != "0" || !run.has("chitin-agent: done") || !run.has(" fail=0") {
+        return Err(format!("checks did not all pass (exit {exit})"));
+    }
+    passed_checks(run)
+}
+
+pub fn judge_blk(run: &Run, disks: &Disks) -> Result<String, String> {
+    judge_checks(run, disks)?;
+    let fnv = check_value(run, "write-files", "big_fnv")?;
+    disks::check_blk(disks, &fnv)
+}
+
+/// The integrity image is the scenario's `@integrity*` disk.
+pub fn judge_integrity(run: &Run, disks: &Disks) -> Result<String, String> {
+    judge_checks(run, disks)?;
+    let fnv = check_value(run, "integrity", "fnv")?;
+    let serial = run
+        .disks
+        .iter()
+        .filter_map(|d| d.strip_prefix('@'))
+        .map(|d| d.split(',').next().unwrap_or(d))
+        .find(|serial| serial.starts_with("integrity"))
+        .ok_or("the scenario has no integrity disk")?;
+    disks::check_integrity(disks, serial, &fnv)
+}
+
+pub fn judge_discard(run: &Run, disks: &Disks) -> Result<String, String> {
+    judge_checks(run, disks)?;
+    disks::check_discard(disks)
+}
+
+/// Whether a line is the harness's diagnosis of a wedged L1.
+fn is_diagnosis(line: &str) -> bool {
+    [
+        "nested: l1 silent",
+        "nested: host",
+        "nested: monitor",
+        "nested: after-poke",
+        "nested: sysrq",
+    ]
+    .iter()
+    .any(|p| line.starts_with(p))
+}
+
+/// A failed run's last 40 console lines, then the whole diagnosis of a
+/// wedged L1 if there is one.
+fn print_failure(name: &str, run: &Run) {
+    println!("\n--- {name}: last console lines");
+    let console: Vec<&String> = run.lines.iter().filter(|l| !is_diagnosis(l)).collect();
+    for line in &console[console.len().saturating_sub(40)..] {
+        println!("    {line}");
+    }
+    let diagnosis: Vec<&String> = run.lines.iter().filter(|l| is_diagnosis(l)).collect();
+    if !diagnosis.is_empty() {
+        println!("--- {name}: L1 went silent");
+        for line in diagnosis {
+            println!("    {line}");
+        }
+    }
+}
+
+fn fmt_ms(ms: Option<u64>) -> String {
+    ms.map_or("-".into(), |ms| format!("{:.2} s", ms as f64 / 1000.0))
+}
+
+fn median(mut values: Vec<u64>) -> Option<u64> {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied()
+}
+
+/// Judge one run: it must have finished, within its timeout, and pass the
+/// scenario's own checks.
+fn judge(s: &Scenario, run: &Run, disks: &Disks) -> Result<String, String> {
+    match run.exit.as_deref() {
+        None => Err("never finished (L1 stopped or timed out)".to_string()),
+        Some("timeout") => Err(format!("hung past its {} s timeout", s.timeout_s + 15)),
+        Some(SILENT_EXIT) => Err(
+            "L1 went silent during this run (no console line, not even its heartbeat); \
+             QEMU monitor dump below, later runs went to a fresh L1"
+                .to_string(),
+        ),
+        Some(_) => (s.judge)(run, disks),
+    }
+}
+
+pub fn report(
+    selected: &[&Scenario],
+    runs: &[(String, &Scenario)],
+    log: &[String],
+    disks: &Disks,
+) -> Step {
+    let parsed = parse_runs(runs, log);
+    println!();
+    println!(
+        "{:<19} {:<12} {:<6} {:>14} {:>10}  detail",
+        "scenario", "L2 kernel", "result", "VMM start->up", "total"
+    );
+    let mut failures = Vec::new();
+    let mut up_medians = Vec::new();
+    let mut rows: Vec<&Scenario> = vec![&WARMUP];
+    rows.extend(selected.iter().copied());
+    for s in rows {
+        let mine: Vec<(&String, &Run)> = runs
+            .iter()
+            .zip(&parsed)
+            .filter(|((_, rs), _)| rs.name == s.name)
+            .map(|((name, _), run)| (name, run))
+            .collect();
+        let mut detail = String::new();
+        let mut failed = false;
+        for (name, run) in &mine {
+            match judge(s, run, disks) {
+                Ok(d) => detail = d,
+                Err(e) => {
+                    failed = true;
+                    detail = format!("{name}: {e}");
+                    failures.push((name.to_string(), *run));
+                    break;
+                }
+            }
+        }
+        let up = median(mine.iter().filter_map(|(_, r)| r.marker_ms).collect());
+        let total = median(mine.iter().filter_map(|(_, r)| r.ms).collect());
+        up_medians.push((s.name, up));
+        let runs_note = if mine.len() > 1 {
+            format!(" (median of {})", mine.len())
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<19} {:<12} {:<6} {:>14} {:>10}  {detail}{runs_note}",
+            s.name,
+            s.kernel.label(),
+            if failed { "FAIL" } else { "PASS" },
+            fmt_ms(up),
+            fmt_ms(total),
+        );
+    }
+    let find = |name: &str| {
+        up_medians
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, m)| *m)
+    };
+    if let (Some(cm), Some(qm)) = (find("boot"), find("boot-qemu")) {
+        println!(
+            "boot, VMM start -> agent up (median of {BOOT_REPEATS}): chitin {:.2} s, QEMU microvm {:.2} s, QEMU/chitin {:.2}",
+            cm as f64 / 1000.0,
+            qm as f64 / 1000.0,
+            qm as f64 / cm.max(1) as f64
+        );
+    }
+    let health = l1_health(log);
+    println!(
+        "{:<19} {:<12} {:<6} {:>14} {:>10}  {}",
+        "l1-health",
+        "-",
+        if health.is_ok() { "PASS" } else { "FAIL" },
+        "-",
+        "-",
+        match &health {
+            Ok(d) | Err(d) => d,
+        }
+    );
+    for (name, run) in &failures {
+        print_failure(name, run);
+    }
+    let failed = failures.len() + usize::from(health.is_err());
+    let total = selected.len() + 2;
+    println!("{} passed, {failed} failed", total - failed.min(total));
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{failed} nested run(s) failed"))
+    }
+}
+
+/// Longest time L1's heartbeat may take: it comes every 10 s, and a
+/// longer gap means L1's timers stopped for a while even if the run did
+/// not go silent long enough to be called wedged.
+const HEARTBEAT_GAP_LIMIT_S: u64 = 20;
+
+/// Whether L1 itself stayed healthy over the whole log: no soft lockup
+/// reported by its kernel, and no heartbeat gap above
+/// [`HEARTBEAT_GAP_LIMIT_S`] (uptimes in `nested: alive <s>`; a fresh L1
+/// starts counting again).
+fn l1_health(log: &[String]) -> Result<String, String> {
+    let lockups: Vec<&String> = log.iter().filter(|l| l.contains("soft lockup")).collect();
+    let mut beats = 0usize;
+    let mut longest = 0u64;
+    let mut last: Option<u64> = None;
+    for line in log {
+        if line.contains("nested: l1 up") {
+            last = Some(0);
+        }
+        let Some(up) = line
+            .strip_prefix("nested: alive ")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        else {
+            continue;
+        };
+        beats += 1;
+        if let Some(prev) = last.filter(|p| *p <= up) {
+            longest = longest.max(up - prev);
+        }
+        last = Some(up);
+    }
+    let summary = format!("{beats} heartbeats, longest gap {longest} s");
+    if let Some(first) = lockups.first() {
+        return Err(format!(
+            "L1's kernel reported {} soft lockup(s) ({summary}): {first}",
+            lockups.len()
+        ));
+    }
+    if beats == 0 {
+        return Err("no heartbeat from L1 at all".into());
+    }
+    if longest > HEARTBEAT_GAP_LIMIT_S {
+        return Err(format!(
+            "L1's timers stalled: {summary}, above {HEARTBEAT_GAP_LIMIT_S} s"
+        ));
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nested::scenarios::SCENARIOS;
+
+    fn scenario(name: &str) -> &'static Scenario {
+        SCENARIOS.iter().find(|s| s.name == name).unwrap()
+    }
+
+    fn no_disks() -> Disks {
+        Disks {
+            images: Vec::new(),
+            discard_allocated_before: 0,
+        }
+    }
+
+    /// The console of one run of `s` named `name`, between its begin and
+    /// end lines.
+    fn console(name: &str, body: &[String], exit: &str) -> Vec<String> {
+        let mut log = vec![format!("nested: begin {name}")];
+        log.extend(body.iter().cloned());
+        log.push(format!("nested: end {name} exit={exit} ms=1234"));
+        log
+    }
+
+    fn host_check_lines(checks: &[&str], fail: u32) -> Vec<String> {
+        let mut lines = vec![format!(
+            "| chitin-agent: up version={AGENT_VERSION} scenario=exec (host checks)"
+        )];
+        lines.extend(checks.iter().map(|c| format!("| chitin-check: {c}")));
+        lines.push(format!(
+            "| chitin-agent: done pass={} fail={fail}",
+            checks.len()
+        ));
+        lines
+    }
+
+    fn judge_one(name: &str, log: &[String]) -> Result<String, String> {
+        let s = scenario(name);
+        let runs = vec![(name.to_string(), s)];
+        let parsed = parse_runs(&runs, log);
+        judge(s, &parsed[0], &no_disks())
+    }
+
+    #[test]
+    fn host_checks_all_passing_is_a_pass() {
+        let body = host_check_lines(&["echo PASS hello", "device-faults PASS vsock: 0"], 0);
+        let result = judge_one("exec-6.12", &console("exec-6.12", &body, "0"));
+        assert_eq!(result.unwrap(), "echo: hello; device-faults: vsock: 0");
+    }
+
+    #[test]
+    fn host_checks_one_failing_fails_with_its_line() {
+        let body = host_check_lines(
+            &["echo PASS hello", "stdout-8mib FAIL agent request failed"],
+            1,
+        );
+        let result = judge_one("exec", &console("exec", &body, "1"));
+        assert_eq!(
+            result.unwrap_err(),
+            "chitin-check: stdout-8mib FAIL agent request failed"
+        );
+    }
+
+    #[test]
+    fn host_checks_with_no_check_at_all_fails() {
+        let body = host_check_lines(&[], 0);
+        let result = judge_one("vsock", &console("vsock", &body, "0"));
+        assert_eq!(result.unwrap_err(), "no check passed");
+    }
+
+    #[test]
+    fn run_that_never_ended_fails() {
+        let log = vec!["nested: begin exec".to_string(), "| booting".to_string()];
+        assert!(judge_one("exec", &log)
+            .unwrap_err()
+            .contains("never finished"));
+    }
+
+    #[test]
+    fn silent_l1_fails_with_the_reason_and_keeps_the_diagnosis() {
+        let body = vec![
+            "| chitin-check: echo PASS hello".to_string(),
+            "nested: alive 30".to_string(),
+            "nested: l1 silent for 45 s after 80 s; asking its kernel".to_string(),
+            "nested: monitor RIP=ffffffff81000040".to_string(),
+        ];
+        let log = console("exec", &body, SILENT_EXIT);
+        let s = scenario("exec");
+        let runs = vec![("exec".to_string(), s)];
+        let parsed = parse_runs(&runs, &log);
+
+        let result = judge(s, &parsed[0], &no_disks());
+
+        assert!(result.unwrap_err().contains("L1 went silent"));
+        // The heartbeat is not console output; the diagnosis is kept.
+        assert!(!parsed[0].has("nested: alive"));
+        assert!(parsed[0].has("nested: monitor RIP="));
+    }
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn l1_health_regular_heartbeats_pass() {
+        let log = lines("nested: l1 up\nnested: alive 10\n| x\nnested: alive 20\nnested: alive 31");
+        assert_eq!(l1_health(&log).unwrap(), "3 heartbeats, longest gap 11 s");
+    }
+
+    #[test]
+    fn l1_health_gap_of_a_stalled_timer_fails() {
+        // A heartbeat that should have come at 30 came at 73.
+        let log = lines("nested: l1 up\nnested: alive 10\nnested: alive 20\nnested: alive 73");
+        assert!(l1_health(&log).unwrap_err().contains("longest gap 53 s"));
+    }
+
+    #[test]
+    fn l1_health_soft_lockup_fails() {
+        let log = lines(
+            "nested: l1 up\nnested: alive 10\n[ 97.7] watchdog: BUG: soft lockup - CPU#0 stuck for 43s! [init:89]",
+        );
+        assert!(l1_health(&log).unwrap_err().contains("1 soft lockup"));
+    }
+
+    #[test]
+    fn l1_health_without_heartbeat_fails() {
+        assert!(l1_health(&lines("nested: l1 up\nnested: done")).is_err());
+    }
+
+    #[test]
+    fn l1_health_fresh_l1_restarts_the_count() {
+        let log = lines(
+            "nested: l1 up\nnested: alive 10\nnested: alive 20\nnested: l1 up\nnested: alive 10",
+        );
+        assert_eq!(l1_health(&log).unwrap(), "3 heartbeats, longest gap 10 s");
+    }
+
+    #[test]
+    fn boot_checks_need_the_agent_up_line_for_this_scenario() {
+        let s = scenario("boot-6.12");
+        let body = vec![
+            format!("| {UP_MARKER} version={AGENT_VERSION} scenario=reset"),
+            "| chitin-check: cpus PASS 2".to_string(),
+            "| chitin-agent: done pass=1 fail=0".to_string(),
+            format!("| chitin-agent: cmdline {}", l2_cmdline(s)),
+        ];
+        let result = judge_one("boot-6.12", &console("boot-6.12", &body, "0"));
+        assert!(result.unwrap_err().starts_with("no `chitin-agent: up"));
+    }
+
+    #[test]
+    fn boot_checks_passing_on_second_kernel_is_a_pass() {
+        let s = scenario("boot-6.12");
+        let body = vec![
+            format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
+            "| chitin-check: cpus PASS 2".to_string(),
+            "| chitin-agent: done pass=1 fail=0".to_string(),
+            format!("| chitin-agent: cmdline {} i8042.nokbd", l2_cmdline(s)),
+        ];
+        let result = judge_one("boot-6.12", &console("boot-6.12", &body, "0"));
+        assert_eq!(result.unwrap(), "cpus: 2");
+    }
+}
