@@ -41,8 +41,14 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 /// Packages the initramfs needs.
 const INITRAMFS_PACKAGES: &[&str] = &["busybox-static"];
-/// The private apt source for kernels from bookworm-backports.
-const BACKPORTS_SOURCE: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main";
+/// The Debian archive used for bookworm-backports when the machine's own
+/// apt sources name none.
+const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+/// Where the machine's apt sources are.
+const APT_SOURCES: &[&str] = &[
+    "/etc/apt/sources.list.d/debian.sources",
+    "/etc/apt/sources.list",
+];
 
 /// A guest kernel version the project builds and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +225,47 @@ fn backports_apt(dir: &Path, tool: &str) -> Command {
     cmd
 }
 
+/// The Debian archive the machine's apt sources use for bookworm (so a
+/// machine that reaches only its own mirror fetches backports from it),
+/// from deb822 `URIs:` lines or one-line `deb URI bookworm ...` entries;
+/// [`DEFAULT_DEBIAN_MIRROR`] if none is found.
+fn debian_mirror(files: &[&str]) -> String {
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| mirror_in(&text))
+        .unwrap_or_else(|| DEFAULT_DEBIAN_MIRROR.to_string())
+}
+
+/// The first Debian archive URI for bookworm in one sources file.
+fn mirror_in(text: &str) -> Option<String> {
+    // deb822: a stanza with `Suites: bookworm ...` and `URIs: ...`; the
+    // security archive is a different tree and is skipped.
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+        };
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
+            if suites.split_whitespace().any(|s| s == "bookworm") {
+                if let Some(uri) = uris.split_whitespace().find(|u| !u.contains("security")) {
+                    return Some(uri.trim_end_matches('/').to_string());
+                }
+            }
+        }
+    }
+    // One-line format: `deb [options] URI bookworm components`.
+    text.lines().find_map(|l| {
+        let mut words = l.split_whitespace().filter(|w| !w.starts_with('['));
+        (words.next()? == "deb").then_some(())?;
+        let uri = words.next()?;
+        (words.next()? == "bookworm" && !uri.contains("security"))
+            .then(|| uri.trim_end_matches('/').to_string())
+    })
+}
+
 /// `apt-get download` `package` from bookworm-backports into the cache and
 /// unpack it there (`dpkg -x`, nothing installed). Cached: a second call
 /// reads the version file and returns.
@@ -237,10 +284,11 @@ fn fetch_backports_source(package: &str) -> Step<Source> {
         let d = apt.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
     }
-    util::write_atomic(
-        &apt.join("sources.list"),
-        format!("{BACKPORTS_SOURCE}\n").as_bytes(),
-    )?;
+    let mirror = debian_mirror(APT_SOURCES);
+    let source = format!(
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} bookworm-backports main\n"
+    );
+    util::write_atomic(&apt.join("sources.list"), source.as_bytes())?;
     run(
         "apt-get update (bookworm-backports, private lists)",
         backports_apt(&apt, "apt-get").args(["update", "-q"]),
@@ -321,6 +369,16 @@ pub fn kernel(version: KernelVersion) -> Step<BuiltKernel> {
     let out = cache.join(format!("kernel-out-{name}-{key}"));
     configure(&src, &out, &fragment)?;
     build_kernel(&src, &out, name)?;
+    // Each file goes in whole (copy to a temporary, then rename), the
+    // vmlinux last: a cache entry is complete once all three exist.
+    for (from, to) in [
+        (out.join("arch/x86/boot/bzImage"), &done.bzimage),
+        (out.join("System.map"), &done.system_map),
+    ] {
+        let tmp = to.with_extension("tmp");
+        std::fs::copy(&from, &tmp).map_err(|e| format!("copy {}: {e}", from.display()))?;
+        std::fs::rename(&tmp, to).map_err(|e| format!("rename {}: {e}", to.display()))?;
+    }
     let tmp = done.vmlinux.with_extension("tmp");
     // Keep symbols out of the cached image: linux-loader only reads PT_LOAD
     // and PT_NOTE, and a smaller file loads faster.
@@ -333,12 +391,6 @@ pub fn kernel(version: KernelVersion) -> Step<BuiltKernel> {
     )?;
     std::fs::rename(&tmp, &done.vmlinux)
         .map_err(|e| format!("rename {}: {e}", done.vmlinux.display()))?;
-    for (from, to) in [
-        (out.join("arch/x86/boot/bzImage"), &done.bzimage),
-        (out.join("System.map"), &done.system_map),
-    ] {
-        std::fs::copy(&from, to).map_err(|e| format!("copy {}: {e}", from.display()))?;
-    }
     Ok(done)
 }
 
@@ -348,7 +400,9 @@ fn unpack_source(cache: &Path, version: KernelVersion, source: &Source) -> Step<
     let package = version.package();
     let dir = cache.join("kernel-src").join(&source.package_version);
     let src = dir.join(&package);
-    if src.join("Makefile").exists() {
+    // Written once tar has finished: a tree cut short is unpacked again.
+    let unpacked = dir.join("unpacked");
+    if unpacked.exists() {
         return Ok(src);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -360,6 +414,7 @@ fn unpack_source(cache: &Path, version: KernelVersion, source: &Source) -> Step<
             .arg(&source.tarball)
             .current_dir(&dir),
     )?;
+    util::write_atomic(&unpacked, b"")?;
     Ok(src)
 }
 
@@ -502,6 +557,25 @@ fn initramfs(agent: &Path) -> Step<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_in_reads_deb822_and_one_line_sources() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            mirror_in(deb822).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let one_line = "# comment\ndeb [arch=amd64] http://m.example/debian bookworm main\n";
+        assert_eq!(
+            mirror_in(one_line).as_deref(),
+            Some("http://m.example/debian")
+        );
+        assert_eq!(
+            mirror_in("deb http://x/debian-security bookworm-security main"),
+            None
+        );
+        assert_eq!(mirror_in(""), None);
+    }
 
     #[test]
     fn kernel_version_parse_round_trips_names() {

@@ -1106,7 +1106,13 @@ mod tests {
     #[test]
     fn serve_output_credit_beyond_window_errors_and_closes() {
         let (mut host, server) = agent_running(request(&["sleep", "1000"]));
-        let credit = Frame::OutputCredit { id: 1, bytes: 1 };
+        // A whole window more than was ever sent: beyond the window however
+        // much credit the pipe readers hold at that moment (1 byte was not,
+        // once they had taken theirs, and the test hung).
+        let credit = Frame::OutputCredit {
+            id: 1,
+            bytes: crate::protocol::WINDOW,
+        };
         protocol::write_frame(&mut host, &credit).unwrap();
         assert!(matches!(
             server.join().unwrap(),

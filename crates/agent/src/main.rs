@@ -7,6 +7,8 @@
 //!
 //! Output protocol (one line each, on the console):
 //! - `chitin-agent: up version=<protocol version> scenario=<name>`
+//! - `chitin-agent: cmdline <the kernel command line>` and
+//!   `chitin-agent: kernel <release>` (when a scenario runs)
 //! - `chitin-check: <check> PASS <detail>` or `chitin-check: <check> FAIL <detail>`
 //! - `chitin-agent: done pass=<n> fail=<m>`
 //!

@@ -22,6 +22,9 @@ pub const CONSOLE_END: &str = "chitin-console-end";
 /// Run scenario `name`.
 pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
     report.line(&format!("chitin-agent: cmdline {}", cmdline.raw()));
+    // Which kernel this is, so the host can tell its guests apart.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    report.line(&format!("chitin-agent: kernel {}", release.trim()));
     match name {
         "boot" | "smp4" => check_machine(cmdline, report),
         "reset" => report.check("reset", true, "rebooting"),

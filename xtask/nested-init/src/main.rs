@@ -7,9 +7,11 @@
 //!
 //! - `nested: l1 up` — L1 reached /init (the harness may retry a run that
 //!   never printed this, never one that did);
-//! - `nested: alive <s>` — every [`HEARTBEAT`] from then on, from a thread
-//!   of its own: while it comes, L1 still runs user space, so a harness that
-//!   hears nothing for much longer knows L1 itself is wedged;
+//! - `nested: alive <s>` — L1's uptime in seconds, at once, then every
+//!   [`HEARTBEAT`] from a thread of its own, and once more before `done`:
+//!   while it comes, L1 still runs user space, so a harness that hears
+//!   nothing for much longer knows L1 itself is wedged, and gaps between
+//!   the uptimes show a stall of L1's timers;
 //! - `nested: kvm ready` or `nested: error <why>`;
 //! - `nested: begin <scenario>`;
 //! - `| <line>` — each console line of the child (L2's console);
@@ -274,10 +276,12 @@ fn run_scenario(s: &Scenario, disks: &[(String, String)]) {
     let status = wait_with_timeout(&mut child, s.timeout);
     let ms = start.elapsed().as_millis();
     // The pipes close when the child (and anything it spawned) exits; give
-    // the readers a moment to drain.
-    let _ = done_rx.recv_timeout(Duration::from_secs(5));
-    let _ = out_thread.join();
-    let _ = err_thread.join();
+    // the readers a moment to drain. A grandchild may keep them open: then
+    // the readers are left behind rather than stalling the plan.
+    if done_rx.recv_timeout(Duration::from_secs(5)).is_ok() {
+        let _ = out_thread.join();
+        let _ = err_thread.join();
+    }
     let exit = match status {
         None => "timeout".to_string(),
         Some(st) => match (st.code(), st.signal()) {
@@ -321,9 +325,11 @@ fn main() {
     mount("tmpfs", "/tmp", "tmpfs");
     say("nested: l1 up");
     let up = Instant::now();
+    let alive = move || say(&format!("nested: alive {}", up.elapsed().as_secs()));
+    alive();
     std::thread::spawn(move || loop {
         std::thread::sleep(HEARTBEAT);
-        say(&format!("nested: alive {}", up.elapsed().as_secs()));
+        alive();
     });
     match load_kvm() {
         Ok(()) => {
@@ -342,6 +348,7 @@ fn main() {
         }
         Err(e) => say(&format!("nested: error {e}")),
     }
+    alive();
     say("nested: done");
     // SAFETY: sync and reboot take no pointers; as PID 1 we may reboot.
     unsafe {

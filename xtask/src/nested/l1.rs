@@ -6,13 +6,12 @@
 //!   once (MACHINES.md: about 1 boot in 25);
 //! - L1 that stops printing for [`SILENCE_LIMIT`] after it came up is
 //!   wedged: L1's PID 1 prints a heartbeat every 10 s, so silence means
-//!   its kernel no longer runs user space at all. The harness then asks
-//!   L1's kernel for backtraces (magic SysRq over the serial line: a
-//!   BREAK, then `l` and `w`; it answers if it still takes interrupts),
-//!   asks QEMU's monitor where the vCPU is (registers, the code at RIP,
-//!   the LAPIC, symbolised against L1's and L2's System.map), kills QEMU,
-//!   fails the scenario that was running, and runs the rest of the plan
-//!   in a fresh L1;
+//!   its kernel no longer runs user space at all. The harness then
+//!   diagnoses it ([`diagnose`]: how the host sees QEMU's threads, the
+//!   LAPIC and registers from QEMU's monitor, magic SysRq backtraces from
+//!   L1's kernel over the serial line), kills QEMU, fails the scenario
+//!   that was running, and runs the rest of the plan in a fresh L1 after a
+//!   warm-up of its own;
 //! - the whole run has a budget.
 //!
 //! And one way to keep L1 from wedging in the first place: the console
@@ -36,10 +35,12 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{l1_initramfs, Tools, SILENT_EXIT};
@@ -73,43 +74,66 @@ pub fn boot_l1(tools: &Tools, plan: &[String], disks: &Disks) -> Step<Vec<String
     let mut log = Vec::new();
     let mut restarts = 0;
     let mut never_up_retried = false;
+    let finish = |log: Vec<String>| -> Step<Vec<String>> {
+        // Every L1's console, in order, in one file.
+        let path = nested_dir().join("l1-console.log");
+        let _ = util::write_atomic(&path, log.join("\n").as_bytes());
+        progress_line(&format!("xtask: L1 console log: {}", path.display()));
+        Ok(log)
+    };
     loop {
         let initramfs = l1_initramfs(tools, &remaining.join("\n"), &serials)?;
         let budget = plan_budget(&remaining);
-        let outcome = run_l1(tools, &initramfs, &qemu_disks, budget)?;
-        match outcome {
+        match run_l1(tools, &initramfs, &qemu_disks, budget)? {
             L1Outcome::Ran(lines) => {
                 log.extend(lines);
-                return Ok(log);
+                return finish(log);
             }
             L1Outcome::NeverUp if !never_up_retried => {
                 never_up_retried = true;
                 eprintln!("xtask: L1 never reached /init; retrying once");
+            }
+            // After a restart, what ran so far is still worth judging.
+            L1Outcome::NeverUp if restarts > 0 => {
+                log.push("nested: a fresh L1 never reached /init".to_string());
+                return finish(log);
             }
             L1Outcome::NeverUp => return Err("L1 never reached /init, twice".into()),
             L1Outcome::Silent(lines) => {
                 let (closed, rest) = after_silence(&remaining, &lines);
                 log.extend(lines);
                 log.extend(closed);
-                remaining = rest;
                 restarts += 1;
-                if remaining.is_empty() {
-                    return Ok(log);
+                if rest.is_empty() {
+                    return finish(log);
                 }
                 if restarts > MAX_RESTARTS {
-                    eprintln!(
-                        "xtask: L1 went silent {restarts} times; not running the last {} runs",
-                        remaining.len()
-                    );
-                    return Ok(log);
+                    log.push(format!(
+                        "nested: L1 went silent {restarts} times; {} runs not run",
+                        rest.len()
+                    ));
+                    return finish(log);
                 }
                 eprintln!(
                     "xtask: L1 went silent; the remaining {} runs go to a fresh L1",
-                    remaining.len()
+                    rest.len()
                 );
+                remaining = with_warm_up(plan, rest, restarts);
             }
         }
     }
+}
+
+/// The plan for a fresh L1: a warm-up of its own first (named
+/// `warm-up-again-<n>`, which no judge reads), when the original plan
+/// began with one, then `rest`.
+fn with_warm_up(plan: &[String], rest: Vec<String>, restart: usize) -> Vec<String> {
+    let warm_up = plan
+        .first()
+        .filter(|l| plan_name(l) == "warm-up")
+        .and_then(|l| l.split_once('\t'))
+        .map(|(_, fields)| format!("warm-up-again-{restart}\t{fields}"));
+    warm_up.into_iter().chain(rest).collect()
 }
 
 /// The name of a plan line (its first tab-separated field).
@@ -157,8 +181,6 @@ fn after_silence(plan: &[String], lines: &[String]) -> (Vec<String>, Vec<String>
 /// The L1 kernel and the KVM modules, from Debian's cloud kernel package.
 pub struct L1Kernel {
     pub vmlinuz: PathBuf,
-    /// Its symbols, for reading a monitor dump.
-    pub system_map: PathBuf,
     /// irqbypass, kvm, kvm-amd, then virtio-mmio and virtio-blk (for the
     /// disks handed to L1), in load order.
     pub modules: Vec<PathBuf>,
@@ -224,12 +246,7 @@ pub fn l1_kernel() -> Step<L1Kernel> {
             return Err(format!("L1 kernel package lacks {}", m.display()));
         }
     }
-    let system_map = root.join("boot").join(format!("System.map-{version}"));
-    Ok(L1Kernel {
-        vmlinuz,
-        system_map,
-        modules,
-    })
+    Ok(L1Kernel { vmlinuz, modules })
 }
 
 enum L1Outcome {
@@ -238,7 +255,7 @@ enum L1Outcome {
     /// L1 never reached its /init.
     NeverUp,
     /// L1 came up, then printed nothing for [`SILENCE_LIMIT`]: its console
-    /// up to then and the monitor's dump.
+    /// up to then and the diagnosis.
     Silent(Vec<String>),
 }
 
@@ -247,59 +264,57 @@ fn nested_dir() -> PathBuf {
     cache_dir().join("nested")
 }
 
-/// Boot L1 and collect its console until QEMU exits, L1 goes silent, or
-/// `budget` passes.
-fn run_l1(tools: &Tools, initramfs: &Path, disks: &[String], budget: Duration) -> Step<L1Outcome> {
-    progress_line("xtask: == booting L1 (QEMU TCG, nested SVM)");
-    let dir = nested_dir();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-    // QEMU's own stderr (TCG feature warnings, errors) goes to a file,
-    // printed when L1 does not come up.
-    let qemu_log_path = dir.join("qemu-stderr.log");
-    let qemu_log = std::fs::File::create(&qemu_log_path)
-        .map_err(|e| format!("create {}: {e}", qemu_log_path.display()))?;
-    let monitor = monitor_path();
-    let _ = std::fs::remove_file(&monitor);
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-M",
-            "microvm",
-            "-cpu",
-            "EPYC",
-        ])
-        .args(["-smp", "1", "-m", "2G", "-nodefaults", "-no-user-config"])
-        // The console is a mux on stdio so that the harness can send a
-        // BREAK (Ctrl-A b) for magic SysRq; nothing else is ever written.
-        .args(["-nographic", "-no-reboot"])
-        .args(["-chardev", "stdio,id=console,mux=on,signal=off"])
-        .args(["-serial", "chardev:console"])
-        .arg("-kernel")
-        .arg(&tools.l1.vmlinuz)
-        .arg("-initrd")
-        .arg(initramfs)
-        .arg("-append")
-        .arg(l1_cmdline())
-        .args(disks)
-        .arg("-monitor")
-        .arg(format!("unix:{},server,nowait", monitor.display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(qemu_log)
-        .spawn()
-        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
-    let stdout = child.stdout.take().ok_or("qemu stdout")?;
-    let stdin = Arc::new(Mutex::new(child.stdin.take()));
-    let stop_keepalive = Arc::new(AtomicBool::new(false));
-    let keepalive = if std::env::var("CHITIN_NESTED_NO_KEEPALIVE").as_deref() == Ok("1") {
-        None
-    } else {
-        Some(spawn_keepalive(
-            Arc::clone(&stdin),
-            Arc::clone(&stop_keepalive),
-        ))
-    };
+/// Start L1's QEMU: console on a stdio mux (so that the harness can send
+/// the keepalive and a BREAK for magic SysRq), monitor on `monitor`,
+/// QEMU's own stderr to `stderr`. QEMU dies with the harness.
+fn spawn_qemu(
+    tools: &Tools,
+    initramfs: &Path,
+    disks: &[String],
+    monitor: &Path,
+    stderr: std::fs::File,
+) -> Step<Child> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-M",
+        "microvm",
+        "-cpu",
+        "EPYC",
+    ])
+    .args(["-smp", "1", "-m", "2G", "-nodefaults", "-no-user-config"])
+    .args(["-nographic", "-no-reboot"])
+    .args(["-chardev", "stdio,id=console,mux=on,signal=off"])
+    .args(["-serial", "chardev:console"])
+    .arg("-kernel")
+    .arg(&tools.l1.vmlinuz)
+    .arg("-initrd")
+    .arg(initramfs)
+    .arg("-append")
+    .arg(l1_cmdline())
+    .args(disks)
+    .arg("-monitor")
+    .arg(format!("unix:{},server,nowait", monitor.display()))
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(stderr);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+    // memory of the parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))
+}
+
+/// A thread that turns QEMU's stdout into lines on a channel.
+fn read_console(stdout: ChildStdout) -> (mpsc::Receiver<String>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
@@ -311,24 +326,45 @@ fn run_l1(tools: &Tools, initramfs: &Path, disks: &[String], budget: Duration) -
             }
         }
     });
+    (rx, reader)
+}
+
+/// How watching the console ended.
+enum Watched {
+    /// QEMU closed its console, or `budget` passed (`timed_out`).
+    Ended { timed_out: bool },
+    /// L1 never printed `nested: l1 up` within [`L1_UP_TIMEOUT`].
+    NeverUp,
+    /// L1 came up and then printed nothing for [`SILENCE_LIMIT`].
+    Silent { quiet_for: Duration },
+}
+
+/// Collect console lines into `log` (and the live log) until QEMU closes
+/// the console, L1 goes silent or never comes up, or `budget` passes.
+fn watch(
+    console: &mpsc::Receiver<String>,
+    log: &mut Vec<String>,
+    live: &mut Option<std::fs::File>,
+    budget: Duration,
+) -> Watched {
     let start = Instant::now();
-    let mut log = Vec::new();
     let mut up = false;
-    let mut silent = false;
     let mut last_line = Instant::now();
-    let log_path = dir.join("l1-console.log");
-    // The log is also written as it arrives, for watching an L1 that hangs.
-    let mut live = std::fs::File::create(log_path.with_extension("live.log")).ok();
     loop {
         let limit = if up { budget } else { L1_UP_TIMEOUT };
         let Some(left) = limit.checked_sub(start.elapsed()) else {
-            break;
+            return if up {
+                Watched::Ended { timed_out: true }
+            } else {
+                Watched::NeverUp
+            };
         };
         if up && last_line.elapsed() >= SILENCE_LIMIT {
-            silent = true;
-            break;
+            return Watched::Silent {
+                quiet_for: last_line.elapsed(),
+            };
         }
-        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+        match console.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 last_line = Instant::now();
                 progress(&line, start);
@@ -339,23 +375,55 @@ fn run_l1(tools: &Tools, initramfs: &Path, disks: &[String], budget: Duration) -
                 log.push(line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return if up {
+                    Watched::Ended { timed_out: false }
+                } else {
+                    Watched::NeverUp
+                };
+            }
         }
     }
-    if silent {
-        let quiet_for = last_line.elapsed().as_secs();
+}
+
+/// Boot L1 and collect its console until QEMU exits, L1 goes silent, or
+/// `budget` passes.
+fn run_l1(tools: &Tools, initramfs: &Path, disks: &[String], budget: Duration) -> Step<L1Outcome> {
+    progress_line("xtask: == booting L1 (QEMU TCG, nested SVM)");
+    let dir = nested_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let qemu_log_path = dir.join("qemu-stderr.log");
+    let qemu_log = std::fs::File::create(&qemu_log_path)
+        .map_err(|e| format!("create {}: {e}", qemu_log_path.display()))?;
+    let monitor = monitor_path();
+    let _ = std::fs::remove_file(&monitor);
+    let mut child = spawn_qemu(tools, initramfs, disks, &monitor, qemu_log)?;
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("QEMU's stdout is not a pipe".into());
+    };
+    let (console, reader) = read_console(stdout);
+    let stdin = Arc::new(Mutex::new(child.stdin.take()));
+    let stop_keepalive = Arc::new(AtomicBool::new(false));
+    let keepalive = (std::env::var("CHITIN_NESTED_NO_KEEPALIVE").as_deref() != Ok("1"))
+        .then(|| spawn_keepalive(Arc::clone(&stdin), Arc::clone(&stop_keepalive)));
+    let mut log = Vec::new();
+    // The log is also written as it arrives, for watching an L1 that hangs.
+    let mut live = std::fs::File::create(dir.join("l1-console.live.log")).ok();
+    let watched = watch(&console, &mut log, &mut live, budget);
+    if let Watched::Silent { quiet_for } = watched {
         log.push(format!(
-            "nested: l1 silent for {quiet_for} s after {:.0} s; diagnosing",
-            start.elapsed().as_secs_f64()
+            "nested: l1 silent for {} s; diagnosing",
+            quiet_for.as_secs()
         ));
-        let diagnosis = diagnose(&child, &stdin, &rx, &monitor, &symbol_maps(tools));
+        let diagnosis = diagnose(&child, &stdin, &console, &monitor, &symbol_maps(tools));
         for line in &diagnosis {
             progress_line(&format!("xtask:   {line}"));
         }
         log.extend(diagnosis);
         let _ = util::write_atomic(&dir.join("l1-monitor.log"), log.join("\n").as_bytes());
     }
-    let timed_out = !silent && start.elapsed() >= if up { budget } else { L1_UP_TIMEOUT };
     stop_keepalive.store(true, Ordering::Relaxed);
     if let Some(thread) = keepalive {
         let _ = thread.join();
@@ -364,33 +432,37 @@ fn run_l1(tools: &Tools, initramfs: &Path, disks: &[String], budget: Duration) -
     let _ = child.wait();
     let _ = reader.join();
     let _ = std::fs::remove_file(&monitor);
-    let _ = util::write_atomic(&log_path, log.join("\n").as_bytes());
-    progress_line(&format!("xtask: L1 console log: {}", log_path.display()));
-    if !up {
-        // TCG's "doesn't support requested feature" warnings are expected
-        // noise; anything else QEMU said may explain the failure.
-        let qemu = std::fs::read_to_string(&qemu_log_path).unwrap_or_default();
-        let said: Vec<&str> = qemu
-            .lines()
-            .filter(|l| !l.contains("TCG doesn't support requested feature"))
-            .collect();
-        eprintln!(
-            "xtask: L1 printed nothing within {L1_UP_TIMEOUT:?}{}",
-            if said.is_empty() {
-                String::new()
-            } else {
-                format!("; QEMU said: {}", said.join(" | "))
+    Ok(match watched {
+        Watched::NeverUp => {
+            explain_never_up(&qemu_log_path);
+            L1Outcome::NeverUp
+        }
+        Watched::Silent { .. } => L1Outcome::Silent(log),
+        Watched::Ended { timed_out } => {
+            if timed_out {
+                log.push(format!("nested: harness timeout after {budget:?}"));
             }
-        );
-        return Ok(L1Outcome::NeverUp);
-    }
-    if silent {
-        return Ok(L1Outcome::Silent(log));
-    }
-    if timed_out {
-        log.push(format!("nested: harness timeout after {budget:?}"));
-    }
-    Ok(L1Outcome::Ran(log))
+            L1Outcome::Ran(log)
+        }
+    })
+}
+
+/// Say why L1 may not have come up: what QEMU printed, without TCG's
+/// expected "doesn't support requested feature" warnings.
+fn explain_never_up(qemu_log_path: &Path) {
+    let qemu = std::fs::read_to_string(qemu_log_path).unwrap_or_default();
+    let said: Vec<&str> = qemu
+        .lines()
+        .filter(|l| !l.contains("TCG doesn't support requested feature"))
+        .collect();
+    eprintln!(
+        "xtask: L1 printed nothing within {L1_UP_TIMEOUT:?}{}",
+        if said.is_empty() {
+            String::new()
+        } else {
+            format!("; QEMU said: {}", said.join(" | "))
+        }
+    );
 }
 
 /// L1's kernel command line.
@@ -480,7 +552,7 @@ fn diagnose(
         .collect();
     let first = ["info lapic", "info registers"];
     out.extend(
-        monitor_dump(monitor, &first, maps)
+        monitor_dump_within(monitor, &first, maps)
             .into_iter()
             .map(|l| format!("nested: monitor {l}")),
     );
@@ -519,7 +591,7 @@ fn diagnose(
         "info lapic",
     ];
     out.extend(
-        monitor_dump(monitor, &last, maps)
+        monitor_dump_within(monitor, &last, maps)
             .into_iter()
             .map(|l| format!("nested: monitor {l}")),
     );
@@ -768,6 +840,7 @@ fn clean_monitor_text(text: &str) -> Vec<String> {
 }
 
 /// A kernel's `System.map`: sorted text symbols.
+#[derive(Clone)]
 pub struct Symbols(Vec<(u64, String)>);
 
 impl Symbols {
@@ -801,19 +874,36 @@ impl Symbols {
     }
 }
 
-/// The System.maps to symbolise a dump with: L1's, and each L2 kernel's.
+/// The System.maps to symbolise a dump with: each L2 kernel's. L1 cannot
+/// be symbolised here: Debian ships its real System.map only in the `-dbg`
+/// package and L1 runs with KASLR; its own SysRq backtraces name L1's
+/// functions instead. An address is named under each L2 map, which means
+/// something only if the CPU was in that L2 at the time.
 fn symbol_maps(tools: &Tools) -> Vec<(String, Symbols)> {
-    let mut maps = Vec::new();
-    let mut add = |label: String, path: &Path| {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            maps.push((label, Symbols::parse(&text)));
-        }
-    };
-    add("L1".to_string(), &tools.l1.system_map);
-    for (version, map) in &tools.l2_system_maps {
-        add(format!("L2 {version}"), map);
-    }
-    maps
+    tools
+        .l2_system_maps
+        .iter()
+        .filter_map(|(version, path)| {
+            let text = std::fs::read_to_string(path).ok()?;
+            Some((format!("L2 {version} (if in L2)"), Symbols::parse(&text)))
+        })
+        .collect()
+}
+
+/// [`monitor_dump`] on a thread of its own, given up after 20 s: a
+/// connect to a monitor whose QEMU no longer serves it can block. The
+/// thread ends when QEMU is killed.
+fn monitor_dump_within(path: &Path, commands: &[&str], maps: &[(String, Symbols)]) -> Vec<String> {
+    let (tx, rx) = mpsc::channel();
+    let path = path.to_path_buf();
+    let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
+    let maps = maps.to_vec();
+    std::thread::spawn(move || {
+        let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let _ = tx.send(monitor_dump(&path, &commands, &maps));
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| vec!["the monitor did not answer within 20 s".to_string()])
 }
 
 /// For every kernel address (`ffffffff8...`) in `line`, the symbol it
@@ -886,6 +976,16 @@ mod tests {
 
         assert!(closed.is_empty());
         assert_eq!(rest, ["b\t60\t\t/bin/x"]);
+    }
+
+    #[test]
+    fn with_warm_up_repeats_the_plans_warm_up_under_a_new_name() {
+        let plan = lines("warm-up\t75\tm\t/bin/x\na\t60\t\t/bin/y");
+        let fresh = with_warm_up(&plan, lines("a\t60\t\t/bin/y"), 1);
+        assert_eq!(fresh, ["warm-up-again-1\t75\tm\t/bin/x", "a\t60\t\t/bin/y"]);
+        // A plan without a warm-up (nested-exec) gets none.
+        let exec = lines("exec\t300\t\t/bin/chitin-exec");
+        assert_eq!(with_warm_up(&exec, exec.clone(), 1), exec);
     }
 
     #[test]

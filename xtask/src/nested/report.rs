@@ -21,6 +21,8 @@ pub struct Run {
     cmdline: String,
     /// The scenario's `--disk` values (`@serial[,options]`).
     disks: Vec<&'static str>,
+    /// The L2 kernel version the scenario boots (`6.1`, `6.12`).
+    kernel: &'static str,
     /// Console lines of the child (`| ` prefix removed) and its stderr.
     lines: Vec<String>,
     marker_ms: Option<u64>,
@@ -43,6 +45,7 @@ fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
             agent_scenario: s.agent.to_string(),
             cmdline: l2_cmdline(s),
             disks: s.disks.to_vec(),
+            kernel: s.kernel.version.name(),
             ..Run::default()
         })
         .collect();
@@ -122,7 +125,26 @@ pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
             run.cmdline
         ));
     }
+    let release = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("chitin-agent: kernel "))
+        .unwrap_or_default();
+    check_kernel(run, release)?;
     passed_checks(run)
+}
+
+/// The guest reported a kernel `release` of the version the run meant to
+/// boot (`6.12.95` for `6.12`): a mix-up of kernel images fails.
+fn check_kernel(run: &Run, release: &str) -> Result<(), String> {
+    if release.starts_with(&format!("{}.", run.kernel)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "guest runs kernel {release:?}, want Linux {}",
+            run.kernel
+        ))
+    }
 }
 
 /// The run's passed checks as `name: detail`, joined for the table; a run
@@ -202,6 +224,12 @@ pub fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     if exit != "0" || !run.has("chitin-agent: done") || !run.has(" fail=0") {
         return Err(format!("checks did not all pass (exit {exit})"));
     }
+    let release = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("chitin-check: guest-kernel PASS "))
+        .unwrap_or_default();
+    check_kernel(run, release)?;
     passed_checks(run)
 }
 
@@ -277,7 +305,7 @@ fn judge(s: &Scenario, run: &Run, disks: &Disks) -> Result<String, String> {
         Some("timeout") => Err(format!("hung past its {} s timeout", s.timeout_s + 15)),
         Some(SILENT_EXIT) => Err(
             "L1 went silent during this run (no console line, not even its heartbeat); \
-             QEMU monitor dump below, later runs went to a fresh L1"
+             the diagnosis is below"
                 .to_string(),
         ),
         Some(_) => (s.judge)(run, disks),
@@ -366,6 +394,16 @@ pub fn report(
     for (name, run) in &failures {
         print_failure(name, run);
     }
+    if health.is_err() && failures.is_empty() {
+        // A wedge between runs belongs to no run: show its diagnosis here.
+        let diagnosis: Vec<&String> = log.iter().filter(|l| is_diagnosis(l)).collect();
+        if !diagnosis.is_empty() {
+            println!("\n--- l1-health: L1 went silent");
+            for line in diagnosis {
+                println!("    {line}");
+            }
+        }
+    }
     let failed = failures.len() + usize::from(health.is_err());
     let total = selected.len() + 2;
     println!("{} passed, {failed} failed", total - failed.min(total));
@@ -381,11 +419,14 @@ pub fn report(
 /// not go silent long enough to be called wedged.
 const HEARTBEAT_GAP_LIMIT_S: u64 = 20;
 
-/// Whether L1 itself stayed healthy over the whole log: no soft lockup
-/// reported by its kernel, and no heartbeat gap above
-/// [`HEARTBEAT_GAP_LIMIT_S`] (uptimes in `nested: alive <s>`; a fresh L1
-/// starts counting again).
+/// Whether L1 itself stayed healthy over the whole log: it never went
+/// silent, its kernel reported no soft lockup, and no heartbeat gap was
+/// above [`HEARTBEAT_GAP_LIMIT_S`] (uptimes in `nested: alive <s>`, from
+/// L1's start to its `done`; a fresh L1 starts counting again).
 fn l1_health(log: &[String]) -> Result<String, String> {
+    if let Some(silent) = log.iter().find(|l| l.starts_with("nested: l1 silent")) {
+        return Err(format!("L1 went silent: {silent}"));
+    }
     let lockups: Vec<&String> = log.iter().filter(|l| l.contains("soft lockup")).collect();
     let mut beats = 0usize;
     let mut longest = 0u64;
@@ -470,9 +511,30 @@ mod tests {
 
     #[test]
     fn host_checks_all_passing_is_a_pass() {
-        let body = host_check_lines(&["echo PASS hello", "device-faults PASS vsock: 0"], 0);
+        let body = host_check_lines(
+            &[
+                "guest-kernel PASS 6.12.95",
+                "echo PASS hello",
+                "device-faults PASS vsock: 0",
+            ],
+            0,
+        );
         let result = judge_one("exec-6.12", &console("exec-6.12", &body, "0"));
-        assert_eq!(result.unwrap(), "echo: hello; device-faults: vsock: 0");
+        assert_eq!(
+            result.unwrap(),
+            "guest-kernel: 6.12.95; echo: hello; device-faults: vsock: 0"
+        );
+    }
+
+    #[test]
+    fn host_checks_on_the_wrong_kernel_fail() {
+        // 6.1.x does not start with "6.12.", and 6.12.x not with "6.1.".
+        let body = host_check_lines(&["guest-kernel PASS 6.1.192", "echo PASS hello"], 0);
+        let result = judge_one("exec-6.12", &console("exec-6.12", &body, "0"));
+        assert!(result.unwrap_err().contains("want Linux 6.12"));
+        let body = host_check_lines(&["guest-kernel PASS 6.12.95", "echo PASS hello"], 0);
+        let result = judge_one("exec", &console("exec", &body, "0"));
+        assert!(result.unwrap_err().contains("want Linux 6.1"));
     }
 
     #[test]
@@ -490,9 +552,19 @@ mod tests {
 
     #[test]
     fn host_checks_with_no_check_at_all_fails() {
-        let body = host_check_lines(&[], 0);
+        let body = host_check_lines(&["guest-kernel PASS 6.1.192"], 0);
         let result = judge_one("vsock", &console("vsock", &body, "0"));
-        assert_eq!(result.unwrap_err(), "no check passed");
+        assert_eq!(result.unwrap(), "guest-kernel: 6.1.192");
+        // Not even that: nothing passed.
+        let mut bare = vec![format!(
+            "| chitin-agent: up version={AGENT_VERSION} scenario=vsock (host checks)"
+        )];
+        bare.push("| chitin-agent: done pass=0 fail=0".to_string());
+        let log = console("vsock", &bare, "0");
+        let s = scenario("vsock");
+        let runs = vec![("vsock".to_string(), s)];
+        let parsed = parse_runs(&runs, &log);
+        assert_eq!(passed_checks(&parsed[0]).unwrap_err(), "no check passed");
     }
 
     #[test]
@@ -550,6 +622,12 @@ mod tests {
     }
 
     #[test]
+    fn l1_health_silence_between_runs_fails() {
+        let log = lines("nested: l1 up\nnested: alive 0\nnested: l1 silent for 30 s; diagnosing");
+        assert!(l1_health(&log).unwrap_err().starts_with("L1 went silent"));
+    }
+
+    #[test]
     fn l1_health_without_heartbeat_fails() {
         assert!(l1_health(&lines("nested: l1 up\nnested: done")).is_err());
     }
@@ -580,9 +658,10 @@ mod tests {
         let s = scenario("boot-6.12");
         let body = vec![
             format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
+            format!("| chitin-agent: cmdline {} i8042.nokbd", l2_cmdline(s)),
+            "| chitin-agent: kernel 6.12.95".to_string(),
             "| chitin-check: cpus PASS 2".to_string(),
             "| chitin-agent: done pass=1 fail=0".to_string(),
-            format!("| chitin-agent: cmdline {} i8042.nokbd", l2_cmdline(s)),
         ];
         let result = judge_one("boot-6.12", &console("boot-6.12", &body, "0"));
         assert_eq!(result.unwrap(), "cpus: 2");

@@ -9,7 +9,7 @@
 //! stalled stream). Faults are also logged to stderr as they happen.
 //!
 //! Prints one `chitin-check: <name> PASS|FAIL <detail>` line per check and
-//! `chitin-checks: done pass=<n> fail=<m>`; exits 0 only if all passed.
+//! `chitin-agent: done pass=<n> fail=<m>`; exits 0 only if all passed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -66,6 +66,16 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
                 )
             })
             .map_err(|e| e.to_string()),
+    );
+    // Which kernel answers, so the harness can tell the guests apart.
+    c.check(
+        "guest-kernel",
+        match vm.exec(&Command::new("uname").arg("-r")) {
+            Ok(o) if o.status == ExitStatus::Code(0) && !o.stdout.is_empty() => {
+                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            }
+            other => Err(format!("{other:?}")),
+        },
     );
     let out = vm.exec(&Command::new("echo").arg("hello"));
     c.check(
