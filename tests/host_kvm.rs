@@ -340,3 +340,42 @@ fn exec_when_guest_stops_is_guest_stopped_error() {
         "{err:?}"
     );
 }
+
+#[test]
+fn vsock_hostile_guest_faults_are_counted_and_answered() {
+    if !kvm_available("vsock_hostile_guest") {
+        return;
+    }
+    // Arrange: a vsock device in the first virtio-mmio window, where the
+    // guest's own driver looks for it.
+    let uds = std::env::temp_dir().join(format!("chitin-hostile-{}.vsock", std::process::id()));
+    let _ = std::fs::remove_file(&uds);
+    let console = ConsoleCapture::default();
+    let mut running = guest_builder(Guest::VsockHostile, &console)
+        .vsock(3, &uds)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    // Act: the guest sends four malformed chains and waits for the answers.
+    let reason = running.wait_timeout(GUEST_TIMEOUT);
+    // Assert: every chain came back, every one was answered with a reset
+    // (the device kept working), and each is counted under its reason.
+    let out = text(&console);
+    assert_eq!(reason, Some(ExitReason::Reset), "{out}");
+    assert!(out.contains("tx used 4\nrx used 4\ndone\n"), "{out}");
+    let faults = running.device_faults();
+    let vsock = faults
+        .iter()
+        .find(|d| d.device == "vsock")
+        .expect("the sandbox reports its vsock device");
+    for reason in [
+        "tx chain: less data than the header says",
+        "tx chain: device-writable descriptor",
+        "unknown operation",
+        "tx chain: buffer outside guest memory",
+    ] {
+        assert_eq!(vsock.count(reason), 1, "{reason}: {vsock:?}");
+    }
+    assert_eq!((vsock.total(), vsock.malformed), (4, 4), "{vsock:?}");
+}

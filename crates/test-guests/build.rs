@@ -49,7 +49,7 @@ struct ElfGuest {
 }
 
 /// Every ELF image the crate exposes, plus the bzImage's protected-mode part.
-const ELF_GUESTS: [ElfGuest; 7] = [
+const ELF_GUESTS: [ElfGuest; 8] = [
     ElfGuest {
         stem: "report",
         source: "report.S",
@@ -92,10 +92,16 @@ const ELF_GUESTS: [ElfGuest; 7] = [
         defines: &[],
         pvh_note: true,
     },
+    ElfGuest {
+        stem: "vsock_hostile",
+        source: "vsock_hostile.S",
+        defines: &[],
+        pvh_note: false,
+    },
 ];
 
 /// Every file in `guests/` the images are built from.
-const SOURCES: [&str; 10] = [
+const SOURCES: [&str; 11] = [
     "defs.h",
     "common.S",
     "guest.lds.S",
@@ -105,6 +111,7 @@ const SOURCES: [&str; 10] = [
     "spin.S",
     "echo.S",
     "pvh.S",
+    "vsock_hostile.S",
     "bzimage_setup.S",
 ];
 

@@ -86,11 +86,27 @@ pub enum Guest {
     /// Started at its ELF `e_entry` (Linux 64-bit boot protocol) instead it
     /// prints `chitin-test: pvh`, `pvh: entered via 64-bit entry` and resets.
     Pvh,
+    /// A hostile virtio-vsock driver: brings up the device in the first
+    /// virtio-mmio window, posts four receive buffers, then makes four
+    /// malformed transmit chains available at once (data shorter than the
+    /// header says; a device-writable data descriptor; a header split in
+    /// two with an unknown op; data outside guest memory), and prints:
+    ///
+    /// ```text
+    /// chitin-test: vsock_hostile
+    /// tx used <chains the device returned, decimal; 4 expected>
+    /// rx used <receive buffers it filled (resets); 4 expected>
+    /// done
+    /// ```
+    ///
+    /// then resets. Without a vsock device in that window it prints `no
+    /// vsock device` and resets. Needs 64 MiB of RAM.
+    VsockHostile,
 }
 
 impl Guest {
     /// Every guest, in declaration order.
-    pub const ALL: [Guest; 7] = [
+    pub const ALL: [Guest; 8] = [
         Guest::Report,
         Guest::ReportBzImage,
         Guest::Smp,
@@ -98,6 +114,7 @@ impl Guest {
         Guest::Spin,
         Guest::Echo,
         Guest::Pvh,
+        Guest::VsockHostile,
     ];
 
     /// Absolute path of the built image in `OUT_DIR`.
@@ -110,6 +127,7 @@ impl Guest {
             Guest::Spin => concat!(env!("OUT_DIR"), "/spin.elf"),
             Guest::Echo => concat!(env!("OUT_DIR"), "/echo.elf"),
             Guest::Pvh => concat!(env!("OUT_DIR"), "/pvh.elf"),
+            Guest::VsockHostile => concat!(env!("OUT_DIR"), "/vsock_hostile.elf"),
         };
         Path::new(path)
     }
@@ -126,6 +144,7 @@ impl Guest {
             Guest::Spin => "spin",
             Guest::Echo => "echo",
             Guest::Pvh => "pvh",
+            Guest::VsockHostile => "vsock_hostile",
         }
     }
 }
@@ -163,13 +182,14 @@ mod tests {
     const REPORT_BZ_ELF: &str = concat!(env!("OUT_DIR"), "/report_bz.elf");
 
     /// Every guest that is an ELF file.
-    const ELF_GUESTS: [Guest; 6] = [
+    const ELF_GUESTS: [Guest; 7] = [
         Guest::Report,
         Guest::Smp,
         Guest::TripleFault,
         Guest::Spin,
         Guest::Echo,
         Guest::Pvh,
+        Guest::VsockHostile,
     ];
 
     fn u16_at(bytes: &[u8], offset: usize) -> u16 {

@@ -67,16 +67,6 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             })
             .map_err(|e| e.to_string()),
     );
-    // Which kernel answers, so the harness can tell the guests apart.
-    c.check(
-        "guest-kernel",
-        match vm.exec(&Command::new("uname").arg("-r")) {
-            Ok(o) if o.status == ExitStatus::Code(0) && !o.stdout.is_empty() => {
-                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-            }
-            other => Err(format!("{other:?}")),
-        },
-    );
     let out = vm.exec(&Command::new("echo").arg("hello"));
     c.check(
         "echo",
@@ -448,6 +438,16 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     );
 }
 
+/// The guest kernel's release, from `uname -r` in the guest.
+fn guest_kernel(vm: &RunningSandbox) -> Result<String, String> {
+    match vm.exec(&Command::new("uname").arg("-r")) {
+        Ok(o) if o.status == ExitStatus::Code(0) && !o.stdout.is_empty() => {
+            Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+        }
+        other => Err(format!("{other:?}")),
+    }
+}
+
 /// No device refused anything as malformed; races the protocol allows
 /// (a packet for a connection just closed) are reported, not failed.
 fn device_faults(vm: &RunningSandbox) -> Result<String, String> {
@@ -512,6 +512,8 @@ fn main() {
         "vsock" => vsock_checks(&vm, &uds, &mut c),
         other => c.check("scenario", Err(format!("unknown {other}"))),
     }
+    // Which kernel answered, so the harness can tell the guests apart.
+    c.check("guest-kernel", guest_kernel(&vm));
     c.check("device-faults", device_faults(&vm));
     println!("chitin-agent: done pass={} fail={}", c.passed, c.failed);
     let _ = std::io::stdout().flush();
