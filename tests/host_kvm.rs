@@ -285,6 +285,37 @@ fn disks_appear_on_the_command_line_with_root() {
 }
 
 #[test]
+fn second_sandbox_on_a_read_write_image_fails_to_build() {
+    if !kvm_available("shared_rw_image") {
+        return;
+    }
+    // Arrange: one image, and a sandbox that has it open read-write.
+    let image = std::env::temp_dir().join(format!("chitin-shared-{}.img", std::process::id()));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let build = || {
+        Sandbox::builder()
+            .kernel(Guest::Report.path())
+            .memory_mib(64)
+            .disk(chitin::Disk::new(&image))
+            .build()
+    };
+    let first = build().unwrap();
+    // Act
+    let err = build().err().unwrap();
+    // Assert: the second is refused with a reason, and the image is free
+    // again once the first is gone.
+    let message = chitin::error_chain(&err);
+    assert!(matches!(err, SandboxError::Disk { .. }), "{err:?}");
+    assert!(message.contains("in use"), "{message}");
+    drop(first);
+    assert!(build().is_ok());
+    std::fs::remove_file(&image).unwrap();
+}
+
+#[test]
 fn build_missing_disk_image_names_the_path() {
     if !kvm_available("build_missing_disk") {
         return;

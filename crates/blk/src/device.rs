@@ -10,10 +10,11 @@
 //! writeback toggle (`CONFIG_WCE`) is not offered, so the driver assumes a
 //! writeback cache and sends FLUSH, which is `fdatasync`.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chitin_memory::GuestMemoryMmap;
@@ -94,6 +95,29 @@ pub enum BlkError {
         #[source]
         source: io::Error,
     },
+    /// Another open of the image holds a lock that this one conflicts with:
+    /// a read-write open needs the image to itself, a read-only one
+    /// shares it only with other read-only opens.
+    #[error("disk image {} is in use ({})", path.display(), if *read_only {
+        "open read-write elsewhere"
+    } else {
+        "open elsewhere; a read-write disk cannot be shared"
+    })]
+    InUse {
+        /// The image path.
+        path: PathBuf,
+        /// Whether this open was read-only.
+        read_only: bool,
+    },
+    /// The image could not be locked for another reason.
+    #[error("cannot lock disk image {}", path.display())]
+    Lock {
+        /// The image path.
+        path: PathBuf,
+        /// What `flock` reported.
+        #[source]
+        source: io::Error,
+    },
     /// The image is neither a regular file nor a block device.
     #[error("disk image {} is neither a regular file nor a block device", path.display())]
     NotADisk {
@@ -132,6 +156,40 @@ pub enum BlkError {
     /// The queue notification eventfd could not be created.
     #[error("cannot create the queue notification eventfd")]
     EventFd(#[source] io::Error),
+}
+
+/// Take `flock` on the image for as long as `file` is open: shared when
+/// read-only, exclusive when read-write, so two sandboxes never write one
+/// image at once (nor read it while another writes). Advisory, as every
+/// cooperating VMM's image lock is.
+fn lock_image(file: &File, path: &Path, read_only: bool) -> Result<(), BlkError> {
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let source = io::Error::last_os_error();
+        match source.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                return Err(BlkError::InUse {
+                    path: path.to_path_buf(),
+                    read_only,
+                })
+            }
+            _ => {
+                return Err(BlkError::Lock {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// Set between activate and reset.
@@ -180,6 +238,7 @@ impl Block {
         if !file_type.is_file() && !file_type.is_block_device() {
             return Err(BlkError::NotADisk { path });
         }
+        lock_image(&file, &path, read_only)?;
         let backend = FileBackend::new(file).map_err(|source| BlkError::Size {
             path: path.clone(),
             source,
@@ -622,6 +681,47 @@ mod tests {
         });
 
         assert!(matches!(result, Err(BlkError::Open { .. })));
+    }
+
+    #[test]
+    fn new_image_open_read_write_elsewhere_is_in_use() {
+        let image = TempImage::filled(DISK_SIZE, 0);
+        let _first = block(&image, false);
+
+        let result = Block::new(DiskConfig {
+            path: image.path().to_path_buf(),
+            read_only: false,
+            id: None,
+        });
+
+        let error = result.err().unwrap();
+        assert!(matches!(
+            error,
+            BlkError::InUse {
+                read_only: false,
+                ..
+            }
+        ));
+        assert!(error.to_string().contains("cannot be shared"), "{error}");
+    }
+
+    #[test]
+    fn new_read_only_opens_share_an_image_but_not_with_a_writer() {
+        let image = TempImage::filled(DISK_SIZE, 0);
+        let first = block(&image, true);
+        let _second = block(&image, true);
+        assert!(matches!(
+            Block::new(DiskConfig {
+                path: image.path().to_path_buf(),
+                read_only: false,
+                id: None,
+            }),
+            Err(BlkError::InUse { .. })
+        ));
+        drop(first);
+        drop(_second);
+        // The locks go with the devices.
+        let _writer = block(&image, false);
     }
 
     #[test]

@@ -16,11 +16,17 @@
 //!   disk, a write to a read-only disk) is also counted with its reason in
 //!   the handler's [`GuestFaults`] and logged, rate-limited; failures of
 //!   the host's own disk are not the guest's and are not counted there.
+//! - after the first failed FLUSH the disk stays failed: every later write,
+//!   discard, write zeroes and flush is IOERR. Linux may drop the dirty
+//!   pages whose write-back failed and report the error only once, so a
+//!   FLUSH retried after it could succeed without the data ever reaching
+//!   the disk; reads still work.
 //! - a broken ring (available index too far ahead, a head index outside the
 //!   queue, a used ring outside guest memory) is a [`HandlerError`]: the
 //!   caller marks the device DEVICE_NEEDS_RESET.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chitin_virtio::queue::drain;
 use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
@@ -73,6 +79,9 @@ pub enum ExecuteError {
     /// The backend failed to write zeroes.
     #[error("disk write zeroes failed")]
     WriteZeroes(#[source] io::Error),
+    /// An earlier flush failed; the disk takes no more writes or flushes.
+    #[error("the disk failed an earlier flush and takes no more writes")]
+    Failed,
 }
 
 impl ExecuteError {
@@ -88,7 +97,8 @@ impl ExecuteError {
             | ExecuteError::Write(_)
             | ExecuteError::Flush(_)
             | ExecuteError::Discard(_)
-            | ExecuteError::WriteZeroes(_) => None,
+            | ExecuteError::WriteZeroes(_)
+            | ExecuteError::Failed => None,
         }
     }
 }
@@ -114,7 +124,8 @@ impl ExecuteError {
             | ExecuteError::Write(_)
             | ExecuteError::Flush(_)
             | ExecuteError::Discard(_)
-            | ExecuteError::WriteZeroes(_) => VIRTIO_BLK_S_IOERR,
+            | ExecuteError::WriteZeroes(_)
+            | ExecuteError::Failed => VIRTIO_BLK_S_IOERR,
         };
         // The status constants are single bytes.
         status as u8
@@ -147,6 +158,8 @@ pub struct QueueHandler<B> {
     read_only: bool,
     id: [u8; ID_BYTES],
     faults: GuestFaults,
+    /// A flush failed: writes and flushes fail from now on.
+    failed: AtomicBool,
 }
 
 impl<B: BlockBackend> QueueHandler<B> {
@@ -158,7 +171,13 @@ impl<B: BlockBackend> QueueHandler<B> {
             read_only,
             id,
             faults: GuestFaults::new("blk"),
+            failed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a flush failed, so the disk takes no more writes.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Count faults in `faults` (which names the disk in log lines).
@@ -271,7 +290,19 @@ impl<B: BlockBackend> QueueHandler<B> {
                 Ok(0)
             }
             Request::Flush => {
-                self.backend.flush().map_err(ExecuteError::Flush)?;
+                if self.failed() {
+                    return Err(ExecuteError::Failed);
+                }
+                if let Err(e) = self.backend.flush() {
+                    if !self.failed.swap(true, Ordering::AcqRel) {
+                        log::error!(
+                            target: "chitin::blk",
+                            "{}: flush failed ({e}); the disk fails every later write and flush",
+                            self.faults.device()
+                        );
+                    }
+                    return Err(ExecuteError::Flush(e));
+                }
                 Ok(0)
             }
             Request::GetId { data } => self.write_id(mem, data),
@@ -303,6 +334,8 @@ impl<B: BlockBackend> QueueHandler<B> {
     fn check_writable(&self) -> Result<(), ExecuteError> {
         if self.read_only {
             Err(ExecuteError::ReadOnly)
+        } else if self.failed() {
+            Err(ExecuteError::Failed)
         } else {
             Ok(())
         }

@@ -106,6 +106,12 @@ where
     F: FnMut(DescriptorChain<&'a M>) -> u32,
 {
     let mut run = QueueRun::default();
+    // A queue the driver never made ready has no rings: its addresses are
+    // the reset defaults (guest physical 0), and even disabling
+    // notifications would write guest memory the driver never gave us.
+    if !queue.ready() {
+        return Ok(run);
+    }
     'drain: loop {
         queue
             .disable_notification(mem)
@@ -134,4 +140,35 @@ where
     }
     notify(queue, mem, interrupt, &mut run)?;
     Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::test_utils::{guest_memory, RecordingInterrupt};
+
+    #[test]
+    fn drain_queue_not_ready_touches_no_guest_memory() {
+        // Guest memory full of a pattern; the queue keeps its reset state
+        // (not ready, every ring at guest physical 0).
+        let mem = guest_memory(0x1_0000);
+        mem.write_slice(&[0xaa; 0x1000], GuestAddress(0)).unwrap();
+        let mut queue = Queue::new(16).unwrap();
+        let interrupt = RecordingInterrupt::new();
+        let mut calls = 0;
+
+        let run = drain(&mut queue, &mem, &interrupt, 8, |_| {
+            calls += 1;
+            0
+        })
+        .unwrap();
+
+        assert_eq!(run, QueueRun::default());
+        assert_eq!(calls, 0);
+        let mut after = [0u8; 0x1000];
+        mem.read_slice(&mut after, GuestAddress(0)).unwrap();
+        assert!(after.iter().all(|&b| b == 0xaa));
+    }
 }

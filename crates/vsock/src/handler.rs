@@ -296,6 +296,12 @@ impl<B: VsockBackend> VsockHandler<B> {
     /// Forget connection `key`, closing its stream, and queue `rst`.
     fn close(&mut self, key: ConnKey, rst: Option<Header>) {
         if let Some(conn) = self.conns.remove(&key) {
+            if conn.in_rr {
+                // A later connection on the same ports must not find a
+                // stale entry, or each REQUEST/RST cycle of a guest that
+                // posts no RX buffers would grow the round-robin for ever.
+                self.rr.retain(|k| *k != key);
+            }
             let fd = conn.stream().as_raw_fd();
             self.by_fd.remove(&fd);
             let registered = conn.registered;
@@ -423,7 +429,8 @@ impl<B: VsockBackend> VsockHandler<B> {
         I: VirtioInterrupt + ?Sized,
     {
         let mut run = QueueRun::default();
-        if !self.has_rx_work() {
+        // An RX queue the driver never made ready has no rings to touch.
+        if !self.has_rx_work() || !queue.ready() {
             return Ok(run);
         }
         loop {

@@ -1092,9 +1092,19 @@ fn run_more_chains_than_budget_yields_pending_then_finishes() {
 
 // ---- Backend failures ----
 
-/// A MemBackend whose flush fails with EIO, as `fdatasync` does after a
-/// lost write-back.
-struct FlushFails(MemBackend);
+/// A MemBackend whose first flush fails with EIO, as `fdatasync` does
+/// after a lost write-back, and whose later flushes succeed, as Linux's do
+/// once it has reported the error (the data is gone all the same).
+struct FlushFails(MemBackend, std::sync::atomic::AtomicBool);
+
+impl FlushFails {
+    fn new(bytes: Vec<u8>) -> Self {
+        FlushFails(
+            MemBackend::from_bytes(bytes),
+            std::sync::atomic::AtomicBool::new(false),
+        )
+    }
+}
 
 impl BlockBackend for FlushFails {
     fn size(&self) -> u64 {
@@ -1115,7 +1125,11 @@ impl BlockBackend for FlushFails {
         self.0.write_at(offset, bufs)
     }
     fn flush(&self) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::EIO))
+        if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.discard(offset, len)
@@ -1128,11 +1142,7 @@ impl BlockBackend for FlushFails {
 #[test]
 fn backend_flush_eio_is_ioerr_and_device_keeps_serving() {
     let bytes = TempImage::pattern(DISK_SIZE);
-    let handler = QueueHandler::new(
-        FlushFails(MemBackend::from_bytes(bytes.clone())),
-        false,
-        [0; ID_BYTES],
-    );
+    let handler = QueueHandler::new(FlushFails::new(bytes.clone()), false, [0; ID_BYTES]);
     let mut guest = GuestQueue::new(QUEUE_SIZE);
     let mut queue = guest.queue();
     let interrupt = RecordingInterrupt::default();
@@ -1157,6 +1167,53 @@ fn backend_flush_eio_is_ioerr_and_device_keeps_serving() {
     assert_eq!(guest.read(read_status, 1), [OK]);
     assert_eq!(guest.read(data, 512), &bytes[1024..1536]);
     assert!(!interrupt.needs_reset());
+}
+
+#[test]
+fn backend_flush_eio_once_fails_every_later_flush_and_write() {
+    let bytes = TempImage::pattern(DISK_SIZE);
+    let handler = QueueHandler::new(FlushFails::new(bytes.clone()), false, [0; ID_BYTES]);
+    let mut guest = GuestQueue::new(QUEUE_SIZE);
+    let mut queue = guest.queue();
+    let interrupt = RecordingInterrupt::default();
+    let flush = |guest: &mut GuestQueue| {
+        let header = guest.header(VIRTIO_BLK_T_FLUSH, 0);
+        let status = guest.status_byte();
+        guest.add_chain(&[Desc::readable(header, 16), Desc::writable(status, 1)]);
+        status
+    };
+    let first = flush(&mut guest);
+    // The backend's second flush would succeed: the device must not.
+    let second = flush(&mut guest);
+    let header = guest.header(VIRTIO_BLK_T_OUT, 0);
+    let data = guest.alloc_bytes(&[7; 512]);
+    let write = guest.status_byte();
+    guest.add_chain(&[
+        Desc::readable(header, 16),
+        Desc::readable(data, 512),
+        Desc::writable(write, 1),
+    ]);
+    let header = guest.header(VIRTIO_BLK_T_IN, 2);
+    let buf = guest.alloc(512);
+    let read = guest.status_byte();
+    guest.add_chain(&[
+        Desc::readable(header, 16),
+        Desc::writable(buf, 512),
+        Desc::writable(read, 1),
+    ]);
+
+    handler
+        .process_queue(&mut queue, guest.memory(), &interrupt)
+        .unwrap();
+
+    assert_eq!(guest.read(first, 1), [IOERR]);
+    assert_eq!(guest.read(second, 1), [IOERR]);
+    assert_eq!(guest.read(write, 1), [IOERR]);
+    assert_eq!(handler.backend().0.contents()[..512], bytes[..512]);
+    // Reads still work.
+    assert_eq!(guest.read(read, 1), [OK]);
+    assert_eq!(guest.read(buf, 512), &bytes[1024..1536]);
+    assert!(handler.failed());
 }
 
 #[test]
@@ -1189,6 +1246,7 @@ fn execute_error_status_maps_unsupported_kinds_to_unsupp_rest_to_ioerr() {
     assert_eq!(ExecuteError::Flush(eio()).status(), IOERR);
     assert_eq!(ExecuteError::Discard(eio()).status(), IOERR);
     assert_eq!(ExecuteError::WriteZeroes(eio()).status(), IOERR);
+    assert_eq!(ExecuteError::Failed.status(), IOERR);
 }
 
 // ---- Random hostile rings ----

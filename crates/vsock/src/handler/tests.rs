@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use chitin_virtio::test_utils::{RecordingInterrupt, TestDescriptor};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::connection::{State, BUF_ALLOC};
@@ -717,4 +718,53 @@ fn handler_header_only_rx_buffer_does_not_stall_waiting_data() {
     let got = guest.received();
     assert_eq!(ops(&got), [Op::Rw as u16]);
     assert_eq!(got[0].1, b"waiting");
+}
+
+#[test]
+fn handler_rx_queue_not_ready_touches_no_guest_memory() {
+    let mut guest = Guest::new();
+    // Below the rings: where an unready queue's reset addresses point.
+    guest
+        .mem
+        .write_slice(&[0xaa; 0x1000], GuestAddress(0))
+        .unwrap();
+    let mut tx = guest.queues().remove(1);
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    let interrupt = RecordingInterrupt::new();
+    let mem = guest.mem.clone();
+    // A packet for a connection that does not exist: a reset waits.
+    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Rw), &[]);
+    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+    assert!(handler.has_rx_work());
+    let mut unready = Queue::new(16).unwrap();
+
+    let run = handler.process_rx(&mut unready, &mem, &interrupt).unwrap();
+
+    assert_eq!(run.completed, 0);
+    let mut after = [0u8; 0x1000];
+    mem.read_slice(&mut after, GuestAddress(0)).unwrap();
+    assert!(after.iter().all(|&b| b == 0xaa));
+}
+
+#[test]
+fn handler_request_rst_cycles_without_rx_buffers_keep_state_flat() {
+    // A guest that connects and resets the same ports over and over and
+    // never posts an RX buffer (so nothing queued for it is ever sent).
+    let guest = Guest::new();
+    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
+    let request = guest.header(GUEST_PORT, HOST_PORT, Op::Request);
+    let rst = guest.header(GUEST_PORT, HOST_PORT, Op::Rst);
+
+    for _ in 0..100_000 {
+        handler.handle_guest_packet(&request, 0);
+        handler.handle_guest_packet(&rst, 0);
+        // As the event loop does after every event: closed streams go.
+        handler.sync_interest(|_, _, _| {});
+    }
+
+    // Each RST ends the connection it reset: nothing accumulates.
+    assert_eq!(handler.conns.len(), 0);
+    assert_eq!(handler.rr.len(), 0);
+    assert_eq!(handler.resets.len(), 0);
+    assert_eq!(handler.graveyard.len(), 0);
 }
