@@ -302,12 +302,7 @@ fn fetch_backports_source(package: &str) -> Step<Source> {
             .args(["download", "-q", package])
             .current_dir(&download),
     )?;
-    let deb = std::fs::read_dir(&download)
-        .map_err(|e| format!("read {}: {e}", download.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| format!("apt-get download {package} produced no .deb"))?;
+    let deb = util::find_deb(&download)?;
     let version = output(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"))?;
     run(
         &format!("unpack {package}"),

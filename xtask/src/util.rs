@@ -194,6 +194,16 @@ pub fn read(path: &Path) -> Step<Vec<u8>> {
 }
 
 /// Write a file atomically (temp file + rename), creating its directory.
+/// The `.deb` file `apt-get download` left in `dir`.
+pub fn find_deb(dir: &Path) -> Step<PathBuf> {
+    std::fs::read_dir(dir)
+        .map_err(|e| format!("read {}: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| format!("apt-get download left no .deb in {}", dir.display()))
+}
+
 pub fn write_atomic(path: &Path, data: &[u8]) -> Step {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;

@@ -219,12 +219,7 @@ pub fn l1_kernel() -> Step<L1Kernel> {
                 .args(["download", &package])
                 .current_dir(&dir),
         )?;
-        let deb = std::fs::read_dir(&dir)
-            .map_err(|e| format!("read {}: {e}", dir.display()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or("apt-get download produced no .deb")?;
+        let deb = util::find_deb(&dir)?;
         util::run(
             "unpack L1 kernel",
             Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
