@@ -9,7 +9,7 @@
 //! and reports on the serial console; this module builds everything
 //! ([`scenarios`] says what runs), runs QEMU with hard timeouts and a
 //! silence detector ([`l1`]), and judges each scenario from that log
-//! ([`report`]).
+//! ([`mod@report`]).
 
 mod l1;
 mod report;
