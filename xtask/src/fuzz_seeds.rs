@@ -134,40 +134,51 @@ const VSOCK_RX_AVAIL_FAR_AHEAD: &[u8] = &[
     0, 0, 136, 19, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0,
 ];
 
+/// A `vsock_packet` input: `tx` as one chain (head 0), one 4 KiB RX
+/// buffer, and a data area holding `header` at its start and each
+/// `(offset, bytes)` at that offset.
+fn vsock_seed(tx: &[Vec<u8>], header: Vec<u8>, data: &[(usize, &[u8])]) -> Vec<u8> {
+    // At most 4 descriptors here: the count fits the first byte.
+    let mut seed = vec![tx.len() as u8, 1, 1, 1];
+    for d in tx {
+        seed.extend(d);
+    }
+    seed.push(0);
+    seed.extend(desc(DATA_AREA + 0x1000, 44 + 4096, WRITE, 0));
+    seed.push(0);
+    let mut area = header;
+    for (offset, bytes) in data {
+        area.resize(*offset, 0);
+        area.extend_from_slice(bytes);
+    }
+    seed.extend(area);
+    seed
+}
+
 fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
-    let rx = desc(DATA_AREA + 0x1000, 44 + 4096, WRITE, 0);
     // OP_REQUEST (1) in one TX descriptor.
-    let mut request = vec![1, 1, 1, 1];
-    request.extend(desc(DATA_AREA, 44, 0, 0));
-    request.push(0);
-    request.extend(&rx);
-    request.push(0);
-    request.extend(vsock_header(1, 0));
+    let request = vsock_seed(&[desc(DATA_AREA, 44, 0, 0)], vsock_header(1, 0), &[]);
     // OP_RW (5) with 16 data bytes in a second descriptor.
-    let mut rw = vec![2, 1, 1, 1];
-    rw.extend(desc(DATA_AREA, 44, NEXT, 1));
-    rw.extend(desc(DATA_AREA + 0x100, 16, 0, 0));
-    rw.push(0);
-    rw.extend(&rx);
-    rw.push(0);
-    rw.extend(vsock_header(5, 16));
-    rw.resize(rw.len() + 0x100 - 44, 0);
-    rw.extend([b'x'; 16]);
+    let rw = vsock_seed(
+        &[
+            desc(DATA_AREA, 44, NEXT, 1),
+            desc(DATA_AREA + 0x100, 16, 0, 0),
+        ],
+        vsock_header(5, 16),
+        &[(0x100, &[b'x'; 16])],
+    );
     // OP_RW with the header split over two descriptors and 16 data bytes
     // in two fragments, the way Linux 6.7+ lays out non-linear packets.
-    let mut fragments = vec![4, 1, 1, 1];
-    fragments.extend(desc(DATA_AREA, 20, NEXT, 1));
-    fragments.extend(desc(DATA_AREA + 20, 24, NEXT, 2));
-    fragments.extend(desc(DATA_AREA + 0x100, 8, NEXT, 3));
-    fragments.extend(desc(DATA_AREA + 0x200, 8, 0, 0));
-    fragments.push(0);
-    fragments.extend(&rx);
-    fragments.push(0);
-    fragments.extend(vsock_header(5, 16));
-    fragments.resize(fragments.len() + 0x100 - 44, 0);
-    fragments.extend([b'a'; 8]);
-    fragments.resize(fragments.len() + 0x100 - 8, 0);
-    fragments.extend([b'b'; 8]);
+    let fragments = vsock_seed(
+        &[
+            desc(DATA_AREA, 20, NEXT, 1),
+            desc(DATA_AREA + 20, 24, NEXT, 2),
+            desc(DATA_AREA + 0x100, 8, NEXT, 3),
+            desc(DATA_AREA + 0x200, 8, 0, 0),
+        ],
+        vsock_header(5, 16),
+        &[(0x100, &[b'a'; 8]), (0x200, &[b'b'; 8])],
+    );
     vec![
         ("request", request),
         ("rw", rw),

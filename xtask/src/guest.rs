@@ -97,8 +97,6 @@ pub struct GuestImage {
     pub kernel: PathBuf,
     /// The same kernel as a bzImage.
     pub bzimage: PathBuf,
-    /// Its symbols, for reading a monitor dump of a wedged machine.
-    pub system_map: PathBuf,
     /// newc initramfs.
     pub initramfs: PathBuf,
 }
@@ -136,11 +134,7 @@ pub fn guest(args: &[String]) -> Step {
 /// looks; others go to `guest-<version>/`.
 pub fn prepare(version: KernelVersion) -> Step<GuestImage> {
     let built = kernel(version)?;
-    let agent = build_static(
-        &["-p", "chitin-agent", "--bin", "chitin-agent"],
-        "chitin-agent",
-    )?;
-    let initramfs = initramfs(&agent)?;
+    let initramfs = agent_initramfs()?;
     let dir = match version {
         KernelVersion::V6_1 => cache_dir().join("guest"),
         other => cache_dir().join(format!("guest-{}", other.name())),
@@ -148,7 +142,7 @@ pub fn prepare(version: KernelVersion) -> Step<GuestImage> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     let copy = |from: &Path, name: &str| -> Step<PathBuf> {
         let to = dir.join(name);
-        std::fs::copy(from, &to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+        copy_if_changed(from, &to)?;
         Ok(to)
     };
     let kernel = copy(&built.vmlinux, "vmlinux")?;
@@ -161,9 +155,35 @@ pub fn prepare(version: KernelVersion) -> Step<GuestImage> {
     Ok(GuestImage {
         kernel,
         bzimage,
-        system_map: built.system_map,
         initramfs,
     })
+}
+
+/// The initramfs every guest kernel boots with: the static agent, built
+/// first, and busybox.
+pub fn agent_initramfs() -> Step<PathBuf> {
+    let agent = build_static(
+        &["-p", "chitin-agent", "--bin", "chitin-agent"],
+        "chitin-agent",
+    )?;
+    initramfs(&agent)
+}
+
+/// Copy `from` to `to` unless `to` already holds it (same length, not
+/// older): a cached kernel is not copied again on every run.
+fn copy_if_changed(from: &Path, to: &Path) -> Step {
+    let meta = |p: &Path| std::fs::metadata(p).ok();
+    if let (Some(src), Some(dst)) = (meta(from), meta(to)) {
+        let newer = match (src.modified(), dst.modified()) {
+            (Ok(s), Ok(d)) => d >= s,
+            _ => false,
+        };
+        if src.len() == dst.len() && newer {
+            return Ok(());
+        }
+    }
+    std::fs::copy(from, to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+    Ok(())
 }
 
 /// Build a static binary of this workspace for the guest; returns its path.

@@ -15,8 +15,9 @@
 //! - the whole run has a budget.
 //!
 //! And one way to keep L1 from wedging in the first place: the console
-//! keepalive. QEMU 7.2's TCG (Debian 12's, and bookworm-backports' 10.0
-//! too) updates a vCPU's `interrupt_request` bits without the big QEMU
+//! keepalive. QEMU 7.2's TCG (Debian 12's; upstream's fix, a qemu-devel
+//! series of August 2025, came after bookworm-backports' 10.0) updates a
+//! vCPU's `interrupt_request` bits without the big QEMU
 //! lock on every nested VMRUN and #VMEXIT (`cs->interrupt_request |=
 //! CPU_INTERRUPT_VIRQ` / `&= ~CPU_INTERRUPT_VIRQ` in `svm_helper.c`), while
 //! the main loop sets `CPU_INTERRUPT_POLL` from L1's LAPIC timer callback:

@@ -24,9 +24,16 @@ struct Harness {
 }
 
 impl Harness {
+    /// 64 ordinary RX buffers posted.
     fn new() -> Self {
-        let mut guest = Guest::new();
-        guest.post_rx(64);
+        let mut h = Harness::bare();
+        h.guest.post_rx(64);
+        h
+    }
+
+    /// No RX buffers yet: the test posts its own.
+    fn bare() -> Self {
+        let guest = Guest::new();
         let mut queues = guest.queues();
         let tx = queues.remove(1);
         let rx = queues.remove(0);
@@ -534,30 +541,14 @@ fn handler_rw_in_page_fragments_reaches_host_intact() {
 #[test]
 fn handler_single_descriptor_rx_buffers_carry_host_bytes() {
     // Linux 6.7+ receive buffers: header and data in one descriptor.
-    let mut guest = Guest::new();
-    guest.post_rx_single(8);
-    let mut queues = guest.queues();
-    let mut tx = queues.remove(1);
-    let mut rx = queues.remove(0);
-    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
-    let interrupt = RecordingInterrupt::new();
-    let mem = guest.mem.clone();
-    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
-    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
-    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
-    assert_eq!(ops(&guest.received()), [Op::Response as u16]);
-    let mut far = handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+    let mut h = Harness::bare();
+    h.guest.post_rx_single(8);
+    let mut far = h.connect();
 
     far.write_all(b"hello from the host").unwrap();
-    let fd = handler
-        .connection(HOST_PORT, GUEST_PORT)
-        .unwrap()
-        .stream()
-        .as_raw_fd();
-    handler.stream_event(fd, true, false, false, false);
-    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    h.readable();
+    let got = h.run();
 
-    let got = guest.received();
     assert_eq!(ops(&got), [Op::Rw as u16]);
     assert_eq!(got[0].1, b"hello from the host");
 }
@@ -614,26 +605,20 @@ fn handler_credit_overrun_is_counted() {
 
 #[test]
 fn handler_unusable_rx_buffer_is_counted_and_returned_empty() {
-    let mut guest = Guest::new();
+    let mut h = Harness::bare();
     // One RX buffer, too short for a header.
-    let buf = guest.alloc(16);
-    guest.add_rx_chain(&[TestDescriptor::new(buf.0, 16, WRITE)]);
-    let mut queues = guest.queues();
-    let mut tx = queues.remove(1);
-    let mut rx = queues.remove(0);
-    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
-    let interrupt = RecordingInterrupt::new();
-    let mem = guest.mem.clone();
-    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
-    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
+    let buf = h.guest.alloc(16);
+    h.guest
+        .add_rx_chain(&[TestDescriptor::new(buf.0, 16, WRITE)]);
+    h.send(Op::Request, &[]);
 
-    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
+    h.run();
 
     assert_eq!(
-        handler.faults().count("rx buffer: shorter than a header"),
+        h.handler.faults().count("rx buffer: shorter than a header"),
         1
     );
-    assert_eq!(guest.rx_used(0), Some(0));
+    assert_eq!(h.guest.rx_used(0), Some(0));
 }
 
 #[test]
@@ -684,61 +669,46 @@ fn handler_refused_reset_chain_is_not_answered() {
 
 #[test]
 fn handler_header_only_rx_buffer_does_not_stall_waiting_data() {
-    let mut guest = Guest::new();
-    let mut queues = guest.queues();
-    let mut tx = queues.remove(1);
-    let mut rx = queues.remove(0);
-    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
-    let interrupt = RecordingInterrupt::new();
-    let mem = guest.mem.clone();
-    guest.post_rx(1);
-    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Request), &[]);
-    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
-    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
-    assert_eq!(ops(&guest.received()), [Op::Response as u16]);
-    let mut far = handler.backend_mut().peers.remove(&HOST_PORT).unwrap();
+    let mut h = Harness::bare();
+    h.guest.post_rx(1);
+    let mut far = h.connect();
     far.write_all(b"waiting").unwrap();
-    let fd = handler
-        .connection(HOST_PORT, GUEST_PORT)
-        .unwrap()
-        .stream()
-        .as_raw_fd();
-    handler.stream_event(fd, true, false, false, false);
+    h.readable();
 
     // A buffer with room for a header only: returned empty, not held.
-    let hdr = guest.alloc(HEADER_LEN as u64);
-    guest.add_rx_chain(&[TestDescriptor::new(hdr.0, HEADER_LEN as u32, WRITE)]);
-    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
-    assert_eq!(guest.rx_used(1), Some(0));
-    assert!(handler.has_rx_work());
+    let hdr = h.guest.alloc(HEADER_LEN as u64);
+    h.guest
+        .add_rx_chain(&[TestDescriptor::new(hdr.0, HEADER_LEN as u32, WRITE)]);
+    assert!(h.run().is_empty());
+    assert_eq!(h.guest.rx_used(1), Some(0));
+    assert!(h.handler.has_rx_work());
 
     // The next real buffer carries the data.
-    guest.post_rx(1);
-    handler.process_rx(&mut rx, &mem, &interrupt).unwrap();
-    let got = guest.received();
+    h.guest.post_rx(1);
+    let got = h.run();
     assert_eq!(ops(&got), [Op::Rw as u16]);
     assert_eq!(got[0].1, b"waiting");
 }
 
 #[test]
 fn handler_rx_queue_not_ready_touches_no_guest_memory() {
-    let mut guest = Guest::new();
+    let mut h = Harness::bare();
     // Below the rings: where an unready queue's reset addresses point.
-    guest
+    h.guest
         .mem
         .write_slice(&[0xaa; 0x1000], GuestAddress(0))
         .unwrap();
-    let mut tx = guest.queues().remove(1);
-    let mut handler = VsockHandler::new(PairBackend::default(), GUEST_CID);
-    let interrupt = RecordingInterrupt::new();
-    let mem = guest.mem.clone();
     // A packet for a connection that does not exist: a reset waits.
-    guest.send(guest.header(GUEST_PORT, HOST_PORT, Op::Rw), &[]);
-    handler.process_tx(&mut tx, &mem, &interrupt).unwrap();
-    assert!(handler.has_rx_work());
+    h.send(Op::Rw, &[]);
+    let mem = h.guest.mem.clone();
+    h.handler.process_tx(&mut h.tx, &mem, &h.interrupt).unwrap();
+    assert!(h.handler.has_rx_work());
     let mut unready = Queue::new(16).unwrap();
 
-    let run = handler.process_rx(&mut unready, &mem, &interrupt).unwrap();
+    let run = h
+        .handler
+        .process_rx(&mut unready, &mem, &h.interrupt)
+        .unwrap();
 
     assert_eq!(run.completed, 0);
     let mut after = [0u8; 0x1000];
