@@ -4,16 +4,20 @@
 //! sandbox's vsock device: connect to the device's Unix socket, ask for the
 //! agent's port with `CONNECT`, then speak the protocol. One connection is
 //! shared by every `exec`/`spawn` of a sandbox; it is opened on first use,
-//! retrying while the guest is still booting.
+//! retrying while the guest is still booting, and opened again after the
+//! agent closed it. When the VM stops, the connection is shut down, so
+//! every exec and wait still pending ends at once with
+//! [`ExecError::GuestStopped`].
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitin_agent::client::{Child as AgentChild, ChildStdin as AgentStdin, Client};
-pub use chitin_agent::client::{ChildOutput, ClientError, Output};
+use chitin_agent::client::{Child as AgentChild, Client, ClientConfig, START_TIMEOUT};
+pub use chitin_agent::client::{ChildOutput, ChildStdin, ClientError, Output};
 use chitin_agent::protocol::ExecRequest;
 pub use chitin_agent::protocol::ExitStatus;
 use chitin_vcpu::{ExitReason, VmControl};
@@ -24,6 +28,8 @@ pub const AGENT_PORT: u32 = 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The environment a [`Command`] starts with.
 const DEFAULT_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+/// How much of each of stdout and stderr `exec` collects by default.
+pub const DEFAULT_OUTPUT_LIMIT: usize = 32 << 20;
 
 /// Why a command could not be run in the guest.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,15 @@ pub enum ExecError {
     /// The command did not finish within its timeout; it was killed.
     #[error("the command did not finish within {0:?} and was killed")]
     Timeout(Duration),
+    /// The command wrote more than [`Command::output_limit`] to stdout or
+    /// stderr; it was killed and the rest of its output discarded.
+    #[error("the command wrote more than {limit} bytes to {stream} and was killed")]
+    OutputLimit {
+        /// `stdout` or `stderr`.
+        stream: &'static str,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The agent refused or the connection broke.
     #[error("agent request failed")]
     Agent(#[from] ClientError),
@@ -64,6 +79,7 @@ pub struct Command {
     request: ExecRequest,
     stdin: Option<Vec<u8>>,
     timeout: Option<Duration>,
+    output_limit: usize,
 }
 
 impl Command {
@@ -76,6 +92,7 @@ impl Command {
             request,
             stdin: None,
             timeout: None,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
         }
     }
 
@@ -126,16 +143,34 @@ impl Command {
         self
     }
 
-    /// Kill the command if it runs longer than `timeout` (`exec` only).
+    /// Kill the command if it runs longer than `timeout` (`exec` only);
+    /// `exec` then returns within about twice `timeout` whatever the guest
+    /// does.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Collect at most `bytes` of each of stdout and stderr (`exec` only;
+    /// default [`DEFAULT_OUTPUT_LIMIT`]): a command that writes more is
+    /// killed, and `exec` fails with [`ExecError::OutputLimit`]. A spawned
+    /// [`Child`] needs no limit: the host holds at most a window (256 KiB)
+    /// of each output that the caller has not read.
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
         self
     }
 }
 
 /// A process running in the guest (from `spawn`).
+///
+/// Its output works like a pipe's: what nobody reads is held back (at
+/// most 256 KiB per output on the host, then the process waits on its
+/// pipe in the guest). When the VM stops, every wait on it ends with
+/// [`ExecError::GuestStopped`].
 pub struct Child {
-    inner: AgentChild<UnixStream>,
+    inner: AgentChild,
+    control: Arc<VmControl>,
 }
 
 impl Child {
@@ -145,7 +180,7 @@ impl Child {
     }
 
     /// Its stdin, once, when the command asked for a piped stdin.
-    pub fn stdin(&mut self) -> Option<AgentStdin<UnixStream>> {
+    pub fn stdin(&mut self) -> Option<ChildStdin> {
         self.inner.stdin()
     }
 
@@ -159,46 +194,162 @@ impl Child {
         self.inner.stderr()
     }
 
-    /// Send it a signal.
+    /// Send it a signal; returns at once (the signal is queued).
     pub fn signal(&self, signo: i32) -> Result<(), ExecError> {
-        Ok(self.inner.signal(signo)?)
+        self.inner
+            .signal(signo)
+            .map_err(|e| explain(&self.control, e))
     }
 
-    /// Kill it (SIGKILL).
+    /// Kill it (SIGKILL); returns at once.
     pub fn kill(&self) -> Result<(), ExecError> {
-        Ok(self.inner.kill()?)
+        self.inner.kill().map_err(|e| explain(&self.control, e))
     }
 
-    /// Wait for it to exit.
+    /// Wait for it to exit (like `std::process::Child::wait`, its output
+    /// is not consumed).
     pub fn wait(&self) -> Result<ExitStatus, ExecError> {
-        Ok(self.inner.wait()?)
+        self.inner.wait().map_err(|e| explain(&self.control, e))
     }
 
     /// Wait at most `timeout`; `None` if it still runs.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<ExitStatus>, ExecError> {
-        Ok(self.inner.wait_timeout(timeout)?)
+        (self.inner.wait_timeout(timeout)).map_err(|e| explain(&self.control, e))
     }
 
-    /// Wait, then return its status and the output not read yet.
+    /// Wait for its exit and the end of its output, then return its status
+    /// and the output not read yet.
     pub fn output(self) -> Result<Output, ExecError> {
-        Ok(self.inner.output()?)
+        self.inner.output().map_err(|e| explain(&self.control, e))
+    }
+
+    /// Stop caring about it: its output from now on is thrown away, and a
+    /// stdin write blocked on it fails with `BrokenPipe`. It is not
+    /// signalled.
+    pub fn abandon(self) {
+        self.inner.abandon();
+    }
+}
+
+/// How long a closed agent connection waits for the VM to stop before it
+/// is reported as closed: a guest that resets shuts its vsock device down
+/// just before the reset reaches the VMM.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// An agent error because the guest stopped (or is stopping) says so.
+pub(crate) fn explain(control: &VmControl, error: impl Into<ExecError>) -> ExecError {
+    let error = error.into();
+    let reason = match &error {
+        ExecError::Agent(ClientError::Closed | ClientError::Io(_)) => {
+            control.wait_timeout(STOP_GRACE)
+        }
+        ExecError::Agent(_) => control.exit_reason(),
+        _ => None,
+    };
+    match reason {
+        Some(reason) => ExecError::GuestStopped(reason),
+        None => error,
+    }
+}
+
+/// A sandbox's way to its agent: the shared connection, opened on first
+/// use and again after it ended (the agent closed it, broke the protocol,
+/// stopped reading, or the guest's vsock driver reset), and shut down when
+/// the VM stops.
+pub(crate) struct AgentLink {
+    socket: PathBuf,
+    control: Arc<VmControl>,
+    client: Mutex<Option<Arc<Client<UnixStream>>>>,
+    /// A second handle on the current connection's stream.
+    stream: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl AgentLink {
+    /// A link through the vsock device's Unix socket at `socket`. When the
+    /// VM stops, the connection is shut down, so whatever still waits on
+    /// the agent (an exec, a wait, a stdin write) does not wait for a
+    /// guest that is gone.
+    pub(crate) fn new(socket: PathBuf, control: &Arc<VmControl>) -> Self {
+        let stream: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+        let hook = Arc::clone(&stream);
+        control.on_exit(move || shut_down(&hook));
+        Self {
+            socket,
+            control: Arc::clone(control),
+            client: Mutex::new(None),
+            stream,
+        }
+    }
+
+    /// The connection, (re)opened if there is none that works; waits up to
+    /// `timeout` for the agent.
+    pub(crate) fn client(&self, timeout: Duration) -> Result<Arc<Client<UnixStream>>, ExecError> {
+        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(client));
+        }
+        // Children of the old connection keep it until they are dropped.
+        slot.take();
+        let (client, stream) = connect(&self.socket, &self.control, timeout)?;
+        let client = Arc::new(client);
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        // A stop between the connect and the line above found no stream to
+        // shut down.
+        if let Some(reason) = self.control.exit_reason() {
+            shut_down(&self.stream);
+            return Err(ExecError::GuestStopped(reason));
+        }
+        *slot = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// Close the connection (its client fails what is pending).
+    pub(crate) fn close(&self) {
+        shut_down(&self.stream);
+        self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Run `cmd` to completion.
+    pub(crate) fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
+        let client = self.client(DEFAULT_CONNECT_TIMEOUT)?;
+        exec(&client, cmd).map_err(|e| explain(&self.control, e))
+    }
+
+    /// Start `cmd`.
+    pub(crate) fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
+        let client = self.client(DEFAULT_CONNECT_TIMEOUT)?;
+        spawn(&client, cmd, &self.control).map_err(|e| explain(&self.control, e))
+    }
+}
+
+/// Shut down the stream in `slot`, if there is one: its client then fails
+/// everything pending with `Closed`. Quick and non-blocking (it runs on
+/// the thread that stops the VM).
+fn shut_down(slot: &Mutex<Option<UnixStream>>) {
+    if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = s.shutdown(std::net::Shutdown::Both);
     }
 }
 
 /// Open an agent connection through the vsock device's Unix socket,
-/// retrying while the agent is not listening yet.
+/// retrying while the agent is not listening yet; everything, handshake
+/// included, within `timeout`. An agent that answers but refuses (another
+/// protocol version, an error) fails at once. Returns the client and a
+/// second handle on its stream, to shut it down with.
 pub(crate) fn connect(
     socket: &Path,
     control: &VmControl,
     timeout: Duration,
-) -> Result<Client<UnixStream>, ExecError> {
+) -> Result<(Client<UnixStream>, UnixStream), ExecError> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(reason) = control.exit_reason() {
             return Err(ExecError::GuestStopped(reason));
         }
-        if let Some(client) = try_connect(socket) {
-            return Ok(client);
+        match try_connect(socket, deadline) {
+            Ok(client) => return Ok(client),
+            Err(Some(fatal)) => return Err(fatal),
+            Err(None) => {}
         }
         if Instant::now() >= deadline {
             return Err(ExecError::AgentUnreachable(timeout));
@@ -207,26 +358,66 @@ pub(crate) fn connect(
     }
 }
 
-/// One attempt: `CONNECT <port>`, `OK <n>`, then the protocol handshake.
-fn try_connect(socket: &Path) -> Option<Client<UnixStream>> {
-    let mut stream = UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    writeln!(stream, "CONNECT {AGENT_PORT}").ok()?;
-    // Read the reply byte by byte: nothing past its newline may be consumed.
-    let mut reader = BufReader::with_capacity(1, stream.try_clone().ok()?);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    if !line.starts_with("OK ") {
-        return None;
+/// How long one connection attempt may take: between attempts the caller
+/// looks whether the VM has stopped.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One attempt: `CONNECT <port>`, `OK <n>`, then the protocol handshake,
+/// all within [`ATTEMPT_TIMEOUT`] and before `deadline`. `Err(None)`: not
+/// there yet (or too slow), try again.
+fn try_connect(
+    socket: &Path,
+    deadline: Instant,
+) -> Result<(Client<UnixStream>, UnixStream), Option<ExecError>> {
+    let deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut stream = UnixStream::connect(socket).map_err(|_| None)?;
+    stream
+        .set_write_timeout(Some(left().max(Duration::from_millis(1))))
+        .map_err(|_| None)?;
+    writeln!(stream, "CONNECT {AGENT_PORT}").map_err(|_| None)?;
+    // Read the reply byte by byte: nothing past its newline may be
+    // consumed. Each read is bounded by what is left of the deadline, so a
+    // guest that dribbles its answer cannot stretch it.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 && line.last() != Some(&b'\n') {
+        let left = left();
+        if left.is_zero() {
+            return Err(None);
+        }
+        stream.set_read_timeout(Some(left)).map_err(|_| None)?;
+        match stream.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => return Err(None),
+        }
     }
-    stream.set_read_timeout(None).ok()?;
-    Client::handshake(stream).ok()
+    if !line.starts_with(b"OK ") {
+        return Err(None);
+    }
+    let config = ClientConfig {
+        handshake_timeout: left().max(Duration::from_millis(1)),
+        ..ClientConfig::default()
+    };
+    let handle = stream.try_clone().map_err(|_| None)?;
+    let client = Client::handshake_with(stream, config).map_err(|e| match e {
+        // The agent is there and said no: trying again changes nothing.
+        e @ (ClientError::VersionMismatch { .. }
+        | ClientError::AgentError(_)
+        | ClientError::Protocol(_)) => Some(ExecError::Agent(e)),
+        _ => None,
+    })?;
+    Ok((client, handle))
 }
 
-/// `exec`: spawn, feed stdin while collecting output, wait (with the
-/// command's timeout), collect.
+/// `exec`: spawn, feed stdin while collecting output (within the
+/// command's timeout and output limit), collect.
 pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output, ExecError> {
-    let mut child = client.spawn(&cmd.request)?;
+    let started = Instant::now();
+    // With a timeout, the wait for the agent to start the process is part
+    // of it.
+    let start_timeout = cmd.timeout.map_or(START_TIMEOUT, |t| t.min(START_TIMEOUT));
+    let mut child = client.spawn_timeout(&cmd.request, start_timeout)?;
     let stdin = child.stdin();
     std::thread::scope(move |scope| {
         // Fed from its own thread: a command that writes output before it
@@ -239,7 +430,8 @@ pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output,
             }
             (None, _) => None,
         };
-        let output = collect(child, cmd.timeout);
+        let left = cmd.timeout.map(|t| t.saturating_sub(started.elapsed()));
+        let output = collect(child, cmd, left);
         let fed = feeder.map(|f| f.join());
         let output = output?;
         if let Some(Ok(Err(e))) = fed {
@@ -249,31 +441,33 @@ pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output,
     })
 }
 
-/// How long a timed-out command may take to report its death after the
-/// kill before `exec` stops waiting for it.
+/// How long a killed command may take to report its death before `exec`
+/// stops waiting for it (at most half its own timeout).
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
-/// Wait for the child (killing it after `timeout`) and take its output.
-/// A killed child that does not report back within [`KILL_GRACE`] (say a
-/// grandchild keeps its output open) is abandoned, which also fails a
-/// stdin write still blocked on it.
-fn collect(child: AgentChild<UnixStream>, timeout: Option<Duration>) -> Result<Output, ExecError> {
-    if let Some(timeout) = timeout {
-        if child.wait_timeout(timeout)?.is_none() {
-            child.kill()?;
-            if child.wait_timeout(KILL_GRACE)?.is_none() {
-                child.abandon();
-            }
-            return Err(ExecError::Timeout(timeout));
-        }
-    }
-    Ok(child.output()?)
+/// Take the child's output as it comes until it ends, within `left` of
+/// the command's timeout and its output limit. Past either the child is
+/// killed, given [`KILL_GRACE`] (or half the timeout, if shorter) to report
+/// its death, and abandoned, which also fails a stdin write still blocked on
+/// it.
+fn collect(child: AgentChild, cmd: &Command, left: Option<Duration>) -> Result<Output, ExecError> {
+    let failure = match child.collect(cmd.output_limit, left) {
+        Ok(output) => return Ok(output),
+        Err(ClientError::Timeout(_)) => ExecError::Timeout(cmd.timeout.unwrap_or_default()),
+        Err(ClientError::OutputLimit { stream, limit }) => ExecError::OutputLimit { stream, limit },
+        Err(e) => return Err(e.into()),
+    };
+    child.kill()?;
+    let grace = cmd.timeout.map_or(KILL_GRACE, |t| (t / 2).min(KILL_GRACE));
+    let _ = child.wait_timeout(grace)?;
+    child.abandon();
+    Err(failure)
 }
 
 /// Write `bytes` to a child's stdin, then close it. A process that exits
 /// (or closes its stdin) before reading everything is not an error here:
 /// its exit status says how it went.
-fn feed(mut stdin: AgentStdin<UnixStream>, bytes: &[u8]) -> std::io::Result<()> {
+fn feed(mut stdin: ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
     match stdin.write_all(bytes) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(e),
@@ -283,7 +477,11 @@ fn feed(mut stdin: AgentStdin<UnixStream>, bytes: &[u8]) -> std::io::Result<()> 
 
 /// `spawn`: initial stdin bytes are fed, then stdin closed, by a thread
 /// that ends when they are delivered or the process exits.
-pub(crate) fn spawn(client: &Client<UnixStream>, cmd: &Command) -> Result<Child, ExecError> {
+pub(crate) fn spawn(
+    client: &Client<UnixStream>,
+    cmd: &Command,
+    control: &Arc<VmControl>,
+) -> Result<Child, ExecError> {
     let mut inner = client.spawn(&cmd.request)?;
     if let Some(bytes) = &cmd.stdin {
         if let Some(stdin) = inner.stdin() {
@@ -294,7 +492,10 @@ pub(crate) fn spawn(client: &Client<UnixStream>, cmd: &Command) -> Result<Child,
                 .map_err(ExecError::Stdin)?;
         }
     }
-    Ok(Child { inner })
+    Ok(Child {
+        inner,
+        control: Arc::clone(control),
+    })
 }
 
 #[cfg(test)]
@@ -318,6 +519,125 @@ mod tests {
             .arg("-c")
             .arg(script)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+    }
+
+    /// A stand-in for the vsock device's Unix socket: each connection gets
+    /// `OK` to its `CONNECT` and the real agent server behind it. Returns
+    /// the socket path and the guest ends of the connections made.
+    fn fake_vsock_device() -> (PathBuf, Arc<Mutex<Vec<UnixStream>>>) {
+        let dir = std::env::temp_dir().join(format!(
+            "chitin-link-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let accepted: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let list = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut line = [0u8; 13];
+                if stream.read_exact(&mut line).is_err() || &line != b"CONNECT 1024\n" {
+                    continue;
+                }
+                stream.write_all(b"OK 1\n").unwrap();
+                list.lock().unwrap().push(stream.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let reader = stream.try_clone().unwrap();
+                    server::serve(reader, stream, &NoHooks)
+                });
+            }
+        });
+        (path, accepted)
+    }
+
+    #[test]
+    fn agent_link_reconnects_after_the_agent_closes_its_connection() {
+        let (path, accepted) = fake_vsock_device();
+        let control = Arc::new(VmControl::new());
+        let link = AgentLink::new(path, &control);
+        let out = link.exec(&host_sh("echo one")).unwrap();
+        assert_eq!(out.stdout, b"one\n");
+        // The agent goes away (its socket closes, as after a vsock reset).
+        let client = link.client(DEFAULT_CONNECT_TIMEOUT).unwrap();
+        let first = accepted.lock().unwrap().remove(0);
+        first.shutdown(std::net::Shutdown::Both).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !client.is_closed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(client.is_closed());
+        // The next exec opens a new connection and works.
+        let out = link.exec(&host_sh("echo two")).unwrap();
+        assert_eq!(out.stdout, b"two\n");
+        assert_eq!(accepted.lock().unwrap().len(), 1, "one new connection");
+    }
+
+    #[test]
+    fn vm_stop_ends_a_pending_exec_and_wait_at_once() {
+        let (path, _accepted) = fake_vsock_device();
+        let control = Arc::new(VmControl::new());
+        let link = Arc::new(AgentLink::new(path, &control));
+        let child = link.spawn(&host_sh("sleep 1000")).unwrap();
+        let pending = {
+            let link = Arc::clone(&link);
+            std::thread::spawn(move || {
+                let result = link.exec(&host_sh("sleep 1000"));
+                (result, Instant::now())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        control.request_exit(ExitReason::Reset);
+        let stopped = Instant::now();
+        let waited = child.wait();
+        let waited_at = Instant::now();
+        let (result, returned_at) = pending.join().unwrap();
+        assert!(
+            matches!(result, Err(ExecError::GuestStopped(ExitReason::Reset))),
+            "{result:?}"
+        );
+        assert!(matches!(
+            waited,
+            Err(ExecError::GuestStopped(ExitReason::Reset))
+        ));
+        for at in [returned_at, waited_at] {
+            let after = at.saturating_duration_since(stopped);
+            assert!(
+                after < Duration::from_secs(1),
+                "returned {after:?} after the stop"
+            );
+        }
+        // And nothing new starts on a stopped VM.
+        let again = link.exec(&host_sh("true"));
+        assert!(
+            matches!(again, Err(ExecError::GuestStopped(_))),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn exec_output_over_its_limit_is_killed_with_a_typed_error() {
+        let client = client();
+        let cmd = host_sh("yes").output_limit(1 << 20);
+        let started = Instant::now();
+        let result = exec(&client, &cmd);
+        assert!(
+            matches!(
+                result,
+                Err(ExecError::OutputLimit {
+                    stream: "stdout",
+                    limit: 1_048_576
+                })
+            ),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // The connection goes on working.
+        let out = exec(&client, &host_sh("echo after")).unwrap();
+        assert_eq!(out.stdout, b"after\n");
     }
 
     #[test]
@@ -344,10 +664,12 @@ mod tests {
         // stdout open and nobody reads the 4 MiB of stdin.
         let cmd = host_sh("sleep 1000 & sleep 1000")
             .stdin(vec![0u8; 4 << 20])
-            .timeout(Duration::from_millis(300));
+            .timeout(Duration::from_secs(1));
         let started = Instant::now();
         let result = exec(&client, &cmd);
         assert!(matches!(result, Err(ExecError::Timeout(_))), "{result:?}");
-        assert!(started.elapsed() < Duration::from_secs(30));
+        // Within twice the timeout: the kill's grace is half of it.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "took {took:?}");
     }
 }

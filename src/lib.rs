@@ -42,11 +42,14 @@ mod sandbox;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
 pub use chitin_vcpu::ExitReason;
-pub use console::{Console, ConsoleCapture, ConsoleInput};
+pub use console::{
+    Console, ConsoleCapture, ConsoleInput, DEFAULT_CAPTURE_LIMIT, DEFAULT_FILE_LIMIT,
+};
 pub use disk::Disk;
 pub use error::{error_chain, SandboxError};
 pub use exec::{
-    Child, ChildOutput, ClientError, Command, ExecError, ExitStatus, Output, AGENT_PORT,
+    Child, ChildOutput, ChildStdin, ClientError, Command, ExecError, ExitStatus, Output,
+    AGENT_PORT, DEFAULT_OUTPUT_LIMIT,
 };
 pub use faults::DeviceFaults;
 pub use guest::{GuestImage, GUEST_CMDLINE};

@@ -4,14 +4,12 @@
 //! Only a running sandbox can be waited on or stopped, and dropping either
 //! one tears everything down: no thread, fd or mapping outlives it.
 
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use chitin_agent::client::Client;
 use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
@@ -24,7 +22,7 @@ use crate::devices::{attach_virtio, device_err, legacy_devices, VirtioSlots};
 use crate::disk::{device_name, Disk};
 use crate::error::SandboxError;
 use crate::event_loop::{EventLoop, RunningEventLoop};
-use crate::exec::{self, Child, Command, ExecError, Output};
+use crate::exec::{AgentLink, Child, Command, ExecError, Output};
 use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 
@@ -390,11 +388,10 @@ impl Sandbox {
         let mut running = RunningSandbox {
             threads: Vec::with_capacity(vcpus.len()),
             events,
+            agent: agent_socket.map(|socket| AgentLink::new(socket, &control)),
             control,
             vm,
             ram,
-            agent_socket,
-            agent: Mutex::new(None),
             faults,
         };
         for vcpu in vcpus {
@@ -420,8 +417,8 @@ pub struct RunningSandbox {
     #[allow(dead_code)] // kept alive for the vCPUs' sake
     vm: Vm,
     ram: GuestRam,
-    agent_socket: Option<PathBuf>,
-    agent: Mutex<Option<Arc<Client<UnixStream>>>>,
+    /// The way to the agent, when the sandbox runs one.
+    agent: Option<AgentLink>,
     faults: FaultTables,
 }
 
@@ -472,39 +469,13 @@ impl RunningSandbox {
     /// (like `std::process::Command::output`). Waits up to 60 s for the
     /// agent on the first call while the guest boots.
     pub fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
-        let client = self.agent()?;
-        exec::exec(&client, cmd).map_err(|e| self.explain(e))
+        self.agent.as_ref().ok_or(ExecError::NoAgent)?.exec(cmd)
     }
 
     /// Start `cmd` in the guest and return a handle with its stdin, stdout
     /// and stderr, `wait()` and `kill()`.
     pub fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
-        let client = self.agent()?;
-        exec::spawn(&client, cmd).map_err(|e| self.explain(e))
-    }
-
-    /// The shared agent connection, opened on first use.
-    fn agent(&self) -> Result<Arc<Client<UnixStream>>, ExecError> {
-        let socket = self.agent_socket.as_ref().ok_or(ExecError::NoAgent)?;
-        let mut slot = self.agent.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(client) = slot.as_ref() {
-            return Ok(Arc::clone(client));
-        }
-        let client = Arc::new(exec::connect(
-            socket,
-            &self.control,
-            exec::DEFAULT_CONNECT_TIMEOUT,
-        )?);
-        *slot = Some(Arc::clone(&client));
-        Ok(client)
-    }
-
-    /// A broken connection because the guest stopped says so.
-    fn explain(&self, error: ExecError) -> ExecError {
-        match (&error, self.control.exit_reason()) {
-            (ExecError::Agent(_), Some(reason)) => ExecError::GuestStopped(reason),
-            _ => error,
-        }
+        self.agent.as_ref().ok_or(ExecError::NoAgent)?.spawn(cmd)
     }
 
     /// Whether the guest has stopped (without blocking).
@@ -523,7 +494,9 @@ impl RunningSandbox {
 
     fn teardown(&mut self) {
         // Close the agent connection first so no client thread blocks on it.
-        self.agent.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(agent) = &self.agent {
+            agent.close();
+        }
         // Make sure every vCPU leaves the guest, then join.
         self.control.request_exit(ExitReason::Stopped);
         for thread in self.threads.drain(..) {

@@ -191,9 +191,10 @@ fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// A stream of agent-to-client frames: HELLO, STARTED, STDOUT, STDERR,
-/// STDIN_CREDIT, EXIT and a stream ERROR, as the agent sends them.
+/// STDIN_CREDIT, EXIT, the two end frames and a stream ERROR, as the agent
+/// sends them.
 fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
-    use chitin_agent::protocol::{ExecRequest, ExitStatus, Frame, VERSION};
+    use chitin_agent::protocol::{ExecRequest, ExitStatus, Frame, OutputStream, VERSION};
     let session = [
         Frame::Hello { version: VERSION },
         Frame::Started { id: 1, pid: 42 },
@@ -209,6 +210,14 @@ fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Exit {
             id: 1,
             status: ExitStatus::Signal(9),
+        },
+        Frame::Stdout {
+            id: 1,
+            data: Vec::new(),
+        },
+        Frame::Stderr {
+            id: 1,
+            data: Vec::new(),
         },
         Frame::Error {
             id: 2,
@@ -231,7 +240,13 @@ fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
         },
         Frame::OutputCredit {
             id: 3,
+            stream: OutputStream::Stdout,
             bytes: 65536,
+        },
+        Frame::OutputCredit {
+            id: 3,
+            stream: OutputStream::Stderr,
+            bytes: 4096,
         },
         Frame::Signal { id: 3, signo: 9 },
         Frame::Shutdown,

@@ -2,23 +2,28 @@
 //! connection to the agent.
 //!
 //! A [`Client`] owns one stream. One demultiplexer thread reads every frame
-//! and hands it to the [`Child`] it belongs to; writes go through a lock on
-//! the stream, so several threads can spawn, feed and signal processes at
-//! once.
+//! and hands it to the [`Child`] it belongs to; one writer thread writes
+//! every frame the client sends, from a queue, so no caller ever blocks on
+//! a guest that stops reading and no lock is held across a write to it. A
+//! writer that makes no progress for [`ClientConfig::write_stall`] ends the
+//! connection ([`ClientError::Stalled`]).
 //!
-//! Flow control is per child (protocol version 2), so one child never holds
-//! up another: the agent sends a child's output only as far as the client
-//! has returned credit, and the client returns it as the child's output is
-//! pulled (read from either stream, or collected by [`Child::wait`] and
-//! [`Child::output`]). A child nobody pulls from stops on its full pipe in
-//! the guest. [`ChildStdin`] writes block while the agent has not yet
-//! passed earlier stdin on to the process.
+//! Flow control is per child and per output (protocol version 3), so one
+//! child never holds up another and one output never holds up the other:
+//! the agent sends a child's stdout and stderr only as far as the client
+//! has returned credit for each, and the client returns it only as the
+//! caller *consumes* that output (reads it from [`ChildOutput`], or
+//! [`Child::output`] and [`Child::collect`] take it). So the client holds
+//! at most [`WINDOW`] unconsumed bytes per output of a child, whatever the
+//! agent does; a child whose output nobody consumes stops on its full pipe
+//! in the guest, as a process writing to an unread pipe does.
+//! [`ChildStdin`] writes block while the agent has not yet passed earlier
+//! stdin on to the process.
 //!
 //! Nothing the agent sends is trusted: frames are size-capped by
-//! [`crate::protocol`], and output beyond the credit, or credit beyond the
-//! window, ends the connection as a protocol violation, so a hostile guest
-//! cannot grow host memory beyond [`WINDOW`] per child that the caller
-//! does not collect.
+//! [`crate::protocol`], and output beyond the credit, credit beyond the
+//! window, output after its end or a second EXIT ends the connection as a
+//! protocol violation.
 //!
 //! Dropping the [`Client`] shuts the stream down; the agent then kills every
 //! process still running on this connection.
@@ -34,7 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    self, ExecRequest, ExitStatus, Frame, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
+    self, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
 };
 use crate::window::Window;
 
@@ -42,9 +47,7 @@ use crate::window::Window;
 /// much (it then still has three quarters of its window to go on with).
 const CREDIT_BATCH: u32 = WINDOW / 4;
 /// How long `spawn` waits for STARTED or ERROR.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the handshake waits for the agent's HELLO.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a blocked reader lets others at the shared inbox.
 const POLL: Duration = Duration::from_millis(20);
 /// `SIGKILL` on Linux.
@@ -74,6 +77,19 @@ pub enum ClientError {
     /// The agent did not answer in time.
     #[error("agent did not answer within {0:?}")]
     Timeout(Duration),
+    /// The agent stopped reading: nothing could be written to it for this
+    /// long, so the connection was closed.
+    #[error("agent stopped reading its connection: nothing written for {0:?}")]
+    Stalled(Duration),
+    /// A process wrote more than the caller's limit to one output; the
+    /// rest was discarded.
+    #[error("the process wrote more than {limit} bytes to {stream}")]
+    OutputLimit {
+        /// `stdout` or `stderr`.
+        stream: &'static str,
+        /// The limit, in bytes.
+        limit: usize,
+    },
 }
 
 impl From<ProtocolError> for ClientError {
@@ -86,14 +102,38 @@ impl From<ProtocolError> for ClientError {
     }
 }
 
+impl ClientError {
+    /// A copy for a second waiter (an i/o error keeps only its kind and
+    /// message).
+    fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Io(e) => ClientError::Io(io::Error::new(e.kind(), e.to_string())),
+            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
+            ClientError::VersionMismatch { agent } => {
+                ClientError::VersionMismatch { agent: *agent }
+            }
+            ClientError::AgentError(m) => ClientError::AgentError(m.clone()),
+            ClientError::Closed => ClientError::Closed,
+            ClientError::Timeout(d) => ClientError::Timeout(*d),
+            ClientError::Stalled(d) => ClientError::Stalled(*d),
+            ClientError::OutputLimit { stream, limit } => ClientError::OutputLimit {
+                stream,
+                limit: *limit,
+            },
+        }
+    }
+}
+
 /// A byte stream the client can split into a reader and a writer.
 pub trait ClientStream: Read + Write + Send + Sized + 'static {
     /// A second handle on the same stream.
     fn try_clone_stream(&self) -> io::Result<Self>;
-    /// Shut both directions down, waking a blocked reader.
+    /// Shut both directions down, waking a blocked reader and writer.
     fn shutdown_stream(&self) -> io::Result<()>;
-    /// Bound blocking reads (`None`: wait forever).
+    /// Bound each blocking read (`None`: wait forever).
     fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bound each blocking write (`None`: wait forever).
+    fn set_write_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl ClientStream for UnixStream {
@@ -105,6 +145,9 @@ impl ClientStream for UnixStream {
     }
     fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)
+    }
+    fn set_write_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
     }
 }
 
@@ -118,6 +161,55 @@ impl ClientStream for TcpStream {
     fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)
     }
+    fn set_write_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
+}
+
+/// Deadlines of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The whole handshake (HELLO out, HELLO back) must finish within this,
+    /// however the agent spreads its bytes.
+    pub handshake_timeout: Duration,
+    /// A write to the agent that makes no progress for this long ends the
+    /// connection with [`ClientError::Stalled`].
+    pub write_stall: Duration,
+}
+
+impl Default for ClientConfig {
+    /// 30 s for the handshake, 10 s of write stall.
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(30),
+            write_stall: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reads from a stream with one deadline for all reads together.
+struct DeadlineReader<'a, S: ClientStream> {
+    stream: &'a mut S,
+    deadline: Instant,
+}
+
+impl<S: ClientStream> Read for DeadlineReader<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout_stream(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// Whether an i/o error is a read or write timeout.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// What a finished process produced.
@@ -134,9 +226,10 @@ pub struct Output {
 /// What the demultiplexer hands a child.
 enum Event {
     Started(u32),
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
+    /// A chunk of one output; empty: that output ended.
+    Output(OutputStream, Vec<u8>),
     Exit(ExitStatus),
+    /// The stream failed; nothing follows.
     Error(String),
 }
 
@@ -145,13 +238,17 @@ struct Route {
     events: Sender<Event>,
     /// STARTED arrived (a second one breaks the protocol).
     started: bool,
+    /// EXIT arrived.
+    exited: bool,
+    /// Each output's empty end frame arrived.
+    ended: [bool; 2],
     /// The child was dropped or abandoned: output is thrown away and
     /// credited at once.
     discard: bool,
     /// Credit for this child's stdin.
     stdin: Arc<Window>,
-    /// Output bytes received and not yet credited back to the agent.
-    output_unacked: Arc<AtomicU32>,
+    /// Per output, bytes received and not yet credited back to the agent.
+    unacked: [Arc<AtomicU32>; 2],
 }
 
 /// Routes from stream id to child, and why the connection ended.
@@ -160,8 +257,9 @@ struct Routes {
     closed: Option<ClientError>,
 }
 
-struct Shared<S> {
-    writer: Mutex<S>,
+struct Shared {
+    /// Frames for the writer thread; `None` once the client is going away.
+    queue: Mutex<Option<Sender<Vec<u8>>>>,
     routes: Mutex<Routes>,
     next_id: AtomicU32,
     closing: AtomicBool,
@@ -172,55 +270,75 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<S: ClientStream> Shared<S> {
+impl Shared {
+    /// Queue a frame for the writer; never blocks on the agent.
     fn send(&self, frame: &Frame) -> Result<(), ClientError> {
         let bytes = frame.encode()?;
-        let mut w = relock(&self.writer);
-        w.write_all(&bytes).and_then(|()| w.flush()).map_err(|e| {
-            if self.closing.load(Ordering::Relaxed) {
-                ClientError::Closed
-            } else {
-                ClientError::Io(e)
-            }
-        })
+        let sent = relock(&self.queue)
+            .as_ref()
+            .is_some_and(|q| q.send(bytes).is_ok());
+        if sent && relock(&self.routes).closed.is_none() {
+            Ok(())
+        } else {
+            Err(self.closed_error())
+        }
     }
 
+    /// Why the connection ended, for one more caller.
     fn closed_error(&self) -> ClientError {
         match &relock(&self.routes).closed {
-            Some(ClientError::AgentError(m)) => ClientError::AgentError(m.clone()),
-            Some(ClientError::Protocol(m)) => ClientError::Protocol(m.clone()),
+            Some(e @ (ClientError::AgentError(_) | ClientError::Protocol(_))) => e.duplicate(),
+            Some(e @ ClientError::Stalled(_)) => e.duplicate(),
             _ => ClientError::Closed,
+        }
+    }
+
+    /// Record why the connection ended, unless a reason is recorded.
+    fn close_with(&self, why: ClientError) {
+        let mut routes = relock(&self.routes);
+        if routes.closed.is_none() {
+            routes.closed = Some(why);
+        }
+        for (_, route) in routes.children.drain() {
+            route.stdin.close();
         }
     }
 }
 
 /// A connection to the agent, after the version handshake.
 pub struct Client<S: ClientStream> {
-    shared: Arc<Shared<S>>,
+    shared: Arc<Shared>,
     control: S,
+    writer: Option<JoinHandle<()>>,
     demux: Option<JoinHandle<()>>,
 }
 
 impl<S: ClientStream> Client<S> {
-    /// Exchange HELLO with the agent (waiting up to 30 s) and start the
-    /// demultiplexer thread.
-    pub fn handshake(mut stream: S) -> Result<Self, ClientError> {
-        protocol::write_frame(&mut stream, &Frame::Hello { version: VERSION })?;
-        stream.flush().map_err(ClientError::Io)?;
+    /// [`Client::handshake_with`] the default deadlines.
+    pub fn handshake(stream: S) -> Result<Self, ClientError> {
+        Self::handshake_with(stream, ClientConfig::default())
+    }
+
+    /// Exchange HELLO with the agent, all of it within
+    /// `config.handshake_timeout`, and start the demultiplexer and writer
+    /// threads.
+    pub fn handshake_with(mut stream: S, config: ClientConfig) -> Result<Self, ClientError> {
+        let deadline = Instant::now() + config.handshake_timeout;
+        let timeout = |e: ClientError| match e {
+            ClientError::Io(e) if timed_out(&e) => ClientError::Timeout(config.handshake_timeout),
+            other => other,
+        };
         stream
-            .set_read_timeout_stream(Some(HELLO_TIMEOUT))
+            .set_write_timeout_stream(Some(config.handshake_timeout))
             .map_err(ClientError::Io)?;
-        let reply = protocol::read_frame(&mut stream).map_err(|e| match e {
-            ProtocolError::Io(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                ClientError::Timeout(HELLO_TIMEOUT)
-            }
-            other => other.into(),
-        })?;
+        protocol::write_frame(&mut stream, &Frame::Hello { version: VERSION })
+            .map_err(|e| timeout(e.into()))?;
+        stream.flush().map_err(ClientError::Io)?;
+        let mut reader = DeadlineReader {
+            stream: &mut stream,
+            deadline,
+        };
+        let reply = protocol::read_frame(&mut reader).map_err(|e| timeout(e.into()))?;
         match reply {
             Some(Frame::Hello { version: VERSION }) => {}
             Some(Frame::Hello { version }) => {
@@ -233,10 +351,14 @@ impl<S: ClientStream> Client<S> {
         stream
             .set_read_timeout_stream(None)
             .map_err(ClientError::Io)?;
+        stream
+            .set_write_timeout_stream(Some(config.write_stall))
+            .map_err(ClientError::Io)?;
         let reader = stream.try_clone_stream().map_err(ClientError::Io)?;
         let control = stream.try_clone_stream().map_err(ClientError::Io)?;
+        let (queue, frames) = channel();
         let shared = Arc::new(Shared {
-            writer: Mutex::new(stream),
+            queue: Mutex::new(Some(queue)),
             routes: Mutex::new(Routes {
                 children: HashMap::new(),
                 closed: None,
@@ -244,24 +366,51 @@ impl<S: ClientStream> Client<S> {
             next_id: AtomicU32::new(1),
             closing: AtomicBool::new(false),
         });
+        let writer_shared = Arc::clone(&shared);
+        let stall = config.write_stall;
+        let writer = std::thread::Builder::new()
+            .name("agent-client-writer".into())
+            .spawn(move || write_loop(stream, &frames, &writer_shared, stall))
+            .map_err(ClientError::Io)?;
         let demux_shared = Arc::clone(&shared);
         let demux = std::thread::Builder::new()
             .name("agent-client-demux".into())
-            .spawn(move || demux(reader, &demux_shared))
-            .map_err(ClientError::Io)?;
-        Ok(Self {
+            .spawn(move || demux(reader, &demux_shared));
+        let mut client = Self {
             shared,
             control,
-            demux: Some(demux),
-        })
+            writer: Some(writer),
+            demux: None,
+        };
+        // On failure, dropping `client` stops the writer.
+        client.demux = Some(demux.map_err(ClientError::Io)?);
+        Ok(client)
     }
 
-    /// Start a process; returns once the agent reports it running.
-    pub fn spawn(&self, request: &ExecRequest) -> Result<Child<S>, ClientError> {
-        // Unbounded, but the agent's window bounds what it can hold.
+    /// Whether the connection has ended (the agent closed it, broke the
+    /// protocol or stopped reading): a new one is needed.
+    pub fn is_closed(&self) -> bool {
+        relock(&self.shared.routes).closed.is_some()
+    }
+
+    /// Start a process; returns once the agent reports it running, or
+    /// after [`START_TIMEOUT`].
+    pub fn spawn(&self, request: &ExecRequest) -> Result<Child, ClientError> {
+        self.spawn_timeout(request, START_TIMEOUT)
+    }
+
+    /// [`Client::spawn`], waiting at most `timeout` for the agent to
+    /// report the process running. On timeout the process is killed should
+    /// it start after all.
+    pub fn spawn_timeout(
+        &self,
+        request: &ExecRequest,
+        timeout: Duration,
+    ) -> Result<Child, ClientError> {
+        // Unbounded, but the agent's windows bound what it can hold.
         let (tx, rx) = channel();
         let stdin = Arc::new(Window::new());
-        let output_unacked = Arc::new(AtomicU32::new(0));
+        let unacked = [Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0))];
         let id = {
             let mut routes = relock(&self.shared.routes);
             if routes.closed.is_some() {
@@ -277,9 +426,11 @@ impl<S: ClientStream> Client<S> {
                 Route {
                     events: tx,
                     started: false,
+                    exited: false,
+                    ended: [false; 2],
                     discard: false,
                     stdin: Arc::clone(&stdin),
-                    output_unacked: Arc::clone(&output_unacked),
+                    unacked: unacked.clone(),
                 },
             );
             id
@@ -292,13 +443,9 @@ impl<S: ClientStream> Client<S> {
             relock(&self.shared.routes).children.remove(&id);
             return Err(e);
         }
-        let failure = match rx.recv_timeout(START_TIMEOUT) {
+        let failure = match rx.recv_timeout(timeout) {
             Ok(Event::Started(pid)) => {
-                let flow = Flow {
-                    stdin,
-                    output_unacked,
-                };
-                return Ok(self.child(id, pid, request.stdin, rx, flow));
+                return Ok(self.child(id, pid, request.stdin.then_some(stdin), unacked, rx));
             }
             Ok(Event::Error(m)) => ClientError::AgentError(m),
             Ok(_) => ClientError::Protocol("output before STARTED".into()),
@@ -306,7 +453,7 @@ impl<S: ClientStream> Client<S> {
                 // If it starts after all, it must not run unwatched: the
                 // kill follows the EXEC on the stream, so it lands.
                 let _ = self.shared.send(&Frame::Signal { id, signo: SIGKILL });
-                ClientError::Timeout(START_TIMEOUT)
+                ClientError::Timeout(timeout)
             }
             Err(RecvTimeoutError::Disconnected) => self.shared.closed_error(),
         };
@@ -314,15 +461,21 @@ impl<S: ClientStream> Client<S> {
         Err(failure)
     }
 
-    fn child(&self, id: u32, pid: u32, stdin: bool, rx: Receiver<Event>, flow: Flow) -> Child<S> {
+    fn child(
+        &self,
+        id: u32,
+        pid: u32,
+        stdin: Option<Arc<Window>>,
+        unacked: [Arc<AtomicU32>; 2],
+        rx: Receiver<Event>,
+    ) -> Child {
         let shared = Arc::clone(&self.shared);
-        let unacked = Arc::clone(&flow.output_unacked);
-        let credit: CreditFn = Box::new(move |bytes| {
+        let credit: CreditFn = Box::new(move |stream, bytes| {
             // Lower the count before the agent can send more against it.
-            unacked.fetch_sub(bytes, Ordering::AcqRel);
+            unacked[stream.index()].fetch_sub(bytes, Ordering::AcqRel);
             // A failed send means the connection is gone; the reader will
             // find out on its own.
-            let _ = shared.send(&Frame::OutputCredit { id, bytes });
+            let _ = shared.send(&Frame::OutputCredit { id, stream, bytes });
         });
         let shared = Arc::clone(&self.shared);
         let release: ReleaseFn = Box::new(move |rx| {
@@ -332,24 +485,23 @@ impl<S: ClientStream> Client<S> {
             if let Some(route) = routes.children.get_mut(&id) {
                 route.discard = true;
             }
-            rx.try_iter()
-                .map(|e| match e {
-                    Event::Stdout(d) | Event::Stderr(d) => d.len() as u32,
-                    _ => 0,
-                })
-                .sum()
+            let mut held = [0u32; 2];
+            for event in rx.try_iter() {
+                if let Event::Output(stream, d) = event {
+                    held[stream.index()] += d.len() as u32;
+                }
+            }
+            held
         });
         Child {
             id,
             pid,
             shared: Arc::clone(&self.shared),
-            stdin: stdin.then(|| Arc::clone(&flow.stdin)),
+            stdin,
             inbox: Arc::new(Mutex::new(Inbox {
                 rx,
-                stdout: VecDeque::new(),
-                stderr: VecDeque::new(),
+                pending: Default::default(),
                 end: None,
-                uncredited: 0,
                 credit,
                 release: Some(release),
             })),
@@ -375,15 +527,46 @@ impl<S: ClientStream> Client<S> {
 impl<S: ClientStream> Drop for Client<S> {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Relaxed);
+        // The writer ends once its queue is gone and what was in it has
+        // failed on the shut-down stream.
+        relock(&self.shared.queue).take();
         let _ = self.control.shutdown_stream();
-        if let Some(d) = self.demux.take() {
-            let _ = d.join();
+        for thread in [self.writer.take(), self.demux.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Write queued frames until the queue is gone or the stream fails; a
+/// write that makes no progress for `stall` ends the connection.
+fn write_loop<S: ClientStream>(
+    mut stream: S,
+    frames: &Receiver<Vec<u8>>,
+    shared: &Shared,
+    stall: Duration,
+) {
+    while let Ok(bytes) = frames.recv() {
+        if let Err(e) = stream.write_all(&bytes).and_then(|()| stream.flush()) {
+            let why = if timed_out(&e) {
+                ClientError::Stalled(stall)
+            } else if shared.closing.load(Ordering::Relaxed) {
+                ClientError::Closed
+            } else {
+                ClientError::Io(e)
+            };
+            shared.close_with(why);
+            // Wakes the demultiplexer, which then finds the reason set.
+            let _ = stream.shutdown_stream();
+            return;
         }
     }
 }
 
 /// Read frames and route them to children until the stream ends.
-fn demux<S: ClientStream>(mut reader: S, shared: &Shared<S>) {
+fn demux<S: ClientStream>(mut reader: S, shared: &Shared) {
     let end = loop {
         let frame = match protocol::read_frame(&mut reader) {
             Ok(Some(f)) => f,
@@ -397,23 +580,19 @@ fn demux<S: ClientStream>(mut reader: S, shared: &Shared<S>) {
             break ClientError::Closed;
         }
     };
-    let mut routes = relock(&shared.routes);
-    routes.closed = Some(end);
-    for (_, route) in routes.children.drain() {
-        route.stdin.close();
-    }
+    shared.close_with(end);
 }
 
 /// Deliver one frame from the agent; an error ends the connection.
-fn route<S: ClientStream>(frame: Frame, shared: &Shared<S>) -> Result<(), ClientError> {
-    let (id, event, last) = match frame {
-        Frame::Started { id, pid } => (id, Event::Started(pid), false),
-        Frame::Stdout { id, data } => (id, Event::Stdout(data), false),
-        Frame::Stderr { id, data } => (id, Event::Stderr(data), false),
-        Frame::Exit { id, status } => (id, Event::Exit(status), true),
+fn route(frame: Frame, shared: &Shared) -> Result<(), ClientError> {
+    let (id, event) = match frame {
+        Frame::Started { id, pid } => (id, Event::Started(pid)),
+        Frame::Stdout { id, data } => (id, Event::Output(OutputStream::Stdout, data)),
+        Frame::Stderr { id, data } => (id, Event::Output(OutputStream::Stderr, data)),
+        Frame::Exit { id, status } => (id, Event::Exit(status)),
         Frame::Error { id: 0, message } => return Err(ClientError::AgentError(message)),
-        // A stream's ERROR ends it, as EXIT does (see `Inbox::end`).
-        Frame::Error { id, message } => (id, Event::Error(message), true),
+        // A stream's ERROR ends it whatever else was still to come.
+        Frame::Error { id, message } => (id, Event::Error(message)),
         Frame::StdinCredit { id, bytes } => {
             // Unknown stream: it already ended, so its credit is moot.
             if let Some(route) = relock(&shared.routes).children.get(&id) {
@@ -434,73 +613,80 @@ fn route<S: ClientStream>(frame: Frame, shared: &Shared<S>) -> Result<(), Client
     let Some(route) = routes.children.get_mut(&id) else {
         return Ok(()); // a child that ended, or a late frame
     };
+    let violation = |what: String| Err(ClientError::Protocol(format!("stream {id}: {what}")));
+    let mut discarded = None;
     match &event {
-        Event::Started(_) if route.started => {
-            return Err(ClientError::Protocol(format!(
-                "stream {id}: second STARTED"
-            )));
-        }
+        Event::Started(_) if route.started => return violation("second STARTED".into()),
         Event::Started(_) => route.started = true,
-        // Empty chunks would cost an event each and count nothing.
-        Event::Stdout(data) | Event::Stderr(data) if data.is_empty() => {
-            return Err(ClientError::Protocol(format!(
-                "stream {id}: empty output frame"
-            )));
+        Event::Exit(_) if route.exited => return violation("second EXIT".into()),
+        Event::Exit(_) => {
+            route.exited = true;
+            // Nobody reads the process's stdin any more.
+            route.stdin.close();
         }
-        _ => {}
-    }
-    if let Event::Stdout(data) | Event::Stderr(data) = &event {
-        let len = data.len() as u32;
-        let unacked = route.output_unacked.fetch_add(len, Ordering::AcqRel);
-        if u64::from(unacked) + u64::from(len) > u64::from(WINDOW) {
-            return Err(ClientError::Protocol(format!(
-                "stream {id}: {len} bytes of output with {unacked} of {WINDOW} uncredited"
-            )));
+        Event::Output(stream, _) if route.ended[stream.index()] => {
+            return violation(format!("{} after its end", stream.name()));
         }
+        Event::Output(stream, data) if data.is_empty() => route.ended[stream.index()] = true,
+        Event::Output(stream, data) => {
+            let len = data.len() as u32;
+            let unacked = route.unacked[stream.index()].fetch_add(len, Ordering::AcqRel);
+            if u64::from(unacked) + u64::from(len) > u64::from(WINDOW) {
+                return violation(format!(
+                    "{len} bytes of {} with {unacked} of {WINDOW} uncredited",
+                    stream.name()
+                ));
+            }
+            // A child that was dropped no longer receives: its output is
+            // thrown away and credited at once, so the process runs on as
+            // it would with its output going nowhere.
+            if route.discard {
+                route.unacked[stream.index()].fetch_sub(len, Ordering::AcqRel);
+                discarded = Some((*stream, len));
+            }
+        }
+        Event::Error(_) => {}
     }
-    let len = match &event {
-        Event::Stdout(data) | Event::Stderr(data) => data.len() as u32,
-        _ => 0,
-    };
-    // A child that was dropped no longer receives: its output is thrown
-    // away and credited at once, so the process runs on as it would with
-    // its output going nowhere.
-    let discarded = (route.discard || route.events.send(event).is_err()) && len > 0;
-    if discarded {
-        route.output_unacked.fetch_sub(len, Ordering::AcqRel);
+    let done = matches!(event, Event::Error(_)) || (route.exited && route.ended == [true, true]);
+    if discarded.is_none() {
+        // Cannot fail: a child's release switches it to discarding before
+        // its receiver goes away.
+        let _ = route.events.send(event);
     }
-    if last {
+    if done {
         if let Some(route) = routes.children.remove(&id) {
             route.stdin.close();
         }
     }
     drop(routes);
-    if discarded {
-        shared.send(&Frame::OutputCredit { id, bytes: len })?;
+    if let Some((stream, bytes)) = discarded {
+        shared.send(&Frame::OutputCredit { id, stream, bytes })?;
     }
     Ok(())
 }
 
-/// Returns output credit to the agent for one child.
-type CreditFn = Box<dyn Fn(u32) + Send>;
+/// Returns output credit to the agent for one output of one child.
+type CreditFn = Box<dyn Fn(OutputStream, u32) + Send>;
 /// Switches a child's route to discarding and drains its channel; returns
-/// the output bytes drained.
-type ReleaseFn = Box<dyn FnOnce(&Receiver<Event>) -> u32 + Send>;
+/// the output bytes drained, per output.
+type ReleaseFn = Box<dyn FnOnce(&Receiver<Event>) -> [u32; 2] + Send>;
 
-/// The flow-control state a child shares with the demultiplexer.
-struct Flow {
-    stdin: Arc<Window>,
-    output_unacked: Arc<AtomicU32>,
+/// One output of a child: received, not consumed yet.
+#[derive(Default)]
+struct Pending {
+    data: VecDeque<u8>,
+    /// Its end arrived.
+    ended: bool,
+    /// Consumed bytes whose credit has not gone back yet.
+    owed: u32,
 }
 
-/// Output received but not read yet, and how the process ended.
+/// Output received but not consumed yet, and how the process ended.
 struct Inbox {
     rx: Receiver<Event>,
-    stdout: VecDeque<u8>,
-    stderr: VecDeque<u8>,
+    /// Per output, see [`OutputStream::index`].
+    pending: [Pending; 2],
     end: Option<Result<ExitStatus, String>>,
-    /// Output pulled from `rx` whose credit has not gone back yet.
-    uncredited: u32,
     credit: CreditFn,
     release: Option<ReleaseFn>,
 }
@@ -511,31 +697,45 @@ impl Drop for Inbox {
     /// the process is not left stuck on a full window.
     fn drop(&mut self) {
         if let Some(release) = self.release.take() {
-            let held = release(&self.rx).saturating_add(self.uncredited);
-            if held > 0 {
-                (self.credit)(held);
+            let drained = release(&self.rx);
+            for stream in OutputStream::BOTH {
+                let p = &self.pending[stream.index()];
+                let held = drained[stream.index()] + p.owed + p.data.len() as u32;
+                if held > 0 {
+                    (self.credit)(stream, held);
+                }
             }
         }
     }
 }
 
 impl Inbox {
+    /// Everything about the process has arrived: its end and both outputs'.
+    fn finished(&self) -> bool {
+        self.end.is_some() && self.pending.iter().all(|p| p.ended)
+    }
+
     /// Take one event, waiting up to `timeout`. `Ok(false)` on timeout.
     fn pump(&mut self, timeout: Duration) -> Result<bool, ClientError> {
-        if self.end.is_some() {
+        if self.finished() {
             return Ok(true);
         }
         match self.rx.recv_timeout(timeout) {
-            Ok(Event::Stdout(d)) => {
-                self.pulled(d.len());
-                self.stdout.extend(d);
-            }
-            Ok(Event::Stderr(d)) => {
-                self.pulled(d.len());
-                self.stderr.extend(d);
+            Ok(Event::Output(stream, d)) => {
+                let p = &mut self.pending[stream.index()];
+                if d.is_empty() {
+                    p.ended = true;
+                } else {
+                    // At most WINDOW per output, checked on arrival; its
+                    // credit goes back only when the bytes are consumed.
+                    p.data.extend(d);
+                }
             }
             Ok(Event::Exit(s)) => self.end = Some(Ok(s)),
-            Ok(Event::Error(m)) => self.end = Some(Err(m)),
+            Ok(Event::Error(m)) => {
+                self.end = Some(Err(m));
+                self.pending.iter_mut().for_each(|p| p.ended = true);
+            }
             Ok(Event::Started(_)) => {}
             Err(RecvTimeoutError::Timeout) => return Ok(false),
             Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Closed),
@@ -543,33 +743,41 @@ impl Inbox {
         Ok(true)
     }
 
-    /// `n` output bytes left the channel: credit them back in batches.
-    fn pulled(&mut self, n: usize) {
-        self.uncredited += n as u32; // at most WINDOW, checked on arrival
-        if self.uncredited >= CREDIT_BATCH {
-            (self.credit)(std::mem::take(&mut self.uncredited));
+    /// Take up to `max` bytes of one output, returning their credit (in
+    /// batches).
+    fn consume(
+        &mut self,
+        stream: OutputStream,
+        max: usize,
+    ) -> std::collections::vec_deque::Drain<'_, u8> {
+        let p = &mut self.pending[stream.index()];
+        let n = p.data.len().min(max);
+        p.owed += n as u32;
+        if p.owed >= CREDIT_BATCH {
+            (self.credit)(stream, std::mem::take(&mut p.owed));
         }
+        p.data.drain(..n)
     }
 }
 
 /// A process running in the guest.
-pub struct Child<S: ClientStream> {
+pub struct Child {
     id: u32,
     pid: u32,
-    shared: Arc<Shared<S>>,
+    shared: Arc<Shared>,
     /// The stdin credit, until [`Child::stdin`] hands it out.
     stdin: Option<Arc<Window>>,
     inbox: Arc<Mutex<Inbox>>,
 }
 
-impl<S: ClientStream> Child<S> {
+impl Child {
     /// The process id in the guest.
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
     /// The writer for stdin, once, if the request asked for a piped stdin.
-    pub fn stdin(&mut self) -> Option<ChildStdin<S>> {
+    pub fn stdin(&mut self) -> Option<ChildStdin> {
         self.stdin.take().map(|window| ChildStdin {
             id: self.id,
             shared: Arc::clone(&self.shared),
@@ -582,7 +790,7 @@ impl<S: ClientStream> Child<S> {
     pub fn stdout(&self) -> ChildOutput {
         ChildOutput {
             inbox: Arc::clone(&self.inbox),
-            stderr: false,
+            stream: OutputStream::Stdout,
         }
     }
 
@@ -590,11 +798,21 @@ impl<S: ClientStream> Child<S> {
     pub fn stderr(&self) -> ChildOutput {
         ChildOutput {
             inbox: Arc::clone(&self.inbox),
-            stderr: true,
+            stream: OutputStream::Stderr,
         }
     }
 
-    /// Send signal `signo` (1..=64) to the process.
+    /// Output received and not consumed yet, per output (stdout, stderr):
+    /// never more than [`WINDOW`] each.
+    pub fn buffered(&self) -> [usize; 2] {
+        let mut inbox = relock(&self.inbox);
+        // Count what the demultiplexer has delivered too.
+        while !inbox.finished() && matches!(inbox.pump(Duration::ZERO), Ok(true)) {}
+        [0, 1].map(|i| inbox.pending[i].data.len())
+    }
+
+    /// Send signal `signo` (1..=64) to the process. Returns at once: the
+    /// signal is queued for the agent.
     pub fn signal(&self, signo: i32) -> Result<(), ClientError> {
         if !(1..=64).contains(&signo) {
             return Err(ClientError::Protocol(format!("invalid signal {signo}")));
@@ -618,8 +836,9 @@ impl<S: ClientStream> Child<S> {
         // discarding and credits what was held.
     }
 
-    /// Wait until the process has exited and its output is all received;
-    /// output not read yet stays available to the readers.
+    /// Wait until the process has exited, like `std::process::Child::wait`:
+    /// its output is not consumed, so a process whose unread output fills
+    /// its window waits on its pipe (read it, or use [`Child::output`]).
     pub fn wait(&self) -> Result<ExitStatus, ClientError> {
         loop {
             if let Some(status) = self.wait_timeout(POLL)? {
@@ -644,23 +863,75 @@ impl<S: ClientStream> Child<S> {
             }
             if let Err(e) = inbox.pump(left.min(POLL)) {
                 drop(inbox);
-                return Err(match e {
-                    ClientError::Closed => self.shared.closed_error(),
-                    other => other,
-                });
+                return Err(self.why(e));
             }
         }
     }
 
-    /// Wait, then return the status and all output not read yet.
+    fn why(&self, e: ClientError) -> ClientError {
+        match e {
+            ClientError::Closed => self.shared.closed_error(),
+            other => other,
+        }
+    }
+
+    /// Wait for the exit and the end of both outputs, then return the
+    /// status and all output not read yet.
     pub fn output(self) -> Result<Output, ClientError> {
-        let status = self.wait()?;
-        let mut inbox = relock(&self.inbox);
-        Ok(Output {
-            status,
-            stdout: std::mem::take(&mut inbox.stdout).into(),
-            stderr: std::mem::take(&mut inbox.stderr).into(),
-        })
+        self.collect(usize::MAX, None)
+    }
+
+    /// Consume both outputs as they arrive until the process has exited
+    /// and both have ended, and return them with the status. Fails with
+    /// [`ClientError::OutputLimit`] as soon as one output holds more than
+    /// `limit` bytes (the excess is discarded), and with
+    /// [`ClientError::Timeout`] after `timeout`; either way the process
+    /// runs on (kill or abandon it).
+    pub fn collect(&self, limit: usize, timeout: Option<Duration>) -> Result<Output, ClientError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut taken: [Vec<u8>; 2] = Default::default();
+        loop {
+            let mut inbox = relock(&self.inbox);
+            for stream in OutputStream::BOTH {
+                let into = &mut taken[stream.index()];
+                let room = limit - into.len();
+                let over = inbox.pending[stream.index()].data.len() > room;
+                into.extend(inbox.consume(stream, room));
+                if over {
+                    drop(inbox.consume(stream, usize::MAX));
+                    return Err(ClientError::OutputLimit {
+                        stream: stream.name(),
+                        limit,
+                    });
+                }
+            }
+            match inbox.end.clone().filter(|_| inbox.finished()) {
+                Some(Ok(status)) => {
+                    let [stdout, stderr] = taken;
+                    return Ok(Output {
+                        status,
+                        stdout,
+                        stderr,
+                    });
+                }
+                Some(Err(m)) => return Err(ClientError::AgentError(m)),
+                None => {}
+            }
+            let wait = match (deadline, timeout) {
+                (Some(d), Some(t)) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ClientError::Timeout(t));
+                    }
+                    left.min(POLL)
+                }
+                _ => POLL,
+            };
+            if let Err(e) = inbox.pump(wait) {
+                drop(inbox);
+                return Err(self.why(e));
+            }
+        }
     }
 }
 
@@ -669,14 +940,14 @@ impl<S: ClientStream> Child<S> {
 /// A write blocks, like one to a full pipe, while the agent has not yet
 /// passed a window's worth of earlier stdin on to the process; it fails
 /// with `BrokenPipe` once the process has exited or the connection is gone.
-pub struct ChildStdin<S: ClientStream> {
+pub struct ChildStdin {
     id: u32,
-    shared: Arc<Shared<S>>,
+    shared: Arc<Shared>,
     window: Arc<Window>,
     open: bool,
 }
 
-impl<S: ClientStream> ChildStdin<S> {
+impl ChildStdin {
     /// Send EOF.
     pub fn close(mut self) -> Result<(), ClientError> {
         self.open = false;
@@ -687,7 +958,7 @@ impl<S: ClientStream> ChildStdin<S> {
     }
 }
 
-impl<S: ClientStream> Write for ChildStdin<S> {
+impl Write for ChildStdin {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0); // an empty STDIN frame would mean EOF
@@ -712,7 +983,7 @@ impl<S: ClientStream> Write for ChildStdin<S> {
     }
 }
 
-impl<S: ClientStream> Drop for ChildStdin<S> {
+impl Drop for ChildStdin {
     fn drop(&mut self) {
         if self.open {
             let _ = self.shared.send(&Frame::Stdin {
@@ -723,31 +994,27 @@ impl<S: ClientStream> Drop for ChildStdin<S> {
     }
 }
 
-/// Reads a child's stdout or stderr; EOF once the process has exited and
-/// everything is read.
+/// Reads a child's stdout or stderr; EOF once that output has ended and
+/// everything is read. What is read is credited back to the agent.
 pub struct ChildOutput {
     inbox: Arc<Mutex<Inbox>>,
-    stderr: bool,
+    stream: OutputStream,
 }
 
 impl Read for ChildOutput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut inbox = relock(&self.inbox);
-            let stderr = self.stderr;
-            let pending = if stderr {
-                &mut inbox.stderr
-            } else {
-                &mut inbox.stdout
-            };
-            if !pending.is_empty() || buf.is_empty() {
-                let n = pending.len().min(buf.len());
-                for (dst, src) in buf.iter_mut().zip(pending.drain(..n)) {
+            let p = &inbox.pending[self.stream.index()];
+            if !p.data.is_empty() || buf.is_empty() {
+                let (mut n, max) = (0, buf.len());
+                for (dst, src) in buf.iter_mut().zip(inbox.consume(self.stream, max)) {
                     *dst = src;
+                    n += 1;
                 }
                 return Ok(n);
             }
-            if inbox.end.is_some() {
+            if p.ended {
                 return Ok(0);
             }
             // Release the lock now and then so the other stream's reader
@@ -1021,6 +1288,237 @@ mod tests {
         assert!(matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("uncredited")));
     }
 
+    /// A hostile agent peer: handshake, answer STARTED to the first
+    /// `execs` EXECs, then hand the stream and their ids to `script`.
+    fn hostile_agent(
+        execs: usize,
+        config: ClientConfig,
+        script: impl FnOnce(UnixStream, Vec<u32>) + Send + 'static,
+    ) -> (Client<UnixStream>, Vec<Child>) {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let _ = protocol::read_frame(&mut guest);
+            protocol::write_frame(&mut guest, &Frame::Hello { version: VERSION }).unwrap();
+            let mut ids = Vec::new();
+            while ids.len() < execs {
+                let Ok(Some(Frame::Exec { id, .. })) = protocol::read_frame(&mut guest) else {
+                    return;
+                };
+                protocol::write_frame(&mut guest, &Frame::Started { id, pid: id }).unwrap();
+                ids.push(id);
+            }
+            script(guest, ids);
+        });
+        let client = Client::handshake_with(host, config).unwrap();
+        let children = (0..execs)
+            .map(|_| client.spawn(&request(&["x"]).with_stdin()).unwrap())
+            .collect();
+        (client, children)
+    }
+
+    /// This process's resident memory.
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+    }
+
+    #[test]
+    fn agent_streaming_output_forever_gets_credit_only_for_what_is_consumed() {
+        use std::sync::atomic::AtomicU64;
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&sent);
+        let (client, mut children) =
+            hostile_agent(1, ClientConfig::default(), move |guest, ids| {
+                // Sends on both outputs as fast as its credit allows, forever
+                // (until the client goes away).
+                let id = ids[0];
+                let credit =
+                    Arc::new([AtomicU64::new(WINDOW.into()), AtomicU64::new(WINDOW.into())]);
+                let mut reader = guest.try_clone().unwrap();
+                let granted = Arc::clone(&credit);
+                thread::spawn(move || {
+                    while let Ok(Some(frame)) = protocol::read_frame(&mut reader) {
+                        if let Frame::OutputCredit { stream, bytes, .. } = frame {
+                            granted[stream.index()].fetch_add(bytes.into(), Ordering::SeqCst);
+                        }
+                    }
+                });
+                let mut guest = guest;
+                loop {
+                    let mut idle = true;
+                    for stream in OutputStream::BOTH {
+                        let left = &credit[stream.index()];
+                        if left.load(Ordering::SeqCst) >= MAX_CHUNK as u64 {
+                            left.fetch_sub(MAX_CHUNK as u64, Ordering::SeqCst);
+                            let data = vec![b'x'; MAX_CHUNK];
+                            let frame = match stream {
+                                OutputStream::Stdout => Frame::Stdout { id, data },
+                                OutputStream::Stderr => Frame::Stderr { id, data },
+                            };
+                            if protocol::write_frame(&mut guest, &frame).is_err() {
+                                return;
+                            }
+                            counter.fetch_add(MAX_CHUNK as u64, Ordering::SeqCst);
+                            idle = false;
+                        }
+                    }
+                    if idle {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            });
+        let child = children.pop().unwrap();
+        let rss_before = rss_bytes();
+        // Waiting consumes nothing: no credit goes back, so the agent can
+        // send one window per output and no more.
+        assert_eq!(child.wait_timeout(Duration::from_secs(2)).unwrap(), None);
+        assert_eq!(sent.load(Ordering::SeqCst), 2 * u64::from(WINDOW));
+        assert_eq!(child.buffered(), [WINDOW as usize; 2]);
+        // Consuming 16 MiB of stdout returns credit as it goes.
+        let mut stdout = child.stdout();
+        let mut buf = vec![0u8; MAX_CHUNK];
+        for _ in 0..(16 << 20) / MAX_CHUNK {
+            stdout.read_exact(&mut buf).unwrap();
+        }
+        let sent_now = sent.load(Ordering::SeqCst);
+        assert!(sent_now >= 16 << 20, "{sent_now}");
+        assert!(sent_now <= (16 << 20) + 3 * u64::from(WINDOW), "{sent_now}");
+        assert!(child.buffered().iter().all(|&b| b <= WINDOW as usize));
+        // Collecting with a limit ends as soon as one output is over it.
+        let collected = within_ref(|| child.collect(1 << 20, None));
+        assert!(matches!(
+            collected,
+            Some(Err(ClientError::OutputLimit {
+                limit: 1_048_576,
+                ..
+            }))
+        ));
+        // 16 MiB went through; what stayed was never more than a window
+        // per output (the bound: 64 MiB of growth, allocator slack included).
+        let grown = rss_bytes().saturating_sub(rss_before);
+        assert!(grown < 64 << 20, "RSS grew by {grown} bytes");
+        drop(child);
+        drop(client);
+    }
+
+    /// Run `f` on this thread's data in a scoped thread; None if it did
+    /// not finish within 20 s.
+    fn within_ref<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
+        thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = s.spawn(move || {
+                let _ = tx.send(f());
+            });
+            let out = rx.recv_timeout(Duration::from_secs(20)).ok();
+            if out.is_none() {
+                panic!("did not finish within 20 s");
+            }
+            let _ = h.join();
+            out
+        })
+    }
+
+    #[test]
+    fn agent_that_stops_reading_blocks_no_kill_wait_or_timeout() {
+        let stall = Duration::from_secs(1);
+        let config = ClientConfig {
+            write_stall: stall,
+            ..ClientConfig::default()
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let until = Arc::clone(&done);
+        // After starting four processes the agent never reads again.
+        let (client, mut children) = hostile_agent(4, config, move |guest, _| {
+            while !until.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            drop(guest);
+        });
+        // A window of stdin each, 1 MiB in all: more than the socket
+        // holds, so the client's writer blocks on the guest.
+        let writers: Vec<_> = children
+            .iter_mut()
+            .map(|c| {
+                let mut stdin = c.stdin().unwrap();
+                thread::spawn(move || stdin.write_all(&vec![0u8; 4 << 20]))
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        children[0].kill().unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "kill took {:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let waited = children[1].wait_timeout(Duration::from_millis(500));
+        assert!(matches!(waited, Ok(None)), "{waited:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "wait took {:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let collected = children[2].collect(usize::MAX, Some(Duration::from_millis(500)));
+        assert!(
+            matches!(collected, Err(ClientError::Timeout(_))),
+            "{collected:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "collect took {:?}",
+            t.elapsed()
+        );
+        // The writer has made no progress for `stall`: the connection is
+        // declared dead, and everything waiting on it ends.
+        let t = Instant::now();
+        let status = within_ref(|| children[3].wait());
+        assert!(
+            matches!(status, Some(Err(ClientError::Stalled(d))) if d == stall),
+            "{status:?}"
+        );
+        assert!(
+            t.elapsed() < 2 * stall,
+            "stall noticed after {:?}",
+            t.elapsed()
+        );
+        assert!(client.is_closed());
+        for w in writers {
+            let err = within(move || w.join().unwrap()).unwrap().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        }
+        done.store(true, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn handshake_with_an_agent_dribbling_hello_ends_at_its_deadline() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let _ = protocol::read_frame(&mut guest);
+            // A byte every 300 ms: each read would be quick, the whole
+            // HELLO takes 2.7 s.
+            let hello = Frame::Hello { version: VERSION }.encode().unwrap();
+            for b in hello {
+                if guest.write_all(&[b]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let timeout = Duration::from_secs(1);
+        let config = ClientConfig {
+            handshake_timeout: timeout,
+            ..ClientConfig::default()
+        };
+        let t = Instant::now();
+        let result = Client::handshake_with(host, config);
+        assert!(matches!(result, Err(ClientError::Timeout(d)) if d == timeout));
+        assert!(t.elapsed() < 2 * timeout, "took {:?}", t.elapsed());
+    }
+
     #[test]
     fn agent_second_started_is_a_protocol_error() {
         let client = fake_agent(|s, id| {
@@ -1033,15 +1531,69 @@ mod tests {
     }
 
     #[test]
-    fn agent_empty_output_frame_is_a_protocol_error() {
+    fn agent_output_after_its_end_is_a_protocol_error() {
         let client = fake_agent(|s, id| {
-            let data = Vec::new();
-            let _ = protocol::write_frame(s, &Frame::Stderr { id, data });
+            let _ = protocol::write_frame(s, &Frame::Stderr { id, data: vec![] });
+            let _ = protocol::write_frame(s, &Frame::Stderr { id, data: vec![1] });
         });
         let child = client.spawn(&request(&["x"])).unwrap();
         assert!(
-            matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("empty output"))
+            matches!(child.wait(), Err(ClientError::Protocol(m)) if m.contains("stderr after its end"))
         );
+    }
+
+    #[test]
+    fn agent_second_exit_is_a_protocol_error() {
+        let client = fake_agent(|s, id| {
+            let exit = Frame::Exit {
+                id,
+                status: ExitStatus::Code(0),
+            };
+            let _ = protocol::write_frame(s, &exit);
+            let _ = protocol::write_frame(s, &exit);
+        });
+        let child = client.spawn(&request(&["x"])).unwrap();
+        // The first EXIT is reported; the second ends the connection.
+        assert_eq!(child.wait().unwrap(), ExitStatus::Code(0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !client.is_closed() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let again = client.spawn(&request(&["x"]));
+        assert!(matches!(again, Err(ClientError::Protocol(m)) if m.contains("second EXIT")));
+    }
+
+    #[test]
+    fn exit_is_reported_while_unread_output_holds_the_pipe() {
+        let (client, _server) = connect();
+        // Far more than a window: the process blocks on its pipe until it
+        // is killed, and its EXIT must come although nobody read.
+        let flood = client.spawn(&request(&["yes"])).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            flood.buffered()[0],
+            WINDOW as usize,
+            "a full window, no more"
+        );
+        flood.kill().unwrap();
+        let status = within(move || flood.wait().unwrap());
+        assert_eq!(status, Some(ExitStatus::Signal(9)));
+    }
+
+    #[test]
+    fn reading_stdout_only_is_not_held_up_by_unread_stderr() {
+        let (client, _server) = connect();
+        // 1 MiB to stderr that nobody reads, then a line to stdout: with
+        // one window for both, stdout would never arrive.
+        let cmd = "head -c 1048576 /dev/zero >&2 & echo out; wait";
+        let child = client.spawn(&request(&["sh", "-c", cmd])).unwrap();
+        let mut out = child.stdout();
+        let line = within(move || {
+            let mut line = [0u8; 4];
+            out.read_exact(&mut line).map(|()| line)
+        });
+        assert_eq!(line.map(|l| l.ok()), Some(Some(*b"out\n")));
+        child.kill().unwrap();
     }
 
     #[test]
@@ -1111,6 +1663,7 @@ mod tests {
         // once they had taken theirs, and the test hung).
         let credit = Frame::OutputCredit {
             id: 1,
+            stream: OutputStream::Stderr,
             bytes: crate::protocol::WINDOW,
         };
         protocol::write_frame(&mut host, &credit).unwrap();

@@ -23,8 +23,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 /// Protocol version spoken by this build (HELLO payload). Version 2 added
-/// per-stream flow control (the two CREDIT frames and [`WINDOW`]).
-pub const VERSION: u32 = 2;
+/// per-stream flow control (the two CREDIT frames and [`WINDOW`]); version
+/// 3 gives stdout and stderr a window each, sends EXIT as soon as the
+/// process is reaped, and ends each output stream with an empty frame.
+pub const VERSION: u32 = 3;
 /// Largest payload of one frame: 1 MiB.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes counted by the length prefix before the payload: type + stream id.
@@ -33,9 +35,8 @@ pub const HEADER_LEN: usize = 1 + 4;
 pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + HEADER_LEN;
 /// Largest STDOUT/STDERR/STDIN chunk the agent and client send per frame.
 pub const MAX_CHUNK: usize = 64 << 10;
-/// Per stream and direction, the most data bytes (STDOUT plus STDERR one
-/// way, STDIN the other) a sender may have sent that its peer has not
-/// returned as credit. A sender never goes beyond it; a receiver that sees
+/// Per stream and direction, the most data bytes (STDOUT, STDERR and STDIN
+/// each) a sender may have sent that its peer has not returned as credit. A sender never goes beyond it; a receiver that sees
 /// more closes the connection as a protocol violation.
 pub const WINDOW: u32 = 256 << 10;
 /// Most argv entries in one EXEC.
@@ -55,14 +56,15 @@ pub const TYPE_STDIN: u8 = 0x03;
 pub const TYPE_SIGNAL: u8 = 0x04;
 /// SHUTDOWN {}, client → agent, stream 0.
 pub const TYPE_SHUTDOWN: u8 = 0x05;
-/// OUTPUT_CREDIT {bytes: u32}, client → agent: that much more STDOUT and
-/// STDERR may be sent on the stream.
+/// OUTPUT_CREDIT {stream: u8 (1 stdout, 2 stderr), bytes: u32}, client →
+/// agent: that much more of that output may be sent on the stream.
 pub const TYPE_OUTPUT_CREDIT: u8 = 0x06;
 /// STARTED {pid: u32}, agent → client.
 pub const TYPE_STARTED: u8 = 0x81;
-/// STDOUT {bytes}, agent → client.
+/// STDOUT {bytes}, agent → client; empty bytes: end of the process's
+/// stdout.
 pub const TYPE_STDOUT: u8 = 0x82;
-/// STDERR {bytes}, agent → client.
+/// STDERR {bytes}, agent → client; empty bytes: end of its stderr.
 pub const TYPE_STDERR: u8 = 0x83;
 /// EXIT {kind: u8 (0 code, 1 signal), value: i32}, agent → client.
 pub const TYPE_EXIT: u8 = 0x84;
@@ -108,6 +110,48 @@ impl ExitStatus {
     /// True for `Code(0)`.
     pub fn success(&self) -> bool {
         *self == ExitStatus::Code(0)
+    }
+}
+
+/// Which output of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    /// Its stdout (wire value 1).
+    Stdout,
+    /// Its stderr (wire value 2).
+    Stderr,
+}
+
+impl OutputStream {
+    /// Both, in index order (see [`OutputStream::index`]).
+    pub const BOTH: [OutputStream; 2] = [OutputStream::Stdout, OutputStream::Stderr];
+
+    /// 0 for stdout, 1 for stderr: for per-stream arrays.
+    pub fn index(self) -> usize {
+        match self {
+            OutputStream::Stdout => 0,
+            OutputStream::Stderr => 1,
+        }
+    }
+
+    /// The name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+
+    fn wire(self) -> u8 {
+        self.index() as u8 + 1
+    }
+
+    fn from_wire(b: u8) -> Result<Self, ProtocolError> {
+        match b {
+            1 => Ok(OutputStream::Stdout),
+            2 => Ok(OutputStream::Stderr),
+            _ => Err(ProtocolError::Malformed("output stream is neither 1 nor 2")),
+        }
     }
 }
 
@@ -204,11 +248,13 @@ pub enum Frame {
     },
     /// Stop the guest (sync, then reboot).
     Shutdown,
-    /// The client consumed `bytes` more of the stream's output.
+    /// The client consumed `bytes` more of one of the stream's outputs.
     OutputCredit {
         /// Stream id.
         id: u32,
-        /// Bytes returned to the agent's output window.
+        /// Which output.
+        stream: OutputStream,
+        /// Bytes returned to the agent's window for that output.
         bytes: u32,
     },
     /// The process is running.
@@ -218,21 +264,22 @@ pub enum Frame {
         /// Its pid in the guest.
         pid: u32,
     },
-    /// A chunk of the process's stdout.
+    /// A chunk of the process's stdout; empty: its end.
     Stdout {
         /// Stream id.
         id: u32,
         /// At most [`MAX_CHUNK`] bytes.
         data: Vec<u8>,
     },
-    /// A chunk of the process's stderr.
+    /// A chunk of the process's stderr; empty: its end.
     Stderr {
         /// Stream id.
         id: u32,
         /// At most [`MAX_CHUNK`] bytes.
         data: Vec<u8>,
     },
-    /// The process ended and both its output pipes are drained.
+    /// The process ended (its output may still follow, up to the two
+    /// empty end frames).
     Exit {
         /// Stream id.
         id: u32,
@@ -308,9 +355,11 @@ impl Frame {
             }
             Frame::Signal { signo, .. } => put_u32(&mut out, *signo as u32),
             Frame::Shutdown => {}
-            Frame::OutputCredit { bytes, .. } | Frame::StdinCredit { bytes, .. } => {
-                put_u32(&mut out, *bytes)
+            Frame::OutputCredit { stream, bytes, .. } => {
+                out.push(stream.wire());
+                put_u32(&mut out, *bytes);
             }
+            Frame::StdinCredit { bytes, .. } => put_u32(&mut out, *bytes),
             Frame::Started { pid, .. } => put_u32(&mut out, *pid),
             Frame::Exit { status, .. } => {
                 let (kind, value) = match status {
@@ -347,6 +396,7 @@ impl Frame {
             TYPE_SHUTDOWN => Frame::Shutdown,
             TYPE_OUTPUT_CREDIT => Frame::OutputCredit {
                 id,
+                stream: OutputStream::from_wire(r.u8()?)?,
                 bytes: r.u32()?,
             },
             TYPE_STDIN_CREDIT => Frame::StdinCredit {
@@ -616,7 +666,13 @@ mod tests {
             },
             Frame::OutputCredit {
                 id: 7,
+                stream: OutputStream::Stdout,
                 bytes: WINDOW,
+            },
+            Frame::OutputCredit {
+                id: 7,
+                stream: OutputStream::Stderr,
+                bytes: 1,
             },
             Frame::StdinCredit { id: 7, bytes: 1 },
             Frame::Signal { id: 7, signo: 9 },
@@ -757,6 +813,13 @@ mod tests {
                 Err(ProtocolError::Malformed(_))
             ));
         }
+    }
+
+    #[test]
+    fn read_frame_output_credit_for_stream_3_errors() {
+        let bytes = raw(TYPE_OUTPUT_CREDIT, 3, &[3, 1, 0, 0, 0]);
+        let result = read_frame(&mut bytes.as_slice());
+        assert!(matches!(result, Err(ProtocolError::Malformed(m)) if m.contains("stream")));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::protocol::{
-    self, ExecRequest, ExitStatus, Frame, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
+    self, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
 };
 use crate::window::{Overflow, Window};
 
@@ -155,8 +155,9 @@ struct Proc {
     stdin: Option<Sender<Vec<u8>>>,
     /// STDIN bytes received and not yet credited back to the client.
     stdin_unacked: Arc<AtomicU32>,
-    /// Credit for this process's STDOUT and STDERR.
-    output: Arc<Window>,
+    /// Credit for this process's STDOUT and STDERR, one window each (see
+    /// [`OutputStream::index`]).
+    output: [Arc<Window>; 2],
 }
 
 /// The processes of one connection, by stream id. A process is marked
@@ -225,7 +226,7 @@ fn read_loop<R: Read, H: ServerHooks + ?Sized>(
                 }
             }
             Frame::Stdin { id, data } => feed_stdin(id, data, table)?,
-            Frame::OutputCredit { id, bytes } => output_credit(id, bytes, table)?,
+            Frame::OutputCredit { id, stream, bytes } => output_credit(id, stream, bytes, table)?,
             Frame::Signal { id, signo } => signal(id, signo, table)?,
             Frame::Shutdown => {
                 hooks.shutdown();
@@ -336,7 +337,7 @@ fn start(
     let pid = child.id() as i32;
     owned.insert(pid);
     drop(owned);
-    let output = Arc::new(Window::new());
+    let output = [Arc::new(Window::new()), Arc::new(Window::new())];
     let stdin_unacked = Arc::new(AtomicU32::new(0));
     // STARTED is queued before any helper exists, so it comes first.
     let _ = tx.send(Frame::Started {
@@ -363,16 +364,16 @@ fn start(
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     ];
     let mut readers = Vec::new();
-    for (pipe, stderr) in pipes.into_iter().zip([false, true]) {
+    for (pipe, stream) in pipes.into_iter().zip(OutputStream::BOTH) {
         if let (Ok(()), Some(pipe)) = (&started, pipe) {
-            started =
-                pump(pipe, id, tx.clone(), Arc::clone(&output), stderr).map(|h| readers.push(h));
+            let window = Arc::clone(&output[stream.index()]);
+            started = pump(pipe, id, tx.clone(), window, stream).map(|h| readers.push(h));
         }
     }
     if let Err(e) = started {
         // The connection ends on this error; leave nothing behind. The
         // helpers already running see their pipes close and end.
-        output.close();
+        output.iter().for_each(|w| w.close());
         drop(stdin_tx);
         drop(procs);
         abandon(child);
@@ -391,17 +392,20 @@ fn start(
     drop(procs);
     let (waiter_tx, waiter_table) = (tx.clone(), Arc::clone(table));
     let waiter = spawn_named("agent-wait", move || {
-        let status = reap(id, child, &waiter_table);
-        // Output after the exit (and from anything still holding the
-        // pipes) comes before EXIT.
-        for r in readers {
-            let _ = r.join();
-        }
-        match status {
+        // EXIT goes out as soon as the process is reaped, whatever its
+        // output still waits for (credit, or something else in the group
+        // holding the pipes): the readers end each output with an empty
+        // frame of their own. A failed wait is reported after the output,
+        // since ERROR ends the stream.
+        match reap(id, child, &waiter_table) {
             Ok(status) => {
                 let _ = waiter_tx.send(Frame::Exit { id, status });
+                readers.into_iter().for_each(|r| drop(r.join()));
             }
-            Err(message) => send_error(&waiter_tx, id, message),
+            Err(message) => {
+                readers.into_iter().for_each(|r| drop(r.join()));
+                send_error(&waiter_tx, id, message);
+            }
         }
         // A stdin writer can only still be busy on a pipe that something
         // left in the process group holds and does not read; closing the
@@ -415,7 +419,7 @@ fn start(
         Ok(w) => Ok(Some(w)),
         Err(e) => {
             if let Some(p) = lock(table).remove(&id) {
-                p.output.close();
+                p.output.iter().for_each(|w| w.close());
             }
             // `child` moved into the closure that failed to start; it was
             // dropped unreaped, so kill and reap it by pid.
@@ -476,14 +480,19 @@ fn feed(
 }
 
 /// Copy one pipe into STDOUT or STDERR frames until EOF, reading only as
-/// much as the client has given credit for.
+/// much as the client has given credit for, then send the empty frame that
+/// ends that output.
 fn pump<P: Read + Send + 'static>(
     mut pipe: P,
     id: u32,
     tx: Sender<Frame>,
     window: Arc<Window>,
-    stderr: bool,
+    stream: OutputStream,
 ) -> Result<JoinHandle<()>, ServerError> {
+    let frame = move |data| match stream {
+        OutputStream::Stdout => Frame::Stdout { id, data },
+        OutputStream::Stderr => Frame::Stderr { id, data },
+    };
     spawn_named("agent-pipe", move || {
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
@@ -500,20 +509,16 @@ fn pump<P: Read + Send + 'static>(
             };
             let n = match read {
                 Ok(n) if n > 0 => n,
+                // End of file, or a pipe that failed: that output is over.
                 _ => {
                     let _ = window.give(credit);
+                    let _ = tx.send(frame(Vec::new()));
                     return;
                 }
             };
-            // Credit taken but not used goes back for the other pipe.
+            // Credit taken but not used goes back for the next read.
             let _ = window.give((want - n) as u32);
-            let data = buf[..n].to_vec();
-            let frame = if stderr {
-                Frame::Stderr { id, data }
-            } else {
-                Frame::Stdout { id, data }
-            };
-            if tx.send(frame).is_err() {
+            if tx.send(frame(buf[..n].to_vec())).is_err() {
                 return;
             }
         }
@@ -585,11 +590,18 @@ fn feed_stdin(id: u32, data: Vec<u8>, table: &ProcTable) -> Result<(), ServerErr
     Ok(())
 }
 
-/// The client consumed output of process `id`: let its pipe readers go on.
-fn output_credit(id: u32, bytes: u32, table: &ProcTable) -> Result<(), ServerError> {
+/// The client consumed output of process `id`: let that pipe's reader go on.
+fn output_credit(
+    id: u32,
+    stream: OutputStream,
+    bytes: u32,
+    table: &ProcTable,
+) -> Result<(), ServerError> {
     // Not in the table: its output is all sent; late credit is harmless.
     match lock(table).get(&id) {
-        Some(p) => p.output.give(bytes).map_err(ServerError::OutputCredit),
+        Some(p) => p.output[stream.index()]
+            .give(bytes)
+            .map_err(ServerError::OutputCredit),
         None => Ok(()),
     }
 }
@@ -614,7 +626,7 @@ fn signal(id: u32, signo: i32, table: &ProcTable) -> Result<(), ServerError> {
 fn kill_all(table: &ProcTable) {
     for p in lock(table).values_mut() {
         p.stdin = None;
-        p.output.close();
+        p.output.iter().for_each(|w| w.close());
         // SAFETY: kill takes no pointers. The group is the one the process
         // led (process_group(0) at spawn): its id stays taken while any
         // member lives, even after the leader is reaped. The leader itself

@@ -89,6 +89,20 @@ impl fmt::Display for ExitReason {
     }
 }
 
+/// Work to do once when the VM stops.
+type ExitHook = Box<dyn FnOnce() + Send>;
+
+/// The hooks waiting for the VM to stop.
+#[derive(Default)]
+struct ExitHooks(Mutex<Vec<ExitHook>>);
+
+impl fmt::Debug for ExitHooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.lock().map_or(0, |h| h.len());
+        write!(f, "ExitHooks({n})")
+    }
+}
+
 /// Shared between the vCPU threads, the devices and the host handle: the stop
 /// flag, the first exit reason and the threads to kick.
 #[derive(Debug, Default)]
@@ -97,6 +111,7 @@ pub struct VmControl {
     reason: Mutex<Option<ExitReason>>,
     exited: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    hooks: ExitHooks,
 }
 
 impl VmControl {
@@ -126,7 +141,31 @@ impl VmControl {
         self.stop.store(true, Ordering::SeqCst);
         self.exited.notify_all();
         self.kick_all();
+        if won {
+            let hooks = std::mem::take(&mut *self.hooks());
+            hooks.into_iter().for_each(|hook| hook());
+        }
         won
+    }
+
+    fn hooks(&self) -> MutexGuard<'_, Vec<ExitHook>> {
+        // A poisoned lock only means a hook panicked; the list is valid.
+        self.hooks.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `hook` once when the VM stops (on the thread that stops it), or
+    /// now if it has stopped. Hooks must be quick and must not block: they
+    /// run on vCPU and device threads.
+    pub fn on_exit(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = self.hooks();
+        // Checked under the hooks lock: an exit recorded from here on takes
+        // the lock after recording its reason, so it finds this hook.
+        if self.exit_reason().is_some() {
+            drop(hooks);
+            hook();
+        } else {
+            hooks.push(Box::new(hook));
+        }
     }
 
     /// Whether the VM must stop: vCPU loops check this before every entry.
@@ -223,6 +262,36 @@ mod tests {
         let t = std::thread::spawn(move || other.request_exit(ExitReason::TripleFault));
         assert_eq!(control.wait(), ExitReason::TripleFault);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn on_exit_hooks_run_once_at_the_first_exit_and_at_once_after_it() {
+        use std::sync::atomic::AtomicUsize;
+        let control = VmControl::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counter = |runs: &Arc<AtomicUsize>| {
+            let runs = Arc::clone(runs);
+            move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        control.on_exit(counter(&runs));
+        control.on_exit(counter(&runs));
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        control.request_exit(ExitReason::Reset);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        control.request_exit(ExitReason::Stopped);
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "a later exit runs none again"
+        );
+        control.on_exit(counter(&runs));
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "registered after the exit: runs now"
+        );
     }
 
     #[test]

@@ -267,6 +267,43 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     );
 }
 
+/// The guest resets while an exec (with no timeout) waits for `sleep
+/// 1000`: the exec must end with `GuestStopped` within a second of the
+/// VM's stop.
+fn reset_mid_command(vm: &RunningSandbox) -> Result<String, String> {
+    std::thread::scope(|s| {
+        let pending = s.spawn(|| {
+            let result = vm.exec(&Command::new("sleep").arg("1000"));
+            (result, Instant::now())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // `reboot -f` restarts the kernel at once (reboot=k: an i8042
+        // reset pulse), which stops the VM with `Reset`.
+        let reboot = vm.spawn(&Command::new("reboot").arg("-f"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while vm.exit_reason().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stopped = Instant::now();
+        let Some(reason) = vm.exit_reason() else {
+            return Err(format!(
+                "the VM did not stop within 20 s of reboot: {:?}",
+                reboot.err()
+            ));
+        };
+        let (result, returned) = pending.join().map_err(|_| "exec thread panicked")?;
+        let ms = returned.saturating_duration_since(stopped).as_millis();
+        match result {
+            Err(chitin::ExecError::GuestStopped(r)) if ms < 1000 => Ok(format!(
+                "VM stopped ({reason}); the pending exec returned GuestStopped({r}) after {ms} ms"
+            )),
+            other => Err(format!(
+                "VM stopped ({reason}); exec returned {other:?} after {ms} ms"
+            )),
+        }
+    })
+}
+
 /// Echo server on the host side for guest-initiated connections.
 fn host_echo(listener: UnixListener) {
     if let Ok((mut stream, _)) = listener.accept() {
@@ -515,6 +552,10 @@ fn main() {
     // Which kernel answered, so the harness can tell the guests apart.
     c.check("guest-kernel", guest_kernel(&vm));
     c.check("device-faults", device_faults(&vm));
+    if which == "exec" {
+        // Last: the guest is gone after it.
+        c.check("reset-mid-command", reset_mid_command(&vm));
+    }
     println!("chitin-agent: done pass={} fail={}", c.passed, c.failed);
     let _ = std::io::stdout().flush();
     drop(vm);
