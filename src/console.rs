@@ -4,19 +4,29 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 
-pub use chitin_devices::ConsoleCapture;
-use chitin_devices::ReadFd;
+use chitin_devices::{BufferedSink, ReadFd};
+pub use chitin_devices::{ConsoleCapture, DEFAULT_CAPTURE_LIMIT};
 
+use crate::devices::device_err;
 use crate::error::SandboxError;
 
+/// The most a [`Console::file`] receives by default: 64 MiB.
+pub const DEFAULT_FILE_LIMIT: u64 = 64 << 20;
+
 /// The destination of the guest's serial console output (COM1).
+///
+/// A guest can print without end, so every sink is bounded: a capture keeps
+/// its last bytes ([`ConsoleCapture::with_limit`]), a file stops growing at
+/// its limit, and output for stdout, a file or a writer is batched (written
+/// out at 8 KiB, at a newline at most every 20 ms, within 20 ms in any case,
+/// and when the sandbox ends) instead of one `write(2)` per byte.
 pub struct Console(Sink);
 
 enum Sink {
     Null,
     Stdout,
     Capture(ConsoleCapture),
-    File(PathBuf),
+    File(PathBuf, u64),
     Writer(Box<dyn Write + Send>),
 }
 
@@ -36,9 +46,16 @@ impl Console {
         Self(Sink::Capture(capture.clone()))
     }
 
-    /// Write console output to a file, created or truncated by `build()`.
+    /// Write console output to a file, created or truncated by `build()`,
+    /// up to [`DEFAULT_FILE_LIMIT`] bytes.
     pub fn file(path: impl Into<PathBuf>) -> Self {
-        Self(Sink::File(path.into()))
+        Self::file_with_limit(path, DEFAULT_FILE_LIMIT)
+    }
+
+    /// Write at most `limit` bytes of console output to a file (then one
+    /// line saying the rest was dropped).
+    pub fn file_with_limit(path: impl Into<PathBuf>, limit: u64) -> Self {
+        Self(Sink::File(path.into(), limit))
     }
 
     /// Write console output to any writer.
@@ -47,16 +64,18 @@ impl Console {
     }
 
     pub(crate) fn open(self) -> Result<Box<dyn Write + Send>, SandboxError> {
-        Ok(match self.0 {
-            Sink::Null => Box::new(std::io::sink()),
-            Sink::Stdout => Box::new(std::io::stdout()),
-            Sink::Capture(c) => Box::new(c),
-            Sink::File(path) => match File::create(&path) {
-                Ok(f) => Box::new(f),
+        let (out, limit): (Box<dyn Write + Send>, _) = match self.0 {
+            Sink::Null => return Ok(Box::new(std::io::sink())),
+            Sink::Capture(c) => return Ok(Box::new(c)),
+            Sink::Stdout => (Box::new(std::io::stdout()), None),
+            Sink::File(path, limit) => match File::create(&path) {
+                Ok(f) => (Box::new(f), Some(limit)),
                 Err(source) => return Err(SandboxError::ConsoleFile { path, source }),
             },
-            Sink::Writer(w) => w,
-        })
+            Sink::Writer(w) => (w, None),
+        };
+        let sink = BufferedSink::new(out, limit).map_err(|e| device_err("console thread", e))?;
+        Ok(Box::new(sink))
     }
 }
 
@@ -72,7 +91,7 @@ impl std::fmt::Debug for Console {
             Sink::Null => "null",
             Sink::Stdout => "stdout",
             Sink::Capture(_) => "capture",
-            Sink::File(_) => "file",
+            Sink::File(..) => "file",
             Sink::Writer(_) => "writer",
         };
         f.debug_tuple("Console").field(&kind).finish()

@@ -49,7 +49,7 @@ struct ElfGuest {
 }
 
 /// Every ELF image the crate exposes, plus the bzImage's protected-mode part.
-const ELF_GUESTS: [ElfGuest; 8] = [
+const ELF_GUESTS: [ElfGuest; 9] = [
     ElfGuest {
         stem: "report",
         source: "report.S",
@@ -98,10 +98,16 @@ const ELF_GUESTS: [ElfGuest; 8] = [
         defines: &[],
         pvh_note: false,
     },
+    ElfGuest {
+        stem: "flood",
+        source: "flood.S",
+        defines: &[],
+        pvh_note: false,
+    },
 ];
 
 /// Every file in `guests/` the images are built from.
-const SOURCES: [&str; 11] = [
+const SOURCES: [&str; 12] = [
     "defs.h",
     "common.S",
     "guest.lds.S",
@@ -112,6 +118,7 @@ const SOURCES: [&str; 11] = [
     "echo.S",
     "pvh.S",
     "vsock_hostile.S",
+    "flood.S",
     "bzimage_setup.S",
 ];
 

@@ -1,27 +1,47 @@
 //! Output sinks for the guest console.
 //!
-//! This module owns [`ConsoleCapture`], an in-memory buffer the VMM hands to
-//! the serial device as its output and the user keeps a clone of, to read or
-//! wait for what the guest printed.
+//! This module owns [`ConsoleCapture`], an in-memory ring of the last bytes
+//! the guest printed, which the VMM hands to the serial device as its output
+//! and the user keeps a clone of, to read or wait for output; and
+//! [`BufferedSink`], which batches output for a file, stdout or any writer so
+//! a guest printing byte by byte does not cost a `write(2)` per byte, and
+//! caps how much reaches a file.
 //!
-//! It must never poll with sleeps (waiters block on a condition variable that
-//! every write signals) and never fail a write: the serial device runs it on a
-//! vCPU thread, where an error would only lose console output.
+//! Both bound what a guest can make the host hold, and neither ever fails a
+//! write: the serial device runs them on a vCPU thread, where an error would
+//! only lose console output. Capture waiters block on a condition variable
+//! that every write signals, never poll with sleeps.
 
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The most recent bytes a [`ConsoleCapture`] keeps by default: 4 MiB.
+pub const DEFAULT_CAPTURE_LIMIT: usize = 4 << 20;
 
 /// The captured bytes and how many times they were cleared, so a waiter can
 /// tell that bytes it already searched are gone.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Buffer {
+    /// The last bytes written: at most twice `limit` (shown: the last
+    /// `limit`).
     bytes: Vec<u8>,
+    /// Bytes written and since dropped from the front, since the last clear.
+    dropped: u64,
+    limit: usize,
     clears: u64,
 }
 
-#[derive(Debug, Default)]
+impl Buffer {
+    /// What the capture shows: the last `limit` bytes.
+    fn visible(&self) -> &[u8] {
+        &self.bytes[self.bytes.len().saturating_sub(self.limit)..]
+    }
+}
+
+#[derive(Debug)]
 struct Shared {
     buffer: Mutex<Buffer>,
     /// Signalled after every write and clear.
@@ -34,10 +54,19 @@ struct Shared {
 /// Clones share one buffer (an `Arc` inside), so cloning is cheap: give one
 /// clone to [`SerialDevice::new`](crate::SerialDevice::new) as the output sink
 /// and keep another to read the output or [`wait_for`](Self::wait_for) a
-/// line. The buffer grows without bound until [`clear`](Self::clear)ed.
-#[derive(Clone, Default)]
+/// line. It keeps the last [`DEFAULT_CAPTURE_LIMIT`] bytes (or the limit
+/// given to [`with_limit`](Self::with_limit)); older ones are dropped and
+/// counted in [`dropped`](Self::dropped), so a guest flooding its console
+/// holds at most twice the limit of host memory.
+#[derive(Clone)]
 pub struct ConsoleCapture {
     shared: Arc<Shared>,
+}
+
+impl Default for ConsoleCapture {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_CAPTURE_LIMIT)
+    }
 }
 
 impl fmt::Debug for ConsoleCapture {
@@ -49,9 +78,31 @@ impl fmt::Debug for ConsoleCapture {
 }
 
 impl ConsoleCapture {
-    /// Creates an empty capture.
+    /// Creates an empty capture keeping the last [`DEFAULT_CAPTURE_LIMIT`]
+    /// bytes.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Creates an empty capture keeping the last `limit` bytes (at least 1).
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                buffer: Mutex::new(Buffer {
+                    bytes: Vec::new(),
+                    dropped: 0,
+                    limit: limit.max(1),
+                    clears: 0,
+                }),
+                changed: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Bytes written since the last clear that are no longer kept.
+    pub fn dropped(&self) -> u64 {
+        let buffer = self.buffer();
+        buffer.dropped + (buffer.bytes.len() - buffer.visible().len()) as u64
     }
 
     /// Locks the buffer. Bytes are appended whole under the lock, so a lock
@@ -63,14 +114,15 @@ impl ConsoleCapture {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A copy of every byte captured so far.
+    /// A copy of the bytes kept: everything captured since the last clear,
+    /// or its last `limit` bytes.
     pub fn contents(&self) -> Vec<u8> {
-        self.buffer().bytes.clone()
+        self.buffer().visible().to_vec()
     }
 
-    /// Number of bytes captured.
+    /// Number of bytes kept.
     pub fn len(&self) -> usize {
-        self.buffer().bytes.len()
+        self.buffer().visible().len()
     }
 
     /// Whether nothing has been captured (since the last clear).
@@ -82,6 +134,7 @@ impl ConsoleCapture {
     pub fn clear(&self) {
         let mut buffer = self.buffer();
         buffer.bytes.clear();
+        buffer.dropped = 0;
         buffer.clears = buffer.clears.wrapping_add(1);
         drop(buffer);
         self.shared.changed.notify_all();
@@ -100,14 +153,16 @@ impl ConsoleCapture {
         let deadline = Instant::now().checked_add(timeout);
         let mut buffer = self.buffer();
         let mut clears = buffer.clears;
-        // Every match starting before this index was already ruled out.
-        let mut searched_to = 0;
+        // Every match starting before this position (counted from the last
+        // clear, dropped bytes included) was already ruled out.
+        let mut searched_to: u64 = 0;
         loop {
             if buffer.clears != clears {
                 clears = buffer.clears;
                 searched_to = 0;
             }
-            let unsearched = buffer.bytes.get(searched_to..).unwrap_or_default();
+            let from = searched_to.saturating_sub(buffer.dropped) as usize;
+            let unsearched = buffer.bytes.get(from..).unwrap_or_default();
             if unsearched
                 .windows(needle.len())
                 .any(|window| window == needle)
@@ -116,7 +171,8 @@ impl ConsoleCapture {
             }
             // The last `needle.len() - 1` bytes may start a match that ends in
             // bytes still to come.
-            searched_to = buffer.bytes.len().saturating_sub(needle.len() - 1);
+            let end = buffer.dropped + buffer.bytes.len() as u64;
+            searched_to = end.saturating_sub(needle.len() as u64 - 1);
             buffer = match deadline {
                 None => self
                     .shared
@@ -141,13 +197,203 @@ impl ConsoleCapture {
 
 impl Write for ConsoleCapture {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buffer().bytes.extend_from_slice(data);
+        let mut buffer = self.buffer();
+        let limit = buffer.limit;
+        if data.len() >= limit {
+            // Only its end can be kept.
+            buffer.dropped += (buffer.bytes.len() + data.len() - limit) as u64;
+            buffer.bytes.clear();
+            buffer.bytes.extend_from_slice(&data[data.len() - limit..]);
+        } else {
+            buffer.bytes.extend_from_slice(data);
+            // Cut the front once the buffer doubles: amortised O(1) a byte.
+            if buffer.bytes.len() > 2 * limit {
+                let cut = buffer.bytes.len() - limit;
+                buffer.bytes.drain(..cut);
+                buffer.dropped += cut as u64;
+            }
+        }
+        drop(buffer);
         self.shared.changed.notify_all();
         Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Output is written out once this much is pending.
+const SINK_CHUNK: usize = 8 << 10;
+/// Pending output is written out at most this long after it arrived.
+pub const SINK_FLUSH_DELAY: Duration = Duration::from_millis(20);
+
+struct SinkState {
+    out: Box<dyn Write + Send>,
+    pending: Vec<u8>,
+    /// Bytes passed to `out` so far.
+    written: u64,
+    /// Most bytes passed to `out`; `None`: no cap.
+    limit: Option<u64>,
+    /// The cap was hit and said so.
+    capped: bool,
+    last_flush: Instant,
+    closed: bool,
+}
+
+impl SinkState {
+    /// Hand everything pending to `out`, within the cap. Errors lose output
+    /// only.
+    fn flush_pending(&mut self) {
+        let mut data = std::mem::take(&mut self.pending);
+        if let Some(limit) = self.limit {
+            let room = limit.saturating_sub(self.written) as usize;
+            if data.len() > room {
+                data.truncate(room);
+                if !self.capped {
+                    self.capped = true;
+                    data.extend_from_slice(
+                        format!(
+                            "\n[chitin: console output over {limit} bytes; the rest is dropped]\n"
+                        )
+                        .as_bytes(),
+                    );
+                }
+            }
+        }
+        if !data.is_empty() {
+            let _ = self.out.write_all(&data).and_then(|()| self.out.flush());
+            self.written += data.len() as u64;
+        }
+        // Keep the allocation for the next batch.
+        data.clear();
+        self.pending = data;
+        self.last_flush = Instant::now();
+    }
+}
+
+struct SinkShared {
+    state: Mutex<SinkState>,
+    /// Signalled when output starts pending, and at close.
+    changed: Condvar,
+}
+
+impl SinkShared {
+    fn lock(&self) -> MutexGuard<'_, SinkState> {
+        // A holder that panicked left a consistent state: bytes and counts.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A console sink that batches output for a slower writer (a file, stdout,
+/// a pipe): bytes go out when 8 KiB are pending, at a newline once
+/// [`SINK_FLUSH_DELAY`] has passed since the last write-out, within that
+/// delay in any case (a thread of its own, `chitin-console`, sees to it),
+/// and when the sink is dropped. `flush` is a no-op: the serial device
+/// flushes after every byte, which is what this sink exists to avoid.
+///
+/// With a limit, at most that many bytes (and one line saying the rest was
+/// dropped) reach the writer.
+pub struct BufferedSink {
+    shared: Arc<SinkShared>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for BufferedSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.shared.lock();
+        f.debug_struct("BufferedSink")
+            .field("written", &state.written)
+            .field("limit", &state.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BufferedSink {
+    /// Batch output for `out`, passing at most `limit` bytes to it.
+    pub fn new(out: Box<dyn Write + Send>, limit: Option<u64>) -> io::Result<Self> {
+        let shared = Arc::new(SinkShared {
+            state: Mutex::new(SinkState {
+                out,
+                pending: Vec::with_capacity(SINK_CHUNK),
+                written: 0,
+                limit,
+                capped: false,
+                last_flush: Instant::now(),
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let flusher_shared = Arc::clone(&shared);
+        let flusher = std::thread::Builder::new()
+            .name("chitin-console".into())
+            .spawn(move || flush_loop(&flusher_shared))?;
+        Ok(Self {
+            shared,
+            flusher: Some(flusher),
+        })
+    }
+}
+
+/// Write out pending output within [`SINK_FLUSH_DELAY`] of its arrival,
+/// until the sink closes.
+fn flush_loop(shared: &SinkShared) {
+    let mut state = shared.lock();
+    loop {
+        while state.pending.is_empty() && !state.closed {
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.closed {
+            state.flush_pending();
+            return;
+        }
+        // Let more output gather, then write it out in one go.
+        let due = state.last_flush + SINK_FLUSH_DELAY;
+        let wait = due.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            state = shared
+                .changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if Instant::now() < due && !state.closed {
+                continue;
+            }
+        }
+        state.flush_pending();
+    }
+}
+
+impl Write for BufferedSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut state = self.shared.lock();
+        let was_empty = state.pending.is_empty();
+        state.pending.extend_from_slice(data);
+        let line_due = data.contains(&b'\n') && state.last_flush.elapsed() >= SINK_FLUSH_DELAY;
+        if state.pending.len() >= SINK_CHUNK || line_due {
+            state.flush_pending();
+        } else if was_empty {
+            drop(state);
+            self.shared.changed.notify_one();
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BufferedSink {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_one();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
     }
 }
 

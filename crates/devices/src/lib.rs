@@ -47,7 +47,7 @@ pub mod rtc;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError};
-pub use console::ConsoleCapture;
+pub use console::{BufferedSink, ConsoleCapture, DEFAULT_CAPTURE_LIMIT};
 pub use i8042::{I8042Device, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_LEN};
 pub use rtc::{CmosRtc, RTC_BASE, RTC_LEN};
 pub use serial::{ReadFd, SerialDevice, SerialError, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN};

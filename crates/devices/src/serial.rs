@@ -425,6 +425,115 @@ mod tests {
         received
     }
 
+    /// This process's resident memory.
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
+    /// `mib` MiB written to THR a byte at a time, as a guest's port writes
+    /// reach the device.
+    fn flood(serial: &SerialDevice, mib: u64) -> u64 {
+        let line: Vec<u8> = (0..64)
+            .map(|i| if i == 63 { b'\n' } else { b'x' })
+            .collect();
+        let total = mib << 20;
+        for _ in 0..total / 64 {
+            for b in &line {
+                serial.write(RBR_THR, std::slice::from_ref(b));
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn serial_100_mib_into_a_capture_holds_only_its_limit() {
+        let capture = ConsoleCapture::with_limit(1 << 20);
+        let serial = SerialDevice::new(nonblocking_eventfd(), Box::new(capture.clone())).unwrap();
+        let before = rss_bytes();
+        let total = flood(&serial, 100);
+        let grown = rss_bytes().saturating_sub(before);
+        assert_eq!(capture.len(), 1 << 20);
+        assert_eq!(capture.dropped() + (1 << 20), total);
+        // The ring holds at most twice its limit: 2 MiB, 16 MiB with slack.
+        assert!(grown < 16 << 20, "RSS grew by {grown} bytes");
+    }
+
+    #[test]
+    fn serial_16_mib_into_a_buffered_sink_is_written_in_8_kib_batches() {
+        #[derive(Clone, Default)]
+        struct Counting(Arc<Mutex<(u64, u64)>>);
+        impl Write for Counting {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                let mut c = self.0.lock().unwrap();
+                *c = (c.0 + 1, c.1 + data.len() as u64);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let counting = Counting::default();
+        let sink = crate::BufferedSink::new(Box::new(counting.clone()), None).unwrap();
+        let serial = SerialDevice::new(nonblocking_eventfd(), Box::new(sink)).unwrap();
+        let total = flood(&serial, 16);
+        drop(serial);
+        let (writes, bytes) = *counting.0.lock().unwrap();
+        assert_eq!(bytes, total);
+        // 2 048 full batches, and the few a newline or the timer cut.
+        assert!(writes < 2 * 2_048, "{writes} writes");
+    }
+
+    #[test]
+    fn buffered_sink_stops_at_its_limit_and_says_so_once() {
+        let counting = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut sink =
+            crate::BufferedSink::new(Box::new(Shared(Arc::clone(&counting))), Some(10)).unwrap();
+        sink.write_all(b"0123456789abcdef").unwrap();
+        sink.write_all(b"more").unwrap();
+        drop(sink);
+        let notice = "\n[chitin: console output over 10 bytes; the rest is dropped]\n";
+        assert_eq!(
+            *counting.lock().unwrap(),
+            [b"0123456789", notice.as_bytes()].concat()
+        );
+    }
+
+    #[test]
+    fn buffered_sink_writes_a_prompt_without_newline_within_its_delay() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut sink = crate::BufferedSink::new(Box::new(Shared(Arc::clone(&out))), None).unwrap();
+        sink.write_all(b"login: ").unwrap();
+        // Nothing forces it out but the timer; the sink stays alive.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while out.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(*out.lock().unwrap(), b"login: ");
+        drop(sink);
+    }
+
     #[test]
     fn serial_guest_writes_thr_reaches_sink() {
         // Arrange

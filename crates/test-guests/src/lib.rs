@@ -102,11 +102,15 @@ pub enum Guest {
     /// then resets. Without a vsock device in that window it prints `no
     /// vsock device` and resets. Needs 64 MiB of RAM.
     VsockHostile,
+    /// Prints `chitin-test: flood`, writes 256 KiB to COM1 with `rep outsb`
+    /// (lines of 63 `x` and a newline, 4 KiB per string instruction),
+    /// prints `flood: done` and resets.
+    Flood,
 }
 
 impl Guest {
     /// Every guest, in declaration order.
-    pub const ALL: [Guest; 8] = [
+    pub const ALL: [Guest; 9] = [
         Guest::Report,
         Guest::ReportBzImage,
         Guest::Smp,
@@ -115,6 +119,7 @@ impl Guest {
         Guest::Echo,
         Guest::Pvh,
         Guest::VsockHostile,
+        Guest::Flood,
     ];
 
     /// Absolute path of the built image in `OUT_DIR`.
@@ -128,6 +133,7 @@ impl Guest {
             Guest::Echo => concat!(env!("OUT_DIR"), "/echo.elf"),
             Guest::Pvh => concat!(env!("OUT_DIR"), "/pvh.elf"),
             Guest::VsockHostile => concat!(env!("OUT_DIR"), "/vsock_hostile.elf"),
+            Guest::Flood => concat!(env!("OUT_DIR"), "/flood.elf"),
         };
         Path::new(path)
     }
@@ -145,6 +151,7 @@ impl Guest {
             Guest::Echo => "echo",
             Guest::Pvh => "pvh",
             Guest::VsockHostile => "vsock_hostile",
+            Guest::Flood => "flood",
         }
     }
 }
@@ -182,7 +189,7 @@ mod tests {
     const REPORT_BZ_ELF: &str = concat!(env!("OUT_DIR"), "/report_bz.elf");
 
     /// Every guest that is an ELF file.
-    const ELF_GUESTS: [Guest; 7] = [
+    const ELF_GUESTS: [Guest; 8] = [
         Guest::Report,
         Guest::Smp,
         Guest::TripleFault,
@@ -190,6 +197,7 @@ mod tests {
         Guest::Echo,
         Guest::Pvh,
         Guest::VsockHostile,
+        Guest::Flood,
     ];
 
     fn u16_at(bytes: &[u8], offset: usize) -> u16 {

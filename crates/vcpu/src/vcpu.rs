@@ -173,6 +173,8 @@ impl Vcpu {
     /// Enter the guest once; `Some` when the VM must stop.
     fn run_once(&mut self, buses: &IoBuses) -> Option<ExitReason> {
         let vcpu = self.id;
+        // For the access size of port I/O exits, which `VcpuExit` drops.
+        let run: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -186,15 +188,27 @@ impl Vcpu {
                 })
             }
         };
+        // A string instruction (`rep outsb`, `rep insw`) exits once for up to
+        // a page of data: `count` accesses of `size` bytes each, which the
+        // devices see one by one, as the port would.
+        // SAFETY: `run` points at this vCPU's kvm_run mapping, which lives as
+        // long as `self.fd`; KVM filled its `io` member for this exit, and the
+        // data slice `exit` borrows lies beyond the struct (at
+        // `io.data_offset`), so reading `io` aliases nothing borrowed.
+        let io_size = || usize::from(unsafe { (*run).__bindgen_anon_1.io.size }).max(1);
         match exit {
             VcpuExit::IoIn(port, data) => {
-                if !buses.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
+                for access in data.chunks_mut(io_size()) {
+                    if !buses.pio.read(u64::from(port), access) {
+                        access.fill(0xff);
+                    }
                 }
                 None
             }
             VcpuExit::IoOut(port, data) => {
-                buses.pio.write(u64::from(port), data);
+                for access in data.chunks(io_size()) {
+                    buses.pio.write(u64::from(port), access);
+                }
                 None
             }
             VcpuExit::MmioRead(addr, data) => {
