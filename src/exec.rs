@@ -171,6 +171,7 @@ impl Command {
 pub struct Child {
     inner: AgentChild,
     control: Arc<VmControl>,
+    output_limit: usize,
 }
 
 impl Child {
@@ -218,9 +219,17 @@ impl Child {
     }
 
     /// Wait for its exit and the end of its output, then return its status
-    /// and the output not read yet.
+    /// and the output not read yet: at most the command's
+    /// [`Command::output_limit`] of each ([`ExecError::OutputLimit`]
+    /// beyond it; the process is not killed).
     pub fn output(self) -> Result<Output, ExecError> {
-        self.inner.output().map_err(|e| explain(&self.control, e))
+        match self.inner.collect(self.output_limit, None) {
+            Ok(output) => Ok(output),
+            Err(ClientError::OutputLimit { stream, limit }) => {
+                Err(ExecError::OutputLimit { stream, limit })
+            }
+            Err(e) => Err(explain(&self.control, e)),
+        }
     }
 
     /// Stop caring about it: its output from now on is thrown away, and a
@@ -282,15 +291,31 @@ impl AgentLink {
     }
 
     /// The connection, (re)opened if there is none that works; waits up to
-    /// `timeout` for the agent.
+    /// `timeout` for the agent (and for another caller opening it).
     pub(crate) fn client(&self, timeout: Duration) -> Result<Arc<Client<UnixStream>>, ExecError> {
-        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let mut slot = loop {
+            match self.client.try_lock() {
+                Ok(slot) => break slot,
+                Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if let Some(reason) = self.control.exit_reason() {
+                        return Err(ExecError::GuestStopped(reason));
+                    }
+                    if started.elapsed() >= timeout {
+                        return Err(ExecError::AgentUnreachable(timeout));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(client));
         }
-        // Children of the old connection keep it until they are dropped.
+        // A closed client is dropped once its children are.
         slot.take();
-        let (client, stream) = connect(&self.socket, &self.control, timeout)?;
+        let left = timeout.saturating_sub(started.elapsed());
+        let (client, stream) = connect(&self.socket, &self.control, left)?;
         let client = Arc::new(client);
         *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
         // A stop between the connect and the line above found no stream to
@@ -309,10 +334,15 @@ impl AgentLink {
         self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// Run `cmd` to completion.
+    /// Run `cmd` to completion; with a timeout, the wait for the agent is
+    /// part of it.
     pub(crate) fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
-        let client = self.client(DEFAULT_CONNECT_TIMEOUT)?;
-        exec(&client, cmd).map_err(|e| explain(&self.control, e))
+        let started = Instant::now();
+        let wait = cmd
+            .timeout
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.min(DEFAULT_CONNECT_TIMEOUT));
+        let client = self.client(wait)?;
+        exec(&client, cmd, started).map_err(|e| explain(&self.control, e))
     }
 
     /// Start `cmd`.
@@ -412,12 +442,24 @@ fn try_connect(
 
 /// `exec`: spawn, feed stdin while collecting output (within the
 /// command's timeout and output limit), collect.
-pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output, ExecError> {
-    let started = Instant::now();
+pub(crate) fn exec(
+    client: &Client<UnixStream>,
+    cmd: &Command,
+    started: Instant,
+) -> Result<Output, ExecError> {
     // With a timeout, the wait for the agent to start the process is part
     // of it.
-    let start_timeout = cmd.timeout.map_or(START_TIMEOUT, |t| t.min(START_TIMEOUT));
-    let mut child = client.spawn_timeout(&cmd.request, start_timeout)?;
+    let left = |t: Duration| t.saturating_sub(started.elapsed());
+    let start_timeout = cmd
+        .timeout
+        .map_or(START_TIMEOUT, |t| left(t).min(START_TIMEOUT));
+    let mut child = match client.spawn_timeout(&cmd.request, start_timeout) {
+        Ok(child) => child,
+        Err(ClientError::Timeout(_)) if cmd.timeout.is_some() => {
+            return Err(ExecError::Timeout(cmd.timeout.unwrap_or_default()));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let stdin = child.stdin();
     std::thread::scope(move |scope| {
         // Fed from its own thread: a command that writes output before it
@@ -430,8 +472,7 @@ pub(crate) fn exec(client: &Client<UnixStream>, cmd: &Command) -> Result<Output,
             }
             (None, _) => None,
         };
-        let left = cmd.timeout.map(|t| t.saturating_sub(started.elapsed()));
-        let output = collect(child, cmd, left);
+        let output = collect(child, cmd, cmd.timeout.map(left));
         let fed = feeder.map(|f| f.join());
         let output = output?;
         if let Some(Ok(Err(e))) = fed {
@@ -495,6 +536,7 @@ pub(crate) fn spawn(
     Ok(Child {
         inner,
         control: Arc::clone(control),
+        output_limit: cmd.output_limit,
     })
 }
 
@@ -521,10 +563,28 @@ mod tests {
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
     }
 
+    /// Stops a fake device's accept thread and removes its directory.
+    struct FakeDevice {
+        path: PathBuf,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Drop for FakeDevice {
+        fn drop(&mut self) {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Wakes the accept thread, which then sees `stop`.
+            let _ = UnixStream::connect(&self.path);
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
     /// A stand-in for the vsock device's Unix socket: each connection gets
     /// `OK` to its `CONNECT` and the real agent server behind it. Returns
-    /// the socket path and the guest ends of the connections made.
-    fn fake_vsock_device() -> (PathBuf, Arc<Mutex<Vec<UnixStream>>>) {
+    /// the socket path, the guest ends of the connections made, and the
+    /// guard that ends it.
+    fn fake_vsock_device() -> (PathBuf, Arc<Mutex<Vec<UnixStream>>>, FakeDevice) {
         let dir = std::env::temp_dir().join(format!(
             "chitin-link-{}-{:?}",
             std::process::id(),
@@ -536,8 +596,13 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let accepted: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
         let list = Arc::clone(&accepted);
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let stopped = Arc::clone(&stop);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 let Ok(mut stream) = stream else { return };
                 let mut line = [0u8; 13];
                 if stream.read_exact(&mut line).is_err() || &line != b"CONNECT 1024\n" {
@@ -551,12 +616,16 @@ mod tests {
                 });
             }
         });
-        (path, accepted)
+        let guard = FakeDevice {
+            path: path.clone(),
+            stop,
+        };
+        (path, accepted, guard)
     }
 
     #[test]
     fn agent_link_reconnects_after_the_agent_closes_its_connection() {
-        let (path, accepted) = fake_vsock_device();
+        let (path, accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
         let link = AgentLink::new(path, &control);
         let out = link.exec(&host_sh("echo one")).unwrap();
@@ -578,7 +647,7 @@ mod tests {
 
     #[test]
     fn vm_stop_ends_a_pending_exec_and_wait_at_once() {
-        let (path, _accepted) = fake_vsock_device();
+        let (path, _accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
         let link = Arc::new(AgentLink::new(path, &control));
         let child = link.spawn(&host_sh("sleep 1000")).unwrap();
@@ -623,7 +692,7 @@ mod tests {
         let client = client();
         let cmd = host_sh("yes").output_limit(1 << 20);
         let started = Instant::now();
-        let result = exec(&client, &cmd);
+        let result = exec(&client, &cmd, Instant::now());
         assert!(
             matches!(
                 result,
@@ -636,7 +705,7 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(20));
         // The connection goes on working.
-        let out = exec(&client, &host_sh("echo after")).unwrap();
+        let out = exec(&client, &host_sh("echo after"), Instant::now()).unwrap();
         assert_eq!(out.stdout, b"after\n");
     }
 
@@ -644,7 +713,12 @@ mod tests {
     fn exec_stdin_larger_than_window_and_pipe_comes_back_intact() {
         let client = client();
         let input: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
-        let out = exec(&client, &host_sh("cat").stdin(input.clone())).unwrap();
+        let out = exec(
+            &client,
+            &host_sh("cat").stdin(input.clone()),
+            Instant::now(),
+        )
+        .unwrap();
         assert!(out.status.success());
         assert!(out.stdout == input, "got {} bytes", out.stdout.len());
     }
@@ -652,7 +726,12 @@ mod tests {
     #[test]
     fn exec_stdin_process_reading_part_is_not_an_error() {
         let client = client();
-        let out = exec(&client, &host_sh("head -c 10").stdin(vec![b'a'; 1 << 20])).unwrap();
+        let out = exec(
+            &client,
+            &host_sh("head -c 10").stdin(vec![b'a'; 1 << 20]),
+            Instant::now(),
+        )
+        .unwrap();
         assert_eq!(out.stdout, vec![b'a'; 10]);
         assert!(out.status.success());
     }
@@ -666,7 +745,7 @@ mod tests {
             .stdin(vec![0u8; 4 << 20])
             .timeout(Duration::from_secs(1));
         let started = Instant::now();
-        let result = exec(&client, &cmd);
+        let result = exec(&client, &cmd, Instant::now());
         assert!(matches!(result, Err(ExecError::Timeout(_))), "{result:?}");
         // Within twice the timeout: the kill's grace is half of it.
         let took = started.elapsed();

@@ -2,11 +2,12 @@
 //! connection to the agent.
 //!
 //! A [`Client`] owns one stream. One demultiplexer thread reads every frame
-//! and hands it to the [`Child`] it belongs to; one writer thread writes
-//! every frame the client sends, from a queue, so no caller ever blocks on
-//! a guest that stops reading and no lock is held across a write to it. A
-//! writer that makes no progress for [`ClientConfig::write_stall`] ends the
-//! connection ([`ClientError::Stalled`]).
+//! and appends it to the inbox of the [`Child`] it belongs to (waking whoever
+//! waits on that child); one writer thread writes every frame the client
+//! sends, so no caller ever blocks on a guest that stops reading and no
+//! lock is held across a write to it. A write that makes no progress for
+//! [`ClientConfig::write_stall`] ends the connection
+//! ([`ClientError::Stalled`]).
 //!
 //! Flow control is per child and per output (protocol version 3), so one
 //! child never holds up another and one output never holds up the other:
@@ -16,14 +17,17 @@
 //! [`Child::output`] and [`Child::collect`] take it). So the client holds
 //! at most [`WINDOW`] unconsumed bytes per output of a child, whatever the
 //! agent does; a child whose output nobody consumes stops on its full pipe
-//! in the guest, as a process writing to an unread pipe does.
-//! [`ChildStdin`] writes block while the agent has not yet passed earlier
-//! stdin on to the process.
+//! in the guest, as a process writing to an unread pipe does. Credit the
+//! writer has not sent yet is kept as one count per output, so a guest that
+//! stops reading cannot make the queue grow with it; stdin counts as sent
+//! only once the writer has written it, so [`ChildStdin`] writes block
+//! while a window's worth is queued or unacknowledged.
 //!
 //! Nothing the agent sends is trusted: frames are size-capped by
-//! [`crate::protocol`], and output beyond the credit, credit beyond the
-//! window, output after its end or a second EXIT ends the connection as a
-//! protocol violation.
+//! [`crate::protocol`], and output beyond the credit, credit beyond what
+//! was sent, output before STARTED or after its end, or a second STARTED or
+//! EXIT ends the connection as a protocol violation (the stream is shut
+//! down).
 //!
 //! Dropping the [`Client`] shuts the stream down; the agent then kills every
 //! process still running on this connection.
@@ -33,8 +37,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -48,8 +51,6 @@ use crate::window::Window;
 const CREDIT_BATCH: u32 = WINDOW / 4;
 /// How long `spawn` waits for STARTED or ERROR.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often a blocked reader lets others at the shared inbox.
-const POLL: Duration = Duration::from_millis(20);
 /// `SIGKILL` on Linux.
 const SIGKILL: i32 = 9;
 
@@ -223,32 +224,115 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
-/// What the demultiplexer hands a child.
-enum Event {
-    Started(u32),
-    /// A chunk of one output; empty: that output ended.
-    Output(OutputStream, Vec<u8>),
-    Exit(ExitStatus),
-    /// The stream failed; nothing follows.
-    Error(String),
+/// `now + timeout`, or `None` (no deadline) when that does not fit.
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only means another thread panicked; the data is consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wait on `cond` until `deadline` (`None`: for ever); returns the guard
+/// and whether the deadline has passed.
+fn wait_until<'a, T>(
+    cond: &Condvar,
+    guard: MutexGuard<'a, T>,
+    deadline: Option<Instant>,
+) -> (MutexGuard<'a, T>, bool) {
+    match deadline {
+        None => (cond.wait(guard).unwrap_or_else(|e| e.into_inner()), false),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (guard, true);
+            }
+            let (guard, _) = cond
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner());
+            (guard, Instant::now() >= d)
+        }
+    }
+}
+
+/// A frame waiting for the writer.
+enum Outgoing {
+    /// An encoded frame.
+    Frame(Vec<u8>),
+    /// An encoded STDIN frame of stream `id` with `len` data bytes: counted
+    /// as sent (creditable by the agent) once the writer takes it.
+    Stdin { id: u32, len: u32, bytes: Vec<u8> },
+}
+
+/// What the writer thread has to send.
+struct Outbox {
+    frames: VecDeque<Outgoing>,
+    /// Output credit not sent yet, per stream id and output: one count
+    /// each, however often it grew.
+    credit: HashMap<(u32, OutputStream), u32>,
+    /// False once the client goes away or the connection ended.
+    open: bool,
+}
+
+/// One child's output and end as the demultiplexer delivered them.
+struct Inbox {
+    /// STARTED (its pid) or the ERROR that refused the request.
+    started: Option<Result<u32, String>>,
+    /// Per output, see [`OutputStream::index`].
+    pending: [Pending; 2],
+    end: Option<Result<ExitStatus, String>>,
+    /// The connection ended before everything arrived.
+    closed: bool,
+    /// Nobody holds the child any more: output is credited as it arrives.
+    discard: bool,
+}
+
+impl Inbox {
+    /// Everything about the process has arrived: its end and both outputs'.
+    fn finished(&self) -> bool {
+        self.end.is_some() && self.pending.iter().all(|p| p.ended)
+    }
+}
+
+/// One output of a child: received, not consumed yet.
+#[derive(Default)]
+struct Pending {
+    data: VecDeque<u8>,
+    /// Its end arrived.
+    ended: bool,
+    /// Consumed (or discarded) bytes whose credit has not been handed to
+    /// the writer yet.
+    owed: u32,
+}
+
+/// A child's inbox and the condition variable its waiters sleep on.
+struct ChildShared {
+    inbox: Mutex<Inbox>,
+    changed: Condvar,
+}
+
+impl ChildShared {
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        relock(&self.inbox)
+    }
 }
 
 /// Where the demultiplexer delivers one child's frames.
 struct Route {
-    events: Sender<Event>,
+    child: Arc<ChildShared>,
     /// STARTED arrived (a second one breaks the protocol).
     started: bool,
     /// EXIT arrived.
     exited: bool,
     /// Each output's empty end frame arrived.
     ended: [bool; 2],
-    /// The child was dropped or abandoned: output is thrown away and
-    /// credited at once.
-    discard: bool,
     /// Credit for this child's stdin.
     stdin: Arc<Window>,
+    /// STDIN bytes the writer sent that the agent has not credited.
+    stdin_sent: u32,
     /// Per output, bytes received and not yet credited back to the agent.
-    unacked: [Arc<AtomicU32>; 2],
+    unacked: [u32; 2],
 }
 
 /// Routes from stream id to child, and why the connection ended.
@@ -258,50 +342,88 @@ struct Routes {
 }
 
 struct Shared {
-    /// Frames for the writer thread; `None` once the client is going away.
-    queue: Mutex<Option<Sender<Vec<u8>>>>,
+    outbox: Mutex<Outbox>,
+    /// Signalled when the outbox has work or closes.
+    outbox_changed: Condvar,
     routes: Mutex<Routes>,
     next_id: AtomicU32,
     closing: AtomicBool,
 }
 
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Poisoning only means another thread panicked; the data is consistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Shared {
-    /// Queue a frame for the writer; never blocks on the agent.
+    /// Queue an encoded frame for the writer; never blocks on the agent.
+    fn queue(&self, item: Outgoing) -> Result<(), ClientError> {
+        let mut outbox = relock(&self.outbox);
+        if !outbox.open {
+            drop(outbox);
+            return Err(self.closed_error());
+        }
+        outbox.frames.push_back(item);
+        drop(outbox);
+        self.outbox_changed.notify_one();
+        Ok(())
+    }
+
     fn send(&self, frame: &Frame) -> Result<(), ClientError> {
-        let bytes = frame.encode()?;
-        let sent = relock(&self.queue)
-            .as_ref()
-            .is_some_and(|q| q.send(bytes).is_ok());
-        if sent && relock(&self.routes).closed.is_none() {
-            Ok(())
-        } else {
-            Err(self.closed_error())
+        self.queue(Outgoing::Frame(frame.encode()?))
+    }
+
+    fn send_stdin(&self, id: u32, data: Vec<u8>) -> Result<(), ClientError> {
+        let len = data.len() as u32; // at most MAX_CHUNK
+        let bytes = Frame::Stdin { id, data }.encode()?;
+        self.queue(Outgoing::Stdin { id, len, bytes })
+    }
+
+    /// Return `bytes` of output credit for `stream` of child `id` (sent by
+    /// the writer, merged with what is not sent yet).
+    fn credit(&self, id: u32, stream: OutputStream, bytes: u32) {
+        if bytes == 0 {
+            return;
+        }
+        let mut outbox = relock(&self.outbox);
+        if outbox.open {
+            let owed = outbox.credit.entry((id, stream)).or_default();
+            *owed = owed.saturating_add(bytes);
+            drop(outbox);
+            self.outbox_changed.notify_one();
         }
     }
 
     /// Why the connection ended, for one more caller.
     fn closed_error(&self) -> ClientError {
         match &relock(&self.routes).closed {
-            Some(e @ (ClientError::AgentError(_) | ClientError::Protocol(_))) => e.duplicate(),
-            Some(e @ ClientError::Stalled(_)) => e.duplicate(),
+            Some(
+                e @ (ClientError::AgentError(_)
+                | ClientError::Protocol(_)
+                | ClientError::Stalled(_)),
+            ) => e.duplicate(),
             _ => ClientError::Closed,
         }
     }
 
-    /// Record why the connection ended, unless a reason is recorded.
+    /// End the connection: record why (unless a reason is recorded), wake
+    /// every waiter and stop the writer.
     fn close_with(&self, why: ClientError) {
-        let mut routes = relock(&self.routes);
-        if routes.closed.is_none() {
-            routes.closed = Some(why);
+        let children: Vec<Arc<ChildShared>> = {
+            let mut routes = relock(&self.routes);
+            if routes.closed.is_none() {
+                routes.closed = Some(why);
+            }
+            routes
+                .children
+                .drain()
+                .map(|(_, route)| {
+                    route.stdin.close();
+                    route.child
+                })
+                .collect()
+        };
+        for child in children {
+            child.lock().closed = true;
+            child.changed.notify_all();
         }
-        for (_, route) in routes.children.drain() {
-            route.stdin.close();
-        }
+        relock(&self.outbox).open = false;
+        self.outbox_changed.notify_all();
     }
 }
 
@@ -323,7 +445,9 @@ impl<S: ClientStream> Client<S> {
     /// `config.handshake_timeout`, and start the demultiplexer and writer
     /// threads.
     pub fn handshake_with(mut stream: S, config: ClientConfig) -> Result<Self, ClientError> {
-        let deadline = Instant::now() + config.handshake_timeout;
+        let deadline = Instant::now()
+            .checked_add(config.handshake_timeout)
+            .ok_or_else(|| ClientError::Protocol("handshake timeout out of range".into()))?;
         let timeout = |e: ClientError| match e {
             ClientError::Io(e) if timed_out(&e) => ClientError::Timeout(config.handshake_timeout),
             other => other,
@@ -356,9 +480,13 @@ impl<S: ClientStream> Client<S> {
             .map_err(ClientError::Io)?;
         let reader = stream.try_clone_stream().map_err(ClientError::Io)?;
         let control = stream.try_clone_stream().map_err(ClientError::Io)?;
-        let (queue, frames) = channel();
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Some(queue)),
+            outbox: Mutex::new(Outbox {
+                frames: VecDeque::new(),
+                credit: HashMap::new(),
+                open: true,
+            }),
+            outbox_changed: Condvar::new(),
             routes: Mutex::new(Routes {
                 children: HashMap::new(),
                 closed: None,
@@ -370,7 +498,7 @@ impl<S: ClientStream> Client<S> {
         let stall = config.write_stall;
         let writer = std::thread::Builder::new()
             .name("agent-client-writer".into())
-            .spawn(move || write_loop(stream, &frames, &writer_shared, stall))
+            .spawn(move || write_loop(stream, &writer_shared, stall))
             .map_err(ClientError::Io)?;
         let demux_shared = Arc::clone(&shared);
         let demux = std::thread::Builder::new()
@@ -407,10 +535,17 @@ impl<S: ClientStream> Client<S> {
         request: &ExecRequest,
         timeout: Duration,
     ) -> Result<Child, ClientError> {
-        // Unbounded, but the agent's windows bound what it can hold.
-        let (tx, rx) = channel();
+        let child = Arc::new(ChildShared {
+            inbox: Mutex::new(Inbox {
+                started: None,
+                pending: Default::default(),
+                end: None,
+                closed: false,
+                discard: false,
+            }),
+            changed: Condvar::new(),
+        });
         let stdin = Arc::new(Window::new());
-        let unacked = [Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0))];
         let id = {
             let mut routes = relock(&self.shared.routes);
             if routes.closed.is_some() {
@@ -424,17 +559,22 @@ impl<S: ClientStream> Client<S> {
             routes.children.insert(
                 id,
                 Route {
-                    events: tx,
+                    child: Arc::clone(&child),
                     started: false,
                     exited: false,
                     ended: [false; 2],
-                    discard: false,
                     stdin: Arc::clone(&stdin),
-                    unacked: unacked.clone(),
+                    stdin_sent: 0,
+                    unacked: [0; 2],
                 },
             );
             id
         };
+        let handle = Arc::new(Handle {
+            id,
+            shared: Arc::clone(&self.shared),
+            child,
+        });
         let frame = Frame::Exec {
             id,
             request: request.clone(),
@@ -443,69 +583,40 @@ impl<S: ClientStream> Client<S> {
             relock(&self.shared.routes).children.remove(&id);
             return Err(e);
         }
-        let failure = match rx.recv_timeout(timeout) {
-            Ok(Event::Started(pid)) => {
-                return Ok(self.child(id, pid, request.stdin.then_some(stdin), unacked, rx));
+        let deadline = deadline_after(timeout);
+        let mut inbox = handle.child.lock();
+        let failure = loop {
+            match &inbox.started {
+                Some(Ok(pid)) => {
+                    let pid = *pid;
+                    drop(inbox);
+                    return Ok(Child {
+                        id,
+                        pid,
+                        shared: Arc::clone(&self.shared),
+                        stdin: request.stdin.then_some(stdin),
+                        handle,
+                    });
+                }
+                Some(Err(m)) => break ClientError::AgentError(m.clone()),
+                None if inbox.closed => {
+                    drop(inbox);
+                    return Err(self.shared.closed_error());
+                }
+                None => {}
             }
-            Ok(Event::Error(m)) => ClientError::AgentError(m),
-            Ok(_) => ClientError::Protocol("output before STARTED".into()),
-            Err(RecvTimeoutError::Timeout) => {
+            let (guard, late) = wait_until(&handle.child.changed, inbox, deadline);
+            inbox = guard;
+            if late && inbox.started.is_none() {
                 // If it starts after all, it must not run unwatched: the
                 // kill follows the EXEC on the stream, so it lands.
                 let _ = self.shared.send(&Frame::Signal { id, signo: SIGKILL });
-                ClientError::Timeout(timeout)
+                break ClientError::Timeout(timeout);
             }
-            Err(RecvTimeoutError::Disconnected) => self.shared.closed_error(),
         };
+        drop(inbox);
         relock(&self.shared.routes).children.remove(&id);
         Err(failure)
-    }
-
-    fn child(
-        &self,
-        id: u32,
-        pid: u32,
-        stdin: Option<Arc<Window>>,
-        unacked: [Arc<AtomicU32>; 2],
-        rx: Receiver<Event>,
-    ) -> Child {
-        let shared = Arc::clone(&self.shared);
-        let credit: CreditFn = Box::new(move |stream, bytes| {
-            // Lower the count before the agent can send more against it.
-            unacked[stream.index()].fetch_sub(bytes, Ordering::AcqRel);
-            // A failed send means the connection is gone; the reader will
-            // find out on its own.
-            let _ = shared.send(&Frame::OutputCredit { id, stream, bytes });
-        });
-        let shared = Arc::clone(&self.shared);
-        let release: ReleaseFn = Box::new(move |rx| {
-            // Under the routes lock the demultiplexer cannot deliver, so
-            // nothing lands in `rx` between the drain and the switch.
-            let mut routes = relock(&shared.routes);
-            if let Some(route) = routes.children.get_mut(&id) {
-                route.discard = true;
-            }
-            let mut held = [0u32; 2];
-            for event in rx.try_iter() {
-                if let Event::Output(stream, d) = event {
-                    held[stream.index()] += d.len() as u32;
-                }
-            }
-            held
-        });
-        Child {
-            id,
-            pid,
-            shared: Arc::clone(&self.shared),
-            stdin,
-            inbox: Arc::new(Mutex::new(Inbox {
-                rx,
-                pending: Default::default(),
-                end: None,
-                credit,
-                release: Some(release),
-            })),
-        }
     }
 
     /// Run a process to completion and collect its output. A piped stdin
@@ -527,9 +638,10 @@ impl<S: ClientStream> Client<S> {
 impl<S: ClientStream> Drop for Client<S> {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Relaxed);
-        // The writer ends once its queue is gone and what was in it has
-        // failed on the shut-down stream.
-        relock(&self.shared.queue).take();
+        // The writer ends once the outbox closes; a write it is in fails on
+        // the shut-down stream.
+        relock(&self.shared.outbox).open = false;
+        self.shared.outbox_changed.notify_all();
         let _ = self.control.shutdown_stream();
         for thread in [self.writer.take(), self.demux.take()]
             .into_iter()
@@ -540,16 +652,54 @@ impl<S: ClientStream> Drop for Client<S> {
     }
 }
 
-/// Write queued frames until the queue is gone or the stream fails; a
+/// The next thing to write: merged output credit first (it unblocks the
+/// agent), then frames in order. `None` once the outbox closed.
+fn next_outgoing(shared: &Shared) -> Option<Outgoing> {
+    let mut outbox = relock(&shared.outbox);
+    loop {
+        if !outbox.open {
+            return None;
+        }
+        if let Some(&key) = outbox.credit.keys().next() {
+            let bytes = outbox.credit.remove(&key).unwrap_or(0);
+            drop(outbox);
+            let (id, stream) = key;
+            // Counted as returned now: the agent may use it as soon as the
+            // frame is out, before this thread could count it.
+            if let Some(route) = relock(&shared.routes).children.get_mut(&id) {
+                let unacked = &mut route.unacked[stream.index()];
+                *unacked = unacked.saturating_sub(bytes);
+            }
+            return Frame::OutputCredit { id, stream, bytes }
+                .encode()
+                .ok()
+                .map(Outgoing::Frame);
+        }
+        if let Some(item) = outbox.frames.pop_front() {
+            drop(outbox);
+            if let Outgoing::Stdin { id, len, .. } = &item {
+                // Creditable from now on.
+                if let Some(route) = relock(&shared.routes).children.get_mut(id) {
+                    route.stdin_sent = route.stdin_sent.saturating_add(*len);
+                }
+            }
+            return Some(item);
+        }
+        outbox = shared
+            .outbox_changed
+            .wait(outbox)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Write queued frames until the outbox closes or the stream fails; a
 /// write that makes no progress for `stall` ends the connection.
-fn write_loop<S: ClientStream>(
-    mut stream: S,
-    frames: &Receiver<Vec<u8>>,
-    shared: &Shared,
-    stall: Duration,
-) {
-    while let Ok(bytes) = frames.recv() {
-        if let Err(e) = stream.write_all(&bytes).and_then(|()| stream.flush()) {
+fn write_loop<S: ClientStream>(mut stream: S, shared: &Shared, stall: Duration) {
+    while let Some(item) = next_outgoing(shared) {
+        let bytes = match &item {
+            Outgoing::Frame(bytes) | Outgoing::Stdin { bytes, .. } => bytes,
+        };
+        if let Err(e) = stream.write_all(bytes).and_then(|()| stream.flush()) {
             let why = if timed_out(&e) {
                 ClientError::Stalled(stall)
             } else if shared.closing.load(Ordering::Relaxed) {
@@ -565,7 +715,8 @@ fn write_loop<S: ClientStream>(
     }
 }
 
-/// Read frames and route them to children until the stream ends.
+/// Read frames and route them to children until the stream ends or breaks
+/// the protocol; then end the connection.
 fn demux<S: ClientStream>(mut reader: S, shared: &Shared) {
     let end = loop {
         let frame = match protocol::read_frame(&mut reader) {
@@ -581,27 +732,31 @@ fn demux<S: ClientStream>(mut reader: S, shared: &Shared) {
         }
     };
     shared.close_with(end);
+    // The agent sees the end too (and kills what runs on the connection),
+    // whatever the client's owner does next.
+    let _ = reader.shutdown_stream();
+}
+
+/// What one frame does to a child's inbox.
+enum Delivery {
+    Started(u32),
+    /// Output bytes; empty: that output ended.
+    Output(OutputStream, Vec<u8>),
+    Exit(ExitStatus),
+    /// The stream failed; it is over.
+    Error(String),
 }
 
 /// Deliver one frame from the agent; an error ends the connection.
 fn route(frame: Frame, shared: &Shared) -> Result<(), ClientError> {
-    let (id, event) = match frame {
-        Frame::Started { id, pid } => (id, Event::Started(pid)),
-        Frame::Stdout { id, data } => (id, Event::Output(OutputStream::Stdout, data)),
-        Frame::Stderr { id, data } => (id, Event::Output(OutputStream::Stderr, data)),
-        Frame::Exit { id, status } => (id, Event::Exit(status)),
+    let (id, delivery) = match frame {
+        Frame::Started { id, pid } => (id, Delivery::Started(pid)),
+        Frame::Stdout { id, data } => (id, Delivery::Output(OutputStream::Stdout, data)),
+        Frame::Stderr { id, data } => (id, Delivery::Output(OutputStream::Stderr, data)),
+        Frame::Exit { id, status } => (id, Delivery::Exit(status)),
         Frame::Error { id: 0, message } => return Err(ClientError::AgentError(message)),
-        // A stream's ERROR ends it whatever else was still to come.
-        Frame::Error { id, message } => (id, Event::Error(message)),
-        Frame::StdinCredit { id, bytes } => {
-            // Unknown stream: it already ended, so its credit is moot.
-            if let Some(route) = relock(&shared.routes).children.get(&id) {
-                route.stdin.give(bytes).map_err(|e| {
-                    ClientError::Protocol(format!("stream {id}: stdin credit: {e}"))
-                })?;
-            }
-            return Ok(());
-        }
+        Frame::Error { id, message } => (id, Delivery::Error(message)),
+        Frame::StdinCredit { id, bytes } => return stdin_credit(shared, id, bytes),
         other => {
             let t = other.type_byte();
             return Err(ClientError::Protocol(format!(
@@ -609,154 +764,153 @@ fn route(frame: Frame, shared: &Shared) -> Result<(), ClientError> {
             )));
         }
     };
-    let mut routes = relock(&shared.routes);
-    let Some(route) = routes.children.get_mut(&id) else {
-        return Ok(()); // a child that ended, or a late frame
-    };
     let violation = |what: String| Err(ClientError::Protocol(format!("stream {id}: {what}")));
-    let mut discarded = None;
-    match &event {
-        Event::Started(_) if route.started => return violation("second STARTED".into()),
-        Event::Started(_) => route.started = true,
-        Event::Exit(_) if route.exited => return violation("second EXIT".into()),
-        Event::Exit(_) => {
-            route.exited = true;
-            // Nobody reads the process's stdin any more.
-            route.stdin.close();
-        }
-        Event::Output(stream, _) if route.ended[stream.index()] => {
-            return violation(format!("{} after its end", stream.name()));
-        }
-        Event::Output(stream, data) if data.is_empty() => route.ended[stream.index()] = true,
-        Event::Output(stream, data) => {
-            let len = data.len() as u32;
-            let unacked = route.unacked[stream.index()].fetch_add(len, Ordering::AcqRel);
-            if u64::from(unacked) + u64::from(len) > u64::from(WINDOW) {
-                return violation(format!(
-                    "{len} bytes of {} with {unacked} of {WINDOW} uncredited",
-                    stream.name()
-                ));
+    // Check and account under the routes lock; touch the inbox after it
+    // (consumers lock the inbox, then the outbox: never the routes lock
+    // held while the inbox is taken).
+    let child = {
+        let mut routes = relock(&shared.routes);
+        let Some(route) = routes.children.get_mut(&id) else {
+            // A child that ended or was given up on: a late frame.
+            return Ok(());
+        };
+        match &delivery {
+            Delivery::Started(_) if route.started => return violation("second STARTED".into()),
+            Delivery::Started(_) => route.started = true,
+            Delivery::Error(_) => {}
+            _ if !route.started => return violation("output or EXIT before STARTED".into()),
+            Delivery::Exit(_) if route.exited => return violation("second EXIT".into()),
+            Delivery::Exit(_) => {
+                route.exited = true;
+                // Nobody reads the process's stdin any more.
+                route.stdin.close();
             }
-            // A child that was dropped no longer receives: its output is
-            // thrown away and credited at once, so the process runs on as
-            // it would with its output going nowhere.
-            if route.discard {
-                route.unacked[stream.index()].fetch_sub(len, Ordering::AcqRel);
-                discarded = Some((*stream, len));
+            Delivery::Output(stream, _) if route.ended[stream.index()] => {
+                return violation(format!("{} after its end", stream.name()));
+            }
+            Delivery::Output(stream, data) if data.is_empty() => {
+                route.ended[stream.index()] = true;
+            }
+            Delivery::Output(stream, data) => {
+                let len = data.len() as u32; // at most MAX_PAYLOAD
+                let unacked = &mut route.unacked[stream.index()];
+                if u64::from(*unacked) + u64::from(len) > u64::from(WINDOW) {
+                    return violation(format!(
+                        "{len} bytes of {} with {unacked} of {WINDOW} uncredited",
+                        stream.name()
+                    ));
+                }
+                *unacked += len;
             }
         }
-        Event::Error(_) => {}
-    }
-    let done = matches!(event, Event::Error(_)) || (route.exited && route.ended == [true, true]);
-    if discarded.is_none() {
-        // Cannot fail: a child's release switches it to discarding before
-        // its receiver goes away.
-        let _ = route.events.send(event);
-    }
-    if done {
-        if let Some(route) = routes.children.remove(&id) {
-            route.stdin.close();
+        let done =
+            matches!(delivery, Delivery::Error(_)) || (route.exited && route.ended == [true, true]);
+        let child = Arc::clone(&route.child);
+        if done {
+            if let Some(route) = routes.children.remove(&id) {
+                route.stdin.close();
+            }
+        }
+        child
+    };
+    let mut inbox = child.lock();
+    match delivery {
+        Delivery::Started(pid) => inbox.started = Some(Ok(pid)),
+        Delivery::Output(stream, data) => {
+            let discard = inbox.discard;
+            let p = &mut inbox.pending[stream.index()];
+            if data.is_empty() {
+                p.ended = true;
+            } else if discard {
+                // Nobody will read it: thrown away and credited, so the
+                // process runs on as if its output went nowhere.
+                p.owed += data.len() as u32;
+                if p.owed >= CREDIT_BATCH {
+                    shared.credit(id, stream, std::mem::take(&mut p.owed));
+                }
+            } else {
+                p.data.extend(data);
+            }
+        }
+        Delivery::Exit(status) => inbox.end = Some(Ok(status)),
+        Delivery::Error(message) => {
+            if inbox.started.is_none() {
+                inbox.started = Some(Err(message.clone()));
+            }
+            inbox.end = Some(Err(message));
+            inbox.pending.iter_mut().for_each(|p| p.ended = true);
         }
     }
-    drop(routes);
-    if let Some((stream, bytes)) = discarded {
-        shared.send(&Frame::OutputCredit { id, stream, bytes })?;
-    }
+    drop(inbox);
+    child.changed.notify_all();
     Ok(())
 }
 
-/// Returns output credit to the agent for one output of one child.
-type CreditFn = Box<dyn Fn(OutputStream, u32) + Send>;
-/// Switches a child's route to discarding and drains its channel; returns
-/// the output bytes drained, per output.
-type ReleaseFn = Box<dyn FnOnce(&Receiver<Event>) -> [u32; 2] + Send>;
-
-/// One output of a child: received, not consumed yet.
-#[derive(Default)]
-struct Pending {
-    data: VecDeque<u8>,
-    /// Its end arrived.
-    ended: bool,
-    /// Consumed bytes whose credit has not gone back yet.
-    owed: u32,
+/// The agent passed `bytes` of stream `id`'s stdin on: give the credit
+/// back, if that much was sent.
+fn stdin_credit(shared: &Shared, id: u32, bytes: u32) -> Result<(), ClientError> {
+    let mut routes = relock(&shared.routes);
+    // Unknown stream: it already ended, so its credit is moot.
+    let Some(route) = routes.children.get_mut(&id) else {
+        return Ok(());
+    };
+    if bytes > route.stdin_sent {
+        return Err(ClientError::Protocol(format!(
+            "stream {id}: stdin credit for {bytes} bytes with {} sent and unacknowledged",
+            route.stdin_sent
+        )));
+    }
+    route.stdin_sent -= bytes;
+    route
+        .stdin
+        .give(bytes)
+        .map_err(|e| ClientError::Protocol(format!("stream {id}: stdin credit: {e}")))
 }
 
-/// Output received but not consumed yet, and how the process ended.
-struct Inbox {
-    rx: Receiver<Event>,
-    /// Per output, see [`OutputStream::index`].
-    pending: [Pending; 2],
-    end: Option<Result<ExitStatus, String>>,
-    credit: CreditFn,
-    release: Option<ReleaseFn>,
+/// The part of a child its handles share; when the last goes, the child's
+/// output is thrown away from then on and what was held is credited.
+struct Handle {
+    id: u32,
+    shared: Arc<Shared>,
+    child: Arc<ChildShared>,
 }
 
-impl Drop for Inbox {
-    /// The child is gone (every handle dropped): from now on its output is
-    /// thrown away as it arrives, and everything held back is credited, so
-    /// the process is not left stuck on a full window.
-    fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            let drained = release(&self.rx);
-            for stream in OutputStream::BOTH {
-                let p = &self.pending[stream.index()];
-                let held = drained[stream.index()] + p.owed + p.data.len() as u32;
-                if held > 0 {
-                    (self.credit)(stream, held);
-                }
-            }
-        }
-    }
-}
-
-impl Inbox {
-    /// Everything about the process has arrived: its end and both outputs'.
-    fn finished(&self) -> bool {
-        self.end.is_some() && self.pending.iter().all(|p| p.ended)
-    }
-
-    /// Take one event, waiting up to `timeout`. `Ok(false)` on timeout.
-    fn pump(&mut self, timeout: Duration) -> Result<bool, ClientError> {
-        if self.finished() {
-            return Ok(true);
-        }
-        match self.rx.recv_timeout(timeout) {
-            Ok(Event::Output(stream, d)) => {
-                let p = &mut self.pending[stream.index()];
-                if d.is_empty() {
-                    p.ended = true;
-                } else {
-                    // At most WINDOW per output, checked on arrival; its
-                    // credit goes back only when the bytes are consumed.
-                    p.data.extend(d);
-                }
-            }
-            Ok(Event::Exit(s)) => self.end = Some(Ok(s)),
-            Ok(Event::Error(m)) => {
-                self.end = Some(Err(m));
-                self.pending.iter_mut().for_each(|p| p.ended = true);
-            }
-            Ok(Event::Started(_)) => {}
-            Err(RecvTimeoutError::Timeout) => return Ok(false),
-            Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Closed),
-        }
-        Ok(true)
-    }
-
-    /// Take up to `max` bytes of one output, returning their credit (in
-    /// batches).
-    fn consume(
-        &mut self,
+impl Handle {
+    /// Take up to `max` bytes of one output, owing their credit (handed to
+    /// the writer in batches).
+    fn consume<'a>(
+        &self,
+        inbox: &'a mut Inbox,
         stream: OutputStream,
         max: usize,
-    ) -> std::collections::vec_deque::Drain<'_, u8> {
-        let p = &mut self.pending[stream.index()];
+    ) -> std::collections::vec_deque::Drain<'a, u8> {
+        let p = &mut inbox.pending[stream.index()];
         let n = p.data.len().min(max);
-        p.owed += n as u32;
+        p.owed += n as u32; // at most WINDOW in all
         if p.owed >= CREDIT_BATCH {
-            (self.credit)(stream, std::mem::take(&mut p.owed));
+            self.shared
+                .credit(self.id, stream, std::mem::take(&mut p.owed));
         }
         p.data.drain(..n)
+    }
+
+    /// The connection ended under a waiter: why.
+    fn closed(&self) -> ClientError {
+        self.shared.closed_error()
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let mut inbox = self.child.lock();
+        inbox.discard = true;
+        for stream in OutputStream::BOTH {
+            let p = &mut inbox.pending[stream.index()];
+            let held = p.owed + p.data.len() as u32;
+            p.owed = 0;
+            p.data = VecDeque::new();
+            self.shared.credit(self.id, stream, held);
+        }
     }
 }
 
@@ -767,7 +921,7 @@ pub struct Child {
     shared: Arc<Shared>,
     /// The stdin credit, until [`Child::stdin`] hands it out.
     stdin: Option<Arc<Window>>,
-    inbox: Arc<Mutex<Inbox>>,
+    handle: Arc<Handle>,
 }
 
 impl Child {
@@ -789,7 +943,7 @@ impl Child {
     /// A reader of stdout.
     pub fn stdout(&self) -> ChildOutput {
         ChildOutput {
-            inbox: Arc::clone(&self.inbox),
+            handle: Arc::clone(&self.handle),
             stream: OutputStream::Stdout,
         }
     }
@@ -797,7 +951,7 @@ impl Child {
     /// A reader of stderr.
     pub fn stderr(&self) -> ChildOutput {
         ChildOutput {
-            inbox: Arc::clone(&self.inbox),
+            handle: Arc::clone(&self.handle),
             stream: OutputStream::Stderr,
         }
     }
@@ -805,9 +959,7 @@ impl Child {
     /// Output received and not consumed yet, per output (stdout, stderr):
     /// never more than [`WINDOW`] each.
     pub fn buffered(&self) -> [usize; 2] {
-        let mut inbox = relock(&self.inbox);
-        // Count what the demultiplexer has delivered too.
-        while !inbox.finished() && matches!(inbox.pump(Duration::ZERO), Ok(true)) {}
+        let inbox = self.handle.child.lock();
         [0, 1].map(|i| inbox.pending[i].data.len())
     }
 
@@ -832,46 +984,41 @@ impl Child {
         if let Some(route) = relock(&self.shared.routes).children.get(&self.id) {
             route.stdin.close();
         }
-        // Dropping the last handle on the inbox switches the route to
-        // discarding and credits what was held.
+        // Dropping the last handle switches the child to discarding and
+        // credits what was held.
     }
 
     /// Wait until the process has exited, like `std::process::Child::wait`:
     /// its output is not consumed, so a process whose unread output fills
     /// its window waits on its pipe (read it, or use [`Child::output`]).
     pub fn wait(&self) -> Result<ExitStatus, ClientError> {
-        loop {
-            if let Some(status) = self.wait_timeout(POLL)? {
-                return Ok(status);
-            }
-        }
+        self.wait_deadline(None)?
+            .ok_or_else(|| ClientError::Protocol("wait without a deadline timed out".into()))
     }
 
     /// [`Child::wait`] for at most `timeout`; `Ok(None)` if still running.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<ExitStatus>, ClientError> {
-        let deadline = Instant::now() + timeout;
+        self.wait_deadline(deadline_after(timeout))
+    }
+
+    fn wait_deadline(&self, deadline: Option<Instant>) -> Result<Option<ExitStatus>, ClientError> {
+        let child = &self.handle.child;
+        let mut inbox = child.lock();
         loop {
-            let mut inbox = relock(&self.inbox);
             match &inbox.end {
                 Some(Ok(s)) => return Ok(Some(*s)),
                 Some(Err(m)) => return Err(ClientError::AgentError(m.clone())),
+                None if inbox.closed => {
+                    drop(inbox);
+                    return Err(self.handle.closed());
+                }
                 None => {}
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let (guard, late) = wait_until(&child.changed, inbox, deadline);
+            inbox = guard;
+            if late && inbox.end.is_none() {
                 return Ok(None);
             }
-            if let Err(e) = inbox.pump(left.min(POLL)) {
-                drop(inbox);
-                return Err(self.why(e));
-            }
-        }
-    }
-
-    fn why(&self, e: ClientError) -> ClientError {
-        match e {
-            ClientError::Closed => self.shared.closed_error(),
-            other => other,
         }
     }
 
@@ -888,17 +1035,18 @@ impl Child {
     /// [`ClientError::Timeout`] after `timeout`; either way the process
     /// runs on (kill or abandon it).
     pub fn collect(&self, limit: usize, timeout: Option<Duration>) -> Result<Output, ClientError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline_after);
+        let child = &self.handle.child;
         let mut taken: [Vec<u8>; 2] = Default::default();
+        let mut inbox = child.lock();
         loop {
-            let mut inbox = relock(&self.inbox);
             for stream in OutputStream::BOTH {
                 let into = &mut taken[stream.index()];
                 let room = limit - into.len();
                 let over = inbox.pending[stream.index()].data.len() > room;
-                into.extend(inbox.consume(stream, room));
+                into.extend(self.handle.consume(&mut inbox, stream, room));
                 if over {
-                    drop(inbox.consume(stream, usize::MAX));
+                    drop(self.handle.consume(&mut inbox, stream, usize::MAX));
                     return Err(ClientError::OutputLimit {
                         stream: stream.name(),
                         limit,
@@ -915,21 +1063,16 @@ impl Child {
                     });
                 }
                 Some(Err(m)) => return Err(ClientError::AgentError(m)),
+                None if inbox.closed => {
+                    drop(inbox);
+                    return Err(self.handle.closed());
+                }
                 None => {}
             }
-            let wait = match (deadline, timeout) {
-                (Some(d), Some(t)) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(ClientError::Timeout(t));
-                    }
-                    left.min(POLL)
-                }
-                _ => POLL,
-            };
-            if let Err(e) = inbox.pump(wait) {
-                drop(inbox);
-                return Err(self.why(e));
+            let (guard, late) = wait_until(&child.changed, inbox, deadline);
+            inbox = guard;
+            if late && !inbox.finished() {
+                return Err(ClientError::Timeout(timeout.unwrap_or_default()));
             }
         }
     }
@@ -937,9 +1080,10 @@ impl Child {
 
 /// Writes a child's stdin; dropping it (or [`ChildStdin::close`]) sends EOF.
 ///
-/// A write blocks, like one to a full pipe, while the agent has not yet
-/// passed a window's worth of earlier stdin on to the process; it fails
-/// with `BrokenPipe` once the process has exited or the connection is gone.
+/// A write blocks, like one to a full pipe, while a window's worth of
+/// earlier stdin is queued or not yet passed on to the process by the
+/// agent; it fails with `BrokenPipe` once the process has exited or the
+/// connection is gone.
 pub struct ChildStdin {
     id: u32,
     shared: Arc<Shared>,
@@ -951,10 +1095,7 @@ impl ChildStdin {
     /// Send EOF.
     pub fn close(mut self) -> Result<(), ClientError> {
         self.open = false;
-        self.shared.send(&Frame::Stdin {
-            id: self.id,
-            data: Vec::new(),
-        })
+        self.shared.send_stdin(self.id, Vec::new())
     }
 }
 
@@ -970,11 +1111,9 @@ impl Write for ChildStdin {
             ));
         };
         let n = n as usize;
-        let frame = Frame::Stdin {
-            id: self.id,
-            data: buf[..n].to_vec(),
-        };
-        self.shared.send(&frame).map_err(io::Error::other)?;
+        self.shared
+            .send_stdin(self.id, buf[..n].to_vec())
+            .map_err(io::Error::other)?;
         Ok(n)
     }
 
@@ -986,10 +1125,7 @@ impl Write for ChildStdin {
 impl Drop for ChildStdin {
     fn drop(&mut self) {
         if self.open {
-            let _ = self.shared.send(&Frame::Stdin {
-                id: self.id,
-                data: Vec::new(),
-            });
+            let _ = self.shared.send_stdin(self.id, Vec::new());
         }
     }
 }
@@ -997,18 +1133,22 @@ impl Drop for ChildStdin {
 /// Reads a child's stdout or stderr; EOF once that output has ended and
 /// everything is read. What is read is credited back to the agent.
 pub struct ChildOutput {
-    inbox: Arc<Mutex<Inbox>>,
+    handle: Arc<Handle>,
     stream: OutputStream,
 }
 
 impl Read for ChildOutput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let child = &self.handle.child;
+        let mut inbox = child.lock();
         loop {
-            let mut inbox = relock(&self.inbox);
             let p = &inbox.pending[self.stream.index()];
             if !p.data.is_empty() || buf.is_empty() {
                 let (mut n, max) = (0, buf.len());
-                for (dst, src) in buf.iter_mut().zip(inbox.consume(self.stream, max)) {
+                for (dst, src) in
+                    buf.iter_mut()
+                        .zip(self.handle.consume(&mut inbox, self.stream, max))
+                {
                     *dst = src;
                     n += 1;
                 }
@@ -1017,9 +1157,13 @@ impl Read for ChildOutput {
             if p.ended {
                 return Ok(0);
             }
-            // Release the lock now and then so the other stream's reader
-            // and `wait` can make progress.
-            inbox.pump(POLL).map_err(io::Error::other)?;
+            if inbox.closed {
+                drop(inbox);
+                return Err(io::Error::other(self.handle.closed()));
+            }
+            // Waiting releases the lock: the other output's reader and
+            // `wait` go on meanwhile.
+            inbox = wait_until(&child.changed, inbox, None).0;
         }
     }
 }

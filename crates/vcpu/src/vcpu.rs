@@ -173,8 +173,6 @@ impl Vcpu {
     /// Enter the guest once; `Some` when the VM must stop.
     fn run_once(&mut self, buses: &IoBuses) -> Option<ExitReason> {
         let vcpu = self.id;
-        // For the access size of port I/O exits, which `VcpuExit` drops.
-        let run: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -188,27 +186,15 @@ impl Vcpu {
                 })
             }
         };
-        // A string instruction (`rep outsb`, `rep insw`) exits once for up to
-        // a page of data: `count` accesses of `size` bytes each, which the
-        // devices see one by one, as the port would.
-        // SAFETY: `run` points at this vCPU's kvm_run mapping, which lives as
-        // long as `self.fd`; KVM filled its `io` member for this exit, and the
-        // data slice `exit` borrows lies beyond the struct (at
-        // `io.data_offset`), so reading `io` aliases nothing borrowed.
-        let io_size = || usize::from(unsafe { (*run).__bindgen_anon_1.io.size }).max(1);
         match exit {
-            VcpuExit::IoIn(port, data) => {
-                for access in data.chunks_mut(io_size()) {
-                    if !buses.pio.read(u64::from(port), access) {
-                        access.fill(0xff);
-                    }
-                }
+            // `VcpuExit` drops the access size: `port_io` reads it from
+            // kvm_run itself.
+            VcpuExit::IoIn(port, _) => {
+                self.port_io(buses, port, false);
                 None
             }
-            VcpuExit::IoOut(port, data) => {
-                for access in data.chunks(io_size()) {
-                    buses.pio.write(u64::from(port), access);
-                }
+            VcpuExit::IoOut(port, _) => {
+                self.port_io(buses, port, true);
                 None
             }
             VcpuExit::MmioRead(addr, data) => {
@@ -243,6 +229,33 @@ impl Vcpu {
                 vcpu,
                 exit: format!("{other:?}"),
             }),
+        }
+    }
+
+    /// Hand a port I/O exit to the bus. A string instruction (`rep outsb`,
+    /// `rep insw`) exits once for up to a page of data, `count` accesses of
+    /// `size` bytes, which the devices see one by one, as the port would.
+    fn port_io(&mut self, buses: &IoBuses, port: u16, out: bool) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO, so KVM filled the `io`
+        // member of the exit union.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size).max(1);
+        let len = size * io.count as usize;
+        let base: *mut u8 = (run as *mut kvm_bindings::kvm_run).cast();
+        // SAFETY: KVM puts the exit's data at `data_offset` inside this
+        // vCPU's kvm_run mapping (the page after the struct), `size * count`
+        // bytes of it, as kvm-ioctls' own `VcpuExit::IoIn`/`IoOut` slice
+        // assumes; `run` is a fresh unique borrow of that mapping, so nothing
+        // else refers to those bytes while the slice lives.
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        for access in data.chunks_mut(size) {
+            if out {
+                buses.pio.write(u64::from(port), access);
+            } else if !buses.pio.read(u64::from(port), access) {
+                access.fill(0xff);
+            }
         }
     }
 }
