@@ -37,12 +37,24 @@ use vm_memory::{Bytes, GuestMemory, GuestMemoryError, VolatileSlice};
 
 use crate::backend::BlockBackend;
 use crate::request::{self, total_len, DiscardRange, Request, RequestError, Segment};
+#[cfg(doc)]
+use crate::SEG_MAX;
 use crate::{ID_BYTES, QUEUE_SIZE, SECTOR_SHIFT};
 
 /// Most chains one [`QueueHandler::process_queue`] call completes before it
 /// yields (with [`QueueRun::pending`] set), so a driver that keeps the ring
 /// full cannot monopolise the event loop thread: half a ring.
 pub const MAX_CHAINS_PER_RUN: usize = QUEUE_SIZE as usize / 2;
+
+/// Most bytes of disk work (data moved, ranges zeroed or discarded) one
+/// [`QueueHandler::process_queue`] call starts chains for: a run stops
+/// before the next chain once it has done this much, so a run lasts a
+/// fraction of a second even on a slow disk and the device lock (which the
+/// guest's register accesses and `stop()` wait for) is never held long.
+/// One request can do at most 254 MiB (a read or write of [`SEG_MAX`]
+/// segments of [`SEG_SIZE_MAX`](crate::SEG_SIZE_MAX)) or 128 MiB (a
+/// discard or write zeroes).
+pub const MAX_BYTES_PER_RUN: u64 = 64 << 20;
 
 /// Why one request failed; each maps to the status byte the guest sees.
 #[derive(Debug, thiserror::Error)]
@@ -214,8 +226,13 @@ impl<B: BlockBackend> QueueHandler<B> {
         M: GuestMemory,
         I: VirtioInterrupt + ?Sized,
     {
-        drain(queue, mem, interrupt, MAX_CHAINS_PER_RUN, |chain| {
-            self.process_chain(mem, chain)
+        let spent = std::cell::Cell::new(0u64);
+        let more =
+            |run: &QueueRun| run.completed < MAX_CHAINS_PER_RUN && spent.get() < MAX_BYTES_PER_RUN;
+        drain(queue, mem, interrupt, more, |chain| {
+            let (used, work) = self.process_chain_costed(mem, chain);
+            spent.set(spent.get().saturating_add(work));
+            used
         })
     }
 
@@ -224,12 +241,24 @@ impl<B: BlockBackend> QueueHandler<B> {
     /// plus the status byte), or 0 when the chain has no room for a status
     /// (then nothing is executed).
     pub fn process_chain<M: GuestMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        self.process_chain_costed(mem, chain).0
+    }
+
+    /// [`QueueHandler::process_chain`], also returning the bytes of disk
+    /// work the request did (0 when it failed).
+    fn process_chain_costed<M: GuestMemory>(
+        &self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> (u32, u64) {
         let parsed = request::parse(mem, chain);
+        // Only what was done counts: a refused request did no work.
+        let mut work = parsed.request.as_ref().map_or(0, Request::work);
         let Some(status_addr) = parsed.status else {
             let error = RequestError::NoStatus;
             self.faults
                 .record(Severity::Malformed, error.reason(), &error);
-            return 0;
+            return (0, 0);
         };
         if !mem.address_in_range(status_addr) {
             self.faults.record(
@@ -237,7 +266,7 @@ impl<B: BlockBackend> QueueHandler<B> {
                 "status byte outside guest memory",
                 &format_args!("at {:#x}", status_addr.0),
             );
-            return 0;
+            return (0, 0);
         }
         let (status, data_len) = match parsed
             .request
@@ -246,6 +275,7 @@ impl<B: BlockBackend> QueueHandler<B> {
         {
             Ok(data_len) => (VIRTIO_BLK_S_OK as u8, data_len),
             Err(error) => {
+                work = 0;
                 if let Some(reason) = error.guest_fault() {
                     // A request type the device does not implement is
                     // allowed: the answer is UNSUPP (virtio 1.2 §5.2.6).
@@ -260,10 +290,11 @@ impl<B: BlockBackend> QueueHandler<B> {
                 (error.status(), 0)
             }
         };
-        match mem.write_obj(status, status_addr) {
+        let used = match mem.write_obj(status, status_addr) {
             Ok(()) => data_len + 1,
             Err(_) => 0,
-        }
+        };
+        (used, work)
     }
 
     /// Execute a parsed request. Returns the bytes written into guest

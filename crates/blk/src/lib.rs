@@ -68,24 +68,27 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// used lengths always fit a `u32`.
 pub const SEG_SIZE_MAX: u32 = 1 << 20;
 
-/// Most sectors in one discard range, offered as `max_discard_sectors`: 1 GiB.
-/// Bounds the work of one request when a discard falls back to writing zeroes.
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Most sectors in one discard range, offered as `max_discard_sectors`:
+/// 16 MiB. With [`MAX_DISCARD_SEG`] this bounds one request to 128 MiB of
+/// work when a discard falls back to writing zeroes (a host file system
+/// without hole punching); the driver splits larger discards.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 15;
 
 /// Most ranges in one discard request, offered as `max_discard_seg`.
-pub const MAX_DISCARD_SEG: u32 = 32;
+pub const MAX_DISCARD_SEG: u32 = 8;
 
 /// Discard granularity in sectors, offered as `discard_sector_alignment`:
 /// 4 KiB, the block size of the host filesystems we punch holes in.
 pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
 /// Most sectors in one write-zeroes range, offered as
-/// `max_write_zeroes_sectors`: 1 GiB, for the same reason as discard.
-pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 21;
+/// `max_write_zeroes_sectors`: 16 MiB, for the same reason as discard
+/// (`FALLOC_FL_ZERO_RANGE` is missing on tmpfs, for one).
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 15;
 
 /// Most ranges in one write-zeroes request, offered as
 /// `max_write_zeroes_seg`.
-pub const MAX_WRITE_ZEROES_SEG: u32 = 32;
+pub const MAX_WRITE_ZEROES_SEG: u32 = 8;
 
 /// Length of the device ID string returned by `VIRTIO_BLK_T_GET_ID`.
 pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;

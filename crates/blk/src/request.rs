@@ -132,6 +132,21 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Bytes of disk work the request asks for: the data it moves, or the
+    /// bytes its ranges cover (what a fallback to writing zeros writes).
+    pub fn work(&self) -> u64 {
+        match self {
+            Request::In { data, .. } | Request::Out { data, .. } => total_len(data),
+            Request::Discard { ranges } | Request::WriteZeroes { ranges } => ranges
+                .iter()
+                .map(|r| u64::from(r.num_sectors()) << crate::SECTOR_SHIFT)
+                .sum(),
+            Request::Flush | Request::GetId { .. } => 0,
+        }
+    }
+}
+
 /// Why a chain is not a well-formed request.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {

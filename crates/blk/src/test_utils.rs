@@ -248,9 +248,21 @@ impl GuestQueue {
     /// Whether buffer memory outside the allocated buffers still holds the
     /// canary, i.e. the device wrote nothing outside the chains.
     pub fn outside_buffers_untouched(&self) -> bool {
+        self.untouched_outside(&[])
+    }
+
+    /// [`Self::outside_buffers_untouched`], also allowing writes to the
+    /// `(start, end)` ranges in `extra`.
+    pub fn untouched_outside(&self, extra: &[(u64, u64)]) -> bool {
         let mut start = BUFFERS;
         let end = self.next_buf + 4096;
         let mut ranges = self.allocated.clone();
+        ranges.extend(
+            extra
+                .iter()
+                .map(|&(a, b)| (a.min(end), b.min(end)))
+                .filter(|(a, b)| a < b),
+        );
         ranges.sort_unstable();
         ranges.push((end, end));
         for (alloc_start, alloc_end) in ranges {
