@@ -274,7 +274,7 @@ impl SandboxBuilder {
             (None, false) => None,
         };
         if let Some(v) = &vsock {
-            let device = Vsock::new(VsockConfig {
+            let mut device = Vsock::new(VsockConfig {
                 guest_cid: u64::from(v.cid),
                 uds_path: v.path.clone(),
             })
@@ -282,6 +282,11 @@ impl SandboxBuilder {
                 path: v.path.clone(),
                 source,
             })?;
+            if self.agent {
+                // Guest programs holding every other connection must not
+                // lock exec out.
+                device.reserve_port(crate::exec::AGENT_PORT);
+            }
             faults.add("vsock", device.faults());
             vmm_entries.push(attach_virtio(
                 &vm,

@@ -89,21 +89,22 @@ pub fn notify<M: GuestMemory, I: VirtioInterrupt + ?Sized>(
 ///
 /// Driver notifications are off while the ring is drained and re-enabled
 /// before returning, with a last look for chains that arrived in between,
-/// so none is lost. After `max` chains the run stops with
-/// [`QueueRun::pending`] set if more are waiting (notifications then stay
-/// off): the caller schedules another run, so one busy queue cannot hold
-/// the event loop.
-pub fn drain<'a, M, I, F>(
+/// so none is lost. Once `more` says no (it sees the run so far before
+/// each chain after the first) the run stops with [`QueueRun::pending`]
+/// set if more are waiting (notifications then stay off): the caller
+/// schedules another run, so one busy queue cannot hold the event loop.
+pub fn drain<'a, M, I, F, G>(
     queue: &mut Queue,
     mem: &'a M,
     interrupt: &I,
-    max: usize,
+    mut more: G,
     mut handle: F,
 ) -> Result<QueueRun, QueueError>
 where
     M: GuestMemory,
     I: VirtioInterrupt + ?Sized,
     F: FnMut(DescriptorChain<&'a M>) -> u32,
+    G: FnMut(&QueueRun) -> bool,
 {
     let mut run = QueueRun::default();
     // A queue the driver never made ready has no rings: its addresses are
@@ -117,7 +118,7 @@ where
             .disable_notification(mem)
             .map_err(QueueError::Notification)?;
         loop {
-            if run.completed >= max && has_available(queue, mem)? {
+            if run.completed > 0 && !more(&run) && has_available(queue, mem)? {
                 run.pending = true;
                 break 'drain;
             }
@@ -159,10 +160,16 @@ mod tests {
         let interrupt = RecordingInterrupt::new();
         let mut calls = 0;
 
-        let run = drain(&mut queue, &mem, &interrupt, 8, |_| {
-            calls += 1;
-            0
-        })
+        let run = drain(
+            &mut queue,
+            &mem,
+            &interrupt,
+            |run| run.completed < 8,
+            |_| {
+                calls += 1;
+                0
+            },
+        )
         .unwrap();
 
         assert_eq!(run, QueueRun::default());

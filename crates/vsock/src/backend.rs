@@ -122,6 +122,34 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     }
 }
 
+/// Host sockets for guest connections over socket pairs, for tests and
+/// fuzzing: every connect succeeds (except to ports in `refused`) with one
+/// end of a fresh pair; the caller keeps the other end, by port, to write
+/// to, read from or close.
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Debug, Default)]
+pub struct PairBackend {
+    /// The far end of the latest connection to each port.
+    pub peers: std::collections::HashMap<u32, UnixStream>,
+    /// Ports whose connects fail.
+    pub refused: Vec<u32>,
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl VsockBackend for PairBackend {
+    type Stream = UnixStream;
+
+    fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
+        if self.refused.contains(&port) {
+            return Err(io::Error::from(io::ErrorKind::ConnectionRefused));
+        }
+        let (near, far) = UnixStream::pair()?;
+        near.set_nonblocking(true)?;
+        self.peers.insert(port, far);
+        Ok(near)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixListener;

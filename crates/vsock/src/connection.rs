@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::time::Instant;
 
 use crate::packet::{Header, Op, MAX_PKT_DATA, SHUTDOWN_SEND};
 
@@ -193,6 +194,11 @@ pub struct Connection<S> {
     send_request: bool,
     send_response: bool,
     send_credit_update: bool,
+    /// When the connection was made (for the connect timeout).
+    created: Instant,
+    /// When the handler first saw the host peer gone while the guest still
+    /// held the connection (for the linger timeout).
+    pub(crate) linger_since: Option<Instant>,
     /// Queued in the handler's round-robin.
     pub(crate) in_rr: bool,
     /// What the event loop watches now, `None` when not registered.
@@ -241,9 +247,22 @@ impl<S: Read + Write> Connection<S> {
             send_request: false,
             send_response: false,
             send_credit_update: false,
+            created: Instant::now(),
+            linger_since: None,
             in_rr: false,
             registered: None,
         }
+    }
+
+    /// When the connection was made.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// The host peer closed both directions and the guest has been told
+    /// (SHUTDOWN(SEND) went out): only the guest's answer is missing.
+    pub fn host_gone(&self) -> bool {
+        self.host_eof && self.hung_up
     }
 
     /// The host socket.

@@ -17,6 +17,7 @@ use chitin_virtio::{
 };
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::UnixBackend;
 use crate::handler::{HandlerError, QueueRun, VsockHandler};
@@ -68,7 +69,13 @@ pub enum VsockError {
     /// A queue notification eventfd could not be created.
     #[error("cannot create a queue notification eventfd")]
     EventFd(#[source] io::Error),
+    /// The timer for connection timeouts could not be created.
+    #[error("cannot create the connection timeout timer")]
+    Timer(#[source] io::Error),
 }
+
+/// How often connection timeouts are checked while any may expire.
+const REAP_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Set between activate and reset.
 struct Active {
@@ -87,6 +94,9 @@ pub struct Vsock {
     listener: UnixListener,
     handler: VsockHandler<UnixBackend>,
     queue_events: [EventFd; 3],
+    /// Ticks every [`REAP_TICK`] while a connection runs against a timeout.
+    timer: TimerFd,
+    timer_armed: bool,
     active: Option<Active>,
 }
 
@@ -106,6 +116,7 @@ impl Vsock {
             EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
             EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
         ];
+        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
         let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
             path: uds_path.clone(),
             source,
@@ -120,6 +131,8 @@ impl Vsock {
             uds_path,
             listener,
             queue_events,
+            timer,
+            timer_armed: false,
             active: None,
         })
     }
@@ -143,6 +156,41 @@ impl Vsock {
     /// a clone shares the live counts.
     pub fn faults(&self) -> &GuestFaults {
         self.handler.faults()
+    }
+
+    /// Keep connection slots for host connections to guest `port` (the
+    /// sandbox's agent): see [`VsockHandler::reserve_port`].
+    pub fn reserve_port(&mut self, port: u32) {
+        self.handler.reserve_port(port);
+    }
+
+    pub(crate) fn timer(&self) -> &TimerFd {
+        &self.timer
+    }
+
+    /// The timer ticked: close what timed out.
+    pub(crate) fn on_timer(&mut self) {
+        // Readable, so this does not block; the count does not matter.
+        let _ = self.timer.wait();
+        self.handler.reap(std::time::Instant::now());
+    }
+
+    /// Tick while some connection may time out, and only then (an idle
+    /// sandbox wakes nobody).
+    pub(crate) fn sync_timer(&mut self) {
+        let want = self.handler.has_deadlines();
+        if want == self.timer_armed {
+            return;
+        }
+        let result = if want {
+            self.timer.reset(REAP_TICK, Some(REAP_TICK))
+        } else {
+            self.timer.clear()
+        };
+        // A timer that cannot be set only delays reaping.
+        if result.is_ok() {
+            self.timer_armed = want;
+        }
     }
 
     pub(crate) fn listener(&self) -> &UnixListener {

@@ -57,6 +57,8 @@ impl MutEventSubscriber for Vsock {
             let _ = self.queue_events()[EVENT_QUEUE].read();
         } else if fd == self.listener().as_raw_fd() {
             self.accept_all();
+        } else if fd == self.timer().as_raw_fd() {
+            self.on_timer();
         } else {
             self.handler_mut().stream_event(
                 fd,
@@ -69,6 +71,7 @@ impl MutEventSubscriber for Vsock {
         self.process_queues(run_tx);
         self.handler_mut()
             .sync_interest(|fd, old, new| apply(ops, fd, old, new));
+        self.sync_timer();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -76,6 +79,7 @@ impl MutEventSubscriber for Vsock {
             let _ = ops.add(Events::new(event, EventSet::IN));
         }
         let _ = ops.add(Events::new(self.listener(), EventSet::IN));
+        let _ = ops.add(Events::new(self.timer(), EventSet::IN));
     }
 }
 

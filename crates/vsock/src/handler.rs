@@ -25,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use chitin_virtio::queue::{drain, has_available, next_chain, notify};
 use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
@@ -32,7 +33,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::{VsockBackend, VsockStream};
-use crate::connection::{Connection, ConnectionError, Interest, RxOutcome};
+use crate::connection::{Connection, ConnectionError, Interest, RxOutcome, State};
 use crate::packet::{self, Direction, Header, Op, HEADER_LEN, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 
 /// Most connections (established, connecting, or waiting for their
@@ -51,6 +52,25 @@ pub const MAX_CHAINS_PER_RUN: usize = 128;
 /// Longest `CONNECT <port>\n` line, newline included.
 pub const MAX_CONNECT_LINE: usize = 32;
 
+/// Most host streams waiting for their `CONNECT` line at once; more are
+/// closed on accept. With [`MAX_CONNECTIONS`] this bounds the sockets one
+/// device holds open.
+pub const MAX_ACCEPTING: usize = 64;
+
+/// Connections kept for the reserved port (the sandbox's agent): others
+/// may hold at most [`MAX_CONNECTIONS`] minus this many.
+pub const RESERVED_SLOTS: usize = 16;
+
+/// How long a host-initiated connection waits for the guest's
+/// `OP_RESPONSE`, and a host stream for its `CONNECT` line, before it is
+/// reset and closed (Firecracker gives up after 2 s too).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a connection whose host peer has gone (both directions
+/// closed; the guest was sent SHUTDOWN) waits for the guest to close its
+/// end before it is reset.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// First host port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -61,12 +81,44 @@ pub type ConnKey = (u32, u32);
 pub use chitin_virtio::queue::QueueError as HandlerError;
 pub use chitin_virtio::queue::QueueRun;
 
+/// How much state a handler holds: every collection the guest can make
+/// grow, for checks that each stays within its cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandlerSizes {
+    /// Connections (connecting or established).
+    pub connections: usize,
+    /// Host streams waiting for their `CONNECT` line.
+    pub accepting: usize,
+    /// Entries in the RX round-robin.
+    pub round_robin: usize,
+    /// Resets waiting for RX buffers.
+    pub resets: usize,
+    /// Guest bytes held for host sockets that did not take them yet.
+    pub pending_bytes: usize,
+}
+
+impl HandlerSizes {
+    /// Whether every collection is within its cap: connections within
+    /// [`MAX_CONNECTIONS`], streams within [`MAX_ACCEPTING`], the
+    /// round-robin at most one entry per connection, resets within
+    /// [`MAX_PENDING_RESETS`] plus one per connection, and pending bytes
+    /// within the buffer each connection advertised.
+    pub fn within_caps(&self) -> bool {
+        self.connections <= MAX_CONNECTIONS
+            && self.accepting <= MAX_ACCEPTING
+            && self.round_robin <= self.connections
+            && self.resets <= MAX_PENDING_RESETS + MAX_CONNECTIONS
+            && self.pending_bytes <= self.connections * crate::connection::BUF_ALLOC as usize
+    }
+}
+
 /// A host stream waiting for its `CONNECT <port>\n` line.
 struct Accepting<S> {
     stream: S,
     line: [u8; MAX_CONNECT_LINE],
     len: usize,
     registered: Option<Interest>,
+    since: Instant,
 }
 
 /// Runs the vsock queues and the connections of one device.
@@ -81,6 +133,8 @@ pub struct VsockHandler<B: VsockBackend> {
     /// Closed streams still registered with the event loop.
     graveyard: Vec<(B::Stream, Option<Interest>)>,
     next_local_port: u32,
+    /// Host connections to this guest port may use the reserved slots.
+    reserved_port: Option<u32>,
     scratch: Box<[u8]>,
     faults: GuestFaults,
 }
@@ -98,9 +152,84 @@ impl<B: VsockBackend> VsockHandler<B> {
             resets: VecDeque::new(),
             graveyard: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            reserved_port: None,
             scratch: vec![0u8; MAX_PKT_DATA as usize].into_boxed_slice(),
             faults: GuestFaults::new("vsock"),
         }
+    }
+
+    /// Keep [`RESERVED_SLOTS`] connections for host connections to guest
+    /// `port` (the sandbox's agent), so guest programs that hold every
+    /// other slot cannot lock it out.
+    pub fn reserve_port(&mut self, port: u32) {
+        self.reserved_port = Some(port);
+    }
+
+    /// Whether a new connection to guest `port` fits now.
+    fn has_room(&self, port: Option<u32>) -> bool {
+        let limit = if port.is_some() && port == self.reserved_port {
+            MAX_CONNECTIONS
+        } else {
+            MAX_CONNECTIONS - RESERVED_SLOTS
+        };
+        self.conns.len() < limit
+    }
+
+    /// Whether any connection or host stream runs against a timeout (the
+    /// event loop then calls [`VsockHandler::reap`] now and then).
+    pub fn has_deadlines(&self) -> bool {
+        !self.accepting.is_empty()
+            || self
+                .conns
+                .values()
+                .any(|c| c.state() == State::Connecting || c.host_gone())
+    }
+
+    /// Reset and close what waited too long at `now`: host-initiated
+    /// connections the guest never answered and host streams that never
+    /// sent their `CONNECT` line ([`CONNECT_TIMEOUT`]), and connections
+    /// whose host peer is gone while the guest keeps its end
+    /// ([`LINGER_TIMEOUT`]). Returns how many were closed.
+    pub fn reap(&mut self, now: Instant) -> usize {
+        let late = |since: Instant, limit: Duration| now.saturating_duration_since(since) >= limit;
+        let stale: Vec<RawFd> = self
+            .accepting
+            .iter()
+            .filter(|(_, acc)| late(acc.since, CONNECT_TIMEOUT))
+            .map(|(&fd, _)| fd)
+            .collect();
+        let mut closed = stale.len();
+        for fd in stale {
+            if let Some(acc) = self.accepting.remove(&fd) {
+                let _ = acc.stream.shutdown(Shutdown::Both);
+                self.graveyard.push((acc.stream, acc.registered));
+            }
+        }
+        let mut expired = Vec::new();
+        for (&key, conn) in self.conns.iter_mut() {
+            if conn.state() == State::Connecting && late(conn.created(), CONNECT_TIMEOUT) {
+                expired.push((key, "connect timed out: the guest never answered"));
+            } else if conn.host_gone() {
+                match conn.linger_since {
+                    None => conn.linger_since = Some(now),
+                    Some(since) if late(since, LINGER_TIMEOUT) => {
+                        expired.push((key, "close timed out: the guest kept a closed connection"));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        closed += expired.len();
+        for (key, reason) in expired {
+            self.faults.record(
+                Severity::Limit,
+                reason,
+                &format_args!("host port {} guest port {}", key.0, key.1),
+            );
+            let rst = conn_rst(&self.conns, key);
+            self.close(key, rst);
+        }
+        closed
     }
 
     /// What the guest sent that this device refused or dropped, by reason.
@@ -133,6 +262,27 @@ impl<B: VsockBackend> VsockHandler<B> {
         self.accepting.len()
     }
 
+    /// The size of every collection the guest can make grow.
+    pub fn sizes(&self) -> HandlerSizes {
+        HandlerSizes {
+            connections: self.conns.len(),
+            accepting: self.accepting.len(),
+            round_robin: self.rr.len(),
+            resets: self.resets.len(),
+            pending_bytes: self.conns.values().map(Connection::pending_len).sum(),
+        }
+    }
+
+    /// Every host socket the handler holds (connections and streams
+    /// waiting for their `CONNECT` line), as the event loop watches them.
+    pub fn stream_fds(&self) -> Vec<RawFd> {
+        self.accepting
+            .keys()
+            .copied()
+            .chain(self.by_fd.keys().copied())
+            .collect()
+    }
+
     /// The connection between host `local_port` and guest `peer_port`.
     pub fn connection(&self, local_port: u32, peer_port: u32) -> Option<&Connection<B::Stream>> {
         self.conns.get(&(local_port, peer_port))
@@ -146,7 +296,8 @@ impl<B: VsockBackend> VsockHandler<B> {
     /// A host process connected to the listener; it must send its
     /// `CONNECT` line next. Returns false (and closes it) at capacity.
     pub fn add_host_stream(&mut self, stream: B::Stream) -> bool {
-        if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS {
+        // Which port it wants is not known yet: it may be the reserved one.
+        if self.accepting.len() >= MAX_ACCEPTING || self.conns.len() >= MAX_CONNECTIONS {
             let _ = stream.shutdown(Shutdown::Both);
             return false;
         }
@@ -158,6 +309,7 @@ impl<B: VsockBackend> VsockHandler<B> {
                 line: [0; MAX_CONNECT_LINE],
                 len: 0,
                 registered: None,
+                since: Instant::now(),
             },
         );
         // Data may already be there.
@@ -260,8 +412,8 @@ impl<B: VsockBackend> VsockHandler<B> {
             return;
         };
         let local_port = match port {
-            Some(port) => self.allocate_local_port(port),
-            None => None,
+            Some(port) if self.has_room(Some(port)) => self.allocate_local_port(port),
+            _ => None,
         };
         match (port, local_port) {
             (Some(peer_port), Some(local_port)) => {
@@ -393,7 +545,8 @@ impl<B: VsockBackend> VsockHandler<B> {
     where
         I: VirtioInterrupt + ?Sized,
     {
-        drain(queue, mem, interrupt, MAX_CHAINS_PER_RUN, |chain| {
+        let more = |run: &QueueRun| run.completed < MAX_CHAINS_PER_RUN;
+        drain(queue, mem, interrupt, more, |chain| {
             match packet::parse_tx(mem, chain, &mut self.scratch) {
                 Ok(pkt) => self.handle_guest_packet(pkt.header(), pkt.data_len()),
                 Err(refused) => {
@@ -704,12 +857,13 @@ impl<B: VsockBackend> VsockHandler<B> {
             self.close(key, rst);
             return;
         }
-        if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS {
+        if !self.has_room(None) {
             self.faults.record(
                 Severity::Limit,
                 "connection limit reached",
                 &format_args!(
-                    "{MAX_CONNECTIONS} connections open; {} refused",
+                    "{} connections open; {} refused",
+                    self.conns.len(),
                     Brief(header)
                 ),
             );

@@ -37,10 +37,12 @@ pub mod packet;
 #[cfg(test)]
 mod test_utils;
 
+#[cfg(feature = "test-utils")]
+pub use backend::PairBackend;
 pub use backend::{UnixBackend, VsockBackend};
 pub use connection::{Credit, Interest};
 pub use device::{Vsock, VsockConfig, VsockError, DEVICE_TYPE_VSOCK};
-pub use handler::{HandlerError, QueueRun, VsockHandler};
+pub use handler::{HandlerError, HandlerSizes, QueueRun, VsockHandler};
 pub use packet::{Header, Op, PacketError};
 
 /// The size of each of the three queues (rx, tx, event).

@@ -2,8 +2,6 @@
 //! backend over socket pairs, and temporary directories.
 
 use std::collections::HashMap;
-use std::io;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -13,7 +11,6 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::backend::VsockBackend;
 use crate::packet::{Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
 
 pub const GUEST_CID: u64 = 3;
@@ -192,27 +189,7 @@ impl Guest {
     }
 }
 
-/// Host sockets for guest connections: socket pairs, the test keeps the
-/// far ends; ports in `refused` fail.
-#[derive(Default)]
-pub struct PairBackend {
-    pub peers: HashMap<u32, UnixStream>,
-    pub refused: Vec<u32>,
-}
-
-impl VsockBackend for PairBackend {
-    type Stream = UnixStream;
-
-    fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
-        if self.refused.contains(&port) {
-            return Err(io::Error::from(io::ErrorKind::ConnectionRefused));
-        }
-        let (near, far) = UnixStream::pair()?;
-        near.set_nonblocking(true)?;
-        self.peers.insert(port, far);
-        Ok(near)
-    }
-}
+pub use crate::backend::PairBackend;
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);

@@ -1,6 +1,6 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chitin_virtio::test_utils::{RecordingInterrupt, TestDescriptor};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -737,4 +737,149 @@ fn handler_request_rst_cycles_without_rx_buffers_keep_state_flat() {
     assert_eq!(handler.rr.len(), 0);
     assert_eq!(handler.resets.len(), 0);
     assert_eq!(handler.graveyard.len(), 0);
+}
+
+/// A host stream that sent `line`, and its far end.
+fn host_stream(line: &[u8]) -> (UnixStream, UnixStream) {
+    let (near, mut far) = UnixStream::pair().unwrap();
+    near.set_nonblocking(true).unwrap();
+    far.write_all(line).unwrap();
+    (near, far)
+}
+
+#[test]
+fn host_connect_flood_the_guest_never_answers_cannot_lock_out_the_agent_and_times_out() {
+    const AGENT_PORT: u32 = 1024;
+    let mut h = Harness::bare();
+    h.handler.reserve_port(AGENT_PORT);
+    // 2 000 host connections to a guest port whose guest never answers:
+    // all but the reserved slots fill, the rest are closed at once.
+    let mut far_ends = Vec::new();
+    for _ in 0..2000 {
+        let (near, far) = host_stream(b"CONNECT 5000\n");
+        h.handler.add_host_stream(near);
+        far_ends.push(far);
+    }
+    assert_eq!(
+        h.handler.connection_count(),
+        MAX_CONNECTIONS - RESERVED_SLOTS
+    );
+    assert_eq!(h.handler.accepting_count(), 0);
+    // The agent's port still gets in.
+    let (near, _agent_far) = host_stream(b"CONNECT 1024\n");
+    h.handler.add_host_stream(near);
+    assert_eq!(
+        h.handler.connection_count(),
+        MAX_CONNECTIONS - RESERVED_SLOTS + 1
+    );
+    let agent = h
+        .handler
+        .conns
+        .iter()
+        .find(|(key, _)| key.1 == AGENT_PORT)
+        .map(|(key, _)| *key)
+        .expect("the agent connection was admitted");
+    // Another port does not.
+    let (near, mut other) = host_stream(b"CONNECT 77\n");
+    h.handler.add_host_stream(near);
+    other
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert_eq!(other.read(&mut [0u8; 8]).unwrap(), 0, "closed at once");
+    assert!(h.handler.has_deadlines());
+    // Before the timeout nothing goes; after it, everything the guest
+    // never answered is reset and its host stream closed.
+    let start = Instant::now();
+    assert_eq!(h.handler.reap(start + CONNECT_TIMEOUT / 2), 0);
+    let reaped = h.handler.reap(start + CONNECT_TIMEOUT);
+    assert_eq!(reaped, MAX_CONNECTIONS - RESERVED_SLOTS + 1);
+    assert_eq!(h.handler.connection_count(), 0);
+    assert!(!h.handler.conns.contains_key(&agent));
+    assert!(!h.handler.has_deadlines());
+    h.handler.sync_interest(|_, _, _| {});
+    assert_eq!(h.handler.graveyard.len(), 0);
+    far_ends[0]
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        far_ends[0].read(&mut buf).unwrap(),
+        0,
+        "the host stream is closed"
+    );
+    assert_eq!(
+        h.handler
+            .faults()
+            .count("connect timed out: the guest never answered"),
+        (MAX_CONNECTIONS - RESERVED_SLOTS + 1) as u64
+    );
+    // The slots are back.
+    let (near, _far) = host_stream(b"CONNECT 5000\n");
+    h.handler.add_host_stream(near);
+    assert_eq!(h.handler.connection_count(), 1);
+}
+
+#[test]
+fn guest_request_flood_leaves_the_reserved_slots_to_the_agent() {
+    let mut h = Harness::bare();
+    h.handler.reserve_port(1024);
+    for i in 0..2000 {
+        let request = h.guest.header(20_000 + i, 5000 + i, Op::Request);
+        h.handler.handle_guest_packet(&request, 0);
+    }
+    assert_eq!(
+        h.handler.connection_count(),
+        MAX_CONNECTIONS - RESERVED_SLOTS
+    );
+    assert_eq!(
+        h.handler.faults().count("connection limit reached"),
+        (2000 - (MAX_CONNECTIONS - RESERVED_SLOTS)) as u64
+    );
+    let (near, _far) = host_stream(b"CONNECT 1024\n");
+    h.handler.add_host_stream(near);
+    assert_eq!(
+        h.handler.connection_count(),
+        MAX_CONNECTIONS - RESERVED_SLOTS + 1
+    );
+}
+
+#[test]
+fn host_stream_that_never_sends_its_connect_line_is_closed_after_the_timeout() {
+    let mut h = Harness::bare();
+    let (near, mut far) = host_stream(b"CONN");
+    h.handler.add_host_stream(near);
+    assert_eq!(h.handler.accepting_count(), 1);
+    assert!(h.handler.has_deadlines());
+    assert_eq!(h.handler.reap(Instant::now() + CONNECT_TIMEOUT), 1);
+    assert_eq!(h.handler.accepting_count(), 0);
+    far.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert_eq!(far.read(&mut [0u8; 8]).unwrap(), 0);
+}
+
+#[test]
+fn guest_keeping_a_connection_its_host_peer_closed_is_reset_after_linger() {
+    let mut h = Harness::new();
+    let far = h.connect();
+    // The host peer closes both directions; the guest is told (SHUTDOWN
+    // with SEND) and then never closes its end.
+    drop(far);
+    let fd = h.fd();
+    h.handler.stream_event(fd, true, false, true, false);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Shutdown as u16]);
+    assert!(h.handler.has_deadlines());
+    let start = Instant::now();
+    // The first look starts the linger clock; it ends LINGER_TIMEOUT later.
+    assert_eq!(h.handler.reap(start), 0);
+    assert_eq!(h.handler.reap(start + LINGER_TIMEOUT / 2), 0);
+    assert_eq!(h.handler.reap(start + LINGER_TIMEOUT), 1);
+    assert_eq!(h.handler.connection_count(), 0);
+    let got = h.run();
+    assert_eq!(ops(&got), [Op::Rst as u16]);
+    assert_eq!(
+        h.handler
+            .faults()
+            .count("close timed out: the guest kept a closed connection"),
+        1
+    );
 }
