@@ -674,6 +674,7 @@ mod tests {
         ));
         for at in [returned_at, waited_at] {
             let after = at.saturating_duration_since(stopped);
+            eprintln!("pending exec/wait returned {after:?} after the VM stopped");
             assert!(
                 after < Duration::from_secs(1),
                 "returned {after:?} after the stop"
@@ -749,6 +750,7 @@ mod tests {
         assert!(matches!(result, Err(ExecError::Timeout(_))), "{result:?}");
         // Within twice the timeout: the kill's grace is half of it.
         let took = started.elapsed();
+        eprintln!("exec with a 1 s timeout returned after {took:?}");
         assert!(took < Duration::from_secs(2), "took {took:?}");
     }
 }

@@ -442,6 +442,11 @@ fn flood_guest_to_com1_keeps_only_the_capture_limit() {
     assert!(text(&console).ends_with("xxx\nflood: done\n"));
     // The ring holds at most twice its limit; 64 MiB leaves room for the
     // guest's own RAM, touched as it runs.
+    eprintln!(
+        "flood guest: capture kept {}, dropped {}, RSS grew {grown} bytes",
+        console.len(),
+        console.dropped()
+    );
     assert!(grown < 64 << 20, "RSS grew by {grown} bytes");
 }
 
@@ -492,6 +497,7 @@ fn flood_guest_to_a_writer_costs_far_fewer_writes_than_bytes() {
         .console(chitin::Console::writer(counting.clone()));
     assert_eq!(run_to_exit(builder), ExitReason::Reset);
     let (writes, bytes) = *counting.0.lock().unwrap();
+    eprintln!("flood guest to a writer: {writes} writes for {bytes} bytes");
     assert_eq!(bytes, FLOOD_BYTES);
     // Batches of up to 8 KiB, cut at a newline at most every 20 ms: at a
     // port write per 10 µs, a batch of about 2 KiB or more (a write per

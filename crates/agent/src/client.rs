@@ -1542,6 +1542,10 @@ mod tests {
         // 16 MiB went through; what stayed was never more than a window
         // per output (the bound: 64 MiB of growth, allocator slack included).
         let grown = rss_bytes().saturating_sub(rss_before);
+        eprintln!(
+            "streaming agent: {} bytes sent while nobody consumed, {sent_now} for 16 MiB consumed, RSS grew {grown} bytes",
+            2 * WINDOW
+        );
         assert!(grown < 64 << 20, "RSS grew by {grown} bytes");
         drop(child);
         drop(client);
@@ -1629,6 +1633,10 @@ mod tests {
             "stall noticed after {:?}",
             t.elapsed()
         );
+        eprintln!(
+            "agent that stops reading: connection ended as stalled {:?} after the wait began",
+            t.elapsed()
+        );
         assert!(client.is_closed());
         for w in writers {
             let err = within(move || w.join().unwrap()).unwrap().unwrap_err();
@@ -1661,6 +1669,10 @@ mod tests {
         let result = Client::handshake_with(host, config);
         assert!(matches!(result, Err(ClientError::Timeout(d)) if d == timeout));
         assert!(t.elapsed() < 2 * timeout, "took {:?}", t.elapsed());
+        eprintln!(
+            "dribbled HELLO: handshake timed out after {:?} (deadline {timeout:?})",
+            t.elapsed()
+        );
     }
 
     #[test]
@@ -1722,6 +1734,28 @@ mod tests {
         flood.kill().unwrap();
         let status = within(move || flood.wait().unwrap());
         assert_eq!(status, Some(ExitStatus::Signal(9)));
+    }
+
+    #[test]
+    fn two_readers_and_a_waiter_all_get_through() {
+        let (client, _server) = connect();
+        // 1 MiB to stderr first, then 1 MiB to stdout: the stdout reader
+        // waits while the stderr reader must get the lock to drain, and
+        // `wait` waits beside both.
+        let cmd = "head -c 1048576 /dev/zero >&2; head -c 1048576 /dev/zero";
+        let child = Arc::new(client.spawn(&request(&["sh", "-c", cmd])).unwrap());
+        let reader = |mut out: ChildOutput| {
+            thread::spawn(move || {
+                let mut all = Vec::new();
+                out.read_to_end(&mut all).map(|_| all.len())
+            })
+        };
+        let (out, err) = (reader(child.stdout()), reader(child.stderr()));
+        let waiter = Arc::clone(&child);
+        let status = within(move || waiter.wait().unwrap());
+        assert_eq!(status, Some(ExitStatus::Code(0)));
+        let lens = within(move || (out.join().unwrap().unwrap(), err.join().unwrap().unwrap()));
+        assert_eq!(lens, Some((1 << 20, 1 << 20)));
     }
 
     #[test]

@@ -454,6 +454,11 @@ mod tests {
         let before = rss_bytes();
         let total = flood(&serial, 100);
         let grown = rss_bytes().saturating_sub(before);
+        eprintln!(
+            "100 MiB to COM1: capture kept {}, dropped {}, RSS grew {grown} bytes",
+            capture.len(),
+            capture.dropped()
+        );
         assert_eq!(capture.len(), 1 << 20);
         assert_eq!(capture.dropped() + (1 << 20), total);
         // The ring holds at most twice its limit: 2 MiB, 16 MiB with slack.
@@ -480,6 +485,7 @@ mod tests {
         let total = flood(&serial, 16);
         drop(serial);
         let (writes, bytes) = *counting.0.lock().unwrap();
+        eprintln!("16 MiB to COM1 through a buffered sink: {writes} writes for {bytes} bytes");
         assert_eq!(bytes, total);
         // 2 048 full batches, and the few a newline or the timer cut.
         assert!(writes < 2 * 2_048, "{writes} writes");

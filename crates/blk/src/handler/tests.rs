@@ -1198,6 +1198,10 @@ fn run_of_full_size_write_zeroes_stops_at_its_byte_budget_and_stays_short() {
     assert_eq!(done % per_request, 0);
     assert_eq!(run.completed as u64, done / per_request);
     assert_eq!(guest.read(statuses[0], 1)[0], OK);
+    eprintln!(
+        "full-size write zeroes: one run did {done} bytes in {took:?}, pending={}",
+        run.pending
+    );
     // What stop() waits for at most: one run (128 ms of zeros here).
     assert!(
         took < std::time::Duration::from_secs(1),
