@@ -96,6 +96,13 @@ fuzz_target!(|input: &[u8]| {
     for fd in handler.stream_fds() {
         handler.stream_event(fd, true, true, false, false);
     }
+    let _ = handler.process_rx(&mut rx, &mem, &interrupt);
+    bounded(&handler);
+    // Then every socket reports a hang-up (true for the ones shut down
+    // above), which starts their linger.
+    for fd in handler.stream_fds() {
+        handler.stream_event(fd, true, false, true, false);
+    }
     bounded(&handler);
     let _ = handler.process_rx(&mut rx, &mem, &interrupt);
     bounded(&handler);
@@ -103,7 +110,7 @@ fuzz_target!(|input: &[u8]| {
     // is left is live.
     let later = Instant::now() + Duration::from_secs(5);
     handler.reap(later);
-    handler.reap(later + Duration::from_secs(5));
+    handler.reap(later + Duration::from_secs(20));
     bounded(&handler);
     let _ = handler.process_rx(&mut rx, &mem, &interrupt);
     handler.sync_interest(|_, _, _| {});

@@ -608,10 +608,12 @@ impl<S: ClientStream> Client<S> {
             let (guard, late) = wait_until(&handle.child.changed, inbox, deadline);
             inbox = guard;
             if late && inbox.started.is_none() {
+                drop(inbox);
                 // If it starts after all, it must not run unwatched: the
                 // kill follows the EXEC on the stream, so it lands.
                 let _ = self.shared.send(&Frame::Signal { id, signo: SIGKILL });
-                break ClientError::Timeout(timeout);
+                relock(&self.shared.routes).children.remove(&id);
+                return Err(ClientError::Timeout(timeout));
             }
         };
         drop(inbox);

@@ -142,7 +142,10 @@ impl Request {
                 .iter()
                 .map(|r| u64::from(r.num_sectors()) << crate::SECTOR_SHIFT)
                 .sum(),
-            Request::Flush | Request::GetId { .. } => 0,
+            // A flush may write back everything dirty: counted as an eighth
+            // of a run, so one run flushes at most eight times.
+            Request::Flush => crate::handler::MAX_BYTES_PER_RUN / 8,
+            Request::GetId { .. } => 0,
         }
     }
 }

@@ -259,10 +259,9 @@ impl<S: Read + Write> Connection<S> {
         self.created
     }
 
-    /// The host peer closed both directions and the guest has been told
-    /// (SHUTDOWN(SEND) went out): only the guest's answer is missing.
+    /// The host peer closed both directions: the connection can only end.
     pub fn host_gone(&self) -> bool {
-        self.host_eof && self.hung_up
+        self.hung_up
     }
 
     /// The host socket.

@@ -117,6 +117,18 @@ impl Vsock {
             EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
         ];
         let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
+        // Non-blocking: a tick may be cleared between epoll reporting it
+        // and `on_timer` reading it, and that read must not block the loop.
+        // SAFETY: fcntl on a descriptor this device owns; F_GETFL and
+        // F_SETFL take no pointers.
+        let nonblocking = unsafe {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(VsockError::Timer(io::Error::last_os_error()));
+        }
         let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
             path: uds_path.clone(),
             source,
@@ -170,7 +182,8 @@ impl Vsock {
 
     /// The timer ticked: close what timed out.
     pub(crate) fn on_timer(&mut self) {
-        // Readable, so this does not block; the count does not matter.
+        // Non-blocking: EAGAIN when the tick was cleared meanwhile; the
+        // count does not matter.
         let _ = self.timer.wait();
         self.handler.reap(std::time::Instant::now());
     }

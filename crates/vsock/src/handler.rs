@@ -67,9 +67,14 @@ pub const RESERVED_SLOTS: usize = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a connection whose host peer has gone (both directions
-/// closed; the guest was sent SHUTDOWN) waits for the guest to close its
-/// end before it is reset.
+/// closed) and whose data all reached the guest (with SHUTDOWN after it)
+/// waits for the guest to close its end before it is reset.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long such a connection may still hold host data the guest does not
+/// take (no credit, no RX buffers, its receive side shut) before it is
+/// reset all the same.
+pub const STUCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First host port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -189,7 +194,9 @@ impl<B: VsockBackend> VsockHandler<B> {
     /// connections the guest never answered and host streams that never
     /// sent their `CONNECT` line ([`CONNECT_TIMEOUT`]), and connections
     /// whose host peer is gone while the guest keeps its end
-    /// ([`LINGER_TIMEOUT`]). Returns how many were closed.
+    /// ([`LINGER_TIMEOUT`] once the guest has all the data,
+    /// [`STUCK_TIMEOUT`] while it does not take it). Returns how many were
+    /// closed.
     pub fn reap(&mut self, now: Instant) -> usize {
         let late = |since: Instant, limit: Duration| now.saturating_duration_since(since) >= limit;
         let stale: Vec<RawFd> = self
@@ -210,9 +217,14 @@ impl<B: VsockBackend> VsockHandler<B> {
             if conn.state() == State::Connecting && late(conn.created(), CONNECT_TIMEOUT) {
                 expired.push((key, "connect timed out: the guest never answered"));
             } else if conn.host_gone() {
+                let limit = if conn.host_eof() {
+                    LINGER_TIMEOUT
+                } else {
+                    STUCK_TIMEOUT
+                };
                 match conn.linger_since {
                     None => conn.linger_since = Some(now),
-                    Some(since) if late(since, LINGER_TIMEOUT) => {
+                    Some(since) if late(since, limit) => {
                         expired.push((key, "close timed out: the guest kept a closed connection"));
                     }
                     Some(_) => {}

@@ -1065,12 +1065,18 @@ fn run_more_chains_than_budget_yields_pending_then_finishes() {
     let mut guest = GuestQueue::new(QUEUE_SIZE);
     let mut queue = guest.queue();
     let interrupt = RecordingInterrupt::default();
-    // One FLUSH chain published 200 times (a driver may reuse a chain
+    // One GET_ID chain published 200 times (a driver may reuse a chain
     // once it is used; here all entries are out at once, which the device
-    // handles the same way).
-    let header = guest.header(VIRTIO_BLK_T_FLUSH, 0);
+    // handles the same way). GET_ID does no disk work, so only the chain
+    // count bounds the run.
+    let header = guest.header(VIRTIO_BLK_T_GET_ID, 0);
+    let id = guest.alloc(20);
     let status = guest.status_byte();
-    let head = guest.add_chain(&[Desc::readable(header, 16), Desc::writable(status, 1)]);
+    let head = guest.add_chain(&[
+        Desc::readable(header, 16),
+        Desc::writable(id, 20),
+        Desc::writable(status, 1),
+    ]);
     for _ in 1..200 {
         guest.publish(head);
     }
@@ -1207,6 +1213,26 @@ fn run_of_full_size_write_zeroes_stops_at_its_byte_budget_and_stays_short() {
         took < std::time::Duration::from_secs(1),
         "one run took {took:?}"
     );
+}
+
+#[test]
+fn run_of_flushes_stops_after_eight() {
+    let handler = mem_handler(DISK_SIZE as usize);
+    let mut guest = GuestQueue::new(QUEUE_SIZE);
+    let mut queue = guest.queue();
+    let interrupt = RecordingInterrupt::default();
+    let header = guest.header(VIRTIO_BLK_T_FLUSH, 0);
+    let status = guest.status_byte();
+    let head = guest.add_chain(&[Desc::readable(header, 16), Desc::writable(status, 1)]);
+    for _ in 1..20 {
+        guest.publish(head);
+    }
+    let run = handler
+        .process_queue(&mut queue, guest.memory(), &interrupt)
+        .unwrap();
+    // A flush may write back everything dirty: an eighth of a run each.
+    assert_eq!(run.completed, 8);
+    assert!(run.pending);
 }
 
 // ---- Backend failures ----

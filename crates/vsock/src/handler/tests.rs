@@ -883,3 +883,26 @@ fn guest_keeping_a_connection_its_host_peer_closed_is_reset_after_linger() {
         1
     );
 }
+
+#[test]
+fn guest_refusing_the_data_of_a_closed_host_peer_is_reset_after_stuck_timeout() {
+    let mut h = Harness::new();
+    let mut far = h.connect();
+    // The guest will receive no more; the host peer sends and closes.
+    let mut shutdown = h.guest.header(GUEST_PORT, HOST_PORT, Op::Shutdown);
+    shutdown.flags = SHUTDOWN_RCV;
+    h.guest.send(shutdown, &[]);
+    h.run();
+    far.write_all(b"never read").unwrap();
+    drop(far);
+    let fd = h.fd();
+    h.handler.stream_event(fd, true, false, true, false);
+    h.run();
+    assert!(h.handler.has_deadlines());
+    let start = Instant::now();
+    assert_eq!(h.handler.reap(start), 0);
+    // Data is still undelivered: the short linger does not apply.
+    assert_eq!(h.handler.reap(start + LINGER_TIMEOUT), 0);
+    assert_eq!(h.handler.reap(start + STUCK_TIMEOUT), 1);
+    assert_eq!(h.handler.connection_count(), 0);
+}
