@@ -21,6 +21,15 @@ pub enum SandboxError {
     /// The command line could not be built.
     #[error("invalid kernel command line")]
     Cmdline(#[source] chitin_boot::BootError),
+    /// The command line sets an entry the sandbox needs to another value
+    /// (for a guest image: `chitin.agent=1`, which starts the agent).
+    #[error("the kernel command line sets {found}, but this sandbox needs {needed}")]
+    CmdlineConflict {
+        /// The caller's entry.
+        found: String,
+        /// What chitin needs there.
+        needed: &'static str,
+    },
     /// KVM is missing or refused to create the VM.
     #[error("cannot create a KVM virtual machine")]
     Kvm(#[source] chitin_vcpu::VmError),

@@ -41,6 +41,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// and Linux's probe of a missing keyboard waited 0.4 s for answers that
 /// never come, delaying boot and then shutdown (measured in the nested tier).
 pub const VMM_CMDLINE_ENTRIES: &[&str] = &["i8042.nokbd", "i8042.noaux"];
+
+/// What starts the agent in a guest image, and its key.
+const AGENT_ENTRY: &str = "chitin.agent=1";
+const AGENT_KEY: &str = "chitin.agent=";
 /// The guest CID chitin gives a sandbox's vsock device when the caller
 /// asked for the agent but configured no vsock device itself.
 pub const DEFAULT_GUEST_CID: u32 = 3;
@@ -80,7 +84,7 @@ pub struct Sandbox {
 pub struct SandboxBuilder {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
-    cmdline: String,
+    cmdline: Option<String>,
     vcpus: u8,
     memory_mib: u64,
     backing: Backing,
@@ -99,7 +103,7 @@ impl Default for SandboxBuilder {
         Self {
             kernel: None,
             initrd: None,
-            cmdline: DEFAULT_CMDLINE.to_string(),
+            cmdline: None,
             vcpus: DEFAULT_VCPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
             backing: Backing::Anonymous,
@@ -132,10 +136,13 @@ impl SandboxBuilder {
         self
     }
 
-    /// The kernel command line (replaces [`DEFAULT_CMDLINE`]). chitin
-    /// appends its own entries for the devices it adds.
+    /// The kernel command line (replaces [`DEFAULT_CMDLINE`], or
+    /// [`GUEST_CMDLINE`] with `.guest(..)`, in whatever order the two are
+    /// called). chitin appends its own entries for the devices it adds and,
+    /// for a guest image, `chitin.agent=1` if the line lacks it; a line that
+    /// sets `chitin.agent` otherwise fails `build()`.
     pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
-        self.cmdline = cmdline.into();
+        self.cmdline = Some(cmdline.into());
         self
     }
 
@@ -223,13 +230,14 @@ impl SandboxBuilder {
     }
 
     /// Boot a guest image that runs chitin's agent (see [`GuestImage`]):
-    /// sets the kernel, initramfs and command line, and enables
-    /// [`RunningSandbox::exec`] and [`RunningSandbox::spawn`]. Without
-    /// `.vsock(..)`, chitin adds a private vsock device for the agent.
+    /// sets the kernel and initramfs, [`GUEST_CMDLINE`] unless
+    /// `.cmdline(..)` gives another line (before or after this call), and
+    /// enables [`RunningSandbox::exec`] and [`RunningSandbox::spawn`].
+    /// Without `.vsock(..)`, chitin adds a private vsock device for the
+    /// agent.
     pub fn guest(mut self, image: GuestImage) -> Self {
         self.kernel = Some(image.kernel);
         self.initrd = Some(image.initramfs);
-        self.cmdline = GUEST_CMDLINE.to_string();
         self.agent = true;
         self
     }
@@ -249,8 +257,25 @@ impl SandboxBuilder {
         let control = Arc::new(VmControl::new());
         let mut events = EventLoop::new().map_err(|e| device_err("event loop", e))?;
         let mut buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
+        let base = match (&self.cmdline, self.agent) {
+            (Some(line), _) => line.clone(),
+            (None, true) => GUEST_CMDLINE.to_string(),
+            (None, false) => DEFAULT_CMDLINE.to_string(),
+        };
         let mut vmm_entries: Vec<String> =
             VMM_CMDLINE_ENTRIES.iter().map(|e| e.to_string()).collect();
+        if self.agent {
+            match base.split_whitespace().find(|e| e.starts_with(AGENT_KEY)) {
+                Some(AGENT_ENTRY) => {}
+                Some(other) => {
+                    return Err(SandboxError::CmdlineConflict {
+                        found: other.to_string(),
+                        needed: AGENT_ENTRY,
+                    })
+                }
+                None => vmm_entries.push(AGENT_ENTRY.to_string()),
+            }
+        }
         let mut slots = VirtioSlots::default();
         let mut faults = FaultTables::default();
         for (index, disk) in self.disks.iter().enumerate() {
@@ -307,7 +332,7 @@ impl SandboxBuilder {
             vmm_entries.push(mode.to_string());
         }
         let entries: Vec<&str> = vmm_entries.iter().map(String::as_str).collect();
-        let cmdline = chitin_boot::build_cmdline(&self.cmdline, &entries, CMDLINE_MAX_SIZE)
+        let cmdline = chitin_boot::build_cmdline(&base, &entries, CMDLINE_MAX_SIZE)
             .map_err(SandboxError::Cmdline)?;
         let boot = chitin_boot::load_kernel(
             &ram,

@@ -504,3 +504,73 @@ fn flood_guest_to_a_writer_costs_far_fewer_writes_than_bytes() {
     // byte would be 262 000 writes).
     assert!(writes <= bytes / 1024, "{writes} writes for {bytes} bytes");
 }
+
+/// A guest image whose kernel is the report guest (it prints its command
+/// line), with a stand-in initramfs; removed when dropped.
+struct ReportImage(std::path::PathBuf);
+
+impl ReportImage {
+    fn new(tag: &str) -> Self {
+        let initrd =
+            std::env::temp_dir().join(format!("chitin-initrd-{tag}-{}", std::process::id()));
+        std::fs::write(&initrd, [0u8; 512]).unwrap();
+        Self(initrd)
+    }
+
+    fn image(&self) -> chitin::GuestImage {
+        chitin::GuestImage::new(Guest::Report.path(), &self.0)
+    }
+}
+
+impl Drop for ReportImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn cmdline_before_or_after_guest_keeps_the_agent_entry() {
+    if !kvm_available("cmdline_guest_order") {
+        return;
+    }
+    let files = ReportImage::new("order");
+    for cmdline_first in [true, false] {
+        let console = ConsoleCapture::default();
+        let mut builder = Sandbox::builder().memory_mib(64);
+        if cmdline_first {
+            builder = builder.cmdline("console=ttyS0 mine=1").guest(files.image());
+        } else {
+            builder = builder.guest(files.image()).cmdline("console=ttyS0 mine=1");
+        }
+        let builder = builder.console(chitin::Console::capture(&console));
+        assert_eq!(run_to_exit(builder), ExitReason::Reset);
+        let out = text(&console);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("cmdline: "))
+            .unwrap_or_else(|| panic!("no cmdline line: {out}"));
+        assert!(line.starts_with("cmdline: console=ttyS0 mine=1 "), "{line}");
+        assert!(line.contains(" chitin.agent=1"), "{line}");
+    }
+}
+
+#[test]
+fn cmdline_turning_the_agent_off_fails_build() {
+    if !kvm_available("cmdline_agent_off") {
+        return;
+    }
+    let files = ReportImage::new("off");
+    let result = Sandbox::builder()
+        .guest(files.image())
+        .cmdline("console=ttyS0 chitin.agent=0")
+        .build();
+    match result {
+        Err(SandboxError::CmdlineConflict { found, needed }) => {
+            assert_eq!(
+                (found.as_str(), needed),
+                ("chitin.agent=0", "chitin.agent=1")
+            );
+        }
+        other => panic!("expected CmdlineConflict, got {:?}", other.err()),
+    }
+}
