@@ -1019,8 +1019,12 @@ impl Child {
     /// its output is not consumed, so a process whose unread output fills
     /// its window waits on its pipe (read it, or use [`Child::output`]).
     pub fn wait(&self) -> Result<ExitStatus, ClientError> {
-        self.wait_deadline(None)?
-            .ok_or_else(|| ClientError::Protocol("wait without a deadline timed out".into()))
+        loop {
+            // Without a deadline it returns only with the end.
+            if let Some(status) = self.wait_deadline(None)? {
+                return Ok(status);
+            }
+        }
     }
 
     /// [`Child::wait`] for at most `timeout`; `Ok(None)` if still running.

@@ -491,19 +491,22 @@ mod tests {
         assert!(writes < 2 * 2_048, "{writes} writes");
     }
 
+    /// A writer into a shared buffer, for the sink tests.
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn buffered_sink_stops_at_its_limit_and_says_so_once() {
         let counting = Arc::new(Mutex::new(Vec::new()));
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let mut sink =
             crate::BufferedSink::new(Box::new(Shared(Arc::clone(&counting))), Some(10)).unwrap();
         sink.write_all(b"0123456789abcdef").unwrap();
@@ -519,16 +522,6 @@ mod tests {
     #[test]
     fn buffered_sink_writes_a_prompt_without_newline_within_its_delay() {
         let out = Arc::new(Mutex::new(Vec::new()));
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let mut sink = crate::BufferedSink::new(Box::new(Shared(Arc::clone(&out))), None).unwrap();
         sink.write_all(b"login: ").unwrap();
         // Nothing forces it out but the timer; the sink stays alive.
