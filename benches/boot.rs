@@ -69,7 +69,7 @@ fn timings(runs: usize) {
             .build()
             .expect("build");
         let t1 = Instant::now();
-        let mut running = sandbox.start().expect("start");
+        let running = sandbox.start().expect("start");
         let reason = running.wait_timeout(Duration::from_secs(60));
         let t2 = Instant::now();
         assert_eq!(reason, Some(ExitReason::Reset));

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chitin::{error_chain, Console, ConsoleInput, Disk, ExitReason, Sandbox};
+use chitin::{error_chain, BootProtocol, Console, ConsoleInput, Disk, ExitReason, Sandbox};
 use chitin_test_guests::Guest;
 use clap::Parser;
 
@@ -88,7 +88,11 @@ fn run(args: Args) -> Result<ExitReason, String> {
         .cmdline(args.cmdline)
         .memory_mib(args.mem)
         .vcpus(args.vcpus)
-        .pvh(args.pvh)
+        .boot_protocol(if args.pvh {
+            BootProtocol::Pvh
+        } else {
+            BootProtocol::Linux64
+        })
         .console(Console::stdout());
     for spec in &args.disks {
         let (disk, root) = parse_disk(spec)?;
@@ -105,7 +109,7 @@ fn run(args: Args) -> Result<ExitReason, String> {
         builder = builder.console_input(ConsoleInput::new(std::io::stdin()));
     }
     let sandbox = builder.build().map_err(|e| error_chain(&e))?;
-    let mut running = sandbox.start().map_err(|e| error_chain(&e))?;
+    let running = sandbox.start().map_err(|e| error_chain(&e))?;
     Ok(match args.timeout {
         Some(secs) => match running.wait_timeout(Duration::from_secs(secs)) {
             Some(reason) => reason,

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
 fn exit_code(status: ExitStatus) -> u8 {
     match status {
         ExitStatus::Code(code) => code.clamp(0, 255) as u8,
-        ExitStatus::Signal(signo) => (128 + signo).clamp(0, 255) as u8,
+        ExitStatus::Signal(signal) => (128 + signal.number()).clamp(0, 255) as u8,
     }
 }
 
@@ -89,8 +89,8 @@ fn run(args: &Args) -> Result<ExitStatus, String> {
         .start()
         .map_err(|e| error_chain(&e))?;
     let (program, rest) = args.command.split_first().ok_or("no command given")?;
-    let cmd = Command::new(program)
-        .args(rest)
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
         .env("HOME", "/")
         .env("TERM", "linux")
         .timeout(Duration::from_secs(args.timeout));

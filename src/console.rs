@@ -74,7 +74,8 @@ impl Console {
             },
             Sink::Writer(w) => (w, None),
         };
-        let sink = BufferedSink::new(out, limit).map_err(|e| device_err("console thread", e))?;
+        let sink =
+            BufferedSink::new(out, limit).map_err(|e| device_err("console", "output thread", e))?;
         Ok(Box::new(sink))
     }
 }

@@ -34,11 +34,17 @@ const VIRTIO_GSIS: &[u32] = &[
     5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
 ];
 
+/// A failed set-up step of a device, for `build()`'s caller.
 pub(crate) fn device_err(
-    what: &'static str,
+    device: &'static str,
+    step: &'static str,
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> SandboxError {
-    SandboxError::Device(what, Box::new(e))
+    SandboxError::Device {
+        device,
+        step,
+        source: Box::new(e),
+    }
 }
 
 /// Hands out virtio-mmio windows and interrupt lines in order.
@@ -76,17 +82,18 @@ where
     let (base, gsi) = slots.next()?;
     for (queue, event) in device.queue_events().iter().enumerate() {
         vm.register_mmio_notify(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)
-            .map_err(|e| device_err("virtio queue notification", e))?;
+            .map_err(|e| device_err("virtio-mmio", "ioeventfd for a queue", e))?;
     }
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("virtio irq", e))?;
+    let irq = EventFd::new(EFD_NONBLOCK)
+        .map_err(|e| device_err("virtio-mmio", "interrupt eventfd", e))?;
     vm.register_irqfd(&irq, gsi)
-        .map_err(|e| device_err("virtio irq", e))?;
+        .map_err(|e| device_err("virtio-mmio", "irqfd", e))?;
     let device = Arc::new(Mutex::new(device));
     let transport = MmioTransport::new(device.clone(), ram.memory().clone(), irq);
     buses
         .mmio
         .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)
-        .map_err(|e| device_err("virtio-mmio window", e))?;
+        .map_err(|e| device_err("virtio-mmio", "MMIO window", e))?;
     events.add(device);
     Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
 }
@@ -101,16 +108,18 @@ pub(crate) fn legacy_devices(
 ) -> Result<IoBuses, SandboxError> {
     let mut buses = IoBuses::default();
 
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("serial irq", e))?;
+    let serial_irq =
+        EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("serial", "interrupt eventfd", e))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|e| device_err("serial irq", e))?;
+        .map_err(|e| device_err("serial", "irqfd", e))?;
     let serial = Arc::new(
-        SerialDevice::new(serial_irq, console.open()?).map_err(|e| device_err("serial", e))?,
+        SerialDevice::new(serial_irq, console.open()?)
+            .map_err(|e| device_err("serial", "device", e))?,
     );
     buses
         .pio
         .insert(serial.clone(), COM1_BASE, COM1_LEN)
-        .map_err(|e| device_err("serial", e))?;
+        .map_err(|e| device_err("serial", "port range", e))?;
     if let Some(ConsoleInput(source)) = input {
         events.add(Arc::new(Mutex::new(SerialInput::new(serial, source))));
     }
@@ -122,10 +131,10 @@ pub(crate) fn legacy_devices(
     buses
         .pio
         .insert(Arc::new(i8042), I8042_BASE, I8042_LEN)
-        .map_err(|e| device_err("i8042", e))?;
+        .map_err(|e| device_err("i8042", "port range", e))?;
     buses
         .pio
         .insert(Arc::new(CmosRtc::new()), RTC_BASE, RTC_LEN)
-        .map_err(|e| device_err("rtc", e))?;
+        .map_err(|e| device_err("rtc", "port range", e))?;
     Ok(buses)
 }

@@ -1,9 +1,14 @@
-//! The one public error type of the facade.
+//! The facade's public error types, one per concern: [`SandboxError`]
+//! (building and starting a sandbox) and [`ExecError`] (running a command
+//! in it).
 //!
 //! Every variant says what the caller can change; the underlying cause is
 //! kept as the error's `source()` so a full chain can be printed.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use chitin_vcpu::ExitReason;
 
 /// Why a sandbox could not be built or started.
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +77,102 @@ pub enum SandboxError {
     /// More devices than interrupt lines for them.
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(usize),
-    /// A legacy device or the event loop could not be set up.
-    #[error("cannot set up device: {0}")]
-    Device(
-        &'static str,
-        #[source] Box<dyn std::error::Error + Send + Sync>,
-    ),
+    /// A device, its wiring or a VMM thread could not be set up: the host
+    /// is out of a resource (fds, memory, threads) or KVM refused a step.
+    #[error("cannot set up {device}: {step} failed")]
+    Device {
+        /// The device (`serial`, `virtio-mmio`, `event loop`, ...).
+        device: &'static str,
+        /// The step that failed (`irqfd`, `ioeventfd`, `thread`, ...).
+        step: &'static str,
+        /// The host's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why a command could not be run in the guest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecError {
+    /// The sandbox was not built with `.guest(..)`: no agent runs in it.
+    #[error("this sandbox runs no agent: build it with .guest(GuestImage)")]
+    NoAgent,
+    /// The agent did not come up before the timeout (the guest may not
+    /// have booted, or its image has no agent).
+    #[error("the guest agent did not come up within {0:?}")]
+    AgentUnreachable(Duration),
+    /// The guest stopped (before or while the command ran).
+    #[error("the guest stopped: {0}")]
+    GuestStopped(ExitReason),
+    /// The command did not finish within its timeout; it was killed.
+    #[error("the command did not finish within {0:?} and was killed")]
+    Timeout(Duration),
+    /// The command wrote more than its output limit to stdout or stderr.
+    #[error("the command wrote more than {limit} bytes to {stream}")]
+    OutputLimit {
+        /// `stdout` or `stderr`.
+        stream: &'static str,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The agent could not start the program: it does not exist, is not
+    /// executable, or its directory, user or group is wrong in the guest.
+    #[error("cannot start {program:?} in the guest: {reason}")]
+    SpawnFailed {
+        /// The program.
+        program: String,
+        /// The agent's reason.
+        reason: String,
+    },
+    /// A stream was given a [`Stdio`](crate::Stdio) it cannot take
+    /// (bytes for an output, a writer for stdin).
+    #[error("{stream} cannot be Stdio::{what}")]
+    InvalidStdio {
+        /// `stdin`, `stdout` or `stderr`.
+        stream: &'static str,
+        /// The value given.
+        what: &'static str,
+    },
+    /// A signal number the guest reported back, outside 1 to 64.
+    #[error("invalid signal number {0}: signals are 1 to 64")]
+    InvalidSignal(i32),
+    /// The guest image's agent speaks another protocol version: build the
+    /// guest image from the same chitin release as the host.
+    #[error("the guest agent speaks protocol version {agent}, this host {host}: rebuild the guest image")]
+    AgentVersion {
+        /// The agent's version.
+        agent: u32,
+        /// The host's.
+        host: u32,
+    },
+    /// The agent accepted the connection but did not answer a request
+    /// within this long.
+    #[error("the guest agent did not answer within {0:?}")]
+    AgentUnresponsive(Duration),
+    /// The agent stopped reading its connection: a message could not be
+    /// written within this long, so the connection was closed (the next
+    /// command opens a new one).
+    #[error("the guest agent stopped reading: a message took over {0:?}; connection closed")]
+    AgentStalled(Duration),
+    /// The agent sent something that is not the protocol: the guest is
+    /// broken or hostile. The connection was closed.
+    #[error("the guest agent broke the protocol: {0}")]
+    AgentMisbehaved(String),
+    /// The agent reported a failure of a running command.
+    #[error("the guest agent failed: {0}")]
+    AgentFailed(String),
+    /// The connection to the agent broke (the agent died or the guest's
+    /// vsock driver reset); the next command opens a new one.
+    #[error("the connection to the guest agent broke")]
+    ConnectionLost(#[source] std::io::Error),
+    /// Writing the command's stdin failed.
+    #[error("cannot write the command's stdin")]
+    Stdin(#[source] std::io::Error),
+    /// The host could not start the thread that feeds the command's stdin
+    /// or copies one of its outputs (out of threads or memory).
+    #[error("cannot start a host thread for the command's {0}")]
+    Thread(&'static str, #[source] std::io::Error),
 }
 
 /// Render an error and its whole `source()` chain on one line, as

@@ -28,6 +28,7 @@
 //! `chitin-memory`, `chitin-boot`, `chitin-vcpu` and `chitin-devices`.
 
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 mod console;
 mod devices;
@@ -41,20 +42,21 @@ mod logging;
 mod sandbox;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
+pub use chitin_memory::Backing;
 pub use chitin_vcpu::ExitReason;
 pub use console::{
     Console, ConsoleCapture, ConsoleInput, DEFAULT_CAPTURE_LIMIT, DEFAULT_FILE_LIMIT,
 };
 pub use disk::Disk;
-pub use error::{error_chain, SandboxError};
+pub use error::{error_chain, ExecError, SandboxError};
 pub use exec::{
-    Child, ChildOutput, ChildStdin, ClientError, Command, ExecError, ExitStatus, Output,
+    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Signal, Stdio,
     AGENT_PORT, DEFAULT_OUTPUT_LIMIT,
 };
 pub use faults::DeviceFaults;
 pub use guest::{GuestImage, GUEST_CMDLINE};
 pub use logging::log_to_stderr;
 pub use sandbox::{
-    RunningSandbox, Sandbox, SandboxBuilder, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
+    RunningSandbox, Sandbox, SandboxBuilder, SandboxHandle, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, VMM_CMDLINE_ENTRIES,
 };

@@ -1,12 +1,15 @@
 //! The `Sandbox` life cycle, enforced by types:
 //! [`SandboxBuilder`] → `build()` → [`Sandbox`] (configured, kernel loaded,
-//! no guest code run) → `start()` → [`RunningSandbox`] (`wait`, `stop`).
-//! Only a running sandbox can be waited on or stopped, and dropping either
-//! one tears everything down: no thread, fd or mapping outlives it.
+//! no guest code run) → `start()` → [`RunningSandbox`] (`wait`, `stop`,
+//! commands) and any number of [`SandboxHandle`]s (`wait`, `stop` from any
+//! thread). Only a running sandbox can be waited on or stopped, and
+//! dropping either one tears everything down: no thread, fd or mapping
+//! outlives it.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,9 +23,10 @@ use chitin_vsock::{Vsock, VsockConfig};
 use crate::console::{Console, ConsoleInput};
 use crate::devices::{attach_virtio, device_err, legacy_devices, VirtioSlots};
 use crate::disk::{device_name, Disk};
+use crate::error::ExecError;
 use crate::error::SandboxError;
 use crate::event_loop::{EventLoop, RunningEventLoop};
-use crate::exec::{AgentLink, Child, Command, ExecError, Output};
+use crate::exec::{AgentLink, Child, Command, ExitStatus, Output, Stdio};
 use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 
@@ -60,7 +64,7 @@ pub const DEFAULT_GUEST_CID: u32 = 3;
 ///     .vcpus(2)
 ///     .console(Console::stdout())
 ///     .build()?;
-/// let mut running = sandbox.start()?;
+/// let running = sandbox.start()?;
 /// let reason = running.wait();
 /// println!("guest stopped: {reason}");
 /// # Ok::<(), chitin::SandboxError>(())
@@ -161,25 +165,19 @@ impl SandboxBuilder {
         self
     }
 
-    /// Back guest RAM with a memfd instead of anonymous memory.
-    pub fn memfd_backing(mut self, enabled: bool) -> Self {
-        self.backing = if enabled {
-            Backing::Memfd
-        } else {
-            Backing::Anonymous
-        };
+    /// What host memory backs guest RAM (default [`Backing::Anonymous`];
+    /// [`Backing::Memfd`] lets another process map the same pages).
+    pub fn memory_backing(mut self, backing: Backing) -> Self {
+        self.backing = backing;
         self
     }
 
-    /// Enter an ELF kernel through its PVH entry point (Xen PVH boot ABI)
-    /// instead of the Linux 64-bit entry. `build()` fails if the kernel has
-    /// no PVH note.
-    pub fn pvh(mut self, enabled: bool) -> Self {
-        self.protocol = if enabled {
-            BootProtocol::Pvh
-        } else {
-            BootProtocol::Linux64
-        };
+    /// How the boot vCPU enters the kernel (default
+    /// [`BootProtocol::Linux64`]). [`BootProtocol::Pvh`] enters an ELF
+    /// kernel through its PVH entry point (Xen PVH boot ABI); `build()`
+    /// fails if the kernel has no PVH note.
+    pub fn boot_protocol(mut self, protocol: BootProtocol) -> Self {
+        self.protocol = protocol;
         self
     }
 
@@ -255,7 +253,8 @@ impl SandboxBuilder {
             .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
         let vm = Vm::new(&ram).map_err(SandboxError::Kvm)?;
         let control = Arc::new(VmControl::new());
-        let mut events = EventLoop::new().map_err(|e| device_err("event loop", e))?;
+        let mut events =
+            EventLoop::new().map_err(|e| device_err("event loop", "epoll and stop event", e))?;
         let mut buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
         let base = match (&self.cmdline, self.agent) {
             (Some(line), _) => line.clone(),
@@ -414,19 +413,22 @@ impl Sandbox {
         } = self;
         let events = events
             .spawn()
-            .map_err(|e| device_err("event loop thread", e))?;
-        let mut running = RunningSandbox {
-            threads: Vec::with_capacity(vcpus.len()),
-            events,
-            agent: agent_socket.map(|socket| AgentLink::new(socket, &control)),
-            control,
+            .map_err(|e| device_err("event loop", "thread", e))?;
+        let running = RunningSandbox {
+            life: Arc::new(Life {
+                threads: Mutex::new(Vec::with_capacity(vcpus.len())),
+                events: Mutex::new(events),
+                agent: agent_socket.map(|socket| AgentLink::new(socket, &control)),
+                control,
+            }),
             vm,
             ram,
             faults,
         };
         for vcpu in vcpus {
-            match vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.control)) {
-                Ok(thread) => running.threads.push(thread),
+            let spawned = vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.life.control));
+            match spawned {
+                Ok(thread) => relock(&running.life.threads).push(thread),
                 Err(e) => {
                     // Dropping `running` stops and joins what already runs.
                     return Err(SandboxError::Vcpu(e));
@@ -437,36 +439,160 @@ impl Sandbox {
     }
 }
 
-/// A started sandbox. Dropping it stops the guest and joins every thread.
-pub struct RunningSandbox {
-    // Field order is drop order: threads are joined (in Drop) before the VM
-    // and guest RAM go away.
-    threads: Vec<JoinHandle<()>>,
-    events: RunningEventLoop,
-    control: Arc<VmControl>,
-    #[allow(dead_code)] // kept alive for the vCPUs' sake
-    vm: Vm,
-    ram: GuestRam,
-    /// The way to the agent, when the sandbox runs one.
-    agent: Option<AgentLink>,
-    faults: FaultTables,
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning only means another thread panicked; the data is consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl RunningSandbox {
-    /// Block until the guest stops, tear down its threads and return why it
-    /// stopped.
-    pub fn wait(&mut self) -> ExitReason {
+/// What a running sandbox and its handles share: how to stop it and the
+/// threads to join. Guest memory and the VM are not here: they belong to
+/// the [`RunningSandbox`] alone, which joins every thread before they go.
+struct Life {
+    control: Arc<VmControl>,
+    /// The way to the agent, when the sandbox runs one.
+    agent: Option<AgentLink>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    events: Mutex<RunningEventLoop>,
+}
+
+impl Life {
+    /// Stop the guest (if it still runs) and join its threads; whoever
+    /// comes second waits for the first to finish. Idempotent.
+    fn teardown(&self) {
+        // Close the agent connection first so no client thread blocks on it.
+        if let Some(agent) = &self.agent {
+            agent.close();
+        }
+        // Make sure every vCPU leaves the guest, then join.
+        self.control.request_exit(ExitReason::Stopped);
+        let mut threads = relock(&self.threads);
+        for thread in threads.drain(..) {
+            let _ = thread.join();
+        }
+        relock(&self.events).stop();
+    }
+
+    fn wait(&self) -> ExitReason {
         let reason = self.control.wait();
         self.teardown();
         reason
     }
 
-    /// Like [`RunningSandbox::wait`], but give up after `timeout` and return
-    /// `None` with the guest still running.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReason> {
+    fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
         let reason = self.control.wait_timeout(timeout)?;
         self.teardown();
         Some(reason)
+    }
+
+    fn stop(&self) -> ExitReason {
+        self.control.request_exit(ExitReason::Stopped);
+        self.teardown();
+        self.control.exit_reason().unwrap_or(ExitReason::Stopped)
+    }
+}
+
+/// A started sandbox. Dropping it stops the guest and joins every thread.
+///
+/// Commands ([`output`](RunningSandbox::output),
+/// [`spawn`](RunningSandbox::spawn)) may run from many threads at once
+/// through `&RunningSandbox`; [`RunningSandbox::handle`] gives a cheap
+/// handle that waits for or stops the guest from any thread.
+pub struct RunningSandbox {
+    // Field order is drop order: threads are joined (in Drop) before the VM
+    // and guest RAM go away.
+    life: Arc<Life>,
+    #[allow(dead_code)] // kept alive for the vCPUs' sake
+    vm: Vm,
+    ram: GuestRam,
+    faults: FaultTables,
+}
+
+impl fmt::Debug for RunningSandbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunningSandbox")
+            .field("exit_reason", &self.exit_reason())
+            .field("agent", &self.life.agent.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Waits for or stops a running sandbox from any thread: cheap to clone,
+/// `Send + Sync`, and safe to keep after the sandbox is gone (it then
+/// reports the sandbox's exit reason; `stop` and `wait` return it at once).
+///
+/// ```no_run
+/// # use chitin::{ExitReason, GuestImage, Sandbox};
+/// let vm = Sandbox::builder().guest(GuestImage::default()).build()?.start()?;
+/// let handle = vm.handle();
+/// let supervisor = std::thread::spawn(move || handle.wait());
+/// // ... commands on `vm` from other threads ...
+/// vm.handle().stop();
+/// assert_eq!(supervisor.join().unwrap(), ExitReason::Stopped);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct SandboxHandle {
+    life: Arc<Life>,
+}
+
+impl fmt::Debug for SandboxHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxHandle")
+            .field("exit_reason", &self.exit_reason())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxHandle {
+    /// Stop the guest, even one spinning in guest code, and return once
+    /// its vCPU and device threads have ended: [`ExitReason::Stopped`], or
+    /// the guest's own reason if it had already stopped. Pending commands
+    /// end with [`ExecError::GuestStopped`].
+    pub fn stop(&self) -> ExitReason {
+        self.life.stop()
+    }
+
+    /// Block until the guest stops and its threads have ended; why it
+    /// stopped. Any number of threads may wait at once.
+    pub fn wait(&self) -> ExitReason {
+        self.life.wait()
+    }
+
+    /// Like [`SandboxHandle::wait`], but give up after `timeout` and return
+    /// `None` with the guest still running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        self.life.wait_timeout(timeout)
+    }
+
+    /// Why the guest stopped, or `None` while it runs (without blocking).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.life.control.exit_reason()
+    }
+
+    /// Whether the guest still runs.
+    pub fn is_running(&self) -> bool {
+        self.exit_reason().is_none()
+    }
+}
+
+impl RunningSandbox {
+    /// A handle that waits for or stops this sandbox from any thread.
+    pub fn handle(&self) -> SandboxHandle {
+        SandboxHandle {
+            life: Arc::clone(&self.life),
+        }
+    }
+
+    /// Block until the guest stops, tear down its threads and return why it
+    /// stopped.
+    pub fn wait(&self) -> ExitReason {
+        self.life.wait()
+    }
+
+    /// Like [`RunningSandbox::wait`], but give up after `timeout` and return
+    /// `None` with the guest still running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        self.life.wait_timeout(timeout)
     }
 
     /// What the guest sent that each of its virtio devices refused or
@@ -495,52 +621,82 @@ impl RunningSandbox {
         self.ram.resident_bytes()
     }
 
-    /// Run `cmd` in the guest and collect its status, stdout and stderr
-    /// (like `std::process::Command::output`). Waits up to 60 s for the
-    /// agent on the first call while the guest boots.
+    fn agent(&self) -> Result<&AgentLink, ExecError> {
+        self.life.agent.as_ref().ok_or(ExecError::NoAgent)
+    }
+
+    /// Run `cmd` in the guest and collect its status and piped output,
+    /// like `std::process::Command::output`. Waits up to 60 s (or the
+    /// command's timeout) for the agent on the first call while the guest
+    /// boots. A command that outruns its timeout or output limit is killed.
+    pub fn output(&self, cmd: &Command) -> Result<Output, ExecError> {
+        self.agent()?.output(cmd)
+    }
+
+    /// [`RunningSandbox::output`] under the name runtimes use for it
+    /// (`docker exec`, `kubectl exec`).
     pub fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
-        self.agent.as_ref().ok_or(ExecError::NoAgent)?.exec(cmd)
+        self.output(cmd)
     }
 
-    /// Start `cmd` in the guest and return a handle with its stdin, stdout
-    /// and stderr, `wait()` and `kill()`.
+    /// Run `cmd` in the guest and return how it ended, like
+    /// `std::process::Command::status`: outputs left [`Stdio::piped`] are
+    /// thrown away (others go where the command says).
+    pub fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
+        let mut cmd = cmd.clone();
+        if cmd.stdout.is_piped() {
+            cmd.stdout(Stdio::null());
+        }
+        if cmd.stderr.is_piped() {
+            cmd.stderr(Stdio::null());
+        }
+        self.agent()?.output(&cmd).map(|out| out.status)
+    }
+
+    /// Start `cmd` in the guest and return it running, with its piped
+    /// streams, `wait()`, `try_wait()`, `kill()` and `signal()`, like
+    /// `std::process::Command::spawn`.
     pub fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
-        self.agent.as_ref().ok_or(ExecError::NoAgent)?.spawn(cmd)
+        self.agent()?.spawn(cmd)
     }
 
-    /// Whether the guest has stopped (without blocking).
+    /// Why the guest stopped, or `None` while it runs (without blocking).
     pub fn exit_reason(&self) -> Option<ExitReason> {
-        self.control.exit_reason()
+        self.life.control.exit_reason()
     }
 
     /// Stop the guest, even one spinning in guest code, and return why it
     /// stopped: [`ExitReason::Stopped`], or the guest's own reason if it had
     /// already stopped.
-    pub fn stop(mut self) -> ExitReason {
-        self.control.request_exit(ExitReason::Stopped);
-        self.teardown();
-        self.control.exit_reason().unwrap_or(ExitReason::Stopped)
-    }
-
-    fn teardown(&mut self) {
-        // Close the agent connection first so no client thread blocks on it.
-        if let Some(agent) = &self.agent {
-            agent.close();
-        }
-        // Make sure every vCPU leaves the guest, then join.
-        self.control.request_exit(ExitReason::Stopped);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-        self.events.stop();
+    pub fn stop(self) -> ExitReason {
+        self.life.stop()
     }
 }
 
 impl Drop for RunningSandbox {
     fn drop(&mut self) {
-        self.teardown();
+        self.life.teardown();
     }
 }
+
+impl fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("vcpus", &self.vcpus.len())
+            .field("boot", &self.boot)
+            .field("agent", &self.agent_socket.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+// What a runtime author relies on: the running sandbox is shared by
+// reference across threads, and its handle is sent anywhere.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<RunningSandbox>();
+    assert_send_sync::<SandboxHandle>();
+    assert_send_sync::<Sandbox>();
+};
 
 #[cfg(test)]
 mod tests {

@@ -104,7 +104,7 @@ fn spin_guest_stop_interrupts_guest_code() {
     }
     // Arrange: a guest spinning with interrupts off, never exiting.
     let console = ConsoleCapture::default();
-    let mut running = guest_builder(Guest::Spin, &console)
+    let running = guest_builder(Guest::Spin, &console)
         .vcpus(2)
         .build()
         .unwrap()
@@ -119,6 +119,56 @@ fn spin_guest_stop_interrupts_guest_code() {
 }
 
 #[test]
+fn handle_stops_from_another_thread_while_others_wait() {
+    if !kvm_available("handle_stop") {
+        return;
+    }
+    // Arrange: a spinning guest, two threads waiting on handles, one on
+    // the sandbox itself.
+    let console = ConsoleCapture::default();
+    let running = guest_builder(Guest::Spin, &console)
+        .vcpus(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(console.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    let handle = running.handle();
+    assert!(handle.is_running());
+    std::thread::scope(|s| {
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let h = handle.clone();
+                s.spawn(move || h.wait())
+            })
+            .collect();
+        let on_sandbox = s.spawn(|| running.wait_timeout(GUEST_TIMEOUT));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(handle.wait_timeout(Duration::from_millis(10)), None);
+        // Act: a fifth thread stops it.
+        let stopper = handle.clone();
+        let stopped = s.spawn(move || stopper.stop()).join().unwrap();
+        // Assert: everyone sees the stop; the vCPU threads are gone.
+        assert_eq!(stopped, ExitReason::Stopped);
+        for waiter in waiters {
+            assert_eq!(waiter.join().unwrap(), ExitReason::Stopped);
+        }
+        assert_eq!(on_sandbox.join().unwrap(), Some(ExitReason::Stopped));
+    });
+    assert!(!handle.is_running());
+    // A command on a stopped sandbox without an agent says why.
+    assert!(matches!(
+        running.output(&chitin::Command::new("true")),
+        Err(chitin::ExecError::NoAgent)
+    ));
+    // The handle outlives the sandbox and goes on answering.
+    drop(running);
+    assert_eq!(handle.exit_reason(), Some(ExitReason::Stopped));
+    assert_eq!(handle.stop(), ExitReason::Stopped);
+    assert_eq!(handle.wait(), ExitReason::Stopped);
+}
+
+#[test]
 fn echo_guest_reads_console_input() {
     if !kvm_available("echo_guest") {
         return;
@@ -126,7 +176,7 @@ fn echo_guest_reads_console_input() {
     // Arrange: console input from one end of a socket pair.
     let (mut host, guest_end) = UnixStream::pair().unwrap();
     let console = ConsoleCapture::default();
-    let mut running = guest_builder(Guest::Echo, &console)
+    let running = guest_builder(Guest::Echo, &console)
         .console_input(ConsoleInput::new(guest_end))
         .build()
         .unwrap()
@@ -160,7 +210,7 @@ fn pvh_guest_enters_through_pvh_note() {
     let console = ConsoleCapture::default();
     let reason = run_to_exit(
         guest_builder(Guest::Pvh, &console)
-            .pvh(true)
+            .boot_protocol(chitin::BootProtocol::Pvh)
             .cmdline("chitin.test=pvh"),
     );
     let out = text(&console);
@@ -382,7 +432,7 @@ fn vsock_hostile_guest_faults_are_counted_and_answered() {
     let uds = std::env::temp_dir().join(format!("chitin-hostile-{}.vsock", std::process::id()));
     let _ = std::fs::remove_file(&uds);
     let console = ConsoleCapture::default();
-    let mut running = guest_builder(Guest::VsockHostile, &console)
+    let running = guest_builder(Guest::VsockHostile, &console)
         .vsock(3, &uds)
         .build()
         .unwrap()

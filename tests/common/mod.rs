@@ -41,7 +41,7 @@ pub fn guest_builder(guest: Guest, console: &ConsoleCapture) -> SandboxBuilder {
 
 /// Build, start and wait for a sandbox, failing the test if it hangs.
 pub fn run_to_exit(builder: SandboxBuilder) -> ExitReason {
-    let mut running = builder.build().expect("build").start().expect("start");
+    let running = builder.build().expect("build").start().expect("start");
     match running.wait_timeout(GUEST_TIMEOUT) {
         Some(reason) => reason,
         None => {

@@ -82,6 +82,9 @@ pub enum ClientError {
     /// within this long, so the connection was closed.
     #[error("agent stopped reading its connection: a frame took over {0:?}")]
     Stalled(Duration),
+    /// The caller asked for a signal number outside 1..=64.
+    #[error("invalid signal number {0}: signals are 1 to 64")]
+    InvalidSignal(i32),
     /// A process wrote more than the caller's limit to one output; the
     /// rest was discarded.
     #[error("the process wrote more than {limit} bytes to {stream}")]
@@ -117,6 +120,7 @@ impl ClientError {
             ClientError::Closed => ClientError::Closed,
             ClientError::Timeout(d) => ClientError::Timeout(*d),
             ClientError::Stalled(d) => ClientError::Stalled(*d),
+            ClientError::InvalidSignal(n) => ClientError::InvalidSignal(*n),
             ClientError::OutputLimit { stream, limit } => ClientError::OutputLimit {
                 stream,
                 limit: *limit,
@@ -284,8 +288,11 @@ struct Inbox {
     end: Option<Result<ExitStatus, String>>,
     /// The connection ended before everything arrived.
     closed: bool,
-    /// Nobody holds the child any more: output is credited as it arrives.
-    discard: bool,
+    /// Per output: nobody will read it, so it is credited as it arrives
+    /// (both once nobody holds the child any more).
+    discard: [bool; 2],
+    /// The caller gave the child up: readers of its output see EOF.
+    abandoned: bool,
 }
 
 impl Inbox {
@@ -541,7 +548,8 @@ impl<S: ClientStream> Client<S> {
                 pending: Default::default(),
                 end: None,
                 closed: false,
-                discard: false,
+                discard: [false; 2],
+                abandoned: false,
             }),
             changed: Condvar::new(),
         });
@@ -844,7 +852,7 @@ fn route(frame: Frame, shared: &Shared) -> Result<(), ClientError> {
     match delivery {
         Delivery::Started(pid) => inbox.started = Some(Ok(pid)),
         Delivery::Output(stream, data) => {
-            let discard = inbox.discard;
+            let discard = inbox.discard[stream.index()];
             let p = &mut inbox.pending[stream.index()];
             if data.is_empty() {
                 p.ended = true;
@@ -921,6 +929,16 @@ impl Handle {
         p.data.drain(..n)
     }
 
+    /// Throw `stream`'s output away from now on, crediting what is held.
+    fn discard(&self, inbox: &mut Inbox, stream: OutputStream) {
+        inbox.discard[stream.index()] = true;
+        let p = &mut inbox.pending[stream.index()];
+        let held = p.owed + p.data.len() as u32;
+        p.owed = 0;
+        p.data = VecDeque::new();
+        self.shared.credit(self.id, stream, held);
+    }
+
     /// The connection ended under a waiter: why.
     fn closed(&self) -> ClientError {
         self.shared.closed_error()
@@ -930,13 +948,8 @@ impl Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         let mut inbox = self.child.lock();
-        inbox.discard = true;
         for stream in OutputStream::BOTH {
-            let p = &mut inbox.pending[stream.index()];
-            let held = p.owed + p.data.len() as u32;
-            p.owed = 0;
-            p.data = VecDeque::new();
-            self.shared.credit(self.id, stream, held);
+            self.discard(&mut inbox, stream);
         }
     }
 }
@@ -994,7 +1007,7 @@ impl Child {
     /// signal is queued for the agent.
     pub fn signal(&self, signo: i32) -> Result<(), ClientError> {
         if !(1..=64).contains(&signo) {
-            return Err(ClientError::Protocol(format!("invalid signal {signo}")));
+            return Err(ClientError::InvalidSignal(signo));
         }
         self.shared.send(&Frame::Signal { id: self.id, signo })
     }
@@ -1011,8 +1024,22 @@ impl Child {
         if let Some(route) = relock(&self.shared.routes).children.get(&self.id) {
             route.stdin.close();
         }
-        // Dropping the last handle switches the child to discarding and
-        // credits what was held.
+        // Readers of its output (other threads may hold them) see EOF now,
+        // even while a grandchild keeps the process's pipes open.
+        let mut inbox = self.handle.child.lock();
+        inbox.abandoned = true;
+        for stream in OutputStream::BOTH {
+            self.handle.discard(&mut inbox, stream);
+        }
+        drop(inbox);
+        self.handle.child.changed.notify_all();
+    }
+
+    /// Throw `stream`'s output away from now on (what is held too), as
+    /// if it went to /dev/null: the process never waits on that pipe.
+    pub fn discard(&self, stream: OutputStream) {
+        let mut inbox = self.handle.child.lock();
+        self.handle.discard(&mut inbox, stream);
     }
 
     /// Wait until the process has exited, like `std::process::Child::wait`:
@@ -1059,19 +1086,30 @@ impl Child {
         self.collect(usize::MAX, None)
     }
 
-    /// Consume both outputs as they arrive until the process has exited
-    /// and both have ended, and return them with the status. Fails with
+    /// [`Child::collect`] of both outputs.
+    pub fn collect(&self, limit: usize, timeout: Option<Duration>) -> Result<Output, ClientError> {
+        self.collect_some([true; 2], limit, timeout)
+    }
+
+    /// Consume the outputs `take` names (stdout, stderr) as they arrive
+    /// until the process has exited and both outputs have ended (one not
+    /// taken is left to its reader), and return them with the status. Fails with
     /// [`ClientError::OutputLimit`] as soon as one output holds more than
     /// `limit` bytes (the excess is discarded), and with
     /// [`ClientError::Timeout`] after `timeout`; either way the process
     /// runs on (kill or abandon it).
-    pub fn collect(&self, limit: usize, timeout: Option<Duration>) -> Result<Output, ClientError> {
+    pub fn collect_some(
+        &self,
+        take: [bool; 2],
+        limit: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Output, ClientError> {
         let deadline = timeout.and_then(deadline_after);
         let child = &self.handle.child;
         let mut taken: [Vec<u8>; 2] = Default::default();
         let mut inbox = child.lock();
         loop {
-            for stream in OutputStream::BOTH {
+            for stream in OutputStream::BOTH.into_iter().filter(|s| take[s.index()]) {
                 let into = &mut taken[stream.index()];
                 let room = limit - into.len();
                 let over = inbox.pending[stream.index()].data.len() > room;
@@ -1185,7 +1223,7 @@ impl Read for ChildOutput {
                 }
                 return Ok(n);
             }
-            if p.ended {
+            if p.ended || inbox.abandoned {
                 return Ok(0);
             }
             if inbox.closed {

@@ -16,7 +16,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox};
+use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox, Signal, Stdio};
 
 /// FNV-1a 64, as the agent computes it.
 fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
@@ -49,7 +49,9 @@ impl Checks {
 }
 
 fn sh(script: &str) -> Command {
-    Command::new("sh").arg("-c").arg(script)
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    cmd
 }
 
 fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
@@ -67,7 +69,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             })
             .map_err(|e| e.to_string()),
     );
-    let out = vm.exec(&Command::new("echo").arg("hello"));
+    let out = vm.exec(Command::new("echo").arg("hello"));
     c.check(
         "echo",
         match out {
@@ -128,7 +130,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     let t = Instant::now();
     c.check(
         "stdin-piped",
-        match vm.exec(&Command::new("cat").stdin(input.clone())) {
+        match vm.exec(Command::new("cat").stdin(Stdio::bytes(input.clone()))) {
             Ok(o) if o.stdout == input => Ok(format!(
                 "8 MiB through cat intact in {} ms",
                 t.elapsed().as_millis()
@@ -163,12 +165,12 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     c.check(
         "kill",
         (|| {
-            let child = vm
-                .spawn(&Command::new("sleep").arg("1000"))
+            let mut child = vm
+                .spawn(Command::new("sleep").arg("1000"))
                 .map_err(|e| e.to_string())?;
             child.kill().map_err(|e| e.to_string())?;
             match child.wait().map_err(|e| e.to_string())? {
-                ExitStatus::Signal(9) => Ok("sleep 1000 -> signal 9".to_string()),
+                ExitStatus::Signal(Signal::KILL) => Ok("sleep 1000 -> signal 9".to_string()),
                 other => Err(format!("{other:?}")),
             }
         })(),
@@ -179,9 +181,9 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             // sleep never reads its stdin: the writer is pushed back, and
             // the kill must still get through.
             let mut child = vm
-                .spawn(&Command::new("sleep").arg("1000").piped_stdin())
+                .spawn(Command::new("sleep").arg("1000").stdin(Stdio::piped()))
                 .map_err(|e| e.to_string())?;
-            let mut stdin = child.stdin().ok_or("no stdin")?;
+            let mut stdin = child.stdin.take().ok_or("no stdin")?;
             let writer = std::thread::spawn(move || stdin.write_all(&vec![b'x'; 4 << 20]));
             std::thread::sleep(Duration::from_millis(500));
             if writer.is_finished() {
@@ -193,7 +195,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
                 .map_err(|e| e.to_string())?;
             let written = writer.join().map_err(|_| "writer panicked")?;
             match (status, written) {
-                (Some(ExitStatus::Signal(9)), Err(e)) => {
+                (Some(ExitStatus::Signal(Signal::KILL)), Err(e)) => {
                     Ok(format!("writer blocked, kill -> signal 9, writer: {e}"))
                 }
                 other => Err(format!("{other:?}")),
@@ -204,12 +206,12 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
         "unread-child-no-stall",
         (|| {
             // `yes` floods a stdout nobody reads; other commands go on.
-            let flood = vm.spawn(&Command::new("yes")).map_err(|e| e.to_string())?;
+            let mut flood = vm.spawn(&Command::new("yes")).map_err(|e| e.to_string())?;
             std::thread::sleep(Duration::from_millis(500));
             let t = Instant::now();
             let out = vm
                 .exec(
-                    &Command::new("echo")
+                    Command::new("echo")
                         .arg("still here")
                         .timeout(Duration::from_secs(20)),
                 )
@@ -273,13 +275,13 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
 fn reset_mid_command(vm: &RunningSandbox) -> Result<String, String> {
     std::thread::scope(|s| {
         let pending = s.spawn(|| {
-            let result = vm.exec(&Command::new("sleep").arg("1000"));
+            let result = vm.exec(Command::new("sleep").arg("1000"));
             (result, Instant::now())
         });
         std::thread::sleep(Duration::from_millis(500));
         // `reboot -f` restarts the kernel at once (reboot=k: an i8042
         // reset pulse), which stops the VM with `Reset`.
-        let reboot = vm.spawn(&Command::new("reboot").arg("-f"));
+        let reboot = vm.spawn(Command::new("reboot").arg("-f"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while vm.exit_reason().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
@@ -301,6 +303,56 @@ fn reset_mid_command(vm: &RunningSandbox) -> Result<String, String> {
                 "VM stopped ({reason}); exec returned {other:?} after {ms} ms"
             )),
         }
+    })
+}
+
+/// Control from any thread: one thread waits on a handle, four run
+/// `sleep 1000`, and a fifth stops the VM through its own handle. Every
+/// exec must end with `GuestStopped(Stopped)` and the waiter with
+/// `Stopped`, within a second of the stop.
+fn stop_from_handle(vm: &RunningSandbox) -> Result<String, String> {
+    let handle = vm.handle();
+    std::thread::scope(|s| {
+        let waiter = {
+            let h = handle.clone();
+            s.spawn(move || (h.wait(), Instant::now()))
+        };
+        let execs: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let result = vm.exec(Command::new("sleep").arg("1000"));
+                    (result, Instant::now())
+                })
+            })
+            .collect();
+        // Let the four start (each is a running process in the guest).
+        std::thread::sleep(Duration::from_millis(1500));
+        if !handle.is_running() {
+            return Err("the VM stopped by itself".into());
+        }
+        let stopper = handle.clone();
+        let (reason, stopped) = s
+            .spawn(move || (stopper.stop(), Instant::now()))
+            .join()
+            .map_err(|_| "stop thread panicked")?;
+        let mut slowest = 0;
+        for exec in execs {
+            let (result, at) = exec.join().map_err(|_| "exec thread panicked")?;
+            let ms = at.saturating_duration_since(stopped).as_millis();
+            slowest = slowest.max(ms);
+            match result {
+                Err(chitin::ExecError::GuestStopped(chitin::ExitReason::Stopped)) if ms < 1000 => {}
+                other => return Err(format!("an exec returned {other:?} {ms} ms after the stop")),
+            }
+        }
+        let (waited, at) = waiter.join().map_err(|_| "wait thread panicked")?;
+        let wait_ms = at.saturating_duration_since(stopped).as_millis();
+        if waited != chitin::ExitReason::Stopped || reason != chitin::ExitReason::Stopped {
+            return Err(format!("stop returned {reason}, wait returned {waited}"));
+        }
+        Ok(format!(
+            "stop -> {reason}; 4 pending execs GuestStopped within {slowest} ms, waiter within {wait_ms} ms"
+        ))
     })
 }
 
@@ -353,7 +405,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     let echo = std::thread::spawn(move || host_echo(listener));
     let four_mib = 4u64 << 20;
     let out =
-        vm.exec(&Command::new("/init").args(["vsock-echo-client", "5000", &four_mib.to_string()]));
+        vm.exec(Command::new("/init").args(["vsock-echo-client", "5000", &four_mib.to_string()]));
     c.check(
         "guest-to-host-4mib",
         match out {
@@ -381,11 +433,13 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     c.check(
         "host-to-guest",
         (|| {
-            let server = vm
-                .spawn(&Command::new("/init").args(["vsock-echo-server", "5001"]))
+            let mut server = vm
+                .spawn(Command::new("/init").args(["vsock-echo-server", "5001"]))
                 .map_err(|e| e.to_string())?;
             let mut ready = [0u8; 16];
-            let _ = server.stdout().read(&mut ready);
+            if let Some(stdout) = server.stdout.as_mut() {
+                let _ = stdout.read(&mut ready);
+            }
             let mut stream = host_connect(uds, 5001)?;
             let payload: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
             let t = Instant::now();
@@ -477,7 +531,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
 
 /// The guest kernel's release, from `uname -r` in the guest.
 fn guest_kernel(vm: &RunningSandbox) -> Result<String, String> {
-    match vm.exec(&Command::new("uname").arg("-r")) {
+    match vm.exec(Command::new("uname").arg("-r")) {
         Ok(o) if o.status == ExitStatus::Code(0) && !o.stdout.is_empty() => {
             Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
         }
@@ -552,9 +606,10 @@ fn main() {
     // Which kernel answered, so the harness can tell the guests apart.
     c.check("guest-kernel", guest_kernel(&vm));
     c.check("device-faults", device_faults(&vm));
-    if which == "exec" {
-        // Last: the guest is gone after it.
-        c.check("reset-mid-command", reset_mid_command(&vm));
+    // Last: the guest is gone after these.
+    match which.as_str() {
+        "exec" => c.check("reset-mid-command", reset_mid_command(&vm)),
+        _ => c.check("stop-from-handle", stop_from_handle(&vm)),
     }
     println!("chitin-agent: done pass={} fail={}", c.passed, c.failed);
     let _ = std::io::stdout().flush();

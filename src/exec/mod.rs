@@ -3,240 +3,79 @@
 //! The host side of the agent protocol (`chitin_agent::client`) over the
 //! sandbox's vsock device: connect to the device's Unix socket, ask for the
 //! agent's port with `CONNECT`, then speak the protocol. One connection is
-//! shared by every `exec`/`spawn` of a sandbox; it is opened on first use,
+//! shared by every command of a sandbox; it is opened on first use,
 //! retrying while the guest is still booting, and opened again after the
 //! agent closed it. When the VM stops, the connection is shut down, so
-//! every exec and wait still pending ends at once with
+//! every command and wait still pending ends at once with
 //! [`ExecError::GuestStopped`].
+//!
+//! Nothing of the agent crate or the transport appears in this module's
+//! public types: [`Command`], [`Stdio`], [`Signal`], [`Child`] and its
+//! streams, [`ExitStatus`], [`Output`] and [`ExecError`] are the facade's.
 
-use std::ffi::OsString;
+mod child;
+mod command;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitin_agent::client::{Child as AgentChild, Client, ClientConfig, START_TIMEOUT};
-pub use chitin_agent::client::{ChildOutput, ChildStdin, ClientError, Output};
-use chitin_agent::protocol::ExecRequest;
-pub use chitin_agent::protocol::ExitStatus;
-use chitin_vcpu::{ExitReason, VmControl};
+use chitin_agent::client::{Client, ClientConfig, ClientError, START_TIMEOUT};
+use chitin_agent::protocol::{OutputStream, VERSION};
+use chitin_vcpu::VmControl;
+
+pub use child::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus, Output};
+use child::{Deadline, Parts};
+use command::StdioKind;
+pub use command::{Command, Signal, Stdio, DEFAULT_OUTPUT_LIMIT};
+
+use crate::error::ExecError;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
-/// How long `exec`/`spawn` wait for the agent to come up by default.
+/// How long `output`/`spawn` wait for the agent to come up by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// The environment a [`Command`] starts with.
-const DEFAULT_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
-/// How much of each of stdout and stderr `exec` collects by default.
-pub const DEFAULT_OUTPUT_LIMIT: usize = 32 << 20;
 
-/// Why a command could not be run in the guest.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ExecError {
-    /// The sandbox was not built with `.guest(..)`: no agent runs in it.
-    #[error("this sandbox runs no agent: build it with .guest(GuestImage)")]
-    NoAgent,
-    /// The agent did not answer before the timeout.
-    #[error("the guest agent did not come up within {0:?}")]
-    AgentUnreachable(Duration),
-    /// The guest stopped (before or while the command ran).
-    #[error("the guest stopped: {0}")]
-    GuestStopped(ExitReason),
-    /// The command did not finish within its timeout; it was killed.
-    #[error("the command did not finish within {0:?} and was killed")]
-    Timeout(Duration),
-    /// The command wrote more than [`Command::output_limit`] to stdout or
-    /// stderr; it was killed and the rest of its output discarded.
-    #[error("the command wrote more than {limit} bytes to {stream} and was killed")]
-    OutputLimit {
-        /// `stdout` or `stderr`.
-        stream: &'static str,
-        /// The limit, in bytes.
-        limit: usize,
-    },
-    /// The agent refused or the connection broke.
-    #[error("agent request failed")]
-    Agent(#[from] ClientError),
-    /// Writing the command's stdin failed.
-    #[error("cannot write the command's stdin")]
-    Stdin(#[source] std::io::Error),
+/// The facade's error for an agent client's.
+pub(crate) fn from_client(error: ClientError) -> ExecError {
+    match error {
+        ClientError::Io(e) => ExecError::ConnectionLost(e),
+        ClientError::Closed => ExecError::ConnectionLost(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the agent closed its connection",
+        )),
+        ClientError::Protocol(m) => ExecError::AgentMisbehaved(m),
+        ClientError::VersionMismatch { agent } => ExecError::AgentVersion {
+            agent,
+            host: VERSION,
+        },
+        ClientError::AgentError(m) => ExecError::AgentFailed(m),
+        ClientError::Timeout(d) => ExecError::AgentUnresponsive(d),
+        ClientError::Stalled(d) => ExecError::AgentStalled(d),
+        ClientError::OutputLimit { stream, limit } => ExecError::OutputLimit { stream, limit },
+        ClientError::InvalidSignal(n) => ExecError::InvalidSignal(n),
+        // A client error this facade does not know yet.
+        #[allow(unreachable_patterns)]
+        other => ExecError::AgentFailed(other.to_string()),
+    }
 }
 
-/// A command to run in the guest, like `std::process::Command`.
-///
-/// ```no_run
-/// # use chitin::{Command, GuestImage, Sandbox};
-/// let vm = Sandbox::builder().guest(GuestImage::default()).build()?.start()?;
-/// let out = vm.exec(&Command::new("uname").arg("-a"))?;
-/// assert!(out.status.success());
-/// print!("{}", String::from_utf8_lossy(&out.stdout));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Debug, Clone)]
-pub struct Command {
-    request: ExecRequest,
-    stdin: Option<Vec<u8>>,
-    timeout: Option<Duration>,
-    output_limit: usize,
+/// Either error type, for [`explain`].
+pub(crate) trait IntoExecError {
+    fn into_exec(self) -> ExecError;
 }
 
-impl Command {
-    /// Run `program` (looked up in the guest's `PATH`), with
-    /// `PATH=/bin:/sbin:/usr/bin:/usr/sbin` as its only environment.
-    pub fn new(program: impl Into<OsString>) -> Self {
-        let mut request = ExecRequest::new([program.into()]);
-        request.env.push(("PATH".into(), DEFAULT_PATH.into()));
-        Self {
-            request,
-            stdin: None,
-            timeout: None,
-            output_limit: DEFAULT_OUTPUT_LIMIT,
-        }
-    }
-
-    /// Add an argument.
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.request.argv.push(arg.into());
-        self
-    }
-
-    /// Add arguments.
-    pub fn args<I: IntoIterator<Item = A>, A: Into<OsString>>(mut self, args: I) -> Self {
-        self.request.argv.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// Set an environment variable.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        let key = key.into();
-        self.request.env.retain(|(k, _)| *k != key);
-        self.request.env.push((key, value.into()));
-        self
-    }
-
-    /// Working directory in the guest.
-    pub fn current_dir(mut self, dir: impl Into<OsString>) -> Self {
-        self.request.cwd = Some(dir.into());
-        self
-    }
-
-    /// Run as this user and group.
-    pub fn user(mut self, uid: u32, gid: u32) -> Self {
-        self.request.uid = Some(uid);
-        self.request.gid = Some(gid);
-        self
-    }
-
-    /// Bytes for the command's stdin (`exec`), or ask for a piped stdin
-    /// (`spawn`, where `Child::stdin` then gives the writer).
-    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
-        self.stdin = Some(bytes.into());
-        self.request.stdin = true;
-        self
-    }
-
-    /// Pipe stdin for `spawn` without initial bytes.
-    pub fn piped_stdin(mut self) -> Self {
-        self.request.stdin = true;
-        self
-    }
-
-    /// Kill the command if it runs longer than `timeout` (`exec` only);
-    /// `exec` then returns within about twice `timeout` whatever the guest
-    /// does.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// Collect at most `bytes` of each of stdout and stderr (`exec` only;
-    /// default [`DEFAULT_OUTPUT_LIMIT`]): a command that writes more is
-    /// killed, and `exec` fails with [`ExecError::OutputLimit`]. A spawned
-    /// [`Child`] needs no limit: the host holds at most a window (256 KiB)
-    /// of each output that the caller has not read.
-    pub fn output_limit(mut self, bytes: usize) -> Self {
-        self.output_limit = bytes;
+impl IntoExecError for ExecError {
+    fn into_exec(self) -> ExecError {
         self
     }
 }
 
-/// A process running in the guest (from `spawn`).
-///
-/// Its output works like a pipe's: what nobody reads is held back (at
-/// most 256 KiB per output on the host, then the process waits on its
-/// pipe in the guest). When the VM stops, every wait on it ends with
-/// [`ExecError::GuestStopped`].
-pub struct Child {
-    inner: AgentChild,
-    control: Arc<VmControl>,
-    output_limit: usize,
-}
-
-impl Child {
-    /// Its pid in the guest.
-    pub fn pid(&self) -> u32 {
-        self.inner.pid()
-    }
-
-    /// Its stdin, once, when the command asked for a piped stdin.
-    pub fn stdin(&mut self) -> Option<ChildStdin> {
-        self.inner.stdin()
-    }
-
-    /// A reader of its stdout.
-    pub fn stdout(&self) -> ChildOutput {
-        self.inner.stdout()
-    }
-
-    /// A reader of its stderr.
-    pub fn stderr(&self) -> ChildOutput {
-        self.inner.stderr()
-    }
-
-    /// Send it a signal; returns at once (the signal is queued).
-    pub fn signal(&self, signo: i32) -> Result<(), ExecError> {
-        self.inner
-            .signal(signo)
-            .map_err(|e| explain(&self.control, e))
-    }
-
-    /// Kill it (SIGKILL); returns at once.
-    pub fn kill(&self) -> Result<(), ExecError> {
-        self.inner.kill().map_err(|e| explain(&self.control, e))
-    }
-
-    /// Wait for it to exit (like `std::process::Child::wait`, its output
-    /// is not consumed).
-    pub fn wait(&self) -> Result<ExitStatus, ExecError> {
-        self.inner.wait().map_err(|e| explain(&self.control, e))
-    }
-
-    /// Wait at most `timeout`; `None` if it still runs.
-    pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<ExitStatus>, ExecError> {
-        (self.inner.wait_timeout(timeout)).map_err(|e| explain(&self.control, e))
-    }
-
-    /// Wait for its exit and the end of its output, then return its status
-    /// and the output not read yet: at most the command's
-    /// [`Command::output_limit`] of each ([`ExecError::OutputLimit`]
-    /// beyond it; the process is not killed).
-    pub fn output(self) -> Result<Output, ExecError> {
-        match self.inner.collect(self.output_limit, None) {
-            Ok(output) => Ok(output),
-            Err(ClientError::OutputLimit { stream, limit }) => {
-                Err(ExecError::OutputLimit { stream, limit })
-            }
-            Err(e) => Err(explain(&self.control, e)),
-        }
-    }
-
-    /// Stop caring about it: its output from now on is thrown away, and a
-    /// stdin write blocked on it fails with `BrokenPipe`. It is not
-    /// signalled.
-    pub fn abandon(self) {
-        self.inner.abandon();
+impl IntoExecError for ClientError {
+    fn into_exec(self) -> ExecError {
+        from_client(self)
     }
 }
 
@@ -246,13 +85,14 @@ impl Child {
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// An agent error because the guest stopped (or is stopping) says so.
-pub(crate) fn explain(control: &VmControl, error: impl Into<ExecError>) -> ExecError {
-    let error = error.into();
+pub(crate) fn explain(control: &VmControl, error: impl IntoExecError) -> ExecError {
+    let error = error.into_exec();
     let reason = match &error {
-        ExecError::Agent(ClientError::Closed | ClientError::Io(_)) => {
-            control.wait_timeout(STOP_GRACE)
-        }
-        ExecError::Agent(_) => control.exit_reason(),
+        ExecError::ConnectionLost(_) => control.wait_timeout(STOP_GRACE),
+        ExecError::AgentMisbehaved(_)
+        | ExecError::AgentFailed(_)
+        | ExecError::AgentStalled(_)
+        | ExecError::AgentUnresponsive(_) => control.exit_reason(),
         _ => None,
     };
     match reason {
@@ -334,21 +174,32 @@ impl AgentLink {
         self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// Run `cmd` to completion; with a timeout, the wait for the agent is
-    /// part of it.
-    pub(crate) fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
-        let started = Instant::now();
-        let wait = cmd
-            .timeout
-            .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.min(DEFAULT_CONNECT_TIMEOUT));
-        let client = self.client(wait)?;
-        exec(&client, cmd, started).map_err(|e| explain(&self.control, e))
+    /// Run `cmd` to completion and collect its piped output; with a
+    /// timeout, the wait for the agent is part of it.
+    pub(crate) fn output(&self, cmd: &Command) -> Result<Output, ExecError> {
+        self.spawn(cmd)?.collect(true)
     }
 
-    /// Start `cmd`.
+    /// Start `cmd`; with a timeout, the wait for the agent and the start
+    /// are part of it.
     pub(crate) fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
-        let client = self.client(DEFAULT_CONNECT_TIMEOUT)?;
-        spawn(&client, cmd, &self.control).map_err(|e| explain(&self.control, e))
+        let started = Instant::now();
+        let request = cmd.request()?;
+        // A timeout too long for the clock is no timeout.
+        let deadline = cmd.timeout.and_then(|timeout| {
+            let at = started.checked_add(timeout)?;
+            Some(Deadline { at, timeout })
+        });
+        let wait = deadline.map_or(DEFAULT_CONNECT_TIMEOUT, |d| {
+            d.left().min(DEFAULT_CONNECT_TIMEOUT)
+        });
+        let client = self.client(wait).map_err(|e| match (e, cmd.timeout) {
+            (ExecError::AgentUnreachable(_), Some(t)) if wait < DEFAULT_CONNECT_TIMEOUT => {
+                ExecError::Timeout(t)
+            }
+            (e, _) => e,
+        })?;
+        spawn(&client, cmd, request, deadline, &self.control).map_err(|e| explain(&self.control, e))
     }
 }
 
@@ -434,133 +285,116 @@ fn try_connect(
         // The agent is there and said no: trying again changes nothing.
         e @ (ClientError::VersionMismatch { .. }
         | ClientError::AgentError(_)
-        | ClientError::Protocol(_)) => Some(ExecError::Agent(e)),
+        | ClientError::Protocol(_)) => Some(from_client(e)),
         _ => None,
     })?;
     Ok((client, handle))
 }
 
-/// `exec`: spawn, feed stdin while collecting output (within the
-/// command's timeout and output limit), collect.
-pub(crate) fn exec(
+/// Start `cmd` (its `request`) on `client`: the start within the
+/// deadline, then each stream wired as the command asks: piped streams
+/// handed to the [`Child`], null outputs thrown away as they come, writer
+/// outputs copied by a thread each, stdin bytes fed by a thread.
+fn spawn(
     client: &Client<UnixStream>,
     cmd: &Command,
-    started: Instant,
-) -> Result<Output, ExecError> {
-    // With a timeout, the wait for the agent to start the process is part
-    // of it.
-    let left = |t: Duration| t.saturating_sub(started.elapsed());
-    let start_timeout = cmd
-        .timeout
-        .map_or(START_TIMEOUT, |t| left(t).min(START_TIMEOUT));
-    let mut child = match client.spawn_timeout(&cmd.request, start_timeout) {
-        Ok(child) => child,
-        Err(ClientError::Timeout(_)) if cmd.timeout.is_some() => {
-            return Err(ExecError::Timeout(cmd.timeout.unwrap_or_default()));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let stdin = child.stdin();
-    std::thread::scope(move |scope| {
-        // Fed from its own thread: a command that writes output before it
-        // has read all of its input needs that output collected meanwhile.
-        let feeder = match (stdin, &cmd.stdin) {
-            (Some(stdin), Some(bytes)) => Some(scope.spawn(move || feed(stdin, bytes))),
-            (Some(stdin), None) => {
-                stdin.close()?;
-                None
-            }
-            (None, _) => None,
-        };
-        let output = collect(child, cmd, cmd.timeout.map(left));
-        let fed = feeder.map(|f| f.join());
-        let output = output?;
-        if let Some(Ok(Err(e))) = fed {
-            return Err(ExecError::Stdin(e));
-        }
-        Ok(output)
-    })
-}
-
-/// How long a killed command may take to report its death before `exec`
-/// stops waiting for it (at most half its own timeout).
-const KILL_GRACE: Duration = Duration::from_secs(5);
-
-/// Take the child's output as it comes until it ends, within `left` of
-/// the command's timeout and its output limit. Past either the child is
-/// killed, given [`KILL_GRACE`] (or half the timeout, if shorter) to report
-/// its death, and abandoned, which also fails a stdin write still blocked on
-/// it.
-fn collect(child: AgentChild, cmd: &Command, left: Option<Duration>) -> Result<Output, ExecError> {
-    let failure = match child.collect(cmd.output_limit, left) {
-        Ok(output) => return Ok(output),
-        Err(ClientError::Timeout(_)) => ExecError::Timeout(cmd.timeout.unwrap_or_default()),
-        Err(ClientError::OutputLimit { stream, limit }) => ExecError::OutputLimit { stream, limit },
-        Err(e) => return Err(e.into()),
-    };
-    child.kill()?;
-    let grace = cmd.timeout.map_or(KILL_GRACE, |t| (t / 2).min(KILL_GRACE));
-    let _ = child.wait_timeout(grace)?;
-    child.abandon();
-    Err(failure)
-}
-
-/// Write `bytes` to a child's stdin, then close it. A process that exits
-/// (or closes its stdin) before reading everything is not an error here:
-/// its exit status says how it went.
-fn feed(mut stdin: ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
-    match stdin.write_all(bytes) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(e),
-        Ok(()) => stdin.close().map_err(std::io::Error::other),
-    }
-}
-
-/// `spawn`: initial stdin bytes are fed, then stdin closed, by a thread
-/// that ends when they are delivered or the process exits.
-pub(crate) fn spawn(
-    client: &Client<UnixStream>,
-    cmd: &Command,
+    request: chitin_agent::protocol::ExecRequest,
+    deadline: Option<Deadline>,
     control: &Arc<VmControl>,
 ) -> Result<Child, ExecError> {
-    let mut inner = client.spawn(&cmd.request)?;
-    if let Some(bytes) = &cmd.stdin {
-        if let Some(stdin) = inner.stdin() {
-            let bytes = bytes.clone();
-            std::thread::Builder::new()
+    let start = deadline.map_or(START_TIMEOUT, |d| d.left().min(START_TIMEOUT));
+    let mut inner = match client.spawn_timeout(&request, start) {
+        Ok(child) => child,
+        Err(ClientError::Timeout(_)) if deadline.is_some_and(|d| d.left().is_zero()) => {
+            return Err(ExecError::Timeout(deadline.map_or(start, |d| d.timeout)));
+        }
+        Err(ClientError::AgentError(reason)) => {
+            return Err(ExecError::SpawnFailed {
+                program: cmd.program.to_string_lossy().into_owned(),
+                reason,
+            })
+        }
+        Err(e) => return Err(from_client(e)),
+    };
+    let (mut piped_stdin, mut feeder, mut pumps) = (None, None, Vec::new());
+    match (&cmd.stdin.0, inner.stdin()) {
+        (StdioKind::Bytes(bytes), Some(stdin)) => {
+            let bytes = Arc::clone(bytes);
+            let thread = std::thread::Builder::new()
                 .name("chitin-stdin".into())
-                .spawn(move || feed(stdin, &bytes))
-                .map_err(ExecError::Stdin)?;
+                .spawn(move || child::feed(stdin, &bytes));
+            match thread {
+                Ok(thread) => feeder = Some(thread),
+                Err(e) => {
+                    let _ = inner.kill();
+                    return Err(ExecError::Thread("stdin", e));
+                }
+            }
+        }
+        (_, stdin) => piped_stdin = stdin,
+    }
+    let mut piped = [None, None];
+    for (stream, stdio) in [
+        (OutputStream::Stdout, &cmd.stdout),
+        (OutputStream::Stderr, &cmd.stderr),
+    ] {
+        let reader = match stream {
+            OutputStream::Stdout => inner.stdout(),
+            OutputStream::Stderr => inner.stderr(),
+        };
+        match &stdio.0 {
+            StdioKind::Piped => piped[stream.index()] = Some(reader),
+            StdioKind::Writer(writer) => {
+                let writer = Arc::clone(writer);
+                let thread = std::thread::Builder::new()
+                    .name("chitin-output".into())
+                    .spawn(move || child::pump(reader, writer));
+                match thread {
+                    Ok(thread) => pumps.push(thread),
+                    Err(e) => {
+                        let _ = inner.kill();
+                        return Err(ExecError::Thread(stream.name(), e));
+                    }
+                }
+            }
+            // Null (bytes were refused when the request was made).
+            StdioKind::Null | StdioKind::Bytes(_) => inner.discard(stream),
         }
     }
-    Ok(Child {
+    let [stdout, stderr] = piped;
+    Ok(Child::new(Parts {
         inner,
         control: Arc::clone(control),
         output_limit: cmd.output_limit,
-    })
+        deadline,
+        stdin: piped_stdin,
+        stdout,
+        stderr,
+        pumps,
+        feeder,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use chitin_agent::server::{self, NoHooks};
-
-    /// A client talking to the agent's server library over a socket pair;
-    /// dropping the client makes the server kill what it started.
-    fn client() -> Client<UnixStream> {
-        let (host, guest) = UnixStream::pair().unwrap();
-        std::thread::spawn(move || {
-            let reader = guest.try_clone().unwrap();
-            server::serve(reader, guest, &NoHooks)
-        });
-        Client::handshake(host).unwrap()
-    }
+    use chitin_vcpu::ExitReason;
 
     fn host_sh(script: &str) -> Command {
-        Command::new("sh")
-            .arg("-c")
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
             .arg(script)
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        cmd
+    }
+
+    /// An agent link to the agent's server library on the host, through a
+    /// stand-in vsock device; with the guard that ends it.
+    fn link() -> (AgentLink, Arc<VmControl>, FakeDevice) {
+        let (path, _accepted, device) = fake_vsock_device();
+        let control = Arc::new(VmControl::new());
+        (AgentLink::new(path, &control), control, device)
     }
 
     /// Stops a fake device's accept thread and removes its directory.
@@ -628,7 +462,7 @@ mod tests {
         let (path, accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
         let link = AgentLink::new(path, &control);
-        let out = link.exec(&host_sh("echo one")).unwrap();
+        let out = link.output(&host_sh("echo one")).unwrap();
         assert_eq!(out.stdout, b"one\n");
         // The agent goes away (its socket closes, as after a vsock reset).
         let client = link.client(DEFAULT_CONNECT_TIMEOUT).unwrap();
@@ -640,7 +474,7 @@ mod tests {
         }
         assert!(client.is_closed());
         // The next exec opens a new connection and works.
-        let out = link.exec(&host_sh("echo two")).unwrap();
+        let out = link.output(&host_sh("echo two")).unwrap();
         assert_eq!(out.stdout, b"two\n");
         assert_eq!(accepted.lock().unwrap().len(), 1, "one new connection");
     }
@@ -650,11 +484,11 @@ mod tests {
         let (path, _accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
         let link = Arc::new(AgentLink::new(path, &control));
-        let child = link.spawn(&host_sh("sleep 1000")).unwrap();
+        let mut child = link.spawn(&host_sh("sleep 1000")).unwrap();
         let pending = {
             let link = Arc::clone(&link);
             std::thread::spawn(move || {
-                let result = link.exec(&host_sh("sleep 1000"));
+                let result = link.output(&host_sh("sleep 1000"));
                 (result, Instant::now())
             })
         };
@@ -681,7 +515,7 @@ mod tests {
             );
         }
         // And nothing new starts on a stopped VM.
-        let again = link.exec(&host_sh("true"));
+        let again = link.output(&host_sh("true"));
         assert!(
             matches!(again, Err(ExecError::GuestStopped(_))),
             "{again:?}"
@@ -690,10 +524,9 @@ mod tests {
 
     #[test]
     fn exec_output_over_its_limit_is_killed_with_a_typed_error() {
-        let client = client();
-        let cmd = host_sh("yes").output_limit(1 << 20);
+        let (link, _control, _device) = link();
         let started = Instant::now();
-        let result = exec(&client, &cmd, Instant::now());
+        let result = link.output(host_sh("yes").output_limit(1 << 20));
         assert!(
             matches!(
                 result,
@@ -706,51 +539,131 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(20));
         // The connection goes on working.
-        let out = exec(&client, &host_sh("echo after"), Instant::now()).unwrap();
+        let out = link.output(&host_sh("echo after")).unwrap();
         assert_eq!(out.stdout, b"after\n");
     }
 
     #[test]
     fn exec_stdin_larger_than_window_and_pipe_comes_back_intact() {
-        let client = client();
+        let (link, _control, _device) = link();
         let input: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
-        let out = exec(
-            &client,
-            &host_sh("cat").stdin(input.clone()),
-            Instant::now(),
-        )
-        .unwrap();
+        let out = link
+            .output(host_sh("cat").stdin(Stdio::bytes(input.clone())))
+            .unwrap();
         assert!(out.status.success());
         assert!(out.stdout == input, "got {} bytes", out.stdout.len());
     }
 
     #[test]
     fn exec_stdin_process_reading_part_is_not_an_error() {
-        let client = client();
-        let out = exec(
-            &client,
-            &host_sh("head -c 10").stdin(vec![b'a'; 1 << 20]),
-            Instant::now(),
-        )
-        .unwrap();
+        let (link, _control, _device) = link();
+        let out = link
+            .output(host_sh("head -c 10").stdin(Stdio::bytes(vec![b'a'; 1 << 20])))
+            .unwrap();
         assert_eq!(out.stdout, vec![b'a'; 10]);
         assert!(out.status.success());
     }
 
     #[test]
     fn exec_timeout_returns_even_when_a_grandchild_holds_the_pipes() {
-        let client = client();
+        let (link, _control, _device) = link();
         // The shell is killed at the timeout; the background sleep keeps
         // stdout open and nobody reads the 4 MiB of stdin.
-        let cmd = host_sh("sleep 1000 & sleep 1000")
-            .stdin(vec![0u8; 4 << 20])
+        let mut cmd = host_sh("sleep 1000 & sleep 1000");
+        cmd.stdin(Stdio::bytes(vec![0u8; 4 << 20]))
             .timeout(Duration::from_secs(1));
         let started = Instant::now();
-        let result = exec(&client, &cmd, Instant::now());
+        let result = link.output(&cmd);
         assert!(matches!(result, Err(ExecError::Timeout(_))), "{result:?}");
         // Within twice the timeout: the kill's grace is half of it.
         let took = started.elapsed();
         eprintln!("exec with a 1 s timeout returned after {took:?}");
         assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    #[test]
+    fn stdio_null_writer_and_piped_each_do_what_they_say() {
+        let (link, _control, _device) = link();
+        // A writer gets stderr whole while stdout is collected; a null
+        // output is thrown away (the process is never held on it).
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        struct Into(Arc<Mutex<Vec<u8>>>);
+        impl Write for Into {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut cmd = host_sh("head -c 3000000 /dev/zero >&2; echo out");
+        cmd.stderr(Stdio::writer(Into(Arc::clone(&seen))));
+        let out = link.output(&cmd).unwrap();
+        assert_eq!(out.stdout, b"out\n");
+        assert!(out.stderr.is_empty());
+        assert_eq!(seen.lock().unwrap().len(), 3_000_000);
+        let mut cmd = host_sh("head -c 3000000 /dev/zero; echo err >&2");
+        cmd.stdout(Stdio::null());
+        let out = link.output(&cmd).unwrap();
+        assert!(out.stdout.is_empty());
+        assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn child_streams_are_fields_taken_once() {
+        let (link, _control, _device) = link();
+        let mut cmd = host_sh("cat; echo done >&2");
+        cmd.stdin(Stdio::piped());
+        let mut child = link.spawn(&cmd).unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        stdin.write_all(b"ping").unwrap();
+        drop(stdin);
+        let mut got = Vec::new();
+        stdout.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ping");
+        assert!(child.stdin.is_none() && child.stdout.is_none());
+        // What is left in the fields is what wait_with_output collects.
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            (out.stdout.as_slice(), out.stderr.as_slice()),
+            (&b""[..], &b"done\n"[..])
+        );
+    }
+
+    #[test]
+    fn try_wait_signal_and_a_spawn_timeout() {
+        let (link, _control, _device) = link();
+        let mut child = link.spawn(&host_sh("sleep 1000")).unwrap();
+        assert_eq!(child.try_wait().unwrap(), None);
+        child.signal(Signal::TERM).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(Signal::TERM));
+        assert_eq!(status.code(), None);
+        // A spawned child's timeout ends its waits and kills it.
+        let mut cmd = host_sh("sleep 1000");
+        cmd.timeout(Duration::from_millis(300));
+        let mut child = link.spawn(&cmd).unwrap();
+        let started = Instant::now();
+        let waited = child.wait();
+        assert!(matches!(waited, Err(ExecError::Timeout(_))), "{waited:?}");
+        eprintln!(
+            "a spawned child's 300 ms timeout ended its wait after {:?}",
+            started.elapsed()
+        );
+        // It was killed; a later wait sees that.
+        let status = child.wait_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(status.and_then(|s| s.signal()), Some(Signal::KILL));
+    }
+
+    #[test]
+    fn a_program_the_agent_cannot_start_is_spawn_failed() {
+        let (link, _control, _device) = link();
+        let result = link.output(&Command::new("/no/such/program"));
+        assert!(
+            matches!(&result, Err(ExecError::SpawnFailed { program, .. }) if program == "/no/such/program"),
+            "{result:?}"
+        );
     }
 }
