@@ -1,5 +1,6 @@
-//! The device event loop: one thread running event-manager for device event
-//! sources (serial input now, virtio queues later).
+//! The device event loop: one thread running event-manager for every
+//! device event source: serial input, each virtio device's queue
+//! notifications and timers, vsock's host sockets.
 //!
 //! It must never block on the guest; every subscriber does a bounded amount
 //! of work per event. The loop stops when its stop event fires.
@@ -19,6 +20,9 @@ pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 struct StopSubscriber {
     event: EventFd,
     stopped: Arc<AtomicBool>,
+    /// Whether `init` registered the eventfd (without it the loop could
+    /// never be stopped).
+    registered: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for StopSubscriber {
@@ -28,10 +32,10 @@ impl MutEventSubscriber for StopSubscriber {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        // Registration of a fresh eventfd only fails when epoll itself is
-        // broken; the loop then simply never sees a stop and is ended by
-        // the join timeout-free teardown below via the flag.
-        let _ = ops.add(Events::new(&self.event, EventSet::IN));
+        // A loop that cannot see its stop event could never be joined:
+        // `EventLoop::new` fails when this did not register.
+        let ok = ops.add(Events::new(&self.event, EventSet::IN)).is_ok();
+        self.registered.store(ok, Ordering::SeqCst);
     }
 }
 
@@ -47,10 +51,18 @@ impl EventLoop {
         let mut manager = EventManager::<Subscriber>::new().map_err(std::io::Error::other)?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stopped = Arc::new(AtomicBool::new(false));
+        let registered = Arc::new(AtomicBool::new(false));
+        // `add_subscriber` runs the subscriber's `init` before it returns.
         manager.add_subscriber(Arc::new(Mutex::new(StopSubscriber {
             event: stop.try_clone()?,
             stopped: Arc::clone(&stopped),
+            registered: Arc::clone(&registered),
         })));
+        if !registered.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "cannot register the event loop's stop event with epoll",
+            ));
+        }
         Ok(Self {
             manager,
             stop,

@@ -2,15 +2,17 @@
 //!
 //! A runtime links chitin to give each workload its own KVM virtual machine:
 //! configure a [`Sandbox`] (kernel, initrd, command line, vCPUs, memory,
-//! console), `build()` it (everything is validated and the kernel loaded),
-//! `start()` it, then `wait()` for or `stop()` it and get a typed
-//! [`ExitReason`].
+//! console, disks, vsock, a guest image with chitin's agent), `build()` it
+//! (everything is validated and the kernel loaded), `start()` it, run
+//! commands in it ([`Command`], [`RunningSandbox::output`] and
+//! [`RunningSandbox::spawn`]), and `wait()` for or `stop()` it (from any
+//! thread through a [`SandboxHandle`]) to get a typed [`ExitReason`].
 //!
 //! ```no_run
 //! use chitin::{Console, ConsoleCapture, ExitReason, Sandbox};
 //!
 //! let console = ConsoleCapture::default();
-//! let mut vm = Sandbox::builder()
+//! let vm = Sandbox::builder()
 //!     .kernel("/path/to/vmlinux")
 //!     .initrd("/path/to/initramfs.cpio.gz")
 //!     .cmdline("console=ttyS0 reboot=k panic=-1")
@@ -25,7 +27,13 @@
 //! ```
 //!
 //! The facade owns no device or KVM logic itself: it composes
-//! `chitin-memory`, `chitin-boot`, `chitin-vcpu` and `chitin-devices`.
+//! `chitin-memory` (guest RAM), `chitin-boot` (kernel loading),
+//! `chitin-vcpu` (the VM and its vCPUs), `chitin-devices` (serial, i8042,
+//! RTC), `chitin-virtio` (the virtio-mmio transport), `chitin-blk` and
+//! `chitin-vsock` (the virtio devices), and the host side of
+//! `chitin-agent`'s protocol. None of their types but the plain
+//! configuration enums ([`BootProtocol`], [`Backing`]) and results
+//! ([`ExitReason`], [`BootInfo`]) appear in its API.
 
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]

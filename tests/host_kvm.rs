@@ -44,6 +44,7 @@ fn assert_report(guest: Guest) {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn report_guest_elf_reports_cmdline_e820_and_cpus() {
     if kvm_available("report_guest_elf") {
         assert_report(Guest::Report);
@@ -51,6 +52,7 @@ fn report_guest_elf_reports_cmdline_e820_and_cpus() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn report_guest_bzimage_reports_cmdline_e820_and_cpus() {
     if kvm_available("report_guest_bzimage") {
         assert_report(Guest::ReportBzImage);
@@ -73,6 +75,7 @@ fn assert_apic_ids(vcpus: u32) {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn smp_guest_two_vcpus_each_report_apic_id() {
     if kvm_available("smp_guest_two_vcpus") {
         assert_apic_ids(2);
@@ -80,6 +83,7 @@ fn smp_guest_two_vcpus_each_report_apic_id() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn smp_guest_four_vcpus_each_report_apic_id() {
     if kvm_available("smp_guest_four_vcpus") {
         assert_apic_ids(4);
@@ -87,6 +91,7 @@ fn smp_guest_four_vcpus_each_report_apic_id() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn triple_fault_guest_exits_with_triple_fault() {
     if !kvm_available("triple_fault_guest") {
         return;
@@ -98,6 +103,7 @@ fn triple_fault_guest_exits_with_triple_fault() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn spin_guest_stop_interrupts_guest_code() {
     if !kvm_available("spin_guest_stop") {
         return;
@@ -119,6 +125,7 @@ fn spin_guest_stop_interrupts_guest_code() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn handle_stops_from_another_thread_while_others_wait() {
     if !kvm_available("handle_stop") {
         return;
@@ -169,6 +176,7 @@ fn handle_stops_from_another_thread_while_others_wait() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn echo_guest_reads_console_input() {
     if !kvm_available("echo_guest") {
         return;
@@ -203,6 +211,7 @@ fn echo_guest_reads_console_input() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn pvh_guest_enters_through_pvh_note() {
     if !kvm_available("pvh_guest") {
         return;
@@ -224,6 +233,7 @@ fn pvh_guest_enters_through_pvh_note() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn pvh_guest_without_pvh_flag_uses_64bit_entry() {
     if !kvm_available("pvh_guest_64bit") {
         return;
@@ -235,6 +245,7 @@ fn pvh_guest_without_pvh_flag_uses_64bit_entry() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn two_sandboxes_run_at_the_same_time() {
     if !kvm_available("two_sandboxes") {
         return;
@@ -266,6 +277,7 @@ fn two_sandboxes_run_at_the_same_time() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn build_not_a_kernel_is_a_typed_error() {
     if !kvm_available("build_not_a_kernel") {
         return;
@@ -280,6 +292,7 @@ fn build_not_a_kernel_is_a_typed_error() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn build_missing_kernel_file_names_the_path() {
     if !kvm_available("build_missing_kernel") {
         return;
@@ -293,6 +306,7 @@ fn build_missing_kernel_file_names_the_path() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn built_sandbox_dropped_without_start_runs_nothing() {
     if !kvm_available("built_not_started") {
         return;
@@ -304,6 +318,7 @@ fn built_sandbox_dropped_without_start_runs_nothing() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn disks_appear_on_the_command_line_with_root() {
     if !kvm_available("disks_cmdline") {
         return;
@@ -335,6 +350,7 @@ fn disks_appear_on_the_command_line_with_root() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn second_sandbox_on_a_read_write_image_fails_to_build() {
     if !kvm_available("shared_rw_image") {
         return;
@@ -366,6 +382,7 @@ fn second_sandbox_on_a_read_write_image_fails_to_build() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn build_missing_disk_image_names_the_path() {
     if !kvm_available("build_missing_disk") {
         return;
@@ -381,6 +398,7 @@ fn build_missing_disk_image_names_the_path() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn exec_without_agent_is_no_agent_error() {
     if !kvm_available("exec_without_agent") {
         return;
@@ -396,6 +414,7 @@ fn exec_without_agent_is_no_agent_error() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn exec_when_guest_stops_is_guest_stopped_error() {
     if !kvm_available("exec_guest_stopped") {
         return;
@@ -423,6 +442,7 @@ fn exec_when_guest_stops_is_guest_stopped_error() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn vsock_hostile_guest_faults_are_counted_and_answered() {
     if !kvm_available("vsock_hostile_guest") {
         return;
@@ -475,6 +495,7 @@ fn rss_bytes() -> u64 {
 const FLOOD_BYTES: u64 = "chitin-test: flood\n".len() as u64 + (256 << 10) + 12;
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn flood_guest_to_com1_keeps_only_the_capture_limit() {
     if !kvm_available("flood_guest") {
         return;
@@ -501,6 +522,7 @@ fn flood_guest_to_com1_keeps_only_the_capture_limit() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn flood_guest_to_a_file_stops_at_its_limit_in_few_writes() {
     if !kvm_available("flood_guest_file") {
         return;
@@ -523,6 +545,7 @@ fn flood_guest_to_a_file_stops_at_its_limit_in_few_writes() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn flood_guest_to_a_writer_costs_far_fewer_writes_than_bytes() {
     if !kvm_available("flood_guest_writer") {
         return;
@@ -579,6 +602,7 @@ impl Drop for ReportImage {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn cmdline_before_or_after_guest_keeps_the_agent_entry() {
     if !kvm_available("cmdline_guest_order") {
         return;
@@ -605,6 +629,7 @@ fn cmdline_before_or_after_guest_keeps_the_agent_entry() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn cmdline_turning_the_agent_off_fails_build() {
     if !kvm_available("cmdline_agent_off") {
         return;

@@ -13,6 +13,7 @@ fn count_entries(dir: &str) -> usize {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
     if !kvm_available("twenty_sandboxes") {
         return;

@@ -1,8 +1,12 @@
 //! Shared helpers of the host-KVM tests.
 //!
-//! A test that needs KVM calls [`kvm_available`] first: without `/dev/kvm`
-//! it prints why it skips and passes, unless `CHITIN_REQUIRE_KVM=1` (set by
-//! CI), which turns the skip into a failure.
+//! Every test that needs KVM is `#[ignore = "needs /dev/kvm ..."]`, so a
+//! plain `cargo test` reports it as not run (ignored) instead of passing it
+//! untested; `cargo xtask test` runs them with `--ignored` when `/dev/kvm`
+//! is usable (and fails when it is not and `CHITIN_REQUIRE_KVM=1`). Inside,
+//! a test calls [`kvm_available`] first: run by hand without `/dev/kvm` it
+//! prints why it skips, unless `CHITIN_REQUIRE_KVM=1`, which turns the skip
+//! into a failure.
 
 #![allow(dead_code)]
 
@@ -16,7 +20,8 @@ use chitin_test_guests::Guest;
 /// longer is hung, and the test fails instead of hanging CI.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether KVM can be used; prints the reason when it cannot.
+/// Whether KVM can be used; prints the reason when it cannot (and
+/// panics instead under `CHITIN_REQUIRE_KVM=1`).
 pub fn kvm_available(test: &str) -> bool {
     match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,

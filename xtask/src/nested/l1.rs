@@ -3,7 +3,8 @@
 //! will not finish:
 //!
 //! - L1 that never reaches its /init within [`L1_UP_TIMEOUT`] is retried
-//!   once (MACHINES.md: about 1 boot in 25);
+//!   once (QEMU TCG with nested SVM hangs early in about 1 boot in 25 on
+//!   these machines);
 //! - L1 that stops printing for [`SILENCE_LIMIT`] after it came up is
 //!   wedged: L1's PID 1 prints a heartbeat every 10 s, so silence means
 //!   its kernel no longer runs user space at all. The harness then

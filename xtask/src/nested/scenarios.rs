@@ -226,7 +226,8 @@ pub const SCENARIOS: &[Scenario] = &[
 pub const BOOT_REPEATS: usize = 3;
 
 /// The warm-up run: the first VMM started in a fresh L1 pays a one-time
-/// cost (MACHINES.md), which must not land on a measured scenario.
+/// cost (the first nested VM entry under TCG is slow: its page tables and
+/// translated code are cold), which must not land on a measured scenario.
 pub const WARMUP: Scenario = Scenario {
     name: "warm-up",
     agent: "reset",
