@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use chitin_agent_protocol::{CMDLINE_ENTRY as AGENT_ENTRY, CMDLINE_KEY as AGENT_KEY};
 use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
@@ -46,9 +47,6 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// never come, delaying boot and then shutdown (measured in the nested tier).
 pub const VMM_CMDLINE_ENTRIES: &[&str] = &["i8042.nokbd", "i8042.noaux"];
 
-/// What starts the agent in a guest image, and its key.
-const AGENT_ENTRY: &str = "chitin.agent=1";
-const AGENT_KEY: &str = "chitin.agent=";
 /// The guest CID chitin gives a sandbox's vsock device when the caller
 /// asked for the agent but configured no vsock device itself.
 pub const DEFAULT_GUEST_CID: u32 = 3;
@@ -264,7 +262,8 @@ impl SandboxBuilder {
         let mut vmm_entries: Vec<String> =
             VMM_CMDLINE_ENTRIES.iter().map(|e| e.to_string()).collect();
         if self.agent {
-            match base.split_whitespace().find(|e| e.starts_with(AGENT_KEY)) {
+            let key = |e: &&str| e.split_once('=').is_some_and(|(k, _)| k == AGENT_KEY);
+            match base.split_whitespace().find(key) {
                 Some(AGENT_ENTRY) => {}
                 Some(other) => {
                     return Err(SandboxError::CmdlineConflict {
@@ -459,12 +458,13 @@ impl Life {
     /// Stop the guest (if it still runs) and join its threads; whoever
     /// comes second waits for the first to finish. Idempotent.
     fn teardown(&self) {
-        // Close the agent connection first so no client thread blocks on it.
+        // Every vCPU leaves the guest (the exit also shuts the agent
+        // connection down, ending what waits on it), then the agent link
+        // lets go of its client, then the threads are joined.
+        self.control.request_exit(ExitReason::Stopped);
         if let Some(agent) = &self.agent {
             agent.close();
         }
-        // Make sure every vCPU leaves the guest, then join.
-        self.control.request_exit(ExitReason::Stopped);
         let mut threads = relock(&self.threads);
         for thread in threads.drain(..) {
             let _ = thread.join();

@@ -16,8 +16,8 @@
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use chitin_agent::client::{Client, ClientConfig};
-use chitin_agent::protocol::{read_frame, write_frame, ExecRequest, Frame, VERSION, WINDOW};
+use chitin_agent_client::{Client, ClientConfig};
+use chitin_agent_protocol::{read_frame, write_frame, ExecRequest, Frame, VERSION, WINDOW};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

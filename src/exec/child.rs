@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chitin_agent::client::{self, ClientError};
-use chitin_agent::protocol;
+use chitin_agent_client::{self as client, ClientError};
+use chitin_agent_protocol as protocol;
 use chitin_vcpu::VmControl;
 
 use super::command::Signal;

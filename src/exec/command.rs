@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chitin_agent::protocol::ExecRequest;
+use chitin_agent_protocol::ExecRequest;
 
 /// The environment a [`Command`] starts with.
 const DEFAULT_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";

@@ -1,6 +1,6 @@
 //! Running processes in the guest through chitin's agent.
 //!
-//! The host side of the agent protocol (`chitin_agent::client`) over the
+//! The host side of the agent protocol (`chitin_agent_client`) over the
 //! sandbox's vsock device: connect to the device's Unix socket, ask for the
 //! agent's port with `CONNECT`, then speak the protocol. One connection is
 //! shared by every command of a sandbox; it is opened on first use,
@@ -16,14 +16,13 @@
 mod child;
 mod command;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitin_agent::client::{Client, ClientConfig, ClientError, START_TIMEOUT};
-use chitin_agent::protocol::{OutputStream, VERSION};
+use chitin_agent_client::{Client, ClientConfig, ClientError, START_TIMEOUT};
+use chitin_agent_protocol::{OutputStream, VERSION};
 use chitin_vcpu::VmControl;
 
 pub use child::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus, Output};
@@ -34,7 +33,7 @@ pub use command::{Command, Signal, Stdio, DEFAULT_OUTPUT_LIMIT};
 use crate::error::ExecError;
 
 /// The vsock port the agent listens on.
-pub const AGENT_PORT: u32 = 1024;
+pub const AGENT_PORT: u32 = chitin_agent_protocol::PORT;
 /// How long `output`/`spawn` wait for the agent to come up by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -111,6 +110,8 @@ pub(crate) struct AgentLink {
     client: Mutex<Option<Arc<Client<UnixStream>>>>,
     /// A second handle on the current connection's stream.
     stream: Arc<Mutex<Option<UnixStream>>>,
+    /// A second handle on the stream of a connection attempt in progress.
+    attempt: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl AgentLink {
@@ -120,13 +121,15 @@ impl AgentLink {
     /// guest that is gone.
     pub(crate) fn new(socket: PathBuf, control: &Arc<VmControl>) -> Self {
         let stream: Arc<Mutex<Option<UnixStream>>> = Arc::default();
-        let hook = Arc::clone(&stream);
-        control.on_exit(move || shut_down(&hook));
+        let attempt: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+        let hooks = [Arc::clone(&stream), Arc::clone(&attempt)];
+        control.on_exit(move || hooks.iter().for_each(|slot| shut_down(slot)));
         Self {
             socket,
             control: Arc::clone(control),
             client: Mutex::new(None),
             stream,
+            attempt,
         }
     }
 
@@ -155,7 +158,7 @@ impl AgentLink {
         // A closed client is dropped once its children are.
         slot.take();
         let left = timeout.saturating_sub(started.elapsed());
-        let (client, stream) = connect(&self.socket, &self.control, left)?;
+        let (client, stream) = connect(&self.socket, &self.control, left, &self.attempt)?;
         let client = Arc::new(client);
         *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
         // A stop between the connect and the line above found no stream to
@@ -168,10 +171,17 @@ impl AgentLink {
         Ok(client)
     }
 
-    /// Close the connection (its client fails what is pending).
+    /// Close the connection (its client fails what is pending) and any
+    /// attempt to open one. Never waits for a caller opening a connection:
+    /// that caller sees the VM stopped and drops what it opened.
     pub(crate) fn close(&self) {
         shut_down(&self.stream);
-        self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
+        shut_down(&self.attempt);
+        match self.client.try_lock() {
+            Ok(mut slot) => drop(slot.take()),
+            Err(std::sync::TryLockError::Poisoned(e)) => drop(e.into_inner().take()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
     }
 
     /// Run `cmd` to completion and collect its piped output; with a
@@ -221,13 +231,14 @@ pub(crate) fn connect(
     socket: &Path,
     control: &VmControl,
     timeout: Duration,
+    attempt: &Mutex<Option<UnixStream>>,
 ) -> Result<(Client<UnixStream>, UnixStream), ExecError> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(reason) = control.exit_reason() {
             return Err(ExecError::GuestStopped(reason));
         }
-        match try_connect(socket, deadline) {
+        match try_connect(socket, deadline, attempt) {
             Ok(client) => return Ok(client),
             Err(Some(fatal)) => return Err(fatal),
             Err(None) => {}
@@ -244,51 +255,43 @@ pub(crate) fn connect(
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One attempt: `CONNECT <port>`, `OK <n>`, then the protocol handshake,
-/// all within [`ATTEMPT_TIMEOUT`] and before `deadline`. `Err(None)`: not
-/// there yet (or too slow), try again.
+/// all within [`ATTEMPT_TIMEOUT`] and before `deadline`; the stream sits in
+/// `attempt` meanwhile, so a VM stop cuts the attempt short. `Err(None)`:
+/// not there yet (or too slow), try again.
 fn try_connect(
     socket: &Path,
     deadline: Instant,
+    attempt: &Mutex<Option<UnixStream>>,
 ) -> Result<(Client<UnixStream>, UnixStream), Option<ExecError>> {
     let deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-    let left = || deadline.saturating_duration_since(Instant::now());
-    let mut stream = UnixStream::connect(socket).map_err(|_| None)?;
-    stream
-        .set_write_timeout(Some(left().max(Duration::from_millis(1))))
+    let result = (|| {
+        let stream = chitin_vsock::host::connect_with(socket, AGENT_PORT, deadline, |s| {
+            *relock(attempt) = s.try_clone().ok();
+        })
         .map_err(|_| None)?;
-    writeln!(stream, "CONNECT {AGENT_PORT}").map_err(|_| None)?;
-    // Read the reply byte by byte: nothing past its newline may be
-    // consumed. Each read is bounded by what is left of the deadline, so a
-    // guest that dribbles its answer cannot stretch it.
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 64 && line.last() != Some(&b'\n') {
-        let left = left();
-        if left.is_zero() {
-            return Err(None);
-        }
-        stream.set_read_timeout(Some(left)).map_err(|_| None)?;
-        match stream.read(&mut byte) {
-            Ok(1) => line.push(byte[0]),
-            _ => return Err(None),
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(None);
-    }
-    let config = ClientConfig {
-        handshake_timeout: left().max(Duration::from_millis(1)),
-        ..ClientConfig::default()
-    };
-    let handle = stream.try_clone().map_err(|_| None)?;
-    let client = Client::handshake_with(stream, config).map_err(|e| match e {
-        // The agent is there and said no: trying again changes nothing.
-        e @ (ClientError::VersionMismatch { .. }
-        | ClientError::AgentError(_)
-        | ClientError::Protocol(_)) => Some(from_client(e)),
-        _ => None,
-    })?;
-    Ok((client, handle))
+        let config = ClientConfig {
+            handshake_timeout: deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+            ..ClientConfig::default()
+        };
+        let handle = stream.try_clone().map_err(|_| None)?;
+        let client = Client::handshake_with(stream, config).map_err(|e| match e {
+            // The agent is there and said no: trying again changes nothing.
+            e @ (ClientError::VersionMismatch { .. }
+            | ClientError::AgentError(_)
+            | ClientError::Protocol(_)) => Some(from_client(e)),
+            _ => None,
+        })?;
+        Ok((client, handle))
+    })();
+    relock(attempt).take();
+    result
+}
+
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning only means another thread panicked; the data is consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Start `cmd` (its `request`) on `client`: the start within the
@@ -298,7 +301,7 @@ fn try_connect(
 fn spawn(
     client: &Client<UnixStream>,
     cmd: &Command,
-    request: chitin_agent::protocol::ExecRequest,
+    request: chitin_agent_protocol::ExecRequest,
     deadline: Option<Deadline>,
     control: &Arc<VmControl>,
 ) -> Result<Child, ExecError> {
@@ -380,6 +383,7 @@ mod tests {
     use super::*;
     use chitin_agent::server::{self, NoHooks};
     use chitin_vcpu::ExitReason;
+    use std::io::{Read, Write};
 
     fn host_sh(script: &str) -> Command {
         let mut cmd = Command::new("sh");
@@ -439,10 +443,15 @@ mod tests {
                 }
                 let Ok(mut stream) = stream else { return };
                 let mut line = [0u8; 13];
-                if stream.read_exact(&mut line).is_err() || &line != b"CONNECT 1024\n" {
+                let parsed = stream
+                    .read_exact(&mut line)
+                    .ok()
+                    .and_then(|()| chitin_vsock::host::parse_connect_line(&line));
+                if parsed != Some(AGENT_PORT) {
                     continue;
                 }
-                stream.write_all(b"OK 1\n").unwrap();
+                let ok = chitin_vsock::host::ok_line(1);
+                stream.write_all(ok.as_bytes()).unwrap();
                 list.lock().unwrap().push(stream.try_clone().unwrap());
                 std::thread::spawn(move || {
                     let reader = stream.try_clone().unwrap();

@@ -194,7 +194,7 @@ fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
 /// STDIN_CREDIT, EXIT, the two end frames and a stream ERROR, as the agent
 /// sends them.
 fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
-    use chitin_agent::protocol::{ExecRequest, ExitStatus, Frame, OutputStream, VERSION};
+    use chitin_agent_protocol::{ExecRequest, ExitStatus, Frame, OutputStream, VERSION};
     let session = [
         Frame::Hello { version: VERSION },
         Frame::Started { id: 1, pid: 42 },

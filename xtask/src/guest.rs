@@ -10,7 +10,9 @@
 //!   differently (one descriptor per page fragment).
 //! - The initramfs: a newc cpio written by [`crate::cpio`] holding the
 //!   static `chitin-agent` as /init and a static busybox; the same for
-//!   every kernel.
+//!   every kernel. The nested tier's test guests boot another one,
+//!   [`test_initramfs`], whose /init is `chitin-test-agent` (the agent plus
+//!   the test scenarios and tools): the production image carries no tests.
 //!
 //! `linux-source-6.1` comes from the machine's own apt sources. 6.12 is in
 //! bookworm-backports, which a Debian 12 machine usually does not list: it
@@ -166,7 +168,16 @@ pub fn agent_initramfs() -> Step<PathBuf> {
         &["-p", "chitin-agent", "--bin", "chitin-agent"],
         "chitin-agent",
     )?;
-    initramfs(&agent)
+    initramfs(&agent, "initramfs.cpio")
+}
+
+/// The test guests' initramfs: the static test agent and busybox.
+pub fn test_initramfs() -> Step<PathBuf> {
+    let agent = build_static(
+        &["-p", "chitin-testkit", "--bin", "chitin-test-agent"],
+        "chitin-test-agent",
+    )?;
+    initramfs(&agent, "test-initramfs.cpio")
 }
 
 /// Copy `from` to `to` unless `to` already holds it (same length, not
@@ -541,10 +552,10 @@ fn build_kernel(src: &Path, out: &Path, name: &str) -> Step {
     Ok(())
 }
 
-/// Write the guest initramfs: /init = the agent, busybox with a shell link,
-/// the directories the agent mounts on, and /dev/console (the kernel opens
-/// it for init before devtmpfs is mounted).
-fn initramfs(agent: &Path) -> Step<PathBuf> {
+/// Write a guest initramfs named `name`: /init = `agent`, busybox with a
+/// link per applet, the directories the agent mounts on, and /dev/console
+/// (the kernel opens it for init before devtmpfs is mounted).
+fn initramfs(agent: &Path, name: &str) -> Step<PathBuf> {
     install_packages(INITRAMFS_PACKAGES)?;
     let mut cpio = Cpio::new();
     for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "etc", "mnt"] {
@@ -564,7 +575,7 @@ fn initramfs(agent: &Path) -> Step<PathBuf> {
             cpio.symlink(&format!("bin/{applet}"), "busybox");
         }
     }
-    let path = cache_dir().join("guest").join("initramfs.cpio");
+    let path = cache_dir().join("guest").join(name);
     util::write_atomic(&path, &cpio.finish())?;
     Ok(path)
 }

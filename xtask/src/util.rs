@@ -177,23 +177,15 @@ pub fn cargo(args: &[&str]) -> Command {
     cmd
 }
 
-/// FNV-1a 64 offset basis.
-pub const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-
 /// FNV-1a 64: a content hash for cache keys and console checksums (not a
-/// security boundary).
-pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
+/// security boundary), the one the guest prints.
+pub use chitin_testkit::{fnv1a, FNV_BASIS};
 
 /// Read a file or say which one could not be read.
 pub fn read(path: &Path) -> Step<Vec<u8>> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-/// Write a file atomically (temp file + rename), creating its directory.
 /// The `.deb` file `apt-get download` left in `dir`.
 pub fn find_deb(dir: &Path) -> Step<PathBuf> {
     std::fs::read_dir(dir)
@@ -204,6 +196,7 @@ pub fn find_deb(dir: &Path) -> Step<PathBuf> {
         .ok_or_else(|| format!("apt-get download left no .deb in {}", dir.display()))
 }
 
+/// Write a file atomically (temp file + rename), creating its directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Step {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
@@ -211,17 +204,4 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Step {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data).map_err(|e| format!("write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("rename {}: {e}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fnv1a_matches_reference_vectors() {
-        // Published FNV-1a 64 test vectors.
-        assert_eq!(fnv1a(FNV_BASIS, b""), FNV_BASIS);
-        assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(FNV_BASIS, b"foobar"), 0x8594_4171_f739_67e8);
-    }
 }

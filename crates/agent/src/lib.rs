@@ -1,14 +1,25 @@
-//! chitin-agent as a library: the exec protocol spoken between the host and
-//! the guest agent, the guest-side server and the host-side client.
+//! chitin-agent: the guest side of chitin's agent, PID 1 of every guest
+//! image: the minimal userspace a process expects ([`init`]), the kernel
+//! command line ([`cmdline`]), the exec server for one connection
+//! ([`server`]), the vsock service that accepts connections and serves each
+//! ([`service`], over the [`vsock`] shim).
 //!
-//! - [`protocol`]: frames and their byte encoding (no I/O policy).
-//! - [`server`]: runs processes for one connection (guest side).
-//! - [`client`]: runs processes through one connection (host side).
-//! - [`window`]: the per-stream flow-control credit both sides keep.
-//!
-//! The wire format is described in `docs/agent-protocol.md`.
+//! The wire protocol is `chitin-agent-protocol`'s, the host side is
+//! `chitin-agent-client`'s; the test scenarios and tools live in
+//! `chitin-testkit`'s test agent, never in a production image.
 
-pub mod client;
-pub mod protocol;
+use std::io::Write;
+
+pub mod cmdline;
+pub mod init;
 pub mod server;
-pub mod window;
+pub mod service;
+pub mod vsock;
+
+/// Print one line on the console and flush it, so it reaches the host even
+/// if the VM stops right after.
+pub fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}

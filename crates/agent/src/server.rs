@@ -31,10 +31,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::protocol::{
-    self, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
+use chitin_agent_protocol::window::{Overflow, Window};
+use chitin_agent_protocol::{
+    self as protocol, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK,
+    VERSION, WINDOW,
 };
-use crate::window::{Overflow, Window};
 
 /// Most processes running at once on one connection (bounds threads).
 const MAX_PROCS: usize = 256;

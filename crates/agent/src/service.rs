@@ -1,14 +1,15 @@
 //! The exec service of PID 1: accept vsock connections and serve each on
-//! its own thread with [`chitin_agent::server`]. SHUTDOWN stops the VM.
+//! its own thread with [`crate::server`]. SHUTDOWN stops the VM.
 
+use std::io;
 use std::thread;
 use std::time::Duration;
 
-use chitin_agent::server::{self, ServerHooks};
+use chitin_agent_protocol::PORT;
 
-use crate::init;
-use crate::report::Report;
-use crate::vsock::{Listener, PORT};
+use crate::server::{self, ServerHooks};
+use crate::vsock::Listener;
+use crate::{init, say};
 
 /// Pause after a failed accept, so a persistent error does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -22,25 +23,21 @@ impl ServerHooks for PowerOff {
     }
 }
 
-/// Serve forever; if the socket cannot be set up, report it and return.
-pub fn run(report: &mut Report) {
-    let listener = match Listener::bind(PORT) {
-        Ok(l) => l,
-        Err(e) => {
-            report.check("agent-listen", false, &format!("vsock port {PORT}: {e}"));
-            return;
-        }
-    };
+/// Serve forever; returns only the error that kept the listening socket
+/// from being set up.
+pub fn run() -> io::Result<()> {
+    let listener = Listener::bind(PORT)
+        .map_err(|e| io::Error::new(e.kind(), format!("vsock port {PORT}: {e}")))?;
     // From here on every child of PID 1 is a connection's, or an orphan.
     if let Err(e) = server::spawn_orphan_reaper() {
-        report.line(&format!("chitin-agent: no orphan reaper: {e}"));
+        say(&format!("chitin-agent: no orphan reaper: {e}"));
     }
-    report.line(&format!("chitin-agent: listening vsock port={PORT}"));
+    say(&format!("chitin-agent: listening vsock port={PORT}"));
     loop {
         let stream = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
-                report.line(&format!("chitin-agent: accept: {e}"));
+                say(&format!("chitin-agent: accept: {e}"));
                 thread::sleep(ACCEPT_BACKOFF);
                 continue;
             }
@@ -48,7 +45,7 @@ pub fn run(report: &mut Report) {
         let reader = match stream.try_clone() {
             Ok(r) => r,
             Err(e) => {
-                report.line(&format!("chitin-agent: dup: {e}"));
+                say(&format!("chitin-agent: dup: {e}"));
                 continue;
             }
         };
@@ -56,11 +53,11 @@ pub fn run(report: &mut Report) {
             .name("agent-conn".into())
             .spawn(move || {
                 if let Err(e) = server::serve(reader, stream, &PowerOff) {
-                    Report::new().line(&format!("chitin-agent: connection: {e}"));
+                    say(&format!("chitin-agent: connection: {e}"));
                 }
             });
         if let Err(e) = spawned {
-            report.line(&format!("chitin-agent: thread: {e}"));
+            say(&format!("chitin-agent: thread: {e}"));
         }
     }
 }

@@ -1,11 +1,10 @@
-//! The AF_VSOCK listener of the exec service: a small syscall shim.
+//! AF_VSOCK in the guest: the exec service's listener and outgoing
+//! connections, a small syscall shim.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// The vsock port the agent listens on.
-pub const PORT: u32 = 1024;
 /// Pending connections the kernel queues for us.
 const BACKLOG: i32 = 16;
 

@@ -365,7 +365,7 @@ impl<S: Read + Write> Connection<S> {
                 state: self.state,
             });
         }
-        let line = format!("OK {}\n", self.local_port);
+        let line = crate::host::ok_line(self.local_port);
         // A fresh socket has an empty send buffer: a line this short goes
         // out whole or the peer is gone.
         match self.stream.write(line.as_bytes()) {

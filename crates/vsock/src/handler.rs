@@ -34,6 +34,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::backend::{VsockBackend, VsockStream};
 use crate::connection::{Connection, ConnectionError, Interest, RxOutcome, State};
+use crate::host::parse_connect_line;
 use crate::packet::{self, Direction, Header, Op, HEADER_LEN, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 
 /// Most connections (established, connecting, or waiting for their
@@ -922,16 +923,6 @@ impl std::fmt::Display for Brief<'_> {
             h.src_cid, h.src_port, h.dst_cid, h.dst_port, h.op, h.len
         )
     }
-}
-
-/// The port of a `CONNECT <port>\n` line.
-pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?;
-    let rest = text.strip_prefix("CONNECT ")?.strip_suffix('\n')?;
-    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    rest.parse().ok()
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@
 //!
 //! Host side (the Firecracker protocol): a host process connects to
 //! `uds_path` and writes `CONNECT <port>\n`; once the guest accepts, it reads
-//! `OK <host_port>\n` and then the stream carries the connection's bytes. A
-//! guest connection to CID 2 port `P` is connected to the Unix socket
-//! `<uds_path>_<P>`.
+//! `OK <host_port>\n` and then the stream carries the connection's bytes
+//! ([`host`] has both ends of that line protocol). A guest connection to
+//! CID 2 port `P` is connected to the Unix socket `<uds_path>_<P>`.
 //!
 //! Guest data is hostile here: a malformed packet is answered with a reset
 //! or dropped, memory per connection is bounded by the credit it advertised,
@@ -33,6 +33,7 @@ pub mod connection;
 pub mod device;
 mod event;
 pub mod handler;
+pub mod host;
 pub mod packet;
 #[cfg(test)]
 mod test_utils;

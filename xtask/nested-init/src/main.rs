@@ -36,15 +36,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use chitin_testkit::{fnv1a, CONSOLE_BEGIN, CONSOLE_END, FNV_BASIS};
+
 const PLAN: &str = "/nested/plan";
 const MODULES: &str = "/nested/modules";
 /// Serials of the disks QEMU attached to L1, one per line.
 const DISKS: &str = "/nested/disks";
 /// How long to wait for L1's virtio-blk disks to appear.
 const DISK_WAIT: Duration = Duration::from_secs(15);
-const CONSOLE_BEGIN: &[u8] = b"chitin-console-begin";
-const CONSOLE_END: &[u8] = b"chitin-console-end";
-const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 /// How often L1 says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -169,12 +168,6 @@ fn parse_plan(text: &str) -> Vec<Scenario> {
         .collect()
 }
 
-fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 fn trim_eol(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -195,7 +188,7 @@ fn pump_console(name: &str, marker: &str, start: Instant, stdout: impl Read) {
         }
         let text = trim_eol(&line);
         if let Some((hash, len)) = block.as_mut() {
-            if text == CONSOLE_END {
+            if text == CONSOLE_END.as_bytes() {
                 say(&format!("nested: console {name} fnv={hash:016x} len={len}"));
                 block = None;
             } else {
@@ -204,7 +197,7 @@ fn pump_console(name: &str, marker: &str, start: Instant, stdout: impl Read) {
             }
             continue;
         }
-        if text == CONSOLE_BEGIN {
+        if text == CONSOLE_BEGIN.as_bytes() {
             block = Some((FNV_BASIS, 0));
             continue;
         }

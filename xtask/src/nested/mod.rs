@@ -37,6 +37,9 @@ const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "e2fspr
 /// The `exit=` the harness gives a run during which L1 went silent.
 pub const SILENT_EXIT: &str = "l1-silent";
 
+/// The line that times a host-checks run: its first exec answered.
+const FIRST_EXEC_MARKER: &str = "chitin-check: first-exec";
+
 /// Where L1 finds the initramfs every L2 kernel boots with.
 const L1_INITRAMFS: &str = "/l2/initramfs.cpio";
 
@@ -108,7 +111,7 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
     // VMM's timeout (a clean stop) fires first.
     // Host checks time VMM start to the first exec's answer instead.
     let marker = if s.host_checks.is_some() {
-        "chitin-check: first-exec"
+        FIRST_EXEC_MARKER
     } else {
         UP_MARKER
     };
@@ -130,7 +133,7 @@ pub fn nested(args: &[String]) -> Step {
     prerequisites()?;
     let runs = schedule(&selected);
     let kernels: Vec<L2Kernel> = runs.iter().map(|(_, s)| s.kernel).collect();
-    let tools = build_tools(&kernels)?;
+    let tools = build_tools(&kernels, guest::test_initramfs)?;
     let plan: Vec<String> = runs.iter().map(|(name, s)| plan_line(name, s)).collect();
     let disks = disks::create(&cache_dir().join("nested").join("disks"))?;
     let log = boot_l1(&tools, &plan, &disks)?;
@@ -217,7 +220,8 @@ pub fn stress(args: &[String]) -> Step {
 pub struct Tools {
     /// Each L2 kernel image the plan boots, with the host file.
     kernels: Vec<(L2Kernel, PathBuf)>,
-    /// The initramfs every L2 kernel boots with.
+    /// The initramfs every L2 kernel boots with: the test agent's for the
+    /// scenarios, the production agent's for `nested-exec`.
     initramfs: PathBuf,
     /// `System.map` of each L2 kernel version, for monitor dumps.
     l2_system_maps: Vec<(String, PathBuf)>,
@@ -228,8 +232,9 @@ pub struct Tools {
     l1: L1Kernel,
 }
 
-/// Build or fetch what L1 needs to boot `kernels` (duplicates allowed).
-fn build_tools(kernels: &[L2Kernel]) -> Step<Tools> {
+/// Build or fetch what L1 needs to boot `kernels` (duplicates allowed)
+/// with `initramfs` (built on demand).
+fn build_tools(kernels: &[L2Kernel], initramfs: fn() -> Step<PathBuf>) -> Step<Tools> {
     let mut wanted: Vec<L2Kernel> = Vec::new();
     for k in kernels {
         if !wanted.contains(k) {
@@ -259,7 +264,7 @@ fn build_tools(kernels: &[L2Kernel]) -> Step<Tools> {
     }
     Ok(Tools {
         kernels: images,
-        initramfs: guest::agent_initramfs()?,
+        initramfs: initramfs()?,
         l2_system_maps,
         boot: guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?,
         exec: guest::build_static(&["-p", "chitin", "--example", "exec"], "exec")?,
@@ -296,7 +301,8 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
     util::set_quiet(true);
     QUIET.store(true, Ordering::Relaxed);
     prerequisites()?;
-    let tools = build_tools(&[KERNEL_6_1])?;
+    // The guest image a user gets, not the test agent.
+    let tools = build_tools(&[KERNEL_6_1], guest::agent_initramfs)?;
     let mut plan = format!(
         "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t{}\t--timeout\t{}\t--",
         KERNEL_6_1.l1_dir(),

@@ -5,9 +5,10 @@
 //! it): a judge passes a run only on the lines it needs, and a run with no
 //! passing check at all fails.
 
-use chitin_agent::protocol::VERSION as AGENT_VERSION;
+use chitin_agent_protocol::VERSION as AGENT_VERSION;
+use chitin_testkit::{CheckLine, Done, UP_MARKER};
 
-use super::scenarios::{l2_cmdline, Scenario, BOOT_REPEATS, UP_MARKER, WARMUP};
+use super::scenarios::{l2_cmdline, Scenario, BOOT_REPEATS, WARMUP};
 use super::SILENT_EXIT;
 use crate::disks::{self, Disks};
 use crate::util::Step;
@@ -34,6 +35,42 @@ pub struct Run {
 impl Run {
     fn has(&self, needle: &str) -> bool {
         self.lines.iter().any(|l| l.contains(needle))
+    }
+
+    /// Every well-formed check line, in order.
+    fn checks(&self) -> Vec<CheckLine> {
+        self.lines
+            .iter()
+            .filter_map(|l| CheckLine::parse(l))
+            .collect()
+    }
+
+    /// The detail of check `name` if it passed.
+    fn passed(&self, name: &str) -> Option<String> {
+        self.checks()
+            .into_iter()
+            .find(|c| c.passed && c.name == name)
+            .map(|c| c.detail)
+    }
+
+    /// The first failed check, as its line.
+    fn first_failure(&self) -> Option<String> {
+        self.checks()
+            .into_iter()
+            .find(|c| !c.passed)
+            .map(|c| c.to_string())
+    }
+
+    /// Whether the run ended with a summary line that vouches for the
+    /// check lines seen (at least one pass, no failure, counts agree).
+    fn summary(&self) -> Result<(), String> {
+        let done = self
+            .lines
+            .iter()
+            .rev()
+            .find_map(|l| Done::parse(l))
+            .ok_or("no `chitin-agent: done pass=<n> fail=<m>` line")?;
+        done.vouches_for(&self.checks())
     }
 }
 
@@ -104,16 +141,11 @@ pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     if !run.has(&up) {
         return Err(format!("no `{up}` line"));
     }
-    if let Some(fail) = run
-        .lines
-        .iter()
-        .find(|l| l.contains("chitin-check:") && l.contains(" FAIL"))
-    {
-        return Err(fail.clone());
+    if let Some(fail) = run.first_failure() {
+        return Err(fail);
     }
-    if !run.has("chitin-agent: done") || !run.has(" fail=0") {
-        return Err("agent did not finish with fail=0".into());
-    }
+    run.summary()
+        .map_err(|e| format!("agent did not finish with every check passed: {e}"))?;
     let seen = run
         .lines
         .iter()
@@ -151,11 +183,10 @@ fn check_kernel(run: &Run, release: &str) -> Result<(), String> {
 /// that passed no check at all fails.
 fn passed_checks(run: &Run) -> Result<String, String> {
     let passed: Vec<String> = run
-        .lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("chitin-check: "))
-        .filter(|l| l.contains(" PASS"))
-        .map(|l| l.split(" PASS ").collect::<Vec<_>>().join(": "))
+        .checks()
+        .into_iter()
+        .filter(|c| c.passed)
+        .map(|c| format!("{}: {}", c.name, c.detail))
         .collect();
     if passed.is_empty() {
         return Err("no check passed".into());
@@ -181,9 +212,7 @@ pub fn judge_panic(run: &Run, _disks: &Disks) -> Result<String, String> {
 
 pub fn judge_console(run: &Run, disks: &Disks) -> Result<String, String> {
     let sent = run
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("chitin-check: console-pattern PASS "))
+        .passed("console-pattern")
         .ok_or("agent did not report writing the pattern")?;
     let received = run
         .console
@@ -198,38 +227,28 @@ pub fn judge_console(run: &Run, disks: &Disks) -> Result<String, String> {
 
 /// The `key=` value in the detail of the agent's `check` line.
 fn check_value(run: &Run, check: &str, key: &str) -> Result<String, String> {
-    let prefix = format!("chitin-check: {check} PASS ");
-    run.lines
-        .iter()
-        .find_map(|l| l.strip_prefix(&prefix))
+    run.passed(check)
         .and_then(|detail| {
             detail
                 .split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
         })
-        .map(str::to_string)
         .ok_or_else(|| format!("no `{key}=` in a passing `{check}` check"))
 }
 
 /// Host-side checks: exit 0, every check passed, summary line.
 pub fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
-    if let Some(fail) = run
-        .lines
-        .iter()
-        .find(|l| l.contains("chitin-check:") && l.contains(" FAIL"))
-    {
-        return Err(fail.clone());
+    if let Some(fail) = run.first_failure() {
+        return Err(fail);
     }
     let exit = run.exit.as_deref().unwrap_or("none");
-    if exit != "0" || !run.has("chitin-agent: done") || !run.has(" fail=0") {
+    if exit != "0" {
         return Err(format!("checks did not all pass (exit {exit})"));
     }
-    let release = run
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("chitin-check: guest-kernel PASS "))
-        .unwrap_or_default();
-    check_kernel(run, release)?;
+    run.summary()
+        .map_err(|e| format!("checks did not all pass: {e}"))?;
+    let release = run.passed("guest-kernel").unwrap_or_default();
+    check_kernel(run, &release)?;
     passed_checks(run)
 }
 
@@ -665,5 +684,57 @@ mod tests {
         ];
         let result = judge_one("boot-6.12", &console("boot-6.12", &body, "0"));
         assert_eq!(result.unwrap(), "cpus: 2");
+    }
+
+    /// A boot-6.12 run whose agent printed `summary` after one passing
+    /// check (and `extra` lines before it).
+    fn boot_run_with(extra: &[&str], summary: &str) -> Result<String, String> {
+        let s = scenario("boot-6.12");
+        let mut body = vec![
+            format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
+            format!("| chitin-agent: cmdline {}", l2_cmdline(s)),
+            "| chitin-agent: kernel 6.12.95".to_string(),
+            "| chitin-check: cpus PASS 2".to_string(),
+        ];
+        body.extend(extra.iter().map(|l| format!("| {l}")));
+        if !summary.is_empty() {
+            body.push(format!("| {summary}"));
+        }
+        judge_one("boot-6.12", &console("boot-6.12", &body, "0"))
+    }
+
+    #[test]
+    fn judges_reject_summaries_that_do_not_vouch_for_the_checks() {
+        // The honest run passes.
+        assert_eq!(
+            boot_run_with(&[], "chitin-agent: done pass=1 fail=0").unwrap(),
+            "cpus: 2"
+        );
+        // pass=0: nothing vouched for, whatever check lines say.
+        let e = boot_run_with(&[], "chitin-agent: done pass=0 fail=0").unwrap_err();
+        assert!(e.contains("no check passed"), "{e}");
+        // Any other line containing ` fail=0` is not a summary.
+        let e = boot_run_with(&["guest says pass=1 fail=0"], "").unwrap_err();
+        assert!(e.contains("no `chitin-agent: done"), "{e}");
+        let e = boot_run_with(&["chitin-check: x PASS fail=0"], "").unwrap_err();
+        assert!(e.contains("no `chitin-agent: done"), "{e}");
+        // A summary that counts more passes than were printed.
+        let e = boot_run_with(&[], "chitin-agent: done pass=5 fail=0").unwrap_err();
+        assert!(e.contains("5 passed, but 1 PASS"), "{e}");
+        // A failed check fails the run even under a clean summary.
+        let e = boot_run_with(
+            &["chitin-check: mem FAIL 12"],
+            "chitin-agent: done pass=1 fail=0",
+        )
+        .unwrap_err();
+        assert_eq!(e, "chitin-check: mem FAIL 12");
+    }
+
+    #[test]
+    fn host_judge_rejects_a_pass_zero_summary() {
+        let mut body = host_check_lines(&["guest-kernel PASS 6.1.192"], 0);
+        *body.last_mut().unwrap() = "| chitin-agent: done pass=0 fail=0".to_string();
+        let e = judge_one("exec", &console("exec", &body, "0")).unwrap_err();
+        assert!(e.contains("no check passed"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use crate::guest::KernelVersion;
 /// through the i8042 on reboot, reboot at once on panic, quiet boot.
 const L2_BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 /// The agent's "up" line: VMM start → this line is the boot figure.
-pub const UP_MARKER: &str = "chitin-agent: up";
+pub use chitin_testkit::UP_MARKER;
 
 /// Which L2 kernel a scenario boots, and in which format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,42 +11,14 @@
 //! Prints one `chitin-check: <name> PASS|FAIL <detail>` line per check and
 //! `chitin-agent: done pass=<n> fail=<m>`; exits 0 only if all passed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox, Signal, Stdio};
 
-/// FNV-1a 64, as the agent computes it.
-fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-
-struct Checks {
-    passed: u32,
-    failed: u32,
-}
-
-impl Checks {
-    fn check(&mut self, name: &str, result: Result<String, String>) {
-        let (verdict, detail) = match result {
-            Ok(d) => {
-                self.passed += 1;
-                ("PASS", d)
-            }
-            Err(d) => {
-                self.failed += 1;
-                ("FAIL", d)
-            }
-        };
-        println!("chitin-check: {name} {verdict} {detail}");
-        let _ = std::io::stdout().flush();
-    }
-}
+use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
 fn sh(script: &str) -> Command {
     let mut cmd = Command::new("sh");
@@ -57,7 +29,7 @@ fn sh(script: &str) -> Command {
 fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     let t = Instant::now();
     let first = vm.exec(&Command::new("true"));
-    c.check(
+    c.result(
         "first-exec",
         first
             .map(|o| {
@@ -70,7 +42,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             .map_err(|e| e.to_string()),
     );
     let out = vm.exec(Command::new("echo").arg("hello"));
-    c.check(
+    c.result(
         "echo",
         match out {
             Ok(o) if o.stdout == b"hello\n" && o.status == ExitStatus::Code(0) => {
@@ -79,14 +51,14 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             other => Err(format!("{other:?}")),
         },
     );
-    c.check(
+    c.result(
         "exit-code",
         match vm.exec(&sh("exit 3")) {
             Ok(o) if o.status == ExitStatus::Code(3) => Ok("3".into()),
             other => Err(format!("{other:?}")),
         },
     );
-    c.check(
+    c.result(
         "stderr-separate",
         match vm.exec(&sh("echo out; echo err >&2")) {
             Ok(o) if o.stdout == b"out\n" && o.stderr == b"err\n" => {
@@ -103,7 +75,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
         .take(eight_mib)
         .collect();
     let t = Instant::now();
-    c.check(
+    c.result(
         "stdout-8mib",
         match vm.exec(&sh(&format!("yes abcdefg | head -c {eight_mib}"))) {
             Ok(o)
@@ -128,7 +100,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     // so stdin is fed while stdout is collected.
     let input: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
     let t = Instant::now();
-    c.check(
+    c.result(
         "stdin-piped",
         match vm.exec(Command::new("cat").stdin(Stdio::bytes(input.clone()))) {
             Ok(o) if o.stdout == input => Ok(format!(
@@ -154,7 +126,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             .collect()
     });
     let good = results.iter().filter(|r| matches!(r, Ok(true))).count();
-    c.check(
+    c.result(
         "concurrent-16",
         if good == 16 {
             Ok("16 of 16".into())
@@ -162,7 +134,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             Err(format!("{good} of 16: {results:?}"))
         },
     );
-    c.check(
+    c.result(
         "kill",
         (|| {
             let mut child = vm
@@ -175,7 +147,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             }
         })(),
     );
-    c.check(
+    c.result(
         "kill-stdin-full",
         (|| {
             // sleep never reads its stdin: the writer is pushed back, and
@@ -202,7 +174,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             }
         })(),
     );
-    c.check(
+    c.result(
         "unread-child-no-stall",
         (|| {
             // `yes` floods a stdout nobody reads; other commands go on.
@@ -225,7 +197,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             }
         })(),
     );
-    c.check(
+    c.result(
         "orphans-reaped",
         (|| {
             // Five background sleeps outlive their shell: the kernel hands
@@ -261,7 +233,7 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
         })
         .collect();
     rtt.sort_unstable();
-    c.check(
+    c.result(
         "exec-true-rtt",
         rtt.get(rtt.len() / 2)
             .map(|m| format!("median {} us of {}", m, rtt.len()))
@@ -376,21 +348,8 @@ fn host_echo(listener: UnixListener) {
 
 /// `CONNECT <port>` through the vsock device's socket; the stream after OK.
 fn host_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
-    let mut stream = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    writeln!(stream, "CONNECT {port}").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::with_capacity(1, stream.try_clone().map_err(|e| e.to_string())?)
-        .read_line(&mut line)
-        .map_err(|e| format!("read: {e}"))?;
-    if line.starts_with("OK ") {
-        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-        Ok(stream)
-    } else {
-        Err(format!("refused: {line:?}"))
-    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    chitin_vsock::host::connect(uds, port, deadline).map_err(|e| chitin::error_chain(&e))
 }
 
 fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
@@ -400,13 +359,13 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     let _ = std::fs::remove_file(&port_path);
     let listener = match UnixListener::bind(&port_path) {
         Ok(l) => l,
-        Err(e) => return c.check("guest-to-host", Err(format!("bind: {e}"))),
+        Err(e) => return c.result("guest-to-host", Err(format!("bind: {e}"))),
     };
     let echo = std::thread::spawn(move || host_echo(listener));
     let four_mib = 4u64 << 20;
     let out =
         vm.exec(Command::new("/init").args(["vsock-echo-client", "5000", &four_mib.to_string()]));
-    c.check(
+    c.result(
         "guest-to-host-4mib",
         match out {
             Ok(o) if o.status.success() => {
@@ -430,7 +389,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     let _ = std::fs::remove_file(&port_path);
 
     // Host → guest: a guest listener on port 5001 reached through CONNECT.
-    c.check(
+    c.result(
         "host-to-guest",
         (|| {
             let mut server = vm
@@ -472,7 +431,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     // Hundreds of connections open at once: each reaches the agent (port
     // 1024) and completes the protocol handshake while all are open.
     let t = Instant::now();
-    c.check(
+    c.result(
         "concurrent-200",
         (|| {
             let mut clients = Vec::new();
@@ -480,7 +439,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
                 let stream =
                     host_connect(uds, chitin::AGENT_PORT).map_err(|e| format!("#{i}: {e}"))?;
                 clients.push(
-                    chitin_agent::client::Client::handshake(stream)
+                    chitin_agent_client::Client::handshake(stream)
                         .map_err(|e| format!("#{i} handshake: {e}"))?,
                 );
             }
@@ -494,7 +453,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
                     .map(|(i, client)| {
                         s.spawn(move || {
                             let req =
-                                chitin_agent::protocol::ExecRequest::new(["echo", &i.to_string()])
+                                chitin_agent_protocol::ExecRequest::new(["echo", &i.to_string()])
                                     .env("PATH", "/bin");
                             client
                                 .exec(&req)
@@ -520,10 +479,13 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
 
     // A port nobody listens on: a clean refusal, no hang.
     let t = Instant::now();
-    c.check(
+    c.result(
         "refused-port",
-        match host_connect(uds, 5999) {
-            Err(e) => Ok(format!("{e} after {} ms", t.elapsed().as_millis())),
+        match chitin_vsock::host::connect(uds, 5999, t + Duration::from_secs(10)) {
+            Err(e @ chitin_vsock::host::HostConnectError::Refused { .. }) => {
+                Ok(format!("{e} after {} ms", t.elapsed().as_millis()))
+            }
+            Err(e) => Err(format!("not a refusal: {}", chitin::error_chain(&e))),
             Ok(_) => Err("port 5999 accepted a connection".into()),
         },
     );
@@ -586,33 +548,29 @@ fn main() {
     let vm = match built {
         Ok(vm) => vm,
         Err(e) => {
-            println!("chitin-check: sandbox FAIL {}", chitin::error_chain(&e));
+            Checks::new().check("sandbox", false, &chitin::error_chain(&e));
             std::process::exit(1);
         }
     };
     println!(
-        "chitin-agent: up version={} scenario={which} (host checks)",
-        chitin_agent::protocol::VERSION
+        "{UP_MARKER} version={} scenario={which} (host checks)",
+        chitin_agent_protocol::VERSION
     );
-    let mut c = Checks {
-        passed: 0,
-        failed: 0,
-    };
+    let mut c = Checks::new();
     match which.as_str() {
         "exec" => exec_checks(&vm, &mut c),
         "vsock" => vsock_checks(&vm, &uds, &mut c),
-        other => c.check("scenario", Err(format!("unknown {other}"))),
+        other => c.result("scenario", Err(format!("unknown {other}"))),
     }
     // Which kernel answered, so the harness can tell the guests apart.
-    c.check("guest-kernel", guest_kernel(&vm));
-    c.check("device-faults", device_faults(&vm));
+    c.result("guest-kernel", guest_kernel(&vm));
+    c.result("device-faults", device_faults(&vm));
     // Last: the guest is gone after these.
     match which.as_str() {
-        "exec" => c.check("reset-mid-command", reset_mid_command(&vm)),
-        _ => c.check("stop-from-handle", stop_from_handle(&vm)),
+        "exec" => c.result("reset-mid-command", reset_mid_command(&vm)),
+        _ => c.result("stop-from-handle", stop_from_handle(&vm)),
     }
-    println!("chitin-agent: done pass={} fail={}", c.passed, c.failed);
-    let _ = std::io::stdout().flush();
+    c.done();
     drop(vm);
-    std::process::exit(i32::from(c.failed > 0));
+    std::process::exit(i32::from(c.failed() > 0));
 }

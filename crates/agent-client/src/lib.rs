@@ -24,7 +24,7 @@
 //! while a window's worth is queued or unacknowledged.
 //!
 //! Nothing the agent sends is trusted: frames are size-capped by
-//! [`crate::protocol`], and output beyond the credit, credit beyond what
+//! [`chitin_agent_protocol`], and output beyond the credit, credit beyond what
 //! was sent, output before STARTED or after its end, or a second STARTED or
 //! EXIT ends the connection as a protocol violation (the stream is shut
 //! down).
@@ -41,10 +41,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{
-    self, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK, VERSION, WINDOW,
+use chitin_agent_protocol::window::Window;
+use chitin_agent_protocol::{
+    self as protocol, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK,
+    VERSION, WINDOW,
 };
-use crate::window::Window;
 
 /// Output credit is returned to the agent in batches of at least this
 /// much (it then still has three quarters of its window to go on with).
@@ -1242,7 +1243,7 @@ mod tests {
     use std::thread;
 
     use super::*;
-    use crate::server::{self, NoHooks, ServerError};
+    use chitin_agent::server::{self, NoHooks, ServerError};
 
     type Server = thread::JoinHandle<Result<(), ServerError>>;
 
@@ -1317,9 +1318,7 @@ mod tests {
     }
 
     fn fnv1a(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+        chitin_testkit::fnv1a(chitin_testkit::FNV_BASIS, bytes)
     }
 
     #[test]
@@ -1948,7 +1947,7 @@ mod tests {
         let credit = Frame::OutputCredit {
             id: 1,
             stream: OutputStream::Stderr,
-            bytes: crate::protocol::WINDOW,
+            bytes: chitin_agent_protocol::WINDOW,
         };
         protocol::write_frame(&mut host, &credit).unwrap();
         assert!(matches!(

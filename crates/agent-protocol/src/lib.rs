@@ -1,4 +1,7 @@
-//! The agent's exec wire protocol: typed frames and their byte encoding.
+//! The protocol between chitin's host and its guest agent, shared by both
+//! sides and doing no I/O policy of its own: where the agent listens
+//! ([`PORT`]), what starts it ([`CMDLINE_ENTRY`]), the version, the typed
+//! frames and their byte encoding, and the flow-control [`window`].
 //!
 //! One byte stream (vsock in the guest, a Unix socket on the host side)
 //! carries length-prefixed frames:
@@ -16,7 +19,9 @@
 //! is capped at [`MAX_PAYLOAD`] + header: decoding never panics and never
 //! allocates by a peer-supplied size beyond those caps.
 //!
-//! This module owns only the encoding; it never does process or thread work.
+//! This crate owns only the encoding; it never does process or thread work.
+
+pub mod window;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
@@ -27,6 +32,13 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 /// 3 gives stdout and stderr a window each, sends EXIT as soon as the
 /// process is reaped, and ends each output stream with an empty frame.
 pub const VERSION: u32 = 3;
+/// The vsock port the guest agent listens on.
+pub const PORT: u32 = 1024;
+/// The kernel command-line key the agent reads to decide whether to serve.
+pub const CMDLINE_KEY: &str = "chitin.agent";
+/// The command-line entry that makes the agent serve the protocol.
+pub const CMDLINE_ENTRY: &str = "chitin.agent=1";
+
 /// Largest payload of one frame: 1 MiB.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes counted by the length prefix before the payload: type + stream id.

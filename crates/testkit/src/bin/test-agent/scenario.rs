@@ -7,17 +7,13 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
-use crate::cmdline::KernelCmdline;
-use crate::report::Report;
+use chitin_agent::cmdline::KernelCmdline;
+use chitin_testkit::{fnv1a, Report, CONSOLE_BEGIN, CONSOLE_END, FNV_BASIS};
 
 /// Bytes of the console pattern: 4096 lines of 64 bytes.
 const CONSOLE_PATTERN_LINES: usize = 4096;
 /// One pattern line, newline included.
 const CONSOLE_LINE_LEN: usize = 64;
-/// Marker lines around the pattern; the host checksums the bytes between.
-pub const CONSOLE_BEGIN: &str = "chitin-console-begin";
-/// See [`CONSOLE_BEGIN`].
-pub const CONSOLE_END: &str = "chitin-console-end";
 
 /// Run scenario `name`.
 pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
@@ -118,16 +114,6 @@ fn pattern_line(index: usize, line: &mut [u8; CONSOLE_LINE_LEN]) {
     line[CONSOLE_LINE_LEN - 1] = b'\n';
 }
 
-/// FNV-1a, 64 bit: the checksum both sides print for the console pattern.
-pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// FNV-1a offset basis.
-pub const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-
 /// Turn off output post-processing (`\n` → `\r\n`) on the console so the
 /// host receives exactly the bytes written; returns the previous settings.
 fn raw_output(fd: i32) -> Option<libc::termios> {
@@ -204,11 +190,5 @@ mod tests {
         assert_eq!(a[63], b'\n');
         pattern_line(8, &mut b);
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn fnv1a_matches_reference_vector() {
-        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c (reference test vector).
-        assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

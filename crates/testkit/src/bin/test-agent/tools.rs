@@ -1,4 +1,4 @@
-//! Small vsock test tools the agent binary also provides, for the nested
+//! Small vsock test tools the test agent binary also provides, for the nested
 //! tier's `vsock` scenario (run through exec as `/init <tool> ...`):
 //!
 //! - `vsock-echo-client PORT BYTES`: connect to the host (CID 2) on PORT,
@@ -11,9 +11,10 @@
 use std::io::{Read, Write};
 use std::time::Instant;
 
+use chitin_agent::vsock;
+use chitin_testkit::{fnv1a, FNV_BASIS};
+
 use crate::blk::fill_pattern;
-use crate::scenario::{fnv1a, FNV_BASIS};
-use crate::vsock;
 
 /// Run `tool` if `args` names one; `None` if it is not a tool invocation.
 pub fn run(args: &[String]) -> Option<i32> {

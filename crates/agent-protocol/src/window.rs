@@ -1,6 +1,6 @@
 //! A flow-control window shared between threads: the credit one side of a
 //! stream may still spend before its peer returns some (see
-//! [`crate::protocol::WINDOW`]).
+//! [`crate::WINDOW`]).
 //!
 //! Senders [`Window::take`] credit before sending data and block while
 //! there is none; whoever reads the peer's credit frames
@@ -9,7 +9,7 @@
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::protocol::WINDOW;
+use crate::WINDOW;
 
 /// Credit returned beyond [`WINDOW`]: the peer broke the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

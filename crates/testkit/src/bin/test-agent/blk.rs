@@ -9,8 +9,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
-use crate::report::Report;
-use crate::scenario::{fnv1a, FNV_BASIS};
+use chitin_testkit::{fnv1a, Report, FNV_BASIS};
 
 /// The file the host puts in the ext4 images, and its content.
 const KNOWN_FILE: &str = "/mnt/known.txt";

@@ -1,0 +1,55 @@
+//! chitin's test harness, shared by everything that proves a sandbox works
+//! with real Linux: the test agent in the guest (this crate's
+//! `chitin-test-agent` binary: the scenarios and echo tools), L1's init and
+//! host checks in the nested tier, and the nested judges on the host.
+//!
+//! It owns, once for the whole tree:
+//! - the result-line format: [`Report`] writes `chitin-check:` and
+//!   `chitin-agent: done` lines, [`CheckLine::parse`] and [`Done::parse`]
+//!   read them back (strictly: a judge passes only what a report wrote);
+//! - the console markers ([`UP_MARKER`], [`CONSOLE_BEGIN`], [`CONSOLE_END`]);
+//! - the checksum both sides print ([`fnv1a`]).
+//!
+//! None of it is in a production guest image or the facade.
+
+mod report;
+
+pub use report::{CheckLine, Done, Report, CHECK_PREFIX, DONE_PREFIX, UP_MARKER};
+
+/// Marker line before the console pattern; the host checksums the bytes
+/// between it and [`CONSOLE_END`].
+pub const CONSOLE_BEGIN: &str = "chitin-console-begin";
+/// See [`CONSOLE_BEGIN`].
+pub const CONSOLE_END: &str = "chitin-console-end";
+
+/// FNV-1a 64 offset basis: the `hash` to start [`fnv1a`] with.
+pub const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a 64 prime.
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a, 64 bit, continued from `hash` over `bytes`: the checksum the
+/// guest and the host each print for data that crossed a device, so a
+/// judge compares 16 hex digits instead of megabytes.
+pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_reference_vectors() {
+        // Reference vectors of FNV-1a 64.
+        assert_eq!(fnv1a(FNV_BASIS, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(FNV_BASIS, b"foobar"), 0x8594_4171_f739_67e8);
+        // Continuing is the same as hashing at once.
+        assert_eq!(
+            fnv1a(fnv1a(FNV_BASIS, b"foo"), b"bar"),
+            fnv1a(FNV_BASIS, b"foobar")
+        );
+    }
+}
