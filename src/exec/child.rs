@@ -47,10 +47,14 @@ impl ExitStatus {
         }
     }
 
-    pub(crate) fn from_agent(status: protocol::ExitStatus) -> Self {
+    /// The agent's report; a signal Linux does not have is the agent
+    /// breaking the protocol.
+    pub(crate) fn from_agent(status: protocol::ExitStatus) -> Result<Self, ExecError> {
         match status {
-            protocol::ExitStatus::Code(c) => ExitStatus::Code(c),
-            protocol::ExitStatus::Signal(n) => ExitStatus::Signal(Signal::from_guest(n)),
+            protocol::ExitStatus::Code(c) => Ok(ExitStatus::Code(c)),
+            protocol::ExitStatus::Signal(n) => Signal::new(n)
+                .map(ExitStatus::Signal)
+                .ok_or_else(|| ExecError::AgentMisbehaved(format!("exit by signal {n}"))),
         }
     }
 }
@@ -76,12 +80,12 @@ pub struct Output {
 }
 
 impl Output {
-    fn from_agent(output: client::Output) -> Self {
-        Self {
-            status: ExitStatus::from_agent(output.status),
+    fn from_agent(output: client::Output) -> Result<Self, ExecError> {
+        Ok(Self {
+            status: ExitStatus::from_agent(output.status)?,
             stdout: output.stdout,
             stderr: output.stderr,
-        }
+        })
     }
 }
 
@@ -96,10 +100,16 @@ impl Deadline {
     pub(crate) fn left(&self) -> Duration {
         self.at.saturating_duration_since(Instant::now())
     }
+
+    /// How long a command killed at this deadline may take to report its
+    /// death before waits on it give up again.
+    fn grace(&self) -> Duration {
+        (self.timeout / 2).min(KILL_GRACE)
+    }
 }
 
 /// How long a killed command may take to report its death before a
-/// timed-out `output` stops waiting for it (at most half its timeout).
+/// timed-out wait stops waiting for it (at most half its timeout).
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// A process running in the guest, from
@@ -110,7 +120,11 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// back (at most 256 KiB per output on the host, then the process waits
 /// on its pipe in the guest). When the VM stops, every wait on it ends
 /// with [`ExecError::GuestStopped`]. Dropping it neither kills nor waits
-/// for the process; its piped output is thrown away from then on.
+/// for the process: piped output still in its fields is thrown away from
+/// then on, while a [`Stdio::writer`](crate::Stdio::writer) goes on
+/// receiving its output and [`Stdio::bytes`](crate::Stdio::bytes) goes on
+/// being fed until the process ends them (exits, or closes the stream) or
+/// the VM stops.
 pub struct Child {
     /// Its stdin, when the command's stdin was [`Stdio::piped`](crate::Stdio::piped).
     pub stdin: Option<ChildStdin>,
@@ -122,6 +136,8 @@ pub struct Child {
     control: Arc<VmControl>,
     output_limit: usize,
     deadline: Option<Deadline>,
+    /// The deadline passed and the process was killed.
+    expired: bool,
     /// Copies of output into a caller's writer.
     pumps: Vec<JoinHandle<()>>,
     /// The thread feeding [`Stdio::bytes`](crate::Stdio::bytes) to stdin.
@@ -157,12 +173,17 @@ impl Child {
     pub(crate) fn new(parts: Parts) -> Self {
         Self {
             stdin: parts.stdin.map(|inner| ChildStdin { inner }),
-            stdout: parts.stdout.map(|inner| ChildStdout { inner }),
-            stderr: parts.stderr.map(|inner| ChildStderr { inner }),
+            stdout: parts.stdout.map(|inner| ChildStdout {
+                inner: Reader(Some(inner)),
+            }),
+            stderr: parts.stderr.map(|inner| ChildStderr {
+                inner: Reader(Some(inner)),
+            }),
             inner: parts.inner,
             control: parts.control,
             output_limit: parts.output_limit,
             deadline: parts.deadline,
+            expired: false,
             pumps: parts.pumps,
             feeder: parts.feeder,
         }
@@ -190,17 +211,17 @@ impl Child {
     /// process whose unread output fills its window waits on its pipe (read
     /// it, or use [`Child::wait_with_output`]). Output copied into a
     /// [`Stdio::writer`](crate::Stdio::writer) may still be on its way.
+    /// With a [`Command::timeout`](crate::Command::timeout), it ends at the
+    /// deadline (the process is killed: [`ExecError::Timeout`]), and a wait
+    /// after that ends once the kill's grace has passed too.
     pub fn wait(&mut self) -> Result<ExitStatus, ExecError> {
         drop(self.stdin.take());
-        match self.deadline {
-            None => self.inner.wait().map(ExitStatus::from_agent),
-            Some(deadline) => match self.inner.wait_timeout(deadline.left()) {
-                Ok(Some(status)) => Ok(ExitStatus::from_agent(status)),
-                Ok(None) => return Err(self.expire(deadline)),
-                Err(e) => Err(e),
-            },
+        loop {
+            // Without a limit it returns only with the end.
+            if let Some(status) = self.wait_until(None)? {
+                return Ok(status);
+            }
         }
-        .map_err(|e| explain(&self.control, e))
     }
 
     /// Whether it has exited, without blocking (stdin stays open).
@@ -211,14 +232,38 @@ impl Child {
     /// Wait at most `timeout` for it to exit; `None` if it still runs
     /// (stdin stays open).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ExecError> {
-        let wait = self.deadline.map_or(timeout, |d| d.left().min(timeout));
-        match self.inner.wait_timeout(wait) {
-            Ok(Some(status)) => Ok(Some(ExitStatus::from_agent(status))),
-            Ok(None) => match self.deadline {
-                Some(deadline) if deadline.left().is_zero() => Err(self.expire(deadline)),
-                _ => Ok(None),
-            },
-            Err(e) => Err(explain(&self.control, e)),
+        self.wait_until(Some(timeout))
+    }
+
+    /// The latest the next wait may end: the deadline, or after it the
+    /// kill's grace.
+    fn limit(&self) -> Option<(Instant, Deadline)> {
+        let d = self.deadline?;
+        let at = if self.expired {
+            d.at.checked_add(d.grace()).unwrap_or(d.at)
+        } else {
+            d.at
+        };
+        Some((at, d))
+    }
+
+    /// Wait up to `timeout` (`None`: for ever), and never past the limit.
+    fn wait_until(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>, ExecError> {
+        let limit = self.limit();
+        let left = limit.map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let wait = match (timeout, left) {
+            (Some(t), Some(l)) => Some(t.min(l)),
+            (t, l) => t.or(l),
+        };
+        let status = match wait {
+            None => self.inner.wait().map(Some),
+            Some(wait) => self.inner.wait_timeout(wait),
+        }
+        .map_err(|e| explain(&self.control, e))?;
+        match (status, limit) {
+            (Some(status), _) => ExitStatus::from_agent(status).map(Some),
+            (None, Some((at, deadline))) if Instant::now() >= at => Err(self.expire(deadline)),
+            (None, _) => Ok(None),
         }
     }
 
@@ -236,18 +281,21 @@ impl Child {
     /// writes past the limit is killed, as one past its deadline is.
     pub(crate) fn collect(mut self, kill_on_limit: bool) -> Result<Output, ExecError> {
         drop(self.stdin.take());
-        let take = [self.stdout.take().is_some(), self.stderr.take().is_some()];
-        let left = self.deadline.map(|d| d.left());
+        // The piped outputs still here are collected (and no longer
+        // discarded when their reader goes); one taken out is its reader's.
+        let take = [
+            self.stdout.take().map(|s| s.inner.disarm()).is_some(),
+            self.stderr.take().map(|s| s.inner.disarm()).is_some(),
+        ];
+        let left = self
+            .limit()
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()));
         let failure = match self.inner.collect_some(take, self.output_limit, left) {
-            Ok(output) => {
-                for pump in self.pumps.drain(..) {
-                    let _ = pump.join();
-                }
-                if let Some(Ok(Err(e))) = self.feeder.take().map(JoinHandle::join) {
-                    return Err(ExecError::Stdin(e));
-                }
-                return Ok(Output::from_agent(output));
-            }
+            Ok(output) => match self.finish_helpers() {
+                Ok(()) => return Output::from_agent(output),
+                Err(e @ ExecError::Timeout(_)) => e,
+                Err(e) => return Err(e),
+            },
             Err(ClientError::Timeout(_)) => {
                 ExecError::Timeout(self.deadline.map_or(Duration::ZERO, |d| d.timeout))
             }
@@ -259,22 +307,51 @@ impl Child {
             }
             Err(e) => return Err(explain(&self.control, e)),
         };
-        self.inner.kill().map_err(|e| explain(&self.control, e))?;
-        let grace = self
-            .deadline
-            .map_or(KILL_GRACE, |d| (d.timeout / 2).min(KILL_GRACE));
-        let _ = self.inner.wait_timeout(grace);
+        if !self.expired {
+            self.inner.kill().map_err(|e| explain(&self.control, e))?;
+            let grace = self.deadline.map_or(KILL_GRACE, |d| d.grace());
+            let _ = self.inner.wait_timeout(grace);
+        }
         // Its output and a stdin write still blocked on it end here, even
         // while a grandchild holds its pipes.
         self.inner.abandon();
         Err(failure)
     }
 
-    /// Past its deadline: kill it, and say so. Later waits wait for its
-    /// death as for any exit.
+    /// After the process and its collected outputs ended: wait for the
+    /// copies into writers to finish (their outputs end too, unless a
+    /// grandchild holds them: then up to the deadline), and report a stdin
+    /// write that failed.
+    fn finish_helpers(&mut self) -> Result<(), ExecError> {
+        let limit = self.limit();
+        for pump in self.pumps.drain(..) {
+            if let Some((at, deadline)) = limit {
+                while !pump.is_finished() {
+                    if Instant::now() >= at {
+                        return Err(ExecError::Timeout(deadline.timeout));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            let _ = pump.join();
+        }
+        match self.feeder.take() {
+            // The process has exited: the feeder ends on its closed stdin.
+            Some(feeder) => match feeder.join() {
+                Ok(Err(e)) => Err(ExecError::Stdin(e)),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Past its deadline: kill it (once), and say so. Later waits wait
+    /// for its death up to the kill's grace.
     fn expire(&mut self, deadline: Deadline) -> ExecError {
-        let _ = self.inner.signal(Signal::KILL.number());
-        self.deadline = None;
+        if !self.expired {
+            let _ = self.inner.signal(Signal::KILL.number());
+            self.expired = true;
+        }
         ExecError::Timeout(deadline.timeout)
     }
 }
@@ -341,26 +418,53 @@ impl fmt::Debug for ChildStdin {
     }
 }
 
+/// One output's reader; dropping it throws the rest of that output away
+/// (as closing a pipe's read end would), so the process never waits on it.
+struct Reader(Option<client::ChildOutput>);
+
+impl Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Some(reader) => reader.read(buf).map_err(plain),
+            None => Ok(0),
+        }
+    }
+
+    /// Let go of the reader without discarding its output.
+    fn disarm(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(reader) = self.0.take() {
+            reader.discard();
+        }
+    }
+}
+
 /// Reads a guest process's stdout; EOF once it has ended and everything
-/// is read. What is read is credited back to the agent.
+/// is read. What is read is credited back to the agent; dropping it throws
+/// the rest away (the process never waits on its stdout).
 pub struct ChildStdout {
-    inner: client::ChildOutput,
+    inner: Reader,
 }
 
 /// Reads a guest process's stderr, as [`ChildStdout`] does stdout.
 pub struct ChildStderr {
-    inner: client::ChildOutput,
+    inner: Reader,
 }
 
 impl Read for ChildStdout {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(plain)
+        self.inner.read(buf)
     }
 }
 
 impl Read for ChildStderr {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(plain)
+        self.inner.read(buf)
     }
 }
 

@@ -122,11 +122,6 @@ impl Signal {
     pub fn number(self) -> i32 {
         self.0
     }
-
-    /// The signal a guest reported, whatever its number.
-    pub(crate) fn from_guest(number: i32) -> Signal {
-        Signal(number)
-    }
 }
 
 /// A command to run in the guest, like `std::process::Command`: setters

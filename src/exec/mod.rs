@@ -51,6 +51,7 @@ pub(crate) fn from_client(error: ClientError) -> ExecError {
             host: VERSION,
         },
         ClientError::AgentError(m) => ExecError::AgentFailed(m),
+        ClientError::Refused(m) => ExecError::AgentFailed(format!("refused: {m}")),
         ClientError::Timeout(d) => ExecError::AgentUnresponsive(d),
         ClientError::Stalled(d) => ExecError::AgentStalled(d),
         ClientError::OutputLimit { stream, limit } => ExecError::OutputLimit { stream, limit },
@@ -311,7 +312,7 @@ fn spawn(
         Err(ClientError::Timeout(_)) if deadline.is_some_and(|d| d.left().is_zero()) => {
             return Err(ExecError::Timeout(deadline.map_or(start, |d| d.timeout)));
         }
-        Err(ClientError::AgentError(reason)) => {
+        Err(ClientError::Refused(reason)) => {
             return Err(ExecError::SpawnFailed {
                 program: cmd.program.to_string_lossy().into_owned(),
                 reason,
@@ -674,5 +675,33 @@ mod tests {
             matches!(&result, Err(ExecError::SpawnFailed { program, .. }) if program == "/no/such/program"),
             "{result:?}"
         );
+    }
+
+    #[test]
+    fn null_outputs_are_not_waited_for_after_the_exit() {
+        let (link, _control, _device) = link();
+        // A background sleep holds both outputs open after the shell
+        // exits; with nothing collected, the exit is the end.
+        let mut cmd = host_sh("sleep 1000 & exit 3");
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let started = Instant::now();
+        let out = link.output(&cmd).unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_dropped_stdout_reader_never_holds_the_process() {
+        let (link, _control, _device) = link();
+        // 3 MB is far past the window: the process would wait on its pipe
+        // if the dropped reader's output were kept.
+        let mut cmd = host_sh("head -c 3000000 /dev/zero; echo done >&2");
+        let mut child = link.spawn(cmd.timeout(Duration::from_secs(20))).unwrap();
+        drop(child.stdout.take());
+        let mut stderr = child.stderr.take().unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).unwrap();
+        assert_eq!(err, "done\n");
     }
 }

@@ -70,9 +70,14 @@ pub enum ClientError {
         /// The agent's version.
         agent: u32,
     },
-    /// The agent refused the request (for example: no such file).
+    /// The agent reported an error of the connection or of a process
+    /// already running.
     #[error("agent: {0}")]
     AgentError(String),
+    /// The agent could not start the requested process (no such file,
+    /// bad directory, user or group).
+    #[error("agent cannot start the process: {0}")]
+    Refused(String),
     /// The connection is gone: the agent closed it or the guest died.
     #[error("agent connection closed")]
     Closed,
@@ -118,6 +123,7 @@ impl ClientError {
                 ClientError::VersionMismatch { agent: *agent }
             }
             ClientError::AgentError(m) => ClientError::AgentError(m.clone()),
+            ClientError::Refused(m) => ClientError::Refused(m.clone()),
             ClientError::Closed => ClientError::Closed,
             ClientError::Timeout(d) => ClientError::Timeout(*d),
             ClientError::Stalled(d) => ClientError::Stalled(*d),
@@ -294,13 +300,6 @@ struct Inbox {
     discard: [bool; 2],
     /// The caller gave the child up: readers of its output see EOF.
     abandoned: bool,
-}
-
-impl Inbox {
-    /// Everything about the process has arrived: its end and both outputs'.
-    fn finished(&self) -> bool {
-        self.end.is_some() && self.pending.iter().all(|p| p.ended)
-    }
 }
 
 /// One output of a child: received, not consumed yet.
@@ -607,7 +606,7 @@ impl<S: ClientStream> Client<S> {
                         handle,
                     });
                 }
-                Some(Err(m)) => break ClientError::AgentError(m.clone()),
+                Some(Err(m)) => break ClientError::Refused(m.clone()),
                 None if inbox.closed => {
                     drop(inbox);
                     return Err(self.shared.closed_error());
@@ -1021,7 +1020,7 @@ impl Child {
     /// Stop caring about this process: its output from now on is thrown
     /// away, and a [`ChildStdin`] write blocked on it (or any later one)
     /// fails with `BrokenPipe`. The process itself is not signalled.
-    pub fn abandon(self) {
+    pub fn abandon(&self) {
         if let Some(route) = relock(&self.shared.routes).children.get(&self.id) {
             route.stdin.close();
         }
@@ -1093,8 +1092,9 @@ impl Child {
     }
 
     /// Consume the outputs `take` names (stdout, stderr) as they arrive
-    /// until the process has exited and both outputs have ended (one not
-    /// taken is left to its reader), and return them with the status. Fails with
+    /// until the process has exited and those outputs have ended (one not
+    /// taken is left to its reader, and not waited for), and return them
+    /// with the status. Fails with
     /// [`ClientError::OutputLimit`] as soon as one output holds more than
     /// `limit` bytes (the excess is discarded), and with
     /// [`ClientError::Timeout`] after `timeout`; either way the process
@@ -1109,6 +1109,8 @@ impl Child {
         let child = &self.handle.child;
         let mut taken: [Vec<u8>; 2] = Default::default();
         let mut inbox = child.lock();
+        // Set once the deadline passed: one last look, then the timeout.
+        let mut expired = false;
         loop {
             for stream in OutputStream::BOTH.into_iter().filter(|s| take[s.index()]) {
                 let into = &mut taken[stream.index()];
@@ -1123,7 +1125,10 @@ impl Child {
                     });
                 }
             }
-            match inbox.end.clone().filter(|_| inbox.finished()) {
+            let ended = OutputStream::BOTH
+                .iter()
+                .all(|s| !take[s.index()] || inbox.pending[s.index()].ended);
+            match inbox.end.clone().filter(|_| ended) {
                 Some(Ok(status)) => {
                     let [stdout, stderr] = taken;
                     return Ok(Output {
@@ -1137,13 +1142,14 @@ impl Child {
                     drop(inbox);
                     return Err(self.handle.closed());
                 }
+                None if expired => {
+                    return Err(ClientError::Timeout(timeout.unwrap_or_default()));
+                }
                 None => {}
             }
             let (guard, late) = wait_until(&child.changed, inbox, deadline);
             inbox = guard;
-            if late && !inbox.finished() {
-                return Err(ClientError::Timeout(timeout.unwrap_or_default()));
-            }
+            expired = late;
         }
     }
 }
@@ -1205,6 +1211,15 @@ impl Drop for ChildStdin {
 pub struct ChildOutput {
     handle: Arc<Handle>,
     stream: OutputStream,
+}
+
+impl ChildOutput {
+    /// Throw this output away from now on (what is held too), as a closed
+    /// read end would: the process never waits on it.
+    pub fn discard(self) {
+        let mut inbox = self.handle.child.lock();
+        self.handle.discard(&mut inbox, self.stream);
+    }
 }
 
 impl Read for ChildOutput {
@@ -1974,12 +1989,12 @@ mod tests {
     }
 
     #[test]
-    fn exec_missing_binary_returns_agent_error() {
+    fn exec_missing_binary_is_refused() {
         let (client, _server) = connect();
         let result = client.exec(&request(&["/nonexistent/chitin-no-such-binary"]));
         match result {
-            Err(ClientError::AgentError(m)) => assert!(m.contains("No such file"), "{m}"),
-            other => panic!("expected AgentError, got {other:?}"),
+            Err(ClientError::Refused(m)) => assert!(m.contains("No such file"), "{m}"),
+            other => panic!("expected Refused, got {other:?}"),
         }
         // The connection is still usable afterwards.
         assert!(client.exec(&request(&["true"])).unwrap().status.success());
