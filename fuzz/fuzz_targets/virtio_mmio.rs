@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use chitin_devices::BusDevice;
+use chitin_bus::BusDevice;
 use chitin_virtio::mmio::MmioTransport;
 use chitin_virtio::test_utils::{guest_memory, DummyDevice};
 use libfuzzer_sys::fuzz_target;

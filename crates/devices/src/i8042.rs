@@ -14,7 +14,7 @@
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::bus::BusDevice;
+use chitin_bus::BusDevice;
 
 /// The data port: reads return the controller's output byte, writes carry a
 /// command's parameter.

@@ -1,7 +1,7 @@
-//! The I/O bus and legacy PC devices of chitin microVMs.
+//! The legacy PC devices of chitin microVMs, each a [`BusDevice`] on
+//! `chitin-bus`'s port-I/O bus.
 //!
-//! This crate owns the [`Bus`] that maps port-I/O or MMIO address ranges to
-//! [`BusDevice`]s, and the few legacy devices a Linux guest expects on a PC:
+//! This crate owns the few legacy devices a Linux guest expects on a PC:
 //! the COM1 UART ([`SerialDevice`], fed host input by [`SerialInput`]), the
 //! i8042 controller for CPU reset ([`I8042Device`]), and the CMOS clock
 //! ([`CmosRtc`]). [`ConsoleCapture`] collects console output in memory.
@@ -16,8 +16,9 @@
 //! ```
 //! use std::sync::Arc;
 //!
+//! use chitin_bus::Bus;
 //! use chitin_devices::{
-//!     Bus, CmosRtc, ConsoleCapture, I8042Device, SerialDevice, COM1_BASE, COM1_LEN,
+//!     CmosRtc, ConsoleCapture, I8042Device, SerialDevice, COM1_BASE, COM1_LEN,
 //!     I8042_DATA_PORT, I8042_LEN, RTC_BASE, RTC_LEN,
 //! };
 //! use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -40,13 +41,12 @@
 
 #![deny(missing_docs)]
 
-pub mod bus;
 pub mod console;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use chitin_bus::BusDevice;
 pub use console::{BufferedSink, ConsoleCapture, DEFAULT_CAPTURE_LIMIT};
 pub use i8042::{I8042Device, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_LEN};
 pub use rtc::{CmosRtc, RTC_BASE, RTC_LEN};
@@ -102,11 +102,10 @@ mod tests {
     }
 
     #[test]
-    fn bus_and_devices_are_send_and_sync() {
+    fn devices_are_send_and_sync() {
         // Arrange / Act / Assert: compiles only if the types can be shared
         // between vCPU threads.
         fn assert_send_sync<T: Send + Sync>() {}
-        assert_send_sync::<Bus>();
         assert_send_sync::<SerialDevice>();
         assert_send_sync::<I8042Device>();
         assert_send_sync::<CmosRtc>();

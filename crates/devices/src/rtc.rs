@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::bus::BusDevice;
+use chitin_bus::BusDevice;
 
 /// First I/O port of the RTC: the index register.
 pub const RTC_BASE: u64 = 0x70;

@@ -20,7 +20,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::bus::BusDevice;
+use chitin_bus::BusDevice;
 
 /// First I/O port of COM1.
 pub const COM1_BASE: u64 = 0x3f8;

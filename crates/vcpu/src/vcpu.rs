@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use chitin_boot::BootInfo;
-use chitin_devices::Bus;
+use chitin_bus::Bus;
 use chitin_memory::GuestMemoryMmap;
 use kvm_bindings::{
     Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,

@@ -27,7 +27,7 @@ mod tests;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use chitin_devices::BusDevice;
+use chitin_bus::BusDevice;
 use chitin_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -135,7 +135,7 @@ impl Registers {
 /// ```
 /// use std::sync::{Arc, Mutex};
 ///
-/// use chitin_devices::BusDevice;
+/// use chitin_bus::BusDevice;
 /// use chitin_virtio::mmio::MmioTransport;
 /// use chitin_virtio::test_utils::{guest_memory, DummyDevice};
 /// use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

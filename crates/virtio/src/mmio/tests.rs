@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use chitin_devices::BusDevice;
+use chitin_bus::BusDevice;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

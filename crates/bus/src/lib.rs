@@ -1,6 +1,8 @@
-//! The port-I/O and MMIO bus: a map from guest address ranges to devices.
+//! The port-I/O and MMIO bus of chitin microVMs: a map from guest address
+//! ranges to devices, shared by the vCPUs that dispatch exits to it, the
+//! legacy devices and the virtio transport that sit on it.
 //!
-//! This module owns address-range bookkeeping and dispatch: it checks that
+//! This crate owns address-range bookkeeping and dispatch: it checks that
 //! ranges never overlap when a device is inserted and turns a guest access at
 //! an absolute address into a call on the one device that covers it, with the
 //! offset from the start of that device's range.
@@ -8,6 +10,8 @@
 //! It must never lock a device on the device's behalf (devices own their
 //! locking, so the bus cannot deadlock on a slow device) and must never panic
 //! or dispatch a partial access, whatever address and length the guest uses.
+
+#![deny(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -482,5 +486,12 @@ mod tests {
         // Assert
         assert!(!handled);
         assert!(device.accesses().is_empty());
+    }
+
+    #[test]
+    fn bus_is_send_and_sync() {
+        // Compiles only if the bus can be shared between vCPU threads.
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Bus>();
     }
 }
