@@ -15,17 +15,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use chitin_memory::GuestMemoryMmap;
+use chitin_virtio::active::{kick, rearm};
 use chitin_virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestFaults, VirtioDevice, VirtioInterrupt,
+    read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, VirtioDevice,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::BlockBackend;
@@ -192,22 +190,13 @@ fn lock_image(file: &File, path: &Path, read_only: bool) -> Result<(), BlkError>
     }
 }
 
-/// Set between activate and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    /// The ring broke: NEEDS_RESET was signalled, nothing more is processed
-    /// until reset.
-    failed: bool,
-}
-
 /// A virtio-blk device over a raw image.
 pub struct Block {
     handler: QueueHandler<FileBackend>,
     config: [u8; CONFIG_LEN],
     queue_events: [EventFd; 1],
-    active: Option<Active>,
+    /// Set between activate and reset.
+    active: Option<Active<1>>,
 }
 
 impl Block {
@@ -284,25 +273,14 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if active.failed {
-            return;
-        }
-        match self
-            .handler
-            .process_queue(&mut active.queue, &active.mem, active.interrupt.as_ref())
-        {
+        let (handler, event) = (&mut self.handler, &self.queue_events[0]);
+        active.run(|[queue], mem, interrupt| {
             // More chains than one run takes: come back through the event
-            // loop so other devices get their turn. The counter cannot
-            // overflow from one write, so this cannot fail.
-            Ok(run) if run.pending => {
-                let _ = self.queue_events[0].write(1);
-            }
-            Ok(_) => {}
-            Err(_) => {
-                active.failed = true;
-                active.interrupt.signal_needs_reset();
-            }
-        }
+            // loop so other devices get their turn.
+            handler
+                .process_queue(queue, mem, interrupt)
+                .map(|run| rearm(event, run))
+        });
     }
 }
 
@@ -417,28 +395,8 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            interrupt,
-            acked_features: _,
-        } = ctx;
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_MAX_SIZES.len(),
-                got,
-            });
-        };
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-            failed: false,
-        });
-        // A notification that came before activation was read and dropped;
-        // look at the ring once now. One write cannot overflow the counter.
-        let _ = self.queue_events[0].write(1);
+        self.active = Some(Active::from_context(ctx)?);
+        kick(&self.queue_events);
         Ok(())
     }
 
@@ -453,6 +411,8 @@ mod tests {
     use std::mem::offset_of;
 
     use virtio_bindings::virtio_blk::virtio_blk_config;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::test_utils::{GuestQueue, RecordingInterrupt, TempImage};

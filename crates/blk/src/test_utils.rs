@@ -1,6 +1,8 @@
-//! The driver side of a split virtqueue in anonymous guest memory, temporary
-//! disk images and a recording interrupt: what the unit tests and the
-//! throughput bench need to drive the device without a guest.
+//! The driver side of a split virtqueue in anonymous guest memory (on
+//! `chitin-virtio`'s queue builder, with a buffer allocator and request
+//! helpers of blk's own), temporary disk images and the recording
+//! interrupt: what the unit tests and the throughput bench need to drive
+//! the device without a guest.
 //!
 //! The bench includes this file with `#[path]`, so it uses other crates
 //! only, never `crate::`.
@@ -8,20 +10,17 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use chitin_virtio::{InterruptKind, VirtioInterrupt};
+pub use chitin_virtio::test_utils::RecordingInterrupt;
+use chitin_virtio::test_utils::{SplitQueueBuilder, TestDescriptor};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Guest memory layout: descriptor table, available ring, used ring (room
-/// for queues of up to 256 entries), then buffers up to the end.
-const DESC_TABLE: u64 = 0x0;
-const AVAIL_RING: u64 = 0x1000;
-const USED_RING: u64 = 0x2000;
+/// Guest memory layout: the queue's rings from 0 (room for queues of up to
+/// 256 entries), then buffers up to the end.
+const RINGS: u64 = 0x0;
 const BUFFERS: u64 = 0x4000;
 /// What buffer memory holds before the device touches it.
 const CANARY: u8 = 0xa5;
@@ -62,9 +61,7 @@ impl Desc {
 /// A driver: guest memory with one split queue and a buffer allocator.
 pub struct GuestQueue {
     mem: GuestMemoryMmap,
-    size: u16,
-    next_desc: u16,
-    avail_idx: u16,
+    ring: SplitQueueBuilder,
     next_buf: u64,
     allocated: Vec<(u64, u64)>,
 }
@@ -79,17 +76,20 @@ impl GuestQueue {
     }
 
     /// A queue of `size` entries (at most 256) in `mem_size` bytes of guest
-    /// memory. Buffer memory is filled with a canary.
+    /// memory. Buffer memory is filled with a canary. Chains take the
+    /// table's slots round and round, so a queue serves any number of them.
     pub fn with_memory(mem_size: usize, size: u16) -> Self {
         assert!(size <= 256 && mem_size as u64 > BUFFERS);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap();
+        let ring = SplitQueueBuilder::new(&mem, GuestAddress(RINGS), size)
+            .unwrap()
+            .recycling(true);
+        assert!(ring.end().raw_value() <= BUFFERS);
         let canary = vec![CANARY; mem_size - BUFFERS as usize];
         mem.write_slice(&canary, GuestAddress(BUFFERS)).unwrap();
         GuestQueue {
             mem,
-            size,
-            next_desc: 0,
-            avail_idx: 0,
+            ring,
             next_buf: BUFFERS,
             allocated: Vec::new(),
         }
@@ -102,23 +102,12 @@ impl GuestQueue {
 
     /// A ready device-side `Queue` over the rings (no `EVENT_IDX`).
     pub fn queue(&self) -> Queue {
-        let mut queue = Queue::new(self.size).unwrap();
-        queue.set_size(self.size);
-        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        queue.set_ready(true);
-        queue
+        self.ring.build().unwrap()
     }
 
     /// Zero both rings and start over, as a driver does after a reset.
     pub fn restart(&mut self) {
-        let rings = vec![0u8; (BUFFERS - AVAIL_RING) as usize];
-        self.mem
-            .write_slice(&rings, GuestAddress(AVAIL_RING))
-            .unwrap();
-        self.next_desc = 0;
-        self.avail_idx = 0;
+        self.ring.restart().unwrap();
     }
 
     /// A zeroed buffer of `len` bytes, 64-byte aligned with a canary gap
@@ -174,21 +163,13 @@ impl GuestQueue {
 
     /// Write descriptor `index` of the table as given.
     pub fn set_desc(&self, index: u16, addr: GuestAddress, len: u32, flags: u16, next: u16) {
-        let desc = RawDescriptor::from(Descriptor::new(addr.raw_value(), len, flags, next));
-        let at = GuestAddress(DESC_TABLE + u64::from(index) * 16);
-        self.mem.write_obj(desc, at).unwrap();
+        let desc = TestDescriptor::new(addr.raw_value(), len, flags).with_next(next);
+        self.ring.write_descriptor(index, desc).unwrap();
     }
 
     /// Put `head` in the next available ring slot and publish it.
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(AVAIL_RING + 4 + slot * 2))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL_RING + 2))
-            .unwrap();
+        self.ring.publish(head).unwrap();
     }
 
     /// Write `descs` as a chain into free table slots and publish it;
@@ -202,40 +183,37 @@ impl GuestQueue {
     /// Write `descs` as a chain into free table slots without publishing
     /// it; returns the head index.
     pub fn write_chain(&mut self, descs: &[Desc]) -> u16 {
-        let head = self.next_desc % self.size;
-        for (i, desc) in descs.iter().enumerate() {
-            let index = self.next_desc % self.size;
-            let next = self.next_desc.wrapping_add(1) % self.size;
-            let mut flags = 0u16;
-            if desc.writable {
-                flags |= VRING_DESC_F_WRITE as u16;
-            }
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            self.set_desc(index, desc.addr, desc.len, flags, next);
-            self.next_desc = self.next_desc.wrapping_add(1);
-        }
-        head
+        let last = descs.len().saturating_sub(1);
+        let descs: Vec<TestDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, desc)| {
+                let mut flags = 0u16;
+                if desc.writable {
+                    flags |= VRING_DESC_F_WRITE as u16;
+                }
+                if i < last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                TestDescriptor::new(desc.addr.raw_value(), desc.len, flags)
+            })
+            .collect();
+        self.ring.write_chain(&descs).unwrap()
     }
 
     /// `used_event` (the field after the available ring), for `EVENT_IDX`.
     pub fn set_used_event(&self, value: u16) {
-        let at = AVAIL_RING + 4 + 2 * u64::from(self.size);
-        self.mem.write_obj(value.to_le(), GuestAddress(at)).unwrap();
+        self.ring.set_used_event(value).unwrap();
     }
 
     /// The device's used index.
     pub fn used_idx(&self) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap())
+        self.ring.used_idx().unwrap()
     }
 
     /// Used element `index`: (head id, length).
     pub fn used(&self, index: u16) -> (u32, u32) {
-        let at = USED_RING + 4 + 8 * u64::from(index % self.size);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (u32::from_le(id), u32::from_le(len))
+        self.ring.used_element(index).unwrap()
     }
 
     /// `len` bytes of guest memory at `addr`.
@@ -275,41 +253,6 @@ impl GuestQueue {
             start = start.max(alloc_end);
         }
         true
-    }
-}
-
-/// Counts interrupts instead of raising them.
-#[derive(Debug, Default)]
-pub struct RecordingInterrupt {
-    queue: AtomicUsize,
-    config: AtomicUsize,
-    needs_reset: AtomicBool,
-}
-
-impl RecordingInterrupt {
-    /// Used-buffer interrupts raised.
-    pub fn queue_interrupts(&self) -> usize {
-        self.queue.load(Ordering::SeqCst)
-    }
-
-    /// Whether DEVICE_NEEDS_RESET was signalled.
-    pub fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::SeqCst)
-    }
-}
-
-impl VirtioInterrupt for RecordingInterrupt {
-    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
-        match kind {
-            InterruptKind::Queue => self.queue.fetch_add(1, Ordering::SeqCst),
-            InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
-        };
-        Ok(())
-    }
-
-    fn signal_needs_reset(&self) {
-        self.needs_reset.store(true, Ordering::SeqCst);
-        self.config.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -1,6 +1,8 @@
 //! virtio for chitin: the device trait and the virtio-mmio transport.
 //!
 //! - [`device`]: [`VirtioDevice`], what every device crate implements;
+//! - [`active`]: [`Active`], a device's state between activation and
+//!   reset, and the one rule for a broken ring;
 //! - [`faults`]: [`GuestFaults`], per-device counts and rate-limited logs
 //!   of what the driver got wrong;
 //! - [`interrupt`]: [`VirtioInterrupt`], how a device raises interrupts;
@@ -16,6 +18,7 @@
 
 #![deny(missing_docs)]
 
+pub mod active;
 pub mod device;
 pub mod faults;
 pub mod interrupt;
@@ -24,6 +27,7 @@ pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
+pub use active::Active;
 pub use device::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
 pub use faults::{GuestFaults, Severity};
 pub use interrupt::{InterruptKind, VirtioInterrupt};

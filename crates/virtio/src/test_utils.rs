@@ -200,11 +200,14 @@ pub struct SplitQueueBuilder {
     used_ring: GuestAddress,
     /// First address after the used ring.
     end: GuestAddress,
-    /// Next free descriptor table slot.
+    /// Next free descriptor table slot (a running count when recycling).
     next_free: u16,
     /// The available ring's idx as last written.
     avail_idx: u16,
     event_idx: bool,
+    /// Chains take the table's slots round and round, as a driver reusing
+    /// the descriptors the device returned.
+    recycle: bool,
 }
 
 impl SplitQueueBuilder {
@@ -246,6 +249,7 @@ impl SplitQueueBuilder {
             next_free: 0,
             avail_idx: 0,
             event_idx: false,
+            recycle: false,
         };
         builder.zero(avail_ring, avail_len)?;
         builder.zero(used_ring, used_len)?;
@@ -257,6 +261,39 @@ impl SplitQueueBuilder {
     pub fn with_event_idx(mut self, enabled: bool) -> Self {
         self.event_idx = enabled;
         self
+    }
+
+    /// Let chains take table slots round and round (slot `n % size` for
+    /// the `n`th descriptor written) instead of failing once the table is
+    /// full: a long-running test or bench reusing the slots the device has
+    /// returned, as a driver does. A chain may then wrap past the table's
+    /// end.
+    pub fn recycling(mut self, enabled: bool) -> Self {
+        self.recycle = enabled;
+        self
+    }
+
+    /// Zero both rings and start over from slot 0, as a driver does after
+    /// a device reset.
+    pub fn restart(&mut self) -> Result<(), TestQueueError> {
+        let avail_len = self.used_ring.raw_value() - self.avail_ring.raw_value();
+        self.zero(self.avail_ring, avail_len)?;
+        let used_len = self.end.raw_value() - self.used_ring.raw_value();
+        self.zero(self.used_ring, used_len)?;
+        self.next_free = 0;
+        self.avail_idx = 0;
+        Ok(())
+    }
+
+    /// Write `used_event` (after the available ring), the used index the
+    /// driver wants an interrupt at under VIRTIO_F_EVENT_IDX.
+    pub fn set_used_event(&self, value: u16) -> Result<(), TestQueueError> {
+        let at = self
+            .avail_ring
+            .unchecked_add(RING_HEADER_SIZE + AVAIL_ELEMENT_SIZE * u64::from(self.size));
+        self.mem
+            .write_obj(value.to_le(), at)
+            .map_err(TestQueueError::Memory)
     }
 
     /// Queue size.
@@ -292,11 +329,50 @@ impl SplitQueueBuilder {
     /// last that has NEXT points at the following slot; the last keeps its
     /// own `next`, so a test can close a loop or point anywhere.
     pub fn add_chain(&mut self, descs: &[TestDescriptor]) -> Result<u16, TestQueueError> {
+        let head = self.write_chain(descs)?;
+        self.publish(head)?;
+        Ok(head)
+    }
+
+    /// [`SplitQueueBuilder::add_chain`] without publishing the chain: the
+    /// test publishes it (or another head) later.
+    pub fn write_chain(&mut self, descs: &[TestDescriptor]) -> Result<u16, TestQueueError> {
+        if self.recycle {
+            return self.write_recycled(descs);
+        }
         let head = self.allocate(descs.len())?;
         for (slot, desc) in (head..).zip(link(descs, head)) {
             self.write_descriptor(slot, desc)?;
         }
-        self.publish(head)?;
+        Ok(head)
+    }
+
+    /// A chain into the next slots round the table, each linked to the
+    /// following slot modulo the size.
+    fn write_recycled(&mut self, descs: &[TestDescriptor]) -> Result<u16, TestQueueError> {
+        if descs.is_empty() {
+            return Err(TestQueueError::EmptyChain);
+        }
+        if descs.len() > usize::from(self.size) {
+            return Err(TestQueueError::TableFull {
+                free: usize::from(self.size),
+                needed: descs.len(),
+            });
+        }
+        // The size divides 2^16, so a wrapping count stays in step.
+        let head = self.next_free % self.size;
+        let last = descs.len() - 1;
+        for (i, desc) in descs.iter().enumerate() {
+            let slot = self.next_free % self.size;
+            let next = self.next_free.wrapping_add(1) % self.size;
+            let desc = if i < last && desc.has_next() {
+                desc.with_next(next)
+            } else {
+                *desc
+            };
+            self.write_descriptor(slot, desc)?;
+            self.next_free = self.next_free.wrapping_add(1);
+        }
         Ok(head)
     }
 
@@ -852,6 +928,51 @@ mod tests {
 
         // Assert
         assert!(chain.is_none());
+    }
+
+    #[test]
+    fn builder_recycling_wraps_chains_round_the_table() {
+        // Arrange: six slots used, then a three-descriptor chain that
+        // wraps from slot 6 over 7 to 0.
+        let mem = guest_memory(MEM_SIZE);
+        let mut builder = SplitQueueBuilder::new(&mem, RINGS, SIZE)
+            .unwrap()
+            .recycling(true);
+        let mut queue = builder.build().unwrap();
+        for _ in 0..3 {
+            let pair = [
+                TestDescriptor::new(0x4000, 1, NEXT),
+                TestDescriptor::new(0x4100, 1, 0),
+            ];
+            builder.add_chain(&pair).unwrap();
+            assert!(queue.pop_descriptor_chain(&mem).is_some());
+        }
+        let three = [
+            TestDescriptor::new(0x5000, 2, NEXT),
+            TestDescriptor::new(0x5100, 3, NEXT),
+            TestDescriptor::new(0x5200, 4, WRITE),
+        ];
+
+        // Act
+        let head = builder.add_chain(&three).unwrap();
+        let chain = queue.pop_descriptor_chain(&mem).unwrap();
+
+        // Assert
+        assert_eq!(head, 6);
+        assert_eq!(
+            walk(chain),
+            [(0x5000, 2, NEXT), (0x5100, 3, NEXT), (0x5200, 4, WRITE)]
+        );
+        // Still no chain longer than the table.
+        let nine = [TestDescriptor::new(0x4000, 1, NEXT); 9];
+        assert!(matches!(
+            builder.add_chain(&nine),
+            Err(TestQueueError::TableFull { free: 8, needed: 9 })
+        ));
+        // A restart begins again at slot 0 with empty rings.
+        builder.restart().unwrap();
+        assert_eq!(builder.used_idx().unwrap(), 0);
+        assert_eq!(builder.add_chain(&three[2..]).unwrap(), 0);
     }
 
     #[test]

@@ -9,18 +9,16 @@
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use chitin_memory::GuestMemoryMmap;
+use chitin_virtio::active::{kick, rearm};
 use chitin_virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestFaults, VirtioDevice, VirtioInterrupt,
+    read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, VirtioDevice,
 };
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::UnixBackend;
-use crate::handler::{HandlerError, QueueRun, VsockHandler};
+use crate::handler::{HandlerError, VsockHandler};
 use crate::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
 /// Virtio device ID of a socket device (virtio 1.2 §5.10.1).
@@ -77,16 +75,6 @@ pub enum VsockError {
 /// How often connection timeouts are checked while any may expire.
 const REAP_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Set between activate and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    rx: Queue,
-    tx: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    /// A ring broke: NEEDS_RESET was signalled, nothing more is processed.
-    failed: bool,
-}
-
 /// A virtio-vsock device with a Firecracker-style Unix socket backend.
 pub struct Vsock {
     guest_cid: u64,
@@ -97,7 +85,7 @@ pub struct Vsock {
     /// Ticks every [`REAP_TICK`] while a connection runs against a timeout.
     timer: TimerFd,
     timer_armed: bool,
-    active: Option<Active>,
+    active: Option<Active<3>>,
 }
 
 impl Vsock {
@@ -236,34 +224,17 @@ impl Vsock {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if active.failed {
-            return;
-        }
-        let mut result: Result<(), HandlerError> = Ok(());
-        if tx {
-            result = self
-                .handler
-                .process_tx(&mut active.tx, &active.mem, active.interrupt.as_ref())
-                .map(|run| rearm(&self.queue_events[TX_QUEUE], run));
-        }
-        if result.is_ok() {
-            result = self
-                .handler
-                .process_rx(&mut active.rx, &active.mem, active.interrupt.as_ref())
-                .map(|run| rearm(&self.queue_events[RX_QUEUE], run));
-        }
-        if result.is_err() {
-            active.failed = true;
-            active.interrupt.signal_needs_reset();
-        }
-    }
-}
-
-/// More work than one run takes: come back through the event loop.
-fn rearm(event: &EventFd, run: QueueRun) {
-    if run.pending {
-        // One write cannot overflow the counter.
-        let _ = event.write(1);
+        let (handler, events) = (&mut self.handler, &self.queue_events);
+        // The event queue (the third) is never used.
+        active.run(|[rx_queue, tx_queue, _], mem, interrupt| {
+            if tx {
+                let run = handler.process_tx(tx_queue, mem, interrupt)?;
+                rearm(&events[TX_QUEUE], run);
+            }
+            let run = handler.process_rx(rx_queue, mem, interrupt)?;
+            rearm(&events[RX_QUEUE], run);
+            Ok::<(), HandlerError>(())
+        });
     }
 }
 
@@ -301,29 +272,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            interrupt,
-            acked_features: _,
-        } = ctx;
-        let got = queues.len();
-        let Ok([rx, tx, _event]) = <[Queue; 3]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_MAX_SIZES.len(),
-                got,
-            });
-        };
-        self.active = Some(Active {
-            mem,
-            rx,
-            tx,
-            interrupt,
-            failed: false,
-        });
-        // Look at both rings once now. One write cannot overflow.
-        let _ = self.queue_events[TX_QUEUE].write(1);
-        let _ = self.queue_events[RX_QUEUE].write(1);
+        self.active = Some(Active::from_context(ctx)?);
+        // Look at both data rings once now.
+        kick(&self.queue_events[..=TX_QUEUE]);
         Ok(())
     }
 

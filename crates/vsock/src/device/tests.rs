@@ -1,4 +1,6 @@
-use virtio_queue::QueueT;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
 
 use super::*;
 use crate::test_utils::TempDir;
