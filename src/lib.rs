@@ -48,6 +48,8 @@ mod faults;
 mod guest;
 mod logging;
 mod sandbox;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
 pub use chitin_memory::Backing;

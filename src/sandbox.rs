@@ -489,6 +489,29 @@ impl Life {
         self.teardown();
         self.control.exit_reason().unwrap_or(ExitReason::Stopped)
     }
+
+    fn agent(&self) -> Result<&AgentLink, ExecError> {
+        self.agent.as_ref().ok_or(ExecError::NoAgent)
+    }
+
+    fn output(&self, cmd: &Command) -> Result<Output, ExecError> {
+        self.agent()?.output(cmd)
+    }
+
+    fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
+        let mut cmd = cmd.clone();
+        if cmd.stdout.is_piped() {
+            cmd.stdout(Stdio::null());
+        }
+        if cmd.stderr.is_piped() {
+            cmd.stderr(Stdio::null());
+        }
+        self.agent()?.output(&cmd).map(|out| out.status)
+    }
+
+    fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
+        self.agent()?.spawn(cmd)
+    }
 }
 
 /// A started sandbox. Dropping it stops the guest and joins every thread.
@@ -516,9 +539,10 @@ impl fmt::Debug for RunningSandbox {
     }
 }
 
-/// Waits for or stops a running sandbox from any thread: cheap to clone,
-/// `Send + Sync`, and safe to keep after the sandbox is gone (it then
-/// reports the sandbox's exit reason; `stop` and `wait` return it at once).
+/// Waits for, stops, or runs commands in a running sandbox from any thread:
+/// cheap to clone, `Send + Sync`, and safe to keep after the sandbox is
+/// gone (it then reports the sandbox's exit reason; `stop` and `wait`
+/// return it at once, commands fail with [`ExecError::GuestStopped`]).
 ///
 /// ```no_run
 /// # use chitin::{ExitReason, GuestImage, Sandbox};
@@ -573,6 +597,38 @@ impl SandboxHandle {
     pub fn is_running(&self) -> bool {
         self.exit_reason().is_none()
     }
+
+    /// [`RunningSandbox::output`], from wherever the handle is.
+    pub fn output(&self, cmd: &Command) -> Result<Output, ExecError> {
+        self.life.output(cmd)
+    }
+
+    /// [`RunningSandbox::status`], from wherever the handle is.
+    pub fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
+        self.life.status(cmd)
+    }
+
+    /// [`RunningSandbox::spawn`], from wherever the handle is.
+    pub fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
+        self.life.spawn(cmd)
+    }
+
+    /// A handle on an agent link alone, with no VM behind it: for tests of
+    /// what runs on top of the link.
+    #[cfg(all(test, feature = "tokio"))]
+    pub(crate) fn detached(agent: AgentLink, control: Arc<VmControl>) -> Self {
+        let events = EventLoop::new()
+            .and_then(EventLoop::spawn)
+            .expect("an empty event loop");
+        SandboxHandle {
+            life: Arc::new(Life {
+                control,
+                agent: Some(agent),
+                threads: Mutex::new(Vec::new()),
+                events: Mutex::new(events),
+            }),
+        }
+    }
 }
 
 impl RunningSandbox {
@@ -621,43 +677,32 @@ impl RunningSandbox {
         self.ram.resident_bytes()
     }
 
-    fn agent(&self) -> Result<&AgentLink, ExecError> {
-        self.life.agent.as_ref().ok_or(ExecError::NoAgent)
-    }
-
     /// Run `cmd` in the guest and collect its status and piped output,
     /// like `std::process::Command::output`. Waits up to 60 s (or the
     /// command's timeout) for the agent on the first call while the guest
     /// boots. A command that outruns its timeout or output limit is killed.
     pub fn output(&self, cmd: &Command) -> Result<Output, ExecError> {
-        self.agent()?.output(cmd)
+        self.life.output(cmd)
     }
 
     /// [`RunningSandbox::output`] under the name runtimes use for it
     /// (`docker exec`, `kubectl exec`).
     pub fn exec(&self, cmd: &Command) -> Result<Output, ExecError> {
-        self.output(cmd)
+        self.life.output(cmd)
     }
 
     /// Run `cmd` in the guest and return how it ended, like
     /// `std::process::Command::status`: outputs left [`Stdio::piped`] are
     /// thrown away (others go where the command says).
     pub fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
-        let mut cmd = cmd.clone();
-        if cmd.stdout.is_piped() {
-            cmd.stdout(Stdio::null());
-        }
-        if cmd.stderr.is_piped() {
-            cmd.stderr(Stdio::null());
-        }
-        self.agent()?.output(&cmd).map(|out| out.status)
+        self.life.status(cmd)
     }
 
     /// Start `cmd` in the guest and return it running, with its piped
     /// streams, `wait()`, `try_wait()`, `kill()` and `signal()`, like
     /// `std::process::Command::spawn`.
     pub fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
-        self.agent()?.spawn(cmd)
+        self.life.spawn(cmd)
     }
 
     /// Why the guest stopped, or `None` while it runs (without blocking).

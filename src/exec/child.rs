@@ -206,6 +206,16 @@ impl Child {
         self.signal(Signal::KILL)
     }
 
+    /// Something that signals this process while another thread waits on
+    /// it.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn signaller(&self) -> Signaller {
+        Signaller {
+            inner: self.inner.signaller(),
+            control: Arc::clone(&self.control),
+        }
+    }
+
     /// Close its stdin (if still here) and wait for it to exit, like
     /// `std::process::Child::wait`: output not read stays unread, so a
     /// process whose unread output fills its window waits on its pipe (read
@@ -353,6 +363,23 @@ impl Child {
             self.expired = true;
         }
         ExecError::Timeout(deadline.timeout)
+    }
+}
+
+/// Signals one process from anywhere (see [`Child::signaller`]).
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+#[derive(Clone)]
+pub(crate) struct Signaller {
+    inner: client::Signaller,
+    control: Arc<VmControl>,
+}
+
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+impl Signaller {
+    pub(crate) fn signal(&self, signal: Signal) -> Result<(), ExecError> {
+        self.inner
+            .signal(signal.number())
+            .map_err(|e| explain(&self.control, e))
     }
 }
 

@@ -73,6 +73,7 @@ fn test() -> Step {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--all-features",
             "--",
             "-D",
             "warnings",
@@ -80,11 +81,12 @@ fn test() -> Step {
     )?;
     run(
         "cargo doc",
-        cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"),
+        cargo(&["doc", "--workspace", "--no-deps", "--all-features"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
     run(
         "unit tests (host-KVM tests listed as ignored)",
-        &mut cargo(&["test", "--workspace", "--all-targets"]),
+        &mut cargo(&["test", "--workspace", "--all-targets", "--all-features"]),
     )?;
     // The host-KVM tests are `#[ignore = "needs /dev/kvm"]`: a run without
     // KVM shows them as not run, never as passed.
@@ -95,8 +97,15 @@ fn test() -> Step {
     {
         Ok(_) => run(
             "host-KVM tests",
-            cargo(&["test", "--workspace", "--tests", "--", "--ignored"])
-                .env("CHITIN_REQUIRE_KVM", "1"),
+            cargo(&[
+                "test",
+                "--workspace",
+                "--tests",
+                "--all-features",
+                "--",
+                "--ignored",
+            ])
+            .env("CHITIN_REQUIRE_KVM", "1"),
         )?,
         Err(e) if std::env::var("CHITIN_REQUIRE_KVM").as_deref() == Ok("1") => {
             return Err(format!(
@@ -105,7 +114,10 @@ fn test() -> Step {
         }
         Err(e) => eprintln!("xtask: host-KVM tests NOT RUN: /dev/kvm is not usable ({e})"),
     }
-    run("doc tests", &mut cargo(&["test", "--workspace", "--doc"]))?;
+    run(
+        "doc tests",
+        &mut cargo(&["test", "--workspace", "--doc", "--all-features"]),
+    )?;
     fuzz::fuzz(&["--smoke".to_string()])?;
     let nested_start = Instant::now();
     eprintln!("xtask: == nested real-Linux tier");

@@ -1006,15 +1006,21 @@ impl Child {
     /// Send signal `signo` (1..=64) to the process. Returns at once: the
     /// signal is queued for the agent.
     pub fn signal(&self, signo: i32) -> Result<(), ClientError> {
-        if !(1..=64).contains(&signo) {
-            return Err(ClientError::InvalidSignal(signo));
-        }
-        self.shared.send(&Frame::Signal { id: self.id, signo })
+        self.signaller().signal(signo)
     }
 
     /// Kill the process (SIGKILL); [`Child::wait`] then reports `Signal(9)`.
     pub fn kill(&self) -> Result<(), ClientError> {
         self.signal(SIGKILL)
+    }
+
+    /// A cheap handle that signals this process from anywhere, also while
+    /// another thread waits on the child.
+    pub fn signaller(&self) -> Signaller {
+        Signaller {
+            id: self.id,
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Stop caring about this process: its output from now on is thrown
@@ -1151,6 +1157,23 @@ impl Child {
             inbox = guard;
             expired = late;
         }
+    }
+}
+
+/// Signals one process (see [`Child::signaller`]).
+#[derive(Clone)]
+pub struct Signaller {
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+impl Signaller {
+    /// [`Child::signal`].
+    pub fn signal(&self, signo: i32) -> Result<(), ClientError> {
+        if !(1..=64).contains(&signo) {
+            return Err(ClientError::InvalidSignal(signo));
+        }
+        self.shared.send(&Frame::Signal { id: self.id, signo })
     }
 }
 

@@ -241,6 +241,39 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     );
 }
 
+/// The async face (`chitin::tokio`) on a one-thread runtime: an exec, and
+/// a spawned `sleep` killed while its wait is pending.
+fn async_exec(vm: &RunningSandbox) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let sandbox = chitin::tokio::AsyncSandbox::new(vm.handle());
+    runtime.block_on(async {
+        let t = Instant::now();
+        let out = sandbox
+            .output(Command::new("echo").arg("async"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.stdout != b"async\n" {
+            return Err(format!("{out:?}"));
+        }
+        let ms = t.elapsed().as_millis();
+        let child = sandbox
+            .spawn(Command::new("sleep").arg("1000"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (waited, killed) = tokio::join!(child.wait(), async { child.kill() });
+        killed.map_err(|e| e.to_string())?;
+        match waited {
+            Ok(ExitStatus::Signal(Signal::KILL)) => Ok(format!(
+                "echo in {ms} ms; sleep killed while its wait was pending -> signal 9"
+            )),
+            other => Err(format!("wait returned {other:?}")),
+        }
+    })
+}
+
 /// The guest resets while an exec (with no timeout) waits for `sleep
 /// 1000`: the exec must end with `GuestStopped` within a second of the
 /// VM's stop.
@@ -561,6 +594,9 @@ fn main() {
         "exec" => exec_checks(&vm, &mut c),
         "vsock" => vsock_checks(&vm, &uds, &mut c),
         other => c.result("scenario", Err(format!("unknown {other}"))),
+    }
+    if which == "exec" {
+        c.result("async-exec", async_exec(&vm));
     }
     // Which kernel answered, so the harness can tell the guests apart.
     c.result("guest-kernel", guest_kernel(&vm));
