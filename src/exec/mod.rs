@@ -36,8 +36,10 @@ pub use command::{Command, Signal, Stdio, DEFAULT_OUTPUT_LIMIT};
 
 use crate::error::ExecError;
 
-/// The vsock port the agent listens on.
-pub const AGENT_PORT: u32 = chitin_agent_protocol::PORT;
+/// The vsock port the agent listens on (reserved in the sandbox's vsock
+/// device for the agent).
+#[doc(inline)]
+pub use chitin_agent_protocol::PORT as AGENT_PORT;
 /// How long `output`/`spawn` wait for the agent to come up by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
