@@ -28,7 +28,9 @@
 //! ```
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ::tokio::task;
 
@@ -164,11 +166,27 @@ impl AsyncChild {
     /// included). It takes `&self`, so [`AsyncChild::kill`] can go out
     /// while it is pending; drop (or `take()`) `stdin` first if the
     /// process waits for its EOF.
+    ///
+    /// Cancel-safe: dropping the future lets go of the child within
+    /// [`WAIT_SLICE`], so a later `wait` or `wait_with_output` is not held
+    /// up by a wait nobody awaits.
     pub async fn wait(&self) -> Result<ExitStatus, ExecError> {
         let child = Arc::clone(&self.child);
-        blocking(move || match lock(&child).as_mut() {
-            Some(child) => child.wait(),
-            None => Err(gone()),
+        let cancel = Cancel::default();
+        let cancelled = Arc::clone(&cancel.0);
+        blocking(move || loop {
+            // The child is lent for one slice at a time.
+            let status = match lock(&child).as_mut() {
+                Some(child) => child.wait_timeout(WAIT_SLICE)?,
+                None => return Err(gone()),
+            };
+            if let Some(status) = status {
+                return Ok(status);
+            }
+            if cancelled.load(Ordering::SeqCst) {
+                // Nobody awaits this any more; the value is dropped.
+                return Err(ExecError::Timeout(Duration::ZERO));
+            }
         })
         .await
     }
@@ -189,6 +207,20 @@ impl AsyncChild {
             child.wait_with_output()
         })
         .await
+    }
+}
+
+/// How long a blocking wait holds the child before it looks whether its
+/// future was dropped.
+pub const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// Set when the future that owns it is dropped (completed or not).
+#[derive(Default)]
+struct Cancel(Arc<AtomicBool>);
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -275,6 +307,25 @@ mod tests {
         assert_eq!(out.stdout, b"piped in");
         assert_eq!(out.stderr, b"err\n");
         assert!(out.status.success());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_cancelled_wait_holds_up_nothing_after_it() {
+        let (sandbox, _device) = sandbox();
+        // More than a window of stdout: the process waits on its pipe until
+        // someone reads it, so a plain wait cannot end.
+        let child = sandbox
+            .spawn(&host_sh("head -c 1000000 /dev/zero; echo done >&2"))
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(300), child.wait()).await;
+        assert!(waited.is_err(), "the wait should still be pending");
+        // The wait above was dropped: collecting now drains the pipe.
+        let started = Instant::now();
+        let out = child.wait_with_output().await.unwrap();
+        assert_eq!(out.stdout.len(), 1_000_000);
+        assert_eq!(out.stderr, b"done\n");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -9,11 +9,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chitin_agent_client::{self as client, ClientError};
-use chitin_agent_protocol as protocol;
+use chitin_agent_protocol::{self as protocol, OutputStream};
 use chitin_vcpu::VmControl;
 
 use super::command::Signal;
-use super::{explain, from_client};
+use super::{explain, explain_now, from_client};
 use crate::error::ExecError;
 
 /// How a guest process ended.
@@ -198,7 +198,7 @@ impl Child {
     pub fn signal(&self, signal: Signal) -> Result<(), ExecError> {
         self.inner
             .signal(signal.number())
-            .map_err(|e| explain(&self.control, e))
+            .map_err(|e| explain_now(&self.control, e))
     }
 
     /// Kill it (SIGKILL); returns at once.
@@ -282,7 +282,8 @@ impl Child {
     /// in `self.stdout` / `self.stderr` (a stream taken out of the field is
     /// left to its reader): at most the command's
     /// [`Command::output_limit`](crate::Command::output_limit) of each
-    /// ([`ExecError::OutputLimit`] beyond it; the process is not killed).
+    /// ([`ExecError::OutputLimit`] beyond it; the process is not killed,
+    /// and what it writes to those outputs from then on is thrown away).
     pub fn wait_with_output(self) -> Result<Output, ExecError> {
         self.collect(false)
     }
@@ -313,7 +314,14 @@ impl Child {
                 ExecError::OutputLimit { stream, limit }
             }
             Err(ClientError::OutputLimit { stream, limit }) => {
-                return Err(ExecError::OutputLimit { stream, limit })
+                // The process runs on: what it writes to the collected
+                // outputs from now on is thrown away, never held.
+                for (stream, taken) in OutputStream::BOTH.into_iter().zip(take) {
+                    if taken {
+                        self.inner.discard(stream);
+                    }
+                }
+                return Err(ExecError::OutputLimit { stream, limit });
             }
             Err(e) => return Err(explain(&self.control, e)),
         };
@@ -379,7 +387,7 @@ impl Signaller {
     pub(crate) fn signal(&self, signal: Signal) -> Result<(), ExecError> {
         self.inner
             .signal(signal.number())
-            .map_err(|e| explain(&self.control, e))
+            .map_err(|e| explain_now(&self.control, e))
     }
 }
 

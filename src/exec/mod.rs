@@ -92,9 +92,20 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// An agent error because the guest stopped (or is stopping) says so.
 pub(crate) fn explain(control: &VmControl, error: impl IntoExecError) -> ExecError {
+    explain_within(control, error, STOP_GRACE)
+}
+
+/// [`explain`] without waiting for a stop that may be under way: for calls
+/// that return at once (a signal).
+pub(crate) fn explain_now(control: &VmControl, error: impl IntoExecError) -> ExecError {
+    explain_within(control, error, Duration::ZERO)
+}
+
+fn explain_within(control: &VmControl, error: impl IntoExecError, grace: Duration) -> ExecError {
     let error = error.into_exec();
     let reason = match &error {
-        ExecError::ConnectionLost(_) => control.wait_timeout(STOP_GRACE),
+        ExecError::ConnectionLost(_) if grace.is_zero() => control.exit_reason(),
+        ExecError::ConnectionLost(_) => control.wait_timeout(grace),
         ExecError::AgentMisbehaved(_)
         | ExecError::AgentFailed(_)
         | ExecError::AgentStalled(_)
@@ -245,7 +256,7 @@ pub(crate) fn connect(
         if let Some(reason) = control.exit_reason() {
             return Err(ExecError::GuestStopped(reason));
         }
-        match try_connect(socket, deadline, attempt) {
+        match try_connect(socket, deadline, attempt, control) {
             Ok(client) => return Ok(client),
             Err(Some(fatal)) => return Err(fatal),
             Err(None) => {}
@@ -269,11 +280,16 @@ fn try_connect(
     socket: &Path,
     deadline: Instant,
     attempt: &Mutex<Option<UnixStream>>,
+    control: &VmControl,
 ) -> Result<(Client<UnixStream>, UnixStream), Option<ExecError>> {
     let deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
     let result = (|| {
         let stream = chitin_vsock::host::connect_with(socket, AGENT_PORT, deadline, |s| {
             *relock(attempt) = s.try_clone().ok();
+            // A stop before the line above found no stream to shut down.
+            if control.exit_reason().is_some() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         })
         .map_err(|_| None)?;
         let config = ClientConfig {
