@@ -14,6 +14,8 @@
 
 mod report;
 
+use std::io::{Read, Write};
+
 pub use report::{CheckLine, Done, Report, CHECK_PREFIX, DONE_PREFIX, UP_MARKER};
 
 /// Marker line before the console pattern; the host checksums the bytes
@@ -36,9 +38,40 @@ pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
         .fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
 }
 
+/// Echo `stream` back to itself until EOF or an error; returns the bytes
+/// echoed. The echo servers of both sides of the vsock checks.
+pub fn echo<S: Read + Write>(stream: &mut S) -> u64 {
+    let mut echoed = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return echoed,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return echoed;
+                }
+                echoed += n as u64;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echo_returns_what_came_in_and_counts_it() {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || echo(&mut b));
+        a.write_all(b"hello echo").unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        // The echo ends with EOF from our side; then its end closes.
+        let echoed = server.join().unwrap();
+        a.read_to_end(&mut back).unwrap();
+        assert_eq!((back.as_slice(), echoed), (&b"hello echo"[..], 10));
+    }
 
     #[test]
     fn fnv1a_matches_reference_vectors() {

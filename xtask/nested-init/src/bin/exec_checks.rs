@@ -364,17 +364,7 @@ fn stop_from_handle(vm: &RunningSandbox) -> Result<String, String> {
 /// Echo server on the host side for guest-initiated connections.
 fn host_echo(listener: UnixListener) {
     if let Ok((mut stream, _)) = listener.accept() {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        chitin_testkit::echo(&mut stream);
         let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }

@@ -108,19 +108,7 @@ fn echo_server(port: u32) -> i32 {
             return 1;
         }
     };
-    let mut echoed = 0u64;
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                echoed += n as u64;
-            }
-        }
-    }
+    let echoed = chitin_testkit::echo(&mut stream);
     let _ = vsock::shutdown_write(&stream);
     println!("echoed={echoed}");
     0
