@@ -27,7 +27,7 @@ use crate::disk::{device_name, Disk};
 use crate::error::ExecError;
 use crate::error::SandboxError;
 use crate::event_loop::{EventLoop, RunningEventLoop};
-use crate::exec::{AgentLink, Child, Command, ExitStatus, Output, Stdio};
+use crate::exec::{relock, AgentLink, Child, Command, ExitStatus, Output, Stdio};
 use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 
@@ -436,11 +436,6 @@ impl Sandbox {
         }
         Ok(running)
     }
-}
-
-fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Poisoning only means another thread panicked; the data is consistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a running sandbox and its handles share: how to stop it and the

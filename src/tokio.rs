@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use ::tokio::task;
 
-use crate::exec::Signaller;
+use crate::exec::{relock, Signaller};
 use crate::{
     Child, ChildStderr, ChildStdin, ChildStdout, Command, ExecError, ExitReason, ExitStatus,
     Output, SandboxHandle, Signal,
@@ -176,7 +176,7 @@ impl AsyncChild {
         let cancelled = Arc::clone(&cancel.0);
         blocking(move || loop {
             // The child is lent for one slice at a time.
-            let status = match lock(&child).as_mut() {
+            let status = match relock(&child).as_mut() {
                 Some(child) => child.wait_timeout(WAIT_SLICE)?,
                 None => return Err(gone()),
             };
@@ -199,7 +199,7 @@ impl AsyncChild {
         blocking(move || {
             drop(stdin);
             // A cancelled wait may still hold the child: this waits for it.
-            let Some(mut child) = lock(&child).take() else {
+            let Some(mut child) = relock(&child).take() else {
                 return Err(gone());
             };
             child.stdout = stdout;
@@ -227,11 +227,6 @@ impl Drop for Cancel {
 /// Only `wait_with_output`, which consumes the child, takes it out.
 fn gone() -> ExecError {
     ExecError::AgentFailed("the child was already collected".into())
-}
-
-fn lock(child: &Mutex<Option<Child>>) -> std::sync::MutexGuard<'_, Option<Child>> {
-    // Poisoning only means a panic elsewhere; the child is consistent.
-    child.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -102,6 +102,18 @@ fn triple_fault_guest_exits_with_triple_fault() {
     assert!(text(&console).starts_with("chitin-test: triple_fault\n"));
 }
 
+/// The spin guest on two vCPUs, started and spinning with interrupts off.
+fn start_spinning(console: &ConsoleCapture) -> chitin::RunningSandbox {
+    let running = guest_builder(Guest::Spin, console)
+        .vcpus(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(console.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    running
+}
+
 #[test]
 #[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn spin_guest_stop_interrupts_guest_code() {
@@ -110,13 +122,7 @@ fn spin_guest_stop_interrupts_guest_code() {
     }
     // Arrange: a guest spinning with interrupts off, never exiting.
     let console = ConsoleCapture::default();
-    let running = guest_builder(Guest::Spin, &console)
-        .vcpus(2)
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    assert!(console.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    let running = start_spinning(&console);
     assert_eq!(running.wait_timeout(Duration::from_millis(50)), None);
     // Act
     let reason = running.stop();
@@ -133,13 +139,7 @@ fn handle_stops_from_another_thread_while_others_wait() {
     // Arrange: a spinning guest, two threads waiting on handles, one on
     // the sandbox itself.
     let console = ConsoleCapture::default();
-    let running = guest_builder(Guest::Spin, &console)
-        .vcpus(2)
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    assert!(console.wait_for(b"chitin-test: spin\n", GUEST_TIMEOUT));
+    let running = start_spinning(&console);
     let handle = running.handle();
     assert!(handle.is_running());
     std::thread::scope(|s| {

@@ -401,7 +401,7 @@ pub(crate) fn pump(mut from: client::ChildOutput, to: super::command::SharedWrit
         match from.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) if !failed => {
-                let mut writer = to.lock().unwrap_or_else(|e| e.into_inner());
+                let mut writer = super::relock(&to);
                 failed = writer.write_all(&buf[..n]).is_err() || writer.flush().is_err();
             }
             Ok(_) => {}

@@ -178,7 +178,7 @@ impl AgentLink {
         let left = timeout.saturating_sub(started.elapsed());
         let (client, stream) = connect(&self.socket, &self.control, left, &self.attempt)?;
         let client = Arc::new(client);
-        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        *relock(&self.stream) = Some(stream);
         // A stop between the connect and the line above found no stream to
         // shut down.
         if let Some(reason) = self.control.exit_reason() {
@@ -235,7 +235,7 @@ impl AgentLink {
 /// everything pending with `Closed`. Quick and non-blocking (it runs on
 /// the thread that stops the VM).
 fn shut_down(slot: &Mutex<Option<UnixStream>>) {
-    if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    if let Some(s) = relock(slot).as_ref() {
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
 }
@@ -312,7 +312,7 @@ fn try_connect(
     result
 }
 
-fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn relock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Poisoning only means another thread panicked; the data is consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
