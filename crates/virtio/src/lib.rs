@@ -7,6 +7,8 @@
 //!   of what the driver got wrong;
 //! - [`interrupt`]: [`VirtioInterrupt`], how a device raises interrupts;
 //! - [`mmio`]: the virtio-mmio version 2 transport (virtio 1.2 §4.2);
+//! - [`rate_limit`]: [`RateLimiter`], token buckets for bytes and
+//!   operations per second, shared by every device that takes a limit;
 //! - [`queue`]: chain popping, run bounds and notification shared by every
 //!   device handler;
 //! - `test_utils` (feature `test-utils`): guest memory, hand-built split
@@ -24,6 +26,7 @@ pub mod faults;
 pub mod interrupt;
 pub mod mmio;
 pub mod queue;
+pub mod rate_limit;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
@@ -31,4 +34,5 @@ pub use active::Active;
 pub use device::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
 pub use faults::{GuestFaults, Severity};
 pub use interrupt::{InterruptKind, VirtioInterrupt};
+pub use rate_limit::{Limit, RateLimit, RateLimiter};
 pub use virtio_queue::{DescriptorChain, Queue, QueueT};

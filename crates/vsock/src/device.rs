@@ -104,19 +104,7 @@ impl Vsock {
             EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
             EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
         ];
-        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
-        // Non-blocking: a tick may be cleared between epoll reporting it
-        // and `on_timer` reading it, and that read must not block the loop.
-        // SAFETY: fcntl on a descriptor this device owns; F_GETFL and
-        // F_SETFL take no pointers.
-        let nonblocking = unsafe {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-        };
-        if !nonblocking {
-            return Err(VsockError::Timer(io::Error::last_os_error()));
-        }
+        let timer = chitin_virtio::rate_limit::nonblocking_timer().map_err(VsockError::Timer)?;
         let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
             path: uds_path.clone(),
             source,
