@@ -1,0 +1,27 @@
+//! virtio-net for chitin microVMs, over tap devices (virtio 1.2 §5.1).
+//!
+//! Built in layers, as `chitin-blk` is; this crate holds so far:
+//!
+//! - [`frame`]: the TX parser, a descriptor chain to a checked
+//!   [`TxFrame`] (every buffer in guest memory, the length bounded, the
+//!   header checked against the accepted features) or a typed drop reason;
+//! - [`tap`]: the host side, a tap interface opened by name or handed over
+//!   as an open fd by the embedder (CNI plugins and Kata create the tap in
+//!   the pod's network namespace themselves), set up for the 12-byte
+//!   `virtio_net_hdr_v1` and for exactly the offloads the guest accepts.
+//!
+//! Guest data is hostile here: nothing in this crate trusts a length or a
+//! header that came from the guest.
+
+#![deny(missing_docs)]
+
+pub mod frame;
+pub mod tap;
+
+pub use frame::{parse_tx, TxError, TxFrame, VnetHeader};
+
+pub use tap::{Offloads, Tap, TapError};
+
+/// Bytes of `virtio_net_hdr_v1`, the header in front of every frame once
+/// `VIRTIO_F_VERSION_1` is negotiated (virtio 1.2 §5.1.6).
+pub const VNET_HDR_LEN: usize = 12;

@@ -1,0 +1,255 @@
+//! The tap backend against a real tap, inside a network namespace this
+//! test makes (no frame reaches any other interface). Needs root (or
+//! CAP_NET_ADMIN) and /dev/net/tun: listed as ignored, run by the host
+//! tier (`cargo xtask test` runs ignored tests), where a missing
+//! prerequisite is a failure under CHITIN_REQUIRE_KVM=1.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use chitin_net::tap::{open_raw, Offloads, Tap, TapError};
+use chitin_net::VNET_HDR_LEN;
+
+const ETHERTYPE_OUT: u16 = 0x88b5;
+const ETHERTYPE_IN: u16 = 0x88b6;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Run `test` on a thread of its own in a fresh network namespace; returns
+/// false (after saying why) when the namespace cannot be made.
+fn in_netns(test: impl FnOnce() + Send + 'static) -> bool {
+    let made = std::thread::spawn(move || {
+        // SAFETY: unshare with a flag only; it moves this thread alone
+        // into a new network namespace, which dies with the thread's
+        // sockets and fds.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        test();
+        Ok(())
+    })
+    .join()
+    .expect("the test thread panicked");
+    match made {
+        Ok(()) => true,
+        Err(e) => {
+            let why = format!("cannot make a network namespace ({e})");
+            if std::env::var("CHITIN_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{why}, but CHITIN_REQUIRE_KVM=1");
+            }
+            eprintln!("tap tests NOT RUN: {why}");
+            false
+        }
+    }
+}
+
+fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> OwnedFd {
+    // SAFETY: socket takes integers; the result is checked before use.
+    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn set_up(name: &str) {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one ifreq, which
+    // `req` is laid out as and which lives for both calls.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req),
+            0
+        );
+        req.flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req),
+            0
+        );
+    }
+}
+
+/// A packet socket on `name` that sees and sends whole Ethernet frames.
+fn packet_socket(name: &str) -> (OwnedFd, libc::c_int) {
+    let protocol = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+    let sock = socket(libc::AF_PACKET, libc::SOCK_RAW, protocol);
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a NUL-terminated name that lives for the call.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) } as libc::c_int;
+    assert!(index > 0, "no interface {name}");
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol as u16;
+    addr.sll_ifindex = index;
+    // SAFETY: `addr` is a sockaddr_ll of the size passed, alive for the
+    // call.
+    let bound = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+    (sock, index)
+}
+
+fn wait_readable(fd: RawFd, until: Instant) -> bool {
+    let left = until.saturating_duration_since(Instant::now());
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call.
+    unsafe { libc::poll(&mut poll, 1, left.as_millis() as libc::c_int) == 1 }
+}
+
+fn frame(ethertype: u16, len: usize) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend((0..len).map(|i| (i * 7 + 3) as u8));
+    f
+}
+
+fn ethertype(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[12], frame[13]])
+}
+
+fn iovec(buf: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun: run with --include-ignored (cargo xtask test does)"]
+fn a_tap_moves_frames_byte_exact_both_ways() {
+    in_netns(|| {
+        let tap = Tap::open("chitin-t0").expect("open the tap");
+        assert_eq!(tap.name(), "chitin-t0");
+        // A second open of an attached tap is refused as busy.
+        assert!(matches!(Tap::open("chitin-t0"), Err(TapError::Busy { .. })));
+        let supported = tap.supported_offloads();
+        assert!(supported.csum, "every Linux tap takes checksum offload");
+        tap.set_offloads(supported).unwrap();
+        tap.set_offloads(Offloads::default()).unwrap();
+        set_up("chitin-t0");
+        let (sock, _) = packet_socket("chitin-t0");
+
+        // Guest -> host: header and frame in separate iovecs, as a chain
+        // split over descriptors gives them.
+        let out = frame(ETHERTYPE_OUT, 1000);
+        let header = [0u8; VNET_HDR_LEN];
+        let written = tap.write_vectored(&[iovec(&header), iovec(&out[..20]), iovec(&out[20..])]);
+        assert_eq!(written.unwrap(), VNET_HDR_LEN + out.len());
+        let until = Instant::now() + WAIT;
+        let mut buf = vec![0u8; 65536];
+        let seen = loop {
+            assert!(
+                wait_readable(sock.as_raw_fd(), until),
+                "the frame never came out of the tap"
+            );
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(n > 0);
+            let got = &buf[..n as usize];
+            if ethertype(got) == ETHERTYPE_OUT {
+                break got.to_vec();
+            }
+        };
+        assert_eq!(seen, out);
+
+        // Host -> guest: nothing queued reads as WouldBlock, then a frame
+        // sent on the interface arrives after a zero header.
+        let hold = vec![0u8; 65562];
+        loop {
+            match tap.read_vectored(&[iovec(&hold)]) {
+                Ok(_) => continue, // IPv6 chatter from bringing it up
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+                    break;
+                }
+            }
+        }
+        let inbound = frame(ETHERTYPE_IN, 1400);
+        // SAFETY: `inbound` is readable for its length.
+        let sent =
+            unsafe { libc::send(sock.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
+        assert_eq!(sent as usize, inbound.len());
+        let until = Instant::now() + WAIT;
+        let (head, rest) = (vec![0u8; VNET_HDR_LEN + 6], vec![0u8; 65562]);
+        let got = loop {
+            assert!(
+                wait_readable(tap.as_raw_fd(), until),
+                "the frame never reached the tap"
+            );
+            let n = tap.read_vectored(&[iovec(&head), iovec(&rest)]).unwrap();
+            let mut whole = head.clone();
+            whole.extend_from_slice(&rest);
+            whole.truncate(n);
+            if n >= VNET_HDR_LEN + 14 && ethertype(&whole[VNET_HDR_LEN..]) == ETHERTYPE_IN {
+                break whole;
+            }
+        };
+        assert_eq!(&got[..VNET_HDR_LEN], &[0u8; VNET_HDR_LEN]);
+        assert_eq!(&got[VNET_HDR_LEN..], &inbound[..]);
+    });
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun: run with --include-ignored (cargo xtask test does)"]
+fn a_handed_over_fd_is_taken_only_if_it_is_a_vnet_tap() {
+    in_netns(|| {
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let fd = open_raw("chitin-fd0", flags).unwrap();
+        let tap = Tap::from_fd(fd).expect("a vnet tap fd");
+        assert_eq!(tap.name(), "chitin-fd0");
+        // SAFETY: F_GETFL/F_GETFD take no pointers.
+        let (fl, fd_flags) = unsafe {
+            (
+                libc::fcntl(tap.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(tap.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+
+        for (name, flags) in [
+            (
+                "chitin-tun0",
+                libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+            ),
+            ("chitin-nohdr0", libc::IFF_TAP | libc::IFF_NO_PI),
+        ] {
+            let fd = open_raw(name, flags).unwrap();
+            assert!(
+                matches!(Tap::from_fd(fd), Err(TapError::NotATap { .. })),
+                "{name} was taken"
+            );
+        }
+        // An unattached /dev/net/tun fd is no tap either.
+        let bare = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        assert!(matches!(
+            Tap::from_fd(OwnedFd::from(bare)),
+            Err(TapError::NotATap { .. })
+        ));
+    });
+}
