@@ -18,6 +18,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
 use crate::VNET_HDR_LEN;
 
 /// The control device every tap is made through.
@@ -348,25 +351,81 @@ impl Tap {
         found
     }
 
-    /// Read one frame (header first) into `bufs`. `WouldBlock` when the
-    /// tap has nothing queued. A frame longer than `bufs` is cut short by
-    /// the kernel, so callers offer room for the largest frame.
-    pub fn read_vectored(&self, bufs: &[libc::iovec]) -> io::Result<usize> {
-        let count = libc::c_int::try_from(bufs.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the caller's iovecs describe writable memory it owns for
-        // the call (see `iovec` safety in the device); readv writes at most
-        // their lengths.
-        let n = unsafe { libc::readv(self.file.as_raw_fd(), bufs.as_ptr(), count) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    /// Read one frame (header first) into `bufs`, returning its length.
+    /// `WouldBlock` when the tap has nothing queued. The kernel drops a
+    /// frame longer than `bufs` (the read fails), so callers offer room
+    /// for the largest frame the tap can hold.
+    pub fn read_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize> {
+        let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        let count = iovec_count(&iovecs)?;
+        let n = retry(|| {
+            // SAFETY: each iovec covers a live `VolatileSlice` whose pointer
+            // guard is held above for the whole call, so the kernel writes
+            // only memory those slices own. That memory may be guest memory
+            // the guest touches concurrently; the kernel copies bytes and
+            // no Rust reference to it exists (VolatileSlice's own contract).
+            unsafe { libc::readv(self.file.as_raw_fd(), iovecs.as_ptr(), count) }
+        });
+        // Raw pointer writes bypass dirty tracking; a failed read may
+        // still have written part of the buffers.
+        for buf in bufs {
+            buf.bitmap().mark_dirty(0, buf.len());
+        }
+        n
     }
 
-    /// Write one frame (header first) gathered from `bufs`.
-    pub fn write_vectored(&self, bufs: &[libc::iovec]) -> io::Result<usize> {
-        let count = libc::c_int::try_from(bufs.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the caller's iovecs describe readable memory for the
-        // call; writev only reads them.
-        let n = unsafe { libc::writev(self.file.as_raw_fd(), bufs.as_ptr(), count) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    /// Write one frame (header first) gathered from `bufs`, returning the
+    /// bytes written (a tap takes a frame whole or not at all).
+    pub fn write_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize> {
+        let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard()).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                // `iovec` has one pointer type for both directions; writev
+                // only reads.
+                iov_base: g.as_ptr().cast_mut().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        let count = iovec_count(&iovecs)?;
+        retry(|| {
+            // SAFETY: as in `read_frame`, the guards keep every buffer
+            // valid for the call; writev only reads them.
+            unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) }
+        })
+    }
+}
+
+/// Most iovecs one `readv`/`writev` takes (`UIO_MAXIOV`).
+pub const MAX_IOVECS: usize = 1024;
+
+fn iovec_count(iovecs: &[libc::iovec]) -> io::Result<libc::c_int> {
+    if iovecs.len() > MAX_IOVECS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // At most 1024: fits.
+    Ok(iovecs.len() as libc::c_int)
+}
+
+/// Run a syscall returning a length or -1, again after `EINTR`.
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        match usize::try_from(call()) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
     }
 }
 

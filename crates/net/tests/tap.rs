@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use chitin_net::tap::{open_raw, Offloads, Tap, TapError};
 use chitin_net::VNET_HDR_LEN;
+use vm_memory::VolatileSlice;
 
 const ETHERTYPE_OUT: u16 = 0x88b5;
 const ETHERTYPE_IN: u16 = 0x88b6;
@@ -128,11 +129,8 @@ fn ethertype(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[12], frame[13]])
 }
 
-fn iovec(buf: &[u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    }
+fn slice(buf: &mut [u8]) -> VolatileSlice<'_> {
+    VolatileSlice::from(buf)
 }
 
 #[test]
@@ -153,8 +151,10 @@ fn a_tap_moves_frames_byte_exact_both_ways() {
         // Guest -> host: header and frame in separate iovecs, as a chain
         // split over descriptors gives them.
         let out = frame(ETHERTYPE_OUT, 1000);
-        let header = [0u8; VNET_HDR_LEN];
-        let written = tap.write_vectored(&[iovec(&header), iovec(&out[..20]), iovec(&out[20..])]);
+        let mut header = [0u8; VNET_HDR_LEN];
+        let mut copy = out.clone();
+        let (first, second) = copy.split_at_mut(20);
+        let written = tap.write_frame(&[slice(&mut header), slice(first), slice(second)]);
         assert_eq!(written.unwrap(), VNET_HDR_LEN + out.len());
         let until = Instant::now() + WAIT;
         let mut buf = vec![0u8; 65536];
@@ -175,9 +175,9 @@ fn a_tap_moves_frames_byte_exact_both_ways() {
 
         // Host -> guest: nothing queued reads as WouldBlock, then a frame
         // sent on the interface arrives after a zero header.
-        let hold = vec![0u8; 65562];
+        let mut hold = vec![0u8; 65562];
         loop {
-            match tap.read_vectored(&[iovec(&hold)]) {
+            match tap.read_frame(&[slice(&mut hold)]) {
                 Ok(_) => continue, // IPv6 chatter from bringing it up
                 Err(e) => {
                     assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
@@ -191,13 +191,15 @@ fn a_tap_moves_frames_byte_exact_both_ways() {
             unsafe { libc::send(sock.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
         assert_eq!(sent as usize, inbound.len());
         let until = Instant::now() + WAIT;
-        let (head, rest) = (vec![0u8; VNET_HDR_LEN + 6], vec![0u8; 65562]);
+        let (mut head, mut rest) = (vec![0u8; VNET_HDR_LEN + 6], vec![0u8; 65562]);
         let got = loop {
             assert!(
                 wait_readable(tap.as_raw_fd(), until),
                 "the frame never reached the tap"
             );
-            let n = tap.read_vectored(&[iovec(&head), iovec(&rest)]).unwrap();
+            let n = tap
+                .read_frame(&[slice(&mut head), slice(&mut rest)])
+                .unwrap();
             let mut whole = head.clone();
             whole.extend_from_slice(&rest);
             whole.truncate(n);
