@@ -5,6 +5,8 @@
 //! - [`frame`]: the TX parser, a descriptor chain to a checked
 //!   [`TxFrame`] (every buffer in guest memory, the length bounded, the
 //!   header checked against the accepted features) or a typed drop reason;
+//! - [`rx`]: the RX path, frames from a [`NetBackend`] straight into the
+//!   guest's posted buffers (mergeable or not), never queued on the host;
 //! - [`tap`]: the host side, a tap interface opened by name or handed over
 //!   as an open fd by the embedder (CNI plugins and Kata create the tap in
 //!   the pod's network namespace themselves), set up for the 12-byte
@@ -15,10 +17,16 @@
 
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod frame;
+pub mod rx;
 pub mod tap;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub use backend::MemBackend;
+pub use backend::NetBackend;
 pub use frame::{parse_tx, TxError, TxFrame, VnetHeader};
+pub use rx::{receive, RxConfig, RxRun};
 
 pub use tap::{Offloads, Tap, TapError};
 
