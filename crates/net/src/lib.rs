@@ -7,6 +7,9 @@
 //!   header checked against the accepted features) or a typed drop reason;
 //! - [`rx`]: the RX path, frames from a [`NetBackend`] straight into the
 //!   guest's posted buffers (mergeable or not), never queued on the host;
+//! - [`tx`]: the TX path, each parsed chain written to the backend with
+//!   one `writev` straight from guest memory, behind an optional
+//!   [`RateLimiter`](chitin_virtio::RateLimiter);
 //! - [`tap`]: the host side, a tap interface opened by name or handed over
 //!   as an open fd by the embedder (CNI plugins and Kata create the tap in
 //!   the pod's network namespace themselves), set up for the 12-byte
@@ -21,12 +24,14 @@ pub mod backend;
 pub mod frame;
 pub mod rx;
 pub mod tap;
+pub mod tx;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub use backend::MemBackend;
 pub use backend::NetBackend;
 pub use frame::{parse_tx, TxError, TxFrame, VnetHeader};
 pub use rx::{receive, RxConfig, RxRun};
+pub use tx::{transmit, TxRun};
 
 pub use tap::{Offloads, Tap, TapError};
 
