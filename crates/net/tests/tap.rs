@@ -255,3 +255,116 @@ fn a_handed_over_fd_is_taken_only_if_it_is_a_vnet_tap() {
         ));
     });
 }
+
+/// The RX and TX paths between a mock guest's queues and a real tap.
+#[test]
+#[ignore = "needs root and /dev/net/tun: run with --include-ignored (cargo xtask test does)"]
+fn mock_guest_queues_move_frames_through_a_real_tap() {
+    use chitin_net::{receive, transmit, RxConfig};
+    use chitin_virtio::rate_limit::MonotonicClock;
+    use chitin_virtio::test_utils::{
+        guest_memory, RecordingInterrupt, SplitQueueBuilder, TestDescriptor,
+    };
+    use chitin_virtio::GuestFaults;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::{Bytes, GuestAddress};
+
+    in_netns(|| {
+        let tap = Tap::open("chitin-q0").expect("open the tap");
+        set_up("chitin-q0");
+        let (sock, _) = packet_socket("chitin-q0");
+        let mem = guest_memory(0x100_0000);
+        let interrupt = RecordingInterrupt::new();
+        let faults = GuestFaults::new("net tap test");
+
+        // TX: a chain of header + frame split in three.
+        let mut tx = SplitQueueBuilder::new(&mem, GuestAddress(0), 256).unwrap();
+        let out = frame(ETHERTYPE_OUT, 1486);
+        let mut bytes = vec![0u8; VNET_HDR_LEN];
+        bytes.extend_from_slice(&out);
+        mem.write_slice(&bytes, GuestAddress(0x10_0000)).unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        tx.add_chain(&[
+            TestDescriptor::new(0x10_0000, 12, next),
+            TestDescriptor::new(0x10_000c, 100, next),
+            TestDescriptor::new(0x10_0070, bytes.len() as u32 - 112, 0),
+        ])
+        .unwrap();
+        let mut tx_queue = tx.build().unwrap();
+        let run = transmit::<_, _, _, MonotonicClock>(
+            &mut tx_queue,
+            &mem,
+            &tap,
+            &interrupt,
+            0,
+            &faults,
+            None,
+        )
+        .unwrap();
+        assert_eq!((run.frames, run.malformed, run.backend_drops), (1, 0, 0));
+        let until = Instant::now() + WAIT;
+        let mut buf = vec![0u8; 65536];
+        let seen = loop {
+            assert!(
+                wait_readable(sock.as_raw_fd(), until),
+                "the frame never left the tap"
+            );
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(n > 0);
+            if ethertype(&buf[..n as usize]) == ETHERTYPE_OUT {
+                break buf[..n as usize].to_vec();
+            }
+        };
+        assert_eq!(seen, out);
+
+        // RX with no buffers posted: the tap is not read.
+        let mut rx = SplitQueueBuilder::new(&mem, GuestAddress(0x8_0000), 256).unwrap();
+        let mut rx_queue = rx.build().unwrap();
+        let config = RxConfig {
+            mergeable: false,
+            need: 1526,
+        };
+        let inbound = frame(ETHERTYPE_IN, 1200);
+        // SAFETY: `inbound` is readable for its length.
+        let sent =
+            unsafe { libc::send(sock.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
+        assert_eq!(sent as usize, inbound.len());
+        assert!(wait_readable(tap.as_raw_fd(), Instant::now() + WAIT));
+        let run = receive(&mut rx_queue, &mem, &tap, &interrupt, config, &faults).unwrap();
+        assert!(run.starved);
+        assert_eq!(run.frames, 0);
+        assert!(
+            wait_readable(tap.as_raw_fd(), Instant::now()),
+            "the frame must still wait in the tap"
+        );
+
+        // Buffers posted: the frame lands in one of them, byte-exact.
+        let write = VRING_DESC_F_WRITE as u16;
+        let base = 0x20_0000u64;
+        for i in 0..16u64 {
+            rx.add_chain(&[TestDescriptor::new(base + i * 0x1000, 1526, write)])
+                .unwrap();
+        }
+        let run = receive(&mut rx_queue, &mem, &tap, &interrupt, config, &faults).unwrap();
+        assert!(run.frames >= 1);
+        let mut found = false;
+        for i in 0..rx.used_idx().unwrap() {
+            let (head, len) = rx.used_element(i).unwrap();
+            let mut got = vec![0u8; len as usize];
+            mem.read_slice(&mut got, GuestAddress(base + u64::from(head) * 0x1000))
+                .unwrap();
+            if got.len() > VNET_HDR_LEN + 14 && ethertype(&got[VNET_HDR_LEN..]) == ETHERTYPE_IN {
+                assert_eq!(&got[VNET_HDR_LEN..], &inbound[..]);
+                // num_buffers is 1; the rest of the header is the tap's zeros.
+                assert_eq!(&got[..VNET_HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+                found = true;
+            }
+        }
+        assert!(
+            found,
+            "the frame sent on the interface never reached the guest"
+        );
+        assert_eq!(faults.total(), 0);
+    });
+}
