@@ -7,7 +7,7 @@ use std::io;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
-use crate::Tap;
+use crate::{Tap, VNET_HDR_LEN};
 
 /// A source and sink of frames, each preceded by a `virtio_net_hdr_v1`.
 pub trait NetBackend {
@@ -15,8 +15,12 @@ pub trait NetBackend {
     /// is queued. A frame that does not fit is lost (as a tap loses it).
     fn read_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize>;
 
-    /// Write one frame gathered from `bufs`.
-    fn write_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize>;
+    /// Write one frame: `header`, then the bytes gathered from `bufs`.
+    fn write_frame<B: BitmapSlice>(
+        &self,
+        header: &[u8; VNET_HDR_LEN],
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> io::Result<usize>;
 }
 
 impl NetBackend for Tap {
@@ -24,8 +28,12 @@ impl NetBackend for Tap {
         Tap::read_frame(self, bufs)
     }
 
-    fn write_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize> {
-        Tap::write_frame(self, bufs)
+    fn write_frame<B: BitmapSlice>(
+        &self,
+        header: &[u8; VNET_HDR_LEN],
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> io::Result<usize> {
+        Tap::write_frame(self, header, bufs)
     }
 }
 
@@ -67,8 +75,12 @@ impl NetBackend for MemBackend {
         Ok(frame.len())
     }
 
-    fn write_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize> {
-        let mut frame = Vec::new();
+    fn write_frame<B: BitmapSlice>(
+        &self,
+        header: &[u8; VNET_HDR_LEN],
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> io::Result<usize> {
+        let mut frame = header.to_vec();
         for buf in bufs {
             let start = frame.len();
             frame.resize(start + buf.len(), 0);

@@ -5,15 +5,19 @@
 //! spread over any number of device-readable descriptors (virtio 1.2
 //! §5.1.6.2). The parser reads the header once into a local copy, checks
 //! every buffer lies in guest memory, bounds the total length, and checks
-//! the header against the features the driver accepted, so the handler can
-//! write the frame with one `writev` and nothing the guest does later
-//! changes what was checked. It allocates nothing by a guest-supplied
-//! length: the segment list is bounded by the queue size.
+//! the header against the features the driver accepted. The header is
+//! sent from the checked local copy (flag bits the device does not know
+//! masked off, `hdr_len` clamped to the frame, `num_buffers` 0), and only
+//! the frame bytes after it come from guest memory, so nothing the guest
+//! rewrites after the check changes the header the host kernel sees. It
+//! allocates nothing by a guest-supplied length: the segment list holds
+//! at most [`MAX_SEGMENTS`] buffers.
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP,
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
@@ -31,6 +35,11 @@ pub const MAX_FRAME_LEN: usize = 65_536 + ETH_HLEN;
 /// size Linux gives each RX buffer without mergeable buffers once it
 /// accepted a segmentation offload).
 pub const MAX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+
+/// Most buffers in one TX chain (after the header), well inside the
+/// kernel's 1024 iovecs per `writev` even when guest memory regions split
+/// some of them.
+pub const MAX_SEGMENTS: usize = 256;
 
 /// `virtio_net_hdr_v1`, read once from the guest, little-endian fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -103,6 +112,9 @@ pub enum TxError {
     /// Shorter than a header and an Ethernet header.
     #[error("the TX chain holds {0} bytes, less than a header and an Ethernet header")]
     TooShort(usize),
+    /// More than [`MAX_SEGMENTS`] buffers.
+    #[error("the TX chain has more than {MAX_SEGMENTS} buffers")]
+    TooManySegments,
     /// Longer than [`MAX_CHAIN_LEN`].
     #[error("the TX chain holds more than {MAX_CHAIN_LEN} bytes")]
     TooLong,
@@ -124,6 +136,7 @@ impl TxError {
             TxError::OutOfMemory { .. } => "TX buffer outside guest memory",
             TxError::TooShort(_) => "TX frame too short",
             TxError::TooLong => "TX frame too long",
+            TxError::TooManySegments => "TX chain with too many buffers",
             TxError::BadChecksum => "bad TX checksum request",
             TxError::BadGso => "bad TX segmentation request",
         }
@@ -133,13 +146,12 @@ impl TxError {
 /// A checked TX chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxFrame {
-    /// The chain's buffers, each inside guest memory, in order; the header
-    /// is their first [`VNET_HDR_LEN`] bytes. Zero-length buffers are left
-    /// out.
+    /// The frame's buffers after the header, each inside guest memory, in
+    /// order. Zero-length buffers are left out.
     pub segments: Vec<(GuestAddress, u32)>,
     /// Header plus frame bytes.
     pub len: usize,
-    /// The header as read.
+    /// The header to send: the guest's, checked and cleaned.
     pub header: VnetHeader,
 }
 
@@ -176,6 +188,7 @@ pub fn parse_tx<M: GuestMemory>(
         if len > MAX_CHAIN_LEN {
             return Err(TxError::TooLong);
         }
+        let mut skip = 0usize;
         if header_filled < VNET_HDR_LEN {
             let take = (VNET_HDR_LEN - header_filled).min(n);
             mem.read_slice(&mut header[header_filled..header_filled + take], addr)
@@ -184,14 +197,29 @@ pub fn parse_tx<M: GuestMemory>(
                     len: desc_len,
                 })?;
             header_filled += take;
+            skip = take;
         }
-        segments.push((addr, desc_len));
+        if skip < n {
+            if segments.len() == MAX_SEGMENTS {
+                return Err(TxError::TooManySegments);
+            }
+            // `skip` < 12: fits, and inside the checked range.
+            segments.push((addr.unchecked_add(skip as u64), desc_len - skip as u32));
+        }
     }
     if len < VNET_HDR_LEN + ETH_HLEN {
         return Err(TxError::TooShort(len));
     }
-    let header = VnetHeader::from_bytes(&header);
+    let mut header = VnetHeader::from_bytes(&header);
     check_header(&header, len - VNET_HDR_LEN, acked_features)?;
+    // The device ignores flag bits it does not know (virtio 1.2
+    // §5.1.6.2.2) and num_buffers on transmit; a header length past the
+    // frame would only make the host kernel refuse the write.
+    header.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    header.num_buffers = 0;
+    header.hdr_len = header
+        .hdr_len
+        .min(u16::try_from(len - VNET_HDR_LEN).unwrap_or(u16::MAX));
     Ok(TxFrame {
         segments,
         len,
@@ -205,31 +233,27 @@ fn acked(features: u64, bit: u32) -> bool {
 
 /// Check a TX header against the frame length and the accepted features.
 pub fn check_header(h: &VnetHeader, frame_len: usize, features: u64) -> Result<(), TxError> {
-    let known = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
-    if h.flags & !known != 0 {
-        return Err(TxError::BadChecksum);
-    }
-    let needs_csum = h.flags & known != 0;
+    // Other flag bits are ignored, not refused (virtio 1.2 §5.1.6.2.2).
+    let needs_csum = h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0;
     if needs_csum {
         let end = usize::from(h.csum_start) + usize::from(h.csum_offset) + 2;
         if !acked(features, VIRTIO_NET_F_CSUM) || end > frame_len {
             return Err(TxError::BadChecksum);
         }
     }
+    let ecn = h.gso_type & VIRTIO_NET_HDR_GSO_ECN as u8 != 0;
     let gso = h.gso_type & !(VIRTIO_NET_HDR_GSO_ECN as u8);
-    let feature = match u32::from(gso) {
-        VIRTIO_NET_HDR_GSO_NONE => {
-            return if h.gso_type & VIRTIO_NET_HDR_GSO_ECN as u8 != 0 {
-                Err(TxError::BadGso)
-            } else {
-                Ok(())
-            }
-        }
-        VIRTIO_NET_HDR_GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
-        VIRTIO_NET_HDR_GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
-        VIRTIO_NET_HDR_GSO_UDP => VIRTIO_NET_F_HOST_UFO,
+    let (feature, tcp) = match u32::from(gso) {
+        VIRTIO_NET_HDR_GSO_NONE => return if ecn { Err(TxError::BadGso) } else { Ok(()) },
+        VIRTIO_NET_HDR_GSO_TCPV4 => (VIRTIO_NET_F_HOST_TSO4, true),
+        VIRTIO_NET_HDR_GSO_TCPV6 => (VIRTIO_NET_F_HOST_TSO6, true),
+        VIRTIO_NET_HDR_GSO_UDP => (VIRTIO_NET_F_HOST_UFO, false),
         _ => return Err(TxError::BadGso),
     };
+    // ECN marks only TCP segmentation, and only with HOST_ECN.
+    if ecn && (!tcp || !acked(features, VIRTIO_NET_F_HOST_ECN)) {
+        return Err(TxError::BadGso);
+    }
     // Segmentation needs a segment size and a partial checksum to finish.
     if !acked(features, feature) || h.gso_size == 0 || !needs_csum {
         return Err(TxError::BadGso);
@@ -295,7 +319,7 @@ mod tests {
         let one = parse(&[(DATA, 1512, 0)], &bytes, ALL).unwrap();
         assert_eq!(one.header, h);
         assert_eq!(one.len, 1512);
-        assert_eq!(one.segments, vec![(GuestAddress(DATA), 1512)]);
+        assert_eq!(one.segments, vec![(GuestAddress(DATA + 12), 1500)]);
         // The header itself split 5 + 7, then the frame in two pieces,
         // with an empty descriptor between.
         let split = parse(
@@ -312,7 +336,47 @@ mod tests {
         .unwrap();
         assert_eq!(split.header, h);
         assert_eq!(split.len, 1512);
-        assert_eq!(split.segments.len(), 4);
+        assert_eq!(
+            split.segments,
+            vec![
+                (GuestAddress(DATA + 12), 100),
+                (GuestAddress(DATA + 112), 1400)
+            ]
+        );
+        // The header split 5 + 20: the frame starts 7 bytes into the second.
+        let mid = parse(&[(DATA, 5, 0), (DATA + 5, 1507, 0)], &bytes, ALL).unwrap();
+        assert_eq!(mid.segments, vec![(GuestAddress(DATA + 12), 1500)]);
+    }
+
+    #[test]
+    fn the_sent_header_is_cleaned() {
+        let h = VnetHeader {
+            flags: 0xfe | VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+            hdr_len: 60_000,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 77,
+            ..VnetHeader::default()
+        };
+        let frame = parse(&[(DATA, 1512, 0)], &header(h), ALL).unwrap();
+        assert_eq!(frame.header.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM as u8);
+        assert_eq!(frame.header.hdr_len, 1500);
+        assert_eq!(frame.header.num_buffers, 0);
+    }
+
+    #[test]
+    fn more_buffers_than_the_cap_are_refused() {
+        let mem = guest_memory(0x40_0000);
+        mem.write_slice(&header(VnetHeader::default()), GuestAddress(DATA))
+            .unwrap();
+        let mut builder = SplitQueueBuilder::new(&mem, GuestAddress(0), 1024).unwrap();
+        let descs: Vec<TestDescriptor> = (0..=MAX_SEGMENTS as u64 + 1)
+            .map(|i| TestDescriptor::new(DATA + i * 12, 12, NEXT))
+            .collect();
+        builder.add_chain(&descs).unwrap();
+        let mut queue = builder.build().unwrap();
+        let chain = queue.iter(&mem).unwrap().next().unwrap();
+        assert_eq!(parse_tx(chain, 0), Err(TxError::TooManySegments));
     }
 
     #[test]
@@ -373,8 +437,10 @@ mod tests {
         let mut queue = builder.build().unwrap();
         let chain = queue.iter(&mem).unwrap().next().unwrap();
         let frame = parse_tx(chain, 0).unwrap();
-        assert!(frame.segments.len() <= 16);
-        assert_eq!(frame.len, frame.segments.len() * 100);
+        // Sixteen visits of the one descriptor, the first holding the
+        // header.
+        assert_eq!(frame.len, 16 * 100);
+        assert_eq!(frame.segments.len(), 16);
     }
 
     #[test]
@@ -409,7 +475,7 @@ mod tests {
                     ..VnetHeader::default()
                 },
                 ALL,
-                Err(TxError::BadChecksum),
+                Ok(()),
             ),
             (gso(VIRTIO_NET_HDR_GSO_TCPV4, 1448), ALL, Ok(())),
             (gso(VIRTIO_NET_HDR_GSO_TCPV6, 1428), ALL, Ok(())),
@@ -417,7 +483,17 @@ mod tests {
             (
                 gso(VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN, 1448),
                 ALL,
+                Err(TxError::BadGso),
+            ),
+            (
+                gso(VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN, 1448),
+                ALL | (1 << VIRTIO_NET_F_HOST_ECN),
                 Ok(()),
+            ),
+            (
+                gso(VIRTIO_NET_HDR_GSO_UDP | VIRTIO_NET_HDR_GSO_ECN, 1448),
+                ALL | (1 << VIRTIO_NET_F_HOST_ECN),
+                Err(TxError::BadGso),
             ),
             (
                 gso(VIRTIO_NET_HDR_GSO_TCPV4, 1448),

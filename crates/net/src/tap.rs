@@ -34,6 +34,8 @@ const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_
 
 /// `struct ifreq` with the `ifr_flags` member of its union, padded to the
 /// kernel's 40 bytes.
+const _: () = assert!(std::mem::size_of::<IfReqFlags>() == 40);
+
 #[repr(C)]
 struct IfReqFlags {
     name: [u8; libc::IFNAMSIZ],
@@ -286,6 +288,8 @@ impl Tap {
             name,
         };
         tap.set_header_size()?;
+        // Whatever the embedder left on, offloads follow the guest.
+        tap.set_offloads(Offloads::default())?;
         Ok(tap)
     }
 
@@ -318,9 +322,10 @@ impl Tap {
     }
 
     fn try_offloads(&self, bits: libc::c_uint) -> io::Result<()> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value, no pointer is
-        // dereferenced.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, bits) } < 0 {
+        let arg = libc::c_ulong::from(bits);
+        // SAFETY: TUNSETOFFLOAD takes an unsigned long by value, no pointer
+        // is dereferenced.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, arg) } < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(())
@@ -351,10 +356,12 @@ impl Tap {
         found
     }
 
-    /// Read one frame (header first) into `bufs`, returning its length.
-    /// `WouldBlock` when the tap has nothing queued. The kernel drops a
-    /// frame longer than `bufs` (the read fails), so callers offer room
-    /// for the largest frame the tap can hold.
+    /// Read one frame (header first) into `bufs`, returning the bytes
+    /// copied. `WouldBlock` when the tap has nothing queued. A frame longer
+    /// than `bufs` is consumed cut to fit, and tun reports only the bytes
+    /// it copied, so callers must offer room for the largest frame the tap
+    /// can hold (its MTU, or 64 KiB with segmentation offloads). A kernel
+    /// that reports the whole length instead gets `EMSGSIZE` here.
     pub fn read_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize> {
         let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
         let iovecs: Vec<libc::iovec> = guards
@@ -378,26 +385,39 @@ impl Tap {
         for buf in bufs {
             buf.bitmap().mark_dirty(0, buf.len());
         }
-        n
+        // Never hand on a length past the buffers, whatever the kernel says.
+        let room: usize = iovecs.iter().map(|v| v.iov_len).sum();
+        match n {
+            Ok(n) if n > room => Err(io::Error::from_raw_os_error(libc::EMSGSIZE)),
+            other => other,
+        }
     }
 
-    /// Write one frame (header first) gathered from `bufs`, returning the
-    /// bytes written (a tap takes a frame whole or not at all).
-    pub fn write_frame<B: BitmapSlice>(&self, bufs: &[VolatileSlice<'_, B>]) -> io::Result<usize> {
+    /// Write one frame, `header` then the bytes gathered from `bufs`,
+    /// returning the bytes written (a tap takes a frame whole or not at
+    /// all).
+    pub fn write_frame<B: BitmapSlice>(
+        &self,
+        header: &[u8; VNET_HDR_LEN],
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> io::Result<usize> {
         let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard()).collect();
-        let iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .map(|g| libc::iovec {
-                // `iovec` has one pointer type for both directions; writev
-                // only reads.
-                iov_base: g.as_ptr().cast_mut().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
+        // `iovec` has one pointer type for both directions; writev only
+        // reads.
+        let iovecs: Vec<libc::iovec> = std::iter::once(libc::iovec {
+            iov_base: header.as_ptr().cast_mut().cast(),
+            iov_len: header.len(),
+        })
+        .chain(guards.iter().map(|g| libc::iovec {
+            iov_base: g.as_ptr().cast_mut().cast(),
+            iov_len: g.len(),
+        }))
+        .collect();
         let count = iovec_count(&iovecs)?;
         retry(|| {
             // SAFETY: as in `read_frame`, the guards keep every buffer
-            // valid for the call; writev only reads them.
+            // valid for the call, and `header` is borrowed for it; writev
+            // only reads them.
             unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) }
         })
     }
@@ -478,6 +498,7 @@ fn set_fd_flags(fd: RawFd) -> io::Result<()> {
 /// embedder (or a test) would hand over.
 #[doc(hidden)]
 pub fn open_raw(name: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    check_name(name).map_err(io::Error::other)?;
     let file = OpenOptions::new().read(true).write(true).open(TUN_PATH)?;
     let mut req = IfReqFlags::new(name, flags);
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` has its

@@ -106,7 +106,7 @@ where
                     .flat_map(|&(addr, len)| mem.get_slices(addr, len as usize))
                     .collect();
                 let written = match slices {
-                    Ok(slices) => backend.write_frame(&slices).ok(),
+                    Ok(slices) => backend.write_frame(&frame.header.to_bytes(), &slices).ok(),
                     Err(_) => None,
                 };
                 if written.is_some() {

@@ -14,7 +14,8 @@
 //!   tokens, and starts full;
 //! - an operation larger than the capacity (a 64 KiB frame under a slow
 //!   limit) is let through once the bucket is full and leaves it in debt,
-//!   so the long-run rate stays exact and no operation waits forever;
+//!   so the long-run rate stays exact and no operation waits forever; the
+//!   debt is capped at [`MAX_DEBT`] of refill;
 //! - the one-time burst is spent before the bucket and never refills;
 //! - both buckets must agree: an operation either takes from both or from
 //!   neither.
@@ -34,6 +35,11 @@ use vmm_sys_util::timerfd::TimerFd;
 /// limited stream is smooth (no second-long bursts), large enough that a
 /// timer wake-up lets several operations through.
 pub const BUCKET_WINDOW: Duration = Duration::from_millis(100);
+
+/// The longest an operation's debt holds a bucket empty: operations up
+/// to this much refill keep the long-run rate exact, larger ones are
+/// undercharged rather than stall the device for hours.
+pub const MAX_DEBT: Duration = Duration::from_secs(60);
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
@@ -177,9 +183,15 @@ impl TokenBucket {
         let from_burst = tokens.min(self.burst);
         self.burst -= from_burst;
         let rest = tokens - from_burst;
-        // The debt is at most one operation: the next one waits for a
-        // positive balance.
-        self.balance = self.balance.saturating_sub(to_nanos(u128::from(rest)));
+        // The debt is at most one operation (the next one waits for a
+        // positive balance), and at most MAX_DEBT of refill: one huge
+        // operation cannot stop the device for longer.
+        let floor =
+            -i128::try_from(self.rate.saturating_mul(MAX_DEBT.as_nanos())).unwrap_or(i128::MAX);
+        self.balance = self
+            .balance
+            .saturating_sub(to_nanos(u128::from(rest)))
+            .max(floor);
     }
 }
 
@@ -550,11 +562,16 @@ mod tests {
         assert!(fast.consume(u64::MAX));
         clock.advance(Duration::from_secs(1 << 30));
         assert!(fast.consume(u64::MAX));
+        // One enormous operation at 1 byte/s holds the bucket for at most
+        // MAX_DEBT (plus refilling its one-byte capacity).
         let (mut slow, clock) = limiter(bandwidth(1));
         assert!(slow.consume(u64::MAX));
         assert!(!slow.consume(1));
         slow.on_timer();
-        clock.advance(Duration::from_secs(1 << 30));
+        clock.advance(MAX_DEBT);
         assert!(!slow.consume(1));
+        slow.on_timer();
+        clock.advance(Duration::from_secs(1));
+        assert!(slow.consume(1));
     }
 }
