@@ -35,6 +35,13 @@ pub const MAX_FRAMES_PER_RUN: usize = 64;
 /// Times one run looks again for buffers that came as it ran out.
 const MAX_RECHECKS: usize = 4;
 
+/// Most buffers one frame is read into, summed over the chains gathered
+/// for it: half the kernel's 1024 iovecs per `readv`, as a buffer crossing
+/// a guest memory region boundary becomes two. A chain that would take a
+/// frame past it is refused, so neither the gathered list nor the read
+/// grows with what the guest posts.
+pub const MAX_RX_BUFFERS: usize = 512;
+
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
@@ -77,6 +84,7 @@ enum BadChain {
     Readable,
     OutOfMemory,
     TooSmall,
+    TooManyBuffers,
 }
 
 impl BadChain {
@@ -85,6 +93,7 @@ impl BadChain {
             BadChain::Readable => "device-readable RX descriptor",
             BadChain::OutOfMemory => "RX buffer outside guest memory",
             BadChain::TooSmall => "RX buffer smaller than the largest frame",
+            BadChain::TooManyBuffers => "RX chain with too many buffers",
         }
     }
 }
@@ -106,6 +115,9 @@ fn check_chain<M: GuestMemory>(
         }
         if !mem.check_range(desc.addr(), len) {
             return Err((head, BadChain::OutOfMemory));
+        }
+        if bufs.len() == MAX_RX_BUFFERS {
+            return Err((head, BadChain::TooManyBuffers));
         }
         bufs.push((desc.addr(), len));
         room = room.saturating_add(len);
@@ -195,6 +207,10 @@ where
                 } else if config.mergeable && chains.is_empty() && c.room < VNET_HDR_LEN {
                     // The header must fit the first buffer of a frame.
                     Err((c.head, BadChain::TooSmall))
+                } else if chains.iter().map(|g| g.bufs.len()).sum::<usize>() + c.bufs.len()
+                    > MAX_RX_BUFFERS
+                {
+                    Err((c.head, BadChain::TooManyBuffers))
                 } else {
                     Ok(c)
                 }
@@ -253,7 +269,9 @@ where
         }
         // At most the queue size: fits a u16.
         let count = used.len() as u16;
-        write_at(mem, &chains[0], NUM_BUFFERS_OFFSET, &count.to_le_bytes());
+        if let Some(first) = chains.first() {
+            write_at(mem, first, NUM_BUFFERS_OFFSET, &count.to_le_bytes());
+        }
         for _ in used.len()..chains.len() {
             queue.go_to_previous_position();
         }
@@ -311,8 +329,12 @@ mod tests {
 
     impl Guest {
         fn new() -> Self {
+            Self::with_queue_size(256)
+        }
+
+        fn with_queue_size(size: u16) -> Self {
             let mem = guest_memory(0x100_0000);
-            let builder = SplitQueueBuilder::new(&mem, GuestAddress(0), 256).unwrap();
+            let builder = SplitQueueBuilder::new(&mem, GuestAddress(0), size).unwrap();
             let queue = builder.build().unwrap();
             Guest {
                 mem,
@@ -516,6 +538,30 @@ mod tests {
         let run = g.receive(PLAIN);
         assert_eq!(run.frames, 100 - MAX_FRAMES_PER_RUN);
         assert!(!run.pending && !run.starved);
+    }
+
+    #[test]
+    fn chains_past_the_buffer_cap_are_refused_and_the_frame_still_lands() {
+        let mut g = Guest::with_queue_size(2048);
+        // Head 0: one chain of more buffers than a frame may take.
+        g.post(&vec![1; MAX_RX_BUFFERS + 1]);
+        // Head 513: 400 buffers, 800 bytes; head 913: 200 more buffers
+        // would take the frame past the cap; head 1113: one buffer.
+        g.post(&vec![2; 400]);
+        g.post(&vec![8; 200]);
+        g.post(&[2000]);
+        let f = frame(1000, 5);
+        g.backend.inbound.borrow_mut().push_back(f.clone());
+
+        let run = g.receive(MERGE);
+
+        assert_eq!(run.frames, 1);
+        assert_eq!(g.faults.count("RX chain with too many buffers"), 2);
+        assert_eq!(g.used(0), (0, 0));
+        assert_eq!(g.used(1), (913, 0));
+        assert_eq!(g.used(2), (513, 800));
+        assert_eq!(g.used(3), (1113, 200));
+        assert!(g.backend.inbound.borrow().is_empty());
     }
 
     #[test]
