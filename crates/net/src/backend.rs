@@ -58,8 +58,9 @@ impl NetBackend for MemBackend {
             .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
         let room: usize = bufs.iter().map(|b| b.len()).sum();
         if frame.len() > room {
-            // A tap drops a frame its reader has no room for.
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+            // The frame is taken and lost, as `Tap::read_frame` reports
+            // one that did not fit.
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
         let mut at = 0;
         for buf in bufs {

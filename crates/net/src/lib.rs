@@ -1,7 +1,10 @@
 //! virtio-net for chitin microVMs, over tap devices (virtio 1.2 §5.1).
 //!
-//! Built in layers, as `chitin-blk` is; this crate holds so far:
+//! Built in layers, as `chitin-blk` is:
 //!
+//! - [`device`]: [`Net`], the `VirtioDevice` the transport sees, with its
+//!   event-loop adapter: one receive and one transmit queue over a tap,
+//!   per-device counters, optional limits each way;
 //! - [`frame`]: the TX parser, a descriptor chain to a checked
 //!   [`TxFrame`] (every buffer in guest memory, the length bounded, the
 //!   header checked against the accepted features) or a typed drop reason;
@@ -21,6 +24,8 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod device;
+mod event;
 pub mod frame;
 pub mod rx;
 pub mod tap;
@@ -29,6 +34,7 @@ pub mod tx;
 #[cfg(any(test, feature = "test-utils"))]
 pub use backend::MemBackend;
 pub use backend::NetBackend;
+pub use device::{MacAddr, MacParseError, Net, NetConfig, NetCounters, NetError, NetStats};
 pub use frame::{parse_tx, TxError, TxFrame, VnetHeader};
 pub use rx::{receive, RxConfig, RxRun};
 pub use tx::{transmit, TxRun};

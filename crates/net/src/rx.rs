@@ -21,6 +21,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use chitin_virtio::queue::{next_chain, notify, QueueError, QueueRun};
+use chitin_virtio::rate_limit::{Clock, RateLimiter};
 use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
@@ -67,6 +68,14 @@ pub struct RxRun {
     pub starved: bool,
     /// The run stopped at its bound with the backend maybe not empty.
     pub pending: bool,
+    /// The limiter holds further frames back until its timer.
+    pub throttled: bool,
+    /// Frames the backend lost because they did not fit what was
+    /// gathered for them (a tap whose MTU is larger than the guest's).
+    pub dropped: usize,
+    /// The backend failed a read for a reason other than being empty or
+    /// a frame not fitting; the run stopped there.
+    pub read_error: Option<io::ErrorKind>,
     /// Chains returned, and whether the driver was interrupted.
     pub queue: QueueRun,
 }
@@ -144,19 +153,24 @@ fn write_at<M: GuestMemory>(mem: &M, chain: &RxChain, mut offset: usize, mut byt
 }
 
 /// Deliver frames from `backend` into the queue's posted buffers until
-/// the backend is empty, the guest's buffers run out, or the run's bound.
-pub fn receive<M, T, I>(
+/// the backend is empty, the guest's buffers run out, the limiter says
+/// stop (it is asked before each frame and charged after it), or the
+/// run's bound.
+#[allow(clippy::too_many_arguments)]
+pub fn receive<M, T, I, C>(
     queue: &mut Queue,
     mem: &M,
     backend: &T,
     interrupt: &I,
     config: RxConfig,
     faults: &GuestFaults,
+    mut limiter: Option<&mut RateLimiter<C>>,
 ) -> Result<RxRun, QueueError>
 where
     M: GuestMemory,
     T: NetBackend,
     I: VirtioInterrupt + ?Sized,
+    C: Clock,
 {
     let mut run = RxRun::default();
     if !queue.ready() {
@@ -167,7 +181,13 @@ where
         .map_err(QueueError::Notification)?;
     let mut chains: Vec<RxChain> = Vec::new();
     let mut rechecks = 0;
-    'frames: while run.frames < MAX_FRAMES_PER_RUN {
+    'frames: while run.frames + run.dropped < MAX_FRAMES_PER_RUN {
+        if let Some(limiter) = limiter.as_deref_mut() {
+            if !limiter.admit() {
+                run.throttled = true;
+                break;
+            }
+        }
         // Gather room for the largest frame.
         chains.clear();
         let mut room = 0usize;
@@ -243,17 +263,24 @@ where
         let len = match read {
             Ok(len) if len >= VNET_HDR_LEN => len,
             result => {
-                // Empty backend, or a failed read: nothing was delivered.
+                // Nothing was delivered: the chains go back untouched.
                 for _ in 0..chains.len() {
                     queue.go_to_previous_position();
                 }
                 chains.clear();
-                if let Err(e) = result {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::debug!("net: backend read failed: {e}");
+                match result {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'frames,
+                    // The frame was taken from the backend but did not
+                    // fit (or was shorter than a header): it is lost, the
+                    // next one may fit.
+                    Ok(_) => run.dropped += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => run.dropped += 1,
+                    Err(e) => {
+                        run.read_error = Some(e.kind());
+                        break 'frames;
                     }
                 }
-                break 'frames;
+                continue 'frames;
             }
         };
         // Spread the frame over the chains in order.
@@ -285,8 +312,11 @@ where
         }
         run.frames += 1;
         run.bytes += len as u64;
+        if let Some(limiter) = limiter.as_deref_mut() {
+            limiter.charge(len as u64);
+        }
     }
-    if run.frames == MAX_FRAMES_PER_RUN {
+    if run.frames + run.dropped == MAX_FRAMES_PER_RUN {
         run.pending = true;
     }
     notify(queue, mem, interrupt, &mut run.queue)?;
@@ -378,6 +408,20 @@ mod tests {
                 &self.interrupt,
                 config,
                 &self.faults,
+                None::<&mut RateLimiter>,
+            )
+            .unwrap()
+        }
+
+        fn receive_limited(&mut self, config: RxConfig, limiter: &mut RateLimiter) -> RxRun {
+            receive(
+                &mut self.queue,
+                &self.mem,
+                &self.backend,
+                &self.interrupt,
+                config,
+                &self.faults,
+                Some(limiter),
             )
             .unwrap()
         }
@@ -404,6 +448,52 @@ mod tests {
     fn with_num_buffers(mut f: Vec<u8>, n: u16) -> Vec<u8> {
         f[10..12].copy_from_slice(&n.to_le_bytes());
         f
+    }
+
+    #[test]
+    fn a_limiter_stops_the_run_after_what_it_admits_and_the_frames_wait() {
+        let mut g = Guest::new();
+        for _ in 0..8 {
+            g.post(&[1526]);
+        }
+        g.backend
+            .inbound
+            .borrow_mut()
+            .extend((0..5).map(|i| frame(1000, i)));
+        // 20 frames/s: the bucket holds two.
+        let mut limiter = RateLimiter::new(chitin_virtio::RateLimit {
+            bandwidth: None,
+            ops: Some(chitin_virtio::Limit::per_second(
+                std::num::NonZeroU64::new(20).unwrap(),
+            )),
+        })
+        .unwrap();
+
+        let run = g.receive_limited(PLAIN, &mut limiter);
+
+        assert_eq!(run.frames, 2);
+        assert!(run.throttled && !run.starved && !run.pending);
+        assert!(limiter.is_throttled());
+        assert_eq!(g.backend.inbound.borrow().len(), 3);
+        // Throttled: nothing more until the timer.
+        assert_eq!(g.receive_limited(PLAIN, &mut limiter).frames, 0);
+    }
+
+    #[test]
+    fn a_frame_that_does_not_fit_is_counted_and_the_next_one_delivered() {
+        let mut g = Guest::new();
+        let a = g.post(&[1526])[0];
+        g.backend
+            .inbound
+            .borrow_mut()
+            .extend([frame(3000, 1), frame(100, 2)]);
+
+        let run = g.receive(PLAIN);
+
+        assert_eq!((run.frames, run.dropped), (1, 1));
+        assert_eq!(run.read_error, None);
+        assert_eq!(g.used(0), (0, 100));
+        assert_eq!(g.read(a, 100), with_num_buffers(frame(100, 2), 1));
     }
 
     #[test]

@@ -289,7 +289,7 @@ fn a_handed_over_fd_is_taken_only_if_it_is_a_vnet_tap() {
 #[ignore = "needs root and /dev/net/tun: run with --include-ignored (cargo xtask test does)"]
 fn mock_guest_queues_move_frames_through_a_real_tap() {
     use chitin_net::{receive, transmit, RxConfig};
-    use chitin_virtio::rate_limit::MonotonicClock;
+    use chitin_virtio::rate_limit::{MonotonicClock, RateLimiter};
     use chitin_virtio::test_utils::{
         guest_memory, RecordingInterrupt, SplitQueueBuilder, TestDescriptor,
     };
@@ -359,7 +359,16 @@ fn mock_guest_queues_move_frames_through_a_real_tap() {
             unsafe { libc::send(sock.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
         assert_eq!(sent as usize, inbound.len());
         assert!(wait_readable(tap.as_raw_fd(), Instant::now() + WAIT));
-        let run = receive(&mut rx_queue, &mem, &tap, &interrupt, config, &faults).unwrap();
+        let run = receive(
+            &mut rx_queue,
+            &mem,
+            &tap,
+            &interrupt,
+            config,
+            &faults,
+            None::<&mut RateLimiter>,
+        )
+        .unwrap();
         assert!(run.starved);
         assert_eq!(run.frames, 0);
         assert!(
@@ -376,7 +385,16 @@ fn mock_guest_queues_move_frames_through_a_real_tap() {
             rx.add_chain(&[TestDescriptor::new(base + i * 0x1000, 1526, write)])
                 .unwrap();
         }
-        let run = receive(&mut rx_queue, &mem, &tap, &interrupt, config, &faults).unwrap();
+        let run = receive(
+            &mut rx_queue,
+            &mem,
+            &tap,
+            &interrupt,
+            config,
+            &faults,
+            None::<&mut RateLimiter>,
+        )
+        .unwrap();
         assert!(run.frames >= 1);
         let mut found = false;
         for i in 0..rx.used_idx().unwrap() {
@@ -396,5 +414,146 @@ fn mock_guest_queues_move_frames_through_a_real_tap() {
             "the frame sent on the interface never reached the guest"
         );
         assert_eq!(faults.total(), 0);
+    });
+}
+
+/// The whole device in an event loop over a real tap: frames both ways,
+/// the tap unwatched while the guest has no receive buffers and after a
+/// reset (it wakes the loop at most once more), counters readable.
+#[test]
+#[ignore = "needs root and /dev/net/tun: run with --include-ignored (cargo xtask test does)"]
+fn the_device_in_an_event_loop_reads_the_tap_only_while_it_can_deliver() {
+    use std::sync::{Arc, Mutex};
+
+    use chitin_net::{MacAddr, Net, NetConfig};
+    use chitin_virtio::test_utils::{
+        guest_memory, RecordingInterrupt, SplitQueueBuilder, TestDescriptor,
+    };
+    use chitin_virtio::{ActivateContext, VirtioDevice};
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::{Bytes, GuestAddress};
+
+    in_netns(|| {
+        let tap = Tap::open("chitin-d0").expect("open the tap");
+        set_up("chitin-d0");
+        let (sock, _) = packet_socket("chitin-d0");
+        let net = Net::new(
+            tap,
+            NetConfig {
+                mac: MacAddr([0x02, 0, 0, 0, 0, 0x09]),
+                offloads: true,
+                rx_limit: Default::default(),
+                tx_limit: Default::default(),
+            },
+        )
+        .unwrap();
+        let tap_fd = net.tap().as_raw_fd();
+        let net = Arc::new(Mutex::new(net));
+        let mut manager = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+        manager.add_subscriber(net.clone());
+        let mem = guest_memory(0x100_0000);
+        let mut rx = SplitQueueBuilder::new(&mem, GuestAddress(0), 256).unwrap();
+        let mut tx = SplitQueueBuilder::new(&mem, GuestAddress(0x8000), 256).unwrap();
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let acked = (1u64 << VIRTIO_NET_F_MRG_RXBUF) | (1 << 32);
+        net.lock()
+            .unwrap()
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![rx.build().unwrap(), tx.build().unwrap()],
+                interrupt: interrupt.clone(),
+                acked_features: acked,
+            })
+            .unwrap();
+        // Activation looked at both queues: no receive buffers.
+        while manager.run_with_timeout(100).unwrap() > 0 {}
+
+        // A frame for the guest waits in the tap while it has no buffers.
+        let inbound = frame(ETHERTYPE_IN, 900);
+        // SAFETY: `inbound` is readable for its length.
+        let sent =
+            unsafe { libc::send(sock.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
+        assert_eq!(sent as usize, inbound.len());
+        assert!(wait_readable(tap_fd, Instant::now() + WAIT));
+        assert_eq!(manager.run_with_timeout(200).unwrap(), 0);
+        assert!(wait_readable(tap_fd, Instant::now()), "the tap was read");
+
+        // Buffers posted and notified: the frame lands byte-exact.
+        let base = 0x20_0000u64;
+        for i in 0..32u64 {
+            rx.add_chain(&[TestDescriptor::new(
+                base + i * 0x1000,
+                2048,
+                VRING_DESC_F_WRITE as u16,
+            )])
+            .unwrap();
+        }
+        net.lock().unwrap().queue_events()[0].write(1).unwrap();
+        let until = Instant::now() + WAIT;
+        let mut found = false;
+        while !found && Instant::now() < until {
+            manager.run_with_timeout(100).unwrap();
+            for i in 0..rx.used_idx().unwrap() {
+                let (head, len) = rx.used_element(i).unwrap();
+                let mut got = vec![0u8; len as usize];
+                mem.read_slice(&mut got, GuestAddress(base + u64::from(head) * 0x1000))
+                    .unwrap();
+                if got.len() > VNET_HDR_LEN + 14 && ethertype(&got[VNET_HDR_LEN..]) == ETHERTYPE_IN
+                {
+                    assert_eq!(&got[VNET_HDR_LEN..], &inbound[..]);
+                    found = true;
+                }
+            }
+        }
+        assert!(found, "the frame never reached the guest's buffers");
+
+        // A transmit chain leaves the tap byte-exact.
+        let out = frame(ETHERTYPE_OUT, 700);
+        let mut bytes = vec![0u8; VNET_HDR_LEN];
+        bytes.extend_from_slice(&out);
+        mem.write_slice(&bytes, GuestAddress(0x10_0000)).unwrap();
+        tx.add_chain(&[TestDescriptor::new(0x10_0000, bytes.len() as u32, 0)])
+            .unwrap();
+        net.lock().unwrap().queue_events()[1].write(1).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        let until = Instant::now() + WAIT;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            assert!(
+                wait_readable(sock.as_raw_fd(), until),
+                "no frame left the tap"
+            );
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 && ethertype(&buf[..n as usize]) == ETHERTYPE_OUT {
+                assert_eq!(&buf[..n as usize], &out[..]);
+                break;
+            }
+        }
+        let stats = net.lock().unwrap().stats();
+        assert!(stats.rx_frames >= 1 && stats.tx_frames == 1, "{stats:?}");
+        assert_eq!(stats.tx_bytes, bytes.len() as u64);
+        assert_eq!((stats.tx_malformed, stats.rx_dropped), (0, 0));
+
+        // Reset: a frame arriving afterwards wakes the loop at most once,
+        // then waits in the tap.
+        net.lock().unwrap().reset();
+        // SAFETY: `inbound` is readable for its length.
+        let sent =
+            unsafe { libc::send(sock.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
+        assert_eq!(sent as usize, inbound.len());
+        assert!(wait_readable(tap_fd, Instant::now() + WAIT));
+        let mut wakes = 0;
+        for _ in 0..5 {
+            wakes += manager.run_with_timeout(50).unwrap();
+        }
+        assert!(wakes <= 1, "the reset device was woken {wakes} times");
+        assert!(
+            wait_readable(tap_fd, Instant::now()),
+            "the reset device read the tap"
+        );
+        assert_eq!(net.lock().unwrap().faults().total(), 0);
     });
 }

@@ -179,6 +179,18 @@ impl TokenBucket {
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
+    /// How long until the bucket holds a whole token again (or the burst
+    /// has some); zero if it does now.
+    fn wait_for_credit(&self) -> Duration {
+        let token = to_nanos(1);
+        if self.burst > 0 || self.balance >= token {
+            return Duration::ZERO;
+        }
+        let short = (token - self.balance) as u128;
+        let nanos = short.div_ceil(self.rate);
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
     fn take(&mut self, tokens: u64) {
         let from_burst = tokens.min(self.burst);
         self.burst -= from_burst;
@@ -260,23 +272,64 @@ impl<C: Clock> RateLimiter<C> {
                 wait = wait.max(bucket.wait_for(tokens));
             }
         }
-        if wait > Duration::ZERO {
-            self.throttled = true;
-            self.throttle_count += 1;
-            // A timer that cannot be armed would leave the device stopped
-            // for good: stay unthrottled instead and let the operation
-            // through (the limit is lost, no work is).
-            if self.timer.reset(wait, None).is_err() {
-                self.throttled = false;
-            } else {
-                return false;
-            }
+        if self.throttle_for(wait) {
+            return false;
         }
+        self.take(bytes);
+        true
+    }
+
+    /// For operations whose size is known only once they are done (a
+    /// frame read from a tap lands in the guest before its length is
+    /// known): whether one may start now. It may when every bucket holds
+    /// a whole token; [`Self::charge`] then takes what it cost, which may
+    /// leave a bucket in debt. Otherwise the timer is armed for when the
+    /// buckets have credit again and this returns false.
+    pub fn admit(&mut self) -> bool {
+        if self.throttled {
+            return false;
+        }
+        let now = self.clock.now();
+        let mut wait = Duration::ZERO;
+        for bucket in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            bucket.refill(now);
+            wait = wait.max(bucket.wait_for_credit());
+        }
+        !self.throttle_for(wait)
+    }
+
+    /// Take one operation of `bytes` that [`Self::admit`] let start; the
+    /// buckets may go into debt (at most [`MAX_DEBT`] of refill), which
+    /// the next `admit` waits out.
+    pub fn charge(&mut self, bytes: u64) {
+        let now = self.clock.now();
+        for bucket in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            bucket.refill(now);
+        }
+        self.take(bytes);
+    }
+
+    fn take(&mut self, bytes: u64) {
         for (bucket, tokens) in [(&mut self.bandwidth, bytes), (&mut self.ops, 1)] {
             if let Some(bucket) = bucket {
                 bucket.take(tokens);
             }
         }
+    }
+
+    /// Throttle for `wait` unless it is zero; whether throttled.
+    fn throttle_for(&mut self, wait: Duration) -> bool {
+        if wait == Duration::ZERO {
+            return false;
+        }
+        // A timer that cannot be armed would leave the device stopped for
+        // good: stay unthrottled instead and let the operation through
+        // (the limit is lost, no work is).
+        if self.timer.reset(wait, None).is_err() {
+            return false;
+        }
+        self.throttled = true;
+        self.throttle_count += 1;
         true
     }
 
@@ -400,6 +453,62 @@ mod tests {
             }
         }
         passed
+    }
+
+    #[test]
+    fn admit_then_charge_holds_the_rate_over_frames_of_unknown_size() {
+        // 1 MB/s; frames of 64 KiB are charged after they happened.
+        let (mut limiter, clock) = limiter(bandwidth(1_000_000));
+        let frame = 65_536;
+        let mut passed = 0u64;
+        // Ten seconds in 1 ms steps.
+        for _ in 0..10_000 {
+            clock.advance(Duration::from_millis(1));
+            limiter.on_timer();
+            while limiter.admit() {
+                limiter.charge(frame);
+                passed += frame;
+            }
+        }
+        // The 100 000-byte bucket, plus 10 s of refill, plus at most the
+        // one frame that took the balance into debt.
+        let expected = 100_000 + 10_000_000;
+        assert!(passed >= expected, "{passed}");
+        assert!(passed <= expected + frame, "{passed}");
+    }
+
+    #[test]
+    fn admit_waits_out_the_debt_of_a_charge_and_arms_the_timer() {
+        // 1000 bytes/s: a 150-byte charge from a full 100-byte bucket
+        // leaves 50 bytes of debt, which takes 50 ms (and a bit) to repay.
+        let (mut limiter, clock) = limiter(bandwidth(1_000));
+        assert!(limiter.admit());
+        limiter.charge(150);
+        assert!(!limiter.admit());
+        assert_eq!(limiter.throttle_count(), 1);
+        let started = Instant::now();
+        expire(&mut limiter);
+        assert!(started.elapsed() >= Duration::from_millis(45));
+        // The fake clock has not moved: still in debt.
+        assert!(!limiter.admit());
+        expire(&mut limiter);
+        clock.advance(Duration::from_millis(51));
+        assert!(limiter.admit());
+    }
+
+    #[test]
+    fn admit_counts_operations_and_spends_the_burst_first() {
+        let (mut limiter, _) = limiter(RateLimit {
+            bandwidth: None,
+            ops: Some(limit(10).with_burst(3)),
+        });
+        // One op of capacity (100 ms of 10/s) and a burst of three.
+        let mut admitted = 0;
+        while limiter.admit() {
+            limiter.charge(1 << 20);
+            admitted += 1;
+        }
+        assert_eq!(admitted, 4);
     }
 
     #[test]
