@@ -71,6 +71,32 @@ pub enum SandboxError {
         #[source]
         source: chitin_vsock::VsockError,
     },
+    /// A network interface's tap could not be opened or is unusable: no
+    /// /dev/net/tun, no permission, a bad or busy name, or a handed-over
+    /// fd that is not a vnet tap.
+    #[error("cannot use {tap}")]
+    Tap {
+        /// `tap <name>` or `a handed-over tap fd`.
+        tap: String,
+        /// Which step failed and why.
+        #[source]
+        source: chitin_net::TapError,
+    },
+    /// A network device could not be set up over its tap.
+    #[error("cannot set up the network device on {tap}")]
+    NetDevice {
+        /// `tap <name>` or `a handed-over tap fd`.
+        tap: String,
+        /// What failed.
+        #[source]
+        source: chitin_net::NetError,
+    },
+    /// A network interface's guest settings are inconsistent.
+    #[error("invalid network interface settings: {0}")]
+    InvalidNet(String),
+    /// A rate limit lets nothing through.
+    #[error("invalid rate limit: {0}")]
+    InvalidRateLimit(String),
     /// `.root_disk(..)` was called twice.
     #[error("only one disk can be the root disk")]
     SecondRootDisk,

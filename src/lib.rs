@@ -2,7 +2,7 @@
 //!
 //! A runtime links chitin to give each workload its own KVM virtual machine:
 //! configure a [`Sandbox`] (kernel, initrd, command line, vCPUs, memory,
-//! console, disks, vsock, a guest image with chitin's agent), `build()` it
+//! console, disks, network interfaces, vsock, a guest image with chitin's agent), `build()` it
 //! (everything is validated and the kernel loaded), `start()` it, run
 //! commands in it ([`Command`], [`RunningSandbox::output`] and
 //! [`RunningSandbox::spawn`]), and `wait()` for or `stop()` it (from any
@@ -29,11 +29,12 @@
 //! The facade owns no device or KVM logic itself: it composes
 //! `chitin-memory` (guest RAM), `chitin-boot` (kernel loading),
 //! `chitin-vcpu` (the VM and its vCPUs), `chitin-devices` (serial, i8042,
-//! RTC), `chitin-virtio` (the virtio-mmio transport), `chitin-blk` and
-//! `chitin-vsock` (the virtio devices), and the host side of
+//! RTC), `chitin-virtio` (the virtio-mmio transport), `chitin-blk`,
+//! `chitin-net` and `chitin-vsock` (the virtio devices), and the host side of
 //! `chitin-agent`'s protocol. None of their types but the plain
-//! configuration enums ([`BootProtocol`], [`Backing`]) and results
-//! ([`ExitReason`], [`BootInfo`]) appear in its API.
+//! configuration enums ([`BootProtocol`], [`Backing`]), the MAC address
+//! ([`MacAddr`]) and results ([`ExitReason`], [`BootInfo`],
+//! [`NetStats`]) appear in its API.
 
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
@@ -47,12 +48,14 @@ mod exec;
 mod faults;
 mod guest;
 mod logging;
+mod net;
 mod sandbox;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
 pub use chitin_memory::Backing;
+pub use chitin_net::{MacAddr, MacParseError, NetStats};
 pub use chitin_vcpu::ExitReason;
 pub use console::{
     Console, ConsoleCapture, ConsoleInput, DEFAULT_CAPTURE_LIMIT, DEFAULT_FILE_LIMIT,
@@ -66,6 +69,7 @@ pub use exec::{
 pub use faults::DeviceFaults;
 pub use guest::{GuestImage, GUEST_CMDLINE};
 pub use logging::log_to_stderr;
+pub use net::{Net, RateLimit};
 pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, SandboxHandle, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, VMM_CMDLINE_ENTRIES,

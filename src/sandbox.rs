@@ -7,6 +7,7 @@
 //! outlives it.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
+use chitin_net::{NetCounters, NetStats};
 use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
 use chitin_vsock::{Vsock, VsockConfig};
 
@@ -30,6 +32,7 @@ use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::exec::{relock, AgentLink, Child, Command, ExitStatus, Output, Stdio};
 use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
+use crate::net::{dns_entry, Net};
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -78,6 +81,7 @@ pub struct Sandbox {
     ram: GuestRam,
     agent_socket: Option<PathBuf>,
     faults: FaultTables,
+    nets: Vec<Arc<NetCounters>>,
 }
 
 /// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
@@ -95,6 +99,8 @@ pub struct SandboxBuilder {
     input: Option<ConsoleInput>,
     disks: Vec<Disk>,
     root_disk: Option<usize>,
+    nets: Vec<Net>,
+    dns: Vec<Ipv4Addr>,
     vsock: Option<VsockSettings>,
     agent: bool,
     first_error: Option<SandboxError>,
@@ -114,6 +120,8 @@ impl Default for SandboxBuilder {
             input: None,
             disks: Vec::new(),
             root_disk: None,
+            nets: Vec::new(),
+            dns: Vec::new(),
             vsock: None,
             agent: false,
             first_error: None,
@@ -211,6 +219,21 @@ impl SandboxBuilder {
         self
     }
 
+    /// Add a network interface; interfaces appear in the guest in the
+    /// order added (`eth0`, `eth1`, ...). With an address set, chitin's
+    /// guest agent configures it before the first command runs.
+    pub fn net(mut self, net: Net) -> Self {
+        self.nets.push(net);
+        self
+    }
+
+    /// A DNS server for the guest's `/etc/resolv.conf` (written by chitin's
+    /// guest agent); servers are listed in the order added.
+    pub fn dns(mut self, server: Ipv4Addr) -> Self {
+        self.dns.push(server);
+        self
+    }
+
     /// Give the guest a virtio-vsock device with context id `cid` (3 or
     /// more). Host processes reach guest listeners through the Unix socket
     /// `uds_path` (write `CONNECT <port>\n`, read `OK <n>\n`, then the
@@ -291,6 +314,22 @@ impl SandboxBuilder {
                 &mut events,
             )?);
         }
+        let mut nets = Vec::with_capacity(self.nets.len());
+        for (index, net) in self.nets.iter().enumerate() {
+            let device = net.device()?;
+            faults.add(format!("eth{index}"), device.faults());
+            nets.push(device.counters());
+            vmm_entries.extend(net.cmdline_entry(device.mac()));
+            vmm_entries.push(attach_virtio(
+                &vm,
+                &ram,
+                device,
+                &mut slots,
+                &mut buses,
+                &mut events,
+            )?);
+        }
+        vmm_entries.extend(dns_entry(&self.dns));
         let vsock = match (self.vsock, self.agent) {
             (Some(v), _) => Some(v),
             (None, true) => Some(VsockSettings::private()),
@@ -362,6 +401,7 @@ impl SandboxBuilder {
             ram,
             agent_socket: vsock.filter(|_| self.agent).map(|v| v.path),
             faults,
+            nets,
         })
     }
 }
@@ -409,6 +449,7 @@ impl Sandbox {
             ram,
             agent_socket,
             faults,
+            nets,
         } = self;
         let events = events
             .spawn()
@@ -423,6 +464,7 @@ impl Sandbox {
             vm,
             ram,
             faults,
+            nets,
         };
         for vcpu in vcpus {
             let spawned = vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.life.control));
@@ -523,6 +565,7 @@ pub struct RunningSandbox {
     vm: Vm,
     ram: GuestRam,
     faults: FaultTables,
+    nets: Vec<Arc<NetCounters>>,
 }
 
 impl fmt::Debug for RunningSandbox {
@@ -665,6 +708,12 @@ impl RunningSandbox {
     /// ```
     pub fn device_faults(&self) -> Vec<DeviceFaults> {
         self.faults.snapshot()
+    }
+
+    /// Frames and bytes each way and drops by cause, one entry per
+    /// network interface in `.net(..)` order (`eth0` first).
+    pub fn net_stats(&self) -> Vec<NetStats> {
+        self.nets.iter().map(|n| n.snapshot()).collect()
     }
 
     /// Bytes of guest RAM resident on the host: what the guest has touched.

@@ -34,6 +34,15 @@ impl KernelCmdline {
             .next_back()
     }
 
+    /// The values of every `key=value` entry for `key`, in order.
+    pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.raw
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter(move |(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
     /// The value of `key` parsed as a number.
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.get(key)?.parse().ok()
@@ -50,6 +59,13 @@ mod tests {
         assert_eq!(c.get("chitin.scenario"), Some("smp4"));
         assert_eq!(c.get("quiet"), None);
         assert_eq!(c.get("missing"), None);
+    }
+
+    #[test]
+    fn get_all_returns_every_value_in_order() {
+        let c = KernelCmdline::parse("chitin.net=a x=1 chitin.net=b");
+        assert_eq!(c.get_all("chitin.net").collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(c.get_all("y").count(), 0);
     }
 
     #[test]

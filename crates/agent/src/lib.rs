@@ -1,6 +1,7 @@
 //! chitin-agent: the guest side of chitin's agent, PID 1 of every guest
 //! image: the minimal userspace a process expects ([`init`]), the kernel
-//! command line ([`cmdline`]), the exec server for one connection
+//! command line ([`cmdline`]), the network configuration it carries
+//! ([`net`]), the exec server for one connection
 //! ([`server`]), the vsock service that accepts connections and serves each
 //! ([`service`], over the [`vsock`] shim).
 //!
@@ -12,6 +13,7 @@ use std::io::Write;
 
 pub mod cmdline;
 pub mod init;
+pub mod net;
 pub mod server;
 pub mod service;
 pub mod vsock;

@@ -1,6 +1,7 @@
 //! chitin-agent: PID 1 of chitin's guest image.
 //!
-//! It brings up a minimal userspace ([`chitin_agent::init`]), prints
+//! It brings up a minimal userspace ([`chitin_agent::init`]) and the
+//! network the VMM configured ([`chitin_agent::net`]), prints
 //! `chitin-agent: up version=<protocol version>` on the console, and serves
 //! the exec protocol on vsock port 1024 ([`chitin_agent::service`]) for as
 //! long as the guest runs; a client's SHUTDOWN stops the VM (sync, then
@@ -10,12 +11,18 @@
 //! The agent never panics on what it reads from the kernel or the host: a
 //! PID 1 crash would panic the guest.
 
-use chitin_agent::{init, say, service};
+use chitin_agent::{cmdline, init, net, say, service};
 use chitin_agent_protocol::VERSION;
 
 fn main() {
     if let Err(e) = init::mount_basics() {
         say(&format!("chitin-agent: {e}"));
+    }
+    for line in net::configure(&cmdline::KernelCmdline::read()) {
+        match line {
+            Ok(done) => say(&format!("chitin-agent: net {done}")),
+            Err(e) => say(&format!("chitin-agent: net error: {e}")),
+        }
     }
     say(&format!("chitin-agent: up version={VERSION}"));
     // Returns only when the socket cannot be set up.

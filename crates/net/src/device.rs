@@ -171,6 +171,8 @@ pub struct NetCounters {
     tx_bytes: AtomicU64,
     tx_malformed: AtomicU64,
     tx_backend_drops: AtomicU64,
+    rx_throttled: AtomicU64,
+    tx_throttled: AtomicU64,
 }
 
 /// A snapshot of [`NetCounters`]. Byte counts include the 12-byte
@@ -205,6 +207,24 @@ impl NetCounters {
             counter.fetch_add(n, Ordering::Relaxed);
         }
     }
+
+    /// What the counters hold now.
+    pub fn snapshot(&self) -> NetStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let counters = self;
+        NetStats {
+            rx_frames: get(&counters.rx_frames),
+            rx_bytes: get(&counters.rx_bytes),
+            rx_dropped: get(&counters.rx_dropped),
+            rx_read_errors: get(&counters.rx_read_errors),
+            tx_frames: get(&counters.tx_frames),
+            tx_bytes: get(&counters.tx_bytes),
+            tx_malformed: get(&counters.tx_malformed),
+            tx_backend_drops: get(&counters.tx_backend_drops),
+            rx_throttled: get(&counters.rx_throttled),
+            tx_throttled: get(&counters.tx_throttled),
+        }
+    }
 }
 
 /// A virtio-net device over a tap.
@@ -228,6 +248,17 @@ pub struct Net {
     pub(crate) tap_broken: bool,
     /// Whether the tap is in the event loop's interest list.
     pub(crate) tap_watched: bool,
+}
+
+impl fmt::Debug for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Net")
+            .field("tap", &self.tap.name())
+            .field("mac", &self.mac())
+            .field("active", &self.active.is_some())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Net {
@@ -311,37 +342,14 @@ impl Net {
         &self.faults
     }
 
-    /// The live counters; read them with [`Net::stats_of`].
+    /// The live counters; a clone shares them.
     pub fn counters(&self) -> Arc<NetCounters> {
         Arc::clone(&self.counters)
     }
 
-    /// A snapshot of the counters, throttle counts included.
+    /// A snapshot of the counters.
     pub fn stats(&self) -> NetStats {
-        let throttles = |l: &Option<RateLimiter>| l.as_ref().map_or(0, |l| l.throttle_count());
-        NetStats {
-            rx_throttled: throttles(&self.rx_limiter),
-            tx_throttled: throttles(&self.tx_limiter),
-            ..Net::stats_of(&self.counters)
-        }
-    }
-
-    /// A snapshot of shared counters (throttle counts stay 0: the
-    /// limiters live in the device).
-    pub fn stats_of(counters: &NetCounters) -> NetStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        NetStats {
-            rx_frames: get(&counters.rx_frames),
-            rx_bytes: get(&counters.rx_bytes),
-            rx_dropped: get(&counters.rx_dropped),
-            rx_read_errors: get(&counters.rx_read_errors),
-            tx_frames: get(&counters.tx_frames),
-            tx_bytes: get(&counters.tx_bytes),
-            tx_malformed: get(&counters.tx_malformed),
-            tx_backend_drops: get(&counters.tx_backend_drops),
-            rx_throttled: 0,
-            tx_throttled: 0,
-        }
+        self.counters.snapshot()
     }
 
     pub(crate) fn queue_event(&self, index: usize) -> &EventFd {
@@ -400,6 +408,9 @@ impl Net {
                 broken = true;
             }
             starved = run.starved;
+            if run.throttled {
+                NetCounters::add(&counters.rx_throttled, 1);
+            }
             Ok::<(), chitin_virtio::queue::QueueError>(())
         });
         self.rx_starved = starved;
@@ -420,6 +431,9 @@ impl Net {
             NetCounters::add(&counters.tx_bytes, run.bytes);
             NetCounters::add(&counters.tx_malformed, run.malformed as u64);
             NetCounters::add(&counters.tx_backend_drops, run.backend_drops as u64);
+            if run.throttled {
+                NetCounters::add(&counters.tx_throttled, 1);
+            }
             // More chains than one run takes: come back through the event
             // loop so the other queue and devices get their turn.
             if run.pending {

@@ -56,6 +56,56 @@ pub fn echo<S: Read + Write>(stream: &mut S) -> u64 {
     }
 }
 
+/// Deterministic pattern: xorshift64 seeded by `seed`, as bytes. Both
+/// ends of a stream check fill with it; what they compare is the FNV-1a
+/// of what was sent and of what arrived.
+pub fn fill_pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Send `bytes` of pattern (a new seed every 64 KiB chunk) to `out`;
+/// returns the bytes sent and their FNV-1a. Stops at the first error.
+pub fn send_pattern<W: Write>(out: &mut W, bytes: u64) -> (u64, u64) {
+    let mut chunk = vec![0u8; 64 << 10];
+    let (mut sent, mut hash, mut seed) = (0u64, FNV_BASIS, 0u64);
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        seed += 1;
+        fill_pattern(seed, &mut chunk[..n]);
+        if out.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        hash = fnv1a(hash, &chunk[..n]);
+        sent += n as u64;
+    }
+    (sent, hash)
+}
+
+/// Read `input` to its end (or first error); returns the bytes read and
+/// their FNV-1a.
+pub fn receive_all<R: Read>(input: &mut R) -> (u64, u64) {
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut received, mut hash) = (0u64, FNV_BASIS);
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+            Ok(n) => {
+                hash = fnv1a(hash, &buf[..n]);
+                received += n as u64;
+            }
+        }
+    }
+    (received, hash)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

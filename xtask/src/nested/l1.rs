@@ -184,7 +184,8 @@ fn after_silence(plan: &[String], lines: &[String]) -> (Vec<String>, Vec<String>
 pub struct L1Kernel {
     pub vmlinuz: PathBuf,
     /// irqbypass, kvm, kvm-amd, then virtio-mmio and virtio-blk (for the
-    /// disks handed to L1), in load order.
+    /// disks handed to L1), then tun (for the `net` scenario's tap), in
+    /// load order.
     pub modules: Vec<PathBuf>,
 }
 
@@ -237,6 +238,8 @@ pub fn l1_kernel() -> Step<L1Kernel> {
         kmod.join("drivers/virtio/virtio.ko"),
         kmod.join("drivers/virtio/virtio_mmio.ko"),
         kmod.join("drivers/block/virtio_blk.ko"),
+        // The `net` scenarios' tap.
+        kmod.join("drivers/net/tun.ko"),
     ];
     for m in &modules {
         if !m.exists() {

@@ -134,6 +134,16 @@ const VSOCK: Scenario = Scenario {
     ..EXEC
 };
 
+/// virtio-net over a tap in a network namespace inside L1: ping, TCP
+/// streams each way, concurrent connections, a UDP flood.
+const NET: Scenario = Scenario {
+    name: "net",
+    agent: "net",
+    timeout_s: 420,
+    host_checks: Some("net"),
+    ..EXEC
+};
+
 /// A small 1-vCPU scenario judged by the agent's own checks.
 const SMALL: Scenario = Scenario {
     vcpus: 1,
@@ -190,6 +200,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     EXEC,
     VSOCK,
+    NET,
     // The same checks on the second kernel, in the same L1 run.
     Scenario {
         name: "boot-6.12",

@@ -1,7 +1,8 @@
 //! The nested tier's host-side checks of `Sandbox::exec`/`spawn` and vsock,
 //! run inside L1 (where KVM runs Linux) against the default guest:
 //!
-//! `chitin-exec-checks exec|vsock KERNEL INITRAMFS`
+//! `chitin-exec-checks exec|vsock|net KERNEL INITRAMFS` (`net`: see the
+//! `net` module)
 //!
 //! Each scenario ends with a `device-faults` check: the guest's drivers
 //! must not have sent anything the devices refused as malformed (a packet
@@ -19,6 +20,9 @@ use std::time::{Duration, Instant};
 use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox, Signal, Stdio};
 
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
+
+#[path = "exec_checks/net.rs"]
+mod net;
 
 fn sh(script: &str) -> Command {
     let mut cmd = Command::new("sh");
@@ -555,23 +559,40 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
-        eprintln!("usage: chitin-exec-checks exec|vsock KERNEL INITRAMFS");
+        eprintln!("usage: chitin-exec-checks exec|vsock|net KERNEL INITRAMFS");
         std::process::exit(2);
     };
+    let networked = which == "net";
+    if networked {
+        if let Err(e) = net::enter_namespace() {
+            Checks::new().check("netns", false, &e);
+            std::process::exit(1);
+        }
+    }
     chitin::log_to_stderr(log::LevelFilter::Warn);
     let uds = PathBuf::from(format!("/tmp/chitin-checks-{which}.vsock"));
     let _ = std::fs::remove_file(&uds);
-    let built = Sandbox::builder()
+    let mut builder = Sandbox::builder()
         .guest(GuestImage::new(kernel, initramfs))
         .vcpus(2)
         .memory_mib(256)
-        .vsock(3, &uds)
+        .vsock(3, &uds);
+    if networked {
+        builder = builder.net(net::interface());
+    }
+    let built = builder
         .build()
-        .and_then(|s| s.start());
+        .map_err(|e| chitin::error_chain(&e))
+        .and_then(|s| {
+            if networked {
+                net::host_side()?;
+            }
+            s.start().map_err(|e| chitin::error_chain(&e))
+        });
     let vm = match built {
         Ok(vm) => vm,
         Err(e) => {
-            Checks::new().check("sandbox", false, &chitin::error_chain(&e));
+            Checks::new().check("sandbox", false, &e);
             std::process::exit(1);
         }
     };
@@ -583,6 +604,11 @@ fn main() {
     match which.as_str() {
         "exec" => exec_checks(&vm, &mut c),
         "vsock" => vsock_checks(&vm, &uds, &mut c),
+        "net" => {
+            // The first exec answers once the guest is up (and timed).
+            c.result("first-exec", guest_kernel(&vm));
+            net::checks(&vm, &mut c);
+        }
         other => c.result("scenario", Err(format!("unknown {other}"))),
     }
     if which == "exec" {

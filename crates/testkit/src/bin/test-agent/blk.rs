@@ -60,16 +60,7 @@ fn umount(target: &str) -> io::Result<()> {
     }
 }
 
-/// Deterministic pattern: xorshift64 seeded by `seed`, as bytes.
-pub fn fill_pattern(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
+pub use chitin_testkit::fill_pattern;
 
 fn check_known_file(report: &mut Report) {
     let content = std::fs::read_to_string(KNOWN_FILE);

@@ -25,6 +25,7 @@
 //! is a failed check, not a crash (a PID 1 crash would panic the guest).
 
 mod blk;
+mod net;
 mod scenario;
 mod tools;
 
@@ -43,6 +44,11 @@ fn main() {
         report.check("mounts", false, &e);
     }
     let cmdline = cmdline::KernelCmdline::read();
+    for line in chitin_agent::net::configure(&cmdline) {
+        if let Err(e) = line {
+            report.check("net-config", false, &e);
+        }
+    }
     let scenario = cmdline.get("chitin.scenario").map(str::to_string);
     let agent = cmdline.get(CMDLINE_KEY) == Some("1") || scenario.is_none();
     let name = scenario.as_deref().unwrap_or("agent");

@@ -1,5 +1,6 @@
-//! Small vsock test tools the test agent binary also provides, for the nested
-//! tier's `vsock` scenario (run through exec as `/init <tool> ...`):
+//! Small test tools the test agent binary also provides, for the nested
+//! tier's `vsock` and `net` scenarios (run through exec as
+//! `/init <tool> ...`; the `net-*` tools are described in [`net`]):
 //!
 //! - `vsock-echo-client PORT BYTES`: connect to the host (CID 2) on PORT,
 //!   send BYTES of pattern while reading the echo back, and print
@@ -8,13 +9,13 @@
 //! - `vsock-echo-server PORT`: accept one connection on PORT, echo it until
 //!   EOF, then close; prints `echoed=<n>`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Instant;
 
 use chitin_agent::vsock;
-use chitin_testkit::{fnv1a, FNV_BASIS};
+use chitin_testkit::{receive_all, send_pattern};
 
-use crate::blk::fill_pattern;
+use crate::net;
 
 /// Run `tool` if `args` names one; `None` if it is not a tool invocation.
 pub fn run(args: &[String]) -> Option<i32> {
@@ -29,6 +30,7 @@ pub fn run(args: &[String]) -> Option<i32> {
             Some(port) => echo_server(port as u32),
             None => usage(),
         },
+        "net-send" | "net-recv" | "net-echo-clients" | "net-udp-hold" => net::run(tool, &args[2..]),
         _ => return None,
     })
 }
@@ -55,33 +57,12 @@ fn echo_client(port: u32, bytes: u64) -> i32 {
         }
     };
     let sender = std::thread::spawn(move || {
-        let mut chunk = vec![0u8; 64 << 10];
-        let (mut sent, mut hash, mut seed) = (0u64, FNV_BASIS, 0u64);
-        while sent < bytes {
-            let n = chunk.len().min((bytes - sent) as usize);
-            seed += 1;
-            fill_pattern(seed, &mut chunk[..n]);
-            if writer.write_all(&chunk[..n]).is_err() {
-                break;
-            }
-            hash = fnv1a(hash, &chunk[..n]);
-            sent += n as u64;
-        }
+        let sent = send_pattern(&mut writer, bytes);
         let _ = vsock::shutdown_write(&writer);
-        (sent, hash)
+        sent
     });
     let mut reader = stream;
-    let (mut received, mut hash) = (0u64, FNV_BASIS);
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                hash = fnv1a(hash, &buf[..n]);
-                received += n as u64;
-            }
-        }
-    }
+    let (received, hash) = receive_all(&mut reader);
     let (sent, sent_hash) = sender.join().unwrap_or((0, 0));
     println!(
         "sent={sent} sent_fnv={sent_hash:016x} received={received} received_fnv={hash:016x} ms={}",
