@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::SandboxError;
+use crate::net::RateLimit;
+
 /// A raw disk image (or block device) given to the guest as virtio-blk.
 /// Disks appear in the order they were added: `/dev/vda`, `/dev/vdb`, ...
 ///
@@ -18,6 +21,7 @@ pub struct Disk {
     path: PathBuf,
     read_only: bool,
     id: Option<String>,
+    rate_limit: RateLimit,
 }
 
 impl Disk {
@@ -27,6 +31,7 @@ impl Disk {
             path: path.into(),
             read_only: false,
             id: None,
+            rate_limit: RateLimit::default(),
         }
     }
 
@@ -44,6 +49,14 @@ impl Disk {
         self
     }
 
+    /// Limit the guest's requests (operations per second) and the bytes
+    /// they read and write (bytes per second). A limited disk holds
+    /// requests back in the guest's queue; nothing fails.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -54,12 +67,15 @@ impl Disk {
         self.read_only
     }
 
-    pub(crate) fn config(&self) -> chitin_blk::DiskConfig {
-        chitin_blk::DiskConfig {
+    pub(crate) fn config(&self) -> Result<chitin_blk::DiskConfig, SandboxError> {
+        Ok(chitin_blk::DiskConfig {
             path: self.path.clone(),
             read_only: self.read_only,
             id: self.id.clone(),
-        }
+            rate_limit: self
+                .rate_limit
+                .to_device(&format!("disk {}", self.path.display()))?,
+        })
     }
 }
 

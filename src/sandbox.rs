@@ -300,7 +300,7 @@ impl SandboxBuilder {
         let mut slots = VirtioSlots::default();
         let mut faults = FaultTables::default();
         for (index, disk) in self.disks.iter().enumerate() {
-            let block = Block::new(disk.config()).map_err(|source| SandboxError::Disk {
+            let block = Block::new(disk.config()?).map_err(|source| SandboxError::Disk {
                 path: disk.path().to_path_buf(),
                 source,
             })?;

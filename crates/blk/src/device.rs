@@ -17,8 +17,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use chitin_virtio::active::{kick, rearm};
+use chitin_virtio::rate_limit::RateLimiterError;
 use chitin_virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, RateLimit, RateLimiter,
+    VirtioDevice,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -78,6 +80,9 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The device ID string (GET_ID): ASCII, at most 20 bytes.
     pub id: Option<String>,
+    /// Limit on requests (operations) and on the bytes they read and
+    /// write.
+    pub rate_limit: RateLimit,
 }
 
 /// Why a block device could not be created.
@@ -154,6 +159,9 @@ pub enum BlkError {
     /// The queue notification eventfd could not be created.
     #[error("cannot create the queue notification eventfd")]
     EventFd(#[source] io::Error),
+    /// The rate limiter's timer could not be created.
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// Take `flock` on the image for as long as `file` is open: shared when
@@ -195,6 +203,7 @@ pub struct Block {
     handler: QueueHandler<FileBackend>,
     config: [u8; CONFIG_LEN],
     queue_events: [EventFd; 1],
+    limiter: Option<RateLimiter>,
     /// Set between activate and reset.
     active: Option<Active<1>>,
 }
@@ -207,6 +216,7 @@ impl Block {
             path,
             read_only,
             id,
+            rate_limit,
         } = config;
         let id = device_id(id)?;
         let file = OpenOptions::new()
@@ -242,6 +252,11 @@ impl Block {
             handler: QueueHandler::new(backend, read_only, id).with_faults(faults),
             config: config_space(size / SECTOR_SIZE, read_only),
             queue_events: [queue_event],
+            limiter: if rate_limit.is_unlimited() {
+                None
+            } else {
+                Some(RateLimiter::new(rate_limit)?)
+            },
             active: None,
         })
     }
@@ -262,6 +277,16 @@ impl Block {
         self.handler.faults()
     }
 
+    /// The limiter, if the disk is limited.
+    pub(crate) fn limiter_mut(&mut self) -> Option<&mut RateLimiter> {
+        self.limiter.as_mut()
+    }
+
+    /// The limiter's timer, if the disk is limited.
+    pub(crate) fn limiter_timer(&self) -> Option<&vmm_sys_util::timerfd::TimerFd> {
+        self.limiter.as_ref().map(RateLimiter::timer)
+    }
+
     /// The notification eventfd of the request queue.
     pub(crate) fn queue_event(&self) -> &EventFd {
         &self.queue_events[0]
@@ -274,11 +299,12 @@ impl Block {
             return;
         };
         let (handler, event) = (&mut self.handler, &self.queue_events[0]);
+        let limiter = self.limiter.as_mut();
         active.run(|[queue], mem, interrupt| {
             // More chains than one run takes: come back through the event
             // loop so other devices get their turn.
             handler
-                .process_queue(queue, mem, interrupt)
+                .process_queue_limited(queue, mem, interrupt, limiter)
                 .map(|run| rearm(event, run))
         });
     }
@@ -425,6 +451,7 @@ mod tests {
             path: image.path().to_path_buf(),
             read_only,
             id: Some("disk-1".into()),
+            rate_limit: RateLimit::default(),
         })
         .unwrap()
     }
@@ -622,6 +649,7 @@ mod tests {
             path: image.path().to_path_buf(),
             read_only: false,
             id: None,
+            rate_limit: RateLimit::default(),
         });
 
         assert!(
@@ -638,6 +666,7 @@ mod tests {
             path,
             read_only: true,
             id: None,
+            rate_limit: RateLimit::default(),
         });
 
         assert!(matches!(result, Err(BlkError::Open { .. })));
@@ -652,6 +681,7 @@ mod tests {
             path: image.path().to_path_buf(),
             read_only: false,
             id: None,
+            rate_limit: RateLimit::default(),
         });
 
         let error = result.err().unwrap();
@@ -675,6 +705,7 @@ mod tests {
                 path: image.path().to_path_buf(),
                 read_only: false,
                 id: None,
+                rate_limit: RateLimit::default(),
             }),
             Err(BlkError::InUse { .. })
         ));
@@ -690,6 +721,7 @@ mod tests {
             path: std::env::temp_dir(),
             read_only: true,
             id: None,
+            rate_limit: RateLimit::default(),
         });
 
         assert!(matches!(result, Err(BlkError::NotADisk { .. })));
@@ -703,6 +735,7 @@ mod tests {
             path: image.path().to_path_buf(),
             read_only: false,
             id: Some("x".repeat(ID_BYTES + 1)),
+            rate_limit: RateLimit::default(),
         });
 
         assert!(matches!(result, Err(BlkError::IdTooLong { .. })));
@@ -716,6 +749,7 @@ mod tests {
             path: image.path().to_path_buf(),
             read_only: false,
             id: Some("x".repeat(ID_BYTES)),
+            rate_limit: RateLimit::default(),
         });
 
         assert!(result.is_ok());
@@ -729,6 +763,7 @@ mod tests {
             path: image.path().to_path_buf(),
             read_only: false,
             id: Some("disk-é".into()),
+            rate_limit: RateLimit::default(),
         });
 
         assert!(matches!(result, Err(BlkError::IdNotAscii { .. })));

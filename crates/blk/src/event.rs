@@ -1,5 +1,6 @@
 //! The event-loop adapter of [`Block`]: watch the queue notification
-//! `EventFd` and run the queue when it fires.
+//! `EventFd` (and the limiter's timer, for a limited disk) and run the
+//! queue when either fires.
 //!
 //! It only drains the eventfd and calls into the device; it must never
 //! block (the eventfd is non-blocking) and holds no state of its own.
@@ -12,21 +13,32 @@ use crate::device::Block;
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != self.queue_event().as_raw_fd() {
-            return;
+        if events.fd() == self.queue_event().as_raw_fd() {
+            // Drain the counter before processing: a notification that
+            // arrives meanwhile makes the fd readable again, so none is
+            // lost. EAGAIN (nothing to drain) is harmless.
+            let _ = self.queue_event().read();
+            self.process_queue();
+        } else if self
+            .limiter_timer()
+            .is_some_and(|t| t.as_raw_fd() == events.fd())
+        {
+            // The throttle is over: run what it held back.
+            if let Some(limiter) = self.limiter_mut() {
+                limiter.on_timer();
+            }
+            self.process_queue();
         }
-        // Drain the counter before processing: a notification that arrives
-        // meanwhile makes the fd readable again, so none is lost. EAGAIN
-        // (nothing to drain) is harmless.
-        let _ = self.queue_event().read();
-        self.process_queue();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        // Adding a fresh eventfd only fails when epoll itself is broken;
-        // the device then never runs its queue, which the guest sees as a
+        // Adding a fresh fd only fails when epoll itself is broken; the
+        // device then never runs its queue, which the guest sees as a
         // disk that does not answer. There is nothing better to do here.
         let _ = ops.add(Events::new(self.queue_event(), EventSet::IN));
+        if let Some(timer) = self.limiter_timer() {
+            let _ = ops.add(Events::new(timer, EventSet::IN));
+        }
     }
 }
 
@@ -94,6 +106,7 @@ mod tests {
                 path: image.path().to_path_buf(),
                 read_only: false,
                 id: None,
+                rate_limit: Default::default(),
             })
             .unwrap(),
         ));
@@ -146,6 +159,7 @@ mod tests {
                 path: image.path().to_path_buf(),
                 read_only: true,
                 id: None,
+                rate_limit: Default::default(),
             })
             .unwrap(),
         ));

@@ -29,6 +29,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use chitin_virtio::queue::drain;
+use chitin_virtio::rate_limit::{Clock, RateLimiter};
 use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{DescriptorChain, Queue};
@@ -226,14 +227,58 @@ impl<B: BlockBackend> QueueHandler<B> {
         M: GuestMemory,
         I: VirtioInterrupt + ?Sized,
     {
+        self.process_queue_limited(queue, mem, interrupt, None::<&mut RateLimiter>)
+    }
+
+    /// [`QueueHandler::process_queue`] behind a limiter: each request must
+    /// be admitted before it runs and is charged one operation and the
+    /// bytes it read or wrote once done. A request the limiter holds back
+    /// stays in the ring, and nothing runs while it is throttled; the
+    /// caller waits for the limiter's timer (the run reports no
+    /// `pending` for what the limiter holds back, only for its own bound).
+    pub fn process_queue_limited<M, I, C>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        interrupt: &I,
+        limiter: Option<&mut RateLimiter<C>>,
+    ) -> Result<QueueRun, HandlerError>
+    where
+        M: GuestMemory,
+        I: VirtioInterrupt + ?Sized,
+        C: Clock,
+    {
+        let limiter = std::cell::RefCell::new(limiter);
+        let admit = || {
+            limiter
+                .borrow_mut()
+                .as_deref_mut()
+                .is_none_or(|l| l.admit())
+        };
+        if !admit() {
+            return Ok(QueueRun::default());
+        }
         let spent = std::cell::Cell::new(0u64);
-        let more =
-            |run: &QueueRun| run.completed < MAX_CHAINS_PER_RUN && spent.get() < MAX_BYTES_PER_RUN;
-        drain(queue, mem, interrupt, more, |chain| {
-            let (used, work) = self.process_chain_costed(mem, chain);
+        let more = |run: &QueueRun| {
+            run.completed < MAX_CHAINS_PER_RUN && spent.get() < MAX_BYTES_PER_RUN && admit()
+        };
+        let mut run = drain(queue, mem, interrupt, more, |chain| {
+            let (used, work, moved) = self.process_chain_costed(mem, chain);
             spent.set(spent.get().saturating_add(work));
+            if let Some(l) = limiter.borrow_mut().as_deref_mut() {
+                l.charge(moved);
+            }
             used
-        })
+        })?;
+        if limiter
+            .borrow()
+            .as_deref()
+            .is_some_and(|l| l.is_throttled())
+        {
+            // The timer brings the device back, not a rearm.
+            run.pending = false;
+        }
+        Ok(run)
     }
 
     /// Parse and execute one chain and write its status byte. Returns the
@@ -245,20 +290,25 @@ impl<B: BlockBackend> QueueHandler<B> {
     }
 
     /// [`QueueHandler::process_chain`], also returning the bytes of disk
-    /// work the request did (0 when it failed).
+    /// work the request did and the bytes it read or wrote (both 0 when it
+    /// failed).
     fn process_chain_costed<M: GuestMemory>(
         &self,
         mem: &M,
         chain: DescriptorChain<&M>,
-    ) -> (u32, u64) {
+    ) -> (u32, u64, u64) {
         let parsed = request::parse(mem, chain);
         // Only what was done counts: a refused request did no work.
         let mut work = parsed.request.as_ref().map_or(0, Request::work);
+        let mut moved = match &parsed.request {
+            Ok(Request::In { data, .. } | Request::Out { data, .. }) => total_len(data),
+            _ => 0,
+        };
         let Some(status_addr) = parsed.status else {
             let error = RequestError::NoStatus;
             self.faults
                 .record(Severity::Malformed, error.reason(), &error);
-            return (0, 0);
+            return (0, 0, 0);
         };
         if !mem.address_in_range(status_addr) {
             self.faults.record(
@@ -266,7 +316,7 @@ impl<B: BlockBackend> QueueHandler<B> {
                 "status byte outside guest memory",
                 &format_args!("at {:#x}", status_addr.0),
             );
-            return (0, 0);
+            return (0, 0, 0);
         }
         let (status, data_len) = match parsed
             .request
@@ -276,6 +326,7 @@ impl<B: BlockBackend> QueueHandler<B> {
             Ok(data_len) => (VIRTIO_BLK_S_OK as u8, data_len),
             Err(error) => {
                 work = 0;
+                moved = 0;
                 if let Some(reason) = error.guest_fault() {
                     // A request type the device does not implement is
                     // allowed: the answer is UNSUPP (virtio 1.2 §5.2.6).
@@ -294,7 +345,7 @@ impl<B: BlockBackend> QueueHandler<B> {
             Ok(()) => data_len + 1,
             Err(_) => 0,
         };
-        (used, work)
+        (used, work, moved)
     }
 
     /// Execute a parsed request. Returns the bytes written into guest
