@@ -39,7 +39,7 @@ use virtio_bindings::virtio_net::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::frame::MAX_CHAIN_LEN;
-use crate::rx::{receive, RxConfig};
+use crate::rx::{receive, RxConfig, RxPool};
 use crate::tap::{Offloads, Tap, TapError};
 use crate::tx::transmit;
 
@@ -241,6 +241,8 @@ pub struct Net {
     active: Option<Active<2>>,
     acked: u64,
     rx_config: RxConfig,
+    /// Receive chains taken from the ring, not yet filled.
+    rx_pool: RxPool,
     /// The guest had too few receive buffers: wait for its notification.
     pub(crate) rx_starved: bool,
     /// The tap reported an error or hang-up, or failed a read: it is not
@@ -313,10 +315,8 @@ impl Net {
             faults,
             active: None,
             acked: 0,
-            rx_config: RxConfig {
-                mergeable: false,
-                need: SMALL_FRAME_ROOM,
-            },
+            rx_config: rx_config(0, Offloads::default()),
+            rx_pool: RxPool::new(),
             rx_starved: false,
             tap_broken: false,
             tap_watched: false,
@@ -378,12 +378,16 @@ impl Net {
 
     /// Move frames from the tap into the guest's receive buffers.
     pub(crate) fn process_rx(&mut self) {
+        if self.tap_broken {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let (tap, config, faults, counters) =
             (&self.tap, self.rx_config, &self.faults, &self.counters);
-        let limiter = self.rx_limiter.as_mut();
+        let (pool, event) = (&mut self.rx_pool, &self.queue_events[RX]);
+        let mut limiter = self.rx_limiter.as_mut();
         let mut starved = false;
         let mut broken = false;
         active.run(|queues, mem, interrupt| {
@@ -393,8 +397,9 @@ impl Net {
                 tap,
                 interrupt,
                 config,
+                pool,
                 faults,
-                limiter,
+                limiter.as_deref_mut(),
             )?;
             NetCounters::add(&counters.rx_frames, run.frames as u64);
             NetCounters::add(&counters.rx_bytes, run.bytes);
@@ -408,8 +413,14 @@ impl Net {
                 broken = true;
             }
             starved = run.starved;
-            if run.throttled {
-                NetCounters::add(&counters.rx_throttled, 1);
+            if run.pending {
+                // Stopped at the run's bound: come back after the others.
+                let _ = event.write(1);
+            }
+            if let Some(l) = limiter.as_deref() {
+                counters
+                    .rx_throttled
+                    .store(l.throttle_count(), Ordering::Relaxed);
             }
             Ok::<(), chitin_virtio::queue::QueueError>(())
         });
@@ -424,15 +435,25 @@ impl Net {
         };
         let (tap, acked, faults, counters) = (&self.tap, self.acked, &self.faults, &self.counters);
         let event = &self.queue_events[TX];
-        let limiter = self.tx_limiter.as_mut();
+        let mut limiter = self.tx_limiter.as_mut();
         active.run(|queues, mem, interrupt| {
-            let run = transmit(&mut queues[TX], mem, tap, interrupt, acked, faults, limiter)?;
+            let run = transmit(
+                &mut queues[TX],
+                mem,
+                tap,
+                interrupt,
+                acked,
+                faults,
+                limiter.as_deref_mut(),
+            )?;
             NetCounters::add(&counters.tx_frames, run.frames as u64);
             NetCounters::add(&counters.tx_bytes, run.bytes);
             NetCounters::add(&counters.tx_malformed, run.malformed as u64);
             NetCounters::add(&counters.tx_backend_drops, run.backend_drops as u64);
-            if run.throttled {
-                NetCounters::add(&counters.tx_throttled, 1);
+            if let Some(l) = limiter.as_deref() {
+                counters
+                    .tx_throttled
+                    .store(l.throttle_count(), Ordering::Relaxed);
             }
             // More chains than one run takes: come back through the event
             // loop so the other queue and devices get their turn.
@@ -489,6 +510,8 @@ fn guest_offloads(acked: u64) -> Offloads {
 fn rx_config(acked: u64, offloads: Offloads) -> RxConfig {
     RxConfig {
         mergeable: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+        csum: offloads.csum,
+        segmentation: offloads.segments(),
         need: if offloads.segments() {
             MAX_CHAIN_LEN
         } else {
@@ -526,11 +549,13 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let acked = ctx.acked_features;
         let offloads = guest_offloads(acked);
+        let active = Active::from_context(ctx)?;
         self.tap.set_offloads(offloads).map_err(|e: TapError| {
             ActivateError::Device(format!("tap {}: {e}", self.tap.name()))
         })?;
-        self.active = Some(Active::from_context(ctx)?);
+        self.active = Some(active);
         self.acked = acked;
+        self.rx_pool.clear();
         self.rx_config = rx_config(acked, offloads);
         self.rx_starved = false;
         kick(&self.queue_events);
@@ -545,6 +570,7 @@ impl VirtioDevice for Net {
         self.active = None;
         self.acked = 0;
         self.rx_starved = false;
+        self.rx_pool.clear();
         if let Err(e) = self.tap.set_offloads(Offloads::default()) {
             log::warn!(
                 "net {}: turning offloads off on reset: {e}",

@@ -36,7 +36,7 @@ pub use backend::MemBackend;
 pub use backend::NetBackend;
 pub use device::{MacAddr, MacParseError, Net, NetConfig, NetCounters, NetError, NetStats};
 pub use frame::{parse_tx, TxError, TxFrame, VnetHeader};
-pub use rx::{receive, RxConfig, RxRun};
+pub use rx::{receive, RxConfig, RxPool, RxRun};
 pub use tx::{transmit, TxRun};
 
 pub use tap::{Offloads, Tap, TapError};

@@ -1,29 +1,33 @@
 //! The RX path: frames from the backend straight into the guest's receive
 //! buffers, one `readv` per frame, with no host-side queue.
 //!
-//! Before each read the device gathers enough posted buffers for the
+//! Before each read the device holds enough posted buffers for the
 //! largest frame the backend can hand over ([`RxConfig::need`]): one
 //! chain without mergeable buffers, as many chains as it takes with them
-//! (`VIRTIO_NET_F_MRG_RXBUF`, virtio 1.2 §5.1.6.4). Chains it gathered but
-//! the frame did not fill go back to the available ring untouched. When
-//! the guest has not posted enough, nothing is read: the frame stays in
-//! the backend (the tap's own queue is the only buffer), the queue's
-//! notifications are turned on, and the run reports
-//! [`RxRun::starved`] so the device stops watching the backend until the
-//! guest adds buffers.
+//! (`VIRTIO_NET_F_MRG_RXBUF`, virtio 1.2 §5.1.6.4), or the whole ring if
+//! it holds less. Chains a frame did not fill stay held ([`RxPool`]) for
+//! the next one; none goes back to the ring. When the guest has not
+//! posted enough, nothing is read: the frame stays in the backend (the
+//! tap's own queue is the only buffer), the queue's notifications are
+//! turned on, and the run reports [`RxRun::starved`] so the device stops
+//! watching the backend until the guest adds buffers.
 //!
 //! A chain with a device-readable descriptor or a buffer outside guest
 //! memory is returned used with length 0 and counted; without mergeable
 //! buffers a chain too small for [`RxConfig::need`] is treated the same,
-//! since a frame read into it could be lost.
+//! since a frame read into it could be lost. The header the driver sees
+//! carries only what it accepted: checksum flags are cleared without
+//! `GUEST_CSUM`, and a segmented frame without a GUEST segmentation
+//! offload is dropped.
 
 use std::io;
-use std::sync::atomic::Ordering;
 
-use chitin_virtio::queue::{next_chain, notify, QueueError, QueueRun};
+use std::collections::VecDeque;
+
+use chitin_virtio::queue::{has_available, next_chain, notify, QueueError, QueueRun};
 use chitin_virtio::rate_limit::{Clock, RateLimiter};
 use chitin_virtio::{GuestFaults, Severity, VirtioInterrupt};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::backend::NetBackend;
@@ -46,7 +50,7 @@ pub const MAX_RX_BUFFERS: usize = 512;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
-/// How the driver set up its receive buffers.
+/// How the driver set up its receive buffers and what it accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RxConfig {
     /// `VIRTIO_NET_F_MRG_RXBUF` was accepted.
@@ -54,6 +58,10 @@ pub struct RxConfig {
     /// Bytes (header included) the largest frame can take: 1526, or 65562
     /// once a segmentation offload is on.
     pub need: usize,
+    /// `VIRTIO_NET_F_GUEST_CSUM` was accepted: checksum flags pass.
+    pub csum: bool,
+    /// A GUEST segmentation offload was accepted: segmented frames pass.
+    pub segmentation: bool,
 }
 
 /// What one [`receive`] call did.
@@ -81,10 +89,62 @@ pub struct RxRun {
 }
 
 /// One posted chain: its head and its checked writable buffers.
+#[derive(Debug)]
 struct RxChain {
     head: u16,
     bufs: Vec<(GuestAddress, usize)>,
     room: usize,
+}
+
+/// Receive chains the device took from the available ring and holds until
+/// frames fill them (a device may hold buffers as long as it likes). They
+/// are never given back to the ring, so no chain is ever taken twice and
+/// the driver's view of what the device has seen stays exact (which the
+/// event index of `VIRTIO_F_EVENT_IDX` needs). At most what one frame
+/// needs is held, or the whole ring when the ring cannot hold more; a
+/// reset drops them all.
+#[derive(Debug, Default)]
+pub struct RxPool {
+    chains: VecDeque<RxChain>,
+    room: usize,
+    buffers: usize,
+}
+
+impl RxPool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chains held.
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+
+    /// Forget every chain (the device was reset).
+    pub fn clear(&mut self) {
+        self.chains.clear();
+        self.room = 0;
+        self.buffers = 0;
+    }
+
+    fn push(&mut self, chain: RxChain) {
+        self.room = self.room.saturating_add(chain.room);
+        self.buffers += chain.bufs.len();
+        self.chains.push_back(chain);
+    }
+
+    fn pop(&mut self) -> Option<RxChain> {
+        let chain = self.chains.pop_front()?;
+        self.room -= chain.room;
+        self.buffers -= chain.bufs.len();
+        Some(chain)
+    }
 }
 
 /// Why a posted chain cannot take a frame.
@@ -110,6 +170,7 @@ impl BadChain {
 fn check_chain<M: GuestMemory>(
     chain: virtio_queue::DescriptorChain<&M>,
     mem: &M,
+    config: RxConfig,
 ) -> Result<RxChain, (u16, BadChain)> {
     let head = chain.head_index();
     let mut bufs = Vec::new();
@@ -130,6 +191,16 @@ fn check_chain<M: GuestMemory>(
         }
         bufs.push((desc.addr(), len));
         room = room.saturating_add(len);
+    }
+    // Without merging a chain takes the largest frame whole; with it, any
+    // chain may start a frame, so it must hold the header.
+    let least = if config.mergeable {
+        VNET_HDR_LEN
+    } else {
+        config.need
+    };
+    if room < least {
+        return Err((head, BadChain::TooSmall));
     }
     Ok(RxChain { head, bufs, room })
 }
@@ -152,10 +223,35 @@ fn write_at<M: GuestMemory>(mem: &M, chain: &RxChain, mut offset: usize, mut byt
     }
 }
 
-/// Deliver frames from `backend` into the queue's posted buffers until
+/// Read `len` bytes at `offset` of the chain's buffers (zeros where the
+/// read fails, which a checked chain never does).
+fn read_at<M: GuestMemory>(mem: &M, chain: &RxChain, offset: usize, out: &mut [u8]) {
+    let mut skip = offset;
+    let mut at = 0;
+    for &(addr, len) in &chain.bufs {
+        if at == out.len() {
+            return;
+        }
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(out.len() - at);
+        let _ = mem.read_slice(&mut out[at..at + n], addr.unchecked_add(skip as u64));
+        at += n;
+        skip = 0;
+    }
+}
+
+/// Most chains one run returns in all (frames and refused chains), so a
+/// driver that keeps posting bad chains cannot hold the event loop.
+pub const MAX_CHAINS_PER_RUN: usize = 512;
+
+/// Deliver frames from `backend` into the guest's posted buffers until
 /// the backend is empty, the guest's buffers run out, the limiter says
 /// stop (it is asked before each frame and charged after it), or the
-/// run's bound.
+/// run's bound. `pool` holds the chains taken from the ring but not yet
+/// filled, from one run to the next.
 #[allow(clippy::too_many_arguments)]
 pub fn receive<M, T, I, C>(
     queue: &mut Queue,
@@ -163,6 +259,7 @@ pub fn receive<M, T, I, C>(
     backend: &T,
     interrupt: &I,
     config: RxConfig,
+    pool: &mut RxPool,
     faults: &GuestFaults,
     mut limiter: Option<&mut RateLimiter<C>>,
 ) -> Result<RxRun, QueueError>
@@ -174,72 +271,63 @@ where
 {
     let mut run = RxRun::default();
     if !queue.ready() {
+        // A driver that never made the queue ready posts nothing: wait
+        // (for a reset) without reading.
+        run.starved = true;
         return Ok(run);
     }
     queue
         .disable_notification(mem)
         .map_err(QueueError::Notification)?;
-    let mut chains: Vec<RxChain> = Vec::new();
+    let ring = usize::from(queue.size());
     let mut rechecks = 0;
     'frames: while run.frames + run.dropped < MAX_FRAMES_PER_RUN {
+        if run.queue.completed >= MAX_CHAINS_PER_RUN {
+            run.pending = true;
+            break;
+        }
         if let Some(limiter) = limiter.as_deref_mut() {
             if !limiter.admit() {
                 run.throttled = true;
                 break;
             }
         }
-        // Gather room for the largest frame.
-        chains.clear();
-        let mut room = 0usize;
-        while room < config.need && (config.mergeable || chains.is_empty()) {
+        // Hold room for the largest frame, or the whole ring if it holds
+        // less.
+        while pool.room < config.need && (config.mergeable || pool.is_empty()) && pool.len() < ring
+        {
             let Some(chain) = next_chain(queue, mem)? else {
-                // Not enough posted: give the gathered ones back and ask the
-                // driver to say when it adds more. Buffers it added before
-                // seeing that request brought no notification: look again
-                // (a few times; a driver adding buffers without end only
-                // delays the starve).
-                let gathered = chains.len();
-                for _ in 0..gathered {
-                    queue.go_to_previous_position();
-                }
-                chains.clear();
+                // Not enough posted: ask the driver to say when it adds
+                // more. Buffers it added before seeing that request
+                // brought no notification: look again, a few times.
                 queue
                     .enable_notification(mem)
                     .map_err(QueueError::Notification)?;
-                let available = queue
-                    .avail_idx(mem, Ordering::Acquire)
-                    .map_err(QueueError::AvailRing)?
-                    .0
-                    .wrapping_sub(queue.next_avail());
-                if usize::from(available) > gathered && rechecks < MAX_RECHECKS {
-                    rechecks += 1;
-                    queue
-                        .disable_notification(mem)
-                        .map_err(QueueError::Notification)?;
-                    continue 'frames;
+                if has_available(queue, mem)? {
+                    if rechecks < MAX_RECHECKS {
+                        rechecks += 1;
+                        queue
+                            .disable_notification(mem)
+                            .map_err(QueueError::Notification)?;
+                        continue;
+                    }
+                    // A driver adding buffers without end: come back.
+                    run.pending = true;
+                } else {
+                    run.starved = true;
                 }
-                run.starved = true;
                 break 'frames;
             };
-            let checked = check_chain(chain, mem).and_then(|c| {
-                if !config.mergeable && c.room < config.need {
-                    Err((c.head, BadChain::TooSmall))
-                } else if config.mergeable && chains.is_empty() && c.room < VNET_HDR_LEN {
-                    // The header must fit the first buffer of a frame.
-                    Err((c.head, BadChain::TooSmall))
-                } else if chains.iter().map(|g| g.bufs.len()).sum::<usize>() + c.bufs.len()
-                    > MAX_RX_BUFFERS
-                {
+            let checked = check_chain(chain, mem, config).and_then(|c| {
+                // The held buffers stay within what one read may take.
+                if pool.buffers + c.bufs.len() > MAX_RX_BUFFERS {
                     Err((c.head, BadChain::TooManyBuffers))
                 } else {
                     Ok(c)
                 }
             });
             match checked {
-                Ok(c) => {
-                    room = room.saturating_add(c.room);
-                    chains.push(c);
-                }
+                Ok(c) => pool.push(c),
                 Err((head, bad)) => {
                     faults.record(
                         Severity::Malformed,
@@ -248,11 +336,28 @@ where
                     );
                     queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
                     run.queue.completed += 1;
+                    if run.queue.completed >= MAX_CHAINS_PER_RUN {
+                        run.pending = true;
+                        break 'frames;
+                    }
                 }
             }
         }
-        let slices: Result<Vec<_>, _> = chains
+        // The chains this frame may fill: as many as cover the largest
+        // frame (all held buffers are within the cap).
+        let mut take = 0;
+        let mut room = 0;
+        for chain in &pool.chains {
+            if take > 0 && (room >= config.need || !config.mergeable) {
+                break;
+            }
+            take += 1;
+            room += chain.room;
+        }
+        let slices: Result<Vec<_>, _> = pool
+            .chains
             .iter()
+            .take(take)
             .flat_map(|c| c.bufs.iter())
             .flat_map(|&(addr, len)| mem.get_slices(addr, len))
             .collect();
@@ -262,31 +367,43 @@ where
         };
         let len = match read {
             Ok(len) if len >= VNET_HDR_LEN => len,
-            result => {
-                // Nothing was delivered: the chains go back untouched.
-                for _ in 0..chains.len() {
-                    queue.go_to_previous_position();
-                }
-                chains.clear();
-                match result {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'frames,
-                    // The frame was taken from the backend but did not
-                    // fit (or was shorter than a header): it is lost, the
-                    // next one may fit.
-                    Ok(_) => run.dropped += 1,
-                    Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => run.dropped += 1,
-                    Err(e) => {
-                        run.read_error = Some(e.kind());
-                        break 'frames;
-                    }
-                }
-                continue 'frames;
+            // The frame was taken from the backend but did not fit (or
+            // was shorter than a header): it is lost, the chains stay
+            // held for the next one.
+            Ok(_) => {
+                run.dropped += 1;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                run.dropped += 1;
+                continue;
+            }
+            Err(e) => {
+                run.read_error = Some(e.kind());
+                break;
             }
         };
+        let Some(first) = pool.chains.front() else {
+            break;
+        };
+        // The header as the driver may see it (virtio 1.2 §5.1.6.4.1):
+        // no checksum flags without GUEST_CSUM, no segmented frame
+        // without a GUEST segmentation offload (one queued in the tap
+        // from before a reset is dropped).
+        let mut header = [0u8; 2];
+        read_at(mem, first, 0, &mut header);
+        if !config.segmentation && header[1] != 0 {
+            run.dropped += 1;
+            continue;
+        }
+        if !config.csum && header[0] != 0 {
+            write_at(mem, first, 0, &[0]);
+        }
         // Spread the frame over the chains in order.
         let mut left = len;
-        let mut used = Vec::with_capacity(chains.len());
-        for chain in &chains {
+        let mut used = Vec::with_capacity(take);
+        for chain in pool.chains.iter().take(take) {
             if left == 0 {
                 break;
             }
@@ -294,16 +411,11 @@ where
             used.push((chain.head, n));
             left -= n;
         }
-        // At most the queue size: fits a u16.
+        // At most MAX_RX_BUFFERS chains: fits a u16.
         let count = used.len() as u16;
-        if let Some(first) = chains.first() {
-            write_at(mem, first, NUM_BUFFERS_OFFSET, &count.to_le_bytes());
-        }
-        for _ in used.len()..chains.len() {
-            queue.go_to_previous_position();
-        }
+        write_at(mem, first, NUM_BUFFERS_OFFSET, &count.to_le_bytes());
         for (head, n) in used {
-            // A chain's room is at most the queue size times u32::MAX, and
+            pool.pop();
             // `n` is at most the frame length, which fits a u32.
             queue
                 .add_used(mem, head, n as u32)
@@ -341,10 +453,12 @@ mod tests {
     const PLAIN: RxConfig = RxConfig {
         mergeable: false,
         need: 1526,
+        csum: false,
+        segmentation: false,
     };
     const MERGE: RxConfig = RxConfig {
         mergeable: true,
-        need: 1526,
+        ..PLAIN
     };
 
     struct Guest {
@@ -355,6 +469,7 @@ mod tests {
         backend: MemBackend,
         interrupt: RecordingInterrupt,
         faults: GuestFaults,
+        pool: RxPool,
     }
 
     impl Guest {
@@ -374,6 +489,7 @@ mod tests {
                 backend: MemBackend::default(),
                 interrupt: RecordingInterrupt::new(),
                 faults: GuestFaults::new("net test"),
+                pool: RxPool::new(),
             }
         }
 
@@ -407,6 +523,7 @@ mod tests {
                 &self.backend,
                 &self.interrupt,
                 config,
+                &mut self.pool,
                 &self.faults,
                 None::<&mut RateLimiter>,
             )
@@ -420,6 +537,7 @@ mod tests {
                 &self.backend,
                 &self.interrupt,
                 config,
+                &mut self.pool,
                 &self.faults,
                 Some(limiter),
             )
@@ -603,14 +721,20 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_backend_gives_every_chain_back() {
+    fn an_empty_backend_holds_one_chain_and_returns_none() {
         let mut g = Guest::new();
         g.post(&[1526]);
         g.post(&[1526]);
         let run = g.receive(PLAIN);
         assert_eq!(run, RxRun::default());
-        assert_eq!(g.queue.next_avail(), 0);
+        assert_eq!(g.queue.next_avail(), 1);
+        assert_eq!(g.pool.len(), 1);
         assert_eq!(g.builder.used_idx().unwrap(), 0);
+        // Held, not taken twice: the next frame lands in it.
+        g.backend.inbound.borrow_mut().push_back(frame(80, 3));
+        let run = g.receive(PLAIN);
+        assert_eq!(run.frames, 1);
+        assert_eq!(g.used(0), (0, 80));
     }
 
     #[test]
@@ -662,13 +786,69 @@ mod tests {
             g.post(&[1024]);
         }
         g.backend.inbound.borrow_mut().push_back(frame(64, 1));
-        let run = g.receive(RxConfig {
-            mergeable: true,
+        let config = RxConfig {
             need: 65_562,
-        });
+            ..MERGE
+        };
+        let run = g.receive(config);
         assert!(run.starved);
         assert_eq!(run.frames, 0);
-        assert_eq!(g.queue.next_avail(), 0);
+        // Every posted chain is held, none returned.
+        assert_eq!(g.pool.len(), 8);
+        assert_eq!(g.builder.used_idx().unwrap(), 0);
+        assert_eq!(g.backend.inbound.borrow().len(), 1);
+        // More buffers, enough room: the frame lands in the first held one.
+        for _ in 0..60 {
+            g.post(&[1024]);
+        }
+        let run = g.receive(config);
+        assert_eq!(run.frames, 1);
+        assert_eq!(g.used(0), (0, 64));
+    }
+
+    #[test]
+    fn a_ring_too_small_for_the_largest_frame_still_delivers() {
+        // 8 entries of 1 KiB cannot hold 64 KiB: the whole ring is used.
+        let mut g = Guest::with_queue_size(8);
+        for _ in 0..8 {
+            g.post(&[1024]);
+        }
+        g.backend.inbound.borrow_mut().push_back(frame(1500, 2));
+        let run = g.receive(RxConfig {
+            need: 65_562,
+            ..MERGE
+        });
+        assert_eq!(run.frames, 1);
+        assert_eq!((g.used(0), g.used(1)), ((0, 1024), (1, 476)));
+    }
+
+    #[test]
+    fn the_header_carries_only_what_the_driver_accepted() {
+        let mut g = Guest::new();
+        let a = g.post(&[1526])[0];
+        g.post(&[1526]);
+        let mut csum = frame(100, 1);
+        csum[0] = 2; // VIRTIO_NET_HDR_F_DATA_VALID
+        let mut gso = frame(200, 2);
+        gso[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+        g.backend.inbound.borrow_mut().extend([gso, csum.clone()]);
+
+        let run = g.receive(PLAIN);
+
+        // The segmented frame is dropped; the flags are cleared.
+        assert_eq!((run.frames, run.dropped), (1, 1));
+        assert_eq!(g.used(0), (0, 100));
+        csum[0] = 0;
+        assert_eq!(g.read(a, 100), with_num_buffers(csum, 1));
+    }
+
+    #[test]
+    fn a_queue_never_made_ready_starves_the_reader() {
+        let mut g = Guest::new();
+        g.queue.set_ready(false);
+        g.backend.inbound.borrow_mut().push_back(frame(64, 1));
+        let run = g.receive(PLAIN);
+        assert!(run.starved);
         assert_eq!(g.backend.inbound.borrow().len(), 1);
     }
 }

@@ -91,6 +91,11 @@ where
             Err(e) => {
                 faults.record(Severity::Malformed, e.reason(), &e);
                 run.malformed += 1;
+                // A refused chain is still an operation: it cannot get
+                // around the limit.
+                if let Some(limiter) = limiter.as_deref_mut() {
+                    limiter.charge(0);
+                }
             }
             Ok(frame) => {
                 if let Some(limiter) = limiter.as_deref_mut() {

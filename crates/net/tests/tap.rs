@@ -352,7 +352,10 @@ fn mock_guest_queues_move_frames_through_a_real_tap() {
         let config = RxConfig {
             mergeable: false,
             need: 1526,
+            csum: false,
+            segmentation: false,
         };
+        let mut pool = chitin_net::RxPool::new();
         let inbound = frame(ETHERTYPE_IN, 1200);
         // SAFETY: `inbound` is readable for its length.
         let sent =
@@ -365,6 +368,7 @@ fn mock_guest_queues_move_frames_through_a_real_tap() {
             &tap,
             &interrupt,
             config,
+            &mut pool,
             &faults,
             None::<&mut RateLimiter>,
         )
@@ -391,6 +395,7 @@ fn mock_guest_queues_move_frames_through_a_real_tap() {
             &tap,
             &interrupt,
             config,
+            &mut pool,
             &faults,
             None::<&mut RateLimiter>,
         )

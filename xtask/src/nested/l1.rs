@@ -187,6 +187,9 @@ pub struct L1Kernel {
     /// disks handed to L1), then tun (for the `net` scenario's tap), in
     /// load order.
     pub modules: Vec<PathBuf>,
+    /// Whether the package has vhost-net (for the `net` peer column's
+    /// note; the tier runs QEMU with `vhost=off`).
+    pub vhost_net: bool,
 }
 
 pub fn l1_kernel() -> Step<L1Kernel> {
@@ -246,7 +249,12 @@ pub fn l1_kernel() -> Step<L1Kernel> {
             return Err(format!("L1 kernel package lacks {}", m.display()));
         }
     }
-    Ok(L1Kernel { vmlinuz, modules })
+    let vhost_net = kmod.join("drivers/vhost/vhost_net.ko").exists();
+    Ok(L1Kernel {
+        vmlinuz,
+        modules,
+        vhost_net,
+    })
 }
 
 enum L1Outcome {

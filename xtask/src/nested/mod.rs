@@ -469,6 +469,8 @@ fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     }
     tree.data("/nested/modules/order", order.as_bytes());
     tree.data("/nested/plan", plan.as_bytes());
+    let vhost_net: &[u8] = if l1.vhost_net { b"yes\n" } else { b"no\n" };
+    tree.data("/nested/vhost-net", vhost_net);
     tree.data("/nested/disks", serials.join("\n").as_bytes());
     let qemu = "/usr/bin/qemu-system-x86_64";
     tree.file(qemu, 0o755, Path::new(qemu))?;

@@ -607,7 +607,8 @@ fn main() {
         "net" => {
             // The first exec answers once the guest is up (and timed).
             c.result("first-exec", guest_kernel(&vm));
-            net::checks(&vm, &mut c);
+            let rate = net::checks(&vm, &mut c);
+            c.result("net-peer-qemu", net::peer_column(rate, kernel, initramfs));
         }
         other => c.result("scenario", Err(format!("unknown {other}"))),
     }

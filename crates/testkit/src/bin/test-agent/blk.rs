@@ -203,6 +203,46 @@ pub fn integrity(report: &mut Report) {
     }
 }
 
+/// The `blk-write-direct DEV BYTES` tool: write BYTES of pattern to the
+/// raw device DEV with O_DIRECT in 1 MiB chunks, then fsync; prints
+/// `wrote=<n> ms=<ms>` (the time of the writes and the fsync).
+pub fn write_direct_tool(args: &[String]) -> i32 {
+    let (Some(dev), Some(bytes)) = (
+        args.first(),
+        args.get(1).and_then(|b| b.parse::<usize>().ok()),
+    ) else {
+        eprintln!("usage: blk-write-direct DEV BYTES");
+        return 2;
+    };
+    let result = (|| -> io::Result<(usize, u128)> {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dev)?;
+        let mut buf = AlignedBuf::new(CHUNK).ok_or_else(|| io::Error::other("alloc"))?;
+        let start = std::time::Instant::now();
+        let mut written = 0;
+        while written < bytes {
+            fill_pattern(written as u64 + 1, buf.as_mut());
+            let n = CHUNK.min(bytes - written);
+            file.write_all_at(&buf.as_mut()[..n], written as u64)?;
+            written += n;
+        }
+        file.sync_all()?;
+        Ok((written, start.elapsed().as_millis()))
+    })();
+    match result {
+        Ok((written, ms)) => {
+            println!("wrote={written} ms={ms}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{dev}: {e}");
+            1
+        }
+    }
+}
+
 /// `blk-discard`: discard the first 16 MiB of /dev/vda (blkdiscard), then
 /// read it back as zeros.
 pub fn discard(report: &mut Report) {

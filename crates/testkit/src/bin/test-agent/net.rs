@@ -13,12 +13,18 @@
 //! - `net-udp-hold PORT SECONDS`: bind a UDP socket on PORT and never read
 //!   it for SECONDS (a guest that does not keep up with a flood); prints
 //!   `bound=<port>` first.
+//!
+//! The `net-upload` scenario (`chitin.scenario=net-upload`) is `net-send`
+//! run at boot, for a VMM without chitin's exec (the peer column): its
+//! target is `chitin.upload=<addr>:<port>:<bytes>`, its result one check
+//! line.
 
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use chitin_testkit::{receive_all, send_pattern};
+use chitin_agent::cmdline::KernelCmdline;
+use chitin_testkit::{receive_all, send_pattern, Report};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -55,11 +61,46 @@ pub fn run(tool: &str, args: &[String]) -> i32 {
     }
 }
 
+/// Connect, trying again for [`CONNECT_TIMEOUT`] while the peer is not
+/// there yet (its end of the link may come up after the guest's).
 fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))
+    let until = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= until => return Err(format!("connect {addr}: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// `net-send` at boot, to `chitin.upload=<addr>:<port>:<bytes>`.
+pub fn upload_scenario(cmdline: &KernelCmdline, report: &mut Report) {
+    let target = cmdline.get("chitin.upload").and_then(|t| {
+        let (addr, bytes) = t.rsplit_once(':')?;
+        Some((addr.parse::<SocketAddr>().ok()?, bytes.parse::<u64>().ok()?))
+    });
+    let Some((addr, bytes)) = target else {
+        report.check(
+            "net-upload",
+            false,
+            "no chitin.upload=<addr>:<port>:<bytes>",
+        );
+        return;
+    };
+    match upload(addr, bytes) {
+        Ok(line) => report.check("net-upload", true, &line),
+        Err(e) => report.check("net-upload", false, &e),
+    }
 }
 
 fn send(addr: SocketAddr, bytes: u64) -> Result<(), String> {
+    println!("{}", upload(addr, bytes)?);
+    Ok(())
+}
+
+/// Send `bytes` of pattern to `addr`; the result line.
+fn upload(addr: SocketAddr, bytes: u64) -> Result<String, String> {
     let mut stream = connect(addr)?;
     let start = Instant::now();
     let (sent, hash) = send_pattern(&mut stream, bytes);
@@ -67,14 +108,14 @@ fn send(addr: SocketAddr, bytes: u64) -> Result<(), String> {
     // The peer closes once it has read everything.
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
-    println!(
+    let line = format!(
         "sent={sent} fnv={hash:016x} ms={}",
         start.elapsed().as_millis()
     );
     if sent == bytes {
-        Ok(())
+        Ok(line)
     } else {
-        Err(format!("sent {sent} of {bytes} bytes"))
+        Err(format!("sent {sent} of {bytes} bytes: {line}"))
     }
 }
 

@@ -30,6 +30,7 @@ pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
         "blk-ro" => crate::blk::read_only(report),
         "blk-integrity" => crate::blk::integrity(report),
         "blk-discard" => crate::blk::discard(report),
+        "net-upload" => crate::net::upload_scenario(cmdline, report),
         other => report.check("scenario", false, &format!("unknown scenario {other}")),
     }
 }

@@ -8,6 +8,8 @@
 //!   exit 0 only when both match.
 //! - `vsock-echo-server PORT`: accept one connection on PORT, echo it until
 //!   EOF, then close; prints `echoed=<n>`.
+//! - `blk-write-direct DEV BYTES`: O_DIRECT writes of pattern to a raw
+//!   disk, timed (the `net-limit` scenario's limited disk).
 
 use std::io::Write;
 use std::time::Instant;
@@ -30,6 +32,7 @@ pub fn run(args: &[String]) -> Option<i32> {
             Some(port) => echo_server(port as u32),
             None => usage(),
         },
+        "blk-write-direct" => crate::blk::write_direct_tool(&args[2..]),
         "net-send" | "net-recv" | "net-echo-clients" | "net-udp-hold" => net::run(tool, &args[2..]),
         _ => return None,
     })

@@ -271,8 +271,9 @@ fn udp_flood(vm: &RunningSandbox) -> Result<String, String> {
     Ok(text)
 }
 
-/// Every `net` check, in order.
-pub fn checks(vm: &RunningSandbox, c: &mut Checks) {
+/// Every `net` check, in order; returns chitin's upload MB/s for the
+/// peer column.
+pub fn checks(vm: &RunningSandbox, c: &mut Checks) -> Option<f64> {
     c.result(
         "net-config",
         guest(vm, &["ip", "addr", "show"]).and_then(|out| {
@@ -284,10 +285,9 @@ pub fn checks(vm: &RunningSandbox, c: &mut Checks) {
         }),
     );
     c.result("ping", ping(vm, 5));
-    c.result(
-        "tcp-upload-64mib",
-        upload(vm, STREAM_BYTES).map(|(_, text)| text),
-    );
+    let uploaded = upload(vm, STREAM_BYTES);
+    let rate = uploaded.as_ref().ok().map(|(rate, _)| *rate);
+    c.result("tcp-upload-64mib", uploaded.map(|(_, text)| text));
     c.result("tcp-download-64mib", download(vm, STREAM_BYTES));
     c.result("tcp-100-echo", concurrent_echo(vm));
     c.result("udp-flood", udp_flood(vm));
@@ -301,4 +301,136 @@ pub fn checks(vm: &RunningSandbox, c: &mut Checks) {
             other => Err(format!("{other:?}")),
         },
     );
+    rate
+}
+
+/// The peer's tap, link and guest.
+const PEER_TAP: &str = "chitin1";
+const PEER_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
+const PEER_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 15);
+const PEER_MAC: &str = "02:00:00:00:03:15";
+const PEER_PORT: u16 = 5201;
+/// How long the peer may take to boot and upload.
+const PEER_TIMEOUT: Duration = Duration::from_secs(240);
+/// Whether L1's kernel package has vhost-net, written by the harness.
+const VHOST_NET_NOTE: &str = "/nested/vhost-net";
+
+/// The same upload from a guest under QEMU microvm with
+/// `-netdev tap,vhost=off` on an identical tap in this namespace: the
+/// guest runs it at boot (`chitin.scenario=net-upload`), since QEMU has
+/// no chitin exec. Returns QEMU's MB/s.
+pub fn peer_upload(kernel: &str, initramfs: &str, bytes: u64) -> Result<(f64, String), String> {
+    use std::io::BufRead;
+    use std::process::{Command as Process, Stdio as ProcessStdio};
+
+    let cmdline = format!(
+        "console=ttyS0 reboot=t panic=-1 quiet chitin.scenario=net-upload \
+         chitin.net={PEER_MAC},{PEER_GUEST}/{PREFIX},{PEER_HOST} \
+         chitin.upload={PEER_HOST}:{PEER_PORT}:{bytes}"
+    );
+    let mut qemu = Process::new("/usr/bin/qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,acpi=off,rtc=on",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+        ])
+        .args(["-smp", "2", "-m", "256M", "-nodefaults", "-no-user-config"])
+        .args([
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-L",
+            "/usr/share/qemu",
+        ])
+        .args(["-kernel", kernel, "-initrd", initramfs, "-append", &cmdline])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={PEER_TAP},script=no,downscript=no,vhost=off"),
+            "-device",
+            &format!("virtio-net-device,netdev=n0,mac={PEER_MAC}"),
+        ])
+        .stdin(ProcessStdio::null())
+        .stdout(ProcessStdio::piped())
+        .stderr(ProcessStdio::piped())
+        .spawn()
+        .map_err(|e| format!("start qemu: {e}"))?;
+    let result = (|| {
+        // QEMU makes the tap as it starts; L1's end comes up once it is there.
+        let until = Instant::now() + Duration::from_secs(20);
+        while !std::path::Path::new(&format!("/sys/class/net/{PEER_TAP}")).exists() {
+            if Instant::now() > until {
+                return Err(format!("QEMU never made {PEER_TAP}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        chitin_agent::net::set_address(PEER_TAP, PEER_HOST, PREFIX)
+            .map_err(|e| format!("{PEER_TAP}: {e}"))?;
+        let l = TcpListener::bind((PEER_HOST, PEER_PORT)).map_err(|e| format!("listen: {e}"))?;
+        let server = std::thread::spawn(move || -> Result<(u64, u64), String> {
+            let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+            let got = receive_all(&mut s);
+            let _ = s.shutdown(Shutdown::Both);
+            Ok(got)
+        });
+        let stdout = qemu.stdout.take().ok_or("no QEMU stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("chitin-check: net-upload") && tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(PEER_TIMEOUT)
+            .map_err(|_| "the QEMU guest reported no upload".to_string())?;
+        let (received, hash) = server.join().map_err(|_| "server panicked")??;
+        if !line.contains(" PASS ") {
+            return Err(line);
+        }
+        let ms: u128 = field(&line, "ms").and_then(|m| m.parse().ok()).unwrap_or(0);
+        if received != bytes || field(&line, "fnv") != Some(&format!("{hash:016x}")) {
+            return Err(format!(
+                "L1 got {received} bytes fnv={hash:016x}, the guest says {line}"
+            ));
+        }
+        let rate = mbps(bytes, ms);
+        Ok((
+            rate,
+            format!("{} MiB intact in {ms} ms, {rate:.1} MB/s", bytes >> 20),
+        ))
+    })();
+    // The guest powers off after its check; whatever happened, QEMU goes.
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until && matches!(qemu.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    result
+}
+
+/// `yes`/`no`: whether L1's kernel could run vhost-net.
+fn vhost_net_note() -> String {
+    std::fs::read_to_string(VHOST_NET_NOTE)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The peer column: chitin's upload MB/s next to QEMU's, with the ratio.
+pub fn peer_column(chitin: Option<f64>, kernel: &str, initramfs: &str) -> Result<String, String> {
+    let chitin = chitin.ok_or("chitin's upload failed: no figure to compare")?;
+    let (qemu, detail) = peer_upload(kernel, initramfs, STREAM_BYTES)?;
+    Ok(format!(
+        "64 MiB guest->L1: chitin {chitin:.1} MB/s, QEMU microvm tap vhost=off {qemu:.1} MB/s \
+         ({detail}), ratio chitin/QEMU {:.2}; L1 kernel has vhost_net.ko: {}",
+        chitin / qemu.max(f64::MIN_POSITIVE),
+        vhost_net_note()
+    ))
 }
