@@ -13,7 +13,14 @@ use std::process::{Command, Stdio};
 use crate::util::{cargo, run, workspace_root, Step};
 
 /// The fuzz targets, as named in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["virtio_mmio", "blk_request", "vsock_packet", "agent_frames"];
+pub const TARGETS: &[&str] = &[
+    "virtio_mmio",
+    "blk_request",
+    "vsock_packet",
+    "agent_frames",
+    "net_tx",
+    "net_rx",
+];
 /// Seconds per target in a smoke run.
 const SMOKE_SECONDS: u64 = 60;
 

@@ -263,6 +263,51 @@ fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// `net_tx`: a header-only first buffer then the frame (Linux's layout),
+/// and a whole chain in one buffer with a checksum request.
+fn net_tx() -> Vec<(&'static str, Vec<u8>)> {
+    // CSUM and VERSION_1.
+    let features = 0x21u8;
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    frame.extend((0..46).map(|i| i as u8));
+    let split = {
+        let mut seed = vec![2, 1, features];
+        seed.extend(desc(DATA_AREA, 12, NEXT, 1));
+        seed.extend(desc(DATA_AREA + 12, frame.len() as u32, 0, 0));
+        seed.push(0);
+        seed.extend_from_slice(&[0; 12]);
+        seed.extend_from_slice(&frame);
+        seed
+    };
+    let whole = {
+        let mut seed = vec![1, 1, features];
+        seed.extend(desc(DATA_AREA, 12 + frame.len() as u32, 0, 0));
+        seed.push(0);
+        // NEEDS_CSUM at 34 + 16 (a TCP checksum's place).
+        let mut header = [0u8; 12];
+        header[0] = 1;
+        header[6..8].copy_from_slice(&34u16.to_le_bytes());
+        header[8..10].copy_from_slice(&16u16.to_le_bytes());
+        seed.extend_from_slice(&header);
+        seed.extend_from_slice(&frame);
+        seed
+    };
+    vec![("split", split), ("whole-csum", whole)]
+}
+
+/// `net_rx`: two 2 KiB buffers, mergeable, two frames.
+fn net_rx() -> Vec<(&'static str, Vec<u8>)> {
+    let mut seed = vec![2, 2, 1, 2];
+    seed.extend(desc(DATA_AREA, 2048, WRITE, 0));
+    seed.extend(desc(DATA_AREA + 0x1000, 2048, WRITE, 0));
+    seed.extend_from_slice(&[0, 1]);
+    seed.extend_from_slice(&100u16.to_le_bytes());
+    seed.extend_from_slice(&1526u16.to_le_bytes());
+    seed.extend((0..64).map(|i| i as u8));
+    vec![("two-frames", seed)]
+}
+
 /// The seeds of `target`, by name.
 pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     match target {
@@ -270,6 +315,8 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "blk_request" => blk_request(),
         "vsock_packet" => vsock_packet(),
         "agent_frames" => agent_frames(),
+        "net_tx" => net_tx(),
+        "net_rx" => net_rx(),
         _ => Vec::new(),
     }
 }

@@ -201,6 +201,26 @@ pub const SCENARIOS: &[Scenario] = &[
     EXEC,
     VSOCK,
     NET,
+    Scenario {
+        name: "net-offload",
+        agent: "net-offload",
+        host_checks: Some("net-offload"),
+        ..NET
+    },
+    Scenario {
+        name: "net-limit",
+        agent: "net-limit",
+        timeout_s: 240,
+        host_checks: Some("net-limit"),
+        ..NET
+    },
+    Scenario {
+        name: "net-reset",
+        agent: "net-reset",
+        timeout_s: 300,
+        host_checks: Some("net-reset"),
+        ..NET
+    },
     // The same checks on the second kernel, in the same L1 run.
     Scenario {
         name: "boot-6.12",

@@ -360,7 +360,8 @@ pub fn peer_upload(kernel: &str, initramfs: &str, bytes: u64) -> Result<(f64, St
     let result = (|| {
         // QEMU makes the tap as it starts; L1's end comes up once it is there.
         let until = Instant::now() + Duration::from_secs(20);
-        while !std::path::Path::new(&format!("/sys/class/net/{PEER_TAP}")).exists() {
+        // (Not /sys/class/net: sysfs shows the namespace that mounted it.)
+        while !interface_exists(PEER_TAP) {
             if Instant::now() > until {
                 return Err(format!("QEMU never made {PEER_TAP}"));
             }
@@ -416,6 +417,15 @@ pub fn peer_upload(kernel: &str, initramfs: &str, bytes: u64) -> Result<(f64, St
     result
 }
 
+/// Whether this namespace has an interface `name`.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated name that lives for the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 /// `yes`/`no`: whether L1's kernel could run vhost-net.
 fn vhost_net_note() -> String {
     std::fs::read_to_string(VHOST_NET_NOTE)
@@ -433,4 +443,270 @@ pub fn peer_column(chitin: Option<f64>, kernel: &str, initramfs: &str) -> Result
         chitin / qemu.max(f64::MIN_POSITIVE),
         vhost_net_note()
     ))
+}
+
+/// A sandbox of the default guest with `net` (and `disk`), L1's end of
+/// the link set up between build and start.
+pub fn sandbox(
+    kernel: &str,
+    initramfs: &str,
+    net: Net,
+    disk: Option<chitin::Disk>,
+) -> Result<RunningSandbox, String> {
+    let mut builder = chitin::Sandbox::builder()
+        .guest(chitin::GuestImage::new(kernel, initramfs))
+        .vcpus(2)
+        .memory_mib(256)
+        .net(net);
+    if let Some(disk) = disk {
+        builder = builder.disk(disk);
+    }
+    let built = builder.build().map_err(|e| chitin::error_chain(&e))?;
+    host_side()?;
+    built.start().map_err(|e| chitin::error_chain(&e))
+}
+
+/// The first checks of a scenario with sandboxes of its own, on its first
+/// sandbox: the first exec (timed from `start`, boot included) and the
+/// guest's kernel.
+fn first_checks(vm: &RunningSandbox, start: Instant, c: &mut Checks) {
+    c.result(
+        "first-exec",
+        super::guest_kernel(vm)
+            .map(|k| format!("{k} in {} ms (includes boot)", start.elapsed().as_millis())),
+    );
+    c.result("guest-kernel", super::guest_kernel(vm));
+}
+
+/// Mean bytes per frame the guest sent since `before`.
+fn mean_tx_frame(vm: &RunningSandbox, before: chitin::NetStats) -> u64 {
+    let now = vm.net_stats()[0];
+    let frames = now.tx_frames - before.tx_frames;
+    (now.tx_bytes - before.tx_bytes) / frames.max(1)
+}
+
+/// `net-offload`: the 64 MiB upload with the offloads offered and
+/// accepted, then with them refused (`Net::offloads(false)`); both
+/// intact, with their MB/s and the mean frame the guest sent (above 1526
+/// bytes only when the guest segments through the device).
+pub fn offload_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let start = Instant::now();
+    for (name, on) in [("offloads-on", true), ("offloads-off", false)] {
+        let result = sandbox(kernel, initramfs, interface().offloads(on), None).and_then(|vm| {
+            if on {
+                first_checks(&vm, start, c);
+            }
+            let before = vm.net_stats()[0];
+            let (rate, text) = upload(&vm, STREAM_BYTES)?;
+            let mean = mean_tx_frame(&vm, before);
+            let down = download(&vm, STREAM_BYTES)?;
+            let _ = vm.stop();
+            let segmented = mean > 1526;
+            if segmented != on {
+                return Err(format!(
+                    "mean TX frame {mean} B: the guest {} segment",
+                    if on { "did not" } else { "did" }
+                ));
+            }
+            Ok(format!(
+                "upload {text} (mean TX frame {mean} B); download {down}; upload_MBps={rate:.1}"
+            ))
+        });
+        c.result(name, result);
+    }
+}
+
+/// The RX and blk limits of `net-limit`, well under what the nested
+/// tier's guest reaches unlimited (a limit above that would never
+/// engage), and the bytes moved under them: 8 s worth.
+const LIMIT_BYTES_PER_S: u64 = 1 << 20;
+const LIMITED_BYTES: u64 = 8 << 20;
+/// The TX limit is lower: while the device holds a frame back, the
+/// guest's TCP small queues let it queue about two more, and each round
+/// trip through L1's emulated CPU takes milliseconds, so an upload held
+/// at 1 MiB/s cannot keep the bucket busy here.
+const TX_LIMIT_BYTES_PER_S: u64 = 256 << 10;
+const TX_LIMITED_BYTES: u64 = 2 << 20;
+const LIMITED_SECONDS: f64 = 8.0;
+
+fn within_15_percent(ms: u128) -> Result<String, String> {
+    let seconds = ms as f64 / 1e3;
+    let off = (seconds - LIMITED_SECONDS) / LIMITED_SECONDS * 100.0;
+    let text = format!("{seconds:.2} s for {LIMITED_SECONDS} s expected ({off:+.1} %)");
+    if off.abs() <= 15.0 {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// `net-limit`: an RX and a blk limit of 1 MiB/s, a TX limit of 256
+/// KiB/s; 8 s worth through each takes 8 s within 15 %.
+pub fn limit_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let image = "/tmp/chitin-limited.img";
+    let made = std::fs::File::create(image).and_then(|f| f.set_len(LIMITED_BYTES + (1 << 20)));
+    if let Err(e) = made {
+        c.result("net-limit", Err(format!("{image}: {e}")));
+        return;
+    }
+    let limit = chitin::RateLimit::bytes_per_second(LIMIT_BYTES_PER_S);
+    let tx_limit = chitin::RateLimit::bytes_per_second(TX_LIMIT_BYTES_PER_S);
+    let net = interface().tx_limit(tx_limit).rx_limit(limit);
+    let disk = chitin::Disk::new(image).rate_limit(limit);
+    let start = Instant::now();
+    let vm = match sandbox(kernel, initramfs, net, Some(disk)) {
+        Ok(vm) => vm,
+        Err(e) => {
+            c.result("net-limit", Err(e));
+            return;
+        }
+    };
+    first_checks(&vm, start, c);
+    let ms = |out: &str| {
+        field(out, "ms")
+            .and_then(|m| m.parse::<u128>().ok())
+            .unwrap_or(0)
+    };
+    c.result(
+        "tx-limit-256kibps",
+        upload(&vm, TX_LIMITED_BYTES).and_then(|(_, text)| {
+            let ms: u128 = text
+                .split(" in ")
+                .nth(1)
+                .and_then(|t| t.split(" ms").next()?.parse().ok())
+                .unwrap_or(0);
+            within_15_percent(ms).map(|t| format!("{t}: {text}"))
+        }),
+    );
+    c.result(
+        "rx-limit-1mibps",
+        download(&vm, LIMITED_BYTES).and_then(|text| {
+            let ms: u128 = text
+                .split(" in ")
+                .nth(1)
+                .and_then(|t| t.split(" ms").next()?.parse().ok())
+                .unwrap_or(0);
+            within_15_percent(ms).map(|t| format!("{t}: {text}"))
+        }),
+    );
+    c.result(
+        "blk-limit-1mibps",
+        guest(
+            &vm,
+            &[
+                "/init",
+                "blk-write-direct",
+                "/dev/vda",
+                &LIMITED_BYTES.to_string(),
+            ],
+        )
+        .and_then(|out| within_15_percent(ms(&out)).map(|t| format!("{t}: O_DIRECT {out}"))),
+    );
+    let stats = vm.net_stats()[0];
+    c.result(
+        "limit-counters",
+        if stats.tx_throttled > 0 && stats.rx_throttled > 0 {
+            Ok(format!("{stats:?}"))
+        } else {
+            Err(format!("a limit never held anything back: {stats:?}"))
+        },
+    );
+    let _ = vm.stop();
+    let _ = std::fs::remove_file(image);
+}
+
+/// `net-reset`: the guest resets the device (driver unbound and bound
+/// again) in the middle of an upload; chitin goes on, the guest's network
+/// works again once configured, and a second sandbox on the same tap name
+/// (after the first is gone) has a working network from its boot.
+pub fn reset_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let start = Instant::now();
+    let vm = match sandbox(kernel, initramfs, interface(), None) {
+        Ok(vm) => vm,
+        Err(e) => {
+            c.result("net-reset", Err(e));
+            return;
+        }
+    };
+    first_checks(&vm, start, c);
+    c.result(
+        "reset-mid-stream",
+        (|| {
+            let (l, port) = listener()?;
+            let server = std::thread::spawn(move || {
+                if let Ok((mut s, _)) = l.accept() {
+                    // The guest's end goes away with the reset.
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = receive_all(&mut s);
+                }
+            });
+            let mut cmd = Command::new("/init");
+            cmd.arg("net-send")
+                .arg(format!("{HOST}:{port}"))
+                .arg((1u64 << 30).to_string());
+            let mut sender = vm.spawn(&cmd).map_err(|e| chitin::error_chain(&e))?;
+            // Wait for the stream to be under way.
+            let start = Instant::now();
+            while vm.net_stats()[0].tx_bytes < (4 << 20) {
+                if start.elapsed() > Duration::from_secs(60) {
+                    return Err("the upload never got going".into());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let reset = guest(
+                &vm,
+                &[
+                    "sh",
+                    "-c",
+                    "d=$(basename /sys/bus/virtio/drivers/virtio_net/virtio*) && \
+                     echo $d > /sys/bus/virtio/drivers/virtio_net/unbind && \
+                     echo $d > /sys/bus/virtio/drivers/virtio_net/bind && echo $d",
+                ],
+            )?;
+            let sent_before = vm.net_stats()[0].tx_bytes;
+            let _ = sender.kill();
+            let _ = sender.wait_with_output();
+            let _ = server.join();
+            let config = guest(
+                &vm,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("ip addr add {GUEST}/{PREFIX} dev eth0 && ip link set eth0 up"),
+                ],
+            )?;
+            let reply = ping(&vm, 3)?;
+            let (_, again) = upload(&vm, 16 << 20)?;
+            Ok(format!(
+                "{reset} reset after {} MiB sent; {config}reconfigured, {reply}; \
+                 16 MiB upload after: {again}",
+                sent_before >> 20
+            ))
+        })(),
+    );
+    c.result("reset-device-faults", faults_of(&vm));
+    // Stopped and dropped: its tap is closed (and gone with it).
+    let _ = vm.stop();
+    c.result(
+        "next-boot",
+        sandbox(kernel, initramfs, interface(), None).and_then(|vm| {
+            let reply = ping(&vm, 3);
+            let _ = vm.stop();
+            reply.map(|r| format!("a new sandbox on {TAP}: {r}"))
+        }),
+    );
+}
+
+/// No device refused anything as malformed.
+fn faults_of(vm: &RunningSandbox) -> Result<String, String> {
+    let devices = vm.device_faults();
+    let text: Vec<String> = devices
+        .iter()
+        .map(|d| format!("{}: {} malformed of {}", d.device, d.malformed, d.total()))
+        .collect();
+    if devices.iter().any(|d| d.malformed > 0) {
+        Err(text.join("; "))
+    } else {
+        Ok(text.join("; "))
+    }
 }
