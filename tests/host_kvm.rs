@@ -649,3 +649,69 @@ fn cmdline_turning_the_agent_off_fails_build() {
         other => panic!("expected CmdlineConflict, got {:?}", other.err()),
     }
 }
+
+/// A sandbox with a network interface, in a network namespace this test
+/// makes: the guest's command line carries the interface's settings for
+/// the agent and its virtio-mmio window, the sandbox reports one
+/// interface's counters, and the tap chitin created is gone once the
+/// sandbox is (no tap is leaked).
+#[test]
+#[ignore = "needs /dev/kvm and root: run with --include-ignored (cargo xtask test does)"]
+fn a_network_interface_reaches_the_guest_command_line_and_its_tap_goes_with_the_sandbox() {
+    use std::net::Ipv4Addr;
+
+    if !kvm_available("network_interface") {
+        return;
+    }
+    let made = std::thread::spawn(|| {
+        // SAFETY: unshare with a flag only; it moves this thread alone
+        // into a new network namespace, where the sandbox's threads (made
+        // from it) live too.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let tap_exists = || {
+            let name = std::ffi::CString::new("chitin-h0").unwrap();
+            // SAFETY: a NUL-terminated name alive for the call.
+            unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+        };
+        let console = ConsoleCapture::default();
+        let net = chitin::Net::tap("chitin-h0")
+            .mac("02:00:00:00:00:0a".parse().unwrap())
+            .address(Ipv4Addr::new(10, 0, 2, 15), 24)
+            .gateway(Ipv4Addr::new(10, 0, 2, 1))
+            .tx_limit(chitin::RateLimit::bytes_per_second(1 << 20));
+        let vm = guest_builder(Guest::Report, &console)
+            .cmdline("chitin.test=report quiet")
+            .net(net)
+            .dns(Ipv4Addr::new(10, 0, 2, 3))
+            .build()
+            .expect("build")
+            .start()
+            .expect("start");
+        assert!(tap_exists(), "build() did not make the tap");
+        assert_eq!(vm.wait_timeout(GUEST_TIMEOUT), Some(ExitReason::Reset));
+        assert_eq!(vm.net_stats(), [chitin::NetStats::default()]);
+        assert!(vm.device_faults().iter().any(|d| d.device == "eth0"));
+        drop(vm);
+        let out = text(&console);
+        assert!(
+            out.contains("chitin.net=02:00:00:00:00:0a,10.0.2.15/24,10.0.2.1"),
+            "{out}"
+        );
+        assert!(out.contains("chitin.dns=10.0.2.3"), "{out}");
+        assert!(out.contains("virtio_mmio.device=4K@"), "{out}");
+        assert!(!tap_exists(), "the tap outlived its sandbox");
+        Ok(())
+    })
+    .join()
+    .expect("the test thread panicked");
+    if let Err(e) = made {
+        let why = format!("cannot make a network namespace ({e})");
+        assert!(
+            std::env::var("CHITIN_REQUIRE_KVM").as_deref() != Ok("1"),
+            "{why}, but CHITIN_REQUIRE_KVM=1"
+        );
+        eprintln!("network_interface NOT RUN: {why}");
+    }
+}

@@ -4,7 +4,7 @@
 //! over three runs that keep their held chains (the guest posts more
 //! heads between them). Nothing may panic or touch memory outside the
 //! guest's; every run stays within its bounds, the chains held never
-//! exceed the ring, and every used length fits the frame it carried.
+//! exceed the ring, and no run reports more bytes than its frames had.
 //!
 //! Input: `[n_desc, n_heads, config, n_frames]`, then the descriptors (16
 //! bytes each: addr u64, len u32, flags u16, next u16), the heads (1 byte
@@ -14,7 +14,7 @@
 #![no_main]
 
 use chitin_net::rx::{MAX_CHAINS_PER_RUN, MAX_FRAMES_PER_RUN};
-use chitin_net::{receive, MemBackend, RxConfig, RxPool, VNET_HDR_LEN};
+use chitin_net::{receive, MemBackend, RxConfig, RxPool};
 use chitin_virtio::rate_limit::RateLimiter;
 use chitin_virtio::test_utils::{guest_memory, RecordingInterrupt, SplitQueueBuilder, TestDescriptor};
 use chitin_virtio::GuestFaults;
@@ -77,7 +77,6 @@ fuzz_target!(|input: &[u8]| {
                 return;
             }
         }
-        let used_before = builder.used_idx().unwrap_or(0);
         // A ring error only ends the run (the device signals NEEDS_RESET).
         let Ok(run) = receive(
             &mut queue,
@@ -94,10 +93,8 @@ fuzz_target!(|input: &[u8]| {
         assert!(run.frames + run.dropped <= MAX_FRAMES_PER_RUN);
         assert!(run.queue.completed <= MAX_CHAINS_PER_RUN + usize::from(QUEUE_SIZE));
         assert!(pool.len() <= usize::from(QUEUE_SIZE));
-        let used_after = builder.used_idx().unwrap_or(0);
-        for i in used_before..used_after {
-            let (_, len) = builder.used_element(i).unwrap();
-            assert!(len as usize <= 70_000 + VNET_HDR_LEN);
-        }
+        // (The used ring itself may be a buffer the guest posted, so its
+        // entries are not checked here; the run's own figures are.)
+        assert!(run.bytes <= run.frames as u64 * 70_000);
     }
 });
