@@ -88,9 +88,11 @@ impl RateLimit {
                 NonZeroU64::new(rate)
                     .map(|rate| chitin_virtio::Limit::per_second(rate).with_burst(burst))
                     .ok_or_else(|| {
-                        SandboxError::InvalidRateLimit(format!(
-                            "{what}: a rate of 0 {unit} a second lets nothing through"
-                        ))
+                        SandboxError::InvalidRateLimit(if burst > 0 {
+                            format!("{what}: a burst of {unit} without a rate")
+                        } else {
+                            format!("{what}: a rate of 0 {unit} a second lets nothing through")
+                        })
                     })
             })
             .transpose()
@@ -162,7 +164,9 @@ impl Net {
     /// IFF_NO_PI | IFF_VNET_HDR`), as CNI plugins and Kata hand over a tap
     /// they made in the pod's network namespace. `build()` checks it and
     /// refuses anything else. chitin makes it non-blocking and sets its
-    /// offloads.
+    /// offloads; `O_NONBLOCK` lands on the open file description, so other
+    /// fds of the same open file see it too. Each `build()` of a clone
+    /// attaches the same tap: give one sandbox at a time a tap.
     pub fn tap_fd(fd: OwnedFd) -> Self {
         Self::with_source(TapSource::Fd(Arc::new(fd)))
     }
@@ -216,21 +220,50 @@ impl Net {
         }
     }
 
+    /// Check the settings alone (no tap is touched).
+    pub(crate) fn validate(&self) -> Result<(), SandboxError> {
+        let label = self.label();
+        let bad = |what: String| Err(SandboxError::InvalidNet(format!("{label}: {what}")));
+        if let Some(mac) = self.mac {
+            if mac.0[0] & 1 != 0 || mac.0 == [0; 6] {
+                return bad(format!("{mac} is not a unicast MAC address"));
+            }
+        }
+        if let Some((address, prefix)) = self.address {
+            if !(1..=32).contains(&prefix) {
+                return bad(format!("prefix /{prefix} is not 1 to 32"));
+            }
+            if let Some(gateway) = self.gateway {
+                let mask = u32::MAX << (32 - u32::from(prefix));
+                let same_net = u32::from(gateway) & mask == u32::from(address) & mask;
+                if gateway == address || !same_net || prefix == 32 {
+                    return bad(format!(
+                        "gateway {gateway} is not another host of {address}/{prefix}"
+                    ));
+                }
+            }
+        } else if self.gateway.is_some() {
+            return bad("a gateway needs an address".into());
+        }
+        self.rx_limit.to_device(&format!("{label} rx_limit"))?;
+        self.tx_limit.to_device(&format!("{label} tx_limit"))?;
+        Ok(())
+    }
+
+    /// The MAC set with `.mac(..)`, if any.
+    pub(crate) fn chosen_mac(&self) -> Option<MacAddr> {
+        self.mac
+    }
+
+    /// Whether a gateway is set.
+    pub(crate) fn has_gateway(&self) -> bool {
+        self.gateway.is_some()
+    }
+
     /// Open the tap and make the device, with its MAC settled.
     pub(crate) fn device(&self) -> Result<chitin_net::Net, SandboxError> {
         let label = self.label();
-        if let Some((_, prefix)) = self.address {
-            if !(1..=32).contains(&prefix) {
-                return Err(SandboxError::InvalidNet(format!(
-                    "{label}: prefix /{prefix} is not 1 to 32"
-                )));
-            }
-        }
-        if self.gateway.is_some() && self.address.is_none() {
-            return Err(SandboxError::InvalidNet(format!(
-                "{label}: a gateway needs an address"
-            )));
-        }
+        self.validate()?;
         let config = NetConfig {
             mac: self.mac.unwrap_or_else(MacAddr::random),
             offloads: self.offloads,
@@ -321,6 +354,30 @@ mod tests {
             "chitin.dns=1.1.1.1,9.9.9.9"
         );
         assert_eq!(dns_entry(&[]), None);
+    }
+
+    #[test]
+    fn gateways_outside_the_subnet_and_non_unicast_macs_are_refused() {
+        let ip = Ipv4Addr::new(10, 0, 2, 15);
+        let refused = |net: Net| matches!(net.validate(), Err(SandboxError::InvalidNet(_)));
+        assert!(refused(
+            Net::tap("t")
+                .address(ip, 24)
+                .gateway(Ipv4Addr::new(10, 0, 3, 1))
+        ));
+        assert!(refused(Net::tap("t").address(ip, 24).gateway(ip)));
+        assert!(refused(
+            Net::tap("t")
+                .address(ip, 32)
+                .gateway(Ipv4Addr::new(10, 0, 2, 1))
+        ));
+        assert!(refused(Net::tap("t").mac(MacAddr([1, 0, 0, 0, 0, 1]))));
+        assert!(refused(Net::tap("t").mac(MacAddr([0; 6]))));
+        assert!(Net::tap("t")
+            .address(ip, 24)
+            .gateway(Ipv4Addr::new(10, 0, 2, 1))
+            .validate()
+            .is_ok());
     }
 
     #[test]

@@ -268,6 +268,28 @@ impl SandboxBuilder {
             return Err(error);
         }
         let kernel = self.kernel.ok_or(SandboxError::MissingKernel)?;
+        // Every interface's settings before any disk, tap or VM is taken.
+        let mut macs = Vec::new();
+        for net in &self.nets {
+            net.validate()?;
+            if let Some(mac) = net.chosen_mac() {
+                if macs.contains(&mac) {
+                    return Err(SandboxError::InvalidNet(format!(
+                        "{}: MAC {mac} is already another interface's",
+                        net.label()
+                    )));
+                }
+                macs.push(mac);
+            }
+        }
+        if self.nets.iter().filter(|n| n.has_gateway()).count() > 1 {
+            return Err(SandboxError::InvalidNet(
+                "more than one interface sets a gateway; the guest has one default route".into(),
+            ));
+        }
+        for disk in &self.disks {
+            disk.config()?;
+        }
         // An overflowing size saturates and is reported as too large.
         let memory_bytes = self.memory_mib.saturating_mul(1 << 20);
         let ram = GuestRam::new(memory_bytes, self.backing)

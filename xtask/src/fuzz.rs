@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz --smoke [SECONDS]`: run every fuzz target of the
 //! separate `fuzz/` workspace under AddressSanitizer on the nightly
-//! toolchain, for 60 s each by default, and fail on any crash.
+//! toolchain, for 45 s each by default, and fail on any crash.
 //!
 //! Each target starts from seeds written from source ([`crate::fuzz_seeds`])
 //! into a fresh `target/fuzz-corpus/<target>`, so the repo holds no binary
@@ -22,7 +22,7 @@ pub const TARGETS: &[&str] = &[
     "net_rx",
 ];
 /// Seconds per target in a smoke run.
-const SMOKE_SECONDS: u64 = 60;
+const SMOKE_SECONDS: u64 = 45;
 
 fn have_cargo_fuzz() -> bool {
     cargo(&["fuzz", "--version"])

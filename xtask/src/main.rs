@@ -10,7 +10,7 @@
 //!   N times on a host loaded with K busy loops.
 //! - `nested-exec -- CMD...`: run one command in a sandbox inside L1 (for
 //!   hosts whose KVM cannot run Linux; the `exec` example uses it).
-//! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 60 s each.
+//! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 45 s each.
 //!
 //! Every step prints what it runs; the first failure stops the run with a
 //! non-zero exit code naming the step.

@@ -111,10 +111,12 @@ pub fn configure(cmdline: &KernelCmdline) -> Vec<Result<String, String>> {
                 Err(_) => report.push(Err(format!("{DNS_KEY}: bad server {server:?}"))),
             }
         }
-        let written =
-            std::fs::create_dir_all("/etc").and_then(|()| std::fs::write("/etc/resolv.conf", text));
-        if let Err(e) = written {
-            report.push(Err(format!("/etc/resolv.conf: {e}")));
+        if !text.is_empty() {
+            let written = std::fs::create_dir_all("/etc")
+                .and_then(|()| std::fs::write("/etc/resolv.conf", text));
+            if let Err(e) = written {
+                report.push(Err(format!("/etc/resolv.conf: {e}")));
+            }
         }
     }
     report
@@ -263,8 +265,15 @@ struct RtEntry {
     rt_irtt: libc::c_ushort,
 }
 
-#[cfg(target_arch = "x86_64")]
-const _: () = assert!(std::mem::size_of::<RtEntry>() == 120);
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::size_of::<RtEntry>() == 120);
+    assert!(std::mem::offset_of!(RtEntry, rt_dst) == 8);
+    assert!(std::mem::offset_of!(RtEntry, rt_flags) == 56);
+    assert!(std::mem::offset_of!(RtEntry, rt_metric) == 80);
+    assert!(std::mem::offset_of!(RtEntry, rt_dev) == 88);
+    assert!(std::mem::offset_of!(RtEntry, rt_irtt) == 112);
+};
 
 impl Default for RtEntry {
     fn default() -> Self {

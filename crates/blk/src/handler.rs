@@ -232,7 +232,7 @@ impl<B: BlockBackend> QueueHandler<B> {
 
     /// [`QueueHandler::process_queue`] behind a limiter: each request must
     /// be admitted before it runs and is charged one operation and the
-    /// bytes it read or wrote once done. A request the limiter holds back
+    /// bytes it read, wrote or zeroed once done. A request the limiter holds back
     /// stays in the ring, and nothing runs while it is throttled; the
     /// caller waits for the limiter's timer (the run reports no
     /// `pending` for what the limiter holds back, only for its own bound).
@@ -300,8 +300,11 @@ impl<B: BlockBackend> QueueHandler<B> {
         let parsed = request::parse(mem, chain);
         // Only what was done counts: a refused request did no work.
         let mut work = parsed.request.as_ref().map_or(0, Request::work);
+        // What a limit charges: the bytes read or written, and what a write
+        // zeroes may write (a file without ZERO_RANGE gets real zeros).
         let mut moved = match &parsed.request {
             Ok(Request::In { data, .. } | Request::Out { data, .. }) => total_len(data),
+            Ok(r @ Request::WriteZeroes { .. }) => r.work(),
             _ => 0,
         };
         let Some(status_addr) = parsed.status else {

@@ -113,14 +113,21 @@ where
     if !queue.ready() {
         return Ok(run);
     }
+    let mut stopped = false;
     'drain: loop {
         queue
             .disable_notification(mem)
             .map_err(QueueError::Notification)?;
         loop {
-            if run.completed > 0 && !more(&run) && has_available(queue, mem)? {
-                run.pending = true;
-                break 'drain;
+            if run.completed > 0 && !more(&run) {
+                // The run is over: nothing more is taken, even a chain
+                // published after this look.
+                if has_available(queue, mem)? {
+                    run.pending = true;
+                    break 'drain;
+                }
+                stopped = true;
+                break;
             }
             let Some(chain) = next_chain(queue, mem)? else {
                 break;
@@ -136,6 +143,11 @@ where
             .enable_notification(mem)
             .map_err(QueueError::Notification)?
         {
+            break;
+        }
+        if stopped {
+            // Chains came as the run ended: the caller runs again.
+            run.pending = true;
             break;
         }
     }

@@ -15,7 +15,8 @@
 //! - an operation larger than the capacity (a 64 KiB frame under a slow
 //!   limit) is let through once the bucket is full and leaves it in debt,
 //!   so the long-run rate stays exact and no operation waits forever; the
-//!   debt is capped at [`MAX_DEBT`] of refill;
+//!   debt of [`RateLimiter::consume`] is capped at [`MAX_DEBT`] of refill,
+//!   that of [`RateLimiter::charge`] (an operation already done) is not;
 //! - the one-time burst is spent before the bucket and never refills;
 //! - both buckets must agree: an operation either takes from both or from
 //!   neither.
@@ -191,15 +192,20 @@ impl TokenBucket {
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
-    fn take(&mut self, tokens: u64) {
+    /// Take `tokens`. With `capped`, the debt is at most one operation
+    /// (the next one waits for a positive balance) and at most MAX_DEBT of
+    /// refill: one huge operation cannot stop the device for longer.
+    /// Without, the whole cost stays owed (an operation that already
+    /// happened, charged after the fact, must not get a discount).
+    fn take(&mut self, tokens: u64, capped: bool) {
         let from_burst = tokens.min(self.burst);
         self.burst -= from_burst;
         let rest = tokens - from_burst;
-        // The debt is at most one operation (the next one waits for a
-        // positive balance), and at most MAX_DEBT of refill: one huge
-        // operation cannot stop the device for longer.
-        let floor =
-            -i128::try_from(self.rate.saturating_mul(MAX_DEBT.as_nanos())).unwrap_or(i128::MAX);
+        let floor = if capped {
+            -i128::try_from(self.rate.saturating_mul(MAX_DEBT.as_nanos())).unwrap_or(i128::MAX)
+        } else {
+            i128::MIN
+        };
         self.balance = self
             .balance
             .saturating_sub(to_nanos(u128::from(rest)))
@@ -275,7 +281,7 @@ impl<C: Clock> RateLimiter<C> {
         if self.throttle_for(wait) {
             return false;
         }
-        self.take(bytes);
+        self.take(bytes, true);
         true
     }
 
@@ -299,20 +305,21 @@ impl<C: Clock> RateLimiter<C> {
     }
 
     /// Take one operation of `bytes` that [`Self::admit`] let start; the
-    /// buckets may go into debt (at most [`MAX_DEBT`] of refill), which
-    /// the next `admit` waits out.
+    /// buckets may go into debt, for the whole cost (a 254 MiB disk request
+    /// under a slow limit owes all of it), which the next `admit` waits
+    /// out.
     pub fn charge(&mut self, bytes: u64) {
         let now = self.clock.now();
         for bucket in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
             bucket.refill(now);
         }
-        self.take(bytes);
+        self.take(bytes, false);
     }
 
-    fn take(&mut self, bytes: u64) {
+    fn take(&mut self, bytes: u64, capped: bool) {
         for (bucket, tokens) in [(&mut self.bandwidth, bytes), (&mut self.ops, 1)] {
             if let Some(bucket) = bucket {
-                bucket.take(tokens);
+                bucket.take(tokens, capped);
             }
         }
     }
