@@ -139,7 +139,7 @@ const VSOCK: Scenario = Scenario {
 const NET: Scenario = Scenario {
     name: "net",
     agent: "net",
-    timeout_s: 420,
+    timeout_s: 900,
     host_checks: Some("net"),
     ..EXEC
 };
@@ -204,20 +204,21 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "net-offload",
         agent: "net-offload",
+        timeout_s: 600,
         host_checks: Some("net-offload"),
         ..NET
     },
     Scenario {
         name: "net-limit",
         agent: "net-limit",
-        timeout_s: 240,
+        timeout_s: 300,
         host_checks: Some("net-limit"),
         ..NET
     },
     Scenario {
         name: "net-reset",
         agent: "net-reset",
-        timeout_s: 300,
+        timeout_s: 420,
         host_checks: Some("net-reset"),
         ..NET
     },
