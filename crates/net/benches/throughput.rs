@@ -261,6 +261,18 @@ fn pump(len: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<(),
     })
 }
 
+/// Stop the sender, then drain what it left in the tap.
+fn stop_pump(
+    tap: &Tap,
+    stop: &AtomicBool,
+    sender: std::thread::JoinHandle<Result<(), String>>,
+) -> Result<(), String> {
+    stop.store(true, Ordering::Relaxed);
+    let pumped = sender.join().map_err(|_| "sender panicked")?;
+    drain(tap);
+    pumped
+}
+
 /// Drain whatever the tap holds.
 fn drain(tap: &Tap) {
     let mut buf = vec![0u8; 70_000];
@@ -318,10 +330,7 @@ fn rx_chitin(tap: &Tap, len: usize, window: Duration) -> Result<Figure, String> 
         }
     }
     let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let pumped = sender.join().map_err(|_| "sender panicked")?;
-    drain(tap);
-    pumped?;
+    stop_pump(tap, &stop, sender)?;
     Ok(Figure {
         frames,
         bytes,
@@ -344,10 +353,7 @@ fn rx_plain(tap: &Tap, len: usize, window: Duration) -> Result<Figure, String> {
         }
     }
     let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let pumped = sender.join().map_err(|_| "sender panicked")?;
-    drain(tap);
-    pumped?;
+    stop_pump(tap, &stop, sender)?;
     Ok(Figure {
         frames,
         bytes,

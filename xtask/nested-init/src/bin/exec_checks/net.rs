@@ -568,6 +568,14 @@ const TX_LIMIT_BYTES_PER_S: u64 = 256 << 10;
 const TX_LIMITED_BYTES: u64 = 2 << 20;
 const LIMITED_SECONDS: f64 = 8.0;
 
+/// The milliseconds of an `upload`/`download` result: `... in <ms> ms, ...`.
+fn stream_ms(text: &str) -> u128 {
+    text.split(" in ")
+        .nth(1)
+        .and_then(|t| t.split(" ms").next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn within_15_percent(ms: u128) -> Result<String, String> {
     let seconds = ms as f64 / 1e3;
     let off = (seconds - LIMITED_SECONDS) / LIMITED_SECONDS * 100.0;
@@ -609,24 +617,13 @@ pub fn limit_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     c.result(
         "tx-limit-256kibps",
         upload(&vm, TX_LIMITED_BYTES).and_then(|(_, text)| {
-            let ms: u128 = text
-                .split(" in ")
-                .nth(1)
-                .and_then(|t| t.split(" ms").next()?.parse().ok())
-                .unwrap_or(0);
-            within_15_percent(ms).map(|t| format!("{t}: {text}"))
+            within_15_percent(stream_ms(&text)).map(|t| format!("{t}: {text}"))
         }),
     );
     c.result(
         "rx-limit-1mibps",
-        download(&vm, LIMITED_BYTES).and_then(|text| {
-            let ms: u128 = text
-                .split(" in ")
-                .nth(1)
-                .and_then(|t| t.split(" ms").next()?.parse().ok())
-                .unwrap_or(0);
-            within_15_percent(ms).map(|t| format!("{t}: {text}"))
-        }),
+        download(&vm, LIMITED_BYTES)
+            .and_then(|text| within_15_percent(stream_ms(&text)).map(|t| format!("{t}: {text}"))),
     );
     c.result(
         "blk-limit-1mibps",
