@@ -1,0 +1,520 @@
+//! [`Fs`]: a virtio-fs device (virtio 1.2 §5.11) serving one host
+//! directory, and the worker thread that serves its queues.
+//!
+//! Queues: 0 is the high-priority queue (FORGET and INTERRUPT), 1 the one
+//! request queue. Both are served on the share's own thread,
+//! `chitin-fs`, started at activation and joined at reset or drop, so a
+//! slow host file system stalls this share only, never the event loop the
+//! other devices run on, and the per-thread credential switches of the
+//! passthrough layer happen on a thread chitin owns.
+//!
+//! Each activation starts a fresh passthrough file system: a reset drops
+//! every inode and handle the guest held, and closes their fds.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chitin_memory::GuestMemoryMmap;
+use chitin_virtio::active::Active;
+use chitin_virtio::{
+    read_config_bytes, ActivateContext, ActivateError, GuestFaults, VirtioDevice, VirtioInterrupt,
+};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::confine::{Confined, Policy};
+use crate::handler::FsHandler;
+use crate::idmap::{IdMap, IdMapError};
+use crate::{QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
+
+/// Host fds a share may hold unless configured otherwise.
+pub const DEFAULT_MAX_OPEN_FILES: usize = 16384;
+
+/// How long the guest may cache names and attributes before asking again;
+/// host-side changes to the share show in the guest after at most this.
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Queues: high priority, then one request queue.
+const NUM_QUEUES: usize = 2;
+
+/// Request queues the device offers (config `num_request_queues`).
+const NUM_REQUEST_QUEUES: u32 = 1;
+
+/// What an embedder configures for one share.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// The host directory served.
+    pub root: PathBuf,
+    /// The tag the guest mounts it by (`mount -t virtiofs <tag> <dir>`),
+    /// 1 to 36 bytes, no NUL.
+    pub tag: String,
+    /// Refuse every change with `EROFS`.
+    pub read_only: bool,
+    /// Guest ↔ host user and group ids.
+    pub ids: IdMap,
+    /// Most host fds the share may hold (inodes the guest looked up plus
+    /// open files and directories).
+    pub max_open_files: usize,
+    /// Serve extended attributes (off by default: `ENOSYS`).
+    pub xattr: bool,
+}
+
+impl FsConfig {
+    /// A writable share of `root` under `tag` with default limits.
+    pub fn new(root: impl Into<PathBuf>, tag: impl Into<String>) -> Self {
+        Self {
+            root: root.into(),
+            tag: tag.into(),
+            read_only: false,
+            ids: IdMap::default(),
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            xattr: false,
+        }
+    }
+}
+
+/// Why a share cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The tag is empty, longer than 36 bytes or holds a NUL.
+    #[error("share tag {tag:?} must be 1 to {TAG_LEN} bytes without NUL")]
+    Tag {
+        /// The tag given.
+        tag: String,
+    },
+    /// The shared directory cannot be resolved.
+    #[error("cannot resolve shared directory {path}")]
+    Root {
+        /// The path given.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The shared path is not a directory.
+    #[error("shared path {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The shared path is not valid UTF-8 (the passthrough layer takes
+    /// its root as a string).
+    #[error("shared path {0} is not valid UTF-8")]
+    NotUtf8(PathBuf),
+    /// An id range is unusable.
+    #[error("id mapping of the share")]
+    IdMap(#[from] IdMapError),
+    /// `max_open_files` is 0.
+    #[error("a share needs room for at least one open file")]
+    NoOpenFiles,
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A virtio-fs device serving one host directory.
+pub struct Fs {
+    root: PathBuf,
+    config_space: [u8; TAG_LEN + 4],
+    policy: Policy,
+    xattr: bool,
+    queue_events: Vec<EventFd>,
+    faults: GuestFaults,
+    worker: Option<Worker>,
+}
+
+impl Fs {
+    /// Check `config` and resolve the shared directory; nothing is served
+    /// until the driver activates the device.
+    pub fn new(config: FsConfig) -> Result<Fs, FsError> {
+        let tag = config.tag.as_bytes();
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains(&0) {
+            return Err(FsError::Tag { tag: config.tag });
+        }
+        config.ids.validate()?;
+        if config.max_open_files == 0 {
+            return Err(FsError::NoOpenFiles);
+        }
+        let root = std::fs::canonicalize(&config.root).map_err(|source| FsError::Root {
+            path: config.root.clone(),
+            source,
+        })?;
+        let meta = std::fs::metadata(&root).map_err(|source| FsError::Root {
+            path: config.root.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(FsError::NotADirectory(config.root));
+        }
+        if root.to_str().is_none() {
+            return Err(FsError::NotUtf8(config.root));
+        }
+        let mut config_space = [0u8; TAG_LEN + 4];
+        config_space[..tag.len()].copy_from_slice(tag);
+        config_space[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        let queue_events = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FsError::EventFd)?;
+        Ok(Fs {
+            root,
+            config_space,
+            policy: Policy {
+                read_only: config.read_only,
+                ids: config.ids,
+                max_open_files: config.max_open_files,
+            },
+            xattr: config.xattr,
+            queue_events,
+            faults: GuestFaults::new(format!("fs {}", config.tag)),
+            worker: None,
+        })
+    }
+
+    /// The shared directory, resolved.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// What the driver got wrong or the share refused, counted.
+    pub fn faults(&self) -> &GuestFaults {
+        &self.faults
+    }
+
+    /// A fresh passthrough file system over the root, behind the policy.
+    pub(crate) fn file_system(&self) -> std::io::Result<Confined> {
+        let config = Config {
+            root_dir: self.root.to_string_lossy().into_owned(),
+            xattr: self.xattr,
+            do_import: true,
+            cache_policy: CachePolicy::Auto,
+            entry_timeout: CACHE_TIMEOUT,
+            attr_timeout: CACHE_TIMEOUT,
+            writeback: false,
+            inode_file_handles: false,
+            ..Config::default()
+        };
+        let inner = PassthroughFs::<()>::new(config)?;
+        Ok(Confined::new(
+            inner,
+            self.policy.clone(),
+            self.faults.clone(),
+        ))
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn device_features(&self) -> u64 {
+        // No VIRTIO_FS_F_NOTIFICATION: the device sends no notifications.
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The configuration space is read-only (virtio 1.2 §5.11.4).
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.stop_worker();
+        let active = Active::<NUM_QUEUES>::from_context(ctx)?;
+        let fs = self.file_system().map_err(|e| {
+            ActivateError::Device(format!("cannot serve {}: {e}", self.root.display()))
+        })?;
+        let handler = FsHandler::new(Arc::new(fs), self.faults.clone());
+        let events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ActivateError::Device(format!("cannot clone a queue eventfd: {e}")))?;
+        let worker = Worker::spawn(active, handler, events)
+            .map_err(|e| ActivateError::Device(format!("cannot start the fs thread: {e}")))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// The worker watches the queue eventfds itself; the shared event loop
+/// has nothing to do for this device.
+impl MutEventSubscriber for Fs {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+
+    fn init(&mut self, _ops: &mut EventOps) {}
+}
+
+/// The thread serving an active share.
+struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl Worker {
+    fn spawn(
+        active: Active<NUM_QUEUES>,
+        handler: FsHandler,
+        events: Vec<EventFd>,
+    ) -> std::io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop_seen = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("chitin-fs".into())
+            .spawn(move || serve(active, handler, events, stop_seen))?;
+        Ok(Worker { stop, thread })
+    }
+
+    /// Stop after the request in progress and wait for the thread; every
+    /// fd the share held is closed when this returns.
+    fn stop(self) {
+        // One write cannot overflow the counter; if it failed the thread
+        // would never see it, but an eventfd write only fails on overflow.
+        let _ = self.stop.write(1);
+        if self.thread.join().is_err() {
+            log::error!("the chitin-fs thread panicked");
+        }
+    }
+}
+
+/// Wait for notifications and serve both queues until `stop` fires.
+fn serve(mut active: Active<NUM_QUEUES>, handler: FsHandler, events: Vec<EventFd>, stop: EventFd) {
+    let mut fds: Vec<libc::pollfd> = events
+        .iter()
+        .map(|e| e.as_raw_fd())
+        .chain(std::iter::once(stop.as_raw_fd()))
+        .map(pollfd)
+        .collect();
+    // Requests the driver queued before it set DRIVER_OK are served at once.
+    let mut pending = true;
+    loop {
+        // Look at the stop event before every run, without blocking while
+        // chains are left over: a driver that keeps its queue full cannot
+        // hold off a reset.
+        if !wait(&mut fds, if pending { 0 } else { -1 }) {
+            return;
+        }
+        if fds.last().is_some_and(|f| f.revents != 0) {
+            return;
+        }
+        for event in &events {
+            // Drain before serving: a notification arriving meanwhile makes
+            // the fd readable again. EAGAIN (nothing to drain) is harmless.
+            let _ = event.read();
+        }
+        pending = false;
+        active.run(|queues, mem, interrupt| {
+            for queue in queues.iter_mut() {
+                pending |= run_queue(&handler, queue, mem, interrupt)?;
+            }
+            Ok::<(), crate::handler::HandlerError>(())
+        });
+        if active.failed() {
+            // Nothing more until the driver resets the device.
+            pending = false;
+        }
+    }
+}
+
+fn run_queue(
+    handler: &FsHandler,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+) -> Result<bool, crate::handler::HandlerError> {
+    Ok(handler.process_queue(queue, mem, interrupt)?.pending)
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Wait up to `timeout_ms` (-1: for ever) for one of `fds` to be
+/// readable; false if polling itself failed (the thread then ends:
+/// without poll it can serve nothing).
+fn wait(fds: &mut [libc::pollfd], timeout_ms: i32) -> bool {
+    for f in fds.iter_mut() {
+        f.revents = 0;
+    }
+    loop {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd
+        // for its whole length; poll writes only their `revents`.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return true;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            log::error!(
+                "chitin-fs cannot poll its queues: {}",
+                std::io::Error::last_os_error()
+            );
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use chitin_virtio::test_utils::{guest_memory, SplitQueueBuilder, TestDescriptor};
+    use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, Opcode, OutHeader};
+    use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+    use super::*;
+    use crate::test_utils::{RecordingInterrupt, TempTree, NEXT, WRITE};
+
+    /// This process's fds open on something under `dir` (other tests
+    /// running meanwhile open fds of their own elsewhere).
+    fn fds_under(dir: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
+    }
+
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == name)
+            })
+            .count()
+    }
+
+    #[test]
+    fn config_space_has_tag_and_one_request_queue() {
+        let tree = TempTree::new("config");
+        let fs = Fs::new(FsConfig::new(tree.path(), "data")).unwrap();
+        let mut config = [0xffu8; 40];
+        fs.read_config(0, &mut config);
+        assert_eq!(&config[..4], b"data");
+        assert!(config[4..36].iter().all(|&b| b == 0));
+        assert_eq!(u32::from_le_bytes(config[36..].try_into().unwrap()), 1);
+        assert_eq!(fs.device_type(), 26);
+        assert_eq!(fs.queue_max_sizes().len(), 2);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_their_reason() {
+        let tree = TempTree::new("bad");
+        let file = tree.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = |c: FsConfig| Fs::new(c).err().unwrap();
+        assert!(matches!(
+            err(FsConfig::new(tree.path(), "")),
+            FsError::Tag { .. }
+        ));
+        assert!(matches!(
+            err(FsConfig::new(tree.path(), "t".repeat(37))),
+            FsError::Tag { .. }
+        ));
+        assert!(matches!(
+            err(FsConfig::new(tree.path().join("missing"), "t")),
+            FsError::Root { .. }
+        ));
+        assert!(matches!(
+            err(FsConfig::new(&file, "t")),
+            FsError::NotADirectory(_)
+        ));
+        let mut none = FsConfig::new(tree.path(), "t");
+        none.max_open_files = 0;
+        assert!(matches!(err(none), FsError::NoOpenFiles));
+    }
+
+    #[test]
+    fn activated_device_serves_on_its_thread_and_reset_closes_everything() {
+        let tree = TempTree::new("device");
+        std::fs::write(tree.path().join("file"), b"x").unwrap();
+        let root = std::fs::canonicalize(tree.path()).unwrap();
+        let threads_before = threads_named("chitin-fs");
+        let mut fs = Fs::new(FsConfig::new(tree.path(), "data")).unwrap();
+
+        let mem = guest_memory(1 << 20);
+        let hiprio = SplitQueueBuilder::new(&mem, GuestAddress(0), 16).unwrap();
+        let mut request = SplitQueueBuilder::new(&mem, GuestAddress(0x4000), 16).unwrap();
+        let header = InHeader {
+            len: 40 + 16,
+            opcode: Opcode::Init as u32,
+            unique: 1,
+            ..Default::default()
+        };
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            max_readahead: 0,
+            flags: 0,
+        };
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(init.as_slice());
+        mem.write_slice(&bytes, GuestAddress(0x1_0000)).unwrap();
+        request
+            .add_chain(&[
+                TestDescriptor::new(0x1_0000, bytes.len() as u32, NEXT),
+                TestDescriptor::new(0x2_0000, 4096, WRITE),
+            ])
+            .unwrap();
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        fs.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![hiprio.build().unwrap(), request.build().unwrap()],
+            interrupt: interrupt.clone(),
+            acked_features: 0,
+        })
+        .unwrap();
+        fs.queue_events()[1].write(1).unwrap();
+
+        // The worker answers INIT without the event loop.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while request.used_idx().unwrap() == 0 {
+            assert!(Instant::now() < deadline, "no reply to INIT");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out: OutHeader = mem.read_obj(GuestAddress(0x2_0000)).unwrap();
+        assert_eq!(out.error, 0);
+        assert_eq!(out.unique, 1);
+        assert_eq!(threads_named("chitin-fs"), threads_before + 1);
+        assert!(fds_under(&root) >= 1, "the share's root is held");
+
+        fs.reset();
+        assert_eq!(threads_named("chitin-fs"), threads_before);
+        assert_eq!(fds_under(&root), 0, "every fd of the share is closed");
+        drop(fs);
+    }
+}

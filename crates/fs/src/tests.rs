@@ -1,0 +1,690 @@
+//! Crafted FUSE requests through the handler against real temporary
+//! directories: every escape class the device must stop, malformed
+//! requests, read-only shares and the open-file cap.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt};
+
+use fuse_backend_rs::abi::fuse_abi::{
+    Attr, CreateIn, EntryOut, ForgetIn, InHeader, InitIn, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn,
+    OpenOut, ReadIn, RenameIn, SetattrIn, WriteIn, ROOT_ID,
+};
+use vm_memory::ByteValued;
+
+use crate::confine::Policy;
+use crate::idmap::{IdMap, IdRange};
+use crate::test_utils::{body, name, FuseDriver, Reply, TempTree, NEXT, REPLY, REQUEST, WRITE};
+use crate::MAX_REQUEST_BYTES;
+use chitin_virtio::test_utils::TestDescriptor;
+
+const SECRET: &[u8] = b"host secret outside the share\n";
+const FATTR_UID: u32 = 1 << 1;
+const FATTR_SIZE: u32 = 1 << 3;
+
+/// `outside/secret`, and a share with a file, a subdirectory and the
+/// symlinks a hostile host-side setup could leave.
+struct Tree {
+    _tmp: TempTree,
+    share: std::path::PathBuf,
+    outside: std::path::PathBuf,
+}
+
+impl Tree {
+    fn new() -> Self {
+        let tmp = TempTree::new("unit");
+        let share = tmp.path().join("share");
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(share.join("sub")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("secret"), SECRET).unwrap();
+        fs::write(share.join("file"), b"inside\n").unwrap();
+        symlink("/", share.join("escape")).unwrap();
+        symlink(outside.join("secret"), share.join("etc-link")).unwrap();
+        symlink("../outside/secret", share.join("rel-link")).unwrap();
+        Tree {
+            _tmp: tmp,
+            share,
+            outside,
+        }
+    }
+
+    /// Everything outside the share as (name, bytes), to compare before
+    /// and after.
+    fn outside_state(&self) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = fs::read_dir(&self.outside)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let bytes = fs::read(e.path()).unwrap_or_default();
+                (e.file_name().to_string_lossy().into_owned(), bytes)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn policy() -> Policy {
+    Policy {
+        read_only: false,
+        ids: IdMap::default(),
+        max_open_files: 1024,
+    }
+}
+
+/// A driver that completed FUSE_INIT.
+fn driver(tree: &Tree, policy: Policy) -> FuseDriver {
+    let mut d = FuseDriver::new(&tree.share, policy);
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 1 << 20,
+        flags: 0,
+    };
+    let reply = d.call(Opcode::Init as u32, 0, init.as_slice());
+    assert_eq!(reply.errno(), Some(0), "INIT: {reply:?}");
+    d
+}
+
+fn lookup(d: &mut FuseDriver, parent: u64, n: &str) -> Result<EntryOut, i32> {
+    let reply = d.call(Opcode::Lookup as u32, parent, &name(n));
+    ok_obj(reply)
+}
+
+fn ok_obj<T: ByteValued>(reply: Reply) -> Result<T, i32> {
+    match reply.errno() {
+        Some(0) => Ok(reply.obj()),
+        Some(e) => Err(e),
+        None => panic!("no reply: {reply:?}"),
+    }
+}
+
+fn open(d: &mut FuseDriver, node: u64, flags: i32) -> Result<u64, i32> {
+    let reply = d.call(
+        Opcode::Open as u32,
+        node,
+        OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        }
+        .as_slice(),
+    );
+    ok_obj::<OpenOut>(reply).map(|o| o.fh)
+}
+
+fn read(d: &mut FuseDriver, node: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
+    let reply = d.call(
+        Opcode::Read as u32,
+        node,
+        ReadIn {
+            fh,
+            size,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    match reply.errno() {
+        Some(0) => Ok(reply.body),
+        Some(e) => Err(e),
+        None => panic!("no reply"),
+    }
+}
+
+fn errno_of(reply: Reply) -> i32 {
+    reply.errno().expect("a reply")
+}
+
+fn mknod(d: &mut FuseDriver, parent: u64, n: &str, mode: u32, rdev: u32) -> Result<EntryOut, i32> {
+    let reply = d.call(
+        Opcode::Mknod as u32,
+        parent,
+        &body(
+            MknodIn {
+                mode,
+                rdev,
+                umask: 0,
+                padding: 0,
+            },
+            &name(n),
+        ),
+    );
+    ok_obj(reply)
+}
+
+fn create(d: &mut FuseDriver, parent: u64, n: &str) -> Result<(EntryOut, OpenOut), i32> {
+    let reply = d.call(
+        Opcode::Create as u32,
+        parent,
+        &body(
+            CreateIn {
+                flags: libc::O_RDWR as u32,
+                mode: libc::S_IFREG | 0o644,
+                umask: 0,
+                fuse_flags: 0,
+            },
+            &name(n),
+        ),
+    );
+    match reply.errno() {
+        Some(0) => {
+            let entry: EntryOut = reply.obj();
+            let open = *OpenOut::from_slice(
+                &reply.body[std::mem::size_of::<EntryOut>()
+                    ..std::mem::size_of::<EntryOut>() + std::mem::size_of::<OpenOut>()],
+            )
+            .unwrap();
+            Ok((entry, open))
+        }
+        Some(e) => Err(e),
+        None => panic!("no reply"),
+    }
+}
+
+fn write(d: &mut FuseDriver, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+    let reply = d.call(
+        Opcode::Write as u32,
+        node,
+        &body(
+            WriteIn {
+                fh,
+                offset,
+                size: data.len() as u32,
+                ..Default::default()
+            },
+            data,
+        ),
+    );
+    match reply.errno() {
+        Some(0) => Ok(u32::from_le_bytes(reply.body[..4].try_into().unwrap())),
+        Some(e) => Err(e),
+        None => panic!("no reply"),
+    }
+}
+
+fn rename(d: &mut FuseDriver, olddir: u64, old: &str, newdir: u64, new: &str) -> i32 {
+    let mut rest = name(old);
+    rest.extend(name(new));
+    errno_of(d.call(
+        Opcode::Rename as u32,
+        olddir,
+        &body(RenameIn { newdir }, &rest),
+    ))
+}
+
+#[test]
+fn dotdot_at_the_root_is_the_root_and_below_it_is_refused() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+    let root_ino = fs::metadata(&tree.share).unwrap().ino();
+
+    let up = lookup(&mut d, ROOT_ID, "..").expect("lookup .. at the root");
+    assert_eq!(up.attr.ino, root_ino, ".. of the root is the root");
+    let dot = lookup(&mut d, ROOT_ID, ".").expect("lookup .");
+    assert_eq!(dot.attr.ino, root_ino);
+
+    let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
+    assert_eq!(lookup(&mut d, sub.nodeid, "..").err(), Some(libc::ENOENT));
+    // Names with a slash never walk host paths (libkrun #329).
+    for bad in [
+        "../outside/secret",
+        "sub/../../outside",
+        "/etc/passwd",
+        "a/b",
+    ] {
+        assert_eq!(
+            lookup(&mut d, ROOT_ID, bad).err(),
+            Some(libc::EINVAL),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        lookup(&mut d, sub.nodeid, "../file").err(),
+        Some(libc::EINVAL)
+    );
+    assert!(d.faults().count("lookup of .. below the root") >= 1);
+}
+
+#[test]
+fn symlinks_out_of_the_share_are_never_followed_on_the_host() {
+    let tree = Tree::new();
+    let before = tree.outside_state();
+    let mut d = driver(&tree, policy());
+
+    for link in ["escape", "etc-link", "rel-link"] {
+        let entry = lookup(&mut d, ROOT_ID, link).unwrap();
+        assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{link}");
+        // Opening the link's inode never opens its target.
+        let opened = open(&mut d, entry.nodeid, libc::O_RDONLY);
+        assert!(opened.is_err(), "{link} opened: {opened:?}");
+        // A lookup through it fails: a symlink is no directory.
+        assert_eq!(
+            lookup(&mut d, entry.nodeid, "etc").err(),
+            Some(libc::ENOTDIR),
+            "{link}"
+        );
+        // readlink hands the target text to the guest.
+        let reply = d.call(Opcode::Readlink as u32, entry.nodeid, &[]);
+        assert_eq!(reply.errno(), Some(0));
+        assert!(!reply.body.is_empty());
+    }
+    // Creating a file through the link name fails: the name exists.
+    assert!(create(&mut d, ROOT_ID, "etc-link").is_err());
+    assert_eq!(tree.outside_state(), before);
+}
+
+#[test]
+fn device_nodes_are_refused_and_special_files_never_opened() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+
+    // A block device (8,0 is sda) and a character device (1,1 is mem).
+    assert_eq!(
+        mknod(&mut d, ROOT_ID, "sda", libc::S_IFBLK | 0o666, 8 << 8).err(),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        mknod(&mut d, ROOT_ID, "mem", libc::S_IFCHR | 0o666, (1 << 8) | 1).err(),
+        Some(libc::EPERM)
+    );
+    assert!(!tree.share.join("sda").exists() && !tree.share.join("mem").exists());
+    assert_eq!(
+        mknod(&mut d, ROOT_ID, "dir", libc::S_IFDIR | 0o755, 0).err(),
+        Some(libc::EINVAL)
+    );
+
+    // A FIFO may be made, but the host never opens it (that would block
+    // the share's thread until a writer came).
+    let fifo = mknod(&mut d, ROOT_ID, "fifo", libc::S_IFIFO | 0o644, 0).unwrap();
+    assert!(open(&mut d, fifo.nodeid, libc::O_RDONLY).is_err());
+    assert!(open(&mut d, fifo.nodeid, libc::O_RDWR | libc::O_NONBLOCK).is_err());
+    assert_eq!(d.faults().count("device node in a share"), 2);
+}
+
+#[test]
+fn new_names_must_be_single_components() {
+    let tree = Tree::new();
+    let before = tree.outside_state();
+    let mut d = driver(&tree, policy());
+    let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
+
+    for bad in ["..", ".", "", "../outside/new", "x/y"] {
+        assert_eq!(
+            create(&mut d, ROOT_ID, bad).err(),
+            Some(libc::EINVAL),
+            "{bad:?}"
+        );
+        let mkdir = d.call(
+            Opcode::Mkdir as u32,
+            ROOT_ID,
+            &body(
+                MkdirIn {
+                    mode: 0o755,
+                    umask: 0,
+                },
+                &name(bad),
+            ),
+        );
+        assert_eq!(errno_of(mkdir), libc::EINVAL, "mkdir {bad:?}");
+    }
+    let long = "n".repeat(256);
+    assert_eq!(
+        create(&mut d, ROOT_ID, &long).err(),
+        Some(libc::ENAMETOOLONG)
+    );
+
+    // Rename out of the share: only by a name with a slash or dotdot.
+    assert_eq!(
+        rename(&mut d, ROOT_ID, "file", sub.nodeid, "../../outside/x"),
+        libc::EINVAL
+    );
+    assert_eq!(rename(&mut d, ROOT_ID, "file", ROOT_ID, ".."), libc::EINVAL);
+    // A hard link can only name something inside the share.
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    let link = d.call(
+        Opcode::Link as u32,
+        sub.nodeid,
+        &body(
+            LinkIn {
+                oldnodeid: file.nodeid,
+            },
+            &name("../../outside/hard"),
+        ),
+    );
+    assert_eq!(errno_of(link), libc::EINVAL);
+    // A symlink is made as text; nothing follows it on the host.
+    let mut rest = name("to-secret");
+    rest.extend(name("/etc/passwd"));
+    let made = d.call(Opcode::Symlink as u32, ROOT_ID, &rest);
+    assert_eq!(made.errno(), Some(0));
+    assert_eq!(
+        fs::read_link(tree.share.join("to-secret")).unwrap(),
+        std::path::Path::new("/etc/passwd")
+    );
+    assert!(tree.share.join("file").exists());
+    assert_eq!(tree.outside_state(), before);
+}
+
+#[test]
+fn directory_moved_out_by_the_host_gives_no_way_up() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+    let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
+    // A host process moves the directory out of the share, next to the
+    // secret, while the guest holds it.
+    fs::rename(tree.share.join("sub"), tree.outside.join("sub")).unwrap();
+
+    assert_eq!(lookup(&mut d, sub.nodeid, "..").err(), Some(libc::ENOENT));
+    assert_eq!(
+        lookup(&mut d, sub.nodeid, "../secret").err(),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        lookup(&mut d, sub.nodeid, "secret").err(),
+        Some(libc::ENOENT)
+    );
+}
+
+#[test]
+fn create_write_read_and_fsync_reach_the_host_file() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+
+    let (entry, opened) = create(&mut d, ROOT_ID, "new").unwrap();
+    assert_eq!(
+        write(&mut d, entry.nodeid, opened.fh, 0, b"hello ").unwrap(),
+        6
+    );
+    assert_eq!(
+        write(&mut d, entry.nodeid, opened.fh, 6, b"world").unwrap(),
+        5
+    );
+    let fsync = d.call(
+        Opcode::Fsync as u32,
+        entry.nodeid,
+        fuse_backend_rs::abi::fuse_abi::FsyncIn {
+            fh: opened.fh,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    assert_eq!(fsync.errno(), Some(0));
+    assert_eq!(fs::read(tree.share.join("new")).unwrap(), b"hello world");
+    assert_eq!(
+        read(&mut d, entry.nodeid, opened.fh, 64).unwrap(),
+        b"hello world"
+    );
+
+    // Truncate through setattr.
+    let truncate = d.call(
+        Opcode::Setattr as u32,
+        entry.nodeid,
+        SetattrIn {
+            valid: FATTR_SIZE,
+            size: 5,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    assert_eq!(truncate.errno(), Some(0));
+    assert_eq!(fs::read(tree.share.join("new")).unwrap(), b"hello");
+}
+
+#[test]
+fn read_only_share_refuses_every_change_and_still_reads() {
+    let tree = Tree::new();
+    let mut d = driver(
+        &tree,
+        Policy {
+            read_only: true,
+            ..policy()
+        },
+    );
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
+
+    assert_eq!(create(&mut d, ROOT_ID, "new").err(), Some(libc::EROFS));
+    assert_eq!(
+        mknod(&mut d, ROOT_ID, "fifo", libc::S_IFIFO | 0o644, 0).err(),
+        Some(libc::EROFS)
+    );
+    let mkdir = d.call(
+        Opcode::Mkdir as u32,
+        ROOT_ID,
+        &body(
+            MkdirIn {
+                mode: 0o755,
+                umask: 0,
+            },
+            &name("d"),
+        ),
+    );
+    assert_eq!(errno_of(mkdir), libc::EROFS);
+    assert_eq!(
+        errno_of(d.call(Opcode::Unlink as u32, ROOT_ID, &name("file"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(d.call(Opcode::Rmdir as u32, ROOT_ID, &name("sub"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        rename(&mut d, ROOT_ID, "file", sub.nodeid, "moved"),
+        libc::EROFS
+    );
+    let mut rest = name("s");
+    rest.extend(name("file"));
+    assert_eq!(
+        errno_of(d.call(Opcode::Symlink as u32, ROOT_ID, &rest)),
+        libc::EROFS
+    );
+    let link = d.call(
+        Opcode::Link as u32,
+        sub.nodeid,
+        &body(
+            LinkIn {
+                oldnodeid: file.nodeid,
+            },
+            &name("hard"),
+        ),
+    );
+    assert_eq!(errno_of(link), libc::EROFS);
+    let chown = d.call(
+        Opcode::Setattr as u32,
+        file.nodeid,
+        SetattrIn {
+            valid: FATTR_UID,
+            uid: 1234,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    assert_eq!(errno_of(chown), libc::EROFS);
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(
+            open(&mut d, file.nodeid, flags),
+            Err(libc::EROFS),
+            "{flags:#o}"
+        );
+    }
+
+    let fh = open(&mut d, file.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(read(&mut d, file.nodeid, fh, 64).unwrap(), b"inside\n");
+    // A forged write on the read-only handle is refused too.
+    assert_eq!(write(&mut d, file.nodeid, fh, 0, b"x"), Err(libc::EROFS));
+    assert_eq!(fs::read(tree.share.join("file")).unwrap(), b"inside\n");
+    assert_eq!(
+        fs::read_dir(&tree.share).unwrap().count(),
+        5,
+        "nothing was created"
+    );
+}
+
+#[test]
+fn open_file_cap_refuses_lookups_and_opens_past_it() {
+    let tree = Tree::new();
+    for i in 0..4 {
+        fs::write(tree.share.join(format!("f{i}")), b"x").unwrap();
+    }
+    let mut d = driver(
+        &tree,
+        Policy {
+            max_open_files: 3,
+            ..policy()
+        },
+    );
+    let f0 = lookup(&mut d, ROOT_ID, "f0").unwrap();
+    lookup(&mut d, ROOT_ID, "f1").unwrap();
+    // A second lookup of a held inode takes no new fd.
+    lookup(&mut d, ROOT_ID, "f1").unwrap();
+    let fh = open(&mut d, f0.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(d.fs().open_files(), 3);
+    assert_eq!(lookup(&mut d, ROOT_ID, "f2").err(), Some(libc::ENFILE));
+    assert_eq!(open(&mut d, f0.nodeid, libc::O_RDONLY), Err(libc::EMFILE));
+    assert_eq!(create(&mut d, ROOT_ID, "new").err(), Some(libc::EMFILE));
+    assert_eq!(d.fs().open_files(), 3);
+
+    // Releasing the handle and forgetting f0 makes room again.
+    let release = d.call(
+        Opcode::Release as u32,
+        f0.nodeid,
+        fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+            fh,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    assert_eq!(release.errno(), Some(0));
+    let forget = d.call(
+        Opcode::Forget as u32,
+        f0.nodeid,
+        ForgetIn { nlookup: 1 }.as_slice(),
+    );
+    assert_eq!(forget.used, 0, "FORGET has no reply");
+    assert_eq!(d.fs().open_files(), 1);
+    lookup(&mut d, ROOT_ID, "f2").unwrap();
+    lookup(&mut d, ROOT_ID, "f3").unwrap();
+    assert_eq!(lookup(&mut d, ROOT_ID, "f0").err(), Some(libc::ENFILE));
+    assert!(d.faults().count("open file limit") >= 4);
+}
+
+#[test]
+fn ids_are_mapped_both_ways() {
+    let tree = Tree::new();
+    let host_uid = fs::metadata(tree.share.join("file")).unwrap().uid();
+    let mut d = driver(
+        &tree,
+        Policy {
+            ids: IdMap {
+                uids: Some(IdRange {
+                    guest: 5000,
+                    host: host_uid,
+                    count: 1,
+                }),
+                gids: None,
+            },
+            ..policy()
+        },
+    );
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    assert_eq!(
+        file.attr.uid, 5000,
+        "the host owner is shown as its guest id"
+    );
+    let other = lookup(&mut d, ROOT_ID, "sub").unwrap();
+    assert_eq!(other.attr.uid, 5000);
+}
+
+#[test]
+fn malformed_requests_get_errors_not_panics() {
+    let tree = Tree::new();
+    let before = tree.outside_state();
+    let mut d = driver(&tree, policy());
+
+    // Shorter than a header: no reply, counted.
+    let short = d.raw(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 4096);
+    assert_eq!(short.used, 0);
+    assert!(d.faults().count("request the server cannot parse") >= 1);
+
+    // An opcode that does not exist.
+    let unknown = d.call(9999, ROOT_ID, &[]);
+    assert_eq!(unknown.errno(), Some(libc::ENOSYS));
+
+    // A header that claims more than the chain holds, and a lookup name
+    // without its NUL.
+    let mut lying = InHeader {
+        len: 1 << 30,
+        opcode: Opcode::Lookup as u32,
+        unique: 77,
+        nodeid: ROOT_ID,
+        ..Default::default()
+    }
+    .as_slice()
+    .to_vec();
+    lying.extend_from_slice(b"file");
+    let reply = d.raw(&lying, 4096);
+    assert!(reply.used == 0 || reply.errno() != Some(0), "{reply:?}");
+
+    // A huge name: longer than any component.
+    let huge = "x".repeat(8000);
+    assert!(lookup(&mut d, ROOT_ID, &huge).is_err());
+
+    // A READ asking for far more than the reply buffer holds.
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    let fh = open(&mut d, file.nodeid, libc::O_RDONLY).unwrap();
+    let mut req = InHeader {
+        len: 80,
+        opcode: Opcode::Read as u32,
+        unique: 78,
+        nodeid: file.nodeid,
+        ..Default::default()
+    }
+    .as_slice()
+    .to_vec();
+    req.extend_from_slice(
+        ReadIn {
+            fh,
+            size: u32::MAX,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    let reply = d.raw(&req, 64);
+    assert!(reply.used <= 64, "{reply:?}");
+
+    // No writable part at all: nowhere to reply.
+    let reply = d.raw(
+        &body(
+            InHeader {
+                len: 40 + 5,
+                opcode: Opcode::Lookup as u32,
+                unique: 79,
+                nodeid: ROOT_ID,
+                ..Default::default()
+            },
+            &name("file"),
+        ),
+        0,
+    );
+    assert_eq!(reply.used, 0);
+
+    // A chain larger than the request limit is refused before parsing.
+    let reply = d.chain(&[
+        TestDescriptor::new(REQUEST, 64, NEXT),
+        TestDescriptor::new(REPLY, (MAX_REQUEST_BYTES + 1) as u32, WRITE),
+    ]);
+    assert_eq!(reply.used, 0);
+    assert_eq!(d.faults().count("request larger than the limit"), 1);
+
+    // A buffer outside guest memory.
+    let reply = d.chain(&[
+        TestDescriptor::new(REQUEST, 64, NEXT),
+        TestDescriptor::new(1 << 40, 4096, WRITE),
+    ]);
+    assert_eq!(reply.used, 0);
+    assert!(d.faults().count("reply buffer not in guest memory") >= 1);
+
+    // The device still serves correct requests afterwards.
+    assert!(lookup(&mut d, ROOT_ID, "file").is_ok());
+    assert_eq!(tree.outside_state(), before);
+    assert_eq!(Attr::default().ino, 0);
+}
