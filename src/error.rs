@@ -91,6 +91,21 @@ pub enum SandboxError {
         #[source]
         source: chitin_net::NetError,
     },
+    /// A shared directory cannot be served (missing, not a directory).
+    #[error("cannot share {} as {tag}", .path.display())]
+    Share {
+        /// The share's tag.
+        tag: String,
+        /// The host directory.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: chitin_fs::FsError,
+    },
+    /// A share's settings are invalid (tag, mount point, limits) or two
+    /// shares use one tag or mount point.
+    #[error("invalid share: {0}")]
+    InvalidShare(String),
     /// A network interface's guest settings are inconsistent.
     #[error("invalid network interface settings: {0}")]
     InvalidNet(String),

@@ -14,7 +14,8 @@ use chitin_virtio::GuestFaults;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceFaults {
     /// The device: `vda`, `vdb`, ... for disks (in `.disk()` order, the
-    /// root disk included), `vsock` for the vsock device.
+    /// root disk included), `eth0`, `eth1`, ... for network interfaces,
+    /// `fs <tag>` for each share, `vsock` for the vsock device.
     pub device: String,
     /// Each reason seen with how many times, in reason order.
     pub reasons: Vec<(&'static str, u64)>,

@@ -50,10 +50,12 @@ mod guest;
 mod logging;
 mod net;
 mod sandbox;
+mod share;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
 pub use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
+pub use chitin_fs::IdRange;
 pub use chitin_memory::Backing;
 pub use chitin_net::{MacAddr, MacParseError, NetStats};
 pub use chitin_vcpu::ExitReason;
@@ -74,3 +76,4 @@ pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, SandboxHandle, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, VMM_CMDLINE_ENTRIES,
 };
+pub use share::Share;

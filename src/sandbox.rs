@@ -17,6 +17,7 @@ use std::time::Duration;
 use chitin_agent_protocol::{CMDLINE_ENTRY as AGENT_ENTRY, CMDLINE_KEY as AGENT_KEY};
 use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
+use chitin_fs::Fs;
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
 use chitin_net::{NetCounters, NetStats};
@@ -33,6 +34,7 @@ use crate::exec::{relock, AgentLink, Child, Command, ExitStatus, Output, Stdio};
 use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 use crate::net::{dns_entry, Net};
+use crate::share::Share;
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -100,6 +102,7 @@ pub struct SandboxBuilder {
     disks: Vec<Disk>,
     root_disk: Option<usize>,
     nets: Vec<Net>,
+    shares: Vec<Share>,
     dns: Vec<Ipv4Addr>,
     vsock: Option<VsockSettings>,
     agent: bool,
@@ -121,6 +124,7 @@ impl Default for SandboxBuilder {
             disks: Vec::new(),
             root_disk: None,
             nets: Vec::new(),
+            shares: Vec::new(),
             dns: Vec::new(),
             vsock: None,
             agent: false,
@@ -219,6 +223,15 @@ impl SandboxBuilder {
         self
     }
 
+    /// Share a host directory with the guest over virtio-fs; any number
+    /// of shares, each with its own tag. A share with
+    /// [`Share::mount_at`] is mounted by the agent before the first
+    /// command runs.
+    pub fn share(mut self, share: Share) -> Self {
+        self.shares.push(share);
+        self
+    }
+
     /// Add a network interface; interfaces appear in the guest in the
     /// order added (`eth0`, `eth1`, ...). With an address set, chitin's
     /// guest agent configures it before the first command runs.
@@ -290,6 +303,25 @@ impl SandboxBuilder {
         for disk in &self.disks {
             disk.config()?;
         }
+        for (i, share) in self.shares.iter().enumerate() {
+            share.validate()?;
+            for other in &self.shares[..i] {
+                if other.tag() == share.tag() {
+                    return Err(SandboxError::InvalidShare(format!(
+                        "tag {} is used by two shares",
+                        share.tag()
+                    )));
+                }
+                if share.mount_point().is_some() && other.mount_point() == share.mount_point() {
+                    return Err(SandboxError::InvalidShare(format!(
+                        "{} and {} are both mounted at {}",
+                        other.tag(),
+                        share.tag(),
+                        share.mount_point().unwrap_or_default()
+                    )));
+                }
+            }
+        }
         // An overflowing size saturates and is reported as too large.
         let memory_bytes = self.memory_mib.saturating_mul(1 << 20);
         let ram = GuestRam::new(memory_bytes, self.backing)
@@ -352,6 +384,23 @@ impl SandboxBuilder {
             )?);
         }
         vmm_entries.extend(dns_entry(&self.dns));
+        for share in &self.shares {
+            let device = Fs::new(share.config()).map_err(|source| SandboxError::Share {
+                tag: share.tag().to_string(),
+                path: share.host_dir().to_path_buf(),
+                source,
+            })?;
+            faults.add(format!("fs {}", share.tag()), device.faults());
+            vmm_entries.extend(share.cmdline_entry());
+            vmm_entries.push(attach_virtio(
+                &vm,
+                &ram,
+                device,
+                &mut slots,
+                &mut buses,
+                &mut events,
+            )?);
+        }
         let vsock = match (self.vsock, self.agent) {
             (Some(v), _) => Some(v),
             (None, true) => Some(VsockSettings::private()),

@@ -25,7 +25,14 @@ const MOUNTS: &[(&str, &str, &str, libc::c_ulong)] = &[
     ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
 ];
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+/// Mount `source` on `target` (created if missing); EBUSY (mounted
+/// already) is not an error.
+pub(crate) fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
     let c = |s: &str| CString::new(s).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
     let (source, target_c, fstype) = (c(source)?, c(target)?, c(fstype)?);

@@ -16,6 +16,7 @@ pub mod init;
 pub mod net;
 pub mod server;
 pub mod service;
+pub mod share;
 pub mod vsock;
 
 /// Print one line on the console and flush it, so it reaches the host even

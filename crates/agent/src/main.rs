@@ -1,7 +1,8 @@
 //! chitin-agent: PID 1 of chitin's guest image.
 //!
 //! It brings up a minimal userspace ([`chitin_agent::init`]) and the
-//! network the VMM configured ([`chitin_agent::net`]), prints
+//! network the VMM configured ([`chitin_agent::net`]), mounts the shares
+//! it asked for ([`chitin_agent::share`]), prints
 //! `chitin-agent: up version=<protocol version>` on the console, and serves
 //! the exec protocol on vsock port 1024 ([`chitin_agent::service`]) for as
 //! long as the guest runs; a client's SHUTDOWN stops the VM (sync, then
@@ -11,17 +12,24 @@
 //! The agent never panics on what it reads from the kernel or the host: a
 //! PID 1 crash would panic the guest.
 
-use chitin_agent::{cmdline, init, net, say, service};
+use chitin_agent::{cmdline, init, net, say, service, share};
 use chitin_agent_protocol::VERSION;
 
 fn main() {
     if let Err(e) = init::mount_basics() {
         say(&format!("chitin-agent: {e}"));
     }
-    for line in net::configure(&cmdline::KernelCmdline::read()) {
+    let cmdline = cmdline::KernelCmdline::read();
+    for line in net::configure(&cmdline) {
         match line {
             Ok(done) => say(&format!("chitin-agent: net {done}")),
             Err(e) => say(&format!("chitin-agent: net error: {e}")),
+        }
+    }
+    for line in share::mount_all(&cmdline) {
+        match line {
+            Ok(done) => say(&format!("chitin-agent: {done}")),
+            Err(e) => say(&format!("chitin-agent: error: {e}")),
         }
     }
     say(&format!("chitin-agent: up version={VERSION}"));

@@ -144,6 +144,16 @@ const NET: Scenario = Scenario {
     ..EXEC
 };
 
+/// virtio-fs: shares of directories made in L1, each scenario with
+/// sandboxes of its own (host checks through the library).
+const FS: Scenario = Scenario {
+    name: "fs",
+    agent: "fs",
+    timeout_s: 600,
+    host_checks: Some("fs"),
+    ..EXEC
+};
+
 /// A small 1-vCPU scenario judged by the agent's own checks.
 const SMALL: Scenario = Scenario {
     vcpus: 1,
@@ -221,6 +231,21 @@ pub const SCENARIOS: &[Scenario] = &[
         timeout_s: 420,
         host_checks: Some("net-reset"),
         ..NET
+    },
+    FS,
+    Scenario {
+        name: "fs-escape",
+        agent: "fs-escape",
+        timeout_s: 300,
+        host_checks: Some("fs-escape"),
+        ..FS
+    },
+    Scenario {
+        name: "fs-ro",
+        agent: "fs-ro",
+        timeout_s: 300,
+        host_checks: Some("fs-ro"),
+        ..FS
     },
     // The same checks on the second kernel, in the same L1 run.
     Scenario {

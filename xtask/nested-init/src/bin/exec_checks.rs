@@ -1,8 +1,8 @@
 //! The nested tier's host-side checks of `Sandbox::exec`/`spawn` and vsock,
 //! run inside L1 (where KVM runs Linux) against the default guest:
 //!
-//! `chitin-exec-checks exec|vsock|net KERNEL INITRAMFS` (`net`: see the
-//! `net` module)
+//! `chitin-exec-checks exec|vsock|net|fs|... KERNEL INITRAMFS` (`net*`:
+//! see the `net` module, `fs*`: the `fs` module)
 //!
 //! Each scenario ends with a `device-faults` check: the guest's drivers
 //! must not have sent anything the devices refused as malformed (a packet
@@ -21,6 +21,8 @@ use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox, Signal, S
 
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
+#[path = "exec_checks/fs.rs"]
+mod fs;
 #[path = "exec_checks/net.rs"]
 mod net;
 
@@ -560,10 +562,15 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset KERNEL INITRAMFS"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro KERNEL INITRAMFS"
         );
         std::process::exit(2);
     };
+    if which == "fs-writer" {
+        // The child of the `fs` scenario's fsync-then-SIGKILL check.
+        let share = args.get(4).map(String::as_str).unwrap_or("/nonexistent");
+        std::process::exit(fs::writer(kernel, initramfs, share));
+    }
     let networked = which == "net";
     if which.starts_with("net") {
         if let Err(e) = net::enter_namespace() {
@@ -576,6 +583,9 @@ fn main() {
         "net-offload" => Some(net::offload_checks),
         "net-limit" => Some(net::limit_checks),
         "net-reset" => Some(net::reset_checks),
+        "fs" => Some(fs::fs_checks),
+        "fs-escape" => Some(fs::escape_checks),
+        "fs-ro" => Some(fs::ro_checks),
         _ => None,
     };
     if let Some(checks) = own {

@@ -49,6 +49,11 @@ fn main() {
             report.check("net-config", false, &e);
         }
     }
+    for line in chitin_agent::share::mount_all(&cmdline) {
+        if let Err(e) = line {
+            report.check("share-mount", false, &e);
+        }
+    }
     let scenario = cmdline.get("chitin.scenario").map(str::to_string);
     let agent = cmdline.get(CMDLINE_KEY) == Some("1") || scenario.is_none();
     let name = scenario.as_deref().unwrap_or("agent");

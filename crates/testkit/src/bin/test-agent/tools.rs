@@ -10,6 +10,9 @@
 //!   EOF, then close; prints `echoed=<n>`.
 //! - `blk-write-direct DEV BYTES`: O_DIRECT writes of pattern to a raw
 //!   disk, timed (the `net-limit` scenario's limited disk).
+//! - `fs-mmap-write FILE OFFSET TEXT`: write TEXT into FILE at OFFSET
+//!   through a shared writable mapping, then `msync` (the `fs`
+//!   scenario's write-back through the page cache).
 
 use std::io::Write;
 use std::time::Instant;
@@ -33,14 +36,81 @@ pub fn run(args: &[String]) -> Option<i32> {
             None => usage(),
         },
         "blk-write-direct" => crate::blk::write_direct_tool(&args[2..]),
+        "fs-mmap-write" => match (args.get(2), arg(3), args.get(4)) {
+            (Some(file), Some(offset), Some(text)) => mmap_write(file, offset, text.as_bytes()),
+            _ => usage(),
+        },
         "net-send" | "net-recv" | "net-echo-clients" | "net-udp-hold" => net::run(tool, &args[2..]),
         _ => return None,
     })
 }
 
 fn usage() -> i32 {
-    eprintln!("usage: vsock-echo-client PORT BYTES | vsock-echo-server PORT");
+    eprintln!(
+        "usage: vsock-echo-client PORT BYTES | vsock-echo-server PORT | \
+         fs-mmap-write FILE OFFSET TEXT"
+    );
     2
+}
+
+/// Map FILE shared and writable, copy `text` in at `offset`, `msync`.
+fn mmap_write(file: &str, offset: u64, text: &[u8]) -> i32 {
+    use std::os::fd::AsRawFd;
+    let result = (|| -> std::io::Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file)?;
+        let end = offset as usize + text.len();
+        if f.metadata()?.len() < end as u64 {
+            return Err(std::io::Error::other(
+                "the file is shorter than OFFSET + TEXT",
+            ));
+        }
+        // SAFETY: a fresh shared mapping of `end` bytes of an fd we own;
+        // the kernel picks the address. The result is checked below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                end,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `map` is `end` writable bytes and `offset + text.len()`
+        // is `end`; the source is a separate Rust slice.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                text.as_ptr(),
+                map.cast::<u8>().add(offset as usize),
+                text.len(),
+            )
+        };
+        // SAFETY: `map` and `end` are the mapping made above.
+        let synced = unsafe { libc::msync(map, end, libc::MS_SYNC) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the same mapping, unmapped once.
+        unsafe { libc::munmap(map, end) };
+        if synced != 0 {
+            return Err(err);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            println!("mmap-written={}", text.len());
+            0
+        }
+        Err(e) => {
+            eprintln!("fs-mmap-write {file}: {e}");
+            1
+        }
+    }
 }
 
 fn echo_client(port: u32, bytes: u64) -> i32 {

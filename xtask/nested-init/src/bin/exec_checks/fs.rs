@@ -1,0 +1,698 @@
+//! virtio-fs checks, run in L1 against the test agent guest, each with a
+//! sandbox of its own sharing a directory this process makes:
+//!
+//! - `fs`: a tree of files (sizes around page and request boundaries, a
+//!   deep path, a hard link, a symlink) read in the guest byte-exact; the
+//!   guest creates, renames, truncates, appends, unlinks and
+//!   `mmap`-writes files and the host sees exactly that; a host change
+//!   shows in the guest; data the guest `fsync`ed survives the VMM being
+//!   killed with SIGKILL (a child process runs that sandbox).
+//! - `fs-escape`: host symlinks out of the share, `..` chains, device
+//!   nodes, links and renames out, a directory moved out by the host
+//!   while the guest sits in it: each attempt and its result printed, no
+//!   host byte from outside the share ever shown, nothing outside changed.
+//! - `fs-ro`: a read-only share refuses every change, both as the agent
+//!   mounted it (`ro`) and mounted read-write by the guest itself (the
+//!   device's own `EROFS`); reads work.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio as ProcStdio;
+use std::time::{Duration, Instant};
+
+use chitin::{Command, ExitStatus, RunningSandbox, Sandbox, Share};
+use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS};
+
+/// Where the shares and the "outside" live in L1.
+const BASE: &str = "/tmp/chitin-fs";
+/// A marker only the host's secret file holds.
+const SECRET: &str = "CHITIN-HOST-SECRET-7f3a91";
+/// Sizes of the files read back: around pages and the 1 MiB request size.
+const SIZES: &[usize] = &[0, 1, 4095, 4096, 4097, (1 << 20) + 7, 8 << 20];
+/// Depth of the deep tree.
+const DEPTH: usize = 24;
+/// What the guest writes before it is killed.
+const SYNCED_LEN: usize = 1 << 20;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+fn fresh(dir: &Path) -> Result<(), String> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))
+}
+
+fn sandbox(kernel: &str, initramfs: &str, shares: Vec<Share>) -> Result<RunningSandbox, String> {
+    let mut builder = Sandbox::builder()
+        .guest(chitin::GuestImage::new(kernel, initramfs))
+        .vcpus(2)
+        .memory_mib(256);
+    for share in shares {
+        builder = builder.share(share);
+    }
+    let built = builder.build().map_err(|e| chitin::error_chain(&e))?;
+    built.start().map_err(|e| chitin::error_chain(&e))
+}
+
+/// The first exec (timed from `start`, boot included) and the kernel.
+fn first_checks(vm: &RunningSandbox, start: Instant, c: &mut Checks) {
+    c.result(
+        "first-exec",
+        super::guest_kernel(vm)
+            .map(|k| format!("{k} in {} ms (includes boot)", start.elapsed().as_millis())),
+    );
+    c.result("guest-kernel", super::guest_kernel(vm));
+}
+
+/// What a guest shell script printed, and how it ended.
+struct Out {
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Out {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).trim().to_string()
+    }
+}
+
+fn run(vm: &RunningSandbox, script: &str) -> Result<Out, String> {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    cmd.timeout(Duration::from_secs(600));
+    let o = vm.exec(&cmd).map_err(|e| chitin::error_chain(&e))?;
+    Ok(Out {
+        code: match o.status {
+            ExitStatus::Code(c) => Some(c),
+            _ => None,
+        },
+        stdout: o.stdout,
+        stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+    })
+}
+
+/// A script that must succeed; its stdout.
+fn ok(vm: &RunningSandbox, script: &str) -> Result<String, String> {
+    let out = run(vm, script)?;
+    if out.code != Some(0) {
+        return Err(format!("`{script}`: {:?} {}", out.code, out.stderr));
+    }
+    Ok(out.text())
+}
+
+/// The read tree: `f-<size>` files, `deep/d0/.../d23/leaf`, `hard`
+/// (a hard link to f-4096) and `link -> f-1`.
+fn make_read_tree(share: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut files = Vec::new();
+    for (i, &size) in SIZES.iter().enumerate() {
+        let name = format!("f-{size}");
+        let bytes = pattern(size, i as u8);
+        fs::write(share.join(&name), &bytes).map_err(io)?;
+        files.push((name, bytes));
+    }
+    let mut deep = PathBuf::from("deep");
+    for d in 0..DEPTH {
+        deep.push(format!("d{d}"));
+    }
+    fs::create_dir_all(share.join(&deep)).map_err(io)?;
+    let leaf = deep.join("leaf");
+    fs::write(share.join(&leaf), b"at the bottom\n").map_err(io)?;
+    files.push((
+        leaf.to_string_lossy().into_owned(),
+        b"at the bottom\n".to_vec(),
+    ));
+    fs::hard_link(share.join("f-4096"), share.join("hard")).map_err(io)?;
+    symlink("f-1", share.join("link")).map_err(io)?;
+    fs::create_dir_all(share.join("w")).map_err(io)?;
+    Ok(files)
+}
+
+fn read_checks(vm: &RunningSandbox, files: &[(String, Vec<u8>)], c: &mut Checks) {
+    let t = Instant::now();
+    let mut total = 0;
+    let mut bad = Vec::new();
+    for (name, bytes) in files {
+        match run(vm, &format!("cat /mnt/data/{name}")) {
+            Ok(o) if o.code == Some(0) && o.stdout == *bytes => total += bytes.len(),
+            Ok(o) => bad.push(format!(
+                "{name}: {} bytes fnv {:016x}, want {} fnv {:016x} ({})",
+                o.stdout.len(),
+                fnv1a(FNV_BASIS, &o.stdout),
+                bytes.len(),
+                fnv1a(FNV_BASIS, bytes),
+                o.stderr
+            )),
+            Err(e) => bad.push(format!("{name}: {e}")),
+        }
+    }
+    c.result(
+        "read-byte-exact",
+        if bad.is_empty() {
+            Ok(format!(
+                "{} files ({total} bytes, sizes {SIZES:?} and a {DEPTH}-deep leaf) identical in {} ms",
+                files.len(),
+                t.elapsed().as_millis()
+            ))
+        } else {
+            Err(bad.join("; "))
+        },
+    );
+    c.result(
+        "hard-link",
+        ok(vm, "stat -c '%i %h' /mnt/data/hard /mnt/data/f-4096").and_then(|out| {
+            let lines: Vec<&str> = out.lines().collect();
+            match lines.as_slice() {
+                [a, b] if a == b && a.ends_with(" 2") => Ok(format!("one inode, 2 links: {a}")),
+                _ => Err(out),
+            }
+        }),
+    );
+    c.result(
+        "symlink",
+        ok(
+            vm,
+            "readlink /mnt/data/link && cat /mnt/data/link | od -An -tx1",
+        )
+        .and_then(|out| {
+            let want = format!("{:02x}", pattern(1, 1)[0]);
+            if out.starts_with("f-1") && out.ends_with(&want) {
+                Ok(format!("link -> f-1, read through it: {want}"))
+            } else {
+                Err(out)
+            }
+        }),
+    );
+    c.result(
+        "statfs",
+        ok(vm, "stat -f -c 'type=%T blocks=%b' /mnt/data").map(|s| s.replace('\n', " ")),
+    );
+}
+
+fn write_checks(vm: &RunningSandbox, share: &Path, c: &mut Checks) {
+    let w = share.join("w");
+    let script = "cd /mnt/data/w && echo created > new && mv new renamed \
+         && printf 0123456789 > trunc && truncate -s 4 trunc \
+         && echo a >> app && echo b >> app \
+         && echo gone > del && rm del \
+         && mkdir -p d/e && echo inner > d/e/f && rmdir d/e 2>/dev/null; \
+         head -c 8192 /dev/zero > mm && /init fs-mmap-write /mnt/data/w/mm 4000 MAPPED-BYTES \
+         && yes abcdefg | head -c 4194304 > big && sync";
+    let guest = run(vm, script);
+    let read = |n: &str| fs::read(w.join(n)).map_err(|e| format!("{n}: {e}"));
+    let host = (|| -> Result<String, String> {
+        let out = guest?;
+        if out.code != Some(0) {
+            return Err(format!("guest script: {:?} {}", out.code, out.stderr));
+        }
+        let mut mm = vec![0u8; 8192];
+        mm[4000..4012].copy_from_slice(b"MAPPED-BYTES");
+        let big: Vec<u8> = b"abcdefg\n".iter().copied().cycle().take(4 << 20).collect();
+        let checks = [
+            ("renamed", read("renamed")? == b"created\n"),
+            ("new gone", !w.join("new").exists()),
+            ("trunc", read("trunc")? == b"0123"),
+            ("app", read("app")? == b"a\nb\n"),
+            ("del gone", !w.join("del").exists()),
+            ("d/e/f", read("d/e/f")? == b"inner\n"),
+            ("mm", read("mm")? == mm),
+            ("big", read("big")? == big),
+        ];
+        let failed: Vec<&str> = checks
+            .iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(n, _)| *n)
+            .collect();
+        if failed.is_empty() {
+            Ok("create, rename, truncate, append, unlink, mkdir, mmap write, 4 MiB write: all as on the host".into())
+        } else {
+            Err(format!("host differs: {failed:?}"))
+        }
+    })();
+    c.result("guest-writes-seen-on-host", host);
+
+    // The host changes a file; the guest sees it once its cache times out.
+    let changed = (|| -> Result<String, String> {
+        ok(vm, "cat /mnt/data/w/renamed")?;
+        fs::write(w.join("renamed"), b"changed on the host\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(2));
+        let seen = ok(vm, "cat /mnt/data/w/renamed")?;
+        if seen == "changed on the host" {
+            Ok("host write visible in the guest after 2 s".into())
+        } else {
+            Err(format!("guest still sees {seen:?}"))
+        }
+    })();
+    c.result("host-change-seen", changed);
+}
+
+/// Start `chitin-exec-checks fs-writer` on a fresh share, wait for its
+/// guest to have `fsync`ed a file, SIGKILL it, and read the file.
+fn killed_vmm_check(kernel: &str, initramfs: &str) -> Result<String, String> {
+    let share = Path::new(BASE).join("killed");
+    fresh(&share)?;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(me)
+        .args(["fs-writer", kernel, initramfs])
+        .arg(&share)
+        .stdout(ProcStdio::piped())
+        .stderr(ProcStdio::inherit())
+        .spawn()
+        .map_err(|e| format!("spawn the writer: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let synced = line.starts_with("fs-writer: synced");
+            let _ = tx.send(line);
+            if synced {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut seen = Vec::new();
+    let synced = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.starts_with("fs-writer: synced") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    // SIGKILL: no destructor, no flush, no orderly stop of anything.
+    let _ = child.kill();
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if !synced {
+        return Err(format!("the writer never synced: {seen:?} {status}"));
+    }
+    let got = fs::read(share.join("synced")).map_err(|e| e.to_string())?;
+    let want = pattern(SYNCED_LEN, 9);
+    if got == want {
+        Ok(format!(
+            "1 MiB fsynced in the guest, VMM killed ({status}): the host file holds all of it"
+        ))
+    } else {
+        Err(format!("{} bytes on the host after the kill", got.len()))
+    }
+}
+
+/// The child of [`killed_vmm_check`]: boot with the share, have the guest
+/// write and `fsync` the file, say so, then wait to be killed.
+pub fn writer(kernel: &str, initramfs: &str, share: &str) -> i32 {
+    let vm = match sandbox(
+        kernel,
+        initramfs,
+        vec![Share::new(share, "killed").mount_at("/mnt/k")],
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("fs-writer: {e}");
+            return 1;
+        }
+    };
+    // The guest has no generator of this pattern: the bytes go in
+    // through stdin.
+    let mut cmd = Command::new("dd");
+    cmd.args(["of=/mnt/k/synced", "bs=65536", "conv=fsync"])
+        .stdin(chitin::Stdio::bytes(pattern(SYNCED_LEN, 9)))
+        .timeout(Duration::from_secs(600));
+    match vm.exec(&cmd) {
+        Ok(o) if o.status == ExitStatus::Code(0) => println!("fs-writer: synced"),
+        other => {
+            eprintln!("fs-writer: dd failed: {other:?}");
+            return 1;
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+pub fn fs_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let share = Path::new(BASE).join("data");
+    let files = match fresh(&share).and_then(|()| make_read_tree(&share)) {
+        Ok(f) => f,
+        Err(e) => return c.result("setup", Err(e)),
+    };
+    let start = Instant::now();
+    let vm = match sandbox(
+        kernel,
+        initramfs,
+        vec![Share::new(&share, "data").mount_at("/mnt/data")],
+    ) {
+        Ok(vm) => vm,
+        Err(e) => return c.result("sandbox", Err(e)),
+    };
+    first_checks(&vm, start, c);
+    c.result(
+        "mounted",
+        ok(&vm, "grep ' /mnt/data ' /proc/mounts").and_then(|m| {
+            if m.contains("virtiofs") && m.contains("nodev") {
+                Ok(m)
+            } else {
+                Err(m)
+            }
+        }),
+    );
+    read_checks(&vm, &files, c);
+    write_checks(&vm, &share, c);
+    c.result("device-faults", super::device_faults(&vm));
+    drop(vm);
+    c.result("fsync-then-sigkill", killed_vmm_check(kernel, initramfs));
+}
+
+/// One escape attempt: run `script` in the guest, print what came back,
+/// fail if any output holds the host's secret or L1's own files.
+fn attempt(vm: &RunningSandbox, c: &mut Checks, name: &str, script: &str, forbidden: &[&str]) {
+    let result = run(vm, script).and_then(|o| {
+        let all = format!("{}\n{}", String::from_utf8_lossy(&o.stdout), o.stderr);
+        let shown: String = all.split_whitespace().collect::<Vec<_>>().join(" ");
+        let shown = if shown.chars().count() > 160 {
+            format!("{}...", shown.chars().take(160).collect::<String>())
+        } else {
+            shown
+        };
+        match forbidden.iter().find(|f| all.contains(*f)) {
+            Some(f) => Err(format!("`{script}` showed host data ({f:?}): {shown}")),
+            None => Ok(format!("`{script}` -> exit {:?}: {shown}", o.code)),
+        }
+    });
+    c.result(name, result);
+}
+
+pub fn escape_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let base = Path::new(BASE);
+    let share = base.join("escape-share");
+    let outside = base.join("outside");
+    let setup = (|| -> Result<(), String> {
+        let io = |e: std::io::Error| e.to_string();
+        fresh(&share)?;
+        fresh(&outside)?;
+        fs::write(outside.join("secret"), format!("{SECRET}\n")).map_err(io)?;
+        fs::write(share.join("file"), b"inside the share\n").map_err(io)?;
+        fs::create_dir_all(share.join("sub")).map_err(io)?;
+        fs::write(share.join("sub/own"), b"sub's own file\n").map_err(io)?;
+        symlink("/", share.join("escape")).map_err(io)?;
+        symlink("/etc/passwd", share.join("etc-link")).map_err(io)?;
+        symlink(outside.join("secret"), share.join("secret-link")).map_err(io)?;
+        symlink("../outside/secret", share.join("rel-link")).map_err(io)?;
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        return c.result("setup", Err(e));
+    }
+    // L1's own files the guest must never see: its passwd's first line
+    // and the names at its root the guest's initramfs lacks.
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let passwd_line = passwd.lines().next().unwrap_or("root:x:0:0").to_string();
+    let outside_before = fs::read(outside.join("secret")).unwrap_or_default();
+    let l1_root_before: Vec<String> = fs::read_dir("/")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let start = Instant::now();
+    let vm = match sandbox(
+        kernel,
+        initramfs,
+        vec![Share::new(&share, "escape").mount_at("/mnt/s")],
+    ) {
+        Ok(vm) => vm,
+        Err(e) => return c.result("sandbox", Err(e)),
+    };
+    first_checks(&vm, start, c);
+    let forbidden = [SECRET, passwd_line.as_str()];
+    let f = &forbidden[..];
+    attempt(&vm, c, "cat-etc-link", "cat /mnt/s/etc-link", f);
+    attempt(&vm, c, "cat-secret-link", "cat /mnt/s/secret-link", f);
+    attempt(&vm, c, "cat-rel-link", "cat /mnt/s/rel-link", f);
+    attempt(
+        &vm,
+        c,
+        "ls-escape",
+        "ls /mnt/s/escape/ /mnt/s/escape/tmp/",
+        f,
+    );
+    c.result(
+        "escape-is-guest-root",
+        (|| {
+            let through = ok(&vm, "ls /mnt/s/escape/")?;
+            let guest_root = ok(&vm, "ls /")?;
+            if through == guest_root {
+                Ok("ls through `escape -> /` lists the guest's own root".to_string())
+            } else {
+                Err(format!("{through:?} vs guest / {guest_root:?}"))
+            }
+        })(),
+    );
+    attempt(
+        &vm,
+        c,
+        "dotdot-chain",
+        &format!("cat /mnt/s/../../../../..{}/secret", outside.display()),
+        f,
+    );
+    attempt(
+        &vm,
+        c,
+        "dotdot-from-inside",
+        &format!(
+            "cd /mnt/s/sub && cat ../../../../../..{}/secret; ls ../..",
+            outside.display()
+        ),
+        f,
+    );
+    attempt(
+        &vm,
+        c,
+        "mknod-block",
+        "mknod /mnt/s/sda b 8 0 && cat /mnt/s/sda | head -c 64 | od -c",
+        f,
+    );
+    attempt(
+        &vm,
+        c,
+        "mknod-char",
+        "mknod /mnt/s/mem c 1 1 && head -c 64 /mnt/s/mem | od -c",
+        f,
+    );
+    attempt(
+        &vm,
+        c,
+        "mkfifo",
+        "mkfifo /mnt/s/fifo && ls -l /mnt/s/fifo",
+        f,
+    );
+    attempt(&vm, c, "hard-link-out", "ln /mnt/s/file /tmp/out-link", f);
+    attempt(
+        &vm,
+        c,
+        "symlink-made",
+        "ln -s /etc/shadow /mnt/s/shadow-link && cat /mnt/s/shadow-link",
+        f,
+    );
+    attempt(
+        &vm,
+        c,
+        "rename-out",
+        "mv /mnt/s/file /tmp/moved && cat /tmp/moved",
+        f,
+    );
+    // The host moves a directory out of the share, next to the secret,
+    // while a guest shell sits in it.
+    let moved = (|| -> Result<String, String> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("cd /mnt/s/sub && sleep 3 && ls . .. && cat ../secret; cat own")
+            .stdout(chitin::Stdio::piped())
+            .stderr(chitin::Stdio::piped())
+            .timeout(Duration::from_secs(600));
+        let child = vm.spawn(&cmd).map_err(|e| chitin::error_chain(&e))?;
+        std::thread::sleep(Duration::from_secs(1));
+        fs::rename(share.join("sub"), outside.join("sub")).map_err(|e| e.to_string())?;
+        let o = child
+            .wait_with_output()
+            .map_err(|e| chitin::error_chain(&e))?;
+        let all = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let shown = all.split_whitespace().collect::<Vec<_>>().join(" ");
+        if all.contains(SECRET) {
+            Err(format!("the secret showed after the move: {shown}"))
+        } else {
+            Ok(format!("moved out mid-`cd`: {shown}"))
+        }
+    })();
+    c.result("dir-moved-out-by-host", moved);
+
+    // Nothing outside the share changed; nothing appeared at L1's root.
+    c.result(
+        "outside-unchanged",
+        (|| {
+            let secret = fs::read(outside.join("secret")).map_err(|e| e.to_string())?;
+            let names: Vec<String> = fs::read_dir(&outside)
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let mut l1_root: Vec<String> = fs::read_dir("/")
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let mut before = l1_root_before.clone();
+            l1_root.sort();
+            before.sort();
+            let devices = ["sda", "mem"]
+                .iter()
+                .filter(|d| share.join(d).exists())
+                .count();
+            if secret == outside_before && l1_root == before && devices == 0 {
+                Ok(format!(
+                    "secret intact, outside holds {names:?} (the host's own move), L1's / unchanged, no device node in the share"
+                ))
+            } else {
+                Err(format!(
+                    "secret same: {}, outside {names:?}, root {l1_root:?} vs {before:?}, devices {devices}",
+                    secret == outside_before
+                ))
+            }
+        })(),
+    );
+    c.result("device-faults", super::device_faults(&vm));
+}
+
+pub fn ro_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let share = Path::new(BASE).join("ro");
+    let setup = fresh(&share).and_then(|()| {
+        fs::write(share.join("file"), b"read-only content\n").map_err(|e| e.to_string())?;
+        fs::create_dir_all(share.join("dir")).map_err(|e| e.to_string())
+    });
+    if let Err(e) = setup {
+        return c.result("setup", Err(e));
+    }
+    let before = tree_state(&share);
+    // The same directory twice: mounted `ro` by the agent, and a second
+    // tag the guest mounts read-write itself, so the device's own refusal
+    // is what stops the writes there.
+    let start = Instant::now();
+    let vm = match sandbox(
+        kernel,
+        initramfs,
+        vec![
+            Share::new(&share, "ro").read_only(true).mount_at("/mnt/ro"),
+            Share::new(&share, "ro-raw").read_only(true),
+        ],
+    ) {
+        Ok(vm) => vm,
+        Err(e) => return c.result("sandbox", Err(e)),
+    };
+    first_checks(&vm, start, c);
+    c.result(
+        "raw-mount-rw",
+        ok(&vm, "mkdir -p /mnt/raw && mount -t virtiofs ro-raw /mnt/raw && grep ' /mnt/raw ' /proc/mounts"),
+    );
+    let writes = [
+        ("create", "touch {}/new"),
+        ("overwrite", "echo x > {}/file"),
+        ("append", "echo x >> {}/file"),
+        ("truncate", "truncate -s 0 {}/file"),
+        ("unlink", "rm {}/file"),
+        ("mkdir", "mkdir {}/d"),
+        ("rmdir", "rmdir {}/dir"),
+        ("rename", "mv {}/file {}/moved"),
+        ("symlink", "ln -s file {}/link"),
+        ("hard-link", "ln {}/file {}/hard"),
+        ("chmod", "chmod 600 {}/file"),
+        ("mkfifo", "mkfifo {}/fifo"),
+    ];
+    for mount in ["/mnt/ro", "/mnt/raw"] {
+        let mut refused = Vec::new();
+        let mut wrong = Vec::new();
+        for (name, script) in writes {
+            let script = script.replace("{}", mount);
+            match run(&vm, &script) {
+                Ok(o) if o.code != Some(0) && o.stderr.contains("Read-only file system") => {
+                    refused.push(name)
+                }
+                Ok(o) => wrong.push(format!("{name}: {:?} {}", o.code, o.stderr)),
+                Err(e) => wrong.push(format!("{name}: {e}")),
+            }
+        }
+        let label = if mount == "/mnt/ro" {
+            "writes-refused-ro-mount"
+        } else {
+            "writes-refused-by-device"
+        };
+        c.result(
+            label,
+            if wrong.is_empty() {
+                Ok(format!(
+                    "{} of {} refused with EROFS: {refused:?}",
+                    refused.len(),
+                    writes.len()
+                ))
+            } else {
+                Err(wrong.join("; "))
+            },
+        );
+        c.result(
+            &format!("reads-{}", &mount[5..]),
+            ok(&vm, &format!("cat {mount}/file")).and_then(|s| {
+                if s == "read-only content" {
+                    Ok(s)
+                } else {
+                    Err(s)
+                }
+            }),
+        );
+    }
+    c.result(
+        "host-unchanged",
+        if tree_state(&share) == before {
+            Ok("every file and name as before".into())
+        } else {
+            Err(format!("{:?} -> {:?}", before, tree_state(&share)))
+        },
+    );
+    c.result("device-faults", super::device_faults(&vm));
+}
+
+/// (path, mode, content) of everything under `dir`, sorted.
+fn tree_state(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let path = e.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            let content = if meta.is_file() {
+                fs::read(&path).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            out.push((path.display().to_string(), meta.mode(), content));
+        }
+    }
+    out.sort();
+    out
+}
