@@ -74,6 +74,6 @@ pub use logging::log_to_stderr;
 pub use net::{Net, RateLimit};
 pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, SandboxHandle, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
-    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, VMM_CMDLINE_ENTRIES,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, ROOTFS_MOUNT, VMM_CMDLINE_ENTRIES,
 };
 pub use share::Share;

@@ -56,6 +56,10 @@ pub const VMM_CMDLINE_ENTRIES: &[&str] = &["i8042.nokbd", "i8042.noaux"];
 /// asked for the agent but configured no vsock device itself.
 pub const DEFAULT_GUEST_CID: u32 = 3;
 
+/// Where the agent mounts a [`SandboxBuilder::rootfs`] share that has no
+/// mount point of its own.
+pub const ROOTFS_MOUNT: &str = "/run/chitin/rootfs";
+
 /// The entry point: `Sandbox::builder()`.
 ///
 /// ```no_run
@@ -82,6 +86,8 @@ pub struct Sandbox {
     boot: BootInfo,
     ram: GuestRam,
     agent_socket: Option<PathBuf>,
+    /// The rootfs share's mount point, the default root of every exec.
+    rootfs: Option<std::ffi::OsString>,
     faults: FaultTables,
     nets: Vec<Arc<NetCounters>>,
 }
@@ -103,6 +109,8 @@ pub struct SandboxBuilder {
     root_disk: Option<usize>,
     nets: Vec<Net>,
     shares: Vec<Share>,
+    /// Mount point of the share that is every exec's default root.
+    rootfs: Option<String>,
     dns: Vec<Ipv4Addr>,
     vsock: Option<VsockSettings>,
     agent: bool,
@@ -125,6 +133,7 @@ impl Default for SandboxBuilder {
             root_disk: None,
             nets: Vec::new(),
             shares: Vec::new(),
+            rootfs: None,
             dns: Vec::new(),
             vsock: None,
             agent: false,
@@ -228,6 +237,28 @@ impl SandboxBuilder {
     /// [`Share::mount_at`] is mounted by the agent before the first
     /// command runs.
     pub fn share(mut self, share: Share) -> Self {
+        self.shares.push(share);
+        self
+    }
+
+    /// Make `share` the root file system of every command: each exec runs
+    /// as a container process in it (see [`Command::root`]) unless the
+    /// command picks its own root or
+    /// [`agent_root`](Command::agent_root). The agent mounts the share at
+    /// its [`Share::mount_at`] point, or at `/run/chitin/rootfs`. Only one
+    /// share can be the rootfs.
+    pub fn rootfs(mut self, share: Share) -> Self {
+        if self.rootfs.is_some() {
+            self.fail(SandboxError::InvalidShare(
+                "only one share can be the rootfs".into(),
+            ));
+            return self;
+        }
+        let share = match share.mount_point() {
+            Some(_) => share,
+            None => share.mount_at(ROOTFS_MOUNT),
+        };
+        self.rootfs = share.mount_point().map(str::to_string);
         self.shares.push(share);
         self
     }
@@ -471,6 +502,7 @@ impl SandboxBuilder {
             boot,
             ram,
             agent_socket: vsock.filter(|_| self.agent).map(|v| v.path),
+            rootfs: self.rootfs.map(Into::into),
             faults,
             nets,
         })
@@ -519,6 +551,7 @@ impl Sandbox {
             boot: _,
             ram,
             agent_socket,
+            rootfs,
             faults,
             nets,
         } = self;
@@ -529,7 +562,7 @@ impl Sandbox {
             life: Arc::new(Life {
                 threads: Mutex::new(Vec::with_capacity(vcpus.len())),
                 events: Mutex::new(events),
-                agent: agent_socket.map(|socket| AgentLink::new(socket, &control)),
+                agent: agent_socket.map(|socket| AgentLink::new(socket, rootfs, &control)),
                 control,
             }),
             vm,

@@ -157,6 +157,20 @@ pub struct Command {
     pub(crate) stderr: Stdio,
     pub(crate) timeout: Option<Duration>,
     pub(crate) output_limit: usize,
+    pub(crate) root: Root,
+    pub(crate) hostname: Option<OsString>,
+}
+
+/// Which root a command runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Root {
+    /// The sandbox's [`rootfs`](crate::SandboxBuilder::rootfs) if it has
+    /// one, else the agent's own file system.
+    Default,
+    /// A container root of the command's own.
+    Dir(OsString),
+    /// The agent's file system, whatever the sandbox's rootfs.
+    Agent,
 }
 
 impl Command {
@@ -174,6 +188,8 @@ impl Command {
             stderr: Stdio::piped(),
             timeout: None,
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            root: Root::Default,
+            hostname: None,
         }
     }
 
@@ -246,6 +262,35 @@ impl Command {
         self
     }
 
+    /// Run as a container process with `dir` (a directory in the guest,
+    /// typically a [`Share`](crate::Share)'s mount point) as its root: in
+    /// mount and UTS namespaces of its own, after `pivot_root` into `dir`,
+    /// with a fresh `/proc`, `/sys` (read-only), `/dev` (`null`, `zero`,
+    /// `full`, `random`, `urandom`, `tty`, `pts`, `shm`) and `/tmp`.
+    /// [`current_dir`](Command::current_dir), [`uid`](Command::uid),
+    /// [`gid`](Command::gid) and `PATH` then apply inside it. `dir` must
+    /// hold `proc`, `sys`, `dev` and `tmp` directories; if set-up fails the
+    /// program does not run and the command exits with status 125, the
+    /// failed step on its stderr.
+    pub fn root(&mut self, dir: impl Into<OsString>) -> &mut Self {
+        self.root = Root::Dir(dir.into());
+        self
+    }
+
+    /// Run in the agent's own file system even in a sandbox with a
+    /// [`rootfs`](crate::SandboxBuilder::rootfs).
+    pub fn agent_root(&mut self) -> &mut Self {
+        self.root = Root::Agent;
+        self
+    }
+
+    /// The hostname of a container process (with [`Command::root`] or a
+    /// sandbox rootfs; the exec is refused without a root).
+    pub fn hostname(&mut self, name: impl Into<OsString>) -> &mut Self {
+        self.hostname = Some(name.into());
+        self
+    }
+
     /// Where stdin comes from (default [`Stdio::null`]).
     pub fn stdin(&mut self, stdin: Stdio) -> &mut Self {
         self.stdin = stdin;
@@ -297,8 +342,12 @@ impl Command {
         &self.args
     }
 
-    /// The request for the agent.
-    pub(crate) fn request(&self) -> Result<ExecRequest, crate::ExecError> {
+    /// The request for the agent; `default_root` is the sandbox's rootfs
+    /// mount point, if it has one.
+    pub(crate) fn request(
+        &self,
+        default_root: Option<&OsString>,
+    ) -> Result<ExecRequest, crate::ExecError> {
         let stdin = match &self.stdin.0 {
             StdioKind::Null => false,
             StdioKind::Piped | StdioKind::Bytes(_) => true,
@@ -316,6 +365,12 @@ impl Command {
         request.uid = self.uid;
         request.gid = self.gid;
         request.stdin = stdin;
+        request.root = match &self.root {
+            Root::Default => default_root.cloned(),
+            Root::Dir(dir) => Some(dir.clone()),
+            Root::Agent => None,
+        };
+        request.hostname = self.hostname.clone();
         Ok(request)
     }
 }
@@ -340,7 +395,7 @@ mod tests {
             .uid(5)
             .gid(6)
             .stdin(Stdio::bytes("in"));
-        let r = cmd.request().unwrap();
+        let r = cmd.request(None).unwrap();
         assert_eq!(r.argv, ["prog", "a", "b", "c"]);
         assert_eq!(
             r.env,
@@ -352,7 +407,24 @@ mod tests {
         assert_eq!(r.cwd.as_deref(), Some("/tmp".as_ref()));
         assert_eq!((r.uid, r.gid, r.stdin), (Some(5), Some(6), true));
         cmd.env_clear();
-        assert!(cmd.request().unwrap().env.is_empty());
+        assert!(cmd.request(None).unwrap().env.is_empty());
+    }
+
+    #[test]
+    fn root_is_the_commands_the_sandboxs_or_none() {
+        let rootfs = OsString::from("/run/chitin/rootfs");
+        let mut cmd = Command::new("ls");
+        assert_eq!(cmd.request(None).unwrap().root, None);
+        assert_eq!(
+            cmd.request(Some(&rootfs)).unwrap().root,
+            Some(rootfs.clone())
+        );
+        cmd.root("/mnt/other").hostname("box");
+        let r = cmd.request(Some(&rootfs)).unwrap();
+        assert_eq!(r.root.as_deref(), Some("/mnt/other".as_ref()));
+        assert_eq!(r.hostname.as_deref(), Some("box".as_ref()));
+        cmd.agent_root();
+        assert_eq!(cmd.request(Some(&rootfs)).unwrap().root, None);
     }
 
     #[test]
@@ -360,7 +432,7 @@ mod tests {
         let mut cmd = Command::new("p");
         cmd.stdout(Stdio::bytes("x"));
         assert!(matches!(
-            cmd.request(),
+            cmd.request(None),
             Err(crate::ExecError::InvalidStdio {
                 stream: "stdout",
                 what: "bytes"
@@ -369,7 +441,7 @@ mod tests {
         let mut cmd = Command::new("p");
         cmd.stdin(Stdio::writer(std::io::sink()));
         assert!(matches!(
-            cmd.request(),
+            cmd.request(None),
             Err(crate::ExecError::InvalidStdio {
                 stream: "stdin",
                 ..

@@ -25,7 +25,7 @@ pub(crate) fn host_sh(script: &str) -> Command {
 pub(crate) fn link() -> (AgentLink, Arc<VmControl>, FakeDevice) {
     let (path, _accepted, device) = fake_vsock_device();
     let control = Arc::new(VmControl::new());
-    (AgentLink::new(path, &control), control, device)
+    (AgentLink::new(path, None, &control), control, device)
 }
 
 /// Stops a fake device's accept thread and removes its directory.

@@ -124,6 +124,9 @@ fn explain_within(control: &VmControl, error: impl IntoExecError, grace: Duratio
 /// the VM stops.
 pub(crate) struct AgentLink {
     socket: PathBuf,
+    /// The sandbox's rootfs mount point: the root of every command that
+    /// does not choose its own.
+    default_root: Option<std::ffi::OsString>,
     control: Arc<VmControl>,
     client: Mutex<Option<Arc<Client<UnixStream>>>>,
     /// A second handle on the current connection's stream.
@@ -137,13 +140,18 @@ impl AgentLink {
     /// VM stops, the connection is shut down, so whatever still waits on
     /// the agent (an exec, a wait, a stdin write) does not wait for a
     /// guest that is gone.
-    pub(crate) fn new(socket: PathBuf, control: &Arc<VmControl>) -> Self {
+    pub(crate) fn new(
+        socket: PathBuf,
+        default_root: Option<std::ffi::OsString>,
+        control: &Arc<VmControl>,
+    ) -> Self {
         let stream: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let attempt: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let hooks = [Arc::clone(&stream), Arc::clone(&attempt)];
         control.on_exit(move || hooks.iter().for_each(|slot| shut_down(slot)));
         Self {
             socket,
+            default_root,
             control: Arc::clone(control),
             client: Mutex::new(None),
             stream,
@@ -212,7 +220,7 @@ impl AgentLink {
     /// are part of it.
     pub(crate) fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
         let started = Instant::now();
-        let request = cmd.request()?;
+        let request = cmd.request(self.default_root.as_ref())?;
         // A timeout too long for the clock is no timeout.
         let deadline = cmd.timeout.and_then(|timeout| {
             let at = started.checked_add(timeout)?;
@@ -412,7 +420,7 @@ mod tests {
     fn agent_link_reconnects_after_the_agent_closes_its_connection() {
         let (path, accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
-        let link = AgentLink::new(path, &control);
+        let link = AgentLink::new(path, None, &control);
         let out = link.output(&host_sh("echo one")).unwrap();
         assert_eq!(out.stdout, b"one\n");
         // The agent goes away (its socket closes, as after a vsock reset).
@@ -434,7 +442,7 @@ mod tests {
     fn vm_stop_ends_a_pending_exec_and_wait_at_once() {
         let (path, _accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
-        let link = Arc::new(AgentLink::new(path, &control));
+        let link = Arc::new(AgentLink::new(path, None, &control));
         let mut child = link.spawn(&host_sh("sleep 1000")).unwrap();
         let pending = {
             let link = Arc::clone(&link);

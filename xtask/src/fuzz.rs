@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "agent_frames",
     "net_tx",
     "net_rx",
+    "fs_request",
 ];
 /// Seconds per target in a smoke run.
 const SMOKE_SECONDS: u64 = 45;

@@ -308,6 +308,80 @@ fn net_rx() -> Vec<(&'static str, Vec<u8>)> {
     vec![("two-frames", seed)]
 }
 
+/// One FUSE request: a 40-byte header (as guest uid/gid 0) and `body`.
+fn fuse(opcode: u32, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = ((40 + body.len()) as u32).to_le_bytes().to_vec();
+    m.extend_from_slice(&opcode.to_le_bytes());
+    m.extend_from_slice(&u64::from(opcode).to_le_bytes()); // unique
+    m.extend_from_slice(&nodeid.to_le_bytes());
+    m.extend_from_slice(&[0; 16]); // uid, gid, pid, padding
+    m.extend_from_slice(body);
+    m
+}
+
+/// `fs_request` input: flags, then each message with its length.
+fn fs_input(flags: u8, messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut input = vec![flags, messages.len() as u8];
+    for m in messages {
+        input.extend_from_slice(&(m.len() as u16).to_le_bytes());
+        input.extend_from_slice(m);
+    }
+    input
+}
+
+fn fs_request() -> Vec<(&'static str, Vec<u8>)> {
+    const LOOKUP: u32 = 1;
+    const MKNOD: u32 = 8;
+    const MKDIR: u32 = 9;
+    const RENAME: u32 = 12;
+    const OPEN: u32 = 14;
+    const READ: u32 = 15;
+    const CREATE: u32 = 35;
+    const ROOT: u64 = 1;
+    let name = |n: &str| {
+        let mut v = n.as_bytes().to_vec();
+        v.push(0);
+        v
+    };
+    let with = |head: &[u32], rest: &[u8]| {
+        let mut v: Vec<u8> = head.iter().flat_map(|x| x.to_le_bytes()).collect();
+        v.extend_from_slice(rest);
+        v
+    };
+    // OPEN of node 2 read-only, then READ of handle 1 (the numbers the
+    // passthrough layer hands out first), 4 KiB at 0.
+    let mut read = 1u64.to_le_bytes().to_vec();
+    read.extend_from_slice(&[0; 8]);
+    read.extend_from_slice(&4096u32.to_le_bytes());
+    read.extend_from_slice(&[0; 20]);
+    let browse = vec![
+        fuse(LOOKUP, ROOT, &name("file")),
+        fuse(OPEN, 2, &with(&[0, 0], &[])),
+        fuse(READ, 2, &read),
+        fuse(LOOKUP, ROOT, &name("..")),
+        fuse(LOOKUP, ROOT, &name("escape")),
+        fuse(LOOKUP, 4, &name("etc")),
+        fuse(LOOKUP, ROOT, &name("dir")),
+        fuse(LOOKUP, 5, &name("..")),
+    ];
+    let mut rename = 1u64.to_le_bytes().to_vec();
+    rename.extend(name("file"));
+    rename.extend(name("../outside/moved"));
+    let change = vec![
+        fuse(CREATE, ROOT, &with(&[0o102, 0o100644, 0, 0], &name("new"))),
+        fuse(MKDIR, ROOT, &with(&[0o755, 0], &name("d"))),
+        fuse(MKNOD, ROOT, &with(&[0o60666, 0x800, 0, 0], &name("sda"))),
+        fuse(RENAME, ROOT, &rename),
+        fuse(LOOKUP, ROOT, &name("../outside/secret")),
+    ];
+    vec![
+        ("browse", fs_input(2, &browse)),
+        ("change", fs_input(2, &change)),
+        ("change-read-only", fs_input(3, &change)),
+        ("capped", fs_input(6, &browse)),
+    ]
+}
+
 /// The seeds of `target`, by name.
 pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     match target {
@@ -317,6 +391,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "agent_frames" => agent_frames(),
         "net_tx" => net_tx(),
         "net_rx" => net_rx(),
+        "fs_request" => fs_request(),
         _ => Vec::new(),
     }
 }

@@ -32,6 +32,22 @@ use util::{cargo, install_packages, run, Step};
 /// guests).
 const TEST_PACKAGES: &[&str] = &["gcc", "binutils"];
 
+/// `cargo xtask rootfs DIR`: a busybox container root in DIR, for
+/// `examples/container.rs` (busybox-static from apt provides the binary).
+fn rootfs(args: &[String]) -> Result<(), String> {
+    let [dir] = args else {
+        return Err("usage: cargo xtask rootfs DIR".into());
+    };
+    util::install_packages(&["busybox-static"])?;
+    chitin_testkit::rootfs::busybox_rootfs(
+        std::path::Path::new(dir),
+        std::path::Path::new("/bin/busybox"),
+    )
+    .map_err(|e| format!("cannot make a root file system in {dir}: {e}"))?;
+    eprintln!("xtask: busybox root file system in {dir}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -40,13 +56,14 @@ fn main() -> ExitCode {
         Some("nested") => nested::nested(&args[1..]),
         Some("nested-stress") => nested::stress(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("rootfs") => rootfs(&args[1..]),
         Some("nested-exec") => match nested::nested_exec(&args[1..]) {
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest [--kernel 6.1|6.12] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec -- CMD... | fuzz --smoke [SECONDS]>"
+                "usage: cargo xtask <test | guest [--kernel 6.1|6.12] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec -- CMD... | fuzz --smoke [SECONDS] | rootfs DIR>"
             );
             return ExitCode::from(2);
         }

@@ -31,7 +31,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 /// per-stream flow control (the two CREDIT frames and [`WINDOW`]); version
 /// 3 gives stdout and stderr a window each, sends EXIT as soon as the
 /// process is reaped, and ends each output stream with an empty frame.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 1024;
 /// The kernel command-line key the agent reads to decide whether to serve.
@@ -60,7 +60,7 @@ pub const MAX_STRING: usize = 128 << 10;
 
 /// HELLO {version: u32}, both directions, stream 0.
 pub const TYPE_HELLO: u8 = 0x01;
-/// EXEC {argv, env, cwd, uid, gid, stdin}, client → agent.
+/// EXEC {argv, env, cwd, uid, gid, stdin, root, hostname}, client → agent.
 pub const TYPE_EXEC: u8 = 0x02;
 /// STDIN {bytes}, client → agent; empty bytes close the child's stdin.
 pub const TYPE_STDIN: u8 = 0x03;
@@ -184,6 +184,12 @@ pub struct ExecRequest {
     pub gid: Option<u32>,
     /// Pipe stdin from STDIN frames; otherwise stdin is /dev/null.
     pub stdin: bool,
+    /// Run as a container process with this directory (in the guest) as
+    /// its root: own mount and UTS namespaces, `pivot_root`, fresh
+    /// `/proc`, `/sys`, `/dev`, `/tmp`. `cwd` is then inside it.
+    pub root: Option<OsString>,
+    /// Hostname of a container process (only with `root`).
+    pub hostname: Option<OsString>,
 }
 
 impl ExecRequest {
@@ -225,6 +231,12 @@ impl ExecRequest {
     /// Pipe stdin (see [`ExecRequest::stdin`]).
     pub fn with_stdin(mut self) -> Self {
         self.stdin = true;
+        self
+    }
+
+    /// Run in `root` as a container process (see [`ExecRequest::root`]).
+    pub fn root(mut self, root: impl AsRef<OsStr>) -> Self {
+        self.root = Some(root.as_ref().to_os_string());
         self
     }
 }
@@ -517,7 +529,8 @@ fn put_opt_u32(out: &mut Vec<u8>, v: Option<u32>) {
 }
 
 /// EXEC payload: argv list, env list of (key, value), cwd flag + string,
-/// uid flag + u32, gid flag + u32, stdin flag.
+/// uid flag + u32, gid flag + u32, stdin flag, root flag + string,
+/// hostname flag + string.
 fn encode_exec(out: &mut Vec<u8>, req: &ExecRequest) -> Result<(), ProtocolError> {
     put_count(out, req.argv.len(), MAX_ARGS)?;
     for a in &req.argv {
@@ -535,6 +548,12 @@ fn encode_exec(out: &mut Vec<u8>, req: &ExecRequest) -> Result<(), ProtocolError
     put_opt_u32(out, req.uid);
     put_opt_u32(out, req.gid);
     out.push(u8::from(req.stdin));
+    for field in [&req.root, &req.hostname] {
+        out.push(u8::from(field.is_some()));
+        if let Some(value) = field {
+            put_bytes(out, value.as_bytes())?;
+        }
+    }
     Ok(())
 }
 
@@ -558,6 +577,15 @@ fn decode_exec(r: &mut Cursor<'_>) -> Result<ExecRequest, ProtocolError> {
     let uid = r.opt_u32()?;
     let gid = r.opt_u32()?;
     let stdin = r.flag()?;
+    let mut optional = || -> Result<Option<OsString>, ProtocolError> {
+        Ok(if r.flag()? {
+            Some(r.os_string()?)
+        } else {
+            None
+        })
+    };
+    let root = optional()?;
+    let hostname = optional()?;
     Ok(ExecRequest {
         argv,
         env,
@@ -565,6 +593,8 @@ fn decode_exec(r: &mut Cursor<'_>) -> Result<ExecRequest, ProtocolError> {
         uid,
         gid,
         stdin,
+        root,
+        hostname,
     })
 }
 
@@ -660,8 +690,15 @@ mod tests {
             .env("PATH", "/bin")
             .cwd("/tmp")
             .user(1000, 1001)
-            .with_stdin();
+            .with_stdin()
+            .root("/mnt/rootfs");
+        let mut named = ExecRequest::new(["hostname"]).root("/r");
+        named.hostname = Some("box".into());
         let frames = [
+            Frame::Exec {
+                id: 9,
+                request: named,
+            },
             Frame::Hello { version: VERSION },
             Frame::Exec { id: 7, request },
             Frame::Exec {

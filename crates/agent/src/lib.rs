@@ -12,6 +12,7 @@
 use std::io::Write;
 
 pub mod cmdline;
+pub mod container;
 pub mod init;
 pub mod net;
 pub mod server;

@@ -12,10 +12,13 @@
 //! The agent never panics on what it reads from the kernel or the host: a
 //! PID 1 crash would panic the guest.
 
-use chitin_agent::{cmdline, init, net, say, service, share};
+use chitin_agent::{cmdline, container, init, net, say, service, share};
 use chitin_agent_protocol::VERSION;
 
 fn main() {
+    // Started again as a container's set-up helper? Then this never
+    // returns.
+    let _ = container::run_if_helper();
     if let Err(e) = init::mount_basics() {
         say(&format!("chitin-agent: {e}"));
     }

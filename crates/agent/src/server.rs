@@ -32,6 +32,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use chitin_agent_protocol::window::{Overflow, Window};
+
+use crate::container;
 use chitin_agent_protocol::{
     self as protocol, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK,
     VERSION, WINDOW,
@@ -271,9 +273,28 @@ fn send_error(tx: &Sender<Frame>, id: u32, message: String) {
 }
 
 fn command(req: &ExecRequest) -> Command {
-    let mut cmd = Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..])
-        .env_clear()
+    let mut cmd = match &req.root {
+        // A container process: the helper sets up its namespaces, root,
+        // working directory and ids, then becomes the program.
+        Some(root) => {
+            let spec = container::Spec {
+                root: root.clone(),
+                hostname: req.hostname.clone().unwrap_or_default(),
+                cwd: req.cwd.clone().unwrap_or_default(),
+                gid: req.gid,
+                uid: req.uid,
+            };
+            let mut cmd = Command::new("/proc/self/exe");
+            cmd.args(spec.helper_args()).args(&req.argv);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(&req.argv[0]);
+            cmd.args(&req.argv[1..]);
+            cmd
+        }
+    };
+    cmd.env_clear()
         .envs(req.env.iter().map(|(k, v)| (k, v)))
         .stdin(if req.stdin {
             Stdio::piped()
@@ -285,6 +306,9 @@ fn command(req: &ExecRequest) -> Command {
         // Own process group, so closing the connection can kill what the
         // process started too (and their pipe ends close).
         .process_group(0);
+    if req.root.is_some() {
+        return cmd;
+    }
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
@@ -316,6 +340,13 @@ fn start(
     }
     if req.argv.is_empty() {
         return refuse("empty argv");
+    }
+    if let Some(root) = &req.root {
+        if let Err(e) = container::precheck(root) {
+            return refuse(&e);
+        }
+    } else if req.hostname.is_some() {
+        return refuse("a hostname needs a container root");
     }
     if running >= MAX_PROCS {
         return refuse("too many processes on this connection");

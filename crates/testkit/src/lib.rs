@@ -8,11 +8,14 @@
 //!   `chitin-agent: done` lines, [`CheckLine::parse`] and [`Done::parse`]
 //!   read them back (strictly: a judge passes only what a report wrote);
 //! - the console markers ([`UP_MARKER`], [`CONSOLE_BEGIN`], [`CONSOLE_END`]);
-//! - the checksum both sides print ([`fnv1a`]).
+//! - the checksum both sides print ([`fnv1a`]);
+//! - the busybox container root of the container example and scenario
+//!   ([`rootfs::busybox_rootfs`]).
 //!
 //! None of it is in a production guest image or the facade.
 
 mod report;
+pub mod rootfs;
 
 use std::io::{Read, Write};
 

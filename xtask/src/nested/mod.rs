@@ -40,6 +40,9 @@ pub const SILENT_EXIT: &str = "l1-silent";
 /// The line that times a host-checks run: its first exec answered.
 const FIRST_EXEC_MARKER: &str = "chitin-check: first-exec";
 
+/// Where L1 finds a static busybox (for the `container` scenario's root).
+pub const L1_BUSYBOX: &str = "/nested/busybox";
+
 /// Where L1 finds the initramfs every L2 kernel boots with.
 const L1_INITRAMFS: &str = "/l2/initramfs.cpio";
 
@@ -449,6 +452,9 @@ fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     tree.file("/bin/chitin-exec", 0o755, &tools.exec)?;
     tree.file("/bin/chitin-exec-checks", 0o755, &tools.checks)?;
     tree.file(L1_INITRAMFS, 0o644, &tools.initramfs)?;
+    // The static busybox the `container` scenario makes its root from
+    // (the L2 initramfs carries the same binary).
+    tree.file(L1_BUSYBOX, 0o755, Path::new("/bin/busybox"))?;
     let mut linked = BTreeSet::new();
     for (kernel, file) in &tools.kernels {
         tree.file(&kernel.l1_path(), 0o644, file)?;

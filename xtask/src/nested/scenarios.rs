@@ -247,6 +247,20 @@ pub const SCENARIOS: &[Scenario] = &[
         host_checks: Some("fs-ro"),
         ..FS
     },
+    Scenario {
+        name: "fs-bench",
+        agent: "fs-bench",
+        timeout_s: 600,
+        host_checks: Some("fs-bench"),
+        ..FS
+    },
+    Scenario {
+        name: "container",
+        agent: "container",
+        timeout_s: 300,
+        host_checks: Some("container"),
+        ..FS
+    },
     // The same checks on the second kernel, in the same L1 run.
     Scenario {
         name: "boot-6.12",

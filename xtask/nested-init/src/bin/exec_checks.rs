@@ -562,7 +562,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro KERNEL INITRAMFS"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container KERNEL INITRAMFS"
         );
         std::process::exit(2);
     };
@@ -586,6 +586,8 @@ fn main() {
         "fs" => Some(fs::fs_checks),
         "fs-escape" => Some(fs::escape_checks),
         "fs-ro" => Some(fs::ro_checks),
+        "container" => Some(fs::container_checks),
+        "fs-bench" => Some(fs::bench_checks),
         _ => None,
     };
     if let Some(checks) = own {

@@ -34,6 +34,9 @@ use chitin_agent_protocol::{CMDLINE_KEY, VERSION};
 use chitin_testkit::{Report, UP_MARKER};
 
 fn main() {
+    // Started again by the agent as a container's set-up helper? Then
+    // this never returns.
+    let _ = chitin_agent::container::run_if_helper();
     // Run as a tool (through exec, not as PID 1)?
     let args: Vec<String> = std::env::args().collect();
     if let Some(code) = tools::run(&args) {

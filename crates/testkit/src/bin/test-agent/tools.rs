@@ -13,6 +13,11 @@
 //! - `fs-mmap-write FILE OFFSET TEXT`: write TEXT into FILE at OFFSET
 //!   through a shared writable mapping, then `msync` (the `fs`
 //!   scenario's write-back through the page cache).
+//! - `fs-read PATH`: read PATH (a file or a disk) to its end in 1 MiB
+//!   reads; prints `bytes=<n> ms=<ms> fnv=<hex>` (the `fs-bench`
+//!   scenario).
+//! - `fs-ops DIR N`: N times create a file in DIR, write 4 KiB, `stat`
+//!   it, unlink it; prints `ops=<n> ms=<ms>`.
 
 use std::io::Write;
 use std::time::Instant;
@@ -36,6 +41,14 @@ pub fn run(args: &[String]) -> Option<i32> {
             None => usage(),
         },
         "blk-write-direct" => crate::blk::write_direct_tool(&args[2..]),
+        "fs-read" => match args.get(2) {
+            Some(path) => read_tool(path),
+            None => usage(),
+        },
+        "fs-ops" => match (args.get(2), arg(3)) {
+            (Some(dir), Some(n)) => ops_tool(dir, n),
+            _ => usage(),
+        },
         "fs-mmap-write" => match (args.get(2), arg(3), args.get(4)) {
             (Some(file), Some(offset), Some(text)) => mmap_write(file, offset, text.as_bytes()),
             _ => usage(),
@@ -48,9 +61,68 @@ pub fn run(args: &[String]) -> Option<i32> {
 fn usage() -> i32 {
     eprintln!(
         "usage: vsock-echo-client PORT BYTES | vsock-echo-server PORT | \
-         fs-mmap-write FILE OFFSET TEXT"
+         fs-mmap-write FILE OFFSET TEXT | fs-read PATH | fs-ops DIR N"
     );
     2
+}
+
+/// Read `path` to its end, timed.
+fn read_tool(path: &str) -> i32 {
+    use std::io::Read;
+    let start = Instant::now();
+    let result = (|| -> std::io::Result<(u64, u64)> {
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut total, mut hash) = (0u64, chitin_testkit::FNV_BASIS);
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok((total, hash));
+            }
+            hash = chitin_testkit::fnv1a(hash, &buf[..n]);
+            total += n as u64;
+        }
+    })();
+    match result {
+        Ok((bytes, hash)) => {
+            println!(
+                "bytes={bytes} ms={} fnv={hash:016x}",
+                start.elapsed().as_millis()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("fs-read {path}: {e}");
+            1
+        }
+    }
+}
+
+/// `n` × (create, write 4 KiB, stat, unlink) in `dir`, timed.
+fn ops_tool(dir: &str, n: u64) -> i32 {
+    let block = vec![0x5au8; 4096];
+    let start = Instant::now();
+    for i in 0..n {
+        let path = std::path::Path::new(dir).join(format!("op-{i}"));
+        let step = std::fs::write(&path, &block)
+            .and_then(|()| std::fs::metadata(&path))
+            .and_then(|m| {
+                if m.len() == 4096 {
+                    std::fs::remove_file(&path)
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "size {} after a 4 KiB write",
+                        m.len()
+                    )))
+                }
+            });
+        if let Err(e) = step {
+            eprintln!("fs-ops {}: {e}", path.display());
+            return 1;
+        }
+    }
+    println!("ops={n} ms={}", start.elapsed().as_millis());
+    0
 }
 
 /// Map FILE shared and writable, copy `text` in at `offset`, `msync`.

@@ -14,6 +14,12 @@
 //! - `fs-ro`: a read-only share refuses every change, both as the agent
 //!   mounted it (`ro`) and mounted read-write by the guest itself (the
 //!   device's own `EROFS`); reads work.
+//! - `fs-bench`: sequential read of 64 MiB through virtio-fs and from a
+//!   virtio-blk disk, and small-file operations on the share and on the
+//!   guest's tmpfs, with their ratios.
+//! - `container`: a busybox root shared read-only as the sandbox's rootfs;
+//!   hostname, root listing, pivoted root, fresh mounts, /dev, user and
+//!   working directory, the agent's own root on request.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -695,4 +701,268 @@ fn tree_state(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
     }
     out.sort();
     out
+}
+
+/// L1's static busybox (the harness puts it there).
+const L1_BUSYBOX: &str = "/nested/busybox";
+
+/// One container check: `cmd`'s stdout must satisfy `want`.
+fn container_run(
+    vm: &RunningSandbox,
+    c: &mut Checks,
+    name: &str,
+    cmd: &mut Command,
+    want: impl Fn(&str) -> bool,
+) {
+    cmd.timeout(Duration::from_secs(600));
+    let result = vm
+        .exec(cmd)
+        .map_err(|e| chitin::error_chain(&e))
+        .and_then(|o| {
+            let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let shown = out.split_whitespace().collect::<Vec<_>>().join(" ");
+            if o.status == ExitStatus::Code(0) && want(&out) {
+                Ok(shown)
+            } else {
+                Err(format!(
+                    "{:?}: {shown} {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))
+            }
+        });
+    c.result(name, result);
+}
+
+fn sh_in(script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    cmd
+}
+
+/// `examples/container.rs` through the library: a busybox root shared
+/// read-only from L1 as the sandbox's rootfs, commands run in it as
+/// container processes.
+pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    use chitin_testkit::rootfs::{busybox_rootfs, IMAGE_HOSTNAME, ROOTFS_DIRS, ROOTFS_NAME};
+    let root = Path::new(BASE).join("rootfs");
+    if let Err(e) = busybox_rootfs(&root, Path::new(L1_BUSYBOX)) {
+        return c.result("setup", Err(e.to_string()));
+    }
+    let before = tree_state(&root);
+    let start = Instant::now();
+    let built = Sandbox::builder()
+        .guest(chitin::GuestImage::new(kernel, initramfs))
+        .vcpus(2)
+        .memory_mib(256)
+        .rootfs(Share::new(&root, "rootfs").read_only(true))
+        .build()
+        .map_err(|e| chitin::error_chain(&e))
+        .and_then(|s| s.start().map_err(|e| chitin::error_chain(&e)));
+    let vm = match built {
+        Ok(vm) => vm,
+        Err(e) => return c.result("sandbox", Err(e)),
+    };
+    // `uname` is in both roots; the first exec already runs in the
+    // container.
+    first_checks(&vm, start, c);
+    container_run(
+        &vm,
+        c,
+        "default-root",
+        &mut sh_in("cat /etc/os-release"),
+        |o| o.contains(ROOTFS_NAME),
+    );
+    let want_dirs = ROOTFS_DIRS.join(" ");
+    container_run(&vm, c, "ls-root", &mut sh_in("ls /"), |o| {
+        o.split_whitespace().collect::<Vec<_>>().join(" ") == want_dirs
+    });
+    container_run(
+        &vm,
+        c,
+        "agent-files-unreachable",
+        &mut sh_in("ls /init /nested 2>&1; test ! -e /init"),
+        |o| o.contains("No such file"),
+    );
+    container_run(
+        &vm,
+        c,
+        "hostname",
+        sh_in("cat /etc/hostname; hostname").hostname("chitin-box"),
+        |o| o == "chitin-box\nchitin-box",
+    );
+    container_run(
+        &vm,
+        c,
+        "image-hostname-file-kept",
+        &mut sh_in("cat /etc/hostname"),
+        |o| o == IMAGE_HOSTNAME,
+    );
+    container_run(
+        &vm,
+        c,
+        "pivoted-root",
+        &mut sh_in("grep -E '^[0-9]+ [0-9]+ [0-9]+:[0-9]+ / / ' /proc/self/mountinfo"),
+        |o| o.contains("virtiofs") && o.contains("rootfs") && o.lines().count() == 1,
+    );
+    container_run(
+        &vm,
+        c,
+        "fresh-mounts",
+        &mut sh_in("awk '{print $5}' /proc/self/mountinfo | sort | tr '\\n' ' '"),
+        |o| {
+            ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/tmp"]
+                .iter()
+                .all(|m| o.split_whitespace().any(|x| x == *m))
+        },
+    );
+    container_run(&vm, c, "dev", &mut sh_in("ls /dev"), |o| {
+        o.split_whitespace().collect::<Vec<_>>()
+            == [
+                "full", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero",
+            ]
+    });
+    container_run(
+        &vm,
+        c,
+        "dev-works",
+        &mut sh_in("echo x > /dev/null && head -c 4 /dev/zero | od -An -tx1 && head -c 8 /dev/urandom | wc -c"),
+        |o| o.starts_with("00 00 00 00") && o.ends_with('8'),
+    );
+    container_run(
+        &vm,
+        c,
+        "user-and-cwd",
+        sh_in("id -u; id -g; pwd; touch /tmp/mine && stat -c %u /tmp/mine")
+            .uid(1000)
+            .gid(1000)
+            .current_dir("/tmp"),
+        |o| o == "1000\n1000\n/tmp\n1000",
+    );
+    container_run(
+        &vm,
+        c,
+        "root-read-only",
+        &mut sh_in("touch /etc/new 2>&1; test ! -e /etc/new"),
+        |o| o.contains("Read-only file system"),
+    );
+    container_run(
+        &vm,
+        c,
+        "agent-root",
+        Command::new("ls").arg("/").agent_root(),
+        |o| o.split_whitespace().any(|x| x == "init"),
+    );
+    c.result(
+        "bad-root-refused",
+        match vm.exec(
+            Command::new("true")
+                .root("/no/such/root")
+                .timeout(Duration::from_secs(60)),
+        ) {
+            Err(e) => Ok(chitin::error_chain(&e)),
+            Ok(o) => Err(format!("ran: {o:?}")),
+        },
+    );
+    c.result(
+        "image-unchanged",
+        if tree_state(&root) == before {
+            Ok("the root on the host is as it was made".into())
+        } else {
+            Err("the container changed the shared root".into())
+        },
+    );
+    c.result("device-faults", super::device_faults(&vm));
+}
+
+/// `key=value` from a tool's output line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The bench's file: 64 MiB.
+const BENCH_LEN: usize = 64 << 20;
+
+/// Read the 64 MiB file through virtio-fs and the same bytes from a
+/// virtio-blk disk (raw, so no guest file system differs), and 1000 ×
+/// (create, write 4 KiB, stat, unlink) on the share and on the guest's
+/// tmpfs: MB/s, ops/s and their ratios.
+pub fn bench_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
+    let base = Path::new(BASE).join("bench");
+    let share = base.join("share");
+    let image = base.join("disk.img");
+    let bytes = pattern(BENCH_LEN, 3);
+    let want_fnv = format!("{:016x}", fnv1a(FNV_BASIS, &bytes));
+    let setup = fresh(&share).and_then(|()| {
+        fs::write(share.join("big"), &bytes).map_err(|e| e.to_string())?;
+        fs::create_dir_all(share.join("ops")).map_err(|e| e.to_string())?;
+        fs::write(&image, &bytes).map_err(|e| e.to_string())
+    });
+    drop(bytes);
+    if let Err(e) = setup {
+        return c.result("setup", Err(e));
+    }
+    let start = Instant::now();
+    let built = Sandbox::builder()
+        .guest(chitin::GuestImage::new(kernel, initramfs))
+        .vcpus(2)
+        .memory_mib(256)
+        .share(Share::new(&share, "bench").mount_at("/mnt/b"))
+        .disk(chitin::Disk::new(&image).read_only(true))
+        .build()
+        .map_err(|e| chitin::error_chain(&e))
+        .and_then(|s| s.start().map_err(|e| chitin::error_chain(&e)));
+    let vm = match built {
+        Ok(vm) => vm,
+        Err(e) => return c.result("sandbox", Err(e)),
+    };
+    first_checks(&vm, start, c);
+    let read = |path: &str| -> Result<f64, String> {
+        let line = ok(&vm, &format!("/init fs-read {path}"))?;
+        let (Some(n), Some(ms)) = (field(&line, "bytes"), field(&line, "ms")) else {
+            return Err(line);
+        };
+        if n != BENCH_LEN as u64 || !line.contains(&format!("fnv={want_fnv}")) {
+            return Err(format!(
+                "{path}: {line}, want {BENCH_LEN} bytes fnv={want_fnv}"
+            ));
+        }
+        Ok(n as f64 / 1e6 / (ms.max(1) as f64 / 1000.0))
+    };
+    let fs_read = read("/mnt/b/big");
+    let blk_read = read("/dev/vda");
+    c.result(
+        "bench-seq-read-64mib",
+        match (fs_read, blk_read) {
+            (Ok(f), Ok(b)) => Ok(format!(
+                "virtio-fs {f:.1} MB/s, virtio-blk {b:.1} MB/s, fs/blk ratio {:.2}",
+                f / b
+            )),
+            (f, b) => Err(format!("fs {f:?}, blk {b:?}")),
+        },
+    );
+    let ops = |dir: &str| -> Result<f64, String> {
+        let line = ok(&vm, &format!("mkdir -p {dir} && /init fs-ops {dir} 1000"))?;
+        match (field(&line, "ops"), field(&line, "ms")) {
+            (Some(n), Some(ms)) => Ok(n as f64 / (ms.max(1) as f64 / 1000.0)),
+            _ => Err(line),
+        }
+    };
+    let fs_ops = ops("/mnt/b/ops");
+    let tmpfs_ops = ops("/tmp/ops");
+    c.result(
+        "bench-create-write-stat-unlink",
+        match (fs_ops, tmpfs_ops) {
+            (Ok(f), Ok(t)) => Ok(format!(
+                "1000 x (create, write 4 KiB, stat, unlink): virtio-fs {f:.0} ops/s, guest tmpfs {t:.0} ops/s, fs/tmpfs ratio {:.3}",
+                f / t
+            )),
+            (f, t) => Err(format!("fs {f:?}, tmpfs {t:?}")),
+        },
+    );
+    c.result("device-faults", super::device_faults(&vm));
+    drop(vm);
+    let _ = fs::remove_dir_all(&base);
 }
