@@ -74,8 +74,9 @@ impl Share {
 
     /// Map `uids.count` guest user ids from `uids.guest` to host ids from
     /// `uids.host`, and the same for groups; ids outside a range are the
-    /// overflow id 65534. Requests then run as the mapped host ids (the
-    /// VMM needs `CAP_SETUID`/`CAP_SETGID` for any but its own).
+    /// overflow id 65534. When the VMM runs as root, every request runs
+    /// with the mapped host ids (so host permissions apply); otherwise
+    /// with the VMM's own.
     pub fn map_ids(mut self, uids: IdRange, gids: IdRange) -> Self {
         self.ids = IdMap {
             uids: Some(uids),
@@ -86,7 +87,9 @@ impl Share {
 
     /// Most host fds the share may hold for the guest (files and
     /// directories it looked up or opened); past it the guest gets
-    /// `ENFILE`/`EMFILE`. Default [`DEFAULT_MAX_OPEN_FILES`].
+    /// `ENFILE`/`EMFILE`. Default [`DEFAULT_MAX_OPEN_FILES`], and never
+    /// more than half the process's `RLIMIT_NOFILE` (a share raises the
+    /// soft limit to the hard one when it is set up).
     pub fn max_open_files(mut self, max: usize) -> Self {
         self.max_open_files = max;
         self

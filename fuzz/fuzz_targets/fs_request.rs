@@ -110,6 +110,8 @@ fuzz_target!(|data: &[u8]| {
         read_only: flags & 1 != 0,
         ids: IdMap::default(),
         max_open_files: if flags & 4 != 0 { 4 } else { 1024 },
+        root_id: None,
+        xattr: false,
     };
     let mut driver = FuseDriver::new(&d.share, policy);
     if flags & 2 != 0 {

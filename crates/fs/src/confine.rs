@@ -27,8 +27,17 @@
 //!   handle is a host fd; their total is capped per share, and a request
 //!   past the cap fails with `ENFILE` (lookups) or `EMFILE` (opens)
 //!   instead of exhausting the VMM's fds.
-//! - **Ids**: requests run as the host ids the guest's ids map to, and
-//!   attributes show host owners mapped back ([`IdMap`]).
+//! - **Ids**: requests run as the host ids the guest's ids map to (when
+//!   the VMM runs as root, the serving thread switches its effective ids
+//!   for every request that resolves a name or opens, creates or changes a
+//!   file, so host permissions apply to the guest's users as to host
+//!   users), and attributes show host owners mapped back ([`IdMap`]).
+//! - **No set-id files**: the guest cannot set the set-user-ID bit, nor
+//!   set-group-ID on anything but a directory (`create`, `mknod`, `mkdir`,
+//!   `chmod`), and the serving thread has no `CAP_FSETID`, so a write
+//!   clears the bits of a set-id file it changes.
+//! - **Extended attributes** (off unless enabled) are `user.*` only, and a
+//!   reply is at most 64 KiB.
 //! - **Directory listings** are plain `READDIR` (`READDIRPLUS` is not
 //!   negotiated: it would take lookups the cap could only refuse by
 //!   silently cutting a listing short), at most [`MAX_READDIR_BYTES`] per
@@ -70,6 +79,13 @@ const OPEN_FLAGS_KEPT: i32 = libc::O_ACCMODE
     | libc::O_NOATIME
     | libc::O_LARGEFILE;
 
+/// Flags an OPENDIR may carry (access mode read-only).
+const OPENDIR_FLAGS_KEPT: i32 = libc::O_NONBLOCK | libc::O_NOATIME | libc::O_LARGEFILE;
+
+/// Largest extended attribute value or list a reply may carry (Linux's
+/// `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_BYTES: u32 = 64 << 10;
+
 /// Rename flags a guest may use. `RENAME_WHITEOUT` would leave a device
 /// node behind and is refused.
 const RENAME_FLAGS_ALLOWED: u32 = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
@@ -106,6 +122,46 @@ pub struct Policy {
     pub ids: IdMap,
     /// Most host fds (inodes held plus open handles) the share may hold.
     pub max_open_files: usize,
+    /// Serve `user.*` extended attributes; without, every xattr request
+    /// is `ENOSYS`, which the guest's kernel remembers (it then stops
+    /// asking for `security.capability` before every write).
+    pub xattr: bool,
+    /// The share's root as (st_dev, st_ino) when it was configured: a
+    /// FUSE_INIT that finds another directory at the root's path (moved
+    /// or replaced on the host) fails instead of serving it.
+    pub root_id: Option<(u64, u64)>,
+}
+
+/// The serving thread acting as a request's host user and group; back
+/// to root when dropped.
+struct AsCaller {
+    uid: bool,
+    gid: bool,
+}
+
+fn set_effective(syscall: libc::c_long, id: u32) -> io::Result<()> {
+    // SAFETY: setresuid/setresgid take ids only; -1 keeps the real and
+    // saved ids. The raw syscall changes this thread alone (glibc's
+    // wrappers would change every thread of the process).
+    let ret = unsafe { libc::syscall(syscall, -1i64, i64::from(id), -1i64) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Drop for AsCaller {
+    fn drop(&mut self) {
+        // Only a thread whose real and saved ids are root switches, so
+        // going back cannot fail.
+        if self.uid {
+            let _ = set_effective(libc::SYS_setresuid, 0);
+        }
+        if self.gid {
+            let _ = set_effective(libc::SYS_setresgid, 0);
+        }
+    }
 }
 
 /// Host fds the guest holds: lookups per inode and open handles.
@@ -128,6 +184,8 @@ pub struct Confined {
     policy: Policy,
     held: Mutex<Held>,
     faults: GuestFaults,
+    /// The VMM runs as root: switch to each request's ids.
+    switch_ids: bool,
 }
 
 impl Confined {
@@ -139,6 +197,65 @@ impl Confined {
             policy,
             held: Mutex::new(Held::default()),
             faults,
+            // SAFETY: geteuid has no preconditions.
+            switch_ids: unsafe { libc::geteuid() } == 0,
+        }
+    }
+
+    /// Act as the request's (already mapped) host ids on this thread until
+    /// the guard drops. Without root there is nothing to switch to: the
+    /// request runs with the VMM's own ids.
+    fn as_caller(&self, ctx: &Context) -> io::Result<AsCaller> {
+        let mut guard = AsCaller {
+            uid: false,
+            gid: false,
+        };
+        if !self.switch_ids {
+            return Ok(guard);
+        }
+        // The group first: without root the group can no longer change.
+        if ctx.gid != 0 {
+            set_effective(libc::SYS_setresgid, ctx.gid)?;
+            guard.gid = true;
+        }
+        if ctx.uid != 0 {
+            set_effective(libc::SYS_setresuid, ctx.uid)?;
+            guard.uid = true;
+        }
+        Ok(guard)
+    }
+
+    /// `mode` without set-user-ID, and without set-group-ID unless it is
+    /// a directory's.
+    fn strip_setid(&self, mode: u32, directory: bool) -> u32 {
+        let mut strip = libc::S_ISUID;
+        if !directory {
+            strip |= libc::S_ISGID;
+        }
+        if mode & strip != 0 {
+            self.faults
+                .record(Severity::Allowed, "set-id bit dropped", &"");
+        }
+        mode & !strip
+    }
+
+    /// Whether xattrs are served at all.
+    fn xattrs(&self) -> io::Result<()> {
+        if self.policy.xattr {
+            Ok(())
+        } else {
+            Err(errno(libc::ENOSYS))
+        }
+    }
+
+    /// An xattr name the share serves: `user.*` only. Others do not exist
+    /// for reading (`missing`, `ENODATA`) and cannot be set (`EPERM`).
+    fn xattr_name(&self, name: &CStr, missing: i32) -> io::Result<()> {
+        self.xattrs()?;
+        if name.to_bytes().starts_with(b"user.") {
+            Ok(())
+        } else {
+            Err(self.refuse(Severity::Allowed, "xattr outside user.*", missing))
         }
     }
 
@@ -277,6 +394,15 @@ impl FileSystem for Confined {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let want = self.inner.init(capable)?;
+        if let Some((dev, ino)) = self.policy.root_id {
+            let ctx = Context::default();
+            let (attr, _) = self.inner.getattr(&ctx, ROOT_ID, None)?;
+            if (attr.st_dev, attr.st_ino) != (dev, ino) {
+                self.inner.destroy();
+                log::error!("the shared directory was replaced on the host; not serving it");
+                return Err(errno(libc::EIO));
+            }
+        }
         Ok((want | wanted_options()) - refused_options())
     }
 
@@ -287,7 +413,10 @@ impl FileSystem for Confined {
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         self.lookup_name(parent, name)?;
-        let entry = self.inner.lookup(ctx, parent, name)?;
+        let entry = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.lookup(ctx, parent, name)?
+        };
         self.admit(ctx, entry)
     }
 
@@ -328,11 +457,19 @@ impl FileSystem for Confined {
         if valid.contains(SetattrValid::GID) {
             attr.st_gid = self.policy.ids.gid_to_host(attr.st_gid);
         }
+        if valid.contains(SetattrValid::MODE) && attr.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        {
+            let (now, _) = self.inner.getattr(ctx, inode, handle)?;
+            let directory = now.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            attr.st_mode = self.strip_setid(attr.st_mode, directory);
+        }
+        let _caller = self.as_caller(ctx)?;
         let (attr, timeout) = self.inner.setattr(ctx, inode, attr, handle, valid)?;
         Ok((self.attr_to_guest(attr), timeout))
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let _caller = self.as_caller(ctx)?;
         self.inner.readlink(ctx, inode)
     }
 
@@ -346,7 +483,10 @@ impl FileSystem for Confined {
         self.writable()?;
         self.new_name(name)?;
         self.room_for(1)?;
-        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        let entry = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.symlink(ctx, linkname, parent, name)?
+        };
         self.admit(ctx, entry)
     }
 
@@ -369,7 +509,11 @@ impl FileSystem for Confined {
             _ => return Err(self.refuse(Severity::Malformed, "mknod of a bad type", libc::EINVAL)),
         }
         self.room_for(1)?;
-        let entry = self.inner.mknod(ctx, parent, name, mode, rdev, umask)?;
+        let mode = self.strip_setid(mode, false);
+        let entry = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.mknod(ctx, parent, name, mode, rdev, umask)?
+        };
         self.admit(ctx, entry)
     }
 
@@ -384,19 +528,25 @@ impl FileSystem for Confined {
         self.writable()?;
         self.new_name(name)?;
         self.room_for(1)?;
-        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        let mode = self.strip_setid(mode, true);
+        let entry = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.mkdir(ctx, parent, name, mode, umask)?
+        };
         self.admit(ctx, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         self.new_name(name)?;
+        let _caller = self.as_caller(ctx)?;
         self.inner.unlink(ctx, parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         self.new_name(name)?;
+        let _caller = self.as_caller(ctx)?;
         self.inner.rmdir(ctx, parent, name)
     }
 
@@ -415,6 +565,7 @@ impl FileSystem for Confined {
         if flags & !RENAME_FLAGS_ALLOWED != 0 {
             return Err(self.refuse(Severity::Limit, "rename flags refused", libc::EINVAL));
         }
+        let _caller = self.as_caller(ctx)?;
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
     }
@@ -422,7 +573,13 @@ impl FileSystem for Confined {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
         self.new_name(newname)?;
-        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        // Room first: the link must not be made when its entry would then
+        // be refused.
+        self.room_for(1)?;
+        let entry = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.link(ctx, inode, newparent, newname)?
+        };
         self.admit(ctx, entry)
     }
 
@@ -435,7 +592,10 @@ impl FileSystem for Confined {
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let flags = self.open_flags(flags)?;
         self.room_for(1)?;
-        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        let opened = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.open(ctx, inode, flags, fuse_flags)?
+        };
         self.hold_handle(opened.0);
         Ok(opened)
     }
@@ -450,10 +610,32 @@ impl FileSystem for Confined {
         self.writable()?;
         self.new_name(name)?;
         let kept = self.open_flags(args.flags)? as i32;
-        // Create keeps its own O_CREAT and, if asked, O_EXCL.
-        args.flags = (kept | libc::O_CREAT | (args.flags as i32 & libc::O_EXCL)) as u32;
+        let exclusive = args.flags as i32 & libc::O_EXCL != 0;
+        // The layer below is always asked for a new file: on an existing
+        // name it would look the inode up and then fail to open it (a
+        // directory, a FIFO) without giving the lookup back. An existing
+        // name is looked up and opened here instead, both counted.
+        args.flags = (kept | libc::O_CREAT | libc::O_EXCL) as u32;
+        args.mode = self.strip_setid(args.mode, false);
         self.room_for(2)?;
-        let (entry, handle, options, passthrough) = self.inner.create(ctx, parent, name, args)?;
+        let created = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.create(ctx, parent, name, args)
+        };
+        let (entry, handle, options, passthrough) = match created {
+            Ok(created) => created,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !exclusive => {
+                let entry = self.lookup(ctx, parent, name)?;
+                return match self.open(ctx, entry.inode, kept as u32, args.fuse_flags) {
+                    Ok((handle, options, passthrough)) => Ok((entry, handle, options, passthrough)),
+                    Err(e) => {
+                        self.forget(ctx, entry.inode, 1);
+                        Err(e)
+                    }
+                };
+            }
+            Err(e) => return Err(e),
+        };
         self.hold_handle(handle);
         match self.admit(ctx, entry) {
             Ok(entry) => Ok((entry, handle, options, passthrough)),
@@ -498,6 +680,9 @@ impl FileSystem for Confined {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        // As the caller, so a write by anyone but the file's owner clears
+        // its set-id bits as on the host.
+        let _caller = self.as_caller(ctx)?;
         self.inner.write(
             ctx,
             inode,
@@ -530,6 +715,7 @@ impl FileSystem for Confined {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
+        let _caller = self.as_caller(ctx)?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -544,9 +730,12 @@ impl FileSystem for Confined {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.drop_handle(handle);
+        // Counted free only when the layer below closed it: a RELEASE
+        // naming another inode is refused there and the fd stays open.
         self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.drop_handle(handle);
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<libc::statvfs64> {
@@ -561,7 +750,9 @@ impl FileSystem for Confined {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        self.xattr_name(name, libc::EPERM)?;
         self.writable()?;
+        let _caller = self.as_caller(ctx)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -572,15 +763,22 @@ impl FileSystem for Confined {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        self.xattr_name(name, libc::ENODATA)?;
+        let _caller = self.as_caller(ctx)?;
+        self.inner
+            .getxattr(ctx, inode, name, size.min(MAX_XATTR_BYTES))
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        self.xattrs()?;
+        let _caller = self.as_caller(ctx)?;
+        self.inner.listxattr(ctx, inode, size.min(MAX_XATTR_BYTES))
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.xattr_name(name, libc::EPERM)?;
         self.writable()?;
+        let _caller = self.as_caller(ctx)?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -590,8 +788,19 @@ impl FileSystem for Confined {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(self.refuse(
+                Severity::Malformed,
+                "directory opened for writing",
+                libc::EISDIR,
+            ));
+        }
+        let flags = (flags as i32 & OPENDIR_FLAGS_KEPT) as u32;
         self.room_for(1)?;
-        let opened = self.inner.opendir(ctx, inode, flags)?;
+        let opened = {
+            let _caller = self.as_caller(ctx)?;
+            self.inner.opendir(ctx, inode, flags)?
+        };
         self.hold_handle(opened.0);
         Ok(opened)
     }
@@ -620,8 +829,9 @@ impl FileSystem for Confined {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)?;
         self.drop_handle(handle);
-        self.inner.releasedir(ctx, inode, flags, handle)
+        Ok(())
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {

@@ -32,12 +32,51 @@ use crate::handler::FsHandler;
 use crate::idmap::{IdMap, IdMapError};
 use crate::{QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
 
-/// Host fds a share may hold unless configured otherwise.
-pub const DEFAULT_MAX_OPEN_FILES: usize = 16384;
+/// Host fds a share may hold unless configured otherwise. The guest's
+/// kernel holds a lookup on every inode in its cache (a `find` over a
+/// container image holds one per file) until memory pressure makes it
+/// forget them, so the cap must fit real trees.
+pub const DEFAULT_MAX_OPEN_FILES: usize = 65536;
 
 /// How long the guest may cache names and attributes before asking again;
 /// host-side changes to the share show in the guest after at most this.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `wanted` host fds for a share, at most half the process's soft fd
+/// limit, so a guest within its cap cannot exhaust the VMM's fds. The
+/// soft limit is first raised to the hard one (as virtiofsd does; the
+/// usual soft limit of 1024 would not hold one container image).
+fn fd_budget(wanted: usize, tag: &str) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit to the valid pointer.
+    let mut ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if ok && limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit from the valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+        // SAFETY: as above.
+        ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    }
+    let half = if ok {
+        usize::try_from(limit.rlim_cur / 2).unwrap_or(usize::MAX)
+    } else {
+        wanted
+    };
+    if wanted > half {
+        log::warn!(
+            "share {tag}: at most {half} open files (half the soft RLIMIT_NOFILE), not {wanted}"
+        );
+    }
+    wanted.min(half).max(1)
+}
 
 /// Queues: high priority, then one request queue.
 const NUM_QUEUES: usize = 2;
@@ -119,7 +158,6 @@ pub struct Fs {
     root: PathBuf,
     config_space: [u8; TAG_LEN + 4],
     policy: Policy,
-    xattr: bool,
     queue_events: Vec<EventFd>,
     faults: GuestFaults,
     worker: Option<Worker>,
@@ -145,6 +183,8 @@ impl Fs {
             path: config.root.clone(),
             source,
         })?;
+        use std::os::unix::fs::MetadataExt;
+        let root_id = (meta.dev(), meta.ino());
         if !meta.is_dir() {
             return Err(FsError::NotADirectory(config.root));
         }
@@ -164,9 +204,10 @@ impl Fs {
             policy: Policy {
                 read_only: config.read_only,
                 ids: config.ids,
-                max_open_files: config.max_open_files,
+                max_open_files: fd_budget(config.max_open_files, &config.tag),
+                root_id: Some(root_id),
+                xattr: config.xattr,
             },
-            xattr: config.xattr,
             queue_events,
             faults: GuestFaults::new(format!("fs {}", config.tag)),
             worker: None,
@@ -187,13 +228,17 @@ impl Fs {
     pub(crate) fn file_system(&self) -> std::io::Result<Confined> {
         let config = Config {
             root_dir: self.root.to_string_lossy().into_owned(),
-            xattr: self.xattr,
+            xattr: self.policy.xattr,
             do_import: true,
             cache_policy: CachePolicy::Auto,
             entry_timeout: CACHE_TIMEOUT,
             attr_timeout: CACHE_TIMEOUT,
             writeback: false,
             inode_file_handles: false,
+            // Inode numbers from the host's, so a forgotten inode leaves
+            // nothing behind in the layer's tables (with its own numbers
+            // it remembers every inode ever looked up).
+            use_host_ino: true,
             ..Config::default()
         };
         let inner = PassthroughFs::<()>::new(config)?;
@@ -307,8 +352,41 @@ impl Worker {
     }
 }
 
+/// Make this thread fit to serve a share: its own umask (the passthrough
+/// layer sets the umask to 0 at FUSE_INIT, which would otherwise be the
+/// whole process's), and, under root, no supplementary groups and no
+/// `CAP_FSETID` (a write then clears set-id bits, as for a host user).
+fn prepare_thread() {
+    // SAFETY: unshare takes flags only; CLONE_FS gives this thread its
+    // own root, cwd and umask.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        log::warn!(
+            "chitin-fs: cannot unshare the fs attributes: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    // SAFETY: setgroups reads 0 entries from a null list; the raw syscall
+    // changes this thread only.
+    if unsafe { libc::syscall(libc::SYS_setgroups, 0i64, std::ptr::null::<libc::gid_t>()) } != 0 {
+        log::warn!(
+            "chitin-fs: cannot drop supplementary groups: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        if let Err(e) = caps::drop(None, set, caps::Capability::CAP_FSETID) {
+            log::warn!("chitin-fs: cannot drop CAP_FSETID: {e}");
+        }
+    }
+}
+
 /// Wait for notifications and serve both queues until `stop` fires.
 fn serve(mut active: Active<NUM_QUEUES>, handler: FsHandler, events: Vec<EventFd>, stop: EventFd) {
+    prepare_thread();
     let mut fds: Vec<libc::pollfd> = events
         .iter()
         .map(|e| e.as_raw_fd())

@@ -124,6 +124,7 @@ impl FuseDriver {
         config.read_only = policy.read_only;
         config.ids = policy.ids;
         config.max_open_files = policy.max_open_files;
+        config.xattr = policy.xattr;
         let fs = Fs::new(config).expect("share config");
         let faults = fs.faults().clone();
         let confined: Confined = fs.file_system().expect("passthrough file system");

@@ -69,6 +69,8 @@ fn policy() -> Policy {
         read_only: false,
         ids: IdMap::default(),
         max_open_files: 1024,
+        root_id: None,
+        xattr: false,
     }
 }
 
@@ -687,4 +689,232 @@ fn malformed_requests_get_errors_not_panics() {
     assert!(lookup(&mut d, ROOT_ID, "file").is_ok());
     assert_eq!(tree.outside_state(), before);
     assert_eq!(Attr::default().ino, 0);
+}
+
+fn release(d: &mut FuseDriver, node: u64, fh: u64) -> i32 {
+    errno_of(
+        d.call(
+            Opcode::Release as u32,
+            node,
+            fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+                fh,
+                ..Default::default()
+            }
+            .as_slice(),
+        ),
+    )
+}
+
+#[test]
+fn release_naming_another_inode_keeps_the_handle_counted() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    let fh = open(&mut d, file.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(d.fs().open_files(), 2);
+    // The wrong inode: the layer below keeps the fd open, so must the
+    // count.
+    assert_ne!(release(&mut d, ROOT_ID, fh), 0);
+    assert_eq!(d.fs().open_files(), 2);
+    assert_eq!(release(&mut d, file.nodeid, fh), 0);
+    assert_eq!(d.fs().open_files(), 1);
+}
+
+#[test]
+fn create_over_an_existing_name_leaks_nothing() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+    let base = d.fs().open_files();
+    for _ in 0..20 {
+        // A directory cannot be opened for writing, a FIFO not at all.
+        let reply = d.call(
+            Opcode::Create as u32,
+            ROOT_ID,
+            &body(
+                CreateIn {
+                    flags: libc::O_WRONLY as u32,
+                    mode: libc::S_IFREG | 0o644,
+                    umask: 0,
+                    fuse_flags: 0,
+                },
+                &name("sub"),
+            ),
+        );
+        assert_ne!(reply.errno(), Some(0));
+        assert_eq!(d.fs().open_files(), base, "a failed create holds nothing");
+    }
+    // Creating an existing file without O_EXCL opens it (and truncates).
+    let (entry, opened) = create(&mut d, ROOT_ID, "file").unwrap();
+    assert_eq!(d.fs().open_files(), base + 2);
+    assert_eq!(release(&mut d, entry.nodeid, opened.fh), 0);
+}
+
+#[test]
+fn link_past_the_cap_makes_no_link() {
+    let tree = Tree::new();
+    let mut d = driver(
+        &tree,
+        Policy {
+            max_open_files: 2,
+            ..policy()
+        },
+    );
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    lookup(&mut d, ROOT_ID, "sub").unwrap();
+    let link = d.call(
+        Opcode::Link as u32,
+        ROOT_ID,
+        &body(
+            LinkIn {
+                oldnodeid: file.nodeid,
+            },
+            &name("hard"),
+        ),
+    );
+    assert_eq!(errno_of(link), libc::EMFILE);
+    assert!(!tree.share.join("hard").exists());
+}
+
+#[test]
+fn directories_are_never_opened_for_writing() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+    let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_TMPFILE | libc::O_RDWR] {
+        let reply = d.call(
+            Opcode::Opendir as u32,
+            sub.nodeid,
+            OpenIn {
+                flags: flags as u32,
+                fuse_flags: 0,
+            }
+            .as_slice(),
+        );
+        assert_eq!(errno_of(reply), libc::EISDIR, "{flags:#o}");
+    }
+    assert_eq!(fs::read_dir(tree.share.join("sub")).unwrap().count(), 0);
+}
+
+#[test]
+fn setid_bits_cannot_be_set() {
+    let tree = Tree::new();
+    let mut d = driver(&tree, policy());
+    let reply = d.call(
+        Opcode::Create as u32,
+        ROOT_ID,
+        &body(
+            CreateIn {
+                flags: libc::O_RDWR as u32,
+                mode: libc::S_IFREG | 0o6755,
+                umask: 0,
+                fuse_flags: 0,
+            },
+            &name("suid"),
+        ),
+    );
+    assert_eq!(reply.errno(), Some(0));
+    let mode = |p: &str| fs::metadata(tree.share.join(p)).unwrap().mode();
+    assert_eq!(mode("suid") & 0o7777, 0o755);
+    let file = lookup(&mut d, ROOT_ID, "file").unwrap();
+    let chmod = d.call(
+        Opcode::Setattr as u32,
+        file.nodeid,
+        SetattrIn {
+            valid: 1, // FATTR_MODE
+            mode: libc::S_IFREG | 0o4755,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    assert_eq!(chmod.errno(), Some(0));
+    assert_eq!(mode("file") & 0o7777, 0o755);
+    // A directory may be set-group-ID (group inheritance), not set-user-ID.
+    let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
+    let chmod = d.call(
+        Opcode::Setattr as u32,
+        sub.nodeid,
+        SetattrIn {
+            valid: 1, // FATTR_MODE
+            mode: libc::S_IFDIR | 0o6775,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    assert_eq!(chmod.errno(), Some(0));
+    assert_eq!(mode("sub") & 0o7777, 0o2775);
+}
+
+#[test]
+fn requests_run_with_the_guest_users_host_permissions() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not run: switching to a request's ids needs root");
+        return;
+    }
+    let tree = Tree::new();
+    let perms = std::os::unix::fs::PermissionsExt::from_mode;
+    // Explicit modes: another test's FUSE_INIT may have left the process
+    // umask at 0.
+    fs::set_permissions(&tree.share, perms(0o755)).unwrap();
+    fs::write(tree.share.join("private"), b"root only").unwrap();
+    fs::set_permissions(tree.share.join("private"), perms(0o600)).unwrap();
+    let mut d = driver(&tree, policy());
+    let private = lookup(&mut d, ROOT_ID, "private").unwrap();
+    let as_user = |d: &mut FuseDriver, opcode: u32, node: u64, body: &[u8]| {
+        d.call_as(opcode, node, body, 1000, 1000)
+    };
+    let open_in = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let denied = as_user(
+        &mut d,
+        Opcode::Open as u32,
+        private.nodeid,
+        open_in.as_slice(),
+    );
+    assert_eq!(errno_of(denied), libc::EACCES);
+    let unlink = as_user(&mut d, Opcode::Unlink as u32, ROOT_ID, &name("private"));
+    assert_eq!(
+        errno_of(unlink),
+        libc::EACCES,
+        "the share's root is 0755 root's"
+    );
+    assert!(tree.share.join("private").exists());
+    // Root still can, and the thread is root again after each request.
+    assert!(open(&mut d, private.nodeid, libc::O_RDONLY).is_ok());
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0);
+}
+
+#[test]
+fn xattrs_are_off_by_default_and_user_only_when_on() {
+    let tree = Tree::new();
+    let getxattr = |d: &mut FuseDriver, n: &str| {
+        let mut b = 256u32.to_le_bytes().to_vec();
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend(name(n));
+        errno_of(d.call(Opcode::Getxattr as u32, ROOT_ID, &b))
+    };
+    let setxattr = |d: &mut FuseDriver, n: &str| {
+        let mut b = 1u32.to_le_bytes().to_vec();
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend(name(n));
+        b.push(b'x');
+        errno_of(d.call(Opcode::Setxattr as u32, ROOT_ID, &b))
+    };
+    let mut off = driver(&tree, policy());
+    // ENOSYS: the guest's kernel stops asking after the first.
+    assert_eq!(getxattr(&mut off, "security.capability"), libc::ENOSYS);
+    assert_eq!(setxattr(&mut off, "user.x"), libc::ENOSYS);
+    let mut on = driver(
+        &tree,
+        Policy {
+            xattr: true,
+            ..policy()
+        },
+    );
+    assert_eq!(getxattr(&mut on, "security.capability"), libc::ENODATA);
+    assert_eq!(setxattr(&mut on, "trusted.x"), libc::EPERM);
+    assert_eq!(setxattr(&mut on, "security.capability"), libc::EPERM);
 }
