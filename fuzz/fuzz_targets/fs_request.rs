@@ -100,9 +100,10 @@ fn no_devices(dir: &Path) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let [flags, n_msgs, mut rest @ ..] = data else {
+    let [flags, n_msgs, rest @ ..] = data else {
         return;
     };
+    let mut rest: &[u8] = rest;
     let d = dirs();
     fresh_share(&d.share);
     let before = outside_state(d);
@@ -123,8 +124,10 @@ fuzz_target!(|data: &[u8]| {
         driver.call(26, 0, &init);
     }
     for _ in 0..*n_msgs % 32 {
-        let [lo, hi, tail @ ..] = rest else { break };
-        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let &[lo, hi, ref tail @ ..] = rest else {
+            break;
+        };
+        let len = usize::from(u16::from_le_bytes([lo, hi])).min(tail.len());
         let (msg, tail) = tail.split_at(len);
         driver.raw(msg, REPLY_LEN);
         rest = tail;
