@@ -69,7 +69,7 @@ impl Spec {
         ]
     }
 
-    /// Read the spec back from the helper's argv (after argv[0]); returns
+    /// Read the spec back from the helper's argv (after `argv[0]`); returns
     /// it and the program's argv.
     pub fn parse(args: &[OsString]) -> Result<(Spec, &[OsString]), String> {
         let bad = || "malformed container helper arguments".to_string();

@@ -18,6 +18,7 @@ use crate::MAX_REQUEST_BYTES;
 use chitin_virtio::test_utils::TestDescriptor;
 
 const SECRET: &[u8] = b"host secret outside the share\n";
+const FATTR_MODE: u32 = 1;
 const FATTR_UID: u32 = 1 << 1;
 const FATTR_SIZE: u32 = 1 << 3;
 
@@ -153,20 +154,19 @@ fn mknod(d: &mut FuseDriver, parent: u64, n: &str, mode: u32, rdev: u32) -> Resu
     ok_obj(reply)
 }
 
+/// CREATE `n` under `parent` with open `flags` and `mode`.
+fn create_with(d: &mut FuseDriver, parent: u64, n: &str, flags: i32, mode: u32) -> Reply {
+    let args = CreateIn {
+        flags: flags as u32,
+        mode,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    d.call(Opcode::Create as u32, parent, &body(args, &name(n)))
+}
+
 fn create(d: &mut FuseDriver, parent: u64, n: &str) -> Result<(EntryOut, OpenOut), i32> {
-    let reply = d.call(
-        Opcode::Create as u32,
-        parent,
-        &body(
-            CreateIn {
-                flags: libc::O_RDWR as u32,
-                mode: libc::S_IFREG | 0o644,
-                umask: 0,
-                fuse_flags: 0,
-            },
-            &name(n),
-        ),
-    );
+    let reply = create_with(d, parent, n, libc::O_RDWR, libc::S_IFREG | 0o644);
     match reply.errno() {
         Some(0) => {
             let entry: EntryOut = reply.obj();
@@ -201,6 +201,24 @@ fn write(d: &mut FuseDriver, node: u64, fh: u64, offset: u64, data: &[u8]) -> Re
         Some(e) => Err(e),
         None => panic!("no reply"),
     }
+}
+
+/// SETATTR of `node` with `attr` (its `valid` says what changes); the
+/// errno.
+fn setattr(d: &mut FuseDriver, node: u64, attr: SetattrIn) -> i32 {
+    errno_of(d.call(Opcode::Setattr as u32, node, attr.as_slice()))
+}
+
+fn chmod(d: &mut FuseDriver, node: u64, mode: u32) -> i32 {
+    setattr(
+        d,
+        node,
+        SetattrIn {
+            valid: FATTR_MODE,
+            mode,
+            ..Default::default()
+        },
+    )
 }
 
 fn rename(d: &mut FuseDriver, olddir: u64, old: &str, newdir: u64, new: &str) -> i32 {
@@ -417,17 +435,12 @@ fn create_write_read_and_fsync_reach_the_host_file() {
     );
 
     // Truncate through setattr.
-    let truncate = d.call(
-        Opcode::Setattr as u32,
-        entry.nodeid,
-        SetattrIn {
-            valid: FATTR_SIZE,
-            size: 5,
-            ..Default::default()
-        }
-        .as_slice(),
-    );
-    assert_eq!(truncate.errno(), Some(0));
+    let truncate = SetattrIn {
+        valid: FATTR_SIZE,
+        size: 5,
+        ..Default::default()
+    };
+    assert_eq!(setattr(&mut d, entry.nodeid, truncate), 0);
     assert_eq!(fs::read(tree.share.join("new")).unwrap(), b"hello");
 }
 
@@ -490,17 +503,12 @@ fn read_only_share_refuses_every_change_and_still_reads() {
         ),
     );
     assert_eq!(errno_of(link), libc::EROFS);
-    let chown = d.call(
-        Opcode::Setattr as u32,
-        file.nodeid,
-        SetattrIn {
-            valid: FATTR_UID,
-            uid: 1234,
-            ..Default::default()
-        }
-        .as_slice(),
-    );
-    assert_eq!(errno_of(chown), libc::EROFS);
+    let chown = SetattrIn {
+        valid: FATTR_UID,
+        uid: 1234,
+        ..Default::default()
+    };
+    assert_eq!(setattr(&mut d, file.nodeid, chown), libc::EROFS);
     for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
         assert_eq!(
             open(&mut d, file.nodeid, flags),
@@ -727,18 +735,12 @@ fn create_over_an_existing_name_leaks_nothing() {
     let base = d.fs().open_files();
     for _ in 0..20 {
         // A directory cannot be opened for writing, a FIFO not at all.
-        let reply = d.call(
-            Opcode::Create as u32,
+        let reply = create_with(
+            &mut d,
             ROOT_ID,
-            &body(
-                CreateIn {
-                    flags: libc::O_WRONLY as u32,
-                    mode: libc::S_IFREG | 0o644,
-                    umask: 0,
-                    fuse_flags: 0,
-                },
-                &name("sub"),
-            ),
+            "sub",
+            libc::O_WRONLY,
+            libc::S_IFREG | 0o644,
         );
         assert_ne!(reply.errno(), Some(0));
         assert_eq!(d.fs().open_files(), base, "a failed create holds nothing");
@@ -799,48 +801,22 @@ fn directories_are_never_opened_for_writing() {
 fn setid_bits_cannot_be_set() {
     let tree = Tree::new();
     let mut d = driver(&tree, policy());
-    let reply = d.call(
-        Opcode::Create as u32,
+    let reply = create_with(
+        &mut d,
         ROOT_ID,
-        &body(
-            CreateIn {
-                flags: libc::O_RDWR as u32,
-                mode: libc::S_IFREG | 0o6755,
-                umask: 0,
-                fuse_flags: 0,
-            },
-            &name("suid"),
-        ),
+        "suid",
+        libc::O_RDWR,
+        libc::S_IFREG | 0o6755,
     );
     assert_eq!(reply.errno(), Some(0));
     let mode = |p: &str| fs::metadata(tree.share.join(p)).unwrap().mode();
     assert_eq!(mode("suid") & 0o7777, 0o755);
     let file = lookup(&mut d, ROOT_ID, "file").unwrap();
-    let chmod = d.call(
-        Opcode::Setattr as u32,
-        file.nodeid,
-        SetattrIn {
-            valid: 1, // FATTR_MODE
-            mode: libc::S_IFREG | 0o4755,
-            ..Default::default()
-        }
-        .as_slice(),
-    );
-    assert_eq!(chmod.errno(), Some(0));
+    assert_eq!(chmod(&mut d, file.nodeid, libc::S_IFREG | 0o4755), 0);
     assert_eq!(mode("file") & 0o7777, 0o755);
     // A directory may be set-group-ID (group inheritance), not set-user-ID.
     let sub = lookup(&mut d, ROOT_ID, "sub").unwrap();
-    let chmod = d.call(
-        Opcode::Setattr as u32,
-        sub.nodeid,
-        SetattrIn {
-            valid: 1, // FATTR_MODE
-            mode: libc::S_IFDIR | 0o6775,
-            ..Default::default()
-        }
-        .as_slice(),
-    );
-    assert_eq!(chmod.errno(), Some(0));
+    assert_eq!(chmod(&mut d, sub.nodeid, libc::S_IFDIR | 0o6775), 0);
     assert_eq!(mode("sub") & 0o7777, 0o2775);
 }
 

@@ -520,6 +520,18 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
     );
 }
 
+/// The first checks of a scenario with sandboxes of its own, on its first
+/// sandbox: the first exec (timed from `start`, boot included) and the
+/// guest's kernel.
+fn first_checks(vm: &RunningSandbox, start: Instant, c: &mut Checks) {
+    c.result(
+        "first-exec",
+        guest_kernel(vm)
+            .map(|k| format!("{k} in {} ms (includes boot)", start.elapsed().as_millis())),
+    );
+    c.result("guest-kernel", guest_kernel(vm));
+}
+
 /// The guest kernel's release, from `uname -r` in the guest.
 fn guest_kernel(vm: &RunningSandbox) -> Result<String, String> {
     match vm.exec(Command::new("uname").arg("-r")) {

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio as ProcStdio;
 use std::time::{Duration, Instant};
 
-use chitin::{Command, ExitStatus, RunningSandbox, Sandbox, Share};
+use chitin::{Command, ExitStatus, RunningSandbox, Sandbox, SandboxBuilder, Share};
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS};
 
 /// Where the shares and the "outside" live in L1.
@@ -53,26 +53,33 @@ fn fresh(dir: &Path) -> Result<(), String> {
     fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))
 }
 
-fn sandbox(kernel: &str, initramfs: &str, shares: Vec<Share>) -> Result<RunningSandbox, String> {
-    let mut builder = Sandbox::builder()
+/// The scenarios' sandbox: the test guest, 2 vCPUs, 256 MiB.
+fn builder(kernel: &str, initramfs: &str) -> SandboxBuilder {
+    Sandbox::builder()
         .guest(chitin::GuestImage::new(kernel, initramfs))
         .vcpus(2)
-        .memory_mib(256);
-    for share in shares {
-        builder = builder.share(share);
-    }
+        .memory_mib(256)
+}
+
+fn start(builder: SandboxBuilder) -> Result<RunningSandbox, String> {
     let built = builder.build().map_err(|e| chitin::error_chain(&e))?;
     built.start().map_err(|e| chitin::error_chain(&e))
 }
 
-/// The first exec (timed from `start`, boot included) and the kernel.
-fn first_checks(vm: &RunningSandbox, start: Instant, c: &mut Checks) {
-    c.result(
-        "first-exec",
-        super::guest_kernel(vm)
-            .map(|k| format!("{k} in {} ms (includes boot)", start.elapsed().as_millis())),
-    );
-    c.result("guest-kernel", super::guest_kernel(vm));
+/// Build and start, then the first checks (timed from here); `None`
+/// after a failed `sandbox` check.
+fn booted(builder: SandboxBuilder, c: &mut Checks) -> Option<RunningSandbox> {
+    let at = Instant::now();
+    match start(builder) {
+        Ok(vm) => {
+            super::first_checks(&vm, at, c);
+            Some(vm)
+        }
+        Err(e) => {
+            c.result("sandbox", Err(e));
+            None
+        }
+    }
 }
 
 /// What a guest shell script printed, and how it ended.
@@ -312,10 +319,8 @@ fn killed_vmm_check(kernel: &str, initramfs: &str) -> Result<String, String> {
 /// The child of [`killed_vmm_check`]: boot with the share, have the guest
 /// write and `fsync` the file, say so, then wait to be killed.
 pub fn writer(kernel: &str, initramfs: &str, share: &str) -> i32 {
-    let vm = match sandbox(
-        kernel,
-        initramfs,
-        vec![Share::new(share, "killed").mount_at("/mnt/k")],
+    let vm = match start(
+        builder(kernel, initramfs).share(Share::new(share, "killed").mount_at("/mnt/k")),
     ) {
         Ok(vm) => vm,
         Err(e) => {
@@ -347,16 +352,12 @@ pub fn fs_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
         Ok(f) => f,
         Err(e) => return c.result("setup", Err(e)),
     };
-    let start = Instant::now();
-    let vm = match sandbox(
-        kernel,
-        initramfs,
-        vec![Share::new(&share, "data").mount_at("/mnt/data")],
-    ) {
-        Ok(vm) => vm,
-        Err(e) => return c.result("sandbox", Err(e)),
+    let Some(vm) = booted(
+        builder(kernel, initramfs).share(Share::new(&share, "data").mount_at("/mnt/data")),
+        c,
+    ) else {
+        return;
     };
-    first_checks(&vm, start, c);
     c.result(
         "mounted",
         ok(&vm, "grep ' /mnt/data ' /proc/mounts").and_then(|m| {
@@ -426,16 +427,12 @@ pub fn escape_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
                 .collect()
         })
         .unwrap_or_default();
-    let start = Instant::now();
-    let vm = match sandbox(
-        kernel,
-        initramfs,
-        vec![Share::new(&share, "escape").mount_at("/mnt/s")],
-    ) {
-        Ok(vm) => vm,
-        Err(e) => return c.result("sandbox", Err(e)),
+    let Some(vm) = booted(
+        builder(kernel, initramfs).share(Share::new(&share, "escape").mount_at("/mnt/s")),
+        c,
+    ) else {
+        return;
     };
-    first_checks(&vm, start, c);
     let forbidden = [SECRET, passwd_line.as_str()];
     let f = &forbidden[..];
     attempt(&vm, c, "cat-etc-link", "cat /mnt/s/etc-link", f);
@@ -592,19 +589,14 @@ pub fn ro_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     // The same directory twice: mounted `ro` by the agent, and a second
     // tag the guest mounts read-write itself, so the device's own refusal
     // is what stops the writes there.
-    let start = Instant::now();
-    let vm = match sandbox(
-        kernel,
-        initramfs,
-        vec![
-            Share::new(&share, "ro").read_only(true).mount_at("/mnt/ro"),
-            Share::new(&share, "ro-raw").read_only(true),
-        ],
-    ) {
-        Ok(vm) => vm,
-        Err(e) => return c.result("sandbox", Err(e)),
+    let Some(vm) = booted(
+        builder(kernel, initramfs)
+            .share(Share::new(&share, "ro").read_only(true).mount_at("/mnt/ro"))
+            .share(Share::new(&share, "ro-raw").read_only(true)),
+        c,
+    ) else {
+        return;
     };
-    first_checks(&vm, start, c);
     c.result(
         "raw-mount-rw",
         ok(&vm, "mkdir -p /mnt/raw && mount -t virtiofs ro-raw /mnt/raw && grep ' /mnt/raw ' /proc/mounts"),
@@ -750,22 +742,12 @@ pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
         return c.result("setup", Err(e.to_string()));
     }
     let before = tree_state(&root);
-    let start = Instant::now();
-    let built = Sandbox::builder()
-        .guest(chitin::GuestImage::new(kernel, initramfs))
-        .vcpus(2)
-        .memory_mib(256)
-        .rootfs(Share::new(&root, "rootfs").read_only(true))
-        .build()
-        .map_err(|e| chitin::error_chain(&e))
-        .and_then(|s| s.start().map_err(|e| chitin::error_chain(&e)));
-    let vm = match built {
-        Ok(vm) => vm,
-        Err(e) => return c.result("sandbox", Err(e)),
-    };
     // `uname` is in both roots; the first exec already runs in the
     // container.
-    first_checks(&vm, start, c);
+    let rootfs = Share::new(&root, "rootfs").read_only(true);
+    let Some(vm) = booted(builder(kernel, initramfs).rootfs(rootfs), c) else {
+        return;
+    };
     container_run(
         &vm,
         c,
@@ -904,21 +886,12 @@ pub fn bench_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     if let Err(e) = setup {
         return c.result("setup", Err(e));
     }
-    let start = Instant::now();
-    let built = Sandbox::builder()
-        .guest(chitin::GuestImage::new(kernel, initramfs))
-        .vcpus(2)
-        .memory_mib(256)
+    let configured = builder(kernel, initramfs)
         .share(Share::new(&share, "bench").mount_at("/mnt/b"))
-        .disk(chitin::Disk::new(&image).read_only(true))
-        .build()
-        .map_err(|e| chitin::error_chain(&e))
-        .and_then(|s| s.start().map_err(|e| chitin::error_chain(&e)));
-    let vm = match built {
-        Ok(vm) => vm,
-        Err(e) => return c.result("sandbox", Err(e)),
+        .disk(chitin::Disk::new(&image).read_only(true));
+    let Some(vm) = booted(configured, c) else {
+        return;
     };
-    first_checks(&vm, start, c);
     let read = |path: &str| -> Result<f64, String> {
         let line = ok(&vm, &format!("/init fs-read {path}"))?;
         let (Some(n), Some(ms)) = (field(&line, "bytes"), field(&line, "ms")) else {

@@ -501,18 +501,6 @@ pub fn sandbox(
     built.start().map_err(|e| chitin::error_chain(&e))
 }
 
-/// The first checks of a scenario with sandboxes of its own, on its first
-/// sandbox: the first exec (timed from `start`, boot included) and the
-/// guest's kernel.
-fn first_checks(vm: &RunningSandbox, start: Instant, c: &mut Checks) {
-    c.result(
-        "first-exec",
-        super::guest_kernel(vm)
-            .map(|k| format!("{k} in {} ms (includes boot)", start.elapsed().as_millis())),
-    );
-    c.result("guest-kernel", super::guest_kernel(vm));
-}
-
 /// Mean bytes per frame the guest sent since `before`.
 fn mean_tx_frame(vm: &RunningSandbox, before: chitin::NetStats) -> u64 {
     let now = vm.net_stats()[0];
@@ -534,7 +522,7 @@ pub fn offload_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     for (name, on) in [("offloads-on", true), ("offloads-off", false)] {
         let result = sandbox(kernel, initramfs, interface().offloads(on), None).and_then(|vm| {
             if on {
-                first_checks(&vm, start, c);
+                super::first_checks(&vm, start, c);
             }
             let before = vm.net_stats()[0];
             let (rate, text) = upload(&vm, OFFLOAD_BYTES)?;
@@ -608,7 +596,7 @@ pub fn limit_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
             return;
         }
     };
-    first_checks(&vm, start, c);
+    super::first_checks(&vm, start, c);
     let ms = |out: &str| {
         field(out, "ms")
             .and_then(|m| m.parse::<u128>().ok())
@@ -664,7 +652,7 @@ pub fn reset_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
             return;
         }
     };
-    first_checks(&vm, start, c);
+    super::first_checks(&vm, start, c);
     c.result(
         "reset-mid-stream",
         (|| {
