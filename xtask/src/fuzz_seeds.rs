@@ -374,7 +374,16 @@ fn fs_request() -> Vec<(&'static str, Vec<u8>)> {
         fuse(RENAME, ROOT, &rename),
         fuse(LOOKUP, ROOT, &name("../outside/secret")),
     ];
+    // A LOOKUP whose reply is written over the queue's own rings (the
+    // chain's writable buffer at guest address 0): the device must report
+    // a broken ring, not the harness panic (found by this target).
+    let mut over_rings = fs_input(2, &[]);
+    over_rings.push(2);
+    over_rings.extend(desc(0x1_0000, 45, NEXT, 0));
+    over_rings.extend(desc(0, 4096, WRITE, 0));
+    over_rings.extend(fuse(LOOKUP, ROOT, &name("file")));
     vec![
+        ("reply-over-rings", over_rings),
         ("browse", fs_input(2, &browse)),
         ("change", fs_input(2, &change)),
         ("change-read-only", fs_input(3, &change)),
