@@ -269,9 +269,12 @@ impl Command {
     /// `full`, `random`, `urandom`, `tty`, `pts`, `shm`) and `/tmp`.
     /// [`current_dir`](Command::current_dir), [`uid`](Command::uid),
     /// [`gid`](Command::gid) and `PATH` then apply inside it. `dir` must
-    /// hold `proc`, `sys`, `dev` and `tmp` directories; if set-up fails the
-    /// program does not run and the command exits with status 125, the
-    /// failed step on its stderr.
+    /// hold `proc`, `sys`, `dev` and `tmp` directories (not symlinks); if
+    /// set-up fails the program does not run and the command exits with
+    /// status 125, the failed step on its stderr (127: the program was not
+    /// found, 126: it could not run). No PID namespace yet: a container
+    /// process running as root can reach the agent's files through
+    /// `/proc/1/root`.
     pub fn root(&mut self, dir: impl Into<OsString>) -> &mut Self {
         self.root = Root::Dir(dir.into());
         self

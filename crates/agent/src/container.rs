@@ -17,14 +17,20 @@
 //!    and `chroot`s, as runc does on a ramdisk);
 //! 4. sets the hostname, and a hostname file over `/etc/hostname` when
 //!    the image has one;
-//! 5. changes to the working directory, drops to the group and user, and
-//!    `exec`s the program (found through the request's `PATH` inside the
+//! 5. drops to the group and user (no supplementary groups), changes to
+//!    the working directory, and `exec`s the program (found through the request's `PATH` inside the
 //!    new root). The helper *becomes* the program: its pid, its signals
 //!    and its exit status are the program's.
 //!
 //! A step that fails is printed on the process's stderr as
 //! `chitin-agent: container: <step>: <error>` and the process exits with
-//! [`SETUP_FAILED`], before the program ever runs.
+//! [`SETUP_FAILED`], before the program ever runs; a program that cannot
+//! be found exits 127, one that cannot be run 126, as in a shell.
+//!
+//! There is no PID namespace yet: the container's `/proc` shows every
+//! guest process, and a container process running as root can reach the
+//! agent's files through `/proc/1/root`. The guest kernel, not this
+//! container, is the boundary chitin relies on.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -111,9 +117,13 @@ pub fn precheck(root: &OsStr) -> Result<(), String> {
         ));
     }
     for dir in ["proc", "sys", "dev", "tmp"] {
-        if !root.join(dir).is_dir() {
+        // Not followed: a mount point that is a symlink (`dev -> /`) would
+        // put the container's mounts and device nodes in the agent's own
+        // root.
+        let real_dir = std::fs::symlink_metadata(root.join(dir)).is_ok_and(|m| m.is_dir());
+        if !real_dir {
             return Err(format!(
-                "container root {} has no /{dir} to mount on",
+                "container root {} has no /{dir} directory to mount on (a symlink is refused)",
                 root.display()
             ));
         }
@@ -141,7 +151,17 @@ pub fn run_if_helper() -> Option<std::convert::Infallible> {
         fail(&step, &e);
     }
     let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
-    fail(&format!("exec {}", argv[0].to_string_lossy()), &e)
+    // As a shell: 127 for a program not found, 126 for one that cannot
+    // run, so 125 stays the set-up's own.
+    eprintln!(
+        "chitin-agent: container: exec {}: {e}",
+        argv[0].to_string_lossy()
+    );
+    std::process::exit(if e.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 fn cstr(s: impl AsRef<OsStr>) -> Result<CString, (String, io::Error)> {
@@ -197,6 +217,14 @@ const DEVICES: &[(&str, u32, u32)] = &[
 /// Steps 1 to 5 of the module documentation, up to the exec.
 fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
     let root = Path::new(&spec.root);
+    // Again here, right before the mounts: a writable image could have
+    // changed since the agent's check.
+    precheck(root.as_os_str()).map_err(|e| {
+        (
+            "mount points".to_string(),
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
     // SAFETY: unshare takes flags only.
     check("unshare mount and UTS namespaces", unsafe {
         libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS)
@@ -290,7 +318,10 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
             libc::sethostname(name.as_ptr().cast(), name.len())
         })?;
         let etc_hostname = root.join("etc/hostname");
-        if etc_hostname.is_file() {
+        let real = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.file_type());
+        let bindable = real(&root.join("etc")).is_ok_and(|t| t.is_dir())
+            && real(&etc_hostname).is_ok_and(|t| t.is_file());
+        if bindable {
             // The image's own file is not changed: a file on the /dev
             // tmpfs is bound over it inside this namespace only.
             let file = dev.join(".hostname");
@@ -312,16 +343,11 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
     }
     std::env::set_current_dir(root).map_err(|e| ("chdir to the root".to_string(), e))?;
     pivot_or_move()?;
-    let cwd = if spec.cwd.is_empty() {
-        OsStr::new("/")
-    } else {
-        spec.cwd.as_os_str()
-    };
-    std::env::set_current_dir(cwd)
-        .map_err(|e| (format!("chdir to {}", cwd.to_string_lossy()), e))?;
-    if let Some(gid) = spec.gid {
+    if spec.gid.is_some() || spec.uid.is_some() {
         // SAFETY: setgroups reads 0 entries from a null list.
         check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    }
+    if let Some(gid) = spec.gid {
         // SAFETY: setgid takes an id.
         check("setgid", unsafe { libc::setgid(gid) })?;
     }
@@ -329,6 +355,14 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
         // SAFETY: setuid takes an id.
         check("setuid", unsafe { libc::setuid(uid) })?;
     }
+    // After the ids: the user must be able to reach its directory.
+    let cwd = if spec.cwd.is_empty() {
+        OsStr::new("/")
+    } else {
+        spec.cwd.as_os_str()
+    };
+    std::env::set_current_dir(cwd)
+        .map_err(|e| (format!("chdir to {}", cwd.to_string_lossy()), e))?;
     Ok(())
 }
 

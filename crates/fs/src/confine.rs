@@ -48,6 +48,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -186,6 +187,11 @@ pub struct Confined {
     faults: GuestFaults,
     /// The VMM runs as root: switch to each request's ids.
     switch_ids: bool,
+    /// A FUSE_INIT found the configured root: requests are served. Clear
+    /// before INIT, after DESTROY, and after an INIT that found another
+    /// directory at the root's path (the layer below then holds that
+    /// directory, which must never be served).
+    serving: AtomicBool,
 }
 
 impl Confined {
@@ -199,6 +205,29 @@ impl Confined {
             faults,
             // SAFETY: geteuid has no preconditions.
             switch_ids: unsafe { libc::geteuid() } == 0,
+            serving: AtomicBool::new(false),
+        }
+    }
+
+    /// `EIO` unless a verified FUSE_INIT made the share servable.
+    fn served(&self) -> io::Result<()> {
+        if self.serving.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(self.refuse(Severity::Malformed, "request before INIT", libc::EIO))
+        }
+    }
+
+    /// The context the layer below sees in the requests it would switch
+    /// credentials for itself (mkdir, mknod, symlink, create): root, so it
+    /// switches nothing. The switch is this layer's (`as_caller`), for
+    /// the whole request, and a VMM that is not root switches nothing at
+    /// all instead of failing the request.
+    fn unswitched(ctx: &Context) -> Context {
+        Context {
+            uid: 0,
+            gid: 0,
+            pid: ctx.pid,
         }
     }
 
@@ -393,25 +422,30 @@ impl FileSystem for Confined {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.serving.store(false, Ordering::Release);
         let want = self.inner.init(capable)?;
         if let Some((dev, ino)) = self.policy.root_id {
             let ctx = Context::default();
             let (attr, _) = self.inner.getattr(&ctx, ROOT_ID, None)?;
             if (attr.st_dev, attr.st_ino) != (dev, ino) {
-                self.inner.destroy();
                 log::error!("the shared directory was replaced on the host; not serving it");
                 return Err(errno(libc::EIO));
             }
         }
+        self.serving.store(true, Ordering::Release);
         Ok((want | wanted_options()) - refused_options())
     }
 
     fn destroy(&self) {
+        // The layer below opens the root's path again as it clears its
+        // tables; nothing is served until an INIT has checked it.
+        self.serving.store(false, Ordering::Release);
         self.inner.destroy();
         *self.held() = Held::default();
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.served()?;
         self.lookup_name(parent, name)?;
         let entry = {
             let _caller = self.as_caller(ctx)?;
@@ -438,6 +472,7 @@ impl FileSystem for Confined {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(libc::stat64, Duration)> {
+        self.served()?;
         let (attr, timeout) = self.inner.getattr(ctx, inode, handle)?;
         Ok((self.attr_to_guest(attr), timeout))
     }
@@ -450,6 +485,7 @@ impl FileSystem for Confined {
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(libc::stat64, Duration)> {
+        self.served()?;
         self.writable()?;
         if valid.contains(SetattrValid::UID) {
             attr.st_uid = self.policy.ids.uid_to_host(attr.st_uid);
@@ -469,6 +505,7 @@ impl FileSystem for Confined {
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.served()?;
         let _caller = self.as_caller(ctx)?;
         self.inner.readlink(ctx, inode)
     }
@@ -480,12 +517,14 @@ impl FileSystem for Confined {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
+        self.served()?;
         self.writable()?;
         self.new_name(name)?;
         self.room_for(1)?;
         let entry = {
             let _caller = self.as_caller(ctx)?;
-            self.inner.symlink(ctx, linkname, parent, name)?
+            self.inner
+                .symlink(&Self::unswitched(ctx), linkname, parent, name)?
         };
         self.admit(ctx, entry)
     }
@@ -499,6 +538,7 @@ impl FileSystem for Confined {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        self.served()?;
         self.writable()?;
         self.new_name(name)?;
         match mode & libc::S_IFMT {
@@ -512,7 +552,8 @@ impl FileSystem for Confined {
         let mode = self.strip_setid(mode, false);
         let entry = {
             let _caller = self.as_caller(ctx)?;
-            self.inner.mknod(ctx, parent, name, mode, rdev, umask)?
+            self.inner
+                .mknod(&Self::unswitched(ctx), parent, name, mode, rdev, umask)?
         };
         self.admit(ctx, entry)
     }
@@ -525,18 +566,21 @@ impl FileSystem for Confined {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        self.served()?;
         self.writable()?;
         self.new_name(name)?;
         self.room_for(1)?;
         let mode = self.strip_setid(mode, true);
         let entry = {
             let _caller = self.as_caller(ctx)?;
-            self.inner.mkdir(ctx, parent, name, mode, umask)?
+            self.inner
+                .mkdir(&Self::unswitched(ctx), parent, name, mode, umask)?
         };
         self.admit(ctx, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.served()?;
         self.writable()?;
         self.new_name(name)?;
         let _caller = self.as_caller(ctx)?;
@@ -544,6 +588,7 @@ impl FileSystem for Confined {
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.served()?;
         self.writable()?;
         self.new_name(name)?;
         let _caller = self.as_caller(ctx)?;
@@ -559,6 +604,7 @@ impl FileSystem for Confined {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
+        self.served()?;
         self.writable()?;
         self.new_name(oldname)?;
         self.new_name(newname)?;
@@ -571,6 +617,7 @@ impl FileSystem for Confined {
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.served()?;
         self.writable()?;
         self.new_name(newname)?;
         // Room first: the link must not be made when its entry would then
@@ -590,6 +637,7 @@ impl FileSystem for Confined {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        self.served()?;
         let flags = self.open_flags(flags)?;
         self.room_for(1)?;
         let opened = {
@@ -607,6 +655,7 @@ impl FileSystem for Confined {
         name: &CStr,
         mut args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.served()?;
         self.writable()?;
         self.new_name(name)?;
         let kept = self.open_flags(args.flags)? as i32;
@@ -620,7 +669,8 @@ impl FileSystem for Confined {
         self.room_for(2)?;
         let created = {
             let _caller = self.as_caller(ctx)?;
-            self.inner.create(ctx, parent, name, args)
+            self.inner
+                .create(&Self::unswitched(ctx), parent, name, args)
         };
         let (entry, handle, options, passthrough) = match created {
             Ok(created) => created,
@@ -662,6 +712,7 @@ impl FileSystem for Confined {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        self.served()?;
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -679,6 +730,7 @@ impl FileSystem for Confined {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        self.served()?;
         self.writable()?;
         // As the caller, so a write by anyone but the file's owner clears
         // its set-id bits as on the host.
@@ -698,10 +750,12 @@ impl FileSystem for Confined {
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.served()?;
         self.inner.flush(ctx, inode, handle, lock_owner)
     }
 
     fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.served()?;
         self.inner.fsync(ctx, inode, datasync, handle)
     }
 
@@ -714,6 +768,7 @@ impl FileSystem for Confined {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
+        self.served()?;
         self.writable()?;
         let _caller = self.as_caller(ctx)?;
         self.inner
@@ -739,6 +794,7 @@ impl FileSystem for Confined {
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<libc::statvfs64> {
+        self.served()?;
         self.inner.statfs(ctx, inode)
     }
 
@@ -750,6 +806,7 @@ impl FileSystem for Confined {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        self.served()?;
         self.xattr_name(name, libc::EPERM)?;
         self.writable()?;
         let _caller = self.as_caller(ctx)?;
@@ -763,6 +820,7 @@ impl FileSystem for Confined {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
+        self.served()?;
         self.xattr_name(name, libc::ENODATA)?;
         let _caller = self.as_caller(ctx)?;
         self.inner
@@ -770,12 +828,14 @@ impl FileSystem for Confined {
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.served()?;
         self.xattrs()?;
         let _caller = self.as_caller(ctx)?;
         self.inner.listxattr(ctx, inode, size.min(MAX_XATTR_BYTES))
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.served()?;
         self.xattr_name(name, libc::EPERM)?;
         self.writable()?;
         let _caller = self.as_caller(ctx)?;
@@ -788,6 +848,7 @@ impl FileSystem for Confined {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.served()?;
         if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
             return Err(self.refuse(
                 Severity::Malformed,
@@ -814,6 +875,7 @@ impl FileSystem for Confined {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        self.served()?;
         self.inner.readdir(
             ctx,
             inode,
@@ -825,6 +887,7 @@ impl FileSystem for Confined {
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.served()?;
         self.inner.fsyncdir(ctx, inode, datasync, handle)
     }
 
@@ -835,6 +898,7 @@ impl FileSystem for Confined {
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        self.served()?;
         if mask & libc::W_OK as u32 != 0 && self.policy.read_only {
             return Err(errno(libc::EROFS));
         }
@@ -849,6 +913,7 @@ impl FileSystem for Confined {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
+        self.served()?;
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
 

@@ -157,7 +157,7 @@ pub enum FsError {
 pub struct Fs {
     root: PathBuf,
     config_space: [u8; TAG_LEN + 4],
-    policy: Policy,
+    pub(crate) policy: Policy,
     queue_events: Vec<EventFd>,
     faults: GuestFaults,
     worker: Option<Worker>,

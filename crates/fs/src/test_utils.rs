@@ -114,7 +114,9 @@ pub struct FuseDriver {
 }
 
 impl FuseDriver {
-    /// A handler over a fresh passthrough file system of `root`.
+    /// A handler over a fresh passthrough file system of `root`, with
+    /// `policy`'s limits (its `root_id`, when set, replaces the one read
+    /// from `root`).
     ///
     /// # Panics
     ///
@@ -125,7 +127,11 @@ impl FuseDriver {
         config.ids = policy.ids;
         config.max_open_files = policy.max_open_files;
         config.xattr = policy.xattr;
-        let fs = Fs::new(config).expect("share config");
+        let mut fs = Fs::new(config).expect("share config");
+        // A test may name another root identity (to play a replaced root).
+        if policy.root_id.is_some() {
+            fs.policy.root_id = policy.root_id;
+        }
         let faults = fs.faults().clone();
         let confined: Confined = fs.file_system().expect("passthrough file system");
         let handler = FsHandler::new(Arc::new(confined), faults.clone());

@@ -894,3 +894,38 @@ fn xattrs_are_off_by_default_and_user_only_when_on() {
     assert_eq!(setxattr(&mut on, "trusted.x"), libc::EPERM);
     assert_eq!(setxattr(&mut on, "security.capability"), libc::EPERM);
 }
+
+#[test]
+fn nothing_is_served_before_init_or_when_the_root_was_replaced() {
+    let tree = Tree::new();
+    let mut fresh = FuseDriver::new(&tree.share, policy());
+    assert_eq!(lookup(&mut fresh, ROOT_ID, "file").err(), Some(libc::EIO));
+    // A root that is not the directory the share was configured with (a
+    // host process replaced it): INIT fails, and so does everything after.
+    let mut replaced = FuseDriver::new(
+        &tree.share,
+        Policy {
+            root_id: Some((0, 0)),
+            ..policy()
+        },
+    );
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 0,
+        flags: 0,
+    };
+    let reply = replaced.call(Opcode::Init as u32, 0, init.as_slice());
+    assert_eq!(reply.errno(), Some(libc::EIO));
+    assert_eq!(
+        lookup(&mut replaced, ROOT_ID, "file").err(),
+        Some(libc::EIO)
+    );
+    // DESTROY makes the layer below open the root's path again; still
+    // nothing is served.
+    replaced.call(Opcode::Destroy as u32, 0, &[]);
+    assert_eq!(
+        lookup(&mut replaced, ROOT_ID, "file").err(),
+        Some(libc::EIO)
+    );
+}

@@ -738,7 +738,16 @@ fn sh_in(script: &str) -> Command {
 pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     use chitin_testkit::rootfs::{busybox_rootfs, IMAGE_HOSTNAME, ROOTFS_DIRS, ROOTFS_NAME};
     let root = Path::new(BASE).join("rootfs");
-    if let Err(e) = busybox_rootfs(&root, Path::new(L1_BUSYBOX)) {
+    // A second root inside the image whose /dev is a symlink to `/`: the
+    // agent must refuse it rather than mount over its own root.
+    let bad = root.join("home/bad");
+    let made = busybox_rootfs(&root, Path::new(L1_BUSYBOX)).and_then(|()| {
+        for dir in ["proc", "sys", "tmp"] {
+            fs::create_dir_all(bad.join(dir))?;
+        }
+        symlink("/", bad.join("dev"))
+    });
+    if let Err(e) = made {
         return c.result("setup", Err(e.to_string()));
     }
     let before = tree_state(&root);
@@ -844,6 +853,27 @@ pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
         ) {
             Err(e) => Ok(chitin::error_chain(&e)),
             Ok(o) => Err(format!("ran: {o:?}")),
+        },
+    );
+    c.result(
+        "symlinked-mount-point-refused",
+        match vm.exec(
+            Command::new("true")
+                .root(format!("{}/home/bad", chitin::ROOTFS_MOUNT))
+                .timeout(Duration::from_secs(60)),
+        ) {
+            Err(e) if chitin::error_chain(&e).contains("symlink") => Ok(chitin::error_chain(&e)),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    c.result(
+        "missing-program-127",
+        match vm.exec(Command::new("no-such-program").timeout(Duration::from_secs(60))) {
+            Ok(o) if o.status == ExitStatus::Code(127) => Ok(format!(
+                "exit 127: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            other => Err(format!("{other:?}")),
         },
     );
     c.result(
