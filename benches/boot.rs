@@ -7,35 +7,28 @@
 //! - `start()` → exit (the guest reports and resets through the i8042);
 //! - the VMM's resident memory outside guest RAM, for 128 MiB and 4 GiB
 //!   guests, each measured in a fresh child process so one does not inflate
-//!   the other. Equal figures show guest RAM costs nothing until touched.
+//!   the other. Equal figures show guest RAM costs nothing until touched;
+//! - what confinement costs: `build()` + `start()` → the first guest I/O
+//!   with seccomp enforced and off (interleaved), and, in a fresh child
+//!   process per run, `Jail::enter` (as uid 65534, run as root) followed by
+//!   the same.
+//!
+//! The first guest I/O is the first byte the guest writes to COM1, seen by
+//! the bench's thread waiting on a console capture (the vCPU thread writes
+//! it there directly).
 
-use std::io::Write;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitin::{Console, ConsoleCapture, ExitReason, Sandbox};
+use chitin::{Console, ConsoleCapture, ExitReason, Sandbox, Seccomp};
+use chitin_jail::Jail;
 use chitin_test_guests::Guest;
 
 /// Runs per timing under `cargo bench`; `cargo test --all-targets` runs the
 /// bench binary without `--bench`, and then one run proves it still works.
 const RUNS: usize = 30;
 const CHILD_FLAG: &str = "--rss-child";
-
-/// A console sink that records when the first byte arrives.
-#[derive(Clone, Default)]
-struct FirstByte(Arc<Mutex<Option<Instant>>>);
-
-impl Write for FirstByte {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut first = self.0.lock().unwrap();
-        first.get_or_insert_with(Instant::now);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+const JAIL_CHILD_FLAG: &str = "--jail-child";
 
 fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
@@ -57,26 +50,38 @@ fn stats(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// One run of the report guest: (build, start → first COM1 byte, start →
+/// exit).
+fn one_run(seccomp: Seccomp) -> (Duration, Duration, Duration) {
+    let console = ConsoleCapture::default();
+    let t0 = Instant::now();
+    let sandbox = Sandbox::builder()
+        .kernel(Guest::Report.path())
+        .memory_mib(128)
+        .seccomp(seccomp)
+        .console(Console::capture(&console))
+        .build()
+        .expect("build");
+    let t1 = Instant::now();
+    let running = sandbox.start().expect("start");
+    assert!(
+        console.wait_for(b"c", Duration::from_secs(60)),
+        "guest wrote nothing"
+    );
+    let first = Instant::now();
+    let reason = running.wait_timeout(Duration::from_secs(60));
+    let t2 = Instant::now();
+    assert_eq!(reason, Some(ExitReason::Reset));
+    (t1 - t0, first - t1, t2 - t1)
+}
+
 fn timings(runs: usize) {
     let (mut build, mut first_io, mut exit) = (vec![], vec![], vec![]);
     for _ in 0..runs {
-        let first = FirstByte::default();
-        let t0 = Instant::now();
-        let sandbox = Sandbox::builder()
-            .kernel(Guest::Report.path())
-            .memory_mib(128)
-            .console(Console::writer(first.clone()))
-            .build()
-            .expect("build");
-        let t1 = Instant::now();
-        let running = sandbox.start().expect("start");
-        let reason = running.wait_timeout(Duration::from_secs(60));
-        let t2 = Instant::now();
-        assert_eq!(reason, Some(ExitReason::Reset));
-        let first_write = first.0.lock().unwrap().expect("guest wrote nothing");
-        build.push(t1 - t0);
-        first_io.push(first_write - t1);
-        exit.push(t2 - t1);
+        let (b, f, e) = one_run(Seccomp::Enforce);
+        build.push(b);
+        first_io.push(f);
+        exit.push(e);
     }
     stats("build() (VM, memory, kernel load)", build);
     kvm_floor(runs);
@@ -159,10 +164,91 @@ fn rss() {
     }
 }
 
+/// `build()` + `start()` → first guest I/O with seccomp enforced and
+/// off, interleaved run by run so drift on the host hits both alike.
+fn seccomp_cost(runs: usize) {
+    let (mut on, mut off) = (vec![], vec![]);
+    for _ in 0..runs {
+        let (b, f, _) = one_run(Seccomp::Enforce);
+        on.push(b + f);
+        let (b, f, _) = one_run(Seccomp::Off);
+        off.push(b + f);
+    }
+    stats("build+start -> first I/O, seccomp on", on);
+    stats("build+start -> first I/O, seccomp off", off);
+}
+
+/// In a child (as root): enter a jail, then one run; print `<enter µs>
+/// <build+start → first I/O µs>`. The supervisor half of the child waits
+/// and exits as the jailed half does.
+fn jail_child(state: &str) {
+    let guest = Guest::Report.path().to_path_buf();
+    let t0 = Instant::now();
+    let jailed = Jail::new(format!("bench-{}", std::process::id()))
+        .ids(65534, 65534)
+        .state_dir(state)
+        .read_only(&guest)
+        .device("/dev/kvm")
+        .enter();
+    // Only the jailed process gets here (the supervisor exits with it); a
+    // fork keeps the monotonic clock, so `t0` still holds.
+    let entered = t0.elapsed();
+    if let Err(e) = jailed {
+        eprintln!("jail: {e}");
+        std::process::exit(1);
+    }
+    let (b, f, _) = one_run(Seccomp::Enforce);
+    println!("{} {}", entered.as_micros(), (b + f).as_micros());
+}
+
+/// `Jail::enter` and build+start → first I/O in a jail, a fresh process
+/// per run (a jail is entered once per process).
+fn jail_cost(runs: usize) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("jail cost not measured: the jail needs root");
+        return;
+    }
+    let state = std::env::temp_dir().join(format!("chitin-bench-jail-{}", std::process::id()));
+    let exe = std::env::current_exe().unwrap();
+    let (mut enter, mut first_io) = (vec![], vec![]);
+    for _ in 0..runs {
+        let out = Command::new(&exe)
+            .args([JAIL_CHILD_FLAG, &state.display().to_string()])
+            .output()
+            .expect("spawn child");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut it = text
+            .split_whitespace()
+            .filter_map(|v| v.parse::<u64>().ok());
+        match (it.next(), it.next()) {
+            (Some(e), Some(f)) => {
+                enter.push(Duration::from_micros(e));
+                first_io.push(Duration::from_micros(f));
+            }
+            _ => {
+                println!(
+                    "jail cost not measured: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                let _ = std::fs::remove_dir_all(&state);
+                return;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    stats("Jail::enter (fork, namespaces, root, ids)", enter);
+    stats("build+start -> first I/O, in the jail", first_io);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == CHILD_FLAG) {
         rss_child(args[pos + 1].parse().unwrap());
+        return;
+    }
+    if let Some(pos) = args.iter().position(|a| a == JAIL_CHILD_FLAG) {
+        jail_child(&args[pos + 1]);
         return;
     }
     if !kvm_usable() {
@@ -172,8 +258,12 @@ fn main() {
     if args.iter().any(|a| a == "--bench") {
         timings(RUNS);
         rss();
+        seccomp_cost(RUNS);
+        jail_cost(RUNS);
     } else {
         println!("boot bench smoke run (use `cargo bench --bench boot` for figures)");
         timings(1);
+        seccomp_cost(1);
+        jail_cost(1);
     }
 }

@@ -4,7 +4,12 @@
 //! cargo run --release --example boot -- --kernel vmlinux [--initrd FILE]
 //!     [--cmdline STR] [--mem MIB] [--vcpus N] [--disk PATH[,ro][,root]]...
 //! cargo run --release --example boot -- --test-guest report
+//! cargo run --release --example boot -- --test-guest report --jail --jail-uid 1000 --jail-gid 1000
 //! ```
+//!
+//! `--jail` confines the process with chitin-jail before the sandbox is
+//! built (see `--help` for the uid, gid and cgroup limits): the kernel,
+//! the initrd and each disk are all the jail holds.
 //!
 //! Exit code: 0 when the guest reset or powered off, 2 on a triple fault,
 //! 3 on a guest crash, 4 when `--timeout` expired, 1 for any error (printed
@@ -14,9 +19,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chitin::{error_chain, BootProtocol, Console, ConsoleInput, Disk, ExitReason, Sandbox};
+use chitin::{
+    error_chain, BootProtocol, Console, ConsoleInput, Disk, ExitReason, Sandbox, Seccomp,
+};
 use chitin_test_guests::Guest;
 use clap::Parser;
+
+#[path = "support/jail.rs"]
+mod jail;
 
 /// Boot a guest kernel in a chitin sandbox.
 #[derive(Parser)]
@@ -52,6 +62,22 @@ struct Args {
     /// Stop the guest after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// How chitin's threads are confined: `enforce` (the default), `log`
+    /// (report syscalls outside the filters, then fail) or `off`; the
+    /// `CHITIN_SECCOMP` environment variable sets the default.
+    #[arg(long, value_parser = parse_seccomp)]
+    seccomp: Option<Seccomp>,
+    #[command(flatten)]
+    jail: jail::JailArgs,
+}
+
+fn parse_seccomp(mode: &str) -> Result<Seccomp, String> {
+    match mode {
+        "enforce" => Ok(Seccomp::Enforce),
+        "log" => Ok(Seccomp::Log),
+        "off" => Ok(Seccomp::Off),
+        other => Err(format!("{other:?} is not enforce, log or off")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -61,6 +87,13 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(reason) => {
             eprintln!("chitin: {reason}");
+            let violations = chitin::seccomp_violations();
+            for v in &violations {
+                eprintln!("chitin: seccomp (log): {v}");
+            }
+            if !violations.is_empty() {
+                return ExitCode::from(1);
+            }
             ExitCode::from(exit_code(&reason))
         }
         Err(message) => {
@@ -83,11 +116,30 @@ fn run(args: Args) -> Result<ExitReason, String> {
             })?,
         (None, None) => return Err("give --kernel FILE or --test-guest NAME".into()),
     };
+    let seccomp = match (args.seccomp, std::env::var("CHITIN_SECCOMP")) {
+        (Some(mode), _) => mode,
+        (None, Ok(mode)) => parse_seccomp(&mode)?,
+        (None, Err(_)) => Seccomp::Enforce,
+    };
+    let mut read_only = vec![kernel.clone()];
+    read_only.extend(args.initrd.clone());
+    let mut writable = Vec::new();
+    for spec in &args.disks {
+        let (disk, _) = parse_disk(spec)?;
+        let path = disk.path().to_path_buf();
+        if spec.split(',').any(|o| o == "ro") {
+            read_only.push(path);
+        } else {
+            writable.push(path);
+        }
+    }
+    args.jail.enter(&read_only, &writable)?;
     let mut builder = Sandbox::builder()
         .kernel(kernel)
         .cmdline(args.cmdline)
         .memory_mib(args.mem)
         .vcpus(args.vcpus)
+        .seccomp(seccomp)
         .boot_protocol(if args.pvh {
             BootProtocol::Pvh
         } else {

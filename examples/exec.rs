@@ -3,7 +3,12 @@
 //! ```text
 //! cargo run --release --example exec -- uname -a
 //! cargo run --release --example exec -- --vcpus 2 --mem 256 -- sh -c 'echo hi; exit 3'
+//! cargo run --release --example exec -- --jail --jail-uid 1000 --jail-gid 1000 -- id
 //! ```
+//!
+//! `--jail` confines the process with chitin-jail before the sandbox is
+//! built: the guest's kernel and initramfs and `/dev/kvm` are all the jail
+//! holds (the agent's vsock socket goes to the jail's private `/tmp`).
 //!
 //! It prepares the default guest if needed (`cargo xtask guest`), boots it,
 //! runs the command through chitin's agent, prints the command's stdout
@@ -23,6 +28,9 @@ use std::time::Duration;
 use chitin::{error_chain, Command, ExitStatus, GuestImage, Sandbox};
 use clap::Parser;
 
+#[path = "support/jail.rs"]
+mod jail;
+
 /// Run a command in a chitin sandbox.
 #[derive(Parser)]
 struct Args {
@@ -39,6 +47,8 @@ struct Args {
     /// Kill the command after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    #[command(flatten)]
+    jail: jail::JailArgs,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -56,7 +66,7 @@ fn main() -> ExitCode {
             "chitin: this host's /dev/kvm is kvm-pvm, which cannot run stock Linux; \
              running the sandbox in the nested tier (QEMU L1 with its own KVM) instead"
         );
-        return nested(&args.command);
+        return nested(&args);
     }
     match run(&args) {
         Ok(status) => ExitCode::from(exit_code(status)),
@@ -80,6 +90,8 @@ fn run(args: &Args) -> Result<ExitStatus, String> {
         Some(dir) => GuestImage::in_dir(dir),
         None => prepared_default_image()?,
     };
+    args.jail
+        .enter(&[image.kernel().into(), image.initramfs().into()], &[])?;
     let running = Sandbox::builder()
         .guest(image)
         .vcpus(args.vcpus)
@@ -126,11 +138,29 @@ fn cargo_xtask(args: &[&str]) -> Result<i32, String> {
         .ok_or_else(|| format!("cargo xtask {} was killed", args.join(" ")))
 }
 
-/// Run the command in the nested tier and mirror its exit code.
-fn nested(command: &[String]) -> ExitCode {
-    let mut args = vec!["nested-exec", "--"];
-    args.extend(command.iter().map(String::as_str));
-    match cargo_xtask(&args) {
+/// Run the command in the nested tier and mirror its exit code; `--jail`
+/// and its options go along.
+fn nested(args: &Args) -> ExitCode {
+    let mut xtask: Vec<String> = vec!["nested-exec".into()];
+    let j = &args.jail;
+    if j.jail {
+        xtask.push("--jail".into());
+        xtask.extend(["--jail-uid".into(), j.jail_uid.to_string()]);
+        xtask.extend(["--jail-gid".into(), j.jail_gid.to_string()]);
+        for (flag, value) in [
+            ("--jail-mem-mib", j.jail_mem_mib),
+            ("--jail-cpu-percent", j.jail_cpu_percent),
+            ("--jail-pids", j.jail_pids),
+        ] {
+            if let Some(v) = value {
+                xtask.extend([flag.to_string(), v.to_string()]);
+            }
+        }
+    }
+    xtask.push("--".into());
+    xtask.extend(args.command.iter().cloned());
+    let xtask: Vec<&str> = xtask.iter().map(String::as_str).collect();
+    match cargo_xtask(&xtask) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(message) => {
             eprintln!("chitin: error: {message}");

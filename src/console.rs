@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use chitin_devices::{BufferedSink, ReadFd};
 pub use chitin_devices::{ConsoleCapture, DEFAULT_CAPTURE_LIMIT};
+use chitin_seccomp::Seccomp;
 
 use crate::devices::device_err;
 use crate::error::SandboxError;
@@ -63,7 +64,7 @@ impl Console {
         Self(Sink::Writer(Box::new(writer)))
     }
 
-    pub(crate) fn open(self) -> Result<Box<dyn Write + Send>, SandboxError> {
+    pub(crate) fn open(self, seccomp: Seccomp) -> Result<Box<dyn Write + Send>, SandboxError> {
         let (out, limit): (Box<dyn Write + Send>, _) = match self.0 {
             Sink::Null => return Ok(Box::new(std::io::sink())),
             Sink::Capture(c) => return Ok(Box::new(c)),
@@ -74,8 +75,8 @@ impl Console {
             },
             Sink::Writer(w) => (w, None),
         };
-        let sink =
-            BufferedSink::new(out, limit).map_err(|e| device_err("console", "output thread", e))?;
+        let sink = BufferedSink::new(out, limit, seccomp)
+            .map_err(|e| device_err("console", "output thread", e))?;
         Ok(Box::new(sink))
     }
 }

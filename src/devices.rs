@@ -12,6 +12,7 @@ use chitin_devices::{
 };
 use chitin_memory::layout::VIRTIO_MMIO_START;
 use chitin_memory::GuestRam;
+use chitin_seccomp::Seccomp;
 use chitin_vcpu::{ExitReason, IoBuses, Vm, VmControl};
 use chitin_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use chitin_virtio::VirtioDevice;
@@ -105,6 +106,7 @@ pub(crate) fn legacy_devices(
     console: Console,
     input: Option<ConsoleInput>,
     events: &mut EventLoop,
+    seccomp: Seccomp,
 ) -> Result<IoBuses, SandboxError> {
     let mut buses = IoBuses::default();
 
@@ -113,7 +115,7 @@ pub(crate) fn legacy_devices(
     vm.register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| device_err("serial", "irqfd", e))?;
     let serial = Arc::new(
-        SerialDevice::new(serial_irq, console.open()?)
+        SerialDevice::new(serial_irq, console.open(seccomp)?)
             .map_err(|e| device_err("serial", "device", e))?,
     );
     buses

@@ -130,6 +130,13 @@ pub enum SandboxError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// chitin's threads cannot be confined as [`SandboxBuilder::seccomp`]
+    /// asks: the kernel lacks seccomp filters (use `Seccomp::Off` there,
+    /// knowing what is given up).
+    ///
+    /// [`SandboxBuilder::seccomp`]: crate::SandboxBuilder::seccomp
+    #[error("seccomp confinement is unavailable")]
+    Seccomp(#[source] chitin_seccomp::SeccompError),
 }
 
 /// Why a command could not be run in the guest.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use chitin_seccomp::{Seccomp, ThreadClass};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -74,17 +75,20 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Run the loop on a thread named `chitin-events`.
-    pub(crate) fn spawn(self) -> std::io::Result<RunningEventLoop> {
+    /// Run the loop on a thread named `chitin-events`, confined to the
+    /// event-loop seccomp filter under `seccomp`.
+    pub(crate) fn spawn(self, seccomp: Seccomp) -> std::io::Result<RunningEventLoop> {
         let stop = self.stop.try_clone()?;
         let Self {
             mut manager,
             stopped,
             ..
         } = self;
-        let thread = std::thread::Builder::new()
-            .name("chitin-events".into())
-            .spawn(move || {
+        let thread = chitin_seccomp::spawn(
+            "chitin-events",
+            ThreadClass::EventLoop,
+            seccomp,
+            move || {
                 while !stopped.load(Ordering::SeqCst) {
                     if manager.run().is_err() {
                         // epoll_wait only fails for a broken epoll fd
@@ -93,7 +97,8 @@ impl EventLoop {
                         break;
                     }
                 }
-            })?;
+            },
+        )?;
         Ok(RunningEventLoop {
             stop,
             thread: Some(thread),

@@ -77,3 +77,13 @@ pub use sandbox::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, ROOTFS_MOUNT, VMM_CMDLINE_ENTRIES,
 };
 pub use share::Share;
+
+pub use chitin_seccomp::{Seccomp, ThreadClass as SeccompThread, Violation as SeccompViolation};
+
+/// What chitin's threads did outside their seccomp filters while running
+/// under [`Seccomp::Log`], each (thread kind, syscall) once, since the
+/// process started. Empty when every filter held, and always under
+/// [`Seccomp::Enforce`] (a violation kills the process there).
+pub fn seccomp_violations() -> Vec<SeccompViolation> {
+    chitin_seccomp::violations()
+}

@@ -21,8 +21,9 @@ use chitin_fs::Fs;
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
 use chitin_net::{NetCounters, NetStats};
+use chitin_seccomp::Seccomp;
 use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
-use chitin_vsock::{Vsock, VsockConfig};
+use chitin_vsock::{SocketFile, Vsock, VsockConfig};
 
 use crate::console::{Console, ConsoleInput};
 use crate::devices::{attach_virtio, device_err, legacy_devices, VirtioSlots};
@@ -90,6 +91,11 @@ pub struct Sandbox {
     rootfs: Option<std::ffi::OsString>,
     faults: FaultTables,
     nets: Vec<Arc<NetCounters>>,
+    seccomp: Seccomp,
+    /// The vsock listener's file, removed by the sandbox's owner once
+    /// every thread is gone (the event loop, which drops the device, may
+    /// not remove files).
+    socket_file: Option<SocketFile>,
 }
 
 /// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
@@ -114,6 +120,7 @@ pub struct SandboxBuilder {
     dns: Vec<Ipv4Addr>,
     vsock: Option<VsockSettings>,
     agent: bool,
+    seccomp: Seccomp,
     first_error: Option<SandboxError>,
 }
 
@@ -137,6 +144,7 @@ impl Default for SandboxBuilder {
             dns: Vec::new(),
             vsock: None,
             agent: false,
+            seccomp: Seccomp::Enforce,
             first_error: None,
         }
     }
@@ -305,6 +313,30 @@ impl SandboxBuilder {
         self
     }
 
+    /// How chitin's threads are confined (default [`Seccomp::Enforce`]):
+    /// every thread chitin starts for this sandbox (vCPUs, the device
+    /// event loop, each share's thread, the agent connection's threads,
+    /// stdin feeders, console and output writers) installs the seccomp
+    /// filter of its kind on itself before it touches guest data, and a
+    /// syscall outside it kills the process. The calling process and the
+    /// embedder's own threads are never filtered. [`Seccomp::Log`]
+    /// reports what a filter would have refused (on stderr and in
+    /// [`chitin::seccomp_violations`](crate::seccomp_violations)) and lets
+    /// it through, for finding out what a setup needs; [`Seccomp::Off`]
+    /// filters nothing. The filters and why each syscall is allowed are
+    /// in `docs/security.md`.
+    ///
+    /// Code of the embedder's that chitin calls runs on chitin's threads
+    /// under these filters: a [`Console::writer`] and a
+    /// [`Stdio::writer`](crate::Stdio) run on writer threads, which refuse
+    /// only what no writer needs (new processes, namespaces, mounts,
+    /// credential changes); a logger (the `log` crate) may be called on any
+    /// chitin thread and must then only write to an fd it already holds.
+    pub fn seccomp(mut self, mode: Seccomp) -> Self {
+        self.seccomp = mode;
+        self
+    }
+
     /// Validate the configuration, create the VM and load the kernel. No
     /// guest code runs until [`Sandbox::start`].
     pub fn build(self) -> Result<Sandbox, SandboxError> {
@@ -312,6 +344,7 @@ impl SandboxBuilder {
             return Err(error);
         }
         let kernel = self.kernel.ok_or(SandboxError::MissingKernel)?;
+        chitin_seccomp::check(self.seccomp).map_err(SandboxError::Seccomp)?;
         // Every interface's settings before any disk, tap or VM is taken.
         let mut macs = Vec::new();
         for net in &self.nets {
@@ -361,7 +394,14 @@ impl SandboxBuilder {
         let control = Arc::new(VmControl::new());
         let mut events =
             EventLoop::new().map_err(|e| device_err("event loop", "epoll and stop event", e))?;
-        let mut buses = legacy_devices(&vm, &control, self.console, self.input, &mut events)?;
+        let mut buses = legacy_devices(
+            &vm,
+            &control,
+            self.console,
+            self.input,
+            &mut events,
+            self.seccomp,
+        )?;
         let base = match (&self.cmdline, self.agent) {
             (Some(line), _) => line.clone(),
             (None, true) => GUEST_CMDLINE.to_string(),
@@ -416,11 +456,12 @@ impl SandboxBuilder {
         }
         vmm_entries.extend(dns_entry(&self.dns));
         for share in &self.shares {
-            let device = Fs::new(share.config()).map_err(|source| SandboxError::Share {
-                tag: share.tag().to_string(),
-                path: share.host_dir().to_path_buf(),
-                source,
-            })?;
+            let device =
+                Fs::new(share.config(self.seccomp)).map_err(|source| SandboxError::Share {
+                    tag: share.tag().to_string(),
+                    path: share.host_dir().to_path_buf(),
+                    source,
+                })?;
             faults.add(format!("fs {}", share.tag()), device.faults());
             vmm_entries.extend(share.cmdline_entry());
             vmm_entries.push(attach_virtio(
@@ -437,6 +478,7 @@ impl SandboxBuilder {
             (None, true) => Some(VsockSettings::private()),
             (None, false) => None,
         };
+        let mut socket_file = None;
         if let Some(v) = &vsock {
             let mut device = Vsock::new(VsockConfig {
                 guest_cid: u64::from(v.cid),
@@ -452,6 +494,7 @@ impl SandboxBuilder {
                 device.reserve_port(crate::exec::AGENT_PORT);
             }
             faults.add("vsock", device.faults());
+            socket_file = device.take_socket_file();
             vmm_entries.push(attach_virtio(
                 &vm,
                 &ram,
@@ -505,6 +548,8 @@ impl SandboxBuilder {
             rootfs: self.rootfs.map(Into::into),
             faults,
             nets,
+            seccomp: self.seccomp,
+            socket_file,
         })
     }
 }
@@ -554,24 +599,31 @@ impl Sandbox {
             rootfs,
             faults,
             nets,
+            seccomp,
+            socket_file,
         } = self;
         let events = events
-            .spawn()
+            .spawn(seccomp)
             .map_err(|e| device_err("event loop", "thread", e))?;
         let running = RunningSandbox {
             life: Arc::new(Life {
                 threads: Mutex::new(Vec::with_capacity(vcpus.len())),
                 events: Mutex::new(events),
-                agent: agent_socket.map(|socket| AgentLink::new(socket, rootfs, &control)),
+                agent: agent_socket.map(|socket| AgentLink::new(socket, rootfs, &control, seccomp)),
                 control,
             }),
             vm,
             ram,
             faults,
             nets,
+            _socket_file: socket_file,
         };
         for vcpu in vcpus {
-            let spawned = vcpu.spawn(Arc::clone(&buses), Arc::clone(&running.life.control));
+            let spawned = vcpu.spawn(
+                Arc::clone(&buses),
+                Arc::clone(&running.life.control),
+                seccomp,
+            );
             match spawned {
                 Ok(thread) => relock(&running.life.threads).push(thread),
                 Err(e) => {
@@ -670,6 +722,8 @@ pub struct RunningSandbox {
     ram: GuestRam,
     faults: FaultTables,
     nets: Vec<Arc<NetCounters>>,
+    /// Removed after every thread is joined (in Drop, before the fields).
+    _socket_file: Option<SocketFile>,
 }
 
 impl fmt::Debug for RunningSandbox {
@@ -760,7 +814,7 @@ impl SandboxHandle {
     #[cfg(all(test, feature = "tokio"))]
     pub(crate) fn detached(agent: AgentLink, control: Arc<VmControl>) -> Self {
         let events = EventLoop::new()
-            .and_then(EventLoop::spawn)
+            .and_then(|events| events.spawn(Seccomp::Enforce))
             .expect("an empty event loop");
         SandboxHandle {
             life: Arc::new(Life {

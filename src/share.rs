@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use chitin_fs::{FsConfig, IdMap, IdRange, DEFAULT_MAX_OPEN_FILES};
+use chitin_seccomp::Seccomp;
 
 use crate::error::SandboxError;
 
@@ -158,7 +159,7 @@ impl Share {
         Ok(())
     }
 
-    pub(crate) fn config(&self) -> FsConfig {
+    pub(crate) fn config(&self, seccomp: Seccomp) -> FsConfig {
         FsConfig {
             root: self.host_dir.clone(),
             tag: self.tag.clone(),
@@ -166,6 +167,7 @@ impl Share {
             ids: self.ids,
             max_open_files: self.max_open_files,
             xattr: self.xattr,
+            seccomp,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use chitin_agent_protocol::{self as protocol, OutputStream};
 use chitin_vcpu::VmControl;
 
 use super::command::Signal;
-use super::{explain, explain_now, from_client};
+use super::{explain, explain_now, from_client, relock};
 use crate::error::ExecError;
 
 /// How a guest process ended.
@@ -141,7 +141,13 @@ pub struct Child {
     /// Copies of output into a caller's writer.
     pumps: Vec<JoinHandle<()>>,
     /// The thread feeding [`Stdio::bytes`](crate::Stdio::bytes) to stdin.
-    feeder: Option<JoinHandle<io::Result<()>>>,
+    feeder: Option<Feeder>,
+}
+
+/// A thread feeding stdin bytes, and where it leaves its error.
+pub(crate) struct Feeder {
+    pub(crate) thread: JoinHandle<()>,
+    pub(crate) error: Arc<Mutex<Option<io::Error>>>,
 }
 
 impl fmt::Debug for Child {
@@ -166,7 +172,7 @@ pub(crate) struct Parts {
     pub(crate) stdout: Option<client::ChildOutput>,
     pub(crate) stderr: Option<client::ChildOutput>,
     pub(crate) pumps: Vec<JoinHandle<()>>,
-    pub(crate) feeder: Option<JoinHandle<io::Result<()>>>,
+    pub(crate) feeder: Option<Feeder>,
 }
 
 impl Child {
@@ -355,10 +361,13 @@ impl Child {
         }
         match self.feeder.take() {
             // The process has exited: the feeder ends on its closed stdin.
-            Some(feeder) => match feeder.join() {
-                Ok(Err(e)) => Err(ExecError::Stdin(e)),
-                _ => Ok(()),
-            },
+            Some(feeder) => {
+                let _ = feeder.thread.join();
+                match relock(&feeder.error).take() {
+                    Some(e) => Err(ExecError::Stdin(e)),
+                    None => Ok(()),
+                }
+            }
             None => Ok(()),
         }
     }

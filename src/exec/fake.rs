@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chitin_agent::server::{self, NoHooks};
+use chitin_seccomp::Seccomp;
 use chitin_vcpu::VmControl;
 
 use super::{AgentLink, Command, AGENT_PORT};
@@ -25,7 +26,11 @@ pub(crate) fn host_sh(script: &str) -> Command {
 pub(crate) fn link() -> (AgentLink, Arc<VmControl>, FakeDevice) {
     let (path, _accepted, device) = fake_vsock_device();
     let control = Arc::new(VmControl::new());
-    (AgentLink::new(path, None, &control), control, device)
+    (
+        AgentLink::new(path, None, &control, Seccomp::Enforce),
+        control,
+        device,
+    )
 }
 
 /// Stops a fake device's accept thread and removes its directory.

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use chitin_agent_client::{Client, ClientConfig, ClientError, START_TIMEOUT};
 use chitin_agent_protocol::{OutputStream, VERSION};
+use chitin_seccomp::{Seccomp, ThreadClass};
 use chitin_vcpu::VmControl;
 
 #[cfg(feature = "tokio")]
@@ -133,6 +134,8 @@ pub(crate) struct AgentLink {
     stream: Arc<Mutex<Option<UnixStream>>>,
     /// A second handle on the stream of a connection attempt in progress.
     attempt: Arc<Mutex<Option<UnixStream>>>,
+    /// The seccomp mode of the threads a connection or command starts.
+    seccomp: Seccomp,
 }
 
 impl AgentLink {
@@ -144,6 +147,7 @@ impl AgentLink {
         socket: PathBuf,
         default_root: Option<std::ffi::OsString>,
         control: &Arc<VmControl>,
+        seccomp: Seccomp,
     ) -> Self {
         let stream: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let attempt: Arc<Mutex<Option<UnixStream>>> = Arc::default();
@@ -156,6 +160,7 @@ impl AgentLink {
             client: Mutex::new(None),
             stream,
             attempt,
+            seccomp,
         }
     }
 
@@ -184,7 +189,13 @@ impl AgentLink {
         // A closed client is dropped once its children are.
         slot.take();
         let left = timeout.saturating_sub(started.elapsed());
-        let (client, stream) = connect(&self.socket, &self.control, left, &self.attempt)?;
+        let (client, stream) = connect(
+            &self.socket,
+            &self.control,
+            left,
+            &self.attempt,
+            self.seccomp,
+        )?;
         let client = Arc::new(client);
         *relock(&self.stream) = Some(stream);
         // A stop between the connect and the line above found no stream to
@@ -235,7 +246,8 @@ impl AgentLink {
             }
             (e, _) => e,
         })?;
-        spawn(&client, cmd, request, deadline, &self.control).map_err(|e| explain(&self.control, e))
+        spawn(&client, cmd, request, deadline, &self.control, self.seccomp)
+            .map_err(|e| explain(&self.control, e))
     }
 }
 
@@ -258,13 +270,14 @@ pub(crate) fn connect(
     control: &VmControl,
     timeout: Duration,
     attempt: &Mutex<Option<UnixStream>>,
+    seccomp: Seccomp,
 ) -> Result<(Client<UnixStream>, UnixStream), ExecError> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(reason) = control.exit_reason() {
             return Err(ExecError::GuestStopped(reason));
         }
-        match try_connect(socket, deadline, attempt, control) {
+        match try_connect(socket, deadline, attempt, control, seccomp) {
             Ok(client) => return Ok(client),
             Err(Some(fatal)) => return Err(fatal),
             Err(None) => {}
@@ -289,6 +302,7 @@ fn try_connect(
     deadline: Instant,
     attempt: &Mutex<Option<UnixStream>>,
     control: &VmControl,
+    seccomp: Seccomp,
 ) -> Result<(Client<UnixStream>, UnixStream), Option<ExecError>> {
     let deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
     let result = (|| {
@@ -304,6 +318,7 @@ fn try_connect(
             handshake_timeout: deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1)),
+            seccomp,
             ..ClientConfig::default()
         };
         let handle = stream.try_clone().map_err(|_| None)?;
@@ -335,6 +350,7 @@ fn spawn(
     request: chitin_agent_protocol::ExecRequest,
     deadline: Option<Deadline>,
     control: &Arc<VmControl>,
+    seccomp: Seccomp,
 ) -> Result<Child, ExecError> {
     let start = deadline.map_or(START_TIMEOUT, |d| d.left().min(START_TIMEOUT));
     let mut inner = match client.spawn_timeout(&request, start) {
@@ -354,11 +370,14 @@ fn spawn(
     match (&cmd.stdin.0, inner.stdin()) {
         (StdioKind::Bytes(bytes), Some(stdin)) => {
             let bytes = Arc::clone(bytes);
-            let thread = std::thread::Builder::new()
-                .name("chitin-stdin".into())
-                .spawn(move || child::feed(stdin, &bytes));
+            let error = Arc::new(Mutex::new(None));
+            let slot = Arc::clone(&error);
+            let thread =
+                chitin_seccomp::spawn("chitin-stdin", ThreadClass::Feeder, seccomp, move || {
+                    *relock(&slot) = child::feed(stdin, &bytes).err()
+                });
             match thread {
-                Ok(thread) => feeder = Some(thread),
+                Ok(thread) => feeder = Some(child::Feeder { thread, error }),
                 Err(e) => {
                     let _ = inner.kill();
                     return Err(ExecError::Thread("stdin", e));
@@ -380,9 +399,12 @@ fn spawn(
             StdioKind::Piped => piped[stream.index()] = Some(reader),
             StdioKind::Writer(writer) => {
                 let writer = Arc::clone(writer);
-                let thread = std::thread::Builder::new()
-                    .name("chitin-output".into())
-                    .spawn(move || child::pump(reader, writer));
+                let thread = chitin_seccomp::spawn(
+                    "chitin-output",
+                    ThreadClass::Writer,
+                    seccomp,
+                    move || child::pump(reader, writer),
+                );
                 match thread {
                     Ok(thread) => pumps.push(thread),
                     Err(e) => {
@@ -420,7 +442,7 @@ mod tests {
     fn agent_link_reconnects_after_the_agent_closes_its_connection() {
         let (path, accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
-        let link = AgentLink::new(path, None, &control);
+        let link = AgentLink::new(path, None, &control, Seccomp::Enforce);
         let out = link.output(&host_sh("echo one")).unwrap();
         assert_eq!(out.stdout, b"one\n");
         // The agent goes away (its socket closes, as after a vsock reset).
@@ -442,7 +464,7 @@ mod tests {
     fn vm_stop_ends_a_pending_exec_and_wait_at_once() {
         let (path, _accepted, _device) = fake_vsock_device();
         let control = Arc::new(VmControl::new());
-        let link = Arc::new(AgentLink::new(path, None, &control));
+        let link = Arc::new(AgentLink::new(path, None, &control, Seccomp::Enforce));
         let mut child = link.spawn(&host_sh("sleep 1000")).unwrap();
         let pending = {
             let link = Arc::clone(&link);

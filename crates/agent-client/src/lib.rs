@@ -46,6 +46,7 @@ use chitin_agent_protocol::{
     self as protocol, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK,
     VERSION, WINDOW,
 };
+use chitin_seccomp::{Seccomp, ThreadClass};
 
 /// Output credit is returned to the agent in batches of at least this
 /// much (it then still has three quarters of its window to go on with).
@@ -187,6 +188,9 @@ pub struct ClientConfig {
     /// A frame to the agent that is not written whole within this long
     /// ends the connection with [`ClientError::Stalled`].
     pub write_stall: Duration,
+    /// The seccomp mode of the connection's writer and demultiplexer
+    /// threads.
+    pub seccomp: Seccomp,
 }
 
 impl Default for ClientConfig {
@@ -195,6 +199,7 @@ impl Default for ClientConfig {
         Self {
             handshake_timeout: Duration::from_secs(30),
             write_stall: Duration::from_secs(10),
+            seccomp: Seccomp::default(),
         }
     }
 }
@@ -503,14 +508,20 @@ impl<S: ClientStream> Client<S> {
         });
         let writer_shared = Arc::clone(&shared);
         let stall = config.write_stall;
-        let writer = std::thread::Builder::new()
-            .name("agent-client-writer".into())
-            .spawn(move || write_loop(stream, &writer_shared, stall))
-            .map_err(ClientError::Io)?;
+        let writer = chitin_seccomp::spawn(
+            "chitin-agent-tx",
+            ThreadClass::Agent,
+            config.seccomp,
+            move || write_loop(stream, &writer_shared, stall),
+        )
+        .map_err(ClientError::Io)?;
         let demux_shared = Arc::clone(&shared);
-        let demux = std::thread::Builder::new()
-            .name("agent-client-demux".into())
-            .spawn(move || demux(reader, &demux_shared));
+        let demux = chitin_seccomp::spawn(
+            "chitin-agent-rx",
+            ThreadClass::Agent,
+            config.seccomp,
+            move || demux(reader, &demux_shared),
+        );
         let mut client = Self {
             shared,
             control,

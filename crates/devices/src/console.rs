@@ -9,7 +9,8 @@
 //!
 //! Both bound what a guest can make the host hold, and neither ever fails a
 //! write: the serial device runs them on a vCPU thread, where an error would
-//! only lose console output. Capture waiters block on a condition variable
+//! only lose console output, and neither runs a writer of the embedder's on
+//! that thread. Capture waiters block on a condition variable
 //! that every write signals, never poll with sleeps.
 
 use std::fmt;
@@ -17,6 +18,8 @@ use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use chitin_seccomp::{Seccomp, ThreadClass};
 
 /// The most recent bytes a [`ConsoleCapture`] keeps by default: 4 MiB.
 pub const DEFAULT_CAPTURE_LIMIT: usize = 4 << 20;
@@ -227,25 +230,46 @@ impl Write for ConsoleCapture {
 const SINK_CHUNK: usize = 8 << 10;
 /// Pending output is written out at most this long after it arrived.
 pub const SINK_FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// The most output a sink holds for its writer. A guest printing faster
+/// than the writer takes it waits for room, as on a real UART.
+pub const SINK_MAX_PENDING: usize = 64 << 10;
+/// How long a guest waits for room before the writer is taken to be
+/// stuck: from then on output is dropped (and counted) instead of waited
+/// for, until the writer takes a batch again.
+pub const SINK_STALL: Duration = Duration::from_secs(5);
 
 struct SinkState {
-    out: Box<dyn Write + Send>,
     pending: Vec<u8>,
-    /// Bytes passed to `out` so far.
+    /// Bytes passed to the writer so far, or being passed.
     written: u64,
-    /// Most bytes passed to `out`; `None`: no cap.
+    /// Most bytes passed to the writer; `None`: no cap.
     limit: Option<u64>,
     /// The cap was hit and said so.
     capped: bool,
+    /// A line ended and the flush delay has passed: write out now.
+    line_due: bool,
     last_flush: Instant,
+    /// The writer did not take output for [`SINK_STALL`]: drop, do not
+    /// wait, until it does.
+    stalled: bool,
+    /// Bytes dropped while stalled, not yet reported in the output.
+    dropped: u64,
     closed: bool,
 }
 
 impl SinkState {
-    /// Hand everything pending to `out`, within the cap. Errors lose output
-    /// only.
-    fn flush_pending(&mut self) {
+    /// Take everything pending for the writer, within the cap, with the
+    /// notices of what was dropped.
+    fn take_batch(&mut self) -> Vec<u8> {
         let mut data = std::mem::take(&mut self.pending);
+        if self.dropped > 0 {
+            let notice = format!(
+                "\n[chitin: {} bytes of console output dropped: the writer was stuck]\n",
+                self.dropped
+            );
+            data.splice(0..0, notice.into_bytes());
+            self.dropped = 0;
+        }
         if let Some(limit) = self.limit {
             let room = limit.saturating_sub(self.written) as usize;
             if data.len() > room {
@@ -261,21 +285,19 @@ impl SinkState {
                 }
             }
         }
-        if !data.is_empty() {
-            let _ = self.out.write_all(&data).and_then(|()| self.out.flush());
-            self.written += data.len() as u64;
-        }
-        // Keep the allocation for the next batch.
-        data.clear();
-        self.pending = data;
+        self.written += data.len() as u64;
+        self.line_due = false;
         self.last_flush = Instant::now();
+        data
     }
 }
 
 struct SinkShared {
     state: Mutex<SinkState>,
-    /// Signalled when output starts pending, and at close.
+    /// Signalled when output starts pending, a batch is due, and at close.
     changed: Condvar,
+    /// Signalled when the flusher took a batch (room for a waiting guest).
+    drained: Condvar,
 }
 
 impl SinkShared {
@@ -288,9 +310,15 @@ impl SinkShared {
 /// A console sink that batches output for a slower writer (a file, stdout,
 /// a pipe): bytes go out when 8 KiB are pending, at a newline once
 /// [`SINK_FLUSH_DELAY`] has passed since the last write-out, within that
-/// delay in any case (a thread of its own, `chitin-console`, sees to it),
-/// and when the sink is dropped. `flush` is a no-op: the serial device
-/// flushes after every byte, which is what this sink exists to avoid.
+/// delay in any case, and when the sink is dropped. `flush` is a no-op:
+/// the serial device flushes after every byte, which is what this sink
+/// exists to avoid.
+///
+/// Only the sink's own thread, `chitin-console`, calls the writer: a vCPU
+/// thread writing to the sink never runs the embedder's code, and is held
+/// up by a slow writer only while [`SINK_MAX_PENDING`] bytes wait, and by
+/// a stuck one for at most [`SINK_STALL`]. The thread confines itself to
+/// the writer seccomp class.
 ///
 /// With a limit, at most that many bytes (and one line saying the rest was
 /// dropped) reach the writer.
@@ -310,24 +338,33 @@ impl fmt::Debug for BufferedSink {
 }
 
 impl BufferedSink {
-    /// Batch output for `out`, passing at most `limit` bytes to it.
-    pub fn new(out: Box<dyn Write + Send>, limit: Option<u64>) -> io::Result<Self> {
+    /// Batch output for `out`, passing at most `limit` bytes to it, from a
+    /// thread confined under `seccomp`.
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        limit: Option<u64>,
+        seccomp: Seccomp,
+    ) -> io::Result<Self> {
         let shared = Arc::new(SinkShared {
             state: Mutex::new(SinkState {
-                out,
                 pending: Vec::with_capacity(SINK_CHUNK),
                 written: 0,
                 limit,
                 capped: false,
+                line_due: false,
                 last_flush: Instant::now(),
+                stalled: false,
+                dropped: 0,
                 closed: false,
             }),
             changed: Condvar::new(),
+            drained: Condvar::new(),
         });
         let flusher_shared = Arc::clone(&shared);
-        let flusher = std::thread::Builder::new()
-            .name("chitin-console".into())
-            .spawn(move || flush_loop(&flusher_shared))?;
+        let flusher =
+            chitin_seccomp::spawn("chitin-console", ThreadClass::Writer, seccomp, move || {
+                flush_loop(&flusher_shared, out)
+            })?;
         Ok(Self {
             shared,
             flusher: Some(flusher),
@@ -335,48 +372,81 @@ impl BufferedSink {
     }
 }
 
-/// Write out pending output within [`SINK_FLUSH_DELAY`] of its arrival,
-/// until the sink closes.
-fn flush_loop(shared: &SinkShared) {
+/// Write out pending output within [`SINK_FLUSH_DELAY`] of its arrival
+/// (at once for a full chunk or a due line), until the sink closes; the
+/// writer is called with the lock released.
+fn flush_loop(shared: &SinkShared, mut out: Box<dyn Write + Send>) {
     let mut state = shared.lock();
     loop {
-        while state.pending.is_empty() && !state.closed {
+        while state.pending.is_empty() && state.dropped == 0 && !state.closed {
             state = shared
                 .changed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        if state.closed {
-            state.flush_pending();
-            return;
-        }
         // Let more output gather, then write it out in one go.
         let due = state.last_flush + SINK_FLUSH_DELAY;
+        let ready = state.closed || state.line_due || state.pending.len() >= SINK_CHUNK;
         let wait = due.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
+        if !ready && !wait.is_zero() {
             state = shared
                 .changed
                 .wait_timeout(state, wait)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-            if Instant::now() < due && !state.closed {
-                continue;
-            }
+            continue;
         }
-        state.flush_pending();
+        let closed = state.closed;
+        let batch = state.take_batch();
+        drop(state);
+        shared.drained.notify_all();
+        if !batch.is_empty() {
+            // Errors lose output only.
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+        }
+        state = shared.lock();
+        state.stalled = false;
+        if closed && state.pending.is_empty() {
+            return;
+        }
     }
 }
 
 impl Write for BufferedSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut state = self.shared.lock();
+        let mut waited = Duration::ZERO;
+        while state.pending.len() + data.len() > SINK_MAX_PENDING
+            && !state.pending.is_empty()
+            && !state.stalled
+            && !state.closed
+        {
+            if waited >= SINK_STALL {
+                state.stalled = true;
+                break;
+            }
+            let start = Instant::now();
+            self.shared.changed.notify_one();
+            state = self
+                .shared
+                .drained
+                .wait_timeout(state, SINK_STALL - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            waited += start.elapsed();
+        }
+        if state.stalled && state.pending.len() + data.len() > SINK_MAX_PENDING {
+            state.dropped += data.len() as u64;
+            return Ok(data.len());
+        }
         let was_empty = state.pending.is_empty();
         state.pending.extend_from_slice(data);
-        let line_due = data.contains(&b'\n') && state.last_flush.elapsed() >= SINK_FLUSH_DELAY;
-        if state.pending.len() >= SINK_CHUNK || line_due {
-            state.flush_pending();
-        } else if was_empty {
-            drop(state);
+        if data.contains(&b'\n') && state.last_flush.elapsed() >= SINK_FLUSH_DELAY {
+            state.line_due = true;
+        }
+        let wake = was_empty || state.line_due || state.pending.len() >= SINK_CHUNK;
+        drop(state);
+        if wake {
             self.shared.changed.notify_one();
         }
         Ok(data.len())

@@ -386,6 +386,7 @@ mod tests {
 
     use super::*;
     use crate::console::ConsoleCapture;
+    use chitin_seccomp::Seccomp;
 
     /// UART register offsets (16550A datasheet, table 2).
     const RBR_THR: u64 = 0;
@@ -480,7 +481,8 @@ mod tests {
             }
         }
         let counting = Counting::default();
-        let sink = crate::BufferedSink::new(Box::new(counting.clone()), None).unwrap();
+        let sink =
+            crate::BufferedSink::new(Box::new(counting.clone()), None, Seccomp::Enforce).unwrap();
         let serial = SerialDevice::new(nonblocking_eventfd(), Box::new(sink)).unwrap();
         let total = flood(&serial, 16);
         drop(serial);
@@ -507,8 +509,12 @@ mod tests {
     #[test]
     fn buffered_sink_stops_at_its_limit_and_says_so_once() {
         let counting = Arc::new(Mutex::new(Vec::new()));
-        let mut sink =
-            crate::BufferedSink::new(Box::new(Shared(Arc::clone(&counting))), Some(10)).unwrap();
+        let mut sink = crate::BufferedSink::new(
+            Box::new(Shared(Arc::clone(&counting))),
+            Some(10),
+            Seccomp::Enforce,
+        )
+        .unwrap();
         sink.write_all(b"0123456789abcdef").unwrap();
         sink.write_all(b"more").unwrap();
         drop(sink);
@@ -522,7 +528,9 @@ mod tests {
     #[test]
     fn buffered_sink_writes_a_prompt_without_newline_within_its_delay() {
         let out = Arc::new(Mutex::new(Vec::new()));
-        let mut sink = crate::BufferedSink::new(Box::new(Shared(Arc::clone(&out))), None).unwrap();
+        let mut sink =
+            crate::BufferedSink::new(Box::new(Shared(Arc::clone(&out))), None, Seccomp::Enforce)
+                .unwrap();
         sink.write_all(b"login: ").unwrap();
         // Nothing forces it out but the timer; the sink stays alive.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

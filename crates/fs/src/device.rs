@@ -3,19 +3,27 @@
 //!
 //! Queues: 0 is the high-priority queue (FORGET and INTERRUPT), 1 the one
 //! request queue. Both are served on the share's own thread,
-//! `chitin-fs`, started at activation and joined at reset or drop, so a
-//! slow host file system stalls this share only, never the event loop the
-//! other devices run on, and the per-thread credential switches of the
-//! passthrough layer happen on a thread chitin owns.
+//! `chitin-fs`, so a slow host file system stalls this share only, never
+//! the event loop the other devices run on, and the per-thread credential
+//! switches of the passthrough layer happen on a thread chitin owns.
 //!
-//! Each activation starts a fresh passthrough file system: a reset drops
-//! every inode and handle the guest held, and closes their fds.
+//! The thread is started with the device (by the embedder's thread, at
+//! `build()`), confines itself to the `fs` seccomp filter and then waits
+//! for activations: each one opens a fresh passthrough file system on that
+//! thread and serves it until the driver resets the device, which drops
+//! every inode and handle the guest held and closes their fds. Activation
+//! and reset, which the guest triggers from a vCPU thread, only hand work
+//! to the worker and wait for its answer: no vCPU thread opens a host path
+//! or starts a thread.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use chitin_seccomp::{Seccomp, ThreadClass};
 
 use chitin_memory::GuestMemoryMmap;
 use chitin_virtio::active::Active;
@@ -101,6 +109,8 @@ pub struct FsConfig {
     pub max_open_files: usize,
     /// Serve extended attributes (off by default: `ENOSYS`).
     pub xattr: bool,
+    /// The seccomp mode of the share's thread.
+    pub seccomp: Seccomp,
 }
 
 impl FsConfig {
@@ -113,6 +123,7 @@ impl FsConfig {
             ids: IdMap::default(),
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             xattr: false,
+            seccomp: Seccomp::default(),
         }
     }
 }
@@ -151,25 +162,36 @@ pub enum FsError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The share's thread could not be started or confined.
+    #[error("cannot start the share's thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// A virtio-fs device serving one host directory.
 pub struct Fs {
-    root: PathBuf,
     config_space: [u8; TAG_LEN + 4],
-    pub(crate) policy: Policy,
+    served: Served,
     queue_events: Vec<EventFd>,
-    faults: GuestFaults,
-    worker: Option<Worker>,
+    worker: Worker,
 }
 
-impl Fs {
-    /// Check `config` and resolve the shared directory; nothing is served
-    /// until the driver activates the device.
-    pub fn new(config: FsConfig) -> Result<Fs, FsError> {
+/// A share, checked: what it serves and under which policy, enough to
+/// open its file system on any thread.
+#[derive(Clone)]
+pub(crate) struct Served {
+    root: PathBuf,
+    pub(crate) policy: Policy,
+    faults: GuestFaults,
+}
+
+impl Served {
+    /// Check `config` and resolve the shared directory.
+    pub(crate) fn new(config: &FsConfig) -> Result<Self, FsError> {
         let tag = config.tag.as_bytes();
         if tag.is_empty() || tag.len() > TAG_LEN || tag.contains(&0) {
-            return Err(FsError::Tag { tag: config.tag });
+            return Err(FsError::Tag {
+                tag: config.tag.clone(),
+            });
         }
         config.ids.validate()?;
         if config.max_open_files == 0 {
@@ -186,21 +208,13 @@ impl Fs {
         use std::os::unix::fs::MetadataExt;
         let root_id = (meta.dev(), meta.ino());
         if !meta.is_dir() {
-            return Err(FsError::NotADirectory(config.root));
+            return Err(FsError::NotADirectory(config.root.clone()));
         }
         if root.to_str().is_none() {
-            return Err(FsError::NotUtf8(config.root));
+            return Err(FsError::NotUtf8(config.root.clone()));
         }
-        let mut config_space = [0u8; TAG_LEN + 4];
-        config_space[..tag.len()].copy_from_slice(tag);
-        config_space[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
-        let queue_events = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(FsError::EventFd)?;
-        Ok(Fs {
+        Ok(Self {
             root,
-            config_space,
             policy: Policy {
                 read_only: config.read_only,
                 ids: config.ids,
@@ -208,19 +222,13 @@ impl Fs {
                 root_id: Some(root_id),
                 xattr: config.xattr,
             },
-            queue_events,
             faults: GuestFaults::new(format!("fs {}", config.tag)),
-            worker: None,
         })
     }
 
-    /// The shared directory, resolved.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// What the driver got wrong or the share refused, counted.
-    pub fn faults(&self) -> &GuestFaults {
+    /// The faults the share counts.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub(crate) fn faults(&self) -> &GuestFaults {
         &self.faults
     }
 
@@ -248,17 +256,39 @@ impl Fs {
             self.faults.clone(),
         ))
     }
-
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
-    }
 }
 
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.stop_worker();
+impl Fs {
+    /// Check `config`, resolve the shared directory and start the share's
+    /// thread; nothing is served until the driver activates the device.
+    pub fn new(config: FsConfig) -> Result<Fs, FsError> {
+        let served = Served::new(&config)?;
+        let tag = config.tag.as_bytes();
+        let mut config_space = [0u8; TAG_LEN + 4];
+        config_space[..tag.len()].copy_from_slice(tag);
+        config_space[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        let queue_events = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FsError::EventFd)?;
+        let worker = Worker::spawn(served.clone(), &queue_events, config.seccomp)
+            .map_err(FsError::Thread)?;
+        Ok(Fs {
+            config_space,
+            served,
+            queue_events,
+            worker,
+        })
+    }
+
+    /// The shared directory, resolved.
+    pub fn root(&self) -> &Path {
+        &self.served.root
+    }
+
+    /// What the driver got wrong or the share refused, counted.
+    pub fn faults(&self) -> &GuestFaults {
+        &self.served.faults
     }
 }
 
@@ -289,26 +319,15 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.stop_worker();
+        self.worker.stop_serving();
         let active = Active::<NUM_QUEUES>::from_context(ctx)?;
-        let fs = self.file_system().map_err(|e| {
-            ActivateError::Device(format!("cannot serve {}: {e}", self.root.display()))
-        })?;
-        let handler = FsHandler::new(Arc::new(fs), self.faults.clone());
-        let events = self
-            .queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ActivateError::Device(format!("cannot clone a queue eventfd: {e}")))?;
-        let worker = Worker::spawn(active, handler, events)
-            .map_err(|e| ActivateError::Device(format!("cannot start the fs thread: {e}")))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker.serve(active).map_err(|e| {
+            ActivateError::Device(format!("cannot serve {}: {e}", self.served.root.display()))
+        })
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker.stop_serving();
     }
 }
 
@@ -320,34 +339,129 @@ impl MutEventSubscriber for Fs {
     fn init(&mut self, _ops: &mut EventOps) {}
 }
 
-/// The thread serving an active share.
+/// What the device asks of its thread.
+enum Job {
+    /// Open a fresh file system and serve these queues until `stop` fires.
+    Serve { active: Active<NUM_QUEUES> },
+}
+
+/// The share's thread, from the device's creation to its drop.
 struct Worker {
+    jobs: Option<mpsc::Sender<Job>>,
+    /// The thread's answers: whether a job started, then that it ended.
+    answers: mpsc::Receiver<Result<(), String>>,
+    /// Ends a serving job (written by reset, activation and drop).
     stop: EventFd,
-    thread: JoinHandle<()>,
+    serving: bool,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
+    /// Start the thread; it gives itself its own file-system attributes
+    /// and drops what a share must not have, then confines itself.
     fn spawn(
-        active: Active<NUM_QUEUES>,
-        handler: FsHandler,
-        events: Vec<EventFd>,
+        served: Served,
+        queue_events: &[EventFd],
+        seccomp: Seccomp,
     ) -> std::io::Result<Worker> {
+        let events = queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_seen = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("chitin-fs".into())
-            .spawn(move || serve(active, handler, events, stop_seen))?;
-        Ok(Worker { stop, thread })
+        let (jobs, job_rx) = mpsc::channel();
+        let (answer_tx, answers) = mpsc::channel();
+        let thread = chitin_seccomp::spawn_prepared(
+            "chitin-fs",
+            ThreadClass::Fs,
+            seccomp,
+            prepare_thread,
+            move || work(&served, &events, &job_rx, &answer_tx, &stop_seen),
+        )?;
+        Ok(Worker {
+            jobs: Some(jobs),
+            answers,
+            stop,
+            serving: false,
+            thread: Some(thread),
+        })
     }
 
-    /// Stop after the request in progress and wait for the thread; every
-    /// fd the share held is closed when this returns.
-    fn stop(self) {
-        // One write cannot overflow the counter; if it failed the thread
-        // would never see it, but an eventfd write only fails on overflow.
+    /// Serve `active` from now on; returns once the file system is open
+    /// (or why it could not be).
+    fn serve(&mut self, active: Active<NUM_QUEUES>) -> Result<(), String> {
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(Job::Serve { active }).is_ok());
+        if !sent {
+            return Err("the share's thread is gone".into());
+        }
+        match self.answers.recv() {
+            Ok(Ok(())) => {
+                self.serving = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the share's thread is gone".into()),
+        }
+    }
+
+    /// Stop serving after the request in progress; every fd the share
+    /// held is closed when this returns.
+    fn stop_serving(&mut self) {
+        if !std::mem::take(&mut self.serving) {
+            return;
+        }
+        // One write cannot overflow the counter.
         let _ = self.stop.write(1);
-        if self.thread.join().is_err() {
-            log::error!("the chitin-fs thread panicked");
+        // Ok: the job ended; Err: the thread is gone (it panicked).
+        let _ = self.answers.recv();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_serving();
+        // A closed job channel ends the thread.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the chitin-fs thread panicked");
+            }
+        }
+    }
+}
+
+/// The thread's life: take a job, open a file system for it, serve, and
+/// say when it ended; until the device goes.
+fn work(
+    served: &Served,
+    events: &[EventFd],
+    jobs: &mpsc::Receiver<Job>,
+    answers: &mpsc::Sender<Result<(), String>>,
+    stop: &EventFd,
+) {
+    while let Ok(Job::Serve { active }) = jobs.recv() {
+        // A stop meant for an earlier job is not this one's.
+        let _ = stop.read();
+        let fs = match served.file_system() {
+            Ok(fs) => fs,
+            Err(e) => {
+                let _ = answers.send(Err(e.to_string()));
+                continue;
+            }
+        };
+        let handler = FsHandler::new(Arc::new(fs), served.faults.clone());
+        if answers.send(Ok(())).is_err() {
+            return;
+        }
+        serve(active, &handler, events, stop);
+        // Every inode and handle the guest held closes here.
+        drop(handler);
+        if answers.send(Ok(())).is_err() {
+            return;
         }
     }
 }
@@ -356,7 +470,9 @@ impl Worker {
 /// layer sets the umask to 0 at FUSE_INIT, which would otherwise be the
 /// whole process's), and, under root, no supplementary groups and no
 /// `CAP_FSETID` (a write then clears set-id bits, as for a host user).
-fn prepare_thread() {
+/// Run before the thread confines itself; what fails is logged and the
+/// share served anyway, as the host user allows.
+fn prepare_thread() -> std::io::Result<()> {
     // SAFETY: unshare takes flags only; CLONE_FS gives this thread its
     // own root, cwd and umask.
     if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
@@ -367,7 +483,7 @@ fn prepare_thread() {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return;
+        return Ok(());
     }
     // SAFETY: setgroups reads 0 entries from a null list; the raw syscall
     // changes this thread only.
@@ -382,11 +498,11 @@ fn prepare_thread() {
             log::warn!("chitin-fs: cannot drop CAP_FSETID: {e}");
         }
     }
+    Ok(())
 }
 
 /// Wait for notifications and serve both queues until `stop` fires.
-fn serve(mut active: Active<NUM_QUEUES>, handler: FsHandler, events: Vec<EventFd>, stop: EventFd) {
-    prepare_thread();
+fn serve(mut active: Active<NUM_QUEUES>, handler: &FsHandler, events: &[EventFd], stop: &EventFd) {
     let mut fds: Vec<libc::pollfd> = events
         .iter()
         .map(|e| e.as_raw_fd())
@@ -405,7 +521,7 @@ fn serve(mut active: Active<NUM_QUEUES>, handler: FsHandler, events: Vec<EventFd
         if fds.last().is_some_and(|f| f.revents != 0) {
             return;
         }
-        for event in &events {
+        for event in events {
             // Drain before serving: a notification arriving meanwhile makes
             // the fd readable again. EAGAIN (nothing to drain) is harmless.
             let _ = event.read();
@@ -413,7 +529,7 @@ fn serve(mut active: Active<NUM_QUEUES>, handler: FsHandler, events: Vec<EventFd
         pending = false;
         active.run(|queues, mem, interrupt| {
             for queue in queues.iter_mut() {
-                pending |= run_queue(&handler, queue, mem, interrupt)?;
+                pending |= run_queue(handler, queue, mem, interrupt)?;
             }
             Ok::<(), crate::handler::HandlerError>(())
         });
@@ -486,6 +602,10 @@ mod tests {
             .count()
     }
 
+    /// Held by the tests that start a device (and so a `chitin-fs`
+    /// thread), so the thread counts of one are not moved by another.
+    static DEVICES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn threads_named(name: &str) -> usize {
         std::fs::read_dir("/proc/self/task")
             .unwrap()
@@ -498,6 +618,7 @@ mod tests {
 
     #[test]
     fn config_space_has_tag_and_one_request_queue() {
+        let _devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         let tree = TempTree::new("config");
         let fs = Fs::new(FsConfig::new(tree.path(), "data")).unwrap();
         let mut config = [0xffu8; 40];
@@ -511,6 +632,7 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused_with_their_reason() {
+        let _devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         let tree = TempTree::new("bad");
         let file = tree.path().join("file");
         std::fs::write(&file, b"x").unwrap();
@@ -537,12 +659,15 @@ mod tests {
     }
 
     #[test]
-    fn activated_device_serves_on_its_thread_and_reset_closes_everything() {
+    fn device_serves_on_its_own_thread_reset_closes_every_fd_and_drop_ends_it() {
+        let _devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         let tree = TempTree::new("device");
         std::fs::write(tree.path().join("file"), b"x").unwrap();
         let root = std::fs::canonicalize(tree.path()).unwrap();
         let threads_before = threads_named("chitin-fs");
         let mut fs = Fs::new(FsConfig::new(tree.path(), "data")).unwrap();
+        assert_eq!(threads_named("chitin-fs"), threads_before + 1);
+        assert_eq!(fds_under(&root), 0, "nothing is opened before activation");
 
         let mem = guest_memory(1 << 20);
         let hiprio = SplitQueueBuilder::new(&mem, GuestAddress(0), 16).unwrap();
@@ -591,8 +716,8 @@ mod tests {
         assert!(fds_under(&root) >= 1, "the share's root is held");
 
         fs.reset();
-        assert_eq!(threads_named("chitin-fs"), threads_before);
         assert_eq!(fds_under(&root), 0, "every fd of the share is closed");
         drop(fs);
+        assert_eq!(threads_named("chitin-fs"), threads_before);
     }
 }

@@ -17,7 +17,7 @@ use virtio_queue::Queue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::confine::{Confined, Policy};
-use crate::device::{Fs, FsConfig};
+use crate::device::{FsConfig, Served};
 use crate::handler::{FsHandler, HandlerError, QueueRun};
 
 /// Where the request is written in guest memory.
@@ -127,13 +127,13 @@ impl FuseDriver {
         config.ids = policy.ids;
         config.max_open_files = policy.max_open_files;
         config.xattr = policy.xattr;
-        let mut fs = Fs::new(config).expect("share config");
+        let mut served = Served::new(&config).expect("share config");
         // A test may name another root identity (to play a replaced root).
         if policy.root_id.is_some() {
-            fs.policy.root_id = policy.root_id;
+            served.policy.root_id = policy.root_id;
         }
-        let faults = fs.faults().clone();
-        let confined: Confined = fs.file_system().expect("passthrough file system");
+        let faults = served.faults().clone();
+        let confined: Confined = served.file_system().expect("passthrough file system");
         let handler = FsHandler::new(Arc::new(confined), faults.clone());
         let mem = guest_memory(MEM_SIZE);
         let builder = SplitQueueBuilder::new(&mem, GuestAddress(RINGS), QUEUE_LEN)

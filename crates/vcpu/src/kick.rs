@@ -50,6 +50,24 @@ pub fn install_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
+/// Let the kick signal reach the calling thread (chitin's threads start
+/// with every asynchronous signal blocked).
+pub(crate) fn unblock_on_current_thread() -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only change it and this
+    // thread's mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
 /// Point this thread's kick target at `flag` (the `immediate_exit` byte of
 /// the vCPU it runs), or clear it with a null pointer.
 pub(crate) fn set_immediate_exit_target(flag: *mut u8) {

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use chitin_boot::BootInfo;
 use chitin_bus::Bus;
 use chitin_memory::GuestMemoryMmap;
+use chitin_seccomp::{Seccomp, ThreadClass};
 use kvm_bindings::{
     Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -56,8 +57,8 @@ pub enum VcpuError {
         #[source]
         source: chitin_boot::BootError,
     },
-    /// The vCPU thread could not be spawned.
-    #[error("cannot spawn the thread of vCPU {id}")]
+    /// The vCPU thread could not be spawned or confined.
+    #[error("cannot start the thread of vCPU {id}")]
     Spawn {
         /// The vCPU.
         id: u8,
@@ -143,21 +144,35 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Start the vCPU on its own thread, named `chitin-vcpu<id>`. The thread
-    /// runs until `control` says stop, then records nothing more and exits.
+    /// Start the vCPU on its own thread, named `chitin-vcpu<id>`, confined
+    /// to the vCPU seccomp filter under `seccomp` before it enters the
+    /// guest. The thread runs until `control` says stop, then records
+    /// nothing more and exits.
     pub fn spawn(
         self,
         buses: Arc<IoBuses>,
         control: Arc<VmControl>,
+        seccomp: Seccomp,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
-        std::thread::Builder::new()
-            .name(format!("chitin-vcpu{id}"))
-            .spawn(move || self.run(&buses, &control))
-            .map_err(|source| VcpuError::Spawn { id, source })
+        chitin_seccomp::spawn(
+            format!("chitin-vcpu{id}"),
+            ThreadClass::Vcpu,
+            seccomp,
+            move || self.run(&buses, &control),
+        )
+        .map_err(|source| VcpuError::Spawn { id, source })
     }
 
     fn run(mut self, buses: &IoBuses, control: &VmControl) {
+        if kick::unblock_on_current_thread().is_err() {
+            // Without its kick this vCPU could not be stopped.
+            control.request_exit(ExitReason::VcpuError {
+                vcpu: self.id,
+                errno: libc::EINVAL,
+            });
+            return;
+        }
         control.register_current_thread();
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         kick::set_immediate_exit_target(flag);

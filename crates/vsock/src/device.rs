@@ -75,10 +75,30 @@ pub enum VsockError {
 /// How often connection timeouts are checked while any may expire.
 const REAP_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// The listener's socket file, removed when this is dropped.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    /// Where the socket file is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A virtio-vsock device with a Firecracker-style Unix socket backend.
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// Removes the listener's file with the device, unless the owner took
+    /// it ([`Vsock::take_socket_file`]).
+    socket_file: Option<SocketFile>,
     listener: UnixListener,
     handler: VsockHandler<UnixBackend>,
     queue_events: [EventFd; 3],
@@ -90,7 +110,8 @@ pub struct Vsock {
 
 impl Vsock {
     /// Bind the listener at `uds_path` (which must not exist; it is
-    /// removed when the device is dropped).
+    /// removed when the device is dropped, or when the [`SocketFile`]
+    /// taken from it is).
     pub fn new(config: VsockConfig) -> Result<Vsock, VsockError> {
         let VsockConfig {
             guest_cid,
@@ -116,6 +137,7 @@ impl Vsock {
         Ok(Vsock {
             guest_cid,
             handler: VsockHandler::new(UnixBackend::new(uds_path.clone()), guest_cid),
+            socket_file: Some(SocketFile(uds_path.clone())),
             uds_path,
             listener,
             queue_events,
@@ -133,6 +155,13 @@ impl Vsock {
     /// Where host processes connect.
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
+    }
+
+    /// Take over removing the listener's socket file: it then goes when
+    /// the returned [`SocketFile`] is dropped, not with the device. For an
+    /// owner that drops the device on a thread that may not remove files.
+    pub fn take_socket_file(&mut self) -> Option<SocketFile> {
+        self.socket_file.take()
     }
 
     /// Connections with a guest port.
@@ -229,7 +258,6 @@ impl Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.handler.clear();
-        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 

@@ -42,7 +42,7 @@ mod test_utils;
 pub use backend::PairBackend;
 pub use backend::{UnixBackend, VsockBackend};
 pub use connection::{Credit, Interest};
-pub use device::{Vsock, VsockConfig, VsockError, DEVICE_TYPE_VSOCK};
+pub use device::{SocketFile, Vsock, VsockConfig, VsockError, DEVICE_TYPE_VSOCK};
 pub use handler::{HandlerError, HandlerSizes, QueueRun, VsockHandler};
 pub use packet::{Header, Op, PacketError};
 

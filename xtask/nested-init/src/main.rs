@@ -316,6 +316,8 @@ fn main() {
     mount("sysfs", "/sys", "sysfs");
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("tmpfs", "/tmp", "tmpfs");
+    // The jail scenario's cgroup limits need cgroup v2.
+    mount("cgroup2", "/sys/fs/cgroup", "cgroup2");
     say("nested: l1 up");
     let up = Instant::now();
     let alive = move || say(&format!("nested: alive {}", up.elapsed().as_secs()));

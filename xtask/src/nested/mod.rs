@@ -290,11 +290,19 @@ const NESTED_EXEC_TIMEOUT_S: u64 = 300;
 /// inside L1 (for hosts whose KVM cannot run Linux). The command's stdout
 /// and stderr are printed as they came; returns its exit code.
 pub fn nested_exec(args: &[String]) -> Step<i32> {
-    let argv: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    // Options for the exec example (`--jail ...`) come before `--`.
+    let (options, argv): (Vec<&String>, Vec<&String>) = match args.iter().position(|a| a == "--") {
+        Some(at) => (args[..at].iter().collect(), args[at + 1..].iter().collect()),
+        None => (Vec::new(), args.iter().collect()),
+    };
     if argv.is_empty() {
-        return Err("usage: cargo xtask nested-exec -- CMD [ARG...]".into());
+        return Err("usage: cargo xtask nested-exec [EXAMPLE OPTIONS] -- CMD [ARG...]".into());
     }
-    if let Some(bad) = argv.iter().find(|a| a.contains(['\t', '\n'])) {
+    if let Some(bad) = options
+        .iter()
+        .chain(&argv)
+        .find(|a| a.contains(['\t', '\n']))
+    {
         return Err(format!(
             "arguments cannot contain tabs or newlines: {bad:?}"
         ));
@@ -307,10 +315,15 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
     // The guest image a user gets, not the test agent.
     let tools = build_tools(&[KERNEL_6_1], guest::agent_initramfs)?;
     let mut plan = format!(
-        "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t{}\t--timeout\t{}\t--",
+        "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t{}\t--timeout\t{}",
         KERNEL_6_1.l1_dir(),
         NESTED_EXEC_TIMEOUT_S - 10
     );
+    for option in &options {
+        plan.push('\t');
+        plan.push_str(option);
+    }
+    plan.push_str("\t--");
     for arg in &argv {
         plan.push('\t');
         plan.push_str(arg);

@@ -261,6 +261,15 @@ pub const SCENARIOS: &[Scenario] = &[
         host_checks: Some("container"),
         ..FS
     },
+    // The exec, vsock, blk, fs and net checks in a VMM confined by
+    // chitin-jail as uid 1000 with cgroup limits.
+    Scenario {
+        name: "jail",
+        agent: "jail",
+        timeout_s: 600,
+        host_checks: Some("jail"),
+        ..FS
+    },
     // The same checks on the second kernel, in the same L1 run.
     Scenario {
         name: "boot-6.12",

@@ -17,14 +17,106 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox, Signal, Stdio};
+use chitin::{
+    Command, ExitStatus, GuestImage, RunningSandbox, Sandbox, SandboxBuilder, Seccomp, Signal,
+    Stdio,
+};
 
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
 #[path = "exec_checks/fs.rs"]
 mod fs;
+#[path = "exec_checks/jail.rs"]
+mod jail;
 #[path = "exec_checks/net.rs"]
 mod net;
+
+/// The seccomp mode of every sandbox the checks make: `CHITIN_SECCOMP`
+/// (`enforce`, `log` or `off`; L1's kernel command line can set it for a
+/// whole run), enforce by default.
+fn seccomp_mode() -> Seccomp {
+    match std::env::var("CHITIN_SECCOMP").as_deref() {
+        Ok("log") => Seccomp::Log,
+        Ok("off") => Seccomp::Off,
+        _ => Seccomp::Enforce,
+    }
+}
+
+/// The checks' sandbox: the test guest, 2 vCPUs, 256 MiB, the run's
+/// seccomp mode.
+fn agent_sandbox(kernel: &str, initramfs: &str) -> SandboxBuilder {
+    Sandbox::builder()
+        .guest(GuestImage::new(kernel, initramfs))
+        .vcpus(2)
+        .memory_mib(256)
+        .seccomp(seccomp_mode())
+}
+
+/// The last check of every run: under `Seccomp::Log`, no chitin thread
+/// made a syscall outside its filter (under `Enforce` one would have
+/// killed this process before it got here).
+fn seccomp_check() -> Result<String, String> {
+    let mode = seccomp_mode();
+    let seen = chitin::seccomp_violations();
+    if !seen.is_empty() {
+        let list: Vec<String> = seen.iter().map(ToString::to_string).collect();
+        return Err(format!("{mode:?}: {}", list.join("; ")));
+    }
+    Ok(format!("{mode:?}: no syscall outside the filters"))
+}
+
+/// The names (or name prefixes) of the threads chitin starts.
+const CHITIN_THREADS: &[&str] = &[
+    "chitin-vcpu",
+    "chitin-events",
+    "chitin-fs",
+    "chitin-agent-tx",
+    "chitin-agent-rx",
+    "chitin-stdin",
+    "chitin-console",
+    "chitin-output",
+];
+
+/// While commands run: every thread chitin started runs under a seccomp
+/// filter, and the main thread (the embedder's) does not.
+fn filtered_threads() -> Result<String, String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").map_err(|e| e.to_string())? {
+        let dir = task.map_err(|e| e.to_string())?.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let name = name.trim();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        let main = dir.file_name() == Some(std::ffi::OsStr::new(&std::process::id().to_string()));
+        if main && mode != "0" {
+            return Err(format!("the main thread shows Seccomp: {mode}"));
+        }
+        if !main && CHITIN_THREADS.iter().any(|t| name.starts_with(t)) {
+            if mode != "2" && seccomp_mode() != Seccomp::Off {
+                return Err(format!("{name} shows Seccomp: {mode}"));
+            }
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    names.dedup();
+    for kind in [
+        "chitin-vcpu0",
+        "chitin-events",
+        "chitin-agent-rx",
+        "chitin-agent-tx",
+    ] {
+        if !names.iter().any(|n| n == kind) {
+            return Err(format!("no {kind} thread among {names:?}"));
+        }
+    }
+    Ok(format!("Seccomp: 2 on {}", names.join(" ")))
+}
 
 fn sh(script: &str) -> Command {
     let mut cmd = Command::new("sh");
@@ -574,10 +666,16 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container KERNEL INITRAMFS"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail KERNEL INITRAMFS"
         );
         std::process::exit(2);
     };
+    if which == "jail-inner" {
+        // The jailed half of the `jail` scenario: it must enter the jail
+        // while this process has one thread.
+        chitin::log_to_stderr(log::LevelFilter::Warn);
+        std::process::exit(jail::inner(kernel, initramfs));
+    }
     if which == "fs-writer" {
         // The child of the `fs` scenario's fsync-then-SIGKILL check.
         let share = args.get(4).map(String::as_str).unwrap_or("/nonexistent");
@@ -600,6 +698,7 @@ fn main() {
         "fs-ro" => Some(fs::ro_checks),
         "container" => Some(fs::container_checks),
         "fs-bench" => Some(fs::bench_checks),
+        "jail" => Some(jail::outer),
         _ => None,
     };
     if let Some(checks) = own {
@@ -610,16 +709,13 @@ fn main() {
         );
         let mut c = Checks::new();
         checks(kernel, initramfs, &mut c);
+        c.result("seccomp", seccomp_check());
         c.done();
         std::process::exit(i32::from(c.failed() > 0));
     }
     let uds = PathBuf::from(format!("/tmp/chitin-checks-{which}.vsock"));
     let _ = std::fs::remove_file(&uds);
-    let mut builder = Sandbox::builder()
-        .guest(GuestImage::new(kernel, initramfs))
-        .vcpus(2)
-        .memory_mib(256)
-        .vsock(3, &uds);
+    let mut builder = agent_sandbox(kernel, initramfs).vsock(3, &uds);
     if networked {
         builder = builder.net(net::interface());
     }
@@ -661,11 +757,15 @@ fn main() {
     // Which kernel answered, so the harness can tell the guests apart.
     c.result("guest-kernel", guest_kernel(&vm));
     c.result("device-faults", device_faults(&vm));
+    if which == "exec" {
+        c.result("seccomp-threads", filtered_threads());
+    }
     // Last: the guest is gone after these.
     match which.as_str() {
         "exec" => c.result("reset-mid-command", reset_mid_command(&vm)),
         _ => c.result("stop-from-handle", stop_from_handle(&vm)),
     }
+    c.result("seccomp", seccomp_check());
     c.done();
     drop(vm);
     std::process::exit(i32::from(c.failed() > 0));

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio as ProcStdio;
 use std::time::{Duration, Instant};
 
-use chitin::{Command, ExitStatus, RunningSandbox, Sandbox, SandboxBuilder, Share};
+use chitin::{Command, ExitStatus, RunningSandbox, SandboxBuilder, Share};
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS};
 
 /// Where the shares and the "outside" live in L1.
@@ -55,10 +55,7 @@ fn fresh(dir: &Path) -> Result<(), String> {
 
 /// The scenarios' sandbox: the test guest, 2 vCPUs, 256 MiB.
 fn builder(kernel: &str, initramfs: &str) -> SandboxBuilder {
-    Sandbox::builder()
-        .guest(chitin::GuestImage::new(kernel, initramfs))
-        .vcpus(2)
-        .memory_mib(256)
+    super::agent_sandbox(kernel, initramfs)
 }
 
 fn start(builder: SandboxBuilder) -> Result<RunningSandbox, String> {

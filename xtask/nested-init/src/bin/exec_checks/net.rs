@@ -117,7 +117,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn ping(vm: &RunningSandbox, count: u32) -> Result<String, String> {
+pub fn ping(vm: &RunningSandbox, count: u32) -> Result<String, String> {
     let out = guest(
         vm,
         &[
@@ -488,11 +488,7 @@ pub fn sandbox(
     net: Net,
     disk: Option<chitin::Disk>,
 ) -> Result<RunningSandbox, String> {
-    let mut builder = chitin::Sandbox::builder()
-        .guest(chitin::GuestImage::new(kernel, initramfs))
-        .vcpus(2)
-        .memory_mib(256)
-        .net(net);
+    let mut builder = super::agent_sandbox(kernel, initramfs).net(net);
     if let Some(disk) = disk {
         builder = builder.disk(disk);
     }

@@ -1,0 +1,424 @@
+//! Thin, checked wrappers of the syscalls the jail makes. Each returns the
+//! OS error as an `io::Error`; none does more than its one call.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `-1` → the OS error, anything else → the value.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A path as a C string (paths with a NUL byte cannot exist).
+pub(crate) fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+/// `mount(2)`; `source` and `fstype` may be absent.
+pub(crate) fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cpath).transpose()?;
+    let target = cpath(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that lives
+    // across the call.
+    cvt(unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    })
+    .map(drop)
+}
+
+/// `umount2(2)`.
+pub(crate) fn umount2(target: &Path, flags: libc::c_int) -> io::Result<()> {
+    let target = cpath(target)?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    cvt(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
+}
+
+/// `pivot_root(".", ".")`: the current directory becomes the root, the old
+/// root is stacked on it (and detached by the caller).
+pub(crate) fn pivot_root_here() -> io::Result<()> {
+    let dot = c".";
+    // SAFETY: two NUL-terminated paths; pivot_root takes no other memory.
+    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    cvt(ret as libc::c_int).map(drop)
+}
+
+/// `chroot(2)`.
+pub(crate) fn chroot(path: &Path) -> io::Result<()> {
+    let path = cpath(path)?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    cvt(unsafe { libc::chroot(path.as_ptr()) }).map(drop)
+}
+
+/// `mknod(2)` of a character device.
+pub(crate) fn mknod_char(path: &Path, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
+    let path = cpath(path)?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    cvt(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, rdev) }).map(drop)
+}
+
+/// `chown(2)`.
+pub(crate) fn chown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let path = cpath(path)?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    cvt(unsafe { libc::chown(path.as_ptr(), uid, gid) }).map(drop)
+}
+
+/// `unshare(2)`.
+pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes flags only.
+    cvt(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// `setns(2)` into the namespace file at `path`.
+pub(crate) fn setns(path: &Path, kind: libc::c_int) -> io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: a valid open fd for the duration of the call.
+    cvt(unsafe { libc::setns(file.as_raw_fd(), kind) }).map(drop)
+}
+
+/// `fork(2)`: the child's pid in the parent, 0 in the child.
+///
+/// # Safety
+///
+/// The calling process must have one thread, so the child inherits no
+/// lock held by a thread that does not exist there.
+pub(crate) unsafe fn fork() -> io::Result<libc::pid_t> {
+    // SAFETY: the caller guarantees a single-threaded process.
+    cvt(unsafe { libc::fork() })
+}
+
+/// `prctl(PR_SET_PDEATHSIG, SIGKILL)`: die with the parent.
+pub(crate) fn die_with_parent() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) }).map(drop)
+}
+
+/// `sethostname(2)`.
+pub(crate) fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)
+}
+
+/// `setrlimit(2)` with the same soft and hard limit.
+pub(crate) fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: a valid rlimit for the duration of the call.
+    cvt(unsafe { libc::setrlimit(resource, &limit) }).map(drop)
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+pub(crate) fn no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
+}
+
+/// Empty the capability bounding set (needs `CAP_SETPCAP`) and the
+/// ambient set: nothing this process or a program it execs runs can gain
+/// a capability again.
+pub(crate) fn drop_bounding_and_ambient() -> io::Result<()> {
+    for cap in 0..=63 {
+        // SAFETY: prctl with integer arguments only.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if ret == -1 {
+            let err = io::Error::last_os_error();
+            // EINVAL: past the kernel's last capability.
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(err);
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `capset(2)` to empty effective, permitted and inheritable sets.
+pub(crate) fn clear_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// `_LINUX_CAPABILITY_VERSION_3`: two data words.
+    const VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: a valid header and the two data words version 3 reads.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    cvt(ret as libc::c_int).map(drop)
+}
+
+/// Drop to `uid`/`gid` for real, effective and saved ids; with
+/// `groups`, also to no supplementary groups.
+pub(crate) fn set_ids(uid: u32, gid: u32, groups: bool) -> io::Result<()> {
+    if groups {
+        // SAFETY: an empty list; the raw syscall changes this process
+        // (single-threaded) only.
+        let ret = unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) };
+        cvt(ret as libc::c_int)?;
+    }
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::setresuid(uid, uid, uid) }).map(drop)
+}
+
+/// `access(2)` with the real ids.
+pub(crate) fn access(path: &Path, mode: libc::c_int) -> io::Result<()> {
+    let path = cpath(path)?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    cvt(unsafe { libc::access(path.as_ptr(), mode) }).map(drop)
+}
+
+/// A connected pair of Unix stream sockets, close-on-exec.
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Send all of `bytes` on a socket without raising SIGPIPE when the peer
+/// is gone.
+pub(crate) fn send_all(fd: RawFd, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: the pointer and length describe `bytes`.
+        let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
+}
+
+/// Close every fd above 2 but those in `keep`.
+pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd > 2).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from: libc::c_uint = 3;
+    for fd in keep.iter().map(|&fd| fd as libc::c_uint) {
+        if fd > from {
+            close_range(from, fd - 1)?;
+        }
+        from = fd + 1;
+    }
+    close_range(from, libc::c_uint::MAX)
+}
+
+fn close_range(first: libc::c_uint, last: libc::c_uint) -> io::Result<()> {
+    // SAFETY: close_range takes integers; the fds it closes are this
+    // (single-threaded) process's own, closed on purpose.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+    cvt(ret as libc::c_int).map(drop)
+}
+
+/// The calling process's signal mask after blocking `signals`; the old
+/// mask is returned for restoring.
+pub(crate) fn block_signals(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset_t values; the calls change only them and this
+    // thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) {
+            0 => Ok(old),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
+/// Put back a mask from [`block_signals`].
+pub(crate) fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: a valid mask saved by block_signals.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
+/// Wait for one of the blocked `signals` (`sigwaitinfo`).
+pub(crate) fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
+    // SAFETY: as in block_signals.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid set; sigwaitinfo may take a null info pointer.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        cvt(libc::sigwaitinfo(&set, std::ptr::null_mut()))
+    }
+}
+
+/// `kill(2)`; a process that is already gone is not an error.
+pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: plain integer arguments.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// How a child ended, without blocking: `None` while it runs.
+pub(crate) fn try_wait(pid: libc::pid_t) -> io::Result<Option<libc::c_int>> {
+    let mut status = 0;
+    // SAFETY: waitpid writes one int.
+    let ret = cvt(unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) })?;
+    Ok((ret == pid).then_some(status))
+}
+
+/// Wait for a child to end; its wait status.
+pub(crate) fn wait(pid: libc::pid_t) -> io::Result<libc::c_int> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes one int.
+        match cvt(unsafe { libc::waitpid(pid, &mut status, 0) }) {
+            Ok(_) => return Ok(status),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// End this process the way a child with wait status `status` ended:
+/// the same exit code, or death by the same signal.
+pub(crate) fn exit_like(status: libc::c_int) -> ! {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // SAFETY: restore the default action and unblock, then raise; a
+        // signal whose default is not to die falls through to _exit.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::raise(sig);
+            libc::_exit(128 + sig)
+        }
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        1
+    };
+    // SAFETY: _exit ends the process without running anything else.
+    unsafe { libc::_exit(code) }
+}
+
+/// `_exit(2)`: end a forked helper without running the parent's cleanup.
+pub(crate) fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: _exit ends the process without running anything else.
+    unsafe { libc::_exit(code) }
+}
+
+/// The process's thread count (`Threads:` of `/proc/self/status`).
+pub(crate) fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads line in /proc/self/status"))
+}
+
+/// The file-system type magic of the file system holding `path`.
+pub(crate) fn fs_magic(path: &Path) -> io::Result<i64> {
+    let path = cpath(path)?;
+    // SAFETY: statfs is plain data that the call fills.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid buffer.
+    cvt(unsafe { libc::statfs(path.as_ptr(), &mut buf) })?;
+    Ok(buf.f_type)
+}
+
+/// The mount flags of the mount holding `path` that a bind remount must
+/// keep (a user namespace may not clear them): nosuid, nodev, noexec and
+/// the atime flags.
+pub(crate) fn locked_mount_flags(path: &Path) -> io::Result<libc::c_ulong> {
+    let path = cpath(path)?;
+    // SAFETY: statvfs is plain data that the call fills.
+    let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid buffer.
+    cvt(unsafe { libc::statvfs(path.as_ptr(), &mut buf) })?;
+    let mut flags = 0;
+    for (st, ms) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if buf.f_flag & st != 0 {
+            flags |= ms;
+        }
+    }
+    Ok(flags)
+}
