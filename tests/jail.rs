@@ -17,6 +17,7 @@ use std::process::Command;
 use chitin::{Console, ConsoleCapture, Sandbox};
 use chitin_jail::{CgroupLimits, Jail, JailError, RootSwitch};
 use chitin_test_guests::Guest;
+use common::Scratch;
 
 /// Set in the copy of this binary that enters the jail.
 const ROLE: &str = "CHITIN_JAIL_TEST_ROLE";
@@ -24,29 +25,6 @@ const ROLE: &str = "CHITIN_JAIL_TEST_ROLE";
 const JAILED_ID: u32 = 65534;
 /// The namespaces a jail makes.
 const NAMESPACES: [&str; 5] = ["mnt", "pid", "ipc", "uts", "net"];
-
-/// A scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("chitin-jail-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// This process's namespace of each kind (`mnt:[4026531841]`, ...).
 fn namespaces() -> Vec<String> {
@@ -133,6 +111,15 @@ fn jailed_main() {
     facts.push(format!("ns: {}", namespaces().join(" ")));
     facts.push(format!("switch: {:?}", jailed.root_switch()));
     facts.push(format!("pid: {}", std::process::id()));
+    // SAFETY: getsid(0) has no preconditions.
+    let session = unsafe { libc::getsid(0) };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Field 7, tty_nr, counted after the command's closing parenthesis.
+    let tty = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(4).map(str::to_string))
+        .unwrap_or_default();
+    facts.push(format!("session: {session} tty {tty}"));
     facts.push(format!("env: {}", std::env::vars().count()));
     let open_fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
     facts.push(format!("fds: {open_fds}"));
@@ -167,6 +154,46 @@ fn jailed_main() {
     std::process::exit(0);
 }
 
+/// The jailed copy in a user namespace: enter, write what it sees, exit.
+fn jailed_userns_main() {
+    let out = PathBuf::from(std::env::var("CHITIN_JAIL_OUT").unwrap());
+    let state = PathBuf::from(std::env::var("CHITIN_JAIL_STATE").unwrap());
+    let jailed = Jail::new(format!("host-userns-{}", std::process::id()))
+        .ids(JAILED_ID, JAILED_ID)
+        .user_namespace(true)
+        .state_dir(&state)
+        .writable(&out)
+        .enter();
+    let jailed = match jailed {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("jail: {}", chitin::error_chain(&e));
+            std::process::exit(2);
+        }
+    };
+    let mut facts = Vec::new();
+    for field in [
+        "Uid",
+        "Gid",
+        "CapPrm",
+        "CapEff",
+        "CapBnd",
+        "CapAmb",
+        "NoNewPrivs",
+    ] {
+        facts.push(format!("{field}: {}", status_field(field)));
+    }
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    facts.push(format!(
+        "uid_map: {}",
+        map.split_whitespace().collect::<Vec<_>>().join(" ")
+    ));
+    facts.push(format!("switch: {:?}", jailed.root_switch()));
+    facts.push(format!("pid: {}", std::process::id()));
+    std::fs::write(out.join("facts"), facts.join("\n") + "\n").unwrap();
+    std::process::exit(0);
+}
+
 /// A fact line's value.
 fn fact<'a>(facts: &'a str, key: &str) -> &'a str {
     facts
@@ -176,7 +203,7 @@ fn fact<'a>(facts: &'a str, key: &str) -> &'a str {
 }
 
 fn jailed_process_has_the_ids_namespaces_root_and_runs_a_guest_and_leaves_nothing() {
-    let scratch = Scratch::new("run");
+    let scratch = Scratch::new("jail-run");
     let out = scratch.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::os::unix::fs::chown(&out, Some(JAILED_ID), Some(JAILED_ID)).unwrap();
@@ -215,6 +242,11 @@ fn jailed_process_has_the_ids_namespaces_root_and_runs_a_guest_and_leaves_nothin
         format!("{:?}", RootSwitch::PivotRoot)
     );
     assert_eq!(fact(&facts, "pid"), "1", "PID 1 of its own namespace");
+    assert_eq!(
+        fact(&facts, "session"),
+        "1 tty 0",
+        "a session of its own without a controlling terminal"
+    );
     assert_eq!(fact(&facts, "env"), "0", "the environment is cleared");
     // stdin, stdout, stderr and the directory listing's own fd.
     assert_eq!(fact(&facts, "fds"), "4", "inherited fds are closed");
@@ -240,8 +272,64 @@ fn jailed_process_has_the_ids_namespaces_root_and_runs_a_guest_and_leaves_nothin
     assert!(!mounts_after.contains(&state.display().to_string()));
 }
 
+fn user_namespace_jail_is_root_inside_and_nobody_outside_without_capabilities() {
+    let scratch = Scratch::new("jail-userns");
+    let out = scratch.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::chown(&out, Some(JAILED_ID), Some(JAILED_ID)).unwrap();
+    let state = scratch.path().join("state");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "jailed-userns")
+        .env("CHITIN_JAIL_OUT", &out)
+        .env("CHITIN_JAIL_STATE", &state)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "jailed process: {status}");
+    let facts = std::fs::read_to_string(out.join("facts")).unwrap();
+    eprintln!("{facts}");
+    // Root inside, the host's nobody outside, one id mapped.
+    assert_eq!(fact(&facts, "Uid"), "0 0 0 0");
+    assert_eq!(fact(&facts, "Gid"), "0 0 0 0");
+    assert_eq!(fact(&facts, "uid_map"), format!("0 {JAILED_ID} 1"));
+    for caps in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(fact(&facts, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(fact(&facts, "NoNewPrivs"), "1");
+    assert_eq!(fact(&facts, "pid"), "1");
+    // The file it wrote belongs to the host's nobody.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(out.join("facts")).unwrap().uid(),
+        JAILED_ID
+    );
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+}
+
+fn user_namespace_jail_cannot_use_a_device_its_host_uid_cannot_open() {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata("/dev/kvm").unwrap().mode();
+    if mode & 0o006 == 0o006 {
+        eprintln!("/dev/kvm is open to everyone here; the refusal is not reachable");
+        return;
+    }
+    let scratch = Scratch::new("jail-userns-kvm");
+    let err = Jail::new("userns-kvm")
+        .ids(JAILED_ID, JAILED_ID)
+        .user_namespace(true)
+        .state_dir(scratch.path())
+        .device("/dev/kvm")
+        .enter()
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, JailError::NoAccess { path, access: "open", .. } if path == Path::new("/dev/kvm")),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+}
+
 fn jail_entered_with_threads_is_refused_and_changes_nothing() {
-    let scratch = Scratch::new("threads");
+    let scratch = Scratch::new("jail-threads");
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || rx.recv());
     let err = Jail::new("threads")
@@ -257,7 +345,7 @@ fn jail_entered_with_threads_is_refused_and_changes_nothing() {
 }
 
 fn jail_whose_ids_cannot_read_a_resource_fails_in_the_caller_and_leaves_nothing() {
-    let scratch = Scratch::new("noaccess");
+    let scratch = Scratch::new("jail-noaccess");
     let secret = scratch.path().join("kernel");
     std::fs::write(&secret, b"root only").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -306,7 +394,7 @@ fn cgroup_limits_without_their_controller_are_refused_and_leave_nothing() {
         eprintln!("cgroup v2 has the memory controller here; the refusal is not reachable");
         return;
     }
-    let scratch = Scratch::new("cgroup");
+    let scratch = Scratch::new("jail-cgroup");
     let err = Jail::new("cgroup")
         .ids(JAILED_ID, JAILED_ID)
         .state_dir(scratch.path())
@@ -331,11 +419,20 @@ fn cgroup_limits_without_their_controller_are_refused_and_leave_nothing() {
 }
 
 fn main() {
-    if std::env::var(ROLE).as_deref() == Ok("jailed") {
-        jailed_main();
-        return;
+    match std::env::var(ROLE).as_deref() {
+        Ok("jailed") => return jailed_main(),
+        Ok("jailed-userns") => return jailed_userns_main(),
+        _ => {}
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 6] = [
+        (
+            "user_namespace_jail_is_root_inside_and_nobody_outside_without_capabilities",
+            user_namespace_jail_is_root_inside_and_nobody_outside_without_capabilities,
+        ),
+        (
+            "user_namespace_jail_cannot_use_a_device_its_host_uid_cannot_open",
+            user_namespace_jail_cannot_use_a_device_its_host_uid_cannot_open,
+        ),
         (
             "jailed_process_has_the_ids_namespaces_root_and_runs_a_guest_and_leaves_nothing",
             jailed_process_has_the_ids_namespaces_root_and_runs_a_guest_and_leaves_nothing,

@@ -7,34 +7,11 @@ mod common;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chitin::{Console, ConsoleCapture, ConsoleInput, Disk, ExitReason, Sandbox, Seccomp, Share};
 use chitin_test_guests::Guest;
-use common::{kvm_available, text, GUEST_TIMEOUT};
-
-/// A scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("chitin-seccomp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{kvm_available, text, Scratch, GUEST_TIMEOUT};
 
 /// Held by each test: a thread listing must not catch another test's
 /// thread between its start and its filter.
@@ -72,7 +49,7 @@ fn every_chitin_thread_is_filtered_and_the_embedders_are_not() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Arrange: a spinning guest on two vCPUs with a thread of every kind a
     // host-KVM sandbox has: console writer, event loop, a share's thread.
-    let scratch = Scratch::new("threads");
+    let scratch = Scratch::new("seccomp-threads");
     let share = scratch.path().join("share");
     std::fs::create_dir(&share).unwrap();
     let running = Sandbox::builder()
@@ -153,7 +130,7 @@ fn log_mode_sandboxes_make_no_syscall_outside_their_filters() {
         return;
     }
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let scratch = Scratch::new("log");
+    let scratch = Scratch::new("seccomp-log");
     // The vsock device's whole TX and RX path with malformed chains; the
     // disk and share are there for their set-up and teardown.
     let (reason, out) = run_logged(Guest::VsockHostile, &scratch, None);

@@ -60,3 +60,28 @@ pub fn run_to_exit(builder: SandboxBuilder) -> ExitReason {
 pub fn text(console: &ConsoleCapture) -> String {
     String::from_utf8_lossy(&console.contents()).into_owned()
 }
+
+/// A scratch directory for one test (under the temp dir, named for the
+/// test and this process, readable by all), removed when dropped.
+pub struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("chitin-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -468,10 +468,14 @@ fn work(
 
 /// Make this thread fit to serve a share: its own umask (the passthrough
 /// layer sets the umask to 0 at FUSE_INIT, which would otherwise be the
-/// whole process's), and, under root, no supplementary groups and no
-/// `CAP_FSETID` (a write then clears set-id bits, as for a host user).
-/// Run before the thread confines itself; what fails is logged and the
-/// share served anyway, as the host user allows.
+/// whole process's), and, under root, no supplementary groups and only
+/// the capabilities serving files as the guest's mapped ids needs
+/// ([`SHARE_CAPABILITIES`]; without `CAP_FSETID` a write clears set-id
+/// bits, as for a host user; without `CAP_SYS_ADMIN` or `CAP_MKNOD` the
+/// thread cannot mount or make devices whatever it is made to do).
+/// Capabilities are per thread: the embedder's threads keep theirs. Run
+/// before the thread confines itself; what fails is logged and the share
+/// served anyway, as the host user allows.
 fn prepare_thread() -> std::io::Result<()> {
     // SAFETY: unshare takes flags only; CLONE_FS gives this thread its
     // own root, cwd and umask.
@@ -493,13 +497,34 @@ fn prepare_thread() -> std::io::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
-        if let Err(e) = caps::drop(None, set, caps::Capability::CAP_FSETID) {
-            log::warn!("chitin-fs: cannot drop CAP_FSETID: {e}");
+    let keep: caps::CapsHashSet = SHARE_CAPABILITIES.iter().copied().collect();
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+    ] {
+        let kept = match caps::read(None, set) {
+            Ok(now) => now.intersection(&keep).copied().collect(),
+            Err(_) => caps::CapsHashSet::new(),
+        };
+        if let Err(e) = caps::set(None, set, &kept) {
+            log::warn!("chitin-fs: cannot reduce the thread's capabilities: {e}");
         }
     }
     Ok(())
 }
+
+/// What a share's thread keeps of a root VMM's capabilities: changing a
+/// file's owner to the guest's, reaching files as root does, acting as a
+/// file's owner, and switching to the guest's mapped ids and back.
+const SHARE_CAPABILITIES: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+];
 
 /// Wait for notifications and serve both queues until `stop` fires.
 fn serve(mut active: Active<NUM_QUEUES>, handler: &FsHandler, events: &[EventFd], stop: &EventFd) {

@@ -42,6 +42,8 @@ mod sys;
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -94,6 +96,9 @@ struct Resource {
     path: PathBuf,
     /// What is mounted: the path with symlinks resolved.
     source: PathBuf,
+    /// The source's device and inode when it was checked: what is bound
+    /// must be the same file.
+    identity: (u64, u64),
     kind: ResourceKind,
 }
 
@@ -104,9 +109,9 @@ pub enum JailError {
     /// `[A-Za-z0-9_.-]`, not starting with a dot.
     #[error("jail id {0:?} must be 1 to 64 of A-Z a-z 0-9 _ . - and not start with a dot")]
     InvalidId(String),
-    /// Root ids are refused outside a user namespace: the jail drops to
-    /// an unprivileged uid and gid.
-    #[error("{what} 0 is not allowed for a jail (without a user namespace)")]
+    /// Root ids are refused: the jail drops to an unprivileged uid and
+    /// gid (in a user namespace, the host's ids of its root).
+    #[error("{what} 0 is not allowed for a jail")]
     IdNotAllowed {
         /// `uid` or `gid`.
         what: &'static str,
@@ -287,6 +292,10 @@ fn known_step(step: &str) -> &'static str {
         "drop to the jailed ids",
         "clear the capabilities",
         "close inherited fds",
+        "become the user namespace's root",
+        "leave the caller's session",
+        "join a new session keyring",
+        "open",
         "wait for the id maps",
         "write the id maps",
     ];
@@ -391,8 +400,8 @@ impl Jail {
         }
     }
 
-    /// The uid and gid the jailed process runs as (not 0, unless in a
-    /// user namespace, where they are the ids inside it).
+    /// The uid and gid the jailed process runs as (not 0; with a user
+    /// namespace, the host's ids of the namespace's root).
     pub fn ids(mut self, uid: u32, gid: u32) -> Self {
         self.uid = uid;
         self.gid = gid;
@@ -400,10 +409,11 @@ impl Jail {
     }
 
     /// Run in a new user namespace whose root (and only id) is the host's
-    /// `uid`/`gid` set with [`Jail::ids`]: the jailed process is root in
-    /// its namespaces and an unprivileged user to the host. Devices are
-    /// then bind-mounted (a user namespace may not make nodes), so the
-    /// host's permissions on them must let that uid in.
+    /// `uid`/`gid` set with [`Jail::ids`]: the jailed process is uid 0,
+    /// without capabilities, in its namespaces and that unprivileged user
+    /// to the host. Devices are then bind-mounted (a user namespace may
+    /// not make nodes), so the host's permissions on them must let that
+    /// uid in.
     pub fn user_namespace(mut self, on: bool) -> Self {
         self.user_ns = on;
         self
@@ -506,13 +516,12 @@ impl Jail {
         if !id_ok {
             return Err(JailError::InvalidId(self.id.clone()));
         }
-        if !self.user_ns {
-            if self.uid == 0 {
-                return Err(JailError::IdNotAllowed { what: "uid" });
-            }
-            if self.gid == 0 {
-                return Err(JailError::IdNotAllowed { what: "gid" });
-            }
+        // In a user namespace these are the host's ids of its root.
+        if self.uid == 0 {
+            return Err(JailError::IdNotAllowed { what: "uid" });
+        }
+        if self.gid == 0 {
+            return Err(JailError::IdNotAllowed { what: "gid" });
         }
         let mut resources: Vec<Resource> = Vec::new();
         for (path, kind) in &self.paths {
@@ -523,16 +532,28 @@ impl Jail {
             if !clean || path == Path::new("/") {
                 return Err(JailError::InvalidPath(path.clone()));
             }
-            let source = std::fs::canonicalize(path).map_err(|source| JailError::PathMissing {
+            // The report channel is line- and tab-separated.
+            if path
+                .as_os_str()
+                .as_bytes()
+                .iter()
+                .any(|b| *b == b'\t' || *b == b'\n')
+            {
+                return Err(JailError::InvalidPath(path.clone()));
+            }
+            let missing = |source| JailError::PathMissing {
                 path: path.clone(),
                 source,
-            })?;
+            };
+            let source = std::fs::canonicalize(path).map_err(missing)?;
+            let meta = std::fs::metadata(&source).map_err(missing)?;
             if resources.iter().any(|r| r.path == *path) {
                 continue;
             }
             resources.push(Resource {
                 path: path.clone(),
                 source,
+                identity: (meta.dev(), meta.ino()),
                 kind: *kind,
             });
         }
@@ -611,9 +632,13 @@ impl Jail {
         let mut resources = resources;
         if let Some(cgroup) = &cgroup {
             // The jail's own cgroup, read-only: its limits and usage.
+            let identity = std::fs::metadata(cgroup.path())
+                .map(|m| (m.dev(), m.ino()))
+                .unwrap_or_default();
             resources.push(Resource {
                 path: PathBuf::from(CGROUP_VIEW),
                 source: cgroup.path().to_path_buf(),
+                identity,
                 kind: ResourceKind::ReadOnly,
             });
         }
@@ -646,10 +671,12 @@ impl Jail {
             path: None,
             source,
         })?;
+        let old_sigchld = sys::default_sigchld();
         // SAFETY: the process has one thread (checked above).
         let helper = match unsafe { sys::fork() } {
             Ok(pid) => pid,
             Err(source) => {
+                sys::restore_sigchld(&old_sigchld);
                 sys::restore_signals(&old_mask);
                 return Err(JailError::Step {
                     step: "fork the jail's helper",
@@ -690,6 +717,9 @@ impl Jail {
             let _ = channel.send("go\n");
             let line = channel.line(SETUP_TIMEOUT)?;
             if line == "ok\n" {
+                // The jailed process waits for this before it runs; if it
+                // died meanwhile, supervising reports how.
+                let _ = channel.send("run\n");
                 return Ok(());
             }
             Err(failed(line))
@@ -702,6 +732,7 @@ impl Jail {
             Err(e) => {
                 sys::kill(helper, libc::SIGKILL);
                 let _ = sys::wait(helper);
+                sys::restore_sigchld(&old_sigchld);
                 sys::restore_signals(&old_mask);
                 Err(e)
             }
@@ -748,6 +779,17 @@ impl Jail {
                 Fail::step("wait for the id maps", None, io::ErrorKind::TimedOut.into()),
             ),
         }
+        if self.user_ns {
+            // Become the namespace's root (the host's jailed ids): the
+            // host's root is not mapped in it, and files it made there
+            // would have no owner.
+            if let Err(f) = run(
+                "become the user namespace's root",
+                sys::set_ids(0, 0, false),
+            ) {
+                fail(&mut up, f);
+            }
+        }
         let mut flags =
             libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
         if self.netns.is_none() {
@@ -770,7 +812,13 @@ impl Jail {
         }
         match self.confine(resources, dir, up.fd()) {
             Ok(switch) => {
-                let _ = up.send("ok\n");
+                // Run only once the supervisor took the report: one that
+                // gave up meanwhile has cleaned up and returned an error.
+                let acked = up.send("ok\n").is_ok()
+                    && matches!(up.line(SETUP_TIMEOUT).as_deref(), Ok("run\n"));
+                if !acked {
+                    sys::exit_now(1);
+                }
                 drop(up);
                 sys::restore_signals(old_mask);
                 Jailed {
@@ -794,6 +842,9 @@ impl Jail {
     ) -> Result<RootSwitch, Fail> {
         let run = |step: &'static str, r: io::Result<()>| r.map_err(|e| Fail::step(step, None, e));
         run("die with the supervisor", sys::die_with_parent())?;
+        // No controlling terminal: nothing in the jail can push input into
+        // the caller's terminal.
+        run("leave the caller's session", sys::setsid())?;
         let new_root = dir.join("root");
         root::build(&new_root, resources, (self.uid, self.gid), self.user_ns)?;
         let switch = root::enter(&new_root)?;
@@ -813,11 +864,19 @@ impl Jail {
             sys::drop_bounding_and_ambient(),
         )?;
         run("set no_new_privs", sys::no_new_privs())?;
-        run(
-            "drop to the jailed ids",
-            sys::set_ids(self.uid, self.gid, !self.user_ns),
-        )?;
+        // The caller's keys (credentials of its session) stay outside.
+        run("join a new session keyring", sys::new_session_keyring())?;
+        // In a user namespace the jailed ids are its root, mapped to the
+        // host's ids; setgroups is denied there.
+        let ids = if self.user_ns {
+            sys::set_ids(0, 0, false)
+        } else {
+            sys::set_ids(self.uid, self.gid, true)
+        };
+        run("drop to the jailed ids", ids)?;
         run("clear the capabilities", sys::clear_capabilities())?;
+        // A change of ids clears the parent-death signal.
+        run("die with the supervisor", sys::die_with_parent())?;
         for resource in resources {
             let (mode, access) = match resource.kind {
                 ResourceKind::ReadOnly => (libc::R_OK, "read"),
@@ -950,6 +1009,10 @@ impl Channel {
             if n == 0 {
                 continue;
             }
+            // A report line is a step, an errno and a path.
+            if self.buf.len() > 64 << 10 {
+                return Err(JailError::Lost("a report line over 64 KiB".into()));
+            }
             let mut chunk = [0u8; 512];
             match self.file.read(&mut chunk) {
                 Ok(0) => return Err(JailError::Lost("the helper closed its report pipe".into())),
@@ -1017,12 +1080,9 @@ mod tests {
             .read_only("/etc/hostname"))
         .contains("overlap"));
         assert!(err(Jail::new("x").ids(1, 1).read_only("/proc/self")).contains("overlap"));
-        // Root ids are fine inside a user namespace.
-        assert!(Jail::new("x")
-            .ids(0, 0)
-            .user_namespace(true)
-            .check()
-            .is_ok());
+        // Not even as the host's ids of a user namespace's root.
+        assert!(err(Jail::new("x").ids(0, 0).user_namespace(true)).contains("uid 0"));
+        assert!(err(Jail::new("x").ids(1, 1).read_only("/tmp/a\tb")).contains("absolute"));
     }
 
     #[test]

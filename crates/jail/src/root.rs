@@ -8,6 +8,7 @@
 //! of this is visible outside the jail or outlives it.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -56,8 +57,8 @@ pub(crate) fn build(
     user_ns: bool,
 ) -> Result<(), Fail> {
     let slash = Path::new("/");
-    // Mounts made here must not show outside, and later host mounts need
-    // not show inside either (the jail has what it needs).
+    // Mounts made here must not show outside (host mounts made later
+    // below a bound directory still show inside, as a slave receives).
     sys::mount(None, slash, None, libc::MS_SLAVE | libc::MS_REC, None)
         .map_err(step("make / a slave mount", slash))?;
     sys::mount(
@@ -106,23 +107,36 @@ pub(crate) fn build(
     Ok(())
 }
 
-/// The mount point of `resource` under `root`, and its bind mount.
+/// The mount point of `resource` under `root`, and its bind mount (or
+/// device node). The source is opened without following any symlink and
+/// must still be the file checked before the fork: a path component
+/// swapped meanwhile fails the jail instead of exposing another file.
 fn place(root: &Path, resource: &Resource, owner: (u32, u32), user_ns: bool) -> Result<(), Fail> {
     let target = inside(root, &resource.path);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(step("make a mount point's parent", parent))?;
     }
-    let meta = std::fs::metadata(&resource.source).map_err(step("look at", &resource.path))?;
+    let handle = std::fs::File::from(
+        sys::open_path_no_symlinks(&resource.source).map_err(step("open", &resource.path))?,
+    );
+    let meta = handle.metadata().map_err(step("look at", &resource.path))?;
+    if (meta.dev(), meta.ino()) != resource.identity {
+        return Err(Fail::step(
+            "open",
+            Some(&resource.path),
+            io::Error::from_raw_os_error(libc::ESTALE),
+        ));
+    }
+    if resource.kind == ResourceKind::Device && !meta.file_type().is_char_device() {
+        return Err(Fail::step(
+            "make a device node",
+            Some(&resource.path),
+            io::Error::from_raw_os_error(libc::ENODEV),
+        ));
+    }
     if resource.kind == ResourceKind::Device && !user_ns {
         // A node of its own, owned by the jailed ids, rather than the
         // host's node: the host's permissions stay as they are.
-        if !meta.file_type().is_char_device() {
-            return Err(Fail::step(
-                "make a device node",
-                Some(&resource.path),
-                io::Error::other("not a character device"),
-            ));
-        }
         sys::mknod_char(&target, 0o600, meta.rdev())
             .map_err(step("make a device node", &resource.path))?;
         return sys::chown(&target, owner.0, owner.1)
@@ -133,25 +147,18 @@ fn place(root: &Path, resource: &Resource, owner: (u32, u32), user_ns: bool) -> 
     } else {
         std::fs::File::create(&target).map_err(step("make a mount point", &resource.path))?;
     }
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
     let recursive = if meta.is_dir() { libc::MS_REC } else { 0 };
-    sys::mount(
-        Some(&resource.source),
-        &target,
-        None,
-        libc::MS_BIND | recursive,
-        None,
-    )
-    .map_err(step("bind-mount", &resource.path))?;
-    let mut flags = libc::MS_BIND
-        | libc::MS_REMOUNT
-        | libc::MS_NOSUID
-        | sys::locked_mount_flags(&target).map_err(step("look at the mount of", &resource.path))?;
-    match resource.kind {
-        ResourceKind::ReadOnly => flags |= libc::MS_RDONLY | libc::MS_NODEV,
-        ResourceKind::Writable => flags |= libc::MS_NODEV,
-        ResourceKind::Device => flags &= !libc::MS_NODEV,
-    }
-    sys::mount(None, &target, None, flags, None)
+    sys::mount(Some(&by_fd), &target, None, libc::MS_BIND | recursive, None)
+        .map_err(step("bind-mount", &resource.path))?;
+    // On the mount and every mount below it (a read-only directory has
+    // no writable submount).
+    let attrs = match resource.kind {
+        ResourceKind::ReadOnly => sys::ATTR_RDONLY | sys::ATTR_NOSUID | sys::ATTR_NODEV,
+        ResourceKind::Writable => sys::ATTR_NOSUID | sys::ATTR_NODEV,
+        ResourceKind::Device => sys::ATTR_NOSUID,
+    };
+    sys::mount_setattr_recursive(&target, attrs)
         .map_err(step("restrict the bind mount", &resource.path))
 }
 

@@ -52,6 +52,123 @@ pub(crate) fn mount(
     .map(drop)
 }
 
+/// Open `path` as an `O_PATH` handle, refusing a symlink anywhere on the
+/// way (`openat2` with `RESOLVE_NO_SYMLINKS`): what is bound into a jail
+/// is the file checked, not what a swapped path component points at.
+pub(crate) fn open_path_no_symlinks(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    /// `RESOLVE_NO_SYMLINKS`.
+    const NO_SYMLINKS: u64 = 0x04;
+    let path = cpath(path)?;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: NO_SYMLINKS,
+    };
+    // SAFETY: a NUL-terminated path and an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &how,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    let fd = cvt(fd as libc::c_int)?;
+    // SAFETY: the fd was just opened and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mount_setattr(2)` on `target` and every mount below it: set the
+/// `MOUNT_ATTR_*` bits in `set`.
+pub(crate) fn mount_setattr_recursive(target: &Path, set: u64) -> io::Result<()> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    /// `AT_RECURSIVE`.
+    const RECURSIVE: libc::c_uint = 0x8000;
+    let target = cpath(target)?;
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a NUL-terminated path and a mount_attr of the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            RECURSIVE,
+            &attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    cvt(ret as libc::c_int).map(drop)
+}
+
+/// `MOUNT_ATTR_RDONLY`, `_NOSUID`, `_NODEV`.
+pub(crate) const ATTR_RDONLY: u64 = 0x1;
+pub(crate) const ATTR_NOSUID: u64 = 0x2;
+pub(crate) const ATTR_NODEV: u64 = 0x4;
+
+/// `setsid(2)`: a new session without a controlling terminal, so nothing
+/// in it can push input into the caller's terminal (`TIOCSTI`).
+pub(crate) fn setsid() -> io::Result<()> {
+    // SAFETY: setsid takes no arguments.
+    cvt(unsafe { libc::setsid() }).map(drop)
+}
+
+/// Join a new, empty session keyring: the caller's keys stay outside.
+pub(crate) fn new_session_keyring() -> io::Result<()> {
+    /// `KEYCTL_JOIN_SESSION_KEYRING`.
+    const JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a null name asks for a new anonymous keyring.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Put `SIGCHLD` back to its default action (an embedder that ignores it
+/// would make the kernel reap children unasked, and waits never end);
+/// the action it had, for [`restore_sigchld`].
+pub(crate) fn default_sigchld() -> libc::sigaction {
+    // SAFETY: sigaction is plain data; a zeroed one is SIG_DFL with no
+    // flags, and the old action is written into `old`.
+    unsafe {
+        let default: libc::sigaction = std::mem::zeroed();
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGCHLD, &default, &mut old);
+        old
+    }
+}
+
+/// Put back what [`default_sigchld`] returned.
+pub(crate) fn restore_sigchld(old: &libc::sigaction) {
+    // SAFETY: an action read by sigaction itself.
+    unsafe { libc::sigaction(libc::SIGCHLD, old, std::ptr::null_mut()) };
+}
+
 /// `umount2(2)`.
 pub(crate) fn umount2(target: &Path, flags: libc::c_int) -> io::Result<()> {
     let target = cpath(target)?;
@@ -351,6 +468,8 @@ pub(crate) fn wait(pid: libc::pid_t) -> io::Result<libc::c_int> {
 pub(crate) fn exit_like(status: libc::c_int) -> ! {
     if libc::WIFSIGNALED(status) {
         let sig = libc::WTERMSIG(status);
+        // No core of the supervisor (root) for a signal the jail died of.
+        let _ = setrlimit(libc::RLIMIT_CORE, 0);
         // SAFETY: restore the default action and unblock, then raise; a
         // signal whose default is not to die falls through to _exit.
         unsafe {
@@ -396,29 +515,4 @@ pub(crate) fn fs_magic(path: &Path) -> io::Result<i64> {
     // SAFETY: a NUL-terminated path and a valid buffer.
     cvt(unsafe { libc::statfs(path.as_ptr(), &mut buf) })?;
     Ok(buf.f_type)
-}
-
-/// The mount flags of the mount holding `path` that a bind remount must
-/// keep (a user namespace may not clear them): nosuid, nodev, noexec and
-/// the atime flags.
-pub(crate) fn locked_mount_flags(path: &Path) -> io::Result<libc::c_ulong> {
-    let path = cpath(path)?;
-    // SAFETY: statvfs is plain data that the call fills.
-    let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a valid buffer.
-    cvt(unsafe { libc::statvfs(path.as_ptr(), &mut buf) })?;
-    let mut flags = 0;
-    for (st, ms) in [
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ] {
-        if buf.f_flag & st != 0 {
-            flags |= ms;
-        }
-    }
-    Ok(flags)
 }

@@ -100,6 +100,11 @@ fn qword(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
 /// wait). No requeue, no priority inheritance.
 const FUTEX_OPS: &[u64] = &[0x00, 0x01, 0x09, 0x80, 0x81, 0x89, 0x109, 0x189];
 
+/// `TIOCSTI`: push a byte into a terminal's input.
+const TIOCSTI: u64 = 0x5412;
+/// `TIOCLINUX`: the Linux console's commands (selection paste among them).
+const TIOCLINUX: u64 = 0x541c;
+
 /// `SHUT_RDWR`.
 const SHUT_RDWR: u64 = 2;
 /// `SHUT_WR`.
@@ -117,9 +122,10 @@ fn runtime(rules: &mut Rules) {
     rules.any_args(&[
         libc::SYS_munmap,
         libc::SYS_mremap,
-        libc::SYS_madvise,
         libc::SYS_brk,
         libc::SYS_clock_gettime,
+        libc::SYS_gettimeofday,
+        libc::SYS_time,
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
         libc::SYS_sched_yield,
@@ -139,6 +145,17 @@ fn runtime(rules: &mut Rules) {
         libc::SYS_writev,
     ]);
     rules.arg_in(libc::SYS_futex, 1, FUTEX_OPS);
+    // What glibc's malloc and thread exit advise; never HWPOISON or
+    // SOFT_OFFLINE, which take host pages out of service.
+    rules.arg_in(
+        libc::SYS_madvise,
+        2,
+        &[
+            libc::MADV_DONTNEED as u64,
+            libc::MADV_FREE as u64,
+            libc::MADV_HUGEPAGE as u64,
+        ],
+    );
     rules.arg_without(libc::SYS_mmap, 2, libc::PROT_EXEC as u64);
     rules.arg_without(libc::SYS_mprotect, 2, libc::PROT_EXEC as u64);
     rules.arg_in(libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
@@ -237,7 +254,6 @@ fn fs(rules: &mut Rules) {
         libc::SYS_getdents64,
         libc::SYS_readlinkat,
         libc::SYS_mkdirat,
-        libc::SYS_mknodat,
         libc::SYS_symlinkat,
         libc::SYS_linkat,
         libc::SYS_unlinkat,
@@ -262,6 +278,17 @@ fn fs(rules: &mut Rules) {
     ]);
     rules.arg_in(libc::SYS_fcntl, 1, &[libc::F_SETFL as u64]);
     rules.arg_in(libc::SYS_umask, 0, &[0]);
+    // FIFOs, sockets and regular files; never a device node.
+    for kind in [libc::S_IFIFO, libc::S_IFSOCK, libc::S_IFREG] {
+        rules.when(
+            libc::SYS_mknodat,
+            vec![dword(
+                2,
+                SeccompCmpOp::MaskedEq(libc::S_IFMT.into()),
+                kind.into(),
+            )],
+        );
+    }
 }
 
 /// The agent connection's writer and demultiplexer: reads and writes on
@@ -361,7 +388,8 @@ fn writer_refusals(rules: &mut Rules) {
         libc::SYS_personality,
         libc::SYS_fanotify_init,
     ]);
-    // A clone that is not a thread of this process.
+    // A clone that is not a thread of this process, or that makes
+    // namespaces.
     rules.when(
         libc::SYS_clone,
         vec![qword(
@@ -370,6 +398,22 @@ fn writer_refusals(rules: &mut Rules) {
             0,
         )],
     );
+    for new in [
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWCGROUP,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+    ] {
+        rules.when(
+            libc::SYS_clone,
+            vec![qword(0, SeccompCmpOp::MaskedEq(new as u64), new as u64)],
+        );
+    }
+    // Typing into a terminal, and the console's own commands.
+    rules.arg_in(libc::SYS_ioctl, 1, &[TIOCSTI, TIOCLINUX]);
 }
 
 fn rules_of(class: ThreadClass) -> Rules {
@@ -395,7 +439,10 @@ fn answered(class: ThreadClass) -> &'static [(i64, i32)] {
     match class {
         ThreadClass::Fs => &[],
         ThreadClass::Writer => &[(libc::SYS_clone3, libc::ENOSYS)],
-        _ => &[(libc::SYS_openat, libc::EACCES)],
+        _ => &[
+            (libc::SYS_openat, libc::EACCES),
+            (libc::SYS_open, libc::EACCES),
+        ],
     }
 }
 
@@ -420,6 +467,9 @@ pub fn allowed_syscalls(class: ThreadClass) -> Vec<(i64, &'static str, bool)> {
 // linux/seccomp.h), for the few instructions written by hand.
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JMP_JEQ_K: u16 = 0x15;
+const BPF_JMP_JGE_K: u16 = 0x35;
+/// `__X32_SYSCALL_BIT`.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 const BPF_RET_K: u16 = 0x06;
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
@@ -442,9 +492,9 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 }
 
 /// Instructions put before seccompiler's program: in log mode, allow what
-/// the trampoline makes; then the syscalls the class answers with an
-/// error ([`answered`]). Each part falls through to the next instruction
-/// when it does not apply.
+/// the trampoline makes; refuse x32 syscalls; then the syscalls the class
+/// answers with an error ([`answered`]). Each part falls through to the
+/// next instruction when it does not apply.
 fn prefix(class: ThreadClass, mode: Seccomp) -> Vec<sock_filter> {
     let mut out = Vec::new();
     if mode == Seccomp::Log {
@@ -458,15 +508,19 @@ fn prefix(class: ThreadClass, mode: Seccomp) -> Vec<sock_filter> {
         ]);
     }
     let answers = answered(class);
-    if !answers.is_empty() {
-        // Syscall numbers mean something only for this architecture; any
-        // other goes on to seccompiler's own arch check.
-        let skip = u8::try_from(1 + 2 * answers.len()).expect("a short list");
-        out.extend([
-            stmt(BPF_LD_W_ABS, DATA_ARCH),
-            jump(BPF_JMP_JEQ_K, AUDIT_ARCH, 0, skip),
-            stmt(BPF_LD_W_ABS, DATA_NR),
-        ]);
+    // Syscall numbers mean something only for this architecture; any
+    // other goes on to seccompiler's own arch check, which refuses it.
+    let skip = u8::try_from(3 + 2 * answers.len()).expect("a short list");
+    out.extend([
+        stmt(BPF_LD_W_ABS, DATA_ARCH),
+        jump(BPF_JMP_JEQ_K, AUDIT_ARCH, 0, skip),
+        stmt(BPF_LD_W_ABS, DATA_NR),
+        // x32 syscalls (bit 30) carry this architecture's audit value but
+        // are other numbers for the same calls: refused outright.
+        jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(BPF_RET_K, refused(mode)),
+    ]);
+    {
         for &(nr, errno) in answers {
             out.extend([
                 jump(BPF_JMP_JEQ_K, nr as u32, 0, 1),
@@ -477,12 +531,22 @@ fn prefix(class: ThreadClass, mode: Seccomp) -> Vec<sock_filter> {
     out
 }
 
-/// The BPF program of `class` under `mode` (Enforce or Log).
-pub(crate) fn compile(class: ThreadClass, mode: Seccomp) -> Result<BpfProgram, String> {
-    let refused = match mode {
+/// What a refused syscall gets under `mode`.
+fn refused_action(mode: Seccomp) -> SeccompAction {
+    match mode {
         Seccomp::Log => SeccompAction::Trap,
         _ => SeccompAction::KillProcess,
-    };
+    }
+}
+
+/// [`refused_action`] as the filter's return value.
+fn refused(mode: Seccomp) -> u32 {
+    refused_action(mode).into()
+}
+
+/// The BPF program of `class` under `mode` (Enforce or Log).
+pub(crate) fn compile(class: ThreadClass, mode: Seccomp) -> Result<BpfProgram, String> {
+    let refused = refused_action(mode);
     let (mismatch, matched) = match class {
         ThreadClass::Writer => (SeccompAction::Allow, refused),
         _ => (refused, SeccompAction::Allow),
@@ -596,6 +660,7 @@ pub(crate) const NAMES: &[(i64, &str)] = names![
     SYS_getsockname,
     SYS_getsockopt,
     SYS_gettid,
+    SYS_gettimeofday,
     SYS_getuid,
     SYS_getxattr,
     SYS_init_module,
@@ -733,6 +798,7 @@ pub(crate) const NAMES: &[(i64, &str)] = names![
     SYS_syslog,
     SYS_tee,
     SYS_tgkill,
+    SYS_time,
     SYS_timerfd_create,
     SYS_timerfd_gettime,
     SYS_timerfd_settime,

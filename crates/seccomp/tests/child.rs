@@ -82,6 +82,27 @@ fn run_case(case: &str) -> bool {
             });
             false
         }
+        "vcpu-x32" => {
+            on_thread(ThreadClass::Vcpu, Seccomp::Enforce, || {
+                // getpid by its x32 number: the filter refuses the x32
+                // range before it looks at the number.
+                // SAFETY: getpid takes no arguments.
+                unsafe { libc::syscall(libc::SYS_getpid | 0x4000_0000) };
+            });
+            false
+        }
+        "writer-clone-namespace" => {
+            on_thread(ThreadClass::Writer, Seccomp::Enforce, || {
+                // A "thread" in a new user namespace: the kernel would
+                // refuse the combination (EINVAL); the filter must first.
+                let flags =
+                    libc::CLONE_THREAD | libc::CLONE_VM | libc::CLONE_SIGHAND | libc::CLONE_NEWUSER;
+                // SAFETY: the call never reaches the kernel's clone, and
+                // if it did, this flag set is refused there.
+                unsafe { libc::syscall(libc::SYS_clone, flags as u64, 0u64, 0u64, 0u64, 0u64) };
+            });
+            false
+        }
         "vcpu-open-refused" => {
             let (tx, rx) = mpsc::channel();
             on_thread(ThreadClass::Vcpu, Seccomp::Enforce, move || {
@@ -182,6 +203,18 @@ const TESTS: &[Test] = &[
     Test {
         name: "vcpu_thread_executable_mapping_kills_the_process_with_sigsys",
         case: "vcpu-exec-mapping",
+        killed: true,
+        stderr_has: None,
+    },
+    Test {
+        name: "vcpu_thread_x32_syscall_kills_the_process_with_sigsys",
+        case: "vcpu-x32",
+        killed: true,
+        stderr_has: None,
+    },
+    Test {
+        name: "writer_thread_clone_into_a_namespace_kills_the_process_with_sigsys",
+        case: "writer-clone-namespace",
         killed: true,
         stderr_has: None,
     },
