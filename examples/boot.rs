@@ -121,19 +121,6 @@ fn run(args: Args) -> Result<ExitReason, String> {
         (None, Ok(mode)) => parse_seccomp(&mode)?,
         (None, Err(_)) => Seccomp::Enforce,
     };
-    let mut read_only = vec![kernel.clone()];
-    read_only.extend(args.initrd.clone());
-    let mut writable = Vec::new();
-    for spec in &args.disks {
-        let (disk, _) = parse_disk(spec)?;
-        let path = disk.path().to_path_buf();
-        if spec.split(',').any(|o| o == "ro") {
-            read_only.push(path);
-        } else {
-            writable.push(path);
-        }
-    }
-    args.jail.enter(&read_only, &writable)?;
     let mut builder = Sandbox::builder()
         .kernel(kernel)
         .cmdline(args.cmdline)
@@ -160,6 +147,7 @@ fn run(args: Args) -> Result<ExitReason, String> {
     if args.stdin {
         builder = builder.console_input(ConsoleInput::new(std::io::stdin()));
     }
+    args.jail.enter(&builder)?;
     let sandbox = builder.build().map_err(|e| error_chain(&e))?;
     let running = sandbox.start().map_err(|e| error_chain(&e))?;
     Ok(match args.timeout {

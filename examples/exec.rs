@@ -90,12 +90,12 @@ fn run(args: &Args) -> Result<ExitStatus, String> {
         Some(dir) => GuestImage::in_dir(dir),
         None => prepared_default_image()?,
     };
-    args.jail
-        .enter(&[image.kernel().into(), image.initramfs().into()], &[])?;
-    let running = Sandbox::builder()
+    let builder = Sandbox::builder()
         .guest(image)
         .vcpus(args.vcpus)
-        .memory_mib(args.mem)
+        .memory_mib(args.mem);
+    args.jail.enter(&builder)?;
+    let running = builder
         .build()
         .map_err(|e| error_chain(&e))?
         .start()

@@ -80,6 +80,14 @@ pub use share::Share;
 
 pub use chitin_seccomp::{Seccomp, ThreadClass as SeccompThread, Violation as SeccompViolation};
 
+/// Confining a process that runs one sandbox: namespaces, a root holding
+/// only the sandbox's files, cgroup limits, no capabilities, unprivileged
+/// ids (`chitin-jail`; [`SandboxBuilder::jail`] fills one in from a
+/// sandbox's configuration). See docs/security.md.
+pub mod jail {
+    pub use chitin_jail::*;
+}
+
 /// What chitin's threads did outside their seccomp filters while running
 /// under [`Seccomp::Log`], each (thread kind, syscall) once, since the
 /// process started. Empty when every filter held, and always under

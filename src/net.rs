@@ -251,6 +251,14 @@ impl Net {
     }
 
     /// The MAC set with `.mac(..)`, if any.
+    /// The handed-over tap fd, if the interface has one.
+    pub(crate) fn handed_over_fd(&self) -> Option<std::os::fd::RawFd> {
+        match &self.source {
+            TapSource::Fd(fd) => Some(std::os::fd::AsRawFd::as_raw_fd(fd.as_ref())),
+            TapSource::Name(_) => None,
+        }
+    }
+
     pub(crate) fn chosen_mac(&self) -> Option<MacAddr> {
         self.mac
     }

@@ -337,6 +337,63 @@ impl SandboxBuilder {
         self
     }
 
+    /// A jail ([`chitin::jail::Jail`](crate::jail::Jail)) named `id`
+    /// holding exactly what this sandbox needs, for a process that runs
+    /// only this sandbox: the kernel and initrd read-only, each disk and
+    /// share read-only or writable as configured, the vsock socket's
+    /// directory writable (a private socket goes to the jail's own
+    /// `/tmp`), `/dev/kvm`, `/dev/net/tun` for interfaces opened by name
+    /// (the tap must exist, owned by the jailed uid; see
+    /// docs/security.md) and handed-over tap fds kept. Add the ids and
+    /// limits, enter it, then build this builder in the jailed process:
+    ///
+    /// ```no_run
+    /// use chitin::jail::CgroupLimits;
+    /// use chitin::{GuestImage, Sandbox};
+    ///
+    /// let builder = Sandbox::builder().guest(GuestImage::default());
+    /// builder
+    ///     .jail("sandbox-1")
+    ///     .ids(1000, 1000)
+    ///     .cgroup(CgroupLimits { memory_max: Some(512 << 20), ..Default::default() })
+    ///     .enter()?;
+    /// // Only the jailed process gets here.
+    /// let vm = builder.build()?.start()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn jail(&self, id: impl Into<String>) -> chitin_jail::Jail {
+        let mut jail = chitin_jail::Jail::new(id).device("/dev/kvm");
+        for file in self.kernel.iter().chain(&self.initrd) {
+            jail = jail.read_only(file);
+        }
+        for disk in &self.disks {
+            jail = if disk.is_read_only() {
+                jail.read_only(disk.path())
+            } else {
+                jail.writable(disk.path())
+            };
+        }
+        for share in &self.shares {
+            jail = if share.is_read_only() {
+                jail.read_only(share.host_dir())
+            } else {
+                jail.writable(share.host_dir())
+            };
+        }
+        if let Some(dir) = self.vsock.as_ref().and_then(|v| v.path.parent()) {
+            if !dir.as_os_str().is_empty() {
+                jail = jail.writable(dir);
+            }
+        }
+        if self.nets.iter().any(|n| n.handed_over_fd().is_none()) {
+            jail = jail.device("/dev/net/tun");
+        }
+        for fd in self.nets.iter().filter_map(Net::handed_over_fd) {
+            jail = jail.keep_fd(fd);
+        }
+        jail
+    }
+
     /// Validate the configuration, create the VM and load the kernel. No
     /// guest code runs until [`Sandbox::start`].
     pub fn build(self) -> Result<Sandbox, SandboxError> {
@@ -998,6 +1055,32 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, SandboxError::SecondRootDisk));
+    }
+
+    #[test]
+    fn jail_holds_the_builders_files_as_configured_and_kvm() {
+        let jail = Sandbox::builder()
+            .kernel("/k/vmlinux")
+            .initrd("/k/initrd")
+            .disk(Disk::new("/d/ro.img").read_only(true))
+            .disk(Disk::new("/d/rw.img"))
+            .share(Share::new("/s/data", "data").read_only(true))
+            .vsock(3, "/run/v/sock")
+            .net(Net::tap("tap0"))
+            .jail("j");
+        let text = format!("{jail:?}");
+        for expected in [
+            r#"("/dev/kvm", Device)"#,
+            r#"("/k/vmlinux", ReadOnly)"#,
+            r#"("/k/initrd", ReadOnly)"#,
+            r#"("/d/ro.img", ReadOnly)"#,
+            r#"("/d/rw.img", Writable)"#,
+            r#"("/s/data", ReadOnly)"#,
+            r#"("/run/v", Writable)"#,
+            r#"("/dev/net/tun", Device)"#,
+        ] {
+            assert!(text.contains(expected), "{expected} not in {text}");
+        }
     }
 
     #[test]

@@ -1,16 +1,15 @@
-//! `--jail` for the examples: confine the process with chitin-jail before
-//! the sandbox is built (one sandbox per process, as a containerd shim or
-//! a CLI runs it).
+//! `--jail` for the examples: confine the process with chitin's jail
+//! before the sandbox is built (one sandbox per process, as a containerd
+//! shim or a CLI runs it).
 
-use std::path::PathBuf;
-
-use chitin_jail::{CgroupLimits, Jail};
+use chitin::jail::CgroupLimits;
+use chitin::SandboxBuilder;
 
 /// The examples' jail options.
 #[derive(clap::Args, Debug)]
 pub struct JailArgs {
     /// Confine this process before the sandbox is built: new namespaces, a
-    /// root holding only what the sandbox needs, no capabilities,
+    /// root holding only the sandbox's files, no capabilities,
     /// `--jail-uid`/`--jail-gid` (run as root; see docs/security.md).
     #[arg(long)]
     pub jail: bool,
@@ -32,24 +31,18 @@ pub struct JailArgs {
 }
 
 impl JailArgs {
-    /// Enter the jail (if `--jail`), exposing `read_only` files, the
-    /// `writable` ones and `/dev/kvm`. Returns in the jailed process only;
-    /// the calling process waits for it and exits as it does.
-    pub fn enter(&self, read_only: &[PathBuf], writable: &[PathBuf]) -> Result<(), String> {
+    /// Enter the jail `builder` needs (if `--jail`). Returns in the jailed
+    /// process only; the calling process waits for it and exits as it
+    /// does.
+    pub fn enter(&self, builder: &SandboxBuilder) -> Result<(), String> {
         if !self.jail {
             return Ok(());
         }
-        let mut jail = Jail::new(format!("example-{}", std::process::id()))
+        let mut jail = builder
+            .jail(format!("example-{}", std::process::id()))
             .ids(self.jail_uid, self.jail_gid)
-            .device("/dev/kvm")
             .keep_env("RUST_LOG")
             .keep_env("CHITIN_SECCOMP");
-        for path in read_only {
-            jail = jail.read_only(path);
-        }
-        for path in writable {
-            jail = jail.writable(path);
-        }
         let limits = CgroupLimits {
             memory_max: self.jail_mem_mib.map(|m| m << 20),
             cpu_max: self.jail_cpu_percent.map(|p| (p * 1000, 100_000)),
