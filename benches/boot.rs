@@ -164,6 +164,33 @@ fn rss() {
     }
 }
 
+/// Starting a thread until it is confined, per thread class, next to
+/// starting one without a filter: the kernel's cost of installing each
+/// class's filter (it compiles the BPF program for every thread).
+fn confine_cost(runs: usize) {
+    use chitin_seccomp::{spawn, ThreadClass};
+    let start = |class, mode| {
+        let t0 = Instant::now();
+        let thread = spawn("chitin-bench", class, mode, || {}).expect("thread");
+        let confined = t0.elapsed();
+        thread.join().unwrap();
+        confined
+    };
+    stats(
+        "thread start, no filter",
+        (0..runs)
+            .map(|_| start(ThreadClass::Vcpu, Seccomp::Off))
+            .collect(),
+    );
+    for class in ThreadClass::ALL {
+        let name = format!("thread start + {class} filter");
+        stats(
+            &name,
+            (0..runs).map(|_| start(class, Seccomp::Enforce)).collect(),
+        );
+    }
+}
+
 /// `build()` + `start()` → first guest I/O with seccomp enforced and
 /// off, interleaved run by run so drift on the host hits both alike.
 fn seccomp_cost(runs: usize) {
@@ -258,11 +285,13 @@ fn main() {
     if args.iter().any(|a| a == "--bench") {
         timings(RUNS);
         rss();
-        seccomp_cost(RUNS);
+        confine_cost(100);
+        seccomp_cost(100);
         jail_cost(RUNS);
     } else {
         println!("boot bench smoke run (use `cargo bench --bench boot` for figures)");
         timings(1);
+        confine_cost(1);
         seccomp_cost(1);
         jail_cost(1);
     }

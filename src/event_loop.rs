@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use chitin_seccomp::{Seccomp, ThreadClass};
+use chitin_seccomp::{Seccomp, Starting, ThreadClass};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -77,14 +77,23 @@ impl EventLoop {
 
     /// Run the loop on a thread named `chitin-events`, confined to the
     /// event-loop seccomp filter under `seccomp`.
+    #[cfg(all(test, feature = "tokio"))]
     pub(crate) fn spawn(self, seccomp: Seccomp) -> std::io::Result<RunningEventLoop> {
+        let mut running = self.start(seccomp)?;
+        running.confirm()?;
+        Ok(running)
+    }
+
+    /// [`EventLoop::spawn`] without waiting for the thread to be confined
+    /// (it serves nothing until it is): [`RunningEventLoop::confirm`].
+    pub(crate) fn start(self, seccomp: Seccomp) -> std::io::Result<RunningEventLoop> {
         let stop = self.stop.try_clone()?;
         let Self {
             mut manager,
             stopped,
             ..
         } = self;
-        let thread = chitin_seccomp::spawn(
+        let starting = chitin_seccomp::start(
             "chitin-events",
             ThreadClass::EventLoop,
             seccomp,
@@ -101,7 +110,8 @@ impl EventLoop {
         )?;
         Ok(RunningEventLoop {
             stop,
-            thread: Some(thread),
+            starting: Some(starting),
+            thread: None,
         })
     }
 }
@@ -109,11 +119,26 @@ impl EventLoop {
 /// The running loop; stopping joins its thread.
 pub(crate) struct RunningEventLoop {
     stop: EventFd,
+    /// The thread until it said it is confined.
+    starting: Option<Starting>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl RunningEventLoop {
+    /// Wait until the loop's thread is confined; an error if it could not
+    /// be (it then serves nothing and has ended).
+    pub(crate) fn confirm(&mut self) -> std::io::Result<()> {
+        match self.starting.take() {
+            Some(starting) => {
+                self.thread = Some(starting.confirm()?);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn stop(&mut self) {
+        let _ = self.confirm();
         if let Some(thread) = self.thread.take() {
             let _ = self.stop.write(1);
             let _ = thread.join();

@@ -659,8 +659,11 @@ impl Sandbox {
             seccomp,
             socket_file,
         } = self;
+        // Every thread is started before any is waited for, so their
+        // filters are installed in parallel and the boot vCPU enters the
+        // guest as soon as its own is.
         let events = events
-            .spawn(seccomp)
+            .start(seccomp)
             .map_err(|e| device_err("event loop", "thread", e))?;
         let running = RunningSandbox {
             life: Arc::new(Life {
@@ -675,21 +678,43 @@ impl Sandbox {
             nets,
             _socket_file: socket_file,
         };
+        let mut starting = Vec::with_capacity(vcpus.len());
+        let mut failed = None;
         for vcpu in vcpus {
-            let spawned = vcpu.spawn(
+            let id = vcpu.id();
+            match vcpu.start(
                 Arc::clone(&buses),
                 Arc::clone(&running.life.control),
                 seccomp,
-            );
-            match spawned {
-                Ok(thread) => relock(&running.life.threads).push(thread),
+            ) {
+                Ok(thread) => starting.push((id, thread)),
                 Err(e) => {
-                    // Dropping `running` stops and joins what already runs.
-                    return Err(SandboxError::Vcpu(e));
+                    failed = Some(SandboxError::Vcpu(e));
+                    break;
                 }
             }
         }
-        Ok(running)
+        // Every started thread is confirmed (or has ended) before this
+        // returns, so dropping `running` on an error joins them all.
+        for (id, thread) in starting {
+            match thread.confirm() {
+                Ok(thread) => relock(&running.life.threads).push(thread),
+                Err(source) => {
+                    failed.get_or_insert(SandboxError::Vcpu(chitin_vcpu::VcpuError::Spawn {
+                        id,
+                        source,
+                    }));
+                }
+            }
+        }
+        if let Err(e) = relock(&running.life.events).confirm() {
+            failed.get_or_insert(device_err("event loop", "thread", e));
+        }
+        match failed {
+            // Dropping `running` stops and joins what already runs.
+            Some(e) => Err(e),
+            None => Ok(running),
+        }
     }
 }
 

@@ -237,6 +237,37 @@ where
     P: FnOnce() -> io::Result<()> + Send + 'static,
     F: FnOnce() + Send + 'static,
 {
+    start_prepared(name, class, mode, prepare, work)?.confirm()
+}
+
+/// [`spawn`] without waiting: the thread confines itself while the
+/// caller goes on (starting others, so their filters are installed in
+/// parallel); [`Starting::confirm`] says whether it did. The thread does
+/// no work unless it is confined.
+pub fn start<F>(
+    name: impl Into<String>,
+    class: ThreadClass,
+    mode: Seccomp,
+    work: F,
+) -> io::Result<Starting>
+where
+    F: FnOnce() + Send + 'static,
+{
+    start_prepared(name, class, mode, || Ok(()), work)
+}
+
+/// [`spawn_prepared`] without waiting (see [`start`]).
+pub fn start_prepared<P, F>(
+    name: impl Into<String>,
+    class: ThreadClass,
+    mode: Seccomp,
+    prepare: P,
+    work: F,
+) -> io::Result<Starting>
+where
+    P: FnOnce() -> io::Result<()> + Send + 'static,
+    F: FnOnce() + Send + 'static,
+{
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(name.into())
@@ -245,25 +276,48 @@ where
                 .and_then(|()| prepare())
                 .and_then(|()| confine_current_thread(class, mode).map_err(io::Error::other));
             let ok = result.is_ok();
-            // The spawner waits for this; it cannot have gone away.
+            // The channel holds one message: this never blocks, and a
+            // starter that went away needs no answer.
             let _ = ready_tx.send(result);
             drop(ready_tx);
             if ok {
                 work();
             }
         })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(thread),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(e)
-        }
-        Err(_) => {
-            // The thread ended without a word: it panicked getting ready.
-            let _ = thread.join();
-            Err(io::Error::other(format!(
-                "the {class} thread ended before it was confined"
-            )))
+    Ok(Starting {
+        thread,
+        ready: ready_rx,
+        class,
+    })
+}
+
+/// A thread that is confining itself ([`start`]).
+#[derive(Debug)]
+pub struct Starting {
+    thread: JoinHandle<()>,
+    ready: mpsc::Receiver<io::Result<()>>,
+    class: ThreadClass,
+}
+
+impl Starting {
+    /// Wait until the thread is confined and return it; if it could not
+    /// be, it has ended without doing its work, and the error says why.
+    pub fn confirm(self) -> io::Result<JoinHandle<()>> {
+        match self.ready.recv() {
+            Ok(Ok(())) => Ok(self.thread),
+            Ok(Err(e)) => {
+                let _ = self.thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                // The thread ended without a word: it panicked getting
+                // ready.
+                let _ = self.thread.join();
+                Err(io::Error::other(format!(
+                    "the {} thread ended before it was confined",
+                    self.class
+                )))
+            }
         }
     }
 }

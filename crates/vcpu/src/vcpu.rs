@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use chitin_boot::BootInfo;
 use chitin_bus::Bus;
 use chitin_memory::GuestMemoryMmap;
-use chitin_seccomp::{Seccomp, ThreadClass};
+use chitin_seccomp::{Seccomp, Starting, ThreadClass};
 use kvm_bindings::{
     Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -155,7 +155,22 @@ impl Vcpu {
         seccomp: Seccomp,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
-        chitin_seccomp::spawn(
+        self.start(buses, control, seccomp)?
+            .confirm()
+            .map_err(|source| VcpuError::Spawn { id, source })
+    }
+
+    /// [`Vcpu::spawn`] without waiting for the thread to be confined (it
+    /// enters the guest only once it is): confirm with
+    /// [`Starting::confirm`], after starting the other threads.
+    pub fn start(
+        self,
+        buses: Arc<IoBuses>,
+        control: Arc<VmControl>,
+        seccomp: Seccomp,
+    ) -> Result<Starting, VcpuError> {
+        let id = self.id;
+        chitin_seccomp::start(
             format!("chitin-vcpu{id}"),
             ThreadClass::Vcpu,
             seccomp,

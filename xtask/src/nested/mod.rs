@@ -108,6 +108,13 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
                 .iter()
                 .flat_map(|d| ["--disk".to_string(), d.to_string()]),
         )
+        .chain(
+            s.jail
+                .then_some(["--jail", "--jail-uid", "1000", "--jail-gid", "1000"])
+                .into_iter()
+                .flatten()
+                .map(String::from),
+        )
         .collect()
     };
     // The runner's own timeout is a little longer than the VMM's, so the

@@ -258,6 +258,20 @@ pub fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     passed_checks(run)
 }
 
+/// What the `boot` example says once it is jailed.
+pub const JAILED_LINE: &str = "chitin: jailed as uid 1000 gid 1000";
+
+/// A boot whose VMM said it ran jailed as uid/gid 1000.
+pub fn judge_jailed_boot(run: &Run, disks: &Disks) -> Result<String, String> {
+    let checks = judge_checks(run, disks)?;
+    let jailed = run
+        .lines
+        .iter()
+        .find(|l| l.contains(JAILED_LINE))
+        .ok_or_else(|| format!("no `{JAILED_LINE}` line: the VMM did not run jailed"))?;
+    Ok(format!("{}; {checks}", jailed.trim_start_matches("! ")))
+}
+
 pub fn judge_blk(run: &Run, disks: &Disks) -> Result<String, String> {
     judge_checks(run, disks)?;
     let fnv = check_value(run, "write-files", "big_fnv")?;
@@ -532,6 +546,37 @@ mod tests {
         let runs = vec![(name.to_string(), s)];
         let parsed = parse_runs(&runs, log);
         judge(s, &parsed[0], &no_disks())
+    }
+
+    fn boot_lines(extra: &[&str]) -> Vec<String> {
+        let mut lines = vec![format!(
+            "| {UP_MARKER} version={AGENT_VERSION} scenario=boot"
+        )];
+        lines.push(format!(
+            "| chitin-agent: cmdline {}",
+            l2_cmdline(scenario("boot-jail"))
+        ));
+        lines.push("| chitin-agent: kernel 6.1.192".into());
+        lines.push("| chitin-check: cpus PASS online=0-1 want=2".into());
+        lines.push("| chitin-agent: done pass=1 fail=0".into());
+        lines.extend(extra.iter().map(|l| l.to_string()));
+        lines
+    }
+
+    #[test]
+    fn jailed_boot_with_its_jailed_line_is_a_pass() {
+        let body = boot_lines(&["! chitin: jailed as uid 1000 gid 1000 (MoveAndChroot)"]);
+        let result = judge_one("boot-jail", &console("boot-jail", &body, "0"));
+        assert!(result
+            .unwrap()
+            .starts_with("chitin: jailed as uid 1000 gid 1000"));
+    }
+
+    #[test]
+    fn jailed_boot_without_its_jailed_line_fails() {
+        let body = boot_lines(&["! chitin: jailed as uid 0 gid 0 (MoveAndChroot)"]);
+        let result = judge_one("boot-jail", &console("boot-jail", &body, "0"));
+        assert!(result.unwrap_err().contains("did not run jailed"));
     }
 
     #[test]

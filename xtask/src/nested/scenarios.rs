@@ -3,7 +3,7 @@
 
 use super::report::{
     judge_blk, judge_checks, judge_console, judge_discard, judge_host_checks, judge_integrity,
-    judge_panic, Run,
+    judge_jailed_boot, judge_panic, Run,
 };
 use crate::disks::Disks;
 use crate::guest::KernelVersion;
@@ -83,6 +83,8 @@ pub struct Scenario {
     /// chitin `--disk` values, in L2 order; `@serial` stands for the L1
     /// block device of that image (see [`crate::disks`]).
     pub disks: &'static [&'static str],
+    /// Run the `boot` example jailed (`--jail` as uid/gid 1000).
+    pub jail: bool,
     pub judge: fn(&Run, &Disks) -> Result<String, String>,
 }
 
@@ -96,6 +98,7 @@ const BOOT: Scenario = Scenario {
     peer: false,
     host_checks: None,
     disks: &[],
+    jail: false,
     judge: judge_checks,
 };
 
@@ -166,6 +169,13 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot-qemu",
         peer: true,
+        ..BOOT
+    },
+    // The boot figure with the VMM jailed as well as filtered.
+    Scenario {
+        name: "boot-jail",
+        jail: true,
+        judge: judge_jailed_boot,
         ..BOOT
     },
     Scenario {
