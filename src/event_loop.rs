@@ -75,17 +75,10 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Run the loop on a thread named `chitin-events`, confined to the
-    /// event-loop seccomp filter under `seccomp`.
-    #[cfg(all(test, feature = "tokio"))]
-    pub(crate) fn spawn(self, seccomp: Seccomp) -> std::io::Result<RunningEventLoop> {
-        let mut running = self.start(seccomp)?;
-        running.confirm()?;
-        Ok(running)
-    }
-
-    /// [`EventLoop::spawn`] without waiting for the thread to be confined
-    /// (it serves nothing until it is): [`RunningEventLoop::confirm`].
+    /// Run the loop on a thread named `chitin-events`, which confines
+    /// itself to the event-loop seccomp filter under `seccomp` and serves
+    /// nothing before; this does not wait for that
+    /// ([`RunningEventLoop::confirm`]).
     pub(crate) fn start(self, seccomp: Seccomp) -> std::io::Result<RunningEventLoop> {
         let stop = self.stop.try_clone()?;
         let Self {

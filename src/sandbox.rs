@@ -895,9 +895,10 @@ impl SandboxHandle {
     /// what runs on top of the link.
     #[cfg(all(test, feature = "tokio"))]
     pub(crate) fn detached(agent: AgentLink, control: Arc<VmControl>) -> Self {
-        let events = EventLoop::new()
-            .and_then(|events| events.spawn(Seccomp::Enforce))
+        let mut events = EventLoop::new()
+            .and_then(|events| events.start(Seccomp::Enforce))
             .expect("an empty event loop");
+        events.confirm().expect("a confined event loop");
         SandboxHandle {
             life: Arc::new(Life {
                 control,

@@ -87,15 +87,8 @@ fn jailed_main() {
         .max_open_files(512)
         .max_file_size(1 << 30)
         .enter();
-    let jailed = match jailed {
-        Ok(j) => j,
-        Err(e) => {
-            eprintln!("jail: {}", chitin::error_chain(&e));
-            std::process::exit(2);
-        }
-    };
-    let mut facts = Vec::new();
-    for field in [
+    let jailed = entered_or_exit(jailed);
+    let mut facts = status_facts(&[
         "Uid",
         "Gid",
         "Groups",
@@ -105,9 +98,7 @@ fn jailed_main() {
         "CapBnd",
         "CapAmb",
         "NoNewPrivs",
-    ] {
-        facts.push(format!("{field}: {}", status_field(field)));
-    }
+    ]);
     facts.push(format!("ns: {}", namespaces().join(" ")));
     facts.push(format!("switch: {:?}", jailed.root_switch()));
     facts.push(format!("pid: {}", std::process::id()));
@@ -164,15 +155,8 @@ fn jailed_userns_main() {
         .state_dir(&state)
         .writable(&out)
         .enter();
-    let jailed = match jailed {
-        Ok(j) => j,
-        Err(e) => {
-            eprintln!("jail: {}", chitin::error_chain(&e));
-            std::process::exit(2);
-        }
-    };
-    let mut facts = Vec::new();
-    for field in [
+    let jailed = entered_or_exit(jailed);
+    let mut facts = status_facts(&[
         "Uid",
         "Gid",
         "CapPrm",
@@ -180,9 +164,7 @@ fn jailed_userns_main() {
         "CapBnd",
         "CapAmb",
         "NoNewPrivs",
-    ] {
-        facts.push(format!("{field}: {}", status_field(field)));
-    }
+    ]);
     let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
     facts.push(format!(
         "uid_map: {}",
@@ -192,6 +174,22 @@ fn jailed_userns_main() {
     facts.push(format!("pid: {}", std::process::id()));
     std::fs::write(out.join("facts"), facts.join("\n") + "\n").unwrap();
     std::process::exit(0);
+}
+
+/// The jailed process, or exit 2 saying why the jail failed.
+fn entered_or_exit(entered: Result<chitin_jail::Jailed, JailError>) -> chitin_jail::Jailed {
+    entered.unwrap_or_else(|e| {
+        eprintln!("jail: {}", chitin::error_chain(&e));
+        std::process::exit(2);
+    })
+}
+
+/// `<field>: <value>` lines of `/proc/self/status` for `fields`.
+fn status_facts(fields: &[&str]) -> Vec<String> {
+    fields
+        .iter()
+        .map(|field| format!("{field}: {}", status_field(field)))
+        .collect()
 }
 
 /// A fact line's value.

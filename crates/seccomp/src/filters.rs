@@ -520,13 +520,11 @@ fn prefix(class: ThreadClass, mode: Seccomp) -> Vec<sock_filter> {
         jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 0, 1),
         stmt(BPF_RET_K, refused(mode)),
     ]);
-    {
-        for &(nr, errno) in answers {
-            out.extend([
-                jump(BPF_JMP_JEQ_K, nr as u32, 0, 1),
-                stmt(BPF_RET_K, libc::SECCOMP_RET_ERRNO | errno as u32),
-            ]);
-        }
+    for &(nr, errno) in answers {
+        out.extend([
+            jump(BPF_JMP_JEQ_K, nr as u32, 0, 1),
+            stmt(BPF_RET_K, libc::SECCOMP_RET_ERRNO | errno as u32),
+        ]);
     }
     out
 }

@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::fmt::Write as _;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::OnceLock;
 
 use libc::{c_int, c_void, siginfo_t};
 
@@ -108,12 +108,13 @@ fn record(class: ThreadClass, nr: i64) -> bool {
     }
 }
 
-static INSTALL: Once = Once::new();
+/// Whether the handler is installed: `Err(errno)` for good if it could
+/// not be (a filter trapping into no handler would kill the process).
+static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
 
 /// Install the process-wide `SIGSYS` handler (idempotent).
 pub(crate) fn install_handler() -> io::Result<()> {
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
+    let installed = INSTALLED.get_or_init(|| {
         // SAFETY: a zeroed sigaction is a valid starting point; every
         // field used is set below.
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -122,11 +123,15 @@ pub(crate) fn install_handler() -> io::Result<()> {
         action.sa_flags = libc::SA_SIGINFO;
         // SAFETY: `action` is initialised; the old action is not wanted.
         let rc = unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) };
-        if rc != 0 {
-            result = Err(io::Error::last_os_error());
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL))
         }
     });
-    result
+    installed.map_err(io::Error::from_raw_os_error)
 }
 
 /// The `SIGSYS` part of `siginfo_t` (`_sigsys` in the kernel's union),

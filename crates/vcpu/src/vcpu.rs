@@ -6,7 +6,6 @@
 //! an ISA bus with nothing plugged in.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use chitin_boot::BootInfo;
 use chitin_bus::Bus;
@@ -144,25 +143,12 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Start the vCPU on its own thread, named `chitin-vcpu<id>`, confined
-    /// to the vCPU seccomp filter under `seccomp` before it enters the
-    /// guest. The thread runs until `control` says stop, then records
-    /// nothing more and exits.
-    pub fn spawn(
-        self,
-        buses: Arc<IoBuses>,
-        control: Arc<VmControl>,
-        seccomp: Seccomp,
-    ) -> Result<JoinHandle<()>, VcpuError> {
-        let id = self.id;
-        self.start(buses, control, seccomp)?
-            .confirm()
-            .map_err(|source| VcpuError::Spawn { id, source })
-    }
-
-    /// [`Vcpu::spawn`] without waiting for the thread to be confined (it
-    /// enters the guest only once it is): confirm with
-    /// [`Starting::confirm`], after starting the other threads.
+    /// Start the vCPU on its own thread, named `chitin-vcpu<id>`, which
+    /// confines itself to the vCPU seccomp filter under `seccomp` and only
+    /// then enters the guest; this does not wait for that (confirm with
+    /// [`Starting::confirm`] once the other threads are started). The
+    /// thread runs until `control` says stop, then records nothing more
+    /// and exits.
     pub fn start(
         self,
         buses: Arc<IoBuses>,
