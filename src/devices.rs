@@ -6,9 +6,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use chitin_acpi::VirtioMmioDevice;
 use chitin_devices::{
-    CmosRtc, I8042Device, SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE,
-    RTC_LEN,
+    AcpiPm, CmosRtc, I8042Device, PmEvent, SerialDevice, SerialInput, ACPI_PM_BASE, ACPI_PM_LEN,
+    COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE, RTC_LEN,
 };
 use chitin_memory::layout::VIRTIO_MMIO_START;
 use chitin_memory::GuestRam;
@@ -67,8 +68,8 @@ impl VirtioSlots {
 
 /// Put `device` behind the next virtio-mmio window: QueueNotify writes
 /// signal its queue events inside KVM (ioeventfd), its interrupt is an
-/// irqfd, its queues are processed on the event loop. Returns the
-/// `virtio_mmio.device=` entry the guest needs to find it.
+/// irqfd, its queues are processed on the event loop. Returns where it is,
+/// for the DSDT or the command line ([`mmio_cmdline_entry`]).
 pub(crate) fn attach_virtio<D>(
     vm: &Vm,
     ram: &GuestRam,
@@ -76,7 +77,7 @@ pub(crate) fn attach_virtio<D>(
     slots: &mut VirtioSlots,
     buses: &mut IoBuses,
     events: &mut EventLoop,
-) -> Result<String, SandboxError>
+) -> Result<VirtioMmioDevice, SandboxError>
 where
     D: VirtioDevice + MutEventSubscriber + Send + 'static,
 {
@@ -96,10 +97,26 @@ where
         .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)
         .map_err(|e| device_err("virtio-mmio", "MMIO window", e))?;
     events.add(device);
-    Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+    Ok(VirtioMmioDevice {
+        base,
+        len: MMIO_WINDOW_SIZE,
+        gsi,
+    })
 }
 
-/// COM1, the i8042 and the CMOS RTC on the port-I/O bus.
+/// The `virtio_mmio.device=` entry a kernel without ACPI needs to find
+/// `device` (`VIRTIO_MMIO_CMDLINE_DEVICES`).
+pub(crate) fn mmio_cmdline_entry(device: &VirtioMmioDevice) -> String {
+    format!(
+        "virtio_mmio.device={}K@{:#x}:{}",
+        device.len / 1024,
+        device.base,
+        device.gsi
+    )
+}
+
+/// COM1, the i8042 and the CMOS RTC on the port-I/O bus, and with `acpi`
+/// the sleep and reset registers the FADT points at.
 pub(crate) fn legacy_devices(
     vm: &Vm,
     control: &Arc<VmControl>,
@@ -107,6 +124,7 @@ pub(crate) fn legacy_devices(
     input: Option<ConsoleInput>,
     events: &mut EventLoop,
     seccomp: Seccomp,
+    acpi: bool,
 ) -> Result<IoBuses, SandboxError> {
     let mut buses = IoBuses::default();
 
@@ -138,5 +156,18 @@ pub(crate) fn legacy_devices(
         .pio
         .insert(Arc::new(CmosRtc::new()), RTC_BASE, RTC_LEN)
         .map_err(|e| device_err("rtc", "port range", e))?;
+    if acpi {
+        let pm_control = Arc::clone(control);
+        let pm = AcpiPm::new(Box::new(move |event| {
+            pm_control.request_exit(match event {
+                PmEvent::PowerOff => ExitReason::PowerOff,
+                PmEvent::Reset => ExitReason::Reset,
+            });
+        }));
+        buses
+            .pio
+            .insert(Arc::new(pm), ACPI_PM_BASE, ACPI_PM_LEN)
+            .map_err(|e| device_err("acpi-pm", "port range", e))?;
+    }
     Ok(buses)
 }

@@ -41,6 +41,9 @@ pub enum SandboxError {
     /// The kernel or initrd could not be loaded.
     #[error("cannot load the guest kernel")]
     Boot(#[source] chitin_boot::BootError),
+    /// The ACPI tables could not be built or written.
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] chitin_acpi::AcpiError),
     /// A vCPU could not be created or started.
     #[error("cannot set up a vCPU")]
     Vcpu(#[source] chitin_vcpu::VcpuError),

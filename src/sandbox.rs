@@ -26,7 +26,7 @@ use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
 use chitin_vsock::{SocketFile, Vsock, VsockConfig};
 
 use crate::console::{Console, ConsoleInput};
-use crate::devices::{attach_virtio, device_err, legacy_devices, VirtioSlots};
+use crate::devices::{attach_virtio, device_err, legacy_devices, mmio_cmdline_entry, VirtioSlots};
 use crate::disk::{device_name, Disk};
 use crate::error::ExecError;
 use crate::error::SandboxError;
@@ -121,6 +121,7 @@ pub struct SandboxBuilder {
     vsock: Option<VsockSettings>,
     agent: bool,
     seccomp: Seccomp,
+    acpi: bool,
     first_error: Option<SandboxError>,
 }
 
@@ -145,6 +146,7 @@ impl Default for SandboxBuilder {
             vsock: None,
             agent: false,
             seccomp: Seccomp::Enforce,
+            acpi: true,
             first_error: None,
         }
     }
@@ -337,6 +339,25 @@ impl SandboxBuilder {
         self
     }
 
+    /// Describe the machine with ACPI tables (default `true`): a MADT with
+    /// the vCPUs and the IOAPIC, a DSDT with every virtio-mmio device
+    /// (`LNRO0005`), COM1 and the RTC, and a hardware-reduced FADT whose
+    /// sleep and reset registers chitin emulates, so that a guest's
+    /// `poweroff` ends the sandbox with [`ExitReason::PowerOff`] and an
+    /// ACPI reboot with [`ExitReason::Reset`]. This is what distribution
+    /// kernels need: they find virtio-mmio devices only through ACPI.
+    /// The MP table is written either way, for kernels booted `acpi=off`.
+    ///
+    /// With `false` the machine has no ACPI tables: the kernel learns its
+    /// CPUs from the MP table and its devices from the
+    /// `virtio_mmio.device=` entries chitin then appends to the command
+    /// line (the kernel needs `VIRTIO_MMIO_CMDLINE_DEVICES`), and can stop
+    /// the sandbox only by rebooting.
+    pub fn acpi(mut self, enabled: bool) -> Self {
+        self.acpi = enabled;
+        self
+    }
+
     /// A jail ([`chitin::jail::Jail`](crate::jail::Jail)) named `id`
     /// holding exactly what this sandbox needs, for a process that runs
     /// only this sandbox: the kernel and initrd read-only, each disk and
@@ -458,6 +479,7 @@ impl SandboxBuilder {
             self.input,
             &mut events,
             self.seccomp,
+            self.acpi,
         )?;
         let base = match (&self.cmdline, self.agent) {
             (Some(line), _) => line.clone(),
@@ -481,13 +503,14 @@ impl SandboxBuilder {
         }
         let mut slots = VirtioSlots::default();
         let mut faults = FaultTables::default();
+        let mut mmio_devices = Vec::new();
         for (index, disk) in self.disks.iter().enumerate() {
             let block = Block::new(disk.config()?).map_err(|source| SandboxError::Disk {
                 path: disk.path().to_path_buf(),
                 source,
             })?;
             faults.add(device_name(index), block.faults());
-            vmm_entries.push(attach_virtio(
+            mmio_devices.push(attach_virtio(
                 &vm,
                 &ram,
                 block,
@@ -502,7 +525,7 @@ impl SandboxBuilder {
             faults.add(format!("eth{index}"), device.faults());
             nets.push(device.counters());
             vmm_entries.extend(net.cmdline_entry(device.mac()));
-            vmm_entries.push(attach_virtio(
+            mmio_devices.push(attach_virtio(
                 &vm,
                 &ram,
                 device,
@@ -521,7 +544,7 @@ impl SandboxBuilder {
                 })?;
             faults.add(format!("fs {}", share.tag()), device.faults());
             vmm_entries.extend(share.cmdline_entry());
-            vmm_entries.push(attach_virtio(
+            mmio_devices.push(attach_virtio(
                 &vm,
                 &ram,
                 device,
@@ -552,7 +575,7 @@ impl SandboxBuilder {
             }
             faults.add("vsock", device.faults());
             socket_file = device.take_socket_file();
-            vmm_entries.push(attach_virtio(
+            mmio_devices.push(attach_virtio(
                 &vm,
                 &ram,
                 device,
@@ -561,6 +584,18 @@ impl SandboxBuilder {
                 &mut events,
             )?);
         }
+        // With ACPI the DSDT describes every device; without, the kernel
+        // needs one command-line entry per device.
+        let acpi_rsdp = if self.acpi {
+            let config = chitin_acpi::AcpiConfig {
+                vcpus: self.vcpus,
+                virtio: &mmio_devices,
+            };
+            Some(chitin_acpi::setup_acpi(ram.memory(), &config).map_err(SandboxError::Acpi)?)
+        } else {
+            vmm_entries.extend(mmio_devices.iter().map(mmio_cmdline_entry));
+            None
+        };
         if let Some(root) = self.root_disk {
             let mode = if self.disks[root].is_read_only() {
                 "ro"
@@ -580,6 +615,7 @@ impl SandboxBuilder {
                 initrd: self.initrd.as_deref(),
                 cmdline: &cmdline,
                 protocol: self.protocol,
+                acpi_rsdp,
             },
         )
         .map_err(SandboxError::Boot)?;

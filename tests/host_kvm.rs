@@ -338,15 +338,67 @@ fn disks_appear_on_the_command_line_with_root() {
         .cmdline("chitin.test=disks")
         .disk(chitin::Disk::new(&data))
         .root_disk(chitin::Disk::new(&root).read_only(true));
+    let acpi_off = ConsoleCapture::default();
+    let without_acpi = guest_builder(Guest::Report, &acpi_off)
+        .acpi(false)
+        .cmdline("chitin.test=disks")
+        .disk(chitin::Disk::new(&data))
+        .root_disk(chitin::Disk::new(&root).read_only(true));
     // Act
     let reason = run_to_exit(builder);
+    let reason_acpi_off = run_to_exit(without_acpi);
     std::fs::remove_dir_all(&dir).unwrap();
-    // Assert: one virtio-mmio window per disk in order, then the root.
+    // Assert: with ACPI the DSDT describes the disks and the command line
+    // names only the root; without, one virtio-mmio window per disk in
+    // order, then the root.
     let out = text(&console);
     assert_eq!(reason, ExitReason::Reset, "{out}");
+    assert!(out.contains("chitin.test=disks "), "{out}");
+    assert!(out.contains(" root=/dev/vdb ro\n"), "{out}");
+    assert!(!out.contains("virtio_mmio.device="), "{out}");
+    let out = text(&acpi_off);
+    assert_eq!(reason_acpi_off, ExitReason::Reset, "{out}");
     let want = "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
                 root=/dev/vdb ro\n";
     assert!(out.contains(want), "{out}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn acpi_guest_finds_the_tables_and_powers_off_through_the_fadt() {
+    if !kvm_available("acpi_power_off") {
+        return;
+    }
+    // Arrange
+    let console = ConsoleCapture::default();
+    let builder = guest_builder(Guest::Acpi, &console).vcpus(3);
+    // Act
+    let reason = run_to_exit(builder);
+    // Assert: the RSDP in the zero page, three CPUs in the MADT, the
+    // sleep registers on chitin's ports, and a power-off (not a reset).
+    let out = text(&console);
+    assert_eq!(reason, ExitReason::PowerOff, "{out}");
+    assert_eq!(
+        out,
+        "chitin-test: acpi\n\
+         rsdp 00000000000e0000\n\
+         madt cpus 3\n\
+         sleep 0000000000000600 0000000000000601\n\
+         poweroff\n"
+    );
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn without_acpi_there_is_no_rsdp_and_no_sleep_register() {
+    if !kvm_available("acpi_off") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let reason = run_to_exit(guest_builder(Guest::Acpi, &console).acpi(false));
+    let out = text(&console);
+    assert_eq!(reason, ExitReason::Reset, "{out}");
+    assert_eq!(out, "chitin-test: acpi\nacpi: no rsdp\n");
 }
 
 #[test]

@@ -49,7 +49,7 @@ struct ElfGuest {
 }
 
 /// Every ELF image the crate exposes, plus the bzImage's protected-mode part.
-const ELF_GUESTS: [ElfGuest; 9] = [
+const ELF_GUESTS: [ElfGuest; 10] = [
     ElfGuest {
         stem: "report",
         source: "report.S",
@@ -104,10 +104,16 @@ const ELF_GUESTS: [ElfGuest; 9] = [
         defines: &[],
         pvh_note: false,
     },
+    ElfGuest {
+        stem: "acpi",
+        source: "acpi.S",
+        defines: &[],
+        pvh_note: false,
+    },
 ];
 
 /// Every file in `guests/` the images are built from.
-const SOURCES: [&str; 12] = [
+const SOURCES: [&str; 13] = [
     "defs.h",
     "common.S",
     "guest.lds.S",
@@ -119,6 +125,7 @@ const SOURCES: [&str; 12] = [
     "pvh.S",
     "vsock_hostile.S",
     "flood.S",
+    "acpi.S",
     "bzimage_setup.S",
 ];
 

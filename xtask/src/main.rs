@@ -30,7 +30,9 @@ use util::{cargo, install_packages, run, Step};
 
 /// Debian packages the host-KVM tests need (gcc/binutils assemble the test
 /// guests).
-const TEST_PACKAGES: &[&str] = &["gcc", "binutils"];
+/// Packages the tests need: the test guests' assembler and linker, and
+/// `iasl` (acpica-tools), which decompiles chitin's ACPI tables.
+const TEST_PACKAGES: &[&str] = &["gcc", "binutils", "acpica-tools"];
 
 /// `cargo xtask rootfs DIR`: a busybox container root in DIR, for
 /// `examples/container.rs` (busybox-static from apt provides the binary).

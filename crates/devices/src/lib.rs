@@ -3,8 +3,9 @@
 //!
 //! This crate owns the few legacy devices a Linux guest expects on a PC:
 //! the COM1 UART ([`SerialDevice`], fed host input by [`SerialInput`]), the
-//! i8042 controller for CPU reset ([`I8042Device`]), and the CMOS clock
-//! ([`CmosRtc`]). [`ConsoleCapture`] collects console output in memory.
+//! i8042 controller for CPU reset ([`I8042Device`]), the CMOS clock
+//! ([`CmosRtc`]), and the ACPI sleep and reset registers ([`AcpiPm`]) the
+//! FADT of an ACPI machine points at. [`ConsoleCapture`] collects console output in memory.
 //!
 //! It must never depend on KVM: devices raise interrupts by writing to
 //! EventFds that the VMM registers as irqfds, and are reached through the bus
@@ -41,11 +42,16 @@
 
 #![deny(missing_docs)]
 
+pub mod acpi_pm;
 pub mod console;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
 
+pub use acpi_pm::{
+    AcpiPm, PmEvent, ACPI_PM_BASE, ACPI_PM_LEN, RESET_PORT, RESET_VALUE, S5_SLEEP_TYPE,
+    SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+};
 pub use chitin_bus::BusDevice;
 pub use console::{BufferedSink, ConsoleCapture, DEFAULT_CAPTURE_LIMIT};
 pub use i8042::{I8042Device, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_LEN};

@@ -14,6 +14,7 @@
 //! 0x0002_0000 │ kernel command line                    CMDLINE_START
 //! 0x0009_fc00 ┼ EBDA: Intel MP table (reserved in e820) MPTABLE_START
 //! 0x000a_0000 │ legacy VGA / BIOS ROM hole (reserved)
+//! 0x000e_0000 │ ACPI: RSDP, XSDT, FADT, MADT, DSDT      ACPI_START
 //! 0x0010_0000 ┼ kernel (HIMEM_START), then initrd high in low RAM
 //!             │ ... RAM ...
 //! 0xc000_0000 ┼ 32-bit MMIO gap: virtio-mmio windows, IOAPIC, LAPIC
@@ -57,6 +58,13 @@ pub const MPTABLE_START: u64 = EBDA_START;
 /// End of conventional memory: the EBDA and the 0xa0000-0xfffff hole are
 /// reported as reserved.
 pub const LOW_RAM_END: u64 = EBDA_START;
+/// Where the ACPI RSDP is written, followed by the other ACPI tables up to
+/// [`ACPI_END`]: in the BIOS area Linux scans for the RSDP (ACPI 6.5
+/// §5.2.5.1: 0xe0000-0xfffff on 16-byte boundaries), which the e820 map
+/// reports as reserved.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End (exclusive) of the ACPI tables' area: the end of the BIOS area.
+pub const ACPI_END: u64 = 0x10_0000;
 /// Start of high memory (1 MiB): the kernel is loaded here.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -79,6 +87,8 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 // start; checked when the crate compiles.
 const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START);
 const _: () = assert!(IOAPIC_START > VIRTIO_MMIO_START && LAPIC_START < MMIO_GAP_END);
+// The ACPI tables sit in the BIOS hole, below the kernel.
+const _: () = assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
 
 /// Page size the map is aligned to.
 pub const PAGE_SIZE: u64 = 0x1000;

@@ -106,11 +106,27 @@ pub enum Guest {
     /// (lines of 63 `x` and a newline, 4 KiB per string instruction),
     /// prints `flood: done` and resets.
     Flood,
+    /// Finds the ACPI tables from `boot_params.acpi_rsdp_addr` (RSDP, XSDT,
+    /// FADT, MADT) and powers off through the FADT's sleep registers, as
+    /// Linux does on a hardware-reduced machine:
+    ///
+    /// ```text
+    /// chitin-test: acpi
+    /// rsdp <RSDP address, 16 hex digits>
+    /// madt cpus <enabled local APICs in the MADT, decimal>
+    /// sleep <sleep control port> <sleep status port>   (16 hex digits each)
+    /// poweroff
+    /// ```
+    ///
+    /// and the VMM stops with reason PowerOff. Without tables it prints
+    /// `acpi: no rsdp` (or `acpi: bad tables`) and resets; if the VMM
+    /// ignores the power-off, `acpi: still running` and resets.
+    Acpi,
 }
 
 impl Guest {
     /// Every guest, in declaration order.
-    pub const ALL: [Guest; 9] = [
+    pub const ALL: [Guest; 10] = [
         Guest::Report,
         Guest::ReportBzImage,
         Guest::Smp,
@@ -120,6 +136,7 @@ impl Guest {
         Guest::Pvh,
         Guest::VsockHostile,
         Guest::Flood,
+        Guest::Acpi,
     ];
 
     /// Absolute path of the built image in `OUT_DIR`.
@@ -134,6 +151,7 @@ impl Guest {
             Guest::Pvh => concat!(env!("OUT_DIR"), "/pvh.elf"),
             Guest::VsockHostile => concat!(env!("OUT_DIR"), "/vsock_hostile.elf"),
             Guest::Flood => concat!(env!("OUT_DIR"), "/flood.elf"),
+            Guest::Acpi => concat!(env!("OUT_DIR"), "/acpi.elf"),
         };
         Path::new(path)
     }
@@ -152,6 +170,7 @@ impl Guest {
             Guest::Pvh => "pvh",
             Guest::VsockHostile => "vsock_hostile",
             Guest::Flood => "flood",
+            Guest::Acpi => "acpi",
         }
     }
 }
@@ -198,6 +217,7 @@ mod tests {
         Guest::Pvh,
         Guest::VsockHostile,
         Guest::Flood,
+        Guest::Acpi,
     ];
 
     fn u16_at(bytes: &[u8], offset: usize) -> u16 {

@@ -64,6 +64,10 @@ pub struct BootParams<'a> {
     /// The boot protocol. [`BootProtocol::Pvh`] fails for images without a
     /// PVH entry note, and for every bzImage.
     pub protocol: BootProtocol,
+    /// Guest address of the ACPI RSDP, handed over in the zero page
+    /// (`acpi_rsdp_addr`, boot protocol 2.14) or `hvm_start_info`
+    /// (`rsdp_paddr`); `None` for a machine without ACPI tables.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// Where things were loaded, for setting up the boot vCPU.
@@ -150,9 +154,9 @@ pub fn load_kernel(ram: &GuestRam, params: &BootParams) -> Result<BootInfo, Boot
 
     match params.protocol {
         BootProtocol::Linux64 => {
-            zero_page::write(mem, layout, kernel.header, initrd)?;
+            zero_page::write(mem, layout, kernel.header, initrd, params.acpi_rsdp)?;
         }
-        BootProtocol::Pvh => pvh::write(mem, layout, initrd)?,
+        BootProtocol::Pvh => pvh::write(mem, layout, initrd, params.acpi_rsdp)?,
     }
 
     Ok(BootInfo {

@@ -28,6 +28,7 @@ pub(super) fn write(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout
         .address_map()
@@ -66,8 +67,8 @@ pub(super) fn write(
         nr_modules: modules.len() as u32,
         modlist_paddr: if modules.is_empty() { 0 } else { modlist_addr },
         cmdline_paddr: CMDLINE_START,
-        // No ACPI: the guest finds its CPUs in the MP table.
-        rsdp_paddr: 0,
+        // 0 without ACPI: the guest finds its CPUs in the MP table.
+        rsdp_paddr: acpi_rsdp.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         reserved: 0,

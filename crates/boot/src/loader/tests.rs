@@ -68,8 +68,22 @@ fn load_with(
         initrd,
         cmdline,
         protocol,
+        acpi_rsdp: None,
     };
     load_kernel(ram, &params)
+}
+
+/// Load `kernel` with an RSDP address to hand over.
+fn load_with_rsdp(ram: &GuestRam, kernel: &Path, protocol: BootProtocol, rsdp: u64) {
+    let cmdline = cmdline(CMDLINE);
+    let params = BootParams {
+        kernel,
+        initrd: None,
+        cmdline: &cmdline,
+        protocol,
+        acpi_rsdp: Some(rsdp),
+    };
+    load_kernel(ram, &params).unwrap();
 }
 
 /// Load `bytes` as the kernel with the Linux 64-bit protocol.
@@ -569,6 +583,7 @@ fn load_kernel_pvh_writes_start_info_and_memmap() {
     assert_eq!(info.cmdline_paddr, CMDLINE_START);
     assert_eq!(info.memmap_paddr, PVH_MEMMAP_START);
     assert_eq!(info.nr_modules, 0);
+    assert_eq!(info.rsdp_paddr, 0, "no ACPI tables, no RSDP");
     let map = ram.layout().address_map();
     assert_eq!(info.memmap_entries as usize, map.len());
     for (i, range) in map.iter().enumerate() {
@@ -578,6 +593,22 @@ fn load_kernel_pvh_writes_start_info_and_memmap() {
         assert_eq!(entry.size, range.len);
         assert_eq!(entry.type_, e820_type(range.kind));
     }
+}
+
+#[test]
+fn the_rsdp_address_is_handed_over_in_zero_page_and_start_info() {
+    let ram = ram();
+    let elf = Setup::new("vmlinux", &pvh_elf().to_bytes());
+    load_with_rsdp(&ram, &elf.kernel, BootProtocol::Pvh, 0xe_0000);
+    let info: hvm_start_info = ram.memory().read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+    assert_eq!(info.rsdp_paddr, 0xe_0000);
+
+    let ram = self::ram();
+    load_with_rsdp(&ram, &elf.kernel, BootProtocol::Linux64, 0xe_0000);
+    assert_eq!({ zero_page(&ram).acpi_rsdp_addr }, 0xe_0000);
+    let ram = self::ram();
+    elf.load(&ram, BootProtocol::Linux64).unwrap();
+    assert_eq!({ zero_page(&ram).acpi_rsdp_addr }, 0);
 }
 
 #[test]

@@ -53,8 +53,12 @@ pub(super) fn write(
     layout: &MemoryLayout,
     header: setup_header,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::zeroed();
+    // Kernels before boot protocol 2.14 ignore it and scan the BIOS area,
+    // where the RSDP also is.
+    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
     params.hdr = header;
     params.hdr.type_of_loader = LOADER_UNDEFINED;
     // The command line and initrd lie below 4 GiB (low RAM), so the 32-bit
