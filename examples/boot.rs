@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example boot -- --kernel vmlinux [--initrd FILE]
-//!     [--cmdline STR] [--mem MIB] [--vcpus N] [--disk PATH[,ro][,root]]...
+//!     [--cmdline STR] [--mem MIB] [--vcpus N] [--disk PATH[,ro][,root]]... [--no-acpi]
 //! cargo run --release --example boot -- --test-guest report
 //! cargo run --release --example boot -- --test-guest report --jail --jail-uid 1000 --jail-gid 1000
 //! ```
@@ -52,6 +52,11 @@ struct Args {
     /// Enter an ELF kernel through its PVH entry point.
     #[arg(long)]
     pvh: bool,
+    /// No ACPI tables: the MP table and `virtio_mmio.device=` command-line
+    /// entries describe the machine (the kernel needs
+    /// VIRTIO_MMIO_CMDLINE_DEVICES), and the guest can only reboot.
+    #[arg(long)]
+    no_acpi: bool,
     /// Feed standard input to the guest's serial console.
     #[arg(long)]
     stdin: bool,
@@ -127,6 +132,7 @@ fn run(args: Args) -> Result<ExitReason, String> {
         .memory_mib(args.mem)
         .vcpus(args.vcpus)
         .seccomp(seccomp)
+        .acpi(!args.no_acpi)
         .boot_protocol(if args.pvh {
             BootProtocol::Pvh
         } else {

@@ -4,7 +4,13 @@
 //! cargo run --release --example exec -- uname -a
 //! cargo run --release --example exec -- --vcpus 2 --mem 256 -- sh -c 'echo hi; exit 3'
 //! cargo run --release --example exec -- --jail --jail-uid 1000 --jail-gid 1000 -- id
+//! cargo run --release --example exec -- --distro debian -- uname -r
 //! ```
+//!
+//! `--distro debian` boots Debian's own cloud kernel as its package ships
+//! it (`cargo xtask guest --distro debian`, seconds to prepare) instead of
+//! the minimal kernel built from source: it finds its devices through
+//! chitin's ACPI tables and loads its virtio modules from the initramfs.
 //!
 //! `--jail` confines the process with chitin-jail before the sandbox is
 //! built: the guest's kernel and initramfs and `/dev/kvm` are all the jail
@@ -36,8 +42,12 @@ mod jail;
 struct Args {
     /// Guest image directory (vmlinux + initramfs.cpio); default: the one
     /// `cargo xtask guest` prepares.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "distro")]
     guest_dir: Option<PathBuf>,
+    /// Boot a distribution's stock kernel instead: `debian` (Debian 12's
+    /// cloud kernel, prepared by `cargo xtask guest --distro debian`).
+    #[arg(long, value_parser = ["debian"])]
+    distro: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -86,9 +96,10 @@ fn exit_code(status: ExitStatus) -> u8 {
 
 /// Boot the guest here and run the command.
 fn run(args: &Args) -> Result<ExitStatus, String> {
-    let image = match &args.guest_dir {
-        Some(dir) => GuestImage::in_dir(dir),
-        None => prepared_default_image()?,
+    let image = match (&args.guest_dir, &args.distro) {
+        (Some(dir), _) => GuestImage::in_dir(dir),
+        (None, Some(_)) => prepared_debian_image()?,
+        (None, None) => prepared_default_image()?,
     };
     let builder = Sandbox::builder()
         .guest(image)
@@ -125,6 +136,22 @@ fn prepared_default_image() -> Result<GuestImage, String> {
     Ok(image)
 }
 
+/// Debian's cloud kernel and an agent initramfs with its modules, prepared
+/// with `cargo xtask guest --distro debian` when missing (next to the
+/// default guest's directory).
+fn prepared_debian_image() -> Result<GuestImage, String> {
+    let default = GuestImage::default_dir();
+    let dir = default
+        .parent()
+        .map_or_else(|| PathBuf::from("guest-debian"), |p| p.join("guest-debian"));
+    let image = GuestImage::in_dir(&dir);
+    if !image.exists() {
+        eprintln!("chitin: preparing the Debian guest (cargo xtask guest --distro debian)");
+        cargo_xtask(&["guest", "--distro", "debian"])?;
+    }
+    Ok(GuestImage::in_dir(&dir))
+}
+
 fn cargo_xtask(args: &[&str]) -> Result<i32, String> {
     let status =
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -142,6 +169,9 @@ fn cargo_xtask(args: &[&str]) -> Result<i32, String> {
 /// and its options go along.
 fn nested(args: &Args) -> ExitCode {
     let mut xtask: Vec<String> = vec!["nested-exec".into()];
+    if let Some(distro) = &args.distro {
+        xtask.extend(["--distro".into(), distro.clone()]);
+    }
     let j = &args.jail;
     if j.jail {
         xtask.push("--jail".into());

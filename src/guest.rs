@@ -24,12 +24,20 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
-    /// The image in `dir`: `dir/vmlinux` and `dir/initramfs.cpio`, the
-    /// layout `cargo xtask guest` writes.
+    /// The image in `dir`: `dir/vmlinux` (or, where there is none,
+    /// `dir/bzImage`: a distribution kernel as shipped) and
+    /// `dir/initramfs.cpio`, the layout `cargo xtask guest` writes.
     pub fn in_dir(dir: impl AsRef<Path>) -> Self {
         let dir = dir.as_ref();
+        let vmlinux = dir.join("vmlinux");
+        let bzimage = dir.join("bzImage");
+        let kernel = if !vmlinux.exists() && bzimage.exists() {
+            bzimage
+        } else {
+            vmlinux
+        };
         Self {
-            kernel: dir.join("vmlinux"),
+            kernel,
             initramfs: dir.join("initramfs.cpio"),
         }
     }

@@ -56,7 +56,9 @@ pub fn create(dir: &Path) -> Step<Disks> {
     std::fs::create_dir_all(&content).map_err(|e| format!("mkdir: {e}"))?;
     std::fs::write(content.join(KNOWN_FILE), KNOWN_CONTENT).map_err(|e| format!("write: {e}"))?;
     let mut images = Vec::new();
-    for (serial, mib) in [("blk", 32), ("ro", 16)] {
+    // `blk` images are written by their scenario: one per kernel that
+    // runs it, so each run is checked on what it wrote itself.
+    for (serial, mib) in [("blk", 32), ("ro", 16), ("blk-debian", 32)] {
         let path = dir.join(format!("{serial}.ext4"));
         let _ = std::fs::remove_file(&path);
         run(
@@ -71,20 +73,25 @@ pub fn create(dir: &Path) -> Step<Disks> {
     }
     // One integrity image per kernel, so each kernel's run is checked on
     // what it wrote itself.
-    for serial in ["integrity", "integrity-6.12"] {
+    for serial in ["integrity", "integrity-6.12", "integrity-debian"] {
         let path = dir.join(format!("{serial}.raw"));
         let _ = std::fs::remove_file(&path);
         let file = std::fs::File::create(&path).map_err(|e| format!("create: {e}"))?;
         file.set_len(64 << 20).map_err(|e| format!("size: {e}"))?;
         images.push(Image { serial, path });
     }
-    let discard = dir.join("discard.raw");
-    std::fs::write(&discard, vec![0xa5u8; 32 << 20]).map_err(|e| format!("write: {e}"))?;
-    let discard_allocated_before = allocated(&discard)?;
-    images.push(Image {
-        serial: "discard",
-        path: discard,
-    });
+    // Every discard image is written the same way, so they start with the
+    // same allocation.
+    let mut discard_allocated_before = 0;
+    for serial in ["discard", "discard-debian"] {
+        let discard = dir.join(format!("{serial}.raw"));
+        std::fs::write(&discard, vec![0xa5u8; 32 << 20]).map_err(|e| format!("write: {e}"))?;
+        discard_allocated_before = allocated(&discard)?;
+        images.push(Image {
+            serial,
+            path: discard,
+        });
+    }
     Ok(Disks {
         images,
         discard_allocated_before,
@@ -118,8 +125,10 @@ fn allocated(path: &Path) -> Step<u64> {
 }
 
 /// `blk`: the guest's files, read out of the image with debugfs.
-pub fn check_blk(disks: &Disks, guest_big_fnv: &str) -> Result<String, String> {
-    let image = disks.path("blk").ok_or("no blk image")?;
+pub fn check_blk(disks: &Disks, serial: &str, guest_big_fnv: &str) -> Result<String, String> {
+    let image = disks
+        .path(serial)
+        .ok_or_else(|| format!("no {serial} image"))?;
     let small = output(
         Command::new("debugfs")
             .args(["-R", "cat /from-guest.txt"])
@@ -163,8 +172,10 @@ pub fn check_integrity(disks: &Disks, serial: &str, guest_fnv: &str) -> Result<S
 }
 
 /// `blk-discard`: the host file lost (most of) the discarded blocks.
-pub fn check_discard(disks: &Disks) -> Result<String, String> {
-    let image = disks.path("discard").ok_or("no discard image")?;
+pub fn check_discard(disks: &Disks, serial: &str) -> Result<String, String> {
+    let image = disks
+        .path(serial)
+        .ok_or_else(|| format!("no {serial} image"))?;
     let after = allocated(image)?;
     let before = disks.discard_allocated_before;
     let freed = before.saturating_sub(after);

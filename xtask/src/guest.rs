@@ -113,16 +113,27 @@ pub struct BuiltKernel {
     pub system_map: PathBuf,
 }
 
-/// `cargo xtask guest [--kernel VERSION]`: prepare the guest; print where
-/// it is.
+/// `cargo xtask guest [--kernel VERSION | --distro debian]`: prepare the
+/// guest; print where it is.
 pub fn guest(args: &[String]) -> Step {
+    if let [flag, distro] = args {
+        if flag == "--distro" {
+            if distro != "debian" {
+                return Err(format!("unknown distribution {distro:?}; known: debian"));
+            }
+            let image = prepare_debian()?;
+            println!("guest kernel:    {}", image.kernel.display());
+            println!("guest initramfs: {}", image.initramfs.display());
+            return Ok(());
+        }
+    }
     let version = match args {
         [] => KernelVersion::V6_1,
         [flag, name] if flag == "--kernel" => KernelVersion::parse(name).ok_or_else(|| {
             let known: Vec<&str> = KernelVersion::ALL.iter().map(|v| v.name()).collect();
             format!("unknown kernel {name:?}; known: {}", known.join(" "))
         })?,
-        _ => return Err("usage: cargo xtask guest [--kernel 6.1|6.12]".into()),
+        _ => return Err("usage: cargo xtask guest [--kernel 6.1|6.12 | --distro debian]".into()),
     };
     let image = prepare(version)?;
     println!("guest kernel:    {}", image.kernel.display());
@@ -164,20 +175,226 @@ pub fn prepare(version: KernelVersion) -> Step<GuestImage> {
 /// The initramfs every guest kernel boots with: the static agent, built
 /// first, and busybox.
 pub fn agent_initramfs() -> Step<PathBuf> {
-    let agent = build_static(
+    initramfs(&production_agent()?, "initramfs.cpio", None)
+}
+
+fn production_agent() -> Step<PathBuf> {
+    build_static(
         &["-p", "chitin-agent", "--bin", "chitin-agent"],
         "chitin-agent",
-    )?;
-    initramfs(&agent, "initramfs.cpio")
+    )
+}
+
+fn test_agent() -> Step<PathBuf> {
+    build_static(
+        &["-p", "chitin-testkit", "--bin", "chitin-test-agent"],
+        "chitin-test-agent",
+    )
 }
 
 /// The test guests' initramfs: the static test agent and busybox.
 pub fn test_initramfs() -> Step<PathBuf> {
-    let agent = build_static(
-        &["-p", "chitin-testkit", "--bin", "chitin-test-agent"],
-        "chitin-test-agent",
-    )?;
-    initramfs(&agent, "test-initramfs.cpio")
+    initramfs(&test_agent()?, "test-initramfs.cpio", None)
+}
+
+/// The test initramfs plus the Debian cloud kernel's modules a chitin
+/// guest needs, for the nested tier's `-debian` rows.
+pub fn debian_test_initramfs(kernel: &DebianKernel) -> Step<PathBuf> {
+    let modules = guest_modules(kernel)?;
+    initramfs(
+        &test_agent()?,
+        "test-initramfs-debian.cpio",
+        Some((kernel, &modules)),
+    )
+}
+
+/// The guest image's initramfs (production agent) plus the Debian cloud
+/// kernel's modules: what `--distro debian` boots.
+pub fn debian_agent_initramfs(kernel: &DebianKernel) -> Step<PathBuf> {
+    let modules = guest_modules(kernel)?;
+    initramfs(
+        &production_agent()?,
+        "initramfs-debian.cpio",
+        Some((kernel, &modules)),
+    )
+}
+
+/// The Debian package whose dependency names the versioned cloud kernel.
+const DEBIAN_CLOUD_KERNEL: &str = "linux-image-cloud-amd64";
+
+/// Debian's cloud kernel, unpacked from its package as shipped.
+pub struct DebianKernel {
+    /// `linux-image-<release>`.
+    pub package: String,
+    /// The kernel release (`uname -r`), e.g. `6.1.0-41-cloud-amd64`.
+    pub release: String,
+    /// Where `dpkg -x` unpacked the package.
+    pub root: PathBuf,
+    /// The bzImage.
+    pub vmlinuz: PathBuf,
+}
+
+impl DebianKernel {
+    /// `lib/modules/<release>` in the unpacked package.
+    pub fn modules_dir(&self) -> PathBuf {
+        self.root.join("lib/modules").join(&self.release)
+    }
+}
+
+/// Fetch (once) and unpack the versioned package `linux-image-cloud-amd64`
+/// depends on, with `apt-get download`: no kernel is installed or rebuilt.
+/// The nested tier's L1 boots the same kernel.
+pub fn debian_cloud_kernel() -> Step<DebianKernel> {
+    let versioned = |deps: &str| {
+        deps.lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with("linux-image-"))
+            .map(|p| p.trim().to_string())
+    };
+    let deps = output(Command::new("apt-cache").args(["depends", DEBIAN_CLOUD_KERNEL]))?;
+    let package = match versioned(&deps) {
+        Some(p) => p,
+        None => {
+            run(
+                "apt-get update",
+                Command::new("apt-get").args(["update", "-q"]),
+            )?;
+            let deps = output(Command::new("apt-cache").args(["depends", DEBIAN_CLOUD_KERNEL]))?;
+            versioned(&deps)
+                .ok_or_else(|| format!("apt-cache names no kernel for {DEBIAN_CLOUD_KERNEL}"))?
+        }
+    };
+    let release = package.trim_start_matches("linux-image-").to_string();
+    let dir = cache_dir().join("l1").join(&package);
+    let root = dir.join("root");
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        run(
+            &format!("apt-get download {package}"),
+            Command::new("apt-get")
+                .args(["download", &package])
+                .current_dir(&dir),
+        )?;
+        let deb = util::find_deb(&dir)?;
+        run(
+            &format!("unpack {package}"),
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+        )?;
+        let _ = std::fs::remove_file(&deb);
+    }
+    Ok(DebianKernel {
+        package,
+        release,
+        root,
+        vmlinuz,
+    })
+}
+
+/// The modules a chitin guest's devices need: the virtio-mmio transport
+/// (ACPI `LNRO0005`), virtio-blk, virtio-net, vsock over virtio,
+/// virtio-fs, ext4 and the virtio entropy source.
+const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "ext4",
+    "virtio_rng",
+];
+
+/// The files to load for [`GUEST_MODULES`] and their dependencies, from
+/// `modules.dep`, each after what it depends on: paths relative to
+/// `lib/modules/<release>`. A module the kernel has built in is not in
+/// `modules.dep` and is skipped.
+pub fn guest_modules(kernel: &DebianKernel) -> Step<Vec<String>> {
+    let dep_path = kernel.modules_dir().join("modules.dep");
+    if !dep_path.exists() {
+        // The package leaves modules.dep to depmod at install time; make
+        // it in the unpacked tree (nothing is installed on the host).
+        install_packages(&["kmod"])?;
+        run(
+            "depmod for the Debian kernel",
+            Command::new("depmod")
+                .arg("-b")
+                .arg(&kernel.root)
+                .arg(&kernel.release),
+        )?;
+    }
+    let text = std::fs::read_to_string(&dep_path)
+        .map_err(|e| format!("read {}: {e}", dep_path.display()))?;
+    Ok(module_load_order(&text, GUEST_MODULES))
+}
+
+/// The module name of a `modules.dep` path: `kernel/fs/fuse/virtiofs.ko`
+/// is `virtiofs`, `vmw_vsock-virtio.ko.xz` would be `vmw_vsock_virtio`.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// Load order for `wanted` under the `modules.dep` text `dep`: each
+/// module after its dependencies, each file once.
+pub fn module_load_order(dep: &str, wanted: &[&str]) -> Vec<String> {
+    let mut deps: std::collections::HashMap<String, (String, Vec<String>)> = Default::default();
+    for line in dep.lines() {
+        let Some((path, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let needs = rest.split_whitespace().map(str::to_string).collect();
+        deps.insert(module_name(path), (path.trim().to_string(), needs));
+    }
+    fn visit(
+        path: &str,
+        deps: &std::collections::HashMap<String, (String, Vec<String>)>,
+        order: &mut Vec<String>,
+        depth: usize,
+    ) {
+        if order.iter().any(|p| p == path) || depth > 64 {
+            return;
+        }
+        if let Some((_, needs)) = deps.get(&module_name(path)) {
+            for need in needs {
+                visit(need, deps, order, depth + 1);
+            }
+        }
+        order.push(path.to_string());
+    }
+    let mut order = Vec::new();
+    for name in wanted {
+        if let Some((path, _)) = deps.get(*name) {
+            visit(path, &deps, &mut order, 0);
+        }
+    }
+    order
+}
+
+/// `cargo xtask guest --distro debian`: Debian's cloud kernel as shipped
+/// (bzImage) and an initramfs with the production agent, busybox and the
+/// modules its devices need, in `guest-debian/` of the cache
+/// (`GuestImage::in_dir` finds the `bzImage`).
+pub fn prepare_debian() -> Step<GuestImage> {
+    let kernel = debian_cloud_kernel()?;
+    let modules = guest_modules(&kernel)?;
+    let initramfs = debian_agent_initramfs(&kernel)?;
+    let dir = cache_dir().join("guest-debian");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let bzimage = dir.join("bzImage");
+    copy_if_changed(&kernel.vmlinuz, &bzimage)?;
+    let cpio = dir.join("initramfs.cpio");
+    copy_if_changed(&initramfs, &cpio)?;
+    eprintln!(
+        "xtask: ok Debian guest: {} with {} modules",
+        kernel.package,
+        modules.len()
+    );
+    Ok(GuestImage {
+        kernel: bzimage.clone(),
+        bzimage,
+        initramfs: cpio,
+    })
 }
 
 /// Copy `from` to `to` unless `to` already holds it (same length, not
@@ -554,8 +771,14 @@ fn build_kernel(src: &Path, out: &Path, name: &str) -> Step {
 
 /// Write a guest initramfs named `name`: /init = `agent`, busybox with a
 /// link per applet, the directories the agent mounts on, and /dev/console
-/// (the kernel opens it for init before devtmpfs is mounted).
-fn initramfs(agent: &Path, name: &str) -> Step<PathBuf> {
+/// (the kernel opens it for init before devtmpfs is mounted); with
+/// `modules`, those module files of a Debian kernel under
+/// `lib/modules/<release>/` and the list the agent loads them from.
+fn initramfs(
+    agent: &Path,
+    name: &str,
+    modules: Option<(&DebianKernel, &[String])>,
+) -> Step<PathBuf> {
     install_packages(INITRAMFS_PACKAGES)?;
     let mut cpio = Cpio::new();
     for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "etc", "mnt"] {
@@ -574,6 +797,28 @@ fn initramfs(agent: &Path, name: &str) -> Step<PathBuf> {
         if applet != "busybox" {
             cpio.symlink(&format!("bin/{applet}"), "busybox");
         }
+    }
+    if let Some((kernel, files)) = modules {
+        let base = format!("lib/modules/{}", kernel.release);
+        let mut dirs = std::collections::BTreeSet::new();
+        for file in files {
+            let full = format!("{base}/{file}");
+            if let Some((parent, _)) = full.rsplit_once('/') {
+                let mut prefix = String::new();
+                for part in parent.split('/') {
+                    if !prefix.is_empty() {
+                        prefix.push('/');
+                    }
+                    prefix.push_str(part);
+                    if dirs.insert(prefix.clone()) {
+                        cpio.dir(&prefix);
+                    }
+                }
+            }
+            cpio.file_from(&full, 0o644, &kernel.modules_dir().join(file))?;
+        }
+        let list: String = files.iter().map(|f| format!("{f}\n")).collect();
+        cpio.file(&format!("{base}/chitin.modules"), 0o644, list.as_bytes());
     }
     let path = cache_dir().join("guest").join(name);
     util::write_atomic(&path, &cpio.finish())?;
@@ -601,6 +846,45 @@ mod tests {
             None
         );
         assert_eq!(mirror_in(""), None);
+    }
+
+    #[test]
+    fn module_load_order_puts_dependencies_first_once() {
+        let dep = "kernel/drivers/virtio/virtio.ko:\n\
+kernel/drivers/virtio/virtio_ring.ko:\n\
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+kernel/fs/fuse/fuse.ko:\n\
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko kernel/net/vmw_vsock/vsock.ko\n\
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko\n\
+kernel/net/vmw_vsock/vsock.ko:\n";
+        let order = module_load_order(
+            dep,
+            &[
+                "virtio_mmio",
+                "virtio_blk",
+                "virtiofs",
+                "vmw_vsock_virtio_transport",
+                "ext4",
+            ],
+        );
+        let pos = |m: &str| {
+            order
+                .iter()
+                .position(|p| p.ends_with(&format!("/{m}.ko")))
+                .unwrap()
+        };
+        assert_eq!(order.len(), 9, "{order:?}");
+        assert!(pos("virtio_ring") < pos("virtio_mmio"));
+        assert!(pos("virtio") < pos("virtio_mmio"));
+        assert!(pos("fuse") < pos("virtiofs"));
+        assert!(pos("vsock") < pos("vmw_vsock_virtio_transport_common"));
+        assert!(pos("vmw_vsock_virtio_transport_common") < pos("vmw_vsock_virtio_transport"));
+        assert_eq!(
+            module_name("kernel/net/vmw_vsock/vmw_vsock-virtio.ko.xz"),
+            "vmw_vsock_virtio"
+        );
     }
 
     #[test]

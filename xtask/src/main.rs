@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest [--kernel 6.1|6.12] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec -- CMD... | fuzz --smoke [SECONDS] | rootfs DIR>"
+                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | fuzz --smoke [SECONDS] | rootfs DIR>"
             );
             return ExitCode::from(2);
         }

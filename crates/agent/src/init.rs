@@ -1,7 +1,9 @@
-//! PID 1 duties: the file systems a process expects, and stopping the VM.
+//! PID 1 duties: the file systems a process expects, the kernel modules the
+//! image carries, and stopping the VM.
 //!
-//! Stopping is `sync` then `reboot(RB_AUTOBOOT)`: a guest booted with
-//! `reboot=k` pulses the i8042 reset line and the VMM sees `Reset`.
+//! Stopping is `sync`, then a power-off where the machine's ACPI tables
+//! offer one (the VMM sees `PowerOff`), else `reboot(RB_AUTOBOOT)` (a guest
+//! booted with `reboot=k` pulses the i8042 reset line: `Reset`).
 
 use std::ffi::CString;
 use std::io;
@@ -72,13 +74,128 @@ pub fn mount_basics() -> Result<(), String> {
     }
 }
 
-/// Flush file systems and reboot; never returns.
+/// Where an image keeps the modules for kernel release `R`:
+/// `/lib/modules/R/`, with [`MODULE_LIST`] naming the files to load.
+pub const MODULES_DIR: &str = "/lib/modules";
+/// The list of modules to load, one path (relative to the release's
+/// directory) per line, each after the modules it depends on.
+pub const MODULE_LIST: &str = "chitin.modules";
+
+/// `finit_module` flag: the kernel decompresses the file itself.
+const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> io::Result<String> {
+    // SAFETY: utsname is plain data; uname fills it and returns 0, or
+    // fails without touching it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bytes: Vec<u8> = uts
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Load one module file; a module that is loaded already is fine.
+fn load_module(path: &std::path::Path) -> io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    let compressed = path
+        .extension()
+        .is_some_and(|e| e == "xz" || e == "zst" || e == "gz");
+    let flags = if compressed {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
+    };
+    let params = c"";
+    // SAFETY: the fd is open for the call's duration and `params` is a
+    // valid NUL-terminated string; finit_module reads only through them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            params.as_ptr(),
+            flags,
+        )
+    };
+    if ret != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EEXIST) {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Load the modules the image lists for the running kernel
+/// (`/lib/modules/<release>/chitin.modules`), in order: a distribution
+/// kernel has its virtio transport, block, network, vsock and virtio-fs
+/// drivers as modules, and devices appear only once they are loaded. An
+/// image without a list for this kernel (one with every driver built in)
+/// loads nothing. Returns what was loaded, then one error per module that
+/// failed; the rest are still tried.
+pub fn load_modules() -> Vec<Result<String, String>> {
+    let release = match kernel_release() {
+        Ok(r) => r,
+        Err(e) => return vec![Err(format!("uname: {e}"))],
+    };
+    let dir = std::path::Path::new(MODULES_DIR).join(&release);
+    let list = match std::fs::read_to_string(dir.join(MODULE_LIST)) {
+        Ok(list) => list,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => return vec![Err(format!("{}/{MODULE_LIST}: {e}", dir.display()))],
+    };
+    let mut loaded = 0;
+    let mut results = Vec::new();
+    for name in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match load_module(&dir.join(name)) {
+            Ok(()) => loaded += 1,
+            Err(e) => results.push(Err(format!("module {name}: {e}"))),
+        }
+    }
+    results.insert(0, Ok(format!("loaded {loaded} modules for {release}")));
+    results
+}
+
+/// Whether this machine powers off through ACPI: the kernel parsed ACPI
+/// tables whose DSDT has a `\_S5_` (soft-off) object. Without it Linux
+/// turns a power-off request into a halt the VMM never sees.
+fn acpi_power_off() -> bool {
+    std::fs::read("/sys/firmware/acpi/tables/DSDT")
+        .is_ok_and(|dsdt| dsdt.windows(4).any(|w| w == b"_S5_"))
+}
+
+/// Flush file systems and reset the machine; never returns.
+pub fn reboot() -> ! {
+    stop(libc::RB_AUTOBOOT)
+}
+
+/// Flush file systems and power off (through ACPI where the machine has
+/// it, else by a reset); never returns.
 pub fn power_off() -> ! {
-    // SAFETY: sync and reboot take no pointers; reboot with RB_AUTOBOOT
-    // restarts the machine (PID 1 may call it).
+    if acpi_power_off() {
+        stop(libc::RB_POWER_OFF)
+    } else {
+        stop(libc::RB_AUTOBOOT)
+    }
+}
+
+fn stop(how: libc::c_int) -> ! {
+    // SAFETY: sync and reboot take no pointers; RB_AUTOBOOT restarts and
+    // RB_POWER_OFF powers off the machine (PID 1 may call both).
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
+        libc::reboot(how);
     }
     // reboot only returns on error (EPERM outside PID 1's namespace); PID 1
     // must not exit, so wait for the VMM to stop us.

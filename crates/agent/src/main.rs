@@ -6,8 +6,11 @@
 //! `chitin-agent: up version=<protocol version>` on the console, and serves
 //! the exec protocol on vsock port 1024 ([`chitin_agent::service`]) for as
 //! long as the guest runs; a client's SHUTDOWN stops the VM (sync, then
-//! reboot: the VMM sees a reset). If it cannot serve, it says why and
-//! stops the VM the same way.
+//! an ACPI power-off where the machine has one, else a reboot). If it
+//! cannot serve, it says why and stops the VM the same way. Before all
+//! that it loads the kernel modules the image carries for the running
+//! kernel ([`chitin_agent::init::load_modules`]): a distribution kernel's
+//! virtio drivers.
 //!
 //! The agent never panics on what it reads from the kernel or the host: a
 //! PID 1 crash would panic the guest.
@@ -21,6 +24,11 @@ fn main() {
     let _ = container::run_if_helper();
     if let Err(e) = init::mount_basics() {
         say(&format!("chitin-agent: {e}"));
+    }
+    for line in init::load_modules() {
+        if let Err(e) = line {
+            say(&format!("chitin-agent: {e}"));
+        }
     }
     let cmdline = cmdline::KernelCmdline::read();
     for line in net::configure(&cmdline) {

@@ -208,7 +208,7 @@ mod tests {
     const REPORT_BZ_ELF: &str = concat!(env!("OUT_DIR"), "/report_bz.elf");
 
     /// Every guest that is an ELF file.
-    const ELF_GUESTS: [Guest; 8] = [
+    const ELF_GUESTS: [Guest; 9] = [
         Guest::Report,
         Guest::Smp,
         Guest::TripleFault,

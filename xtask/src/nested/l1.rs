@@ -47,10 +47,10 @@ use std::time::{Duration, Instant};
 
 use super::{l1_initramfs, Tools, SILENT_EXIT};
 use crate::disks::{self, Disks};
-use crate::util::{self, cache_dir, output, Step};
+use crate::guest;
+use crate::util::{self, cache_dir, Step};
 
 /// The meta package whose dependency names the current cloud kernel.
-const L1_KERNEL_META: &str = "linux-image-cloud-amd64";
 /// How long L1 may take to reach its /init before the run counts as the
 /// "L1 printed nothing" flake and is retried once.
 pub const L1_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,46 +193,9 @@ pub struct L1Kernel {
 }
 
 pub fn l1_kernel() -> Step<L1Kernel> {
-    let deps = output(Command::new("apt-cache").args(["depends", L1_KERNEL_META]))?;
-    let package = match deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-    {
-        Some(p) => p.trim().to_string(),
-        None => {
-            util::run(
-                "apt-get update",
-                Command::new("apt-get").args(["update", "-q"]),
-            )?;
-            let deps = output(Command::new("apt-cache").args(["depends", L1_KERNEL_META]))?;
-            deps.lines()
-                .filter_map(|l| l.trim().strip_prefix("Depends: "))
-                .find(|p| p.starts_with("linux-image-"))
-                .map(|p| p.trim().to_string())
-                .ok_or_else(|| format!("apt-cache names no kernel for {L1_KERNEL_META}"))?
-        }
-    };
-    let version = package.trim_start_matches("linux-image-").to_string();
-    let dir = cache_dir().join("l1").join(&package);
-    let root = dir.join("root");
-    let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
-    if !vmlinuz.exists() {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        util::run(
-            &format!("apt-get download {package}"),
-            Command::new("apt-get")
-                .args(["download", &package])
-                .current_dir(&dir),
-        )?;
-        let deb = util::find_deb(&dir)?;
-        util::run(
-            "unpack L1 kernel",
-            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
-        )?;
-        let _ = std::fs::remove_file(&deb);
-    }
-    let kmod = root.join("lib/modules").join(&version).join("kernel");
+    let debian = guest::debian_cloud_kernel()?;
+    let vmlinuz = debian.vmlinuz.clone();
+    let kmod = debian.modules_dir().join("kernel");
     let modules = vec![
         kmod.join("virt/lib/irqbypass.ko"),
         kmod.join("arch/x86/kvm/kvm.ko"),

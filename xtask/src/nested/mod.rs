@@ -23,7 +23,8 @@ use std::sync::atomic::Ordering;
 use l1::{boot_l1, l1_kernel, L1Kernel, QUIET};
 use report::report;
 use scenarios::{
-    l2_cmdline, L2Kernel, Scenario, BOOT_REPEATS, KERNEL_6_1, SCENARIOS, UP_MARKER, WARMUP,
+    l2_cmdline, L2Kernel, Scenario, BOOT_REPEATS, KERNEL_6_1, KERNEL_DEBIAN, SCENARIOS, UP_MARKER,
+    WARMUP,
 };
 
 use crate::cpio::Cpio;
@@ -43,15 +44,18 @@ const FIRST_EXEC_MARKER: &str = "chitin-check: first-exec";
 /// Where L1 finds a static busybox (for the `container` scenario's root).
 pub const L1_BUSYBOX: &str = "/nested/busybox";
 
-/// Where L1 finds the initramfs every L2 kernel boots with.
+/// Where L1 finds the initramfs every minimal L2 kernel boots with (each
+/// kernel's directory links to it; Debian's kernel has its own, with
+/// modules).
 const L1_INITRAMFS: &str = "/l2/initramfs.cpio";
 
 /// The plan line for L1's runner: name, timeout, marker, argv (tab separated).
 fn plan_line(run_name: &str, s: &Scenario) -> String {
     let cmdline = l2_cmdline(s);
     let kernel = s.kernel.l1_path();
+    let initramfs = s.kernel.l1_initramfs();
     let argv: Vec<String> = if let Some(which) = s.host_checks {
-        ["/bin/chitin-exec-checks", which, &kernel, L1_INITRAMFS]
+        ["/bin/chitin-exec-checks", which, &kernel, &initramfs]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -59,7 +63,11 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
         [
             "/usr/bin/qemu-system-x86_64",
             "-M",
-            "microvm,acpi=off,rtc=on",
+            if s.no_acpi {
+                "microvm,acpi=off,rtc=on"
+            } else {
+                "microvm,acpi=on,rtc=on"
+            },
             "-enable-kvm",
             "-cpu",
             "host",
@@ -78,7 +86,7 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
             "-kernel",
             &kernel,
             "-initrd",
-            L1_INITRAMFS,
+            &initramfs,
             "-append",
             &cmdline,
         ]
@@ -91,7 +99,7 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
             "--kernel",
             &kernel,
             "--initrd",
-            L1_INITRAMFS,
+            &initramfs,
             "--vcpus",
             &s.vcpus.to_string(),
             "--mem",
@@ -108,6 +116,7 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
                 .iter()
                 .flat_map(|d| ["--disk".to_string(), d.to_string()]),
         )
+        .chain(s.no_acpi.then(|| "--no-acpi".to_string()))
         .chain(
             s.jail
                 .then_some(["--jail", "--jail-uid", "1000", "--jail-gid", "1000"])
@@ -143,7 +152,11 @@ pub fn nested(args: &[String]) -> Step {
     prerequisites()?;
     let runs = schedule(&selected);
     let kernels: Vec<L2Kernel> = runs.iter().map(|(_, s)| s.kernel).collect();
-    let tools = build_tools(&kernels, guest::test_initramfs)?;
+    let tools = build_tools(
+        &kernels,
+        guest::test_initramfs,
+        guest::debian_test_initramfs,
+    )?;
     let plan: Vec<String> = runs.iter().map(|(name, s)| plan_line(name, s)).collect();
     let disks = disks::create(&cache_dir().join("nested").join("disks"))?;
     let log = boot_l1(&tools, &plan, &disks)?;
@@ -230,9 +243,12 @@ pub fn stress(args: &[String]) -> Step {
 pub struct Tools {
     /// Each L2 kernel image the plan boots, with the host file.
     kernels: Vec<(L2Kernel, PathBuf)>,
-    /// The initramfs every L2 kernel boots with: the test agent's for the
-    /// scenarios, the production agent's for `nested-exec`.
+    /// The initramfs every minimal L2 kernel boots with: the test agent's
+    /// for the scenarios, the production agent's for `nested-exec`.
     initramfs: PathBuf,
+    /// The test initramfs with the Debian cloud kernel's modules, when
+    /// the plan boots that kernel.
+    debian_initramfs: Option<PathBuf>,
     /// `System.map` of each L2 kernel version, for monitor dumps.
     l2_system_maps: Vec<(String, PathBuf)>,
     boot: PathBuf,
@@ -243,8 +259,13 @@ pub struct Tools {
 }
 
 /// Build or fetch what L1 needs to boot `kernels` (duplicates allowed)
-/// with `initramfs` (built on demand).
-fn build_tools(kernels: &[L2Kernel], initramfs: fn() -> Step<PathBuf>) -> Step<Tools> {
+/// with `initramfs` (built on demand), and Debian's kernel with
+/// `debian_initramfs`.
+fn build_tools(
+    kernels: &[L2Kernel],
+    initramfs: fn() -> Step<PathBuf>,
+    debian_initramfs: fn(&guest::DebianKernel) -> Step<PathBuf>,
+) -> Step<Tools> {
     let mut wanted: Vec<L2Kernel> = Vec::new();
     for k in kernels {
         if !wanted.contains(k) {
@@ -257,12 +278,12 @@ fn build_tools(kernels: &[L2Kernel], initramfs: fn() -> Step<PathBuf>) -> Step<T
     let mut images = Vec::new();
     let mut l2_system_maps = Vec::new();
     for version in KernelVersion::ALL {
-        if !wanted.iter().any(|k| k.version == version) {
+        if !wanted.iter().any(|k| k.version == version && !k.debian) {
             continue;
         }
         // Straight from the kernel cache: nothing is copied per run.
         let built = guest::kernel(version)?;
-        for k in wanted.iter().filter(|k| k.version == version) {
+        for k in wanted.iter().filter(|k| k.version == version && !k.debian) {
             let file = if k.bzimage {
                 &built.bzimage
             } else {
@@ -272,9 +293,16 @@ fn build_tools(kernels: &[L2Kernel], initramfs: fn() -> Step<PathBuf>) -> Step<T
         }
         l2_system_maps.push((version.name().to_string(), built.system_map));
     }
+    let mut debian_cpio = None;
+    if wanted.contains(&KERNEL_DEBIAN) {
+        let debian = guest::debian_cloud_kernel()?;
+        images.push((KERNEL_DEBIAN, debian.vmlinuz.clone()));
+        debian_cpio = Some(debian_initramfs(&debian)?);
+    }
     Ok(Tools {
         kernels: images,
         initramfs: initramfs()?,
+        debian_initramfs: debian_cpio,
         l2_system_maps,
         boot: guest::build_static(&["-p", "chitin", "--example", "boot"], "boot")?,
         exec: guest::build_static(&["-p", "chitin", "--example", "exec"], "exec")?,
@@ -293,17 +321,31 @@ fn build_tools(kernels: &[L2Kernel], initramfs: fn() -> Step<PathBuf>) -> Step<T
 /// How long a command run through `nested-exec` may take, L2 boot included.
 const NESTED_EXEC_TIMEOUT_S: u64 = 300;
 
-/// `cargo xtask nested-exec -- CMD [ARG...]`: run one command in a sandbox
-/// inside L1 (for hosts whose KVM cannot run Linux). The command's stdout
+/// `cargo xtask nested-exec [--distro debian] -- CMD [ARG...]`: run one
+/// command in a sandbox inside L1 (for hosts whose KVM cannot run Linux),
+/// on the default guest or Debian's cloud kernel. The command's stdout
 /// and stderr are printed as they came; returns its exit code.
 pub fn nested_exec(args: &[String]) -> Step<i32> {
-    // Options for the exec example (`--jail ...`) come before `--`.
-    let (options, argv): (Vec<&String>, Vec<&String>) = match args.iter().position(|a| a == "--") {
-        Some(at) => (args[..at].iter().collect(), args[at + 1..].iter().collect()),
-        None => (Vec::new(), args.iter().collect()),
-    };
+    // Options for the exec example (`--jail ...`) come before `--`;
+    // `--distro debian` picks the guest and is this command's own.
+    let (mut options, argv): (Vec<&String>, Vec<&String>) =
+        match args.iter().position(|a| a == "--") {
+            Some(at) => (args[..at].iter().collect(), args[at + 1..].iter().collect()),
+            None => (Vec::new(), args.iter().collect()),
+        };
+    let mut kernel = KERNEL_6_1;
+    if let Some(at) = options.iter().position(|o| *o == "--distro") {
+        match options.get(at + 1).map(|d| d.as_str()) {
+            Some("debian") => kernel = KERNEL_DEBIAN,
+            other => return Err(format!("--distro {other:?}: known: debian")),
+        }
+        options.drain(at..at + 2);
+    }
     if argv.is_empty() {
-        return Err("usage: cargo xtask nested-exec [EXAMPLE OPTIONS] -- CMD [ARG...]".into());
+        return Err(
+            "usage: cargo xtask nested-exec [--distro debian] [EXAMPLE OPTIONS] -- CMD [ARG...]"
+                .into(),
+        );
     }
     if let Some(bad) = options
         .iter()
@@ -320,10 +362,14 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
     QUIET.store(true, Ordering::Relaxed);
     prerequisites()?;
     // The guest image a user gets, not the test agent.
-    let tools = build_tools(&[KERNEL_6_1], guest::agent_initramfs)?;
+    let tools = build_tools(
+        &[kernel],
+        guest::agent_initramfs,
+        guest::debian_agent_initramfs,
+    )?;
     let mut plan = format!(
         "exec\t{NESTED_EXEC_TIMEOUT_S}\t\t/bin/chitin-exec\t--guest-dir\t{}\t--timeout\t{}",
-        KERNEL_6_1.l1_dir(),
+        kernel.l1_dir(),
         NESTED_EXEC_TIMEOUT_S - 10
     );
     for option in &options {
@@ -362,21 +408,22 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
     code.ok_or_else(|| "the nested sandbox did not report an exit code".to_string())
 }
 
-/// The ordered runs: a warm-up, then each scenario, with `boot` and its
-/// peer interleaved [`BOOT_REPEATS`] times.
+/// The ordered runs: a warm-up, then each scenario; the timed (boot) rows
+/// run [`BOOT_REPEATS`] rounds, interleaved, where the first of them is.
 fn schedule(selected: &[&'static Scenario]) -> Vec<(String, &'static Scenario)> {
     let mut runs = vec![(WARMUP.name.to_string(), &WARMUP)];
-    let peer = selected.iter().find(|s| s.peer);
-    for s in selected.iter().filter(|s| !s.peer) {
-        if s.name == "boot" {
+    let timed: Vec<&'static Scenario> = selected.iter().copied().filter(|s| s.timed).collect();
+    let mut timed_done = false;
+    for s in selected {
+        if !s.timed {
+            runs.push((s.name.to_string(), *s));
+        } else if !timed_done {
+            timed_done = true;
             for k in 1..=BOOT_REPEATS {
-                runs.push((format!("boot#{k}"), *s));
-                if let Some(p) = peer {
-                    runs.push((format!("{}#{k}", p.name), *p));
+                for t in &timed {
+                    runs.push((format!("{}#{k}", t.name), *t));
                 }
             }
-        } else {
-            runs.push((s.name.to_string(), *s));
         }
     }
     runs
@@ -396,9 +443,18 @@ fn select(args: &[String]) -> Step<Vec<&'static Scenario>> {
             ));
         }
         names.insert(a);
-        if a == "boot" {
-            // The peer column always runs next to chitin's boot.
-            names.insert("boot-qemu");
+        // The peer column always runs next to chitin's boot.
+        match a.as_str() {
+            "boot" => {
+                names.insert("boot-qemu-acpi");
+            }
+            "boot-acpi-off" => {
+                names.insert("boot-qemu");
+            }
+            "boot-debian" => {
+                names.insert("boot-qemu-debian");
+            }
+            _ => {}
         }
     }
     Ok(SCENARIOS
@@ -479,11 +535,17 @@ fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     for (kernel, file) in &tools.kernels {
         tree.file(&kernel.l1_path(), 0o644, file)?;
         // Each version's directory is a whole guest image for
-        // `GuestImage::in_dir`: the kernel and (a link to) the initramfs.
-        let link = format!("{}/initramfs.cpio", kernel.l1_dir());
+        // `GuestImage::in_dir`: the kernel and (a link to) the initramfs;
+        // Debian's kernel has its own, with its modules.
+        let link = kernel.l1_initramfs();
         if linked.insert(link.clone()) {
-            tree.cpio
-                .symlink(link.trim_start_matches('/'), "../initramfs.cpio");
+            match (&tools.debian_initramfs, kernel.debian) {
+                (Some(own), true) => tree.file(&link, 0o644, own)?,
+                (None, true) => return Err("no initramfs for the Debian kernel".into()),
+                (_, false) => tree
+                    .cpio
+                    .symlink(link.trim_start_matches('/'), "../initramfs.cpio"),
+            }
         }
     }
     let mut order = String::new();

@@ -24,6 +24,13 @@ pub struct Run {
     disks: Vec<&'static str>,
     /// The L2 kernel version the scenario boots (`6.1`, `6.12`).
     kernel: &'static str,
+    /// Debian's cloud kernel: its release ends in `-cloud-amd64`.
+    debian: bool,
+    /// Whether the guest must have found ACPI tables.
+    acpi: bool,
+    /// The line the VMM must end with (`chitin: guest powered off`), for
+    /// chitin's own runs of the `boot` example.
+    exit_line: Option<&'static str>,
     /// Console lines of the child (`| ` prefix removed) and its stderr.
     lines: Vec<String>,
     marker_ms: Option<u64>,
@@ -80,6 +87,20 @@ impl Run {
     }
 }
 
+/// How chitin's `boot` example must report the end of scenario `s`: a
+/// guest that powers off on an ACPI machine ends with `PowerOff`; a
+/// reboot, a panic (`panic=-1`) and any stop on a machine without ACPI
+/// with `Reset`. `None` for peers and host checks.
+fn expected_exit_line(s: &Scenario) -> Option<&'static str> {
+    if s.peer || s.host_checks.is_some() {
+        None
+    } else if s.no_acpi || s.agent == "reset" || s.agent == "panic" {
+        Some("chitin: guest reset")
+    } else {
+        Some("chitin: guest powered off")
+    }
+}
+
 /// Split the log into one [`Run`] per scheduled run.
 fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
     let mut parsed: Vec<Run> = runs
@@ -89,6 +110,9 @@ fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
             cmdline: l2_cmdline(s),
             disks: s.disks.to_vec(),
             kernel: s.kernel.version.name(),
+            debian: s.kernel.debian,
+            acpi: !s.no_acpi,
+            exit_line: expected_exit_line(s),
             ..Run::default()
         })
         .collect();
@@ -152,6 +176,16 @@ pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     }
     run.summary()
         .map_err(|e| format!("agent did not finish with every check passed: {e}"))?;
+    let acpi = check_value(run, "acpi-log", "acpi")?;
+    let want = if run.acpi { "on" } else { "off" };
+    if acpi != want {
+        return Err(format!("the guest ran with acpi={acpi}, want acpi={want}"));
+    }
+    if let Some(line) = run.exit_line {
+        if !run.has(line) {
+            return Err(format!("the VMM did not end with `{line}`"));
+        }
+    }
     let seen = run
         .lines
         .iter()
@@ -175,7 +209,9 @@ pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
 /// The guest reported a kernel `release` of the version the run meant to
 /// boot (`6.12.95` for `6.12`): a mix-up of kernel images fails.
 fn check_kernel(run: &Run, release: &str) -> Result<(), String> {
-    if release.starts_with(&format!("{}.", run.kernel)) {
+    if release.starts_with(&format!("{}.", run.kernel))
+        && release.ends_with("-cloud-amd64") == run.debian
+    {
         Ok(())
     } else {
         Err(format!(
@@ -272,10 +308,20 @@ pub fn judge_jailed_boot(run: &Run, disks: &Disks) -> Result<String, String> {
     Ok(format!("{}; {checks}", jailed.trim_start_matches("! ")))
 }
 
+/// The serial of the scenario's first `@serial` disk.
+fn first_serial(run: &Run) -> Result<&'static str, String> {
+    run.disks
+        .iter()
+        .filter_map(|d| d.strip_prefix('@'))
+        .map(|d| d.split(',').next().unwrap_or(d))
+        .next()
+        .ok_or_else(|| "the scenario has no disk".to_string())
+}
+
 pub fn judge_blk(run: &Run, disks: &Disks) -> Result<String, String> {
     judge_checks(run, disks)?;
     let fnv = check_value(run, "write-files", "big_fnv")?;
-    disks::check_blk(disks, &fnv)
+    disks::check_blk(disks, first_serial(run)?, &fnv)
 }
 
 /// The integrity image is the scenario's `@integrity*` disk.
@@ -294,7 +340,7 @@ pub fn judge_integrity(run: &Run, disks: &Disks) -> Result<String, String> {
 
 pub fn judge_discard(run: &Run, disks: &Disks) -> Result<String, String> {
     judge_checks(run, disks)?;
-    disks::check_discard(disks)
+    disks::check_discard(disks, first_serial(run)?)
 }
 
 /// Whether a line is the harness's diagnosis of a wedged L1.
@@ -410,13 +456,36 @@ pub fn report(
             .find(|(n, _)| *n == name)
             .and_then(|(_, m)| *m)
     };
-    if let (Some(cm), Some(qm)) = (find("boot"), find("boot-qemu")) {
+    let pairs = [
+        ("minimal 6.1 ELF, ACPI", "boot", "boot-qemu-acpi"),
+        ("minimal 6.1 ELF, acpi=off", "boot-acpi-off", "boot-qemu"),
+        (
+            "Debian cloud 6.1 bzImage, ACPI",
+            "boot-debian",
+            "boot-qemu-debian",
+        ),
+    ];
+    if pairs
+        .iter()
+        .any(|(_, c, q)| find(c).is_some() || find(q).is_some())
+    {
+        println!("boot, VMM start -> agent up (median of {BOOT_REPEATS} interleaved rounds):");
         println!(
-            "boot, VMM start -> agent up (median of {BOOT_REPEATS}): chitin {:.2} s, QEMU microvm {:.2} s, QEMU/chitin {:.2}",
-            cm as f64 / 1000.0,
-            qm as f64 / 1000.0,
-            qm as f64 / cm.max(1) as f64
+            "  {:<32} {:>8} {:>14} {:>12}",
+            "guest", "chitin", "QEMU microvm", "QEMU/chitin"
         );
+        for (label, chitin, qemu) in pairs {
+            let (c, q) = (find(chitin), find(qemu));
+            let ratio = match (c, q) {
+                (Some(c), Some(q)) => format!("{:.2}", q as f64 / c.max(1) as f64),
+                _ => "-".to_string(),
+            };
+            println!(
+                "  {label:<32} {:>8} {:>14} {ratio:>12}",
+                fmt_ms(c),
+                fmt_ms(q)
+            );
+        }
     }
     let health = l1_health(log);
     println!(
@@ -548,6 +617,8 @@ mod tests {
         judge(s, &parsed[0], &no_disks())
     }
 
+    const ACPI_ON: &str = "chitin-check: acpi-log PASS acpi=on complaints=0";
+
     fn boot_lines(extra: &[&str]) -> Vec<String> {
         let mut lines = vec![format!(
             "| {UP_MARKER} version={AGENT_VERSION} scenario=boot"
@@ -557,9 +628,11 @@ mod tests {
             l2_cmdline(scenario("boot-jail"))
         ));
         lines.push("| chitin-agent: kernel 6.1.192".into());
+        lines.push(format!("| {ACPI_ON}"));
         lines.push("| chitin-check: cpus PASS online=0-1 want=2".into());
-        lines.push("| chitin-agent: done pass=1 fail=0".into());
+        lines.push("| chitin-agent: done pass=2 fail=0".into());
         lines.extend(extra.iter().map(|l| l.to_string()));
+        lines.push("! chitin: guest powered off".into());
         lines
     }
 
@@ -730,11 +803,61 @@ mod tests {
             format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
             format!("| chitin-agent: cmdline {} i8042.nokbd", l2_cmdline(s)),
             "| chitin-agent: kernel 6.12.95".to_string(),
+            format!("| {ACPI_ON}"),
             "| chitin-check: cpus PASS 2".to_string(),
-            "| chitin-agent: done pass=1 fail=0".to_string(),
+            "| chitin-agent: done pass=2 fail=0".to_string(),
+            "! chitin: guest powered off".to_string(),
         ];
         let result = judge_one("boot-6.12", &console("boot-6.12", &body, "0"));
-        assert_eq!(result.unwrap(), "cpus: 2");
+        assert_eq!(result.unwrap(), BOTH_PASSED);
+    }
+
+    /// What a boot run with the ACPI and cpus checks passing reports.
+    const BOTH_PASSED: &str = "acpi-log: acpi=on complaints=0; cpus: 2";
+
+    /// A boot run of scenario `name` on kernel `release`, reporting
+    /// `acpi` and ending with `exit_line`.
+    fn boot_run_of(
+        name: &str,
+        release: &str,
+        acpi: &str,
+        exit_line: &str,
+    ) -> Result<String, String> {
+        let s = scenario(name);
+        let body = vec![
+            format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
+            format!("| chitin-agent: cmdline {}", l2_cmdline(s)),
+            format!("| chitin-agent: kernel {release}"),
+            format!("| chitin-check: acpi-log PASS acpi={acpi} complaints=0"),
+            "| chitin-check: cpus PASS 2".to_string(),
+            "| chitin-agent: done pass=2 fail=0".to_string(),
+            format!("! {exit_line}"),
+        ];
+        judge_one(name, &console(name, &body, "0"))
+    }
+
+    #[test]
+    fn acpi_rows_need_the_right_kernel_acpi_mode_and_exit() {
+        let debian = "6.1.0-41-cloud-amd64";
+        let off = "chitin: guest powered off";
+        assert!(boot_run_of("boot-debian", debian, "on", off).is_ok());
+        // The minimal kernel where Debian's was meant, and the reverse.
+        let e = boot_run_of("boot-debian", "6.1.158", "on", off).unwrap_err();
+        assert!(e.contains("guest runs kernel"), "{e}");
+        let e = boot_run_of("boot", debian, "on", off).unwrap_err();
+        assert!(e.contains("guest runs kernel"), "{e}");
+        // A guest that found no tables, or a VMM that saw a reset.
+        let e = boot_run_of("boot-debian", debian, "off", off).unwrap_err();
+        assert!(e.contains("acpi=off, want acpi=on"), "{e}");
+        let e = boot_run_of("boot-debian", debian, "on", "chitin: guest reset").unwrap_err();
+        assert!(
+            e.contains("did not end with `chitin: guest powered off`"),
+            "{e}"
+        );
+        // Without ACPI: MP table, and the guest can only reset.
+        assert!(boot_run_of("boot-acpi-off", "6.1.158", "off", "chitin: guest reset").is_ok());
+        let e = boot_run_of("boot-acpi-off", "6.1.158", "on", "chitin: guest reset").unwrap_err();
+        assert!(e.contains("want acpi=off"), "{e}");
     }
 
     /// A boot-6.12 run whose agent printed `summary` after one passing
@@ -745,12 +868,14 @@ mod tests {
             format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
             format!("| chitin-agent: cmdline {}", l2_cmdline(s)),
             "| chitin-agent: kernel 6.12.95".to_string(),
+            format!("| {ACPI_ON}"),
             "| chitin-check: cpus PASS 2".to_string(),
         ];
         body.extend(extra.iter().map(|l| format!("| {l}")));
         if !summary.is_empty() {
             body.push(format!("| {summary}"));
         }
+        body.push("! chitin: guest powered off".to_string());
         judge_one("boot-6.12", &console("boot-6.12", &body, "0"))
     }
 
@@ -758,8 +883,8 @@ mod tests {
     fn judges_reject_summaries_that_do_not_vouch_for_the_checks() {
         // The honest run passes.
         assert_eq!(
-            boot_run_with(&[], "chitin-agent: done pass=1 fail=0").unwrap(),
-            "cpus: 2"
+            boot_run_with(&[], "chitin-agent: done pass=2 fail=0").unwrap(),
+            BOTH_PASSED
         );
         // pass=0: nothing vouched for, whatever check lines say.
         let e = boot_run_with(&[], "chitin-agent: done pass=0 fail=0").unwrap_err();
@@ -771,12 +896,12 @@ mod tests {
         assert!(e.contains("no `chitin-agent: done"), "{e}");
         // A summary that counts more passes than were printed.
         let e = boot_run_with(&[], "chitin-agent: done pass=5 fail=0").unwrap_err();
-        assert!(e.contains("5 passed, but 1 PASS"), "{e}");
+        assert!(e.contains("5 passed, but 2 PASS"), "{e}");
         // One check line cut by a kernel message: the count may include it.
         let cut = ["chitin-check: mem PA[    1.2] reboot: Restarting system"];
         assert_eq!(
-            boot_run_with(&cut, "chitin-agent: done pass=2 fail=0").unwrap(),
-            "cpus: 2"
+            boot_run_with(&cut, "chitin-agent: done pass=3 fail=0").unwrap(),
+            BOTH_PASSED
         );
         // A failed check fails the run even under a clean summary.
         let e = boot_run_with(

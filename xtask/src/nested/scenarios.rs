@@ -21,12 +21,16 @@ pub struct L2Kernel {
     pub version: KernelVersion,
     /// Boot the bzImage instead of the ELF vmlinux.
     pub bzimage: bool,
+    /// Debian's cloud kernel as shipped (drivers as modules, found through
+    /// ACPI) instead of the minimal kernel built from source.
+    pub debian: bool,
 }
 
 /// The default guest: Linux 6.1 as ELF vmlinux.
 pub const KERNEL_6_1: L2Kernel = L2Kernel {
     version: KernelVersion::V6_1,
     bzimage: false,
+    debian: false,
 };
 
 /// The second guest kernel: Linux 6.12, booted as bzImage so that both
@@ -34,6 +38,15 @@ pub const KERNEL_6_1: L2Kernel = L2Kernel {
 pub const KERNEL_6_12: L2Kernel = L2Kernel {
     version: KernelVersion::V6_12,
     bzimage: true,
+    debian: false,
+};
+
+/// Debian 12's cloud kernel (6.1) as its package ships it: a bzImage, its
+/// virtio drivers loaded from the initramfs by the agent.
+pub const KERNEL_DEBIAN: L2Kernel = L2Kernel {
+    version: KernelVersion::V6_1,
+    bzimage: true,
+    debian: true,
 };
 
 impl L2Kernel {
@@ -42,10 +55,19 @@ impl L2Kernel {
         format!("{}/{}", self.l1_dir(), self.file_name())
     }
 
-    /// The directory inside L1 holding this version's image, with an
+    /// The directory inside L1 holding this kernel's image, with its
     /// `initramfs.cpio` next to it.
     pub fn l1_dir(self) -> String {
-        format!("/l2/{}", self.version.name())
+        if self.debian {
+            "/l2/debian".to_string()
+        } else {
+            format!("/l2/{}", self.version.name())
+        }
+    }
+
+    /// The initramfs this kernel boots with, inside L1.
+    pub fn l1_initramfs(self) -> String {
+        format!("{}/initramfs.cpio", self.l1_dir())
     }
 
     /// `vmlinux` or `bzImage`.
@@ -57,8 +79,11 @@ impl L2Kernel {
         }
     }
 
-    /// `6.1 ELF`, `6.12 bzImage`: the table's kernel column.
+    /// `6.1 ELF`, `6.12 bzImage`, `debian 6.1`: the table's kernel column.
     pub fn label(self) -> String {
+        if self.debian {
+            return format!("debian {}", self.version.name());
+        }
         let format = if self.bzimage { "bzImage" } else { "ELF" };
         format!("{} {format}", self.version.name())
     }
@@ -85,6 +110,12 @@ pub struct Scenario {
     pub disks: &'static [&'static str],
     /// Run the `boot` example jailed (`--jail` as uid/gid 1000).
     pub jail: bool,
+    /// A machine without ACPI tables (chitin `--no-acpi`, QEMU
+    /// `acpi=off`), and `acpi=off` on the L2 command line.
+    pub no_acpi: bool,
+    /// A boot-time row: run [`BOOT_REPEATS`] times, interleaved with the
+    /// other timed rows, and reported by its median.
+    pub timed: bool,
     pub judge: fn(&Run, &Disks) -> Result<String, String>,
 }
 
@@ -99,6 +130,8 @@ const BOOT: Scenario = Scenario {
     host_checks: None,
     disks: &[],
     jail: false,
+    no_acpi: false,
+    timed: false,
     judge: judge_checks,
 };
 
@@ -164,12 +197,108 @@ const SMALL: Scenario = Scenario {
     ..BOOT
 };
 
+/// A boot-time row.
+const TIMED: Scenario = Scenario {
+    timed: true,
+    ..BOOT
+};
+
 pub const SCENARIOS: &[Scenario] = &[
-    BOOT,
+    TIMED,
+    // The peer, QEMU's microvm machine, with and without ACPI; and
+    // chitin's machine without ACPI (MP table, devices on the command
+    // line).
     Scenario {
         name: "boot-qemu",
         peer: true,
-        ..BOOT
+        no_acpi: true,
+        ..TIMED
+    },
+    Scenario {
+        name: "boot-qemu-acpi",
+        peer: true,
+        ..TIMED
+    },
+    Scenario {
+        name: "boot-acpi-off",
+        no_acpi: true,
+        ..TIMED
+    },
+    Scenario {
+        name: "blk-ro-acpi-off",
+        agent: "blk-ro",
+        disks: &["@ro,ro"],
+        no_acpi: true,
+        ..SMALL
+    },
+    // Debian's cloud kernel, unmodified, finding everything through ACPI.
+    Scenario {
+        name: "boot-debian",
+        kernel: KERNEL_DEBIAN,
+        ..TIMED
+    },
+    Scenario {
+        name: "boot-qemu-debian",
+        kernel: KERNEL_DEBIAN,
+        peer: true,
+        ..TIMED
+    },
+    Scenario {
+        name: "smp4-debian",
+        kernel: KERNEL_DEBIAN,
+        ..SMP4
+    },
+    Scenario {
+        name: "reset-debian",
+        agent: "reset",
+        kernel: KERNEL_DEBIAN,
+        ..SMALL
+    },
+    Scenario {
+        name: "panic-debian",
+        agent: "panic",
+        kernel: KERNEL_DEBIAN,
+        judge: judge_panic,
+        ..SMALL
+    },
+    Scenario {
+        name: "blk-debian",
+        agent: "blk",
+        kernel: KERNEL_DEBIAN,
+        disks: &["@blk-debian"],
+        judge: judge_blk,
+        ..SMALL
+    },
+    Scenario {
+        name: "blk-ro-debian",
+        agent: "blk-ro",
+        kernel: KERNEL_DEBIAN,
+        disks: &["@ro,ro"],
+        ..SMALL
+    },
+    Scenario {
+        name: "blk-integrity-debian",
+        kernel: KERNEL_DEBIAN,
+        disks: &["@ro,ro", "@integrity-debian"],
+        ..BLK_INTEGRITY
+    },
+    Scenario {
+        name: "blk-discard-debian",
+        agent: "blk-discard",
+        kernel: KERNEL_DEBIAN,
+        disks: &["@discard-debian"],
+        judge: judge_discard,
+        ..SMALL
+    },
+    Scenario {
+        name: "exec-debian",
+        kernel: KERNEL_DEBIAN,
+        ..EXEC
+    },
+    Scenario {
+        name: "vsock-debian",
+        kernel: KERNEL_DEBIAN,
+        ..VSOCK
     },
     // The boot figure with the VMM jailed as well as filtered.
     Scenario {
@@ -332,11 +461,12 @@ pub fn l2_cmdline(s: &Scenario) -> String {
     } else {
         L2_BASE_CMDLINE
     };
+    let acpi = if s.no_acpi { " acpi=off" } else { "" };
     // CHITIN_NESTED_EXTRA_CMDLINE adds entries for debugging a run, e.g.
     // `loglevel=8 printk.time=1` to see where boot time goes.
     let extra = std::env::var("CHITIN_NESTED_EXTRA_CMDLINE").unwrap_or_default();
     format!(
-        "{reboot} chitin.scenario={} chitin.expect_cpus={} chitin.expect_mem_mib={} {extra}",
+        "{reboot}{acpi} chitin.scenario={} chitin.expect_cpus={} chitin.expect_mem_mib={} {extra}",
         s.agent, s.vcpus, s.mem_mib
     )
     .trim_end()
@@ -367,6 +497,62 @@ mod tests {
             assert_eq!(old.kernel, KERNEL_6_1);
             assert_eq!(new.host_checks, old.host_checks);
         }
+    }
+
+    /// The scenarios that also run on Debian's cloud kernel, rows suffixed
+    /// `-debian`.
+    const DEBIAN_ROWS: &[&str] = &[
+        "boot",
+        "smp4",
+        "reset",
+        "panic",
+        "blk",
+        "blk-ro",
+        "blk-integrity",
+        "blk-discard",
+        "exec",
+        "vsock",
+    ];
+
+    #[test]
+    fn debian_rows_run_the_same_scenario_on_the_debian_kernel() {
+        let find = |name: &str| SCENARIOS.iter().find(|s| s.name == name).unwrap();
+        for base in DEBIAN_ROWS {
+            let new = find(&format!("{base}-debian"));
+            let old = find(base);
+            assert_eq!(new.agent, old.agent, "{base}");
+            assert_eq!(new.kernel, KERNEL_DEBIAN, "{base}");
+            assert_eq!(new.host_checks, old.host_checks, "{base}");
+            assert_eq!((new.vcpus, new.mem_mib), (old.vcpus, old.mem_mib), "{base}");
+            assert!(!new.no_acpi && !old.no_acpi, "{base}");
+        }
+        assert_eq!(KERNEL_DEBIAN.l1_initramfs(), "/l2/debian/initramfs.cpio");
+    }
+
+    #[test]
+    fn only_boot_rows_are_timed_and_one_row_proves_the_mp_table_path() {
+        for s in SCENARIOS {
+            assert_eq!(
+                s.timed,
+                s.name.starts_with("boot") && s.name != "boot-jail" && !s.name.contains("6.12"),
+                "{}",
+                s.name
+            );
+        }
+        assert!(SCENARIOS
+            .iter()
+            .any(|s| s.no_acpi && !s.peer && s.disks.is_empty()));
+        assert!(SCENARIOS
+            .iter()
+            .any(|s| s.no_acpi && !s.peer && !s.disks.is_empty()));
+        assert!(l2_cmdline(
+            SCENARIOS
+                .iter()
+                .find(|s| s.name == "boot-acpi-off")
+                .unwrap()
+        )
+        .contains(" acpi=off "));
+        assert!(!l2_cmdline(&BOOT).contains("acpi=off"));
     }
 
     #[test]

@@ -124,6 +124,42 @@ fn sh(script: &str) -> Command {
     cmd
 }
 
+/// The guest found chitin's ACPI tables and its kernel log (`dmesg`)
+/// has no ACPI error or warning about them.
+fn acpi_log(vm: &RunningSandbox) -> Result<String, String> {
+    let out = vm
+        .exec(&Command::new("dmesg"))
+        .map_err(|e| format!("dmesg: {e}"))?;
+    let log = String::from_utf8_lossy(&out.stdout);
+    let complaints = [
+        "ACPI Error",
+        "ACPI BIOS Error",
+        "ACPI Warning",
+        "ACPI BIOS Warning",
+    ];
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| complaints.iter().any(|c| l.contains(c)))
+        .collect();
+    let tables = vm
+        .exec(
+            Command::new("test")
+                .arg("-d")
+                .arg("/sys/firmware/acpi/tables"),
+        )
+        .map_err(|e| format!("test: {e}"))?;
+    if tables.status != ExitStatus::Code(0) {
+        return Err("the guest found no ACPI tables".into());
+    }
+    match bad.first() {
+        None => Ok(format!(
+            "acpi=on complaints=0 ({} log lines)",
+            log.lines().count()
+        )),
+        Some(first) => Err(format!("{} ACPI complaints: {first}", bad.len())),
+    }
+}
+
 fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     let t = Instant::now();
     let first = vm.exec(&Command::new("true"));
@@ -756,6 +792,7 @@ fn main() {
     }
     // Which kernel answered, so the harness can tell the guests apart.
     c.result("guest-kernel", guest_kernel(&vm));
+    c.result("acpi-log", acpi_log(&vm));
     c.result("device-faults", device_faults(&vm));
     if which == "exec" {
         c.result("seccomp-threads", filtered_threads());

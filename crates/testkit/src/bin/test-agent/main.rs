@@ -46,6 +46,12 @@ fn main() {
     if let Err(e) = init::mount_basics() {
         report.check("mounts", false, &e);
     }
+    for line in init::load_modules() {
+        match line {
+            Ok(done) => report.line(&format!("chitin-agent: {done}")),
+            Err(e) => report.check("modules", false, &e),
+        }
+    }
     let cmdline = cmdline::KernelCmdline::read();
     for line in chitin_agent::net::configure(&cmdline) {
         if let Err(e) = line {

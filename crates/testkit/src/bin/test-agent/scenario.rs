@@ -21,9 +21,14 @@ pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
     // Which kernel this is, so the host can tell its guests apart.
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     report.line(&format!("chitin-agent: kernel {}", release.trim()));
+    check_kernel_log(report);
     match name {
         "boot" | "smp4" => check_machine(cmdline, report),
-        "reset" => report.check("reset", true, "rebooting"),
+        "reset" => {
+            report.check("reset", true, "rebooting");
+            report.done();
+            chitin_agent::init::reboot();
+        }
         "panic" => trigger_panic(report),
         "console" => console_pattern(report),
         "blk" => crate::blk::read_write(report),
@@ -32,6 +37,54 @@ pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
         "blk-discard" => crate::blk::discard(report),
         "net-upload" => crate::net::upload_scenario(cmdline, report),
         other => report.check("scenario", false, &format!("unknown scenario {other}")),
+    }
+}
+
+/// What in the kernel log means chitin's ACPI tables are wrong.
+const ACPI_COMPLAINTS: &[&str] = &[
+    "ACPI Error",
+    "ACPI BIOS Error",
+    "ACPI Warning",
+    "ACPI BIOS Warning",
+];
+
+/// The kernel log (`dmesg`), read with `syslog(SYSLOG_ACTION_READ_ALL)`.
+fn kernel_log() -> Result<String, String> {
+    const READ_ALL: libc::c_int = 3;
+    const SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer and returns the log's size.
+    let size = unsafe { libc::klogctl(SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    let size = usize::try_from(size).map_err(|_| "klogctl size failed".to_string())?;
+    let mut buf = vec![0u8; size.max(1)];
+    let len = libc::c_int::try_from(buf.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `buf` is valid for `len` bytes, which klogctl fills at most.
+    let n = unsafe { libc::klogctl(READ_ALL, buf.as_mut_ptr().cast(), len) };
+    let n = usize::try_from(n).map_err(|_| "klogctl read failed".to_string())?;
+    buf.truncate(n);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Whether the kernel parsed ACPI tables, and that it printed no ACPI error
+/// or warning about them: `acpi=on|off complaints=<n>`.
+fn check_kernel_log(report: &mut Report) {
+    let acpi = if std::path::Path::new("/sys/firmware/acpi/tables").exists() {
+        "on"
+    } else {
+        "off"
+    };
+    match kernel_log() {
+        Ok(log) => {
+            let bad: Vec<&str> = log
+                .lines()
+                .filter(|l| ACPI_COMPLAINTS.iter().any(|c| l.contains(c)))
+                .collect();
+            let detail = format!("acpi={acpi} complaints={}", bad.len());
+            match bad.first() {
+                None => report.check("acpi-log", true, &detail),
+                Some(first) => report.check("acpi-log", false, &format!("{detail}: {first}")),
+            }
+        }
+        Err(e) => report.check("acpi-log", false, &e),
     }
 }
 
