@@ -34,8 +34,8 @@ pub struct Image {
 pub struct Disks {
     /// In the order they are attached to L1.
     pub images: Vec<Image>,
-    /// Allocated bytes of the discard image before the run.
-    pub discard_allocated_before: u64,
+    /// Allocated bytes of each discard image (by serial) before the run.
+    pub discard_allocated_before: Vec<(&'static str, u64)>,
 }
 
 impl Disks {
@@ -80,13 +80,11 @@ pub fn create(dir: &Path) -> Step<Disks> {
         file.set_len(64 << 20).map_err(|e| format!("size: {e}"))?;
         images.push(Image { serial, path });
     }
-    // Every discard image is written the same way, so they start with the
-    // same allocation.
-    let mut discard_allocated_before = 0;
+    let mut discard_allocated_before = Vec::new();
     for serial in ["discard", "discard-debian"] {
         let discard = dir.join(format!("{serial}.raw"));
         std::fs::write(&discard, vec![0xa5u8; 32 << 20]).map_err(|e| format!("write: {e}"))?;
-        discard_allocated_before = allocated(&discard)?;
+        discard_allocated_before.push((serial, allocated(&discard)?));
         images.push(Image {
             serial,
             path: discard,
@@ -177,7 +175,12 @@ pub fn check_discard(disks: &Disks, serial: &str) -> Result<String, String> {
         .path(serial)
         .ok_or_else(|| format!("no {serial} image"))?;
     let after = allocated(image)?;
-    let before = disks.discard_allocated_before;
+    let before = disks
+        .discard_allocated_before
+        .iter()
+        .find(|(s, _)| *s == serial)
+        .map(|(_, b)| *b)
+        .ok_or_else(|| format!("no allocation recorded for {serial}"))?;
     let freed = before.saturating_sub(after);
     // Allow a quarter of slack for alignment at each layer.
     if freed < DISCARD_LEN * 3 / 4 {

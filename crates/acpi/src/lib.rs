@@ -66,7 +66,8 @@ const IOAPIC_PINS: u32 = 24;
 const HEADER_LEN: u32 = 36;
 /// Length of the MADT's fixed part: header, local APIC address, flags.
 const MADT_FIXED_LEN: u32 = 44;
-/// MADT revision of ACPI 6.5.
+/// MADT revision 5 (ACPI 6.3); the structures chitin writes (local APIC,
+/// IOAPIC, interrupt source override) are unchanged since ACPI 1.0.
 const MADT_REVISION: u8 = 5;
 /// DSDT revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;

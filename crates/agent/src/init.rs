@@ -81,13 +81,14 @@ pub const MODULES_DIR: &str = "/lib/modules";
 /// directory) per line, each after the modules it depends on.
 pub const MODULE_LIST: &str = "chitin.modules";
 
-/// `finit_module` flag: the kernel decompresses the file itself.
+/// `finit_module` flag: the kernel decompresses the file itself (needs
+/// `CONFIG_MODULE_DECOMPRESS`; Debian 12's kernels ship plain `.ko`).
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 /// The running kernel's release (`uname -r`).
 fn kernel_release() -> io::Result<String> {
-    // SAFETY: utsname is plain data; uname fills it and returns 0, or
-    // fails without touching it.
+    // SAFETY: utsname holds only c_char arrays, for which all zeros is a
+    // valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: `uts` is a valid, writable utsname.
     if unsafe { libc::uname(&mut uts) } != 0 {

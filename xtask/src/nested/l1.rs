@@ -50,7 +50,6 @@ use crate::disks::{self, Disks};
 use crate::guest;
 use crate::util::{self, cache_dir, Step};
 
-/// The meta package whose dependency names the current cloud kernel.
 /// How long L1 may take to reach its /init before the run counts as the
 /// "L1 printed nothing" flake and is retried once.
 pub const L1_UP_TIMEOUT: Duration = Duration::from_secs(30);

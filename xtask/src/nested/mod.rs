@@ -296,6 +296,17 @@ fn build_tools(
     let mut debian_cpio = None;
     if wanted.contains(&KERNEL_DEBIAN) {
         let debian = guest::debian_cloud_kernel()?;
+        // The rows say which version they boot; a host whose apt names
+        // another cloud kernel (a newer Debian) must say so, not fail
+        // every row on the guest's release.
+        let want = format!("{}.", KERNEL_DEBIAN.version.name());
+        if !debian.release.starts_with(&want) {
+            return Err(format!(
+                "the -debian rows expect Debian's {} cloud kernel, apt names {}",
+                KERNEL_DEBIAN.version.name(),
+                debian.package
+            ));
+        }
         images.push((KERNEL_DEBIAN, debian.vmlinuz.clone()));
         debian_cpio = Some(debian_initramfs(&debian)?);
     }
@@ -383,7 +394,7 @@ pub fn nested_exec(args: &[String]) -> Step<i32> {
     }
     let disks = Disks {
         images: Vec::new(),
-        discard_allocated_before: 0,
+        discard_allocated_before: Vec::new(),
     };
     let log = boot_l1(&tools, &[plan], &disks)?;
     let mut code = None;

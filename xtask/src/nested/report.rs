@@ -33,6 +33,9 @@ pub struct Run {
     exit_line: Option<&'static str>,
     /// Console lines of the child (`| ` prefix removed) and its stderr.
     lines: Vec<String>,
+    /// The child's stderr alone (`! ` lines): what the VMM itself said,
+    /// which the guest cannot write.
+    stderr: Vec<String>,
     marker_ms: Option<u64>,
     console: Option<String>,
     exit: Option<String>,
@@ -147,6 +150,9 @@ fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
                 }
             }
         } else if let Some(i) = current {
+            if let Some(err) = line.strip_prefix("! ") {
+                parsed[i].stderr.push(err.to_string());
+            }
             let text = line
                 .strip_prefix("| ")
                 .or_else(|| line.strip_prefix("! "))
@@ -176,16 +182,7 @@ pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     }
     run.summary()
         .map_err(|e| format!("agent did not finish with every check passed: {e}"))?;
-    let acpi = check_value(run, "acpi-log", "acpi")?;
-    let want = if run.acpi { "on" } else { "off" };
-    if acpi != want {
-        return Err(format!("the guest ran with acpi={acpi}, want acpi={want}"));
-    }
-    if let Some(line) = run.exit_line {
-        if !run.has(line) {
-            return Err(format!("the VMM did not end with `{line}`"));
-        }
-    }
+    check_acpi_and_exit(run)?;
     let seen = run
         .lines
         .iter()
@@ -204,6 +201,23 @@ pub fn judge_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
         .unwrap_or_default();
     check_kernel(run, release)?;
     passed_checks(run)
+}
+
+/// The guest found ACPI tables exactly when the run gave it some, and the
+/// VMM (on its stderr, which the guest cannot write) reported the stop the
+/// run expects.
+fn check_acpi_and_exit(run: &Run) -> Result<(), String> {
+    let acpi = check_value(run, "acpi-log", "acpi")?;
+    let want = if run.acpi { "on" } else { "off" };
+    if acpi != want {
+        return Err(format!("the guest ran with acpi={acpi}, want acpi={want}"));
+    }
+    if let Some(line) = run.exit_line {
+        if !run.stderr.iter().any(|l| l.trim() == line) {
+            return Err(format!("the VMM did not end with `{line}`"));
+        }
+    }
+    Ok(())
 }
 
 /// The guest reported a kernel `release` of the version the run meant to
@@ -249,6 +263,7 @@ pub fn judge_panic(run: &Run, _disks: &Disks) -> Result<String, String> {
     if exit != "0" {
         return Err(format!("VMM exit {exit}, want 0 (reset after panic=-1)"));
     }
+    check_acpi_and_exit(run)?;
     Ok("panic message captured, guest reset".into())
 }
 
@@ -406,7 +421,7 @@ pub fn report(
     let parsed = parse_runs(runs, log);
     println!();
     println!(
-        "{:<19} {:<12} {:<6} {:>14} {:>10}  detail",
+        "{:<21} {:<12} {:<6} {:>14} {:>10}  detail",
         "scenario", "L2 kernel", "result", "VMM start->up", "total"
     );
     let mut failures = Vec::new();
@@ -442,7 +457,7 @@ pub fn report(
             String::new()
         };
         println!(
-            "{:<19} {:<12} {:<6} {:>14} {:>10}  {detail}{runs_note}",
+            "{:<21} {:<12} {:<6} {:>14} {:>10}  {detail}{runs_note}",
             s.name,
             s.kernel.label(),
             if failed { "FAIL" } else { "PASS" },
@@ -489,7 +504,7 @@ pub fn report(
     }
     let health = l1_health(log);
     println!(
-        "{:<19} {:<12} {:<6} {:>14} {:>10}  {}",
+        "{:<21} {:<12} {:<6} {:>14} {:>10}  {}",
         "l1-health",
         "-",
         if health.is_ok() { "PASS" } else { "FAIL" },
@@ -585,7 +600,7 @@ mod tests {
     fn no_disks() -> Disks {
         Disks {
             images: Vec::new(),
-            discard_allocated_before: 0,
+            discard_allocated_before: Vec::new(),
         }
     }
 
@@ -834,6 +849,23 @@ mod tests {
             format!("! {exit_line}"),
         ];
         judge_one(name, &console(name, &body, "0"))
+    }
+
+    #[test]
+    fn the_guest_cannot_print_the_vmm_exit_line() {
+        let s = scenario("boot-debian");
+        let body = vec![
+            format!("| {UP_MARKER} version={AGENT_VERSION} scenario=boot"),
+            format!("| chitin-agent: cmdline {}", l2_cmdline(s)),
+            "| chitin-agent: kernel 6.1.0-41-cloud-amd64".to_string(),
+            format!("| {ACPI_ON}"),
+            "| chitin-check: cpus PASS 2".to_string(),
+            "| chitin-agent: done pass=2 fail=0".to_string(),
+            "| chitin: guest powered off".to_string(),
+            "! chitin: guest reset".to_string(),
+        ];
+        let e = judge_one("boot-debian", &console("boot-debian", &body, "0")).unwrap_err();
+        assert!(e.contains("did not end with"), "{e}");
     }
 
     #[test]

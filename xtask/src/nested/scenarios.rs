@@ -440,8 +440,9 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-/// Runs of `boot` and `boot-qemu`, interleaved, whose median is reported:
-/// one run each would let noise or order decide the comparison.
+/// Runs of each timed row (chitin's boots and their QEMU peers),
+/// interleaved round by round, whose median is reported: one run each
+/// would let noise or order decide the comparison.
 pub const BOOT_REPEATS: usize = 3;
 
 /// The warm-up run: the first VMM started in a fresh L1 pays a one-time
