@@ -314,9 +314,14 @@ pub fn guest_modules(kernel: &DebianKernel) -> Step<Vec<String>> {
         // The package leaves modules.dep to depmod at install time; make
         // it in the unpacked tree (nothing is installed on the host).
         install_packages(&["kmod"])?;
+        // Root's PATH may lack the sbin directories.
+        let depmod = ["/usr/sbin/depmod", "/sbin/depmod"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("depmod");
         run(
             "depmod for the Debian kernel",
-            Command::new("depmod")
+            Command::new(depmod)
                 .arg("-b")
                 .arg(&kernel.root)
                 .arg(&kernel.release),

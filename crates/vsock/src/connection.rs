@@ -254,9 +254,14 @@ impl<S: Read + Write> Connection<S> {
         }
     }
 
-    /// When the connection was made.
+    /// When the connection was made (or its connect deadline restarted).
     pub fn created(&self) -> Instant {
         self.created
+    }
+
+    /// Count the connect deadline from `now`.
+    pub(crate) fn restart_clock(&mut self, now: Instant) {
+        self.created = now;
     }
 
     /// The host peer closed both directions: the connection can only end.

@@ -134,9 +134,12 @@ impl Vsock {
             let _ = std::fs::remove_file(&uds_path);
             return Err(VsockError::Listener(e));
         }
+        let mut handler = VsockHandler::new(UnixBackend::new(uds_path.clone()), guest_cid);
+        // No driver runs the device until the guest activates it.
+        handler.set_driver_ready(false, std::time::Instant::now());
         Ok(Vsock {
             guest_cid,
-            handler: VsockHandler::new(UnixBackend::new(uds_path.clone()), guest_cid),
+            handler,
             socket_file: Some(SocketFile(uds_path.clone())),
             uds_path,
             listener,
@@ -289,6 +292,8 @@ impl VirtioDevice for Vsock {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.active = Some(Active::from_context(ctx)?);
+        self.handler
+            .set_driver_ready(true, std::time::Instant::now());
         // Look at both data rings once now.
         kick(&self.queue_events[..=TX_QUEUE]);
         Ok(())
@@ -297,6 +302,8 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.handler.clear();
+        self.handler
+            .set_driver_ready(false, std::time::Instant::now());
         // Closed streams are deregistered from the event loop, then closed,
         // on its next call: make sure there is one.
         let _ = self.queue_events[RX_QUEUE].write(1);

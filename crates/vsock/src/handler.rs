@@ -67,6 +67,13 @@ pub const RESERVED_SLOTS: usize = 16;
 /// reset and closed (Firecracker gives up after 2 s too).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a host-initiated connection waits while the guest has no
+/// driver running the device (the guest is still booting, or loads its
+/// vsock module late): [`CONNECT_TIMEOUT`] starts only once the driver
+/// is up, so a host that connects early is answered as soon as the guest
+/// can; this bounds the wait for a guest whose driver never comes.
+pub const DRIVER_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a connection whose host peer has gone (both directions
 /// closed) and whose data all reached the guest (with SHUTDOWN after it)
 /// waits for the guest to close its end before it is reset.
@@ -143,6 +150,10 @@ pub struct VsockHandler<B: VsockBackend> {
     reserved_port: Option<u32>,
     scratch: Box<[u8]>,
     faults: GuestFaults,
+    /// Whether the guest's driver runs the device: until it does, host
+    /// connections wait up to [`DRIVER_WAIT_TIMEOUT`] instead of
+    /// [`CONNECT_TIMEOUT`].
+    driver_ready: bool,
 }
 
 impl<B: VsockBackend> VsockHandler<B> {
@@ -161,7 +172,24 @@ impl<B: VsockBackend> VsockHandler<B> {
             reserved_port: None,
             scratch: vec![0u8; MAX_PKT_DATA as usize].into_boxed_slice(),
             faults: GuestFaults::new("vsock"),
+            driver_ready: true,
         }
+    }
+
+    /// Tell the handler whether the guest's driver runs the device (the
+    /// device calls this on activation and reset). When it starts, the
+    /// connect deadline of every host connection still waiting restarts
+    /// at `now`: the time before counts as the guest's boot, not as a
+    /// guest that does not answer.
+    pub fn set_driver_ready(&mut self, ready: bool, now: Instant) {
+        if ready && !self.driver_ready {
+            for conn in self.conns.values_mut() {
+                if conn.state() == State::Connecting {
+                    conn.restart_clock(now);
+                }
+            }
+        }
+        self.driver_ready = ready;
     }
 
     /// Keep [`RESERVED_SLOTS`] connections for host connections to guest
@@ -214,9 +242,20 @@ impl<B: VsockBackend> VsockHandler<B> {
             }
         }
         let mut expired = Vec::new();
+        let (answer_limit, answer_reason) = if self.driver_ready {
+            (
+                CONNECT_TIMEOUT,
+                "connect timed out: the guest never answered",
+            )
+        } else {
+            (
+                DRIVER_WAIT_TIMEOUT,
+                "connect timed out: the guest's driver never started",
+            )
+        };
         for (&key, conn) in self.conns.iter_mut() {
-            if conn.state() == State::Connecting && late(conn.created(), CONNECT_TIMEOUT) {
-                expired.push((key, "connect timed out: the guest never answered"));
+            if conn.state() == State::Connecting && late(conn.created(), answer_limit) {
+                expired.push((key, answer_reason));
             } else if conn.host_gone() {
                 let limit = if conn.host_eof() {
                     LINGER_TIMEOUT

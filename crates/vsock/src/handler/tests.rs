@@ -906,3 +906,47 @@ fn guest_refusing_the_data_of_a_closed_host_peer_is_reset_after_stuck_timeout() 
     assert_eq!(h.handler.reap(start + STUCK_TIMEOUT), 1);
     assert_eq!(h.handler.connection_count(), 0);
 }
+
+#[test]
+fn host_connections_wait_for_the_guest_driver_before_their_deadline_starts() {
+    let mut h = Harness::new();
+    // The guest is still booting: no driver runs the device.
+    let booting = Instant::now();
+    h.handler.set_driver_ready(false, booting);
+    let (near, _far) = host_stream(b"CONNECT 1024\n");
+    h.handler.add_host_stream(near);
+    assert_eq!(h.handler.connection_count(), 1);
+    // What would time out a running guest's connection does not.
+    assert_eq!(h.handler.reap(booting + CONNECT_TIMEOUT * 3), 0);
+    assert_eq!(h.handler.connection_count(), 1);
+    // The driver comes up: the deadline counts from now.
+    let ready = booting + CONNECT_TIMEOUT * 4;
+    h.handler.set_driver_ready(true, ready);
+    assert_eq!(h.handler.reap(ready + CONNECT_TIMEOUT / 2), 0);
+    assert_eq!(h.handler.reap(ready + CONNECT_TIMEOUT), 1);
+    assert_eq!(h.handler.connection_count(), 0);
+    assert_eq!(
+        h.handler
+            .faults()
+            .count("connect timed out: the guest never answered"),
+        1
+    );
+}
+
+#[test]
+fn a_driver_that_never_starts_still_ends_the_wait() {
+    let mut h = Harness::new();
+    let booting = Instant::now();
+    h.handler.set_driver_ready(false, booting);
+    let (near, _far) = host_stream(b"CONNECT 5000\n");
+    h.handler.add_host_stream(near);
+    let made = Instant::now();
+    assert_eq!(h.handler.reap(made + DRIVER_WAIT_TIMEOUT / 2), 0);
+    assert_eq!(h.handler.reap(made + DRIVER_WAIT_TIMEOUT), 1);
+    assert_eq!(
+        h.handler
+            .faults()
+            .count("connect timed out: the guest's driver never started"),
+        1
+    );
+}
