@@ -17,6 +17,10 @@
 //! - `| <line>` — each console line of the child (L2's console);
 //! - `nested: marker <scenario> <ms>` — first appearance of the plan's
 //!   marker text, in ms since the child was spawned;
+//! - `nested: exits <scenario> total=<n> io=<n> ...` — right after the
+//!   marker, L1 KVM's exit counters of the child's VM so far (debugfs
+//!   `kvm/<pid>-<fd>/`, summed over its vCPUs): counts that, unlike wall
+//!   time, do not depend on how busy the emulating host is;
 //! - `nested: console <scenario> fnv=<hex> len=<n>` — checksum of the bytes
 //!   between `chitin-console-begin` and `chitin-console-end` lines (not
 //!   forwarded);
@@ -173,9 +177,53 @@ fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Forward the child's console, timestamp the marker, checksum the console
-/// pattern block.
-fn pump_console(name: &str, marker: &str, start: Instant, stdout: impl Read) {
+/// L1 KVM's exit counters printed per run, as (label, debugfs file).
+const EXIT_STATS: &[(&str, &str)] = &[
+    ("total", "exits"),
+    ("io", "io_exits"),
+    ("mmio", "mmio_exits"),
+    ("hlt", "halt_exits"),
+    ("irq_window", "irq_window_exits"),
+    ("irq", "irq_exits"),
+    ("emulated", "insn_emulation"),
+    ("hypercalls", "hypercalls"),
+];
+
+/// Where L1's KVM keeps a directory of statistics per VM.
+const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
+
+/// `total=<n> io=<n> ...` for the VMs process `pid` holds (directories
+/// `<pid>-<fd>`), or `none` when it holds none (or debugfs is missing).
+fn exit_counts(pid: u32) -> String {
+    let prefix = format!("{pid}-");
+    let Ok(dir) = std::fs::read_dir(KVM_DEBUGFS) else {
+        return "none".to_string();
+    };
+    let vms: Vec<std::path::PathBuf> = dir
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    if vms.is_empty() {
+        return "none".to_string();
+    }
+    EXIT_STATS
+        .iter()
+        .map(|(label, file)| {
+            let sum: u64 = vms
+                .iter()
+                .filter_map(|vm| std::fs::read_to_string(vm.join(file)).ok())
+                .filter_map(|text| text.trim().parse::<u64>().ok())
+                .sum();
+            format!("{label}={sum}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Forward the child's console, timestamp the marker (and read the exit
+/// counters of `pid`'s VM then), checksum the console pattern block.
+fn pump_console(name: &str, marker: &str, start: Instant, pid: u32, stdout: impl Read) {
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
     let mut marker_seen = marker.is_empty();
@@ -209,6 +257,7 @@ fn pump_console(name: &str, marker: &str, start: Instant, stdout: impl Read) {
                 "nested: marker {name} {}",
                 start.elapsed().as_millis()
             ));
+            say(&format!("nested: exits {name} {}", exit_counts(pid)));
         }
     }
     if block.is_some() {
@@ -252,9 +301,10 @@ fn run_scenario(s: &Scenario, disks: &[(String, String)]) {
     let (done_tx, done_rx) = mpsc::channel();
     let stdout = child.stdout.take();
     let (name, marker) = (s.name.clone(), s.marker.clone());
+    let pid = child.id();
     let out_thread = std::thread::spawn(move || {
         if let Some(stdout) = stdout {
-            pump_console(&name, &marker, start, stdout);
+            pump_console(&name, &marker, start, pid, stdout);
         }
         let _ = done_tx.send(());
     });
@@ -318,6 +368,8 @@ fn main() {
     mount("tmpfs", "/tmp", "tmpfs");
     // The jail scenario's cgroup limits need cgroup v2.
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2");
+    // KVM's per-VM exit counters (`nested: exits`).
+    mount("debugfs", "/sys/kernel/debug", "debugfs");
     say("nested: l1 up");
     let up = Instant::now();
     let alive = move || say(&format!("nested: alive {}", up.elapsed().as_secs()));

@@ -37,6 +37,8 @@ pub struct Run {
     /// which the guest cannot write.
     stderr: Vec<String>,
     marker_ms: Option<u64>,
+    /// L1 KVM's exit counters of the run's VM at the marker, by label.
+    exits: Vec<(String, u64)>,
     console: Option<String>,
     exit: Option<String>,
     ms: Option<u64>,
@@ -142,6 +144,14 @@ fn parse_runs(runs: &[(String, &Scenario)], log: &[String]) -> Vec<Run> {
             let mut f = rest.split_whitespace();
             if let (Some(i), Some(ms)) = (f.next().and_then(index), f.next()) {
                 parsed[i].marker_ms = ms.parse().ok();
+            }
+        } else if let Some(rest) = line.strip_prefix("nested: exits ") {
+            let mut f = rest.split_whitespace();
+            if let Some(i) = f.next().and_then(index) {
+                parsed[i].exits = f
+                    .filter_map(|kv| kv.split_once('='))
+                    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                    .collect();
             }
         } else if let Some(rest) = line.strip_prefix("nested: console ") {
             if let Some((name, sum)) = rest.split_once(' ') {
@@ -392,6 +402,75 @@ fn fmt_ms(ms: Option<u64>) -> String {
     ms.map_or("-".into(), |ms| format!("{:.2} s", ms as f64 / 1000.0))
 }
 
+/// Each exit counter's median over `runs` (those that reported it).
+fn median_exits(runs: &[&Run]) -> Vec<(String, u64)> {
+    let Some(first) = runs.iter().find(|r| !r.exits.is_empty()) else {
+        return Vec::new();
+    };
+    first
+        .exits
+        .iter()
+        .filter_map(|(label, _)| {
+            let values = runs
+                .iter()
+                .filter_map(|r| r.exits.iter().find(|(l, _)| l == label).map(|(_, v)| *v))
+                .collect();
+            Some((label.clone(), median(values)?))
+        })
+        .collect()
+}
+
+/// The timed rows' exit counters at agent up, chitin next to QEMU, and
+/// the ratio of their totals.
+fn print_exit_table(pairs: &[(&str, &str, &str)], medians: &[(&str, Vec<(String, u64)>)]) {
+    let find = |name: &str| {
+        medians
+            .iter()
+            .find(|(n, e)| *n == name && !e.is_empty())
+            .map(|(_, e)| e)
+    };
+    if !pairs
+        .iter()
+        .any(|(_, c, q)| find(c).is_some() || find(q).is_some())
+    {
+        return;
+    }
+    let labels: Vec<&String> = medians
+        .iter()
+        .find(|(_, e)| !e.is_empty())
+        .map(|(_, e)| e.iter().map(|(l, _)| l).collect())
+        .unwrap_or_default();
+    println!(
+        "L1 KVM exits, VMM start -> agent up (median of {BOOT_REPEATS}; independent of host load):"
+    );
+    let header: String = labels.iter().map(|l| format!(" {l:>10}")).collect();
+    println!("  {:<18}{header}", "row");
+    for (_, chitin, qemu) in pairs {
+        for name in [chitin, qemu] {
+            if let Some(exits) = find(name) {
+                let cells: String = labels
+                    .iter()
+                    .map(|l| {
+                        let v = exits.iter().find(|(k, _)| k == *l).map(|(_, v)| *v);
+                        format!(" {:>10}", v.map_or("-".to_string(), |v| v.to_string()))
+                    })
+                    .collect();
+                println!("  {name:<18}{cells}");
+            }
+        }
+        let total = |name: &str| {
+            find(name).and_then(|e| e.iter().find(|(k, _)| k == "total").map(|(_, v)| *v))
+        };
+        if let (Some(c), Some(q)) = (total(chitin), total(qemu)) {
+            println!(
+                "  {:<18} QEMU/chitin total exits {:.2}",
+                "",
+                q as f64 / c.max(1) as f64
+            );
+        }
+    }
+}
+
 fn median(mut values: Vec<u64>) -> Option<u64> {
     values.sort_unstable();
     values.get(values.len() / 2).copied()
@@ -426,6 +505,7 @@ pub fn report(
     );
     let mut failures = Vec::new();
     let mut up_medians = Vec::new();
+    let mut exit_medians: Vec<(&str, Vec<(String, u64)>)> = Vec::new();
     let mut rows: Vec<&Scenario> = vec![&WARMUP];
     rows.extend(selected.iter().copied());
     for s in rows {
@@ -451,6 +531,10 @@ pub fn report(
         let up = median(mine.iter().filter_map(|(_, r)| r.marker_ms).collect());
         let total = median(mine.iter().filter_map(|(_, r)| r.ms).collect());
         up_medians.push((s.name, up));
+        if s.timed {
+            let runs: Vec<&Run> = mine.iter().map(|(_, r)| *r).collect();
+            exit_medians.push((s.name, median_exits(&runs)));
+        }
         let runs_note = if mine.len() > 1 {
             format!(" (median of {})", mine.len())
         } else {
@@ -502,6 +586,7 @@ pub fn report(
             );
         }
     }
+    print_exit_table(&pairs, &exit_medians);
     let health = l1_health(log);
     println!(
         "{:<21} {:<12} {:<6} {:>14} {:>10}  {}",
@@ -849,6 +934,36 @@ mod tests {
             format!("! {exit_line}"),
         ];
         judge_one(name, &console(name, &body, "0"))
+    }
+
+    #[test]
+    fn exit_counters_are_parsed_per_run_and_their_median_taken() {
+        let s = scenario("boot");
+        let runs: Vec<(String, &Scenario)> = (1..=3).map(|k| (format!("boot#{k}"), s)).collect();
+        let mut log = Vec::new();
+        for (k, total) in [(1, 900u64), (2, 700), (3, 800)] {
+            log.push(format!("nested: begin boot#{k}"));
+            log.push(format!(
+                "nested: exits boot#{k} total={total} io={} mmio=5",
+                total / 2
+            ));
+            log.push(format!("nested: end boot#{k} exit=0 ms=1"));
+        }
+        // A run whose VM the runner could not find reports no counters.
+        log.push("nested: exits boot#3 none".into());
+        let parsed = parse_runs(&runs, &log);
+        assert_eq!(parsed[0].exits[0], ("total".to_string(), 900));
+        assert!(parsed[2].exits.is_empty());
+        let refs: Vec<&Run> = parsed.iter().collect();
+        let medians = median_exits(&refs);
+        assert_eq!(
+            medians,
+            [
+                ("total".to_string(), 900),
+                ("io".to_string(), 450),
+                ("mmio".to_string(), 5)
+            ]
+        );
     }
 
     #[test]
