@@ -441,7 +441,7 @@ fn print_exit_table(pairs: &[(&str, &str, &str)], medians: &[(&str, Vec<(String,
         .map(|(_, e)| e.iter().map(|(l, _)| l).collect())
         .unwrap_or_default();
     println!(
-        "L1 KVM exits, VMM start -> agent up (median of {BOOT_REPEATS}; independent of host load):"
+        "L1 KVM exits, VMM start -> agent up (median of {BOOT_REPEATS}; io and mmio depend only on the guest, hlt/irq/emulated also grow with wall time):"
     );
     let header: String = labels.iter().map(|l| format!(" {l:>10}")).collect();
     println!("  {:<18}{header}", "row");
