@@ -325,10 +325,11 @@ mod tests {
             for backing in [Backing::Anonymous, Backing::Memfd] {
                 let aligned = (0..5).any(|_| {
                     let ram = GuestRam::new(mib << 20, backing).unwrap();
-                    ram.memory().iter().all(|region| {
+                    let all = ram.memory().iter().all(|region| {
                         assert_eq!(region.start_addr().0 % HUGE_PAGE as u64, 0);
                         host_address(region) % HUGE_PAGE == 0
-                    })
+                    });
+                    all
                 });
                 assert!(aligned, "{mib} MiB {backing:?}: never on a 2 MiB boundary");
             }
