@@ -5,6 +5,7 @@
 //! fields), the NUL-terminated name padded to 4 bytes, then the data padded
 //! to 4 bytes; the archive ends with the entry `TRAILER!!!`.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 const S_IFDIR: u32 = 0o040_000;
@@ -17,6 +18,8 @@ const S_IFCHR: u32 = 0o020_000;
 pub struct Cpio {
     data: Vec<u8>,
     next_ino: u32,
+    /// Directories added so far, for [`Cpio::parents`].
+    dirs: BTreeSet<String>,
 }
 
 impl Cpio {
@@ -25,6 +28,7 @@ impl Cpio {
         Self {
             data: Vec::new(),
             next_ino: 1,
+            dirs: BTreeSet::new(),
         }
     }
 
@@ -64,9 +68,28 @@ impl Cpio {
         }
     }
 
-    /// A directory (parents must be added first).
+    /// A directory (parents must be added first); one already added is
+    /// not added again.
     pub fn dir(&mut self, name: &str) {
-        self.entry(name, S_IFDIR | 0o755, (0, 0), &[]);
+        if self.dirs.insert(name.to_string()) {
+            self.entry(name, S_IFDIR | 0o755, (0, 0), &[]);
+        }
+    }
+
+    /// Every directory above `path` (relative, `/`-separated) that is not
+    /// in the archive yet, outermost first.
+    pub fn parents(&mut self, path: &str) {
+        let Some((parent, _)) = path.rsplit_once('/') else {
+            return;
+        };
+        let mut prefix = String::new();
+        for part in parent.split('/').filter(|p| !p.is_empty()) {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            self.dir(&prefix);
+        }
     }
 
     /// A regular file with `mode` permission bits.
@@ -140,5 +163,46 @@ mod tests {
         assert_eq!(&header[14..22], "00002180");
         assert_eq!(&header[78..86], "00000005");
         assert_eq!(&header[86..94], "00000001");
+    }
+
+    /// The names of the archive's entries, in order.
+    fn names(data: &[u8]) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut at = 0;
+        while at + 110 <= data.len() && &data[at..at + 6] == b"070701" {
+            let field = |i: usize| {
+                let hex = std::str::from_utf8(&data[at + 6 + i * 8..at + 14 + i * 8]).unwrap();
+                usize::from_str_radix(hex, 16).unwrap()
+            };
+            let (size, namesize) = (field(6), field(11));
+            let name = &data[at + 110..at + 110 + namesize - 1];
+            names.push(String::from_utf8_lossy(name).into_owned());
+            at = (at + 110 + namesize).next_multiple_of(4);
+            at = (at + size).next_multiple_of(4);
+        }
+        names
+    }
+
+    #[test]
+    fn parents_adds_each_missing_directory_once_outermost_first() {
+        let mut cpio = Cpio::new();
+        cpio.dir("lib");
+        cpio.parents("lib/modules/6.1/kernel/a.ko");
+        cpio.file("lib/modules/6.1/kernel/a.ko", 0o644, b"a");
+        cpio.parents("lib/modules/6.1/kernel/b.ko");
+        cpio.parents("top-level-file");
+        cpio.dir("lib/modules");
+        let names = names(&cpio.finish());
+        assert_eq!(
+            names,
+            [
+                "lib",
+                "lib/modules",
+                "lib/modules/6.1",
+                "lib/modules/6.1/kernel",
+                "lib/modules/6.1/kernel/a.ko",
+                "TRAILER!!!"
+            ]
+        );
     }
 }

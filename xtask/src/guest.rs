@@ -805,21 +805,9 @@ fn initramfs(
     }
     if let Some((kernel, files)) = modules {
         let base = format!("lib/modules/{}", kernel.release);
-        let mut dirs = std::collections::BTreeSet::new();
         for file in files {
             let full = format!("{base}/{file}");
-            if let Some((parent, _)) = full.rsplit_once('/') {
-                let mut prefix = String::new();
-                for part in parent.split('/') {
-                    if !prefix.is_empty() {
-                        prefix.push('/');
-                    }
-                    prefix.push_str(part);
-                    if dirs.insert(prefix.clone()) {
-                        cpio.dir(&prefix);
-                    }
-                }
-            }
+            cpio.parents(&full);
             cpio.file_from(&full, 0o644, &kernel.modules_dir().join(file))?;
         }
         let list: String = files.iter().map(|f| format!("{f}\n")).collect();

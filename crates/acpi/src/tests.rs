@@ -61,6 +61,15 @@ fn madt_entries(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
     entries
 }
 
+/// The entries of MADT structure type `kind`.
+fn of_type(entries: &[(u8, Vec<u8>)], kind: u8) -> Vec<&Vec<u8>> {
+    entries
+        .iter()
+        .filter(|(t, _)| *t == kind)
+        .map(|(_, e)| e)
+        .collect()
+}
+
 fn count(haystack: &[u8], needle: &[u8]) -> usize {
     haystack
         .windows(needle.len())
@@ -155,11 +164,7 @@ fn madt_has_one_lapic_per_vcpu_the_ioapic_and_com1s_override() {
         assert_eq!(u32_at(madt, 36) as u64, LAPIC_START);
         assert_eq!(u32_at(madt, 40), 0, "no PC-AT 8259s");
         let entries = madt_entries(madt);
-        let lapics: Vec<&Vec<u8>> = entries
-            .iter()
-            .filter(|(t, _)| *t == 0)
-            .map(|(_, e)| e)
-            .collect();
+        let lapics = of_type(&entries, 0);
         assert_eq!(lapics.len(), usize::from(vcpus));
         for (i, e) in lapics.iter().enumerate() {
             assert_eq!(e.len(), 8);
@@ -167,20 +172,12 @@ fn madt_has_one_lapic_per_vcpu_the_ioapic_and_com1s_override() {
             assert_eq!(usize::from(e[3]), i, "APIC id");
             assert_eq!(u32_at(e, 4), 1, "enabled");
         }
-        let ioapics: Vec<&Vec<u8>> = entries
-            .iter()
-            .filter(|(t, _)| *t == 1)
-            .map(|(_, e)| e)
-            .collect();
+        let ioapics = of_type(&entries, 1);
         assert_eq!(ioapics.len(), 1);
         assert_eq!(ioapics[0][2], vcpus, "IOAPIC id after the vCPUs'");
         assert_eq!(u32_at(ioapics[0], 4) as u64, IOAPIC_START);
         assert_eq!(u32_at(ioapics[0], 8), 0, "GSI base");
-        let overrides: Vec<&Vec<u8>> = entries
-            .iter()
-            .filter(|(t, _)| *t == 2)
-            .map(|(_, e)| e)
-            .collect();
+        let overrides = of_type(&entries, 2);
         assert_eq!(overrides.len(), 1);
         let iso = overrides[0];
         assert_eq!((iso[2], iso[3]), (0, 4), "ISA bus, IRQ 4");

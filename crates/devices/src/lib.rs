@@ -5,7 +5,8 @@
 //! the COM1 UART ([`SerialDevice`], fed host input by [`SerialInput`]), the
 //! i8042 controller for CPU reset ([`I8042Device`]), the CMOS clock
 //! ([`CmosRtc`]), and the ACPI sleep and reset registers ([`AcpiPm`]) the
-//! FADT of an ACPI machine points at. [`ConsoleCapture`] collects console output in memory.
+//! FADT of an ACPI machine points at. [`ConsoleCapture`] collects console
+//! output in memory.
 //!
 //! It must never depend on KVM: devices raise interrupts by writing to
 //! EventFds that the VMM registers as irqfds, and are reached through the bus

@@ -27,6 +27,22 @@ pub const CONSOLE_BEGIN: &str = "chitin-console-begin";
 /// See [`CONSOLE_BEGIN`].
 pub const CONSOLE_END: &str = "chitin-console-end";
 
+/// What in a guest kernel's log means the machine's ACPI tables are
+/// wrong (ACPICA's `ACPI_ERROR`/`ACPI_WARNING`/`ACPI_BIOS_*` prefixes).
+pub const ACPI_COMPLAINTS: &[&str] = &[
+    "ACPI Error",
+    "ACPI BIOS Error",
+    "ACPI Warning",
+    "ACPI BIOS Warning",
+];
+
+/// The lines of kernel log `log` that complain about ACPI.
+pub fn acpi_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| ACPI_COMPLAINTS.iter().any(|c| l.contains(c)))
+        .collect()
+}
+
 /// FNV-1a 64 offset basis: the `hash` to start [`fnv1a`] with.
 pub const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 /// FNV-1a 64 prime.
@@ -112,6 +128,22 @@ pub fn receive_all<R: Read>(input: &mut R) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acpi_complaints_are_the_acpica_error_and_warning_lines() {
+        let log = "<6>[    0.03] ACPI: RSDP 0x00000000000E0000 000024 (v02 CHITIN)\n\
+                   <3>[    0.10] ACPI Error: AE_BAD_PARAMETER, During Region initialization\n\
+                   <4>[    0.11] ACPI BIOS Warning (bug): Incorrect checksum\n\
+                   <6>[    0.12] ACPI: Using IOAPIC for interrupt routing\n";
+        assert_eq!(
+            acpi_complaints(log),
+            [
+                "<3>[    0.10] ACPI Error: AE_BAD_PARAMETER, During Region initialization",
+                "<4>[    0.11] ACPI BIOS Warning (bug): Incorrect checksum",
+            ]
+        );
+        assert!(acpi_complaints("ACPI: Core revision 20220331").is_empty());
+    }
 
     #[test]
     fn echo_returns_what_came_in_and_counts_it() {

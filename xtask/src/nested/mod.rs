@@ -477,33 +477,19 @@ fn select(args: &[String]) -> Step<Vec<&'static Scenario>> {
 /// Adds files at absolute paths, creating parent directories once.
 struct Tree {
     cpio: Cpio,
-    dirs: BTreeSet<String>,
 }
 
 impl Tree {
-    fn dirs_for(&mut self, path: &str) {
-        let mut prefix = String::new();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        for part in &parts[..parts.len().saturating_sub(1)] {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
-            if self.dirs.insert(prefix.clone()) {
-                self.cpio.dir(&prefix);
-            }
-        }
-    }
-
     fn file(&mut self, path: &str, mode: u32, host: &Path) -> Step {
-        self.dirs_for(path);
-        self.cpio
-            .file_from(path.trim_start_matches('/'), mode, host)
+        let path = path.trim_start_matches('/');
+        self.cpio.parents(path);
+        self.cpio.file_from(path, mode, host)
     }
 
     fn data(&mut self, path: &str, body: &[u8]) {
-        self.dirs_for(path);
-        self.cpio.file(path.trim_start_matches('/'), 0o644, body);
+        let path = path.trim_start_matches('/');
+        self.cpio.parents(path);
+        self.cpio.file(path, 0o644, body);
     }
 }
 
@@ -525,12 +511,8 @@ fn shared_libraries(binary: &str) -> Step<Vec<String>> {
 
 fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     let l1 = &tools.l1;
-    let mut tree = Tree {
-        cpio: Cpio::new(),
-        dirs: BTreeSet::new(),
-    };
+    let mut tree = Tree { cpio: Cpio::new() };
     for dir in ["dev", "proc", "sys", "tmp", "bin"] {
-        tree.dirs.insert(dir.to_string());
         tree.cpio.dir(dir);
     }
     tree.cpio.char_dev("dev/console", 5, 1);

@@ -131,16 +131,7 @@ fn acpi_log(vm: &RunningSandbox) -> Result<String, String> {
         .exec(&Command::new("dmesg"))
         .map_err(|e| format!("dmesg: {e}"))?;
     let log = String::from_utf8_lossy(&out.stdout);
-    let complaints = [
-        "ACPI Error",
-        "ACPI BIOS Error",
-        "ACPI Warning",
-        "ACPI BIOS Warning",
-    ];
-    let bad: Vec<&str> = log
-        .lines()
-        .filter(|l| complaints.iter().any(|c| l.contains(c)))
-        .collect();
+    let bad = chitin_testkit::acpi_complaints(&log);
     let tables = vm
         .exec(
             Command::new("test")

@@ -40,14 +40,6 @@ pub fn run(name: &str, cmdline: &KernelCmdline, report: &mut Report) {
     }
 }
 
-/// What in the kernel log means chitin's ACPI tables are wrong.
-const ACPI_COMPLAINTS: &[&str] = &[
-    "ACPI Error",
-    "ACPI BIOS Error",
-    "ACPI Warning",
-    "ACPI BIOS Warning",
-];
-
 /// The kernel log (`dmesg`), read with `syslog(SYSLOG_ACTION_READ_ALL)`.
 fn kernel_log() -> Result<String, String> {
     const READ_ALL: libc::c_int = 3;
@@ -74,10 +66,7 @@ fn check_kernel_log(report: &mut Report) {
     };
     match kernel_log() {
         Ok(log) => {
-            let bad: Vec<&str> = log
-                .lines()
-                .filter(|l| ACPI_COMPLAINTS.iter().any(|c| l.contains(c)))
-                .collect();
+            let bad = chitin_testkit::acpi_complaints(&log);
             let detail = format!("acpi={acpi} complaints={}", bad.len());
             match bad.first() {
                 None => report.check("acpi-log", true, &detail),
