@@ -10,6 +10,10 @@
 //!   N times on a host loaded with K busy loops.
 //! - `nested-exec -- CMD...`: run one command in a sandbox inside L1 (for
 //!   hosts whose KVM cannot run Linux; the `exec` example uses it).
+//! - `bench-boot [--rounds N] [--distro debian]`: boot times, KVM exits
+//!   and memory of chitin next to QEMU (and Firecracker / Cloud Hypervisor
+//!   when `CHITIN_PEER_FIRECRACKER` / `CHITIN_PEER_CLOUD_HYPERVISOR` name
+//!   their binaries), interleaved rounds in one L1.
 //! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 45 s each.
 //!
 //! Every step prints what it runs; the first failure stops the run with a
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Some("guest") => guest::guest(&args[1..]),
         Some("nested") => nested::nested(&args[1..]),
         Some("nested-stress") => nested::stress(&args[1..]),
+        Some("bench-boot") => nested::bench_boot(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("rootfs") => rootfs(&args[1..]),
         Some("nested-exec") => match nested::nested_exec(&args[1..]) {
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | fuzz --smoke [SECONDS] | rootfs DIR>"
+                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | bench-boot [--rounds N] [--distro debian] | fuzz --smoke [SECONDS] | rootfs DIR>"
             );
             return ExitCode::from(2);
         }
@@ -78,6 +83,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Rounds of `bench-boot` in the test command.
+const CI_BENCH_ROUNDS: usize = 3;
 
 fn test() -> Step {
     let start = Instant::now();
@@ -150,6 +158,14 @@ fn test() -> Step {
         eprintln!(
             "xtask: ok nested tier ({:.0} s)",
             nested_start.elapsed().as_secs_f64()
+        );
+        // The peer table runs in CI too (peers only where the environment
+        // names them), with fewer rounds than a measurement wants.
+        let bench_start = Instant::now();
+        nested::bench_boot(&["--rounds".to_string(), CI_BENCH_ROUNDS.to_string()])?;
+        eprintln!(
+            "xtask: ok bench-boot ({:.0} s)",
+            bench_start.elapsed().as_secs_f64()
         );
     }
     eprintln!(

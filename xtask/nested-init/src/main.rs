@@ -21,6 +21,15 @@
 //!   marker, L1 KVM's exit counters of the child's VM so far (debugfs
 //!   `kvm/<pid>-<fd>/`, summed over its vCPUs): counts that, unlike wall
 //!   time, do not depend on how busy the emulating host is;
+//! - `nested: memory <scenario> rss_kib=<n> hwm_kib=<n> threads=<n>` — at
+//!   the marker too, the child's resident memory and threads
+//!   (`/proc/<pid>/status`);
+//! - `nested: hist <scenario> <what> <key>=<n> ...` — when
+//!   `/nested/trace-exits` exists, also at the marker: L1 KVM's trace
+//!   events since the child was spawned, counted by key with tracefs
+//!   histogram triggers ([`HISTOGRAMS`]): exits by reason, MSR accesses by
+//!   index, port I/O by port, MMIO by address, exits to user space by
+//!   reason. Runs are sequential, so every event belongs to the child;
 //! - `nested: console <scenario> fnv=<hex> len=<n>` — checksum of the bytes
 //!   between `chitin-console-begin` and `chitin-console-end` lines (not
 //!   forwarded);
@@ -221,9 +230,108 @@ fn exit_counts(pid: u32) -> String {
         .join(" ")
 }
 
+/// `rss_kib=<n> hwm_kib=<n> threads=<n>` of process `pid`, from its
+/// `/proc/<pid>/status` (`-` for a field it lacks).
+fn memory_of(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("-")
+            .to_string()
+    };
+    format!(
+        "rss_kib={} hwm_kib={} threads={}",
+        field("VmRSS:"),
+        field("VmHWM:"),
+        field("Threads:")
+    )
+}
+
+/// Present when the plan wants [`HISTOGRAMS`] (`cargo xtask bench-boot`).
+const TRACE_EXITS: &str = "/nested/trace-exits";
+/// Where L1's tracefs is mounted.
+const TRACING: &str = "/sys/kernel/tracing";
+/// At most this many keys of a histogram are printed (the most hit).
+const HIST_TOP: usize = 40;
+
+/// The histogram triggers kept per run: label, event, keys.
+const HISTOGRAMS: &[(&str, &str, &str)] = &[
+    ("exit", "kvm/kvm_exit", "exit_reason.hex"),
+    ("msr", "kvm/kvm_msr", "ecx.hex,write"),
+    ("pio", "kvm/kvm_pio", "port.hex,rw"),
+    ("mmio", "kvm/kvm_mmio", "gpa.hex,type"),
+    ("user", "kvm/kvm_userspace_exit", "reason"),
+];
+
+fn hist_spec(keys: &str) -> String {
+    format!("hist:keys={keys}:sort=hitcount.descending:size=4096")
+}
+
+/// Install the histogram triggers (once per L1 boot), or zero their
+/// counts (`clear`, before each run). Errors are said, not fatal: the
+/// runs go on without histograms.
+fn histograms(clear: bool) {
+    for (_, event, keys) in HISTOGRAMS {
+        let path = format!("{TRACING}/events/{event}/trigger");
+        let spec = if clear {
+            format!("{}:clear", hist_spec(keys))
+        } else {
+            hist_spec(keys)
+        };
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(spec.as_bytes()));
+        if let Err(e) = written {
+            say(&format!("nested: error histogram {event}: {e}"));
+        }
+    }
+}
+
+/// One histogram's entries as `key=count` (keys joined by `/`), most hit
+/// first, from a tracefs `hist` file's `{ k: v, k2: v2 } hitcount: n`
+/// lines.
+fn hist_entries(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| {
+            let (keys, rest) = l.trim().strip_prefix('{')?.split_once('}')?;
+            let count = rest.trim().strip_prefix("hitcount:")?.trim();
+            let key: Vec<&str> = keys
+                .split(',')
+                .filter_map(|kv| Some(kv.split_once(':')?.1.trim()))
+                .collect();
+            Some(format!("{}={count}", key.join("/")))
+        })
+        .take(HIST_TOP)
+        .collect()
+}
+
+/// `nested: hist` lines for run `name`.
+fn say_histograms(name: &str) {
+    for (label, event, _) in HISTOGRAMS {
+        let text =
+            std::fs::read_to_string(format!("{TRACING}/events/{event}/hist")).unwrap_or_default();
+        say(&format!(
+            "nested: hist {name} {label} {}",
+            hist_entries(&text).join(" ")
+        ));
+    }
+}
+
 /// Forward the child's console, timestamp the marker (and read the exit
-/// counters of `pid`'s VM then), checksum the console pattern block.
-fn pump_console(name: &str, marker: &str, start: Instant, pid: u32, stdout: impl Read) {
+/// counters of `pid`'s VM, its memory and the histograms then), checksum
+/// the console pattern block.
+fn pump_console(
+    name: &str,
+    marker: &str,
+    start: Instant,
+    pid: u32,
+    trace: bool,
+    stdout: impl Read,
+) {
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
     let mut marker_seen = marker.is_empty();
@@ -258,6 +366,10 @@ fn pump_console(name: &str, marker: &str, start: Instant, pid: u32, stdout: impl
                 start.elapsed().as_millis()
             ));
             say(&format!("nested: exits {name} {}", exit_counts(pid)));
+            say(&format!("nested: memory {name} {}", memory_of(pid)));
+            if trace {
+                say_histograms(name);
+            }
         }
     }
     if block.is_some() {
@@ -280,8 +392,11 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::proces
     }
 }
 
-fn run_scenario(s: &Scenario, disks: &[(String, String)]) {
+fn run_scenario(s: &Scenario, disks: &[(String, String)], trace: bool) {
     say(&format!("nested: begin {}", s.name));
+    if trace {
+        histograms(true);
+    }
     let start = Instant::now();
     let argv: Vec<String> = s.argv.iter().map(|a| resolve_disk(a, disks)).collect();
     let spawned = Command::new(&argv[0])
@@ -304,7 +419,7 @@ fn run_scenario(s: &Scenario, disks: &[(String, String)]) {
     let pid = child.id();
     let out_thread = std::thread::spawn(move || {
         if let Some(stdout) = stdout {
-            pump_console(&name, &marker, start, pid, stdout);
+            pump_console(&name, &marker, start, pid, trace, stdout);
         }
         let _ = done_tx.send(());
     });
@@ -370,6 +485,11 @@ fn main() {
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2");
     // KVM's per-VM exit counters (`nested: exits`).
     mount("debugfs", "/sys/kernel/debug", "debugfs");
+    // The trace events' histograms (`nested: hist`).
+    let trace = std::path::Path::new(TRACE_EXITS).exists();
+    if trace {
+        mount("tracefs", TRACING, "tracefs");
+    }
     say("nested: l1 up");
     let up = Instant::now();
     let alive = move || say(&format!("nested: alive {}", up.elapsed().as_secs()));
@@ -388,9 +508,12 @@ fn main() {
             for (serial, dev) in &disks {
                 say(&format!("nested: disk {serial} {dev}"));
             }
+            if trace {
+                histograms(false);
+            }
             let plan = std::fs::read_to_string(PLAN).unwrap_or_default();
             for scenario in parse_plan(&plan) {
-                run_scenario(&scenario, &disks);
+                run_scenario(&scenario, &disks, trace);
             }
         }
         Err(e) => say(&format!("nested: error {e}")),
@@ -430,6 +553,15 @@ mod tests {
         assert_eq!(resolve_disk("@ro", &disks), "/dev/vdb");
         assert_eq!(resolve_disk("@other", &disks), "@other");
         assert_eq!(resolve_disk("--disk", &disks), "--disk");
+    }
+
+    #[test]
+    fn hist_entries_read_keys_and_counts() {
+        let text = "# event histogram\n#\n# trigger info: hist:keys=port.hex,rw:vals=hitcount\n\n\
+            { port: 0x3f8, rw: 1 } hitcount:        120\n\
+            { port: 0x60, rw: 0 } hitcount:          3\n\nTotals:\n    Hits: 123\n";
+        assert_eq!(hist_entries(text), ["0x3f8/1=120", "0x60/0=3"]);
+        assert!(hist_entries("").is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! silence detector ([`l1`]), and judges each scenario from that log
 //! ([`mod@report`]).
 
+mod bench;
 mod l1;
 mod report;
 mod scenarios;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
+pub use bench::bench_boot;
 use l1::{boot_l1, l1_kernel, L1Kernel, QUIET};
 use report::report;
 use scenarios::{
@@ -256,6 +258,11 @@ pub struct Tools {
     checks: PathBuf,
     init: PathBuf,
     l1: L1Kernel,
+    /// More executables for L1, at their L1 paths (peer VMMs), with the
+    /// shared libraries `ldd` lists for them.
+    extra_files: Vec<(String, PathBuf)>,
+    /// More files for L1, by content.
+    extra_data: Vec<(String, Vec<u8>)>,
 }
 
 /// Build or fetch what L1 needs to boot `kernels` (duplicates allowed)
@@ -326,6 +333,8 @@ fn build_tools(
             "chitin-nested-init",
         )?,
         l1: l1_kernel()?,
+        extra_files: Vec::new(),
+        extra_data: Vec::new(),
     })
 }
 
@@ -555,8 +564,19 @@ fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     tree.data("/nested/disks", serials.join("\n").as_bytes());
     let qemu = "/usr/bin/qemu-system-x86_64";
     tree.file(qemu, 0o755, Path::new(qemu))?;
-    for lib in shared_libraries(qemu)? {
-        tree.file(&lib, 0o755, Path::new(&lib))?;
+    let mut libraries = BTreeSet::new();
+    libraries.extend(shared_libraries(qemu)?);
+    for (path, host) in &tools.extra_files {
+        tree.file(path, 0o755, host)?;
+        let host = host.to_str().ok_or("a non-UTF-8 path")?;
+        // `ldd` fails on a static binary: it needs none.
+        libraries.extend(shared_libraries(host).unwrap_or_default());
+    }
+    for lib in &libraries {
+        tree.file(lib, 0o755, Path::new(lib))?;
+    }
+    for (path, body) in &tools.extra_data {
+        tree.data(path, body);
     }
     for rom in [
         "bios-microvm.bin",

@@ -10,7 +10,10 @@
 //! [`tools`].
 //!
 //! Output protocol (one line each, on the console):
-//! - `chitin-agent: up version=<protocol version> scenario=<name>`
+//! - `chitin-agent: up version=<protocol version> scenario=<name> boottime_ms=<n>`
+//!   (`n`: the guest kernel's own clock, `CLOCK_BOOTTIME`, which starts
+//!   with the kernel: the host splits VMM start → agent up into the time
+//!   before the kernel ran and the kernel's own boot with it)
 //! - `chitin-agent: cmdline <the kernel command line>` and
 //!   `chitin-agent: kernel <release>` (when a scenario runs)
 //! - `chitin-check: <check> PASS <detail>` or `chitin-check: <check> FAIL <detail>`
@@ -29,9 +32,24 @@ mod net;
 mod scenario;
 mod tools;
 
+use std::time::Duration;
+
 use chitin_agent::{cmdline, init, service};
 use chitin_agent_protocol::{CMDLINE_KEY, VERSION};
 use chitin_testkit::{Report, UP_MARKER};
+
+/// Milliseconds on the kernel's `CLOCK_BOOTTIME` (0 when unreadable).
+fn boottime_ms() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32).as_millis()
+}
 
 fn main() {
     // Started again by the agent as a container's set-up helper? Then
@@ -66,7 +84,10 @@ fn main() {
     let scenario = cmdline.get("chitin.scenario").map(str::to_string);
     let agent = cmdline.get(CMDLINE_KEY) == Some("1") || scenario.is_none();
     let name = scenario.as_deref().unwrap_or("agent");
-    report.line(&format!("{UP_MARKER} version={VERSION} scenario={name}"));
+    report.line(&format!(
+        "{UP_MARKER} version={VERSION} scenario={name} boottime_ms={}",
+        boottime_ms()
+    ));
     if let Some(name) = &scenario {
         scenario::run(name, &cmdline, &mut report);
         report.done();
