@@ -11,7 +11,12 @@
 //! - what confinement costs: `build()` + `start()` → the first guest I/O
 //!   with seccomp enforced and off (interleaved), and, in a fresh child
 //!   process per run, `Jail::enter` (as uid 65534, run as root) followed by
-//!   the same.
+//!   the same;
+//! - density: [`DENSITY`] idle sandboxes alive at once in one (child)
+//!   process: resident memory outside guest RAM, threads and file
+//!   descriptors per additional sandbox, and how fast they were created;
+//! - churn: sandboxes created, started to their first guest I/O and
+//!   stopped per second, by one thread and by one thread per core.
 //!
 //! The first guest I/O is the first byte the guest writes to COM1, seen by
 //! the bench's thread waiting on a console capture (the vCPU thread writes
@@ -26,8 +31,15 @@ use chitin_test_guests::Guest;
 
 /// Runs per timing under `cargo bench`; `cargo test --all-targets` runs the
 /// bench binary without `--bench`, and then one run proves it still works.
-const RUNS: usize = 30;
+const RUNS: usize = 100;
+/// Sandboxes alive at once for the density figures.
+const DENSITY: usize = 200;
+/// Guest memory of each density and churn sandbox.
+const SMALL_MIB: u64 = 32;
+/// How long each churn figure runs.
+const CHURN_TIME: Duration = Duration::from_secs(10);
 const CHILD_FLAG: &str = "--rss-child";
+const DENSITY_CHILD_FLAG: &str = "--density-child";
 const JAIL_CHILD_FLAG: &str = "--jail-child";
 
 fn kvm_usable() -> bool {
@@ -268,10 +280,154 @@ fn jail_cost(runs: usize) {
     stats("build+start -> first I/O, in the jail", first_io);
 }
 
+/// An idle sandbox (its vCPU halted in the kernel), started and seen
+/// alive (its banner on the console).
+fn idle_sandbox() -> chitin::RunningSandbox {
+    let console = ConsoleCapture::default();
+    let running = Sandbox::builder()
+        .kernel(Guest::Idle.path())
+        .memory_mib(SMALL_MIB)
+        .console(Console::capture(&console))
+        .build()
+        .expect("build")
+        .start()
+        .expect("start");
+    assert!(
+        console.wait_for(b"chitin-test: idle\n", Duration::from_secs(60)),
+        "idle guest wrote nothing"
+    );
+    running
+}
+
+/// This process's open file descriptors.
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
+/// The whole `(RSS KiB, threads, fds, guest-resident KiB)` of this
+/// process and the `running` sandboxes.
+fn footprint(running: &[chitin::RunningSandbox]) -> (u64, u64, u64, u64) {
+    let guest: u64 = running
+        .iter()
+        .map(|r| r.guest_memory_resident().unwrap_or(0) / 1024)
+        .sum();
+    (
+        status_kib("VmRSS:"),
+        status_kib("Threads:"),
+        open_fds(),
+        guest,
+    )
+}
+
+/// In a child: one idle sandbox, then `n - 1` more; print `<n> <RSS KiB>
+/// <threads> <fds> <guest KiB>` with one alive and with all alive, then
+/// the µs it took to start the `n - 1`.
+fn density_child(n: usize) {
+    // Each sandbox holds a dozen descriptors: lift the soft limit to the
+    // hard one, as a runtime hosting many sandboxes would.
+    // SAFETY: getrlimit/setrlimit write and read only the struct given.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let mut alive = vec![idle_sandbox()];
+    let one = footprint(&alive);
+    let t0 = Instant::now();
+    for _ in 1..n {
+        alive.push(idle_sandbox());
+    }
+    let started = t0.elapsed();
+    let all = footprint(&alive);
+    println!("1 {} {} {} {}", one.0, one.1, one.2, one.3);
+    println!("{n} {} {} {} {}", all.0, all.1, all.2, all.3);
+    println!("{}", started.as_micros());
+    for running in alive {
+        assert_eq!(running.stop(), ExitReason::Stopped);
+    }
+}
+
+/// Per additional sandbox, with [`DENSITY`] alive in one process.
+fn density(n: usize) {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(&exe)
+        .args([DENSITY_CHILD_FLAG, &n.to_string()])
+        .output()
+        .expect("spawn child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<u64>> = text
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .collect();
+    let (Some(one), Some(all), Some(us)) = (rows.first(), rows.get(1), rows.get(2)) else {
+        println!(
+            "density not measured: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return;
+    };
+    let more = (n - 1) as f64;
+    let per = |i: usize| (all[i] as f64 - one[i] as f64) / more;
+    let outside = |row: &Vec<u64>| row[1] as f64 - row[4] as f64;
+    println!(
+        "density, {n} idle sandboxes ({SMALL_MIB} MiB each) in one process: per additional sandbox {:.0} KiB RSS outside guest RAM ({:.0} KiB guest-touched), {:.1} threads, {:.1} fds; one alone: {:.0} KiB outside guest RAM, {} threads",
+        (outside(all) - outside(one)) / more,
+        per(4),
+        per(2),
+        per(3),
+        outside(one),
+        one[2]
+    );
+    println!(
+        "  started {} more one after another at {:.0} sandboxes/s (to the first guest I/O)",
+        n - 1,
+        more / (us[0] as f64 / 1e6)
+    );
+}
+
+/// Sandboxes built, started to their first guest I/O and stopped per
+/// second, by `threads` threads at once for [`CHURN_TIME`] (or `once`).
+fn churn(threads: usize, once: bool) {
+    let t0 = Instant::now();
+    let total: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut done = 0;
+                    while done == 0 || (!once && t0.elapsed() < CHURN_TIME) {
+                        assert_eq!(idle_sandbox().stop(), ExitReason::Stopped);
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "churn, {threads} thread(s): {total} sandboxes built, started to first I/O and stopped in {secs:.1} s: {:.0} per second",
+        total as f64 / secs
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == CHILD_FLAG) {
         rss_child(args[pos + 1].parse().unwrap());
+        return;
+    }
+    if let Some(pos) = args.iter().position(|a| a == DENSITY_CHILD_FLAG) {
+        density_child(args[pos + 1].parse().unwrap());
         return;
     }
     if let Some(pos) = args.iter().position(|a| a == JAIL_CHILD_FLAG) {
@@ -285,12 +441,18 @@ fn main() {
     if args.iter().any(|a| a == "--bench") {
         timings(RUNS);
         rss();
+        density(DENSITY);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        churn(1, false);
+        churn(cores, false);
         confine_cost(100);
         seccomp_cost(100);
         jail_cost(RUNS);
     } else {
         println!("boot bench smoke run (use `cargo bench --bench boot` for figures)");
         timings(1);
+        density(2);
+        churn(2, true);
         confine_cost(1);
         seccomp_cost(1);
         jail_cost(1);

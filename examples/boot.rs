@@ -17,7 +17,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chitin::{
     error_chain, BootProtocol, Console, ConsoleInput, Disk, ExitReason, Sandbox, Seccomp,
@@ -72,6 +72,12 @@ struct Args {
     /// `CHITIN_SECCOMP` environment variable sets the default.
     #[arg(long, value_parser = parse_seccomp)]
     seccomp: Option<Seccomp>,
+    /// Print on stderr how long the VMM's own set-up took, from `main`:
+    /// `chitin: timings build_ms=<n> start_ms=<n>` (`build()` done,
+    /// `start()` returned with the vCPU threads running the guest), and
+    /// chitin's debug log (where build() and start() spend it).
+    #[arg(long)]
+    timings: bool,
     #[command(flatten)]
     jail: jail::JailArgs,
 }
@@ -86,10 +92,16 @@ fn parse_seccomp(mode: &str) -> Result<Seccomp, String> {
 }
 
 fn main() -> ExitCode {
-    // Guest faults the devices refused are worth seeing.
-    chitin::log_to_stderr(log::LevelFilter::Warn);
+    let began = Instant::now();
     let args = Args::parse();
-    match run(args) {
+    // Guest faults the devices refused are worth seeing; `--timings` adds
+    // the phases of build() and start() (debug lines of `chitin::timing`).
+    chitin::log_to_stderr(if args.timings {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    });
+    match run(args, began) {
         Ok(reason) => {
             eprintln!("chitin: {reason}");
             let violations = chitin::seccomp_violations();
@@ -108,7 +120,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<ExitReason, String> {
+fn run(args: Args, began: Instant) -> Result<ExitReason, String> {
     let kernel = match (&args.kernel, &args.test_guest) {
         (Some(path), _) => path.clone(),
         (None, Some(name)) => Guest::ALL
@@ -155,7 +167,15 @@ fn run(args: Args) -> Result<ExitReason, String> {
     }
     args.jail.enter(&builder)?;
     let sandbox = builder.build().map_err(|e| error_chain(&e))?;
+    let built = began.elapsed();
     let running = sandbox.start().map_err(|e| error_chain(&e))?;
+    if args.timings {
+        eprintln!(
+            "chitin: timings build_ms={:.1} start_ms={:.1}",
+            built.as_secs_f64() * 1e3,
+            began.elapsed().as_secs_f64() * 1e3
+        );
+    }
     Ok(match args.timeout {
         Some(secs) => match running.wait_timeout(Duration::from_secs(secs)) {
             Some(reason) => reason,

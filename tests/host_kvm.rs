@@ -132,6 +132,29 @@ fn spin_guest_stop_interrupts_guest_code() {
 
 #[test]
 #[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn idle_guest_halted_with_interrupts_off_is_stopped() {
+    if !kvm_available("idle_guest_stop") {
+        return;
+    }
+    // Arrange: two vCPUs halted in the kernel with nothing to wake them.
+    let console = ConsoleCapture::default();
+    let running = guest_builder(Guest::Idle, &console)
+        .vcpus(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(console.wait_for(b"chitin-test: idle\n", GUEST_TIMEOUT));
+    assert_eq!(running.wait_timeout(Duration::from_millis(50)), None);
+    // Act
+    let reason = running.stop();
+    // Assert
+    assert_eq!(reason, ExitReason::Stopped);
+    assert_eq!(text(&console), "chitin-test: idle\n");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn handle_stops_from_another_thread_while_others_wait() {
     if !kvm_available("handle_stop") {
         return;

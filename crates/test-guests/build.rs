@@ -4,7 +4,8 @@
 //!
 //! Outputs, all in `$OUT_DIR`:
 //! - `report.elf`, `smp.elf`, `triple_fault.elf`, `spin.elf`, `echo.elf`,
-//!   `pvh.elf`: static ELF64 images linked at 1 MiB (`guests/guest.lds.S`);
+//!   `pvh.elf`, `vsock_hostile.elf`, `flood.elf`, `acpi.elf`, `idle.elf`:
+//!   static ELF64 images linked at 1 MiB (`guests/guest.lds.S`);
 //! - `report.bzimage`: the `report` guest as a Linux bzImage, i.e. the setup
 //!   sectors of `guests/bzimage_setup.S` followed by the flat image of
 //!   `report_bz.elf` (`report.S` assembled with `-DBZIMAGE`);
@@ -49,7 +50,7 @@ struct ElfGuest {
 }
 
 /// Every ELF image the crate exposes, plus the bzImage's protected-mode part.
-const ELF_GUESTS: [ElfGuest; 10] = [
+const ELF_GUESTS: [ElfGuest; 11] = [
     ElfGuest {
         stem: "report",
         source: "report.S",
@@ -110,10 +111,16 @@ const ELF_GUESTS: [ElfGuest; 10] = [
         defines: &[],
         pvh_note: false,
     },
+    ElfGuest {
+        stem: "idle",
+        source: "idle.S",
+        defines: &[],
+        pvh_note: false,
+    },
 ];
 
 /// Every file in `guests/` the images are built from.
-const SOURCES: [&str; 13] = [
+const SOURCES: [&str; 14] = [
     "defs.h",
     "common.S",
     "guest.lds.S",
@@ -126,6 +133,7 @@ const SOURCES: [&str; 13] = [
     "vsock_hostile.S",
     "flood.S",
     "acpi.S",
+    "idle.S",
     "bzimage_setup.S",
 ];
 

@@ -122,11 +122,15 @@ pub enum Guest {
     /// `acpi: no rsdp` (or `acpi: bad tables`) and resets; if the VMM
     /// ignores the power-off, `acpi: still running` and resets.
     Acpi,
+    /// Prints `chitin-test: idle`, then halts with interrupts off: its vCPU
+    /// sleeps in the kernel, costing no CPU, until the VMM stops it. The
+    /// cheapest sandbox that stays alive (density figures).
+    Idle,
 }
 
 impl Guest {
     /// Every guest, in declaration order.
-    pub const ALL: [Guest; 10] = [
+    pub const ALL: [Guest; 11] = [
         Guest::Report,
         Guest::ReportBzImage,
         Guest::Smp,
@@ -137,6 +141,7 @@ impl Guest {
         Guest::VsockHostile,
         Guest::Flood,
         Guest::Acpi,
+        Guest::Idle,
     ];
 
     /// Absolute path of the built image in `OUT_DIR`.
@@ -152,6 +157,7 @@ impl Guest {
             Guest::VsockHostile => concat!(env!("OUT_DIR"), "/vsock_hostile.elf"),
             Guest::Flood => concat!(env!("OUT_DIR"), "/flood.elf"),
             Guest::Acpi => concat!(env!("OUT_DIR"), "/acpi.elf"),
+            Guest::Idle => concat!(env!("OUT_DIR"), "/idle.elf"),
         };
         Path::new(path)
     }
@@ -171,6 +177,7 @@ impl Guest {
             Guest::VsockHostile => "vsock_hostile",
             Guest::Flood => "flood",
             Guest::Acpi => "acpi",
+            Guest::Idle => "idle",
         }
     }
 }
@@ -208,7 +215,7 @@ mod tests {
     const REPORT_BZ_ELF: &str = concat!(env!("OUT_DIR"), "/report_bz.elf");
 
     /// Every guest that is an ELF file.
-    const ELF_GUESTS: [Guest; 9] = [
+    const ELF_GUESTS: [Guest; 10] = [
         Guest::Report,
         Guest::Smp,
         Guest::TripleFault,
@@ -218,6 +225,7 @@ mod tests {
         Guest::VsockHostile,
         Guest::Flood,
         Guest::Acpi,
+        Guest::Idle,
     ];
 
     fn u16_at(bytes: &[u8], offset: usize) -> u16 {

@@ -202,17 +202,31 @@ const EXIT_STATS: &[(&str, &str)] = &[
 const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
 
 /// `total=<n> io=<n> ...` for the VMs process `pid` holds (directories
-/// `<pid>-<fd>`), or `none` when it holds none (or debugfs is missing).
+/// `<tid>-<fd>`, named after the thread that created the VM: any of the
+/// process's threads), or `none` when it holds none (or debugfs is
+/// missing).
 fn exit_counts(pid: u32) -> String {
-    let prefix = format!("{pid}-");
+    let mut prefixes = vec![format!("{pid}-")];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        prefixes.extend(
+            tasks
+                .filter_map(Result::ok)
+                .map(|t| format!("{}-", t.file_name().to_string_lossy())),
+        );
+    }
     let Ok(dir) = std::fs::read_dir(KVM_DEBUGFS) else {
         return "none".to_string();
     };
-    let vms: Vec<std::path::PathBuf> = dir
+    let mut vms: Vec<std::path::PathBuf> = dir
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            prefixes.iter().any(|p| name.starts_with(p.as_str()))
+        })
         .map(|e| e.path())
         .collect();
+    vms.sort();
+    vms.dedup();
     if vms.is_empty() {
         return "none".to_string();
     }

@@ -76,10 +76,15 @@ impl Vmm {
     /// through ACPI anyway where the machine describes `_S5_`).
     fn cmdline(self) -> String {
         let reboot = if self == Vmm::Qemu { "t" } else { "k" };
+        // CHITIN_NESTED_EXTRA_CMDLINE (`loglevel=7 printk.time=1`) shows
+        // where a boot's time goes, at the price of a chatty console.
+        let extra = std::env::var("CHITIN_NESTED_EXTRA_CMDLINE").unwrap_or_default();
         format!(
             "console=ttyS0 reboot={reboot} panic=-1 quiet chitin.scenario=bench \
-             chitin.expect_cpus={VCPUS} chitin.expect_mem_mib={MEM_MIB}"
+             chitin.expect_cpus={VCPUS} chitin.expect_mem_mib={MEM_MIB} {extra}"
         )
+        .trim_end()
+        .to_string()
     }
 
     /// The argv L1 runs for one boot of `kernel`.
@@ -102,6 +107,7 @@ impl Vmm {
                 (RUN_TIMEOUT_S - 10).to_string(),
                 "--cmdline".into(),
                 cmdline,
+                "--timings".into(),
             ],
             Vmm::Qemu => vec![
                 "/usr/bin/qemu-system-x86_64".into(),
@@ -259,6 +265,10 @@ struct Sample {
     /// Histograms at the up line: label → (key, count).
     hists: BTreeMap<String, Vec<(String, u64)>>,
     exit: Option<String>,
+    /// chitin's own `--timings` line: `main` → `start()` returned, µs.
+    setup_us: Option<u64>,
+    /// chitin's debug lines of `chitin::timing`: (`build() kernel`, µs).
+    phases: Vec<(String, u64)>,
 }
 
 impl Sample {
@@ -280,12 +290,45 @@ fn key_values(fields: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// `build() 18.3 ms: checks 0.2 ms, memory 0.0 ms` → (`build() checks`,
+/// 200), (`build() memory`, 0).
+fn phases(line: &str) -> Vec<(String, u64)> {
+    let Some((what, laps)) = line.split_once(": ") else {
+        return Vec::new();
+    };
+    let what = what.split_whitespace().next().unwrap_or_default();
+    laps.split(", ")
+        .filter_map(|lap| {
+            let (name, ms) = lap.strip_suffix(" ms")?.rsplit_once(' ')?;
+            let us = (ms.parse::<f64>().ok()? * 1000.0) as u64;
+            Some((format!("{what} {name}"), us))
+        })
+        .collect()
+}
+
 /// One [`Sample`] per run name of the log.
 fn parse_log(log: &[String]) -> BTreeMap<String, Sample> {
     let mut samples: BTreeMap<String, Sample> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in log {
         let Some(rest) = line.strip_prefix("nested: ") else {
+            if let (Some(name), Some(text)) = (&current, line.strip_prefix("! ")) {
+                if let Some(fields) = text.strip_prefix("chitin: timings ") {
+                    let start_ms = fields
+                        .split_whitespace()
+                        .find_map(|kv| kv.strip_prefix("start_ms="))
+                        .and_then(|v| v.parse::<f64>().ok());
+                    samples.entry(name.clone()).or_default().setup_us =
+                        start_ms.map(|ms| (ms * 1000.0) as u64);
+                }
+                if let Some(line) = text.strip_prefix("DEBUG chitin::timing: ") {
+                    samples
+                        .entry(name.clone())
+                        .or_default()
+                        .phases
+                        .extend(phases(line));
+                }
+            }
             if let (Some(name), Some(text)) = (&current, line.strip_prefix("| ")) {
                 if let Some(at) = text.find(UP_MARKER) {
                     let ms = text[at..]
@@ -463,6 +506,10 @@ struct Figures {
     kernel: Option<Spread>,
     rss_kib: Option<Spread>,
     threads: Option<u64>,
+    /// chitin's own set-up: `main` → `start()` returned.
+    setup_us: Option<Spread>,
+    /// Median of each of chitin's set-up phases, in order.
+    phases: Vec<(String, u64)>,
     /// Median of each exit counter.
     exits: Vec<(String, u64)>,
     /// Median of each histogram entry (absent in a round: 0).
@@ -533,6 +580,26 @@ fn figures(vmm: Vmm, samples: &[&Sample]) -> Figures {
         kernel: spread(values(&|s| s.boottime_ms)),
         rss_kib: spread(values(&|s| s.rss_kib)),
         threads: median(values(&|s| s.threads)),
+        setup_us: spread(values(&|s| s.setup_us)),
+        phases: {
+            let mut names: Vec<String> = Vec::new();
+            for s in &done {
+                for (n, _) in &s.phases {
+                    if !names.contains(n) {
+                        names.push(n.clone());
+                    }
+                }
+            }
+            names
+                .into_iter()
+                .filter_map(|n| {
+                    let m = median(values(&|s| {
+                        s.phases.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
+                    }))?;
+                    Some((n, m))
+                })
+                .collect()
+        },
         exits,
         hists,
     }
@@ -597,6 +664,25 @@ fn print_table(kernel: L2Kernel, rounds: usize, all: &[Figures]) {
             )),
             f.threads.map_or("-".to_string(), |t| t.to_string())
         );
+    }
+    for f in all {
+        if let Some(s) = f.setup_us {
+            println!(
+                "  {} set-up, main -> build() -> start() returned (vCPUs running): {:.1} ms ({:.1}-{:.1})",
+                f.vmm.name(),
+                s.median as f64 / 1000.0,
+                s.min as f64 / 1000.0,
+                s.max as f64 / 1000.0
+            );
+            let laps: Vec<String> = f
+                .phases
+                .iter()
+                .map(|(n, us)| format!("{n} {:.1}", *us as f64 / 1000.0))
+                .collect();
+            if !laps.is_empty() {
+                println!("    phases, ms (median): {}", laps.join(", "));
+            }
+        }
     }
     let labels: Vec<String> = all
         .iter()
@@ -822,6 +908,8 @@ mod tests {
     fn log_gives_times_split_at_the_kernel_and_counts() {
         let log = lines(
             "nested: begin chitin#1\n\
+             ! chitin: timings build_ms=12.5 start_ms=14.25\n\
+             ! DEBUG chitin::timing: build() 12.0 ms: checks 0.5 ms, kernel 11.5 ms\n\
              | chitin-agent: up version=3 scenario=bench boottime_ms=1500\n\
              nested: marker chitin#1 2100\n\
              nested: exits chitin#1 total=900 io=300 mmio=40\n\
@@ -840,6 +928,14 @@ mod tests {
         assert_eq!(c.exits[0], ("total".to_string(), 900));
         assert_eq!(c.rss_kib, Some(20480));
         assert_eq!(c.threads, Some(3));
+        assert_eq!(c.setup_us, Some(14250));
+        assert_eq!(
+            c.phases,
+            [
+                ("build() checks".to_string(), 500),
+                ("build() kernel".to_string(), 11500)
+            ]
+        );
         assert_eq!(
             c.hists["exit"],
             [("7b".to_string(), 300), ("7c".to_string(), 12)]

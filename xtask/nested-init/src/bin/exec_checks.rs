@@ -358,12 +358,37 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
         })
         .collect();
     rtt.sort_unstable();
+    let median = rtt.get(rtt.len() / 2).copied();
     c.result(
         "exec-true-rtt",
-        rtt.get(rtt.len() / 2)
+        median
             .map(|m| format!("median {} us of {}", m, rtt.len()))
             .ok_or_else(|| "no exec succeeded".to_string()),
     );
+    c.result("exec-overhead", exec_overhead(vm, median));
+}
+
+/// The `exec true` round trip next to the guest's own cost of the same
+/// `true`: spawned and reaped by a loop inside the guest (the test agent's
+/// `spawn-loop` tool), the floor under any agent.
+fn exec_overhead(vm: &RunningSandbox, rtt_us: Option<u128>) -> Result<String, String> {
+    let rtt = rtt_us.ok_or("no exec round trip to compare")?;
+    let out = vm
+        .exec(Command::new("/init").args(["spawn-loop", "20", "true"]))
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status != ExitStatus::Code(0) {
+        return Err(format!("spawn-loop: {:?}: {text}", out.status));
+    }
+    let inside: u128 = text
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("median_us="))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no median in {text:?}"))?;
+    Ok(format!(
+        "exec true round trip median {rtt} us; in the guest, spawn + wait of true median {inside} us; ratio {:.1}",
+        rtt as f64 / inside.max(1) as f64
+    ))
 }
 
 /// The async face (`chitin::tokio`) on a one-thread runtime: an exec, and

@@ -18,6 +18,10 @@
 //!   scenario).
 //! - `fs-ops DIR N`: N times create a file in DIR, write 4 KiB, `stat`
 //!   it, unlink it; prints `ops=<n> ms=<ms>`.
+//! - `spawn-loop N CMD [ARG...]`: N times spawn CMD and wait for it, timing
+//!   each; prints `runs=<n> median_us=<m> min_us=<m>`, exit 0 only when
+//!   every run exited 0. The guest's own fork/exec/wait cost: the floor
+//!   under what an exec through the agent can cost.
 
 use std::io::Write;
 use std::time::Instant;
@@ -26,6 +30,33 @@ use chitin_agent::vsock;
 use chitin_testkit::{receive_all, send_pattern};
 
 use crate::net;
+
+/// `spawn-loop`: spawn and reap `cmd` `n` times, timing each.
+fn spawn_loop(n: u64, cmd: &str, args: &[String]) -> i32 {
+    let mut times = Vec::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        match std::process::Command::new(cmd).args(args).status() {
+            Ok(status) if status.success() => {}
+            Ok(_) | Err(_) => failed += 1,
+        }
+        times.push(t.elapsed().as_micros());
+    }
+    times.sort_unstable();
+    println!(
+        "runs={} median_us={} min_us={}",
+        times.len(),
+        times[times.len() / 2],
+        times[0]
+    );
+    if failed == 0 {
+        0
+    } else {
+        eprintln!("{failed} of {n} runs failed");
+        1
+    }
+}
 
 /// Run `tool` if `args` names one; `None` if it is not a tool invocation.
 pub fn run(args: &[String]) -> Option<i32> {
@@ -51,6 +82,10 @@ pub fn run(args: &[String]) -> Option<i32> {
         },
         "fs-mmap-write" => match (args.get(2), arg(3), args.get(4)) {
             (Some(file), Some(offset), Some(text)) => mmap_write(file, offset, text.as_bytes()),
+            _ => usage(),
+        },
+        "spawn-loop" => match (arg(2), args.get(3)) {
+            (Some(n), Some(cmd)) if n > 0 => spawn_loop(n, cmd, &args[4..]),
             _ => usage(),
         },
         "net-send" | "net-recv" | "net-echo-clients" | "net-udp-hold" => net::run(tool, &args[2..]),
