@@ -247,11 +247,33 @@ fn read_loop<R: Read, H: ServerHooks + ?Sized>(
     Ok(())
 }
 
+/// The most bytes of queued frames the writer joins into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Write every frame sent on `rx`. Frames already queued when the writer
+/// wakes go out in one write (up to [`WRITE_BATCH`] bytes): each write to a
+/// vsock socket is a packet, and each packet costs the VMM a notification
+/// and the host a wake-up, so a short command's end of output and EXIT,
+/// queued together, cross as one.
 fn write_loop<W: Write>(mut writer: W, rx: Receiver<Frame>) {
-    while let Ok(frame) = rx.recv() {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.clear();
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            // Encoding into memory fails only on a frame the protocol
+            // cannot carry, which the agent never builds; end the
+            // connection rather than send a broken stream.
+            if protocol::write_frame(&mut batch, &frame).is_err() {
+                return;
+            }
+            if batch.len() < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
         // On a write error, return: dropping `rx` makes every sender fail,
         // which stops the pipe readers; the read side then sees the close.
-        if protocol::write_frame(&mut writer, &frame).is_err() || writer.flush().is_err() {
+        if writer.write_all(&batch).is_err() || writer.flush().is_err() {
             return;
         }
     }
@@ -669,5 +691,77 @@ fn kill_all(table: &ProcTable) {
                 libc::kill(p.pid, libc::SIGKILL);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records each write call apart.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frames(bytes: &[u8]) -> Vec<Frame> {
+        let mut reader = bytes;
+        std::iter::from_fn(|| protocol::read_frame(&mut reader).unwrap()).collect()
+    }
+
+    #[test]
+    fn frames_queued_together_leave_in_one_write_in_order() {
+        let (tx, rx) = channel();
+        let queued = [
+            Frame::Started { id: 7, pid: 42 },
+            Frame::Stdout {
+                id: 7,
+                data: Vec::new(),
+            },
+            Frame::Exit {
+                id: 7,
+                status: ExitStatus::Code(0),
+            },
+        ];
+        for f in &queued {
+            tx.send(f.clone()).unwrap();
+        }
+        drop(tx);
+        let writes = Writes::default();
+        write_loop(writes.clone(), rx);
+        let writes = writes.0.lock().unwrap();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(frames(&writes[0]), queued);
+    }
+
+    #[test]
+    fn a_batch_stops_growing_at_its_cap() {
+        let (tx, rx) = channel();
+        let chunk = vec![b'x'; MAX_CHUNK];
+        let count = WRITE_BATCH / MAX_CHUNK + 2;
+        for _ in 0..count {
+            tx.send(Frame::Stdout {
+                id: 1,
+                data: chunk.clone(),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let writes = Writes::default();
+        write_loop(writes.clone(), rx);
+        let writes = writes.0.lock().unwrap();
+        assert!(writes.len() >= 2, "{} writes", writes.len());
+        let cap = WRITE_BATCH + MAX_CHUNK + 64;
+        assert!(writes.iter().all(|w| w.len() <= cap));
+        let all: usize = writes.iter().map(|w| frames(w).len()).sum();
+        assert_eq!(all, count);
     }
 }

@@ -49,6 +49,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use chitin_nested_init::kvm_stats;
 use chitin_testkit::{fnv1a, CONSOLE_BEGIN, CONSOLE_END, FNV_BASIS};
 
 const PLAN: &str = "/nested/plan";
@@ -186,64 +187,6 @@ fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// L1 KVM's exit counters printed per run, as (label, debugfs file).
-const EXIT_STATS: &[(&str, &str)] = &[
-    ("total", "exits"),
-    ("io", "io_exits"),
-    ("mmio", "mmio_exits"),
-    ("hlt", "halt_exits"),
-    ("irq_window", "irq_window_exits"),
-    ("irq", "irq_exits"),
-    ("emulated", "insn_emulation"),
-    ("hypercalls", "hypercalls"),
-];
-
-/// Where L1's KVM keeps a directory of statistics per VM.
-const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
-
-/// `total=<n> io=<n> ...` for the VMs process `pid` holds (directories
-/// `<tid>-<fd>`, named after the thread that created the VM: any of the
-/// process's threads), or `none` when it holds none (or debugfs is
-/// missing).
-fn exit_counts(pid: u32) -> String {
-    let mut prefixes = vec![format!("{pid}-")];
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        prefixes.extend(
-            tasks
-                .filter_map(Result::ok)
-                .map(|t| format!("{}-", t.file_name().to_string_lossy())),
-        );
-    }
-    let Ok(dir) = std::fs::read_dir(KVM_DEBUGFS) else {
-        return "none".to_string();
-    };
-    let mut vms: Vec<std::path::PathBuf> = dir
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            prefixes.iter().any(|p| name.starts_with(p.as_str()))
-        })
-        .map(|e| e.path())
-        .collect();
-    vms.sort();
-    vms.dedup();
-    if vms.is_empty() {
-        return "none".to_string();
-    }
-    EXIT_STATS
-        .iter()
-        .map(|(label, file)| {
-            let sum: u64 = vms
-                .iter()
-                .filter_map(|vm| std::fs::read_to_string(vm.join(file)).ok())
-                .filter_map(|text| text.trim().parse::<u64>().ok())
-                .sum();
-            format!("{label}={sum}")
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// `rss_kib=<n> hwm_kib=<n> threads=<n>` of process `pid`, from its
 /// `/proc/<pid>/status` (`-` for a field it lacks).
 fn memory_of(pid: u32) -> String {
@@ -379,7 +322,11 @@ fn pump_console(
                 "nested: marker {name} {}",
                 start.elapsed().as_millis()
             ));
-            say(&format!("nested: exits {name} {}", exit_counts(pid)));
+            let exits = kvm_stats::exit_counts(pid);
+            let exits = exits
+                .as_deref()
+                .map_or("none".to_string(), kvm_stats::format);
+            say(&format!("nested: exits {name} {exits}"));
             say(&format!("nested: memory {name} {}", memory_of(pid)));
             if trace {
                 say_histograms(name);

@@ -906,11 +906,12 @@ pub fn progress_line(line: &str) {
     }
 }
 
-/// Show a person what is happening while L1 runs (not the heartbeat).
+/// Show a person what is happening while L1 runs (not the heartbeat, nor
+/// the long histogram lines, which the console log keeps).
 fn progress(line: &str, start: Instant) {
     let t = start.elapsed().as_secs_f64();
     if let Some(rest) = line.strip_prefix("nested: ") {
-        if !rest.starts_with("marker") && !rest.starts_with("alive") {
+        if !["marker", "alive", "hist"].iter().any(|k| rest.starts_with(k)) {
             progress_line(&format!("xtask: [{t:6.1} s] {rest}"));
         }
     }

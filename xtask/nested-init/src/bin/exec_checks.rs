@@ -22,6 +22,7 @@ use chitin::{
     Stdio,
 };
 
+use chitin_nested_init::kvm_stats;
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
 #[path = "exec_checks/fs.rs"]
@@ -349,7 +350,8 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
             }
         })(),
     );
-    let mut rtt: Vec<u128> = (0..20)
+    let exits_before = kvm_stats::exit_counts(std::process::id());
+    let mut rtt: Vec<u128> = (0..EXEC_RUNS)
         .filter_map(|_| {
             let t = Instant::now();
             vm.exec(&Command::new("true"))
@@ -357,8 +359,19 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
                 .map(|_| t.elapsed().as_micros())
         })
         .collect();
+    let exits_after = kvm_stats::exit_counts(std::process::id());
     rtt.sort_unstable();
     let median = rtt.get(rtt.len() / 2).copied();
+    c.result(
+        "exec-true-exits",
+        match (exits_before, exits_after) {
+            (Some(b), Some(a)) => Ok(format!(
+                "L1 KVM exits per exec true (mean of {EXEC_RUNS}): {}",
+                kvm_stats::growth(&b, &a, EXEC_RUNS as u64)
+            )),
+            _ => Err("no KVM statistics for this process's VM in debugfs".into()),
+        },
+    );
     c.result(
         "exec-true-rtt",
         median
@@ -367,6 +380,9 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
     );
     c.result("exec-overhead", exec_overhead(vm, median));
 }
+
+/// Execs of `true` timed (and counted) for the round trip.
+const EXEC_RUNS: usize = 20;
 
 /// The `exec true` round trip next to the guest's own cost of the same
 /// `true`: spawned and reaped by a loop inside the guest (the test agent's
@@ -574,6 +590,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
             }
             let mut stream = host_connect(uds, 5001)?;
             let payload: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+            let before = kvm_stats::exit_counts(std::process::id());
             let t = Instant::now();
             let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
             let data = payload.clone();
@@ -585,6 +602,11 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
             let mut back = Vec::new();
             stream.read_to_end(&mut back).map_err(|e| e.to_string())?;
             let ms = t.elapsed().as_millis().max(1);
+            let after = kvm_stats::exit_counts(std::process::id());
+            let exits = match (before, after) {
+                (Some(b), Some(a)) => kvm_stats::growth(&b, &a, 1),
+                _ => "unknown".to_string(),
+            };
             sender
                 .join()
                 .map_err(|_| "sender panicked".to_string())?
@@ -593,7 +615,7 @@ fn vsock_checks(vm: &RunningSandbox, uds: &Path, c: &mut Checks) {
             if back == payload {
                 let mbps = (2 * payload.len()) as f64 / 1e3 / ms as f64;
                 Ok(format!(
-                    "4 MiB echoed intact in {ms} ms, echo_throughput_MBps={mbps:.1}"
+                    "4 MiB echoed intact in {ms} ms, echo_throughput_MBps={mbps:.1}; L1 KVM exits for it: {exits}"
                 ))
             } else {
                 Err(format!("echoed {} bytes, differ", back.len()))
