@@ -911,7 +911,10 @@ pub fn progress_line(line: &str) {
 fn progress(line: &str, start: Instant) {
     let t = start.elapsed().as_secs_f64();
     if let Some(rest) = line.strip_prefix("nested: ") {
-        if !["marker", "alive", "hist"].iter().any(|k| rest.starts_with(k)) {
+        if !["marker", "alive", "hist"]
+            .iter()
+            .any(|k| rest.starts_with(k))
+        {
             progress_line(&format!("xtask: [{t:6.1} s] {rest}"));
         }
     }
