@@ -368,13 +368,19 @@ fn density(n: usize) {
                 .collect()
         })
         .collect();
+    // The child checks every stop; a failed child fails the bench.
+    assert!(
+        out.status.success(),
+        "density child failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     let (Some(one), Some(all), Some(us)) = (rows.first(), rows.get(1), rows.get(2)) else {
-        println!(
-            "density not measured: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return;
+        panic!("density child printed {text:?}");
     };
+    assert!(
+        one.len() == 5 && all.len() == 5 && us.len() == 1,
+        "{text:?}"
+    );
     let more = (n - 1) as f64;
     let per = |i: usize| (all[i] as f64 - one[i] as f64) / more;
     let outside = |row: &Vec<u64>| row[1] as f64 - row[4] as f64;

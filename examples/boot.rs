@@ -57,6 +57,9 @@ struct Args {
     /// VIRTIO_MMIO_CMDLINE_DEVICES), and the guest can only reboot.
     #[arg(long)]
     no_acpi: bool,
+    /// Give the machine a PIT (for kernels without `KVM_GUEST`).
+    #[arg(long)]
+    pit: bool,
     /// Feed standard input to the guest's serial console.
     #[arg(long)]
     stdin: bool,
@@ -145,6 +148,7 @@ fn run(args: Args, began: Instant) -> Result<ExitReason, String> {
         .vcpus(args.vcpus)
         .seccomp(seccomp)
         .acpi(!args.no_acpi)
+        .pit(args.pit)
         .boot_protocol(if args.pvh {
             BootProtocol::Pvh
         } else {

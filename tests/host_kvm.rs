@@ -132,6 +132,36 @@ fn spin_guest_stop_interrupts_guest_code() {
 
 #[test]
 #[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn a_pit_exists_only_when_asked_for() {
+    if !kvm_available("pit_on_request") {
+        return;
+    }
+    let vm = |pit| {
+        let ram =
+            chitin_memory::GuestRam::new(64 << 20, chitin_memory::Backing::Anonymous).unwrap();
+        (chitin_vcpu::Vm::new(&ram, pit).unwrap(), ram)
+    };
+    // KVM_GET_PIT2 answers only for a VM that has a PIT.
+    let (without, _ram) = vm(false);
+    assert!(without.fd().get_pit2().is_err());
+    let (with, _ram) = vm(true);
+    assert!(with.fd().get_pit2().is_ok());
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn report_guest_runs_on_a_machine_with_a_pit() {
+    if !kvm_available("report_with_pit") {
+        return;
+    }
+    let console = ConsoleCapture::default();
+    let reason = run_to_exit(guest_builder(Guest::Report, &console).pit(true));
+    assert_eq!(reason, ExitReason::Reset, "{}", text(&console));
+    assert!(text(&console).ends_with("done\n"), "{}", text(&console));
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn idle_guest_halted_with_interrupts_off_is_stopped() {
     if !kvm_available("idle_guest_stop") {
         return;

@@ -36,7 +36,7 @@ use chitin_agent_protocol::window::{Overflow, Window};
 use crate::container;
 use chitin_agent_protocol::{
     self as protocol, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK,
-    VERSION, WINDOW,
+    MAX_STRING, VERSION, WINDOW,
 };
 
 /// Most processes running at once on one connection (bounds threads).
@@ -193,7 +193,7 @@ where
     if let Err(e) = &result {
         let _ = tx.send(Frame::Error {
             id: 0,
-            message: e.to_string(),
+            message: bounded(e.to_string()),
         });
     }
     kill_all(&table);
@@ -261,10 +261,19 @@ fn write_loop<W: Write>(mut writer: W, rx: Receiver<Frame>) {
         batch.clear();
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            // Encoding into memory fails only on a frame the protocol
-            // cannot carry, which the agent never builds; end the
-            // connection rather than send a broken stream.
-            if protocol::write_frame(&mut batch, &frame).is_err() {
+            // Encoding fails only on a frame the protocol cannot carry
+            // (the agent bounds what it builds): what is batched still
+            // goes out, then an ERROR on stream 0 that ends the connection
+            // for the client, rather than a broken stream or silence.
+            if let Err(e) = protocol::write_frame(&mut batch, &frame) {
+                let _ = protocol::write_frame(
+                    &mut batch,
+                    &Frame::Error {
+                        id: 0,
+                        message: format!("agent cannot encode a frame: {e}"),
+                    },
+                );
+                let _ = writer.write_all(&batch).and_then(|()| writer.flush());
                 return;
             }
             if batch.len() < WRITE_BATCH {
@@ -291,7 +300,23 @@ where
 }
 
 fn send_error(tx: &Sender<Frame>, id: u32, message: String) {
-    let _ = tx.send(Frame::Error { id, message });
+    let _ = tx.send(Frame::Error {
+        id,
+        message: bounded(message),
+    });
+}
+
+/// `message` cut to what an ERROR frame carries ([`MAX_STRING`] bytes, at
+/// a character boundary): it may quote a client's 128 KiB argument.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_STRING {
+        let mut end = MAX_STRING;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    message
 }
 
 fn command(req: &ExecRequest) -> Command {
@@ -740,6 +765,30 @@ mod tests {
         let writes = writes.0.lock().unwrap();
         assert_eq!(writes.len(), 1);
         assert_eq!(frames(&writes[0]), queued);
+    }
+
+    #[test]
+    fn an_error_quoting_a_huge_argument_is_cut_to_fit_its_frame() {
+        let (tx, rx) = channel();
+        let program = "\u{e9}".repeat(MAX_STRING);
+        send_error(&tx, 3, format!("exec {program}: No such file"));
+        tx.send(Frame::Exit {
+            id: 4,
+            status: ExitStatus::Code(0),
+        })
+        .unwrap();
+        drop(tx);
+        let writes = Writes::default();
+        write_loop(writes.clone(), rx);
+        let writes = writes.0.lock().unwrap();
+        let sent = frames(&writes.concat());
+        assert_eq!(sent.len(), 2, "both frames go out");
+        match &sent[0] {
+            Frame::Error { id: 3, message } => {
+                assert!(message.len() <= MAX_STRING && message.starts_with("exec "))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

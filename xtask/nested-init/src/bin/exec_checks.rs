@@ -366,8 +366,9 @@ fn exec_checks(vm: &RunningSandbox, c: &mut Checks) {
         "exec-true-exits",
         match (exits_before, exits_after) {
             (Some(b), Some(a)) => Ok(format!(
-                "L1 KVM exits per exec true (mean of {EXEC_RUNS}): {}",
-                kvm_stats::growth(&b, &a, EXEC_RUNS as u64)
+                "L1 KVM exits per exec true (mean of {}): {}",
+                rtt.len(),
+                kvm_stats::growth(&b, &a, rtt.len() as u64)
             )),
             _ => Err("no KVM statistics for this process's VM in debugfs".into()),
         },
