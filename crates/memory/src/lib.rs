@@ -120,7 +120,6 @@ impl GuestRam {
             size,
             source: e.into(),
         })?;
-        no_huge_page_at_zero(&memory);
         Ok(Self {
             memory,
             layout,
@@ -195,28 +194,6 @@ impl GuestRam {
 /// Huge page size of x86_64 (2 MiB): where guest RAM should start in the
 /// host's address space.
 const HUGE_PAGE: usize = 2 << 20;
-
-/// Keep transparent huge pages off guest RAM's first 2 MiB. The VMM writes
-/// a few KiB there before the guest runs (zero page, command line, page
-/// tables, MP and ACPI tables) and a booted Linux keeps it for firmware
-/// and its trampoline; on a host with transparent huge pages always on, a
-/// huge page would be allocated and zeroed whole for them: `cargo xtask
-/// bench-boot` measured the VMM's resident memory at agent up at 36.3 MiB
-/// with it, 35.2 MiB without. The rest of RAM keeps huge pages (the guest
-/// runs faster on them). Advice only: a host without THP ignores it.
-fn no_huge_page_at_zero(memory: &GuestMemoryMmap) {
-    let Some(region) = memory.iter().find(|r| r.start_addr().0 == 0) else {
-        return;
-    };
-    let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
-        return;
-    };
-    let len = HUGE_PAGE.min(region.len() as usize);
-    // SAFETY: `host` is the page-aligned start of a live mapping of at
-    // least `len` bytes owned by `memory`; MADV_NOHUGEPAGE changes no
-    // content, only how later faults are backed.
-    unsafe { libc::madvise(host.cast(), len, libc::MADV_NOHUGEPAGE) };
-}
 
 /// A hole of a region's length at a 2 MiB-aligned host address, fenced by
 /// inaccessible guard mappings, so that the next `mmap(NULL, len)` (the
@@ -460,44 +437,6 @@ mod tests {
         }
         // Assert
         assert_eq!(ram.resident_bytes().unwrap(), 3 * layout::PAGE_SIZE);
-    }
-
-    /// The `VmFlags:` of the mapping starting at `addr` (`/proc/self/smaps`).
-    fn vm_flags_at(addr: usize) -> Option<String> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let first = line.split_whitespace().next().unwrap_or_default();
-            if let Some((start, _)) = first.split_once('-') {
-                if let Ok(start) = usize::from_str_radix(start, 16) {
-                    inside = start == addr;
-                    continue;
-                }
-            }
-            if inside {
-                if let Some(flags) = line.strip_prefix("VmFlags:") {
-                    return Some(flags.to_string());
-                }
-            }
-        }
-        None
-    }
-
-    #[test]
-    fn no_huge_pages_in_the_first_two_mib_only() {
-        // A kernel without transparent huge pages shows no `nh` flag.
-        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
-            eprintln!("no THP on this kernel: nothing to check");
-            return;
-        }
-        let ram = GuestRam::new(64 << 20, Backing::Anonymous).unwrap();
-        let host = ram.memory().get_host_address(GuestAddress(0)).unwrap() as usize;
-        // The advice split the mapping at 2 MiB: the first part says
-        // `nh` (no huge pages), the rest does not.
-        let low = vm_flags_at(host).expect("a mapping starts at guest address 0");
-        assert!(low.split_whitespace().any(|f| f == "nh"), "{low}");
-        let rest = vm_flags_at(host + HUGE_PAGE).expect("a mapping starts at 2 MiB");
-        assert!(!rest.split_whitespace().any(|f| f == "nh"), "{rest}");
     }
 
     #[test]
