@@ -19,6 +19,12 @@ pub const EXIT_STATS: &[(&str, &str)] = &[
 /// Where L1's KVM keeps a directory of statistics per VM.
 const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
 
+/// Whether this process sees L1 KVM's statistics at all (a jailed
+/// process, in a mount namespace of its own, does not).
+pub fn visible() -> bool {
+    std::path::Path::new(KVM_DEBUGFS).is_dir()
+}
+
 /// Each counter summed over the VMs process `pid` holds (directories
 /// named after the thread that created the VM: any of the process's
 /// threads), or `None` when it holds none (or debugfs is missing).
