@@ -677,9 +677,8 @@ impl SandboxBuilder {
 }
 
 /// The phases of `build()` or `start()`, timed for one debug line under
-/// target `chitin::timing` (`build() 1.2 ms: checks 0.1 ms, memory 0.0
-/// ms, ...`):
-/// where a sandbox's set-up time goes, for whoever logs at debug level.
+/// target `chitin::timing` (`build() 1.2 ms: checks 0.1 ms, ...`): where a
+/// sandbox's set-up time goes, for whoever logs at debug level.
 struct Laps {
     last: Instant,
     laps: Vec<(&'static str, Duration)>,

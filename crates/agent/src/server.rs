@@ -252,9 +252,9 @@ const WRITE_BATCH: usize = 256 * 1024;
 
 /// Write every frame sent on `rx`. Frames already queued when the writer
 /// wakes go out in one write (up to [`WRITE_BATCH`] bytes): each write to a
-/// vsock socket is a packet, and each packet costs the VMM a notification
-/// and the host a wake-up, so a short command's end of output and EXIT,
-/// queued together, cross as one.
+/// vsock socket is at least one packet, and each packet costs the VMM a
+/// notification and the host a wake-up, so small frames queued together
+/// (a short command's end of output and EXIT) cross as one.
 fn write_loop<W: Write>(mut writer: W, rx: Receiver<Frame>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {

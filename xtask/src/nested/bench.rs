@@ -29,7 +29,7 @@ use std::path::PathBuf;
 
 use super::l1::boot_l1;
 use super::scenarios::{L2Kernel, KERNEL_6_1, KERNEL_DEBIAN, UP_MARKER, WARMUP};
-use super::{build_tools, plan_line, prerequisites};
+use super::{build_tools, chitin_boot_argv, plan_line, prerequisites, qemu_microvm_argv};
 use crate::disks::Disks;
 use crate::guest;
 use crate::util::Step;
@@ -92,49 +92,20 @@ impl Vmm {
         let image = kernel.l1_path();
         let initramfs = kernel.l1_initramfs();
         let cmdline = self.cmdline();
-        let v: Vec<String> = match self {
-            Vmm::Chitin => vec![
-                "/bin/chitin-boot".into(),
-                "--kernel".into(),
-                image,
-                "--initrd".into(),
-                initramfs,
-                "--vcpus".into(),
-                VCPUS.to_string(),
-                "--mem".into(),
-                MEM_MIB.to_string(),
-                "--timeout".into(),
-                (RUN_TIMEOUT_S - 10).to_string(),
-                "--cmdline".into(),
-                cmdline,
-                "--timings".into(),
-            ],
-            Vmm::Qemu => vec![
-                "/usr/bin/qemu-system-x86_64".into(),
-                "-M".into(),
-                "microvm,acpi=on,rtc=on".into(),
-                "-enable-kvm".into(),
-                "-cpu".into(),
-                "host".into(),
-                "-smp".into(),
-                VCPUS.to_string(),
-                "-m".into(),
-                format!("{MEM_MIB}M"),
-                "-nodefaults".into(),
-                "-no-user-config".into(),
-                "-nographic".into(),
-                "-serial".into(),
-                "stdio".into(),
-                "-no-reboot".into(),
-                "-L".into(),
-                "/usr/share/qemu".into(),
-                "-kernel".into(),
-                image,
-                "-initrd".into(),
-                initramfs,
-                "-append".into(),
-                cmdline,
-            ],
+        match self {
+            Vmm::Chitin => {
+                let mut argv = chitin_boot_argv(
+                    &image,
+                    &initramfs,
+                    VCPUS,
+                    MEM_MIB,
+                    RUN_TIMEOUT_S - 10,
+                    &cmdline,
+                );
+                argv.push("--timings".into());
+                argv
+            }
+            Vmm::Qemu => qemu_microvm_argv(true, &image, &initramfs, VCPUS, MEM_MIB, &cmdline),
             Vmm::Firecracker => vec![
                 self.l1_binary(),
                 "--no-api".into(),
@@ -158,8 +129,7 @@ impl Vmm {
                 "--console".into(),
                 "off".into(),
             ],
-        };
-        v
+        }
     }
 }
 
@@ -402,7 +372,8 @@ struct Spread {
 fn spread(mut values: Vec<u64>) -> Option<Spread> {
     values.sort_unstable();
     let mid = values.len() / 2;
-    // An even count's median is the mean of its two middle values.
+    // An even count's median is the mean of its two middle values (the
+    // default 10 rounds are even).
     let median = if values.len() % 2 == 0 {
         let (a, b) = (*values.get(mid.checked_sub(1)?)?, *values.get(mid)?);
         a / 2 + b / 2 + (a % 2 + b % 2) / 2

@@ -51,6 +51,81 @@ pub const L1_BUSYBOX: &str = "/nested/busybox";
 /// modules).
 const L1_INITRAMFS: &str = "/l2/initramfs.cpio";
 
+/// One boot of `kernel` + `initramfs` under the `boot` example in L1 (the
+/// scenario's own options come after).
+fn chitin_boot_argv(
+    kernel: &str,
+    initramfs: &str,
+    vcpus: u32,
+    mem_mib: u32,
+    timeout_s: u64,
+    cmdline: &str,
+) -> Vec<String> {
+    [
+        "/bin/chitin-boot",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initramfs,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--mem",
+        &mem_mib.to_string(),
+        "--timeout",
+        &timeout_s.to_string(),
+        "--cmdline",
+        cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The same boot under QEMU's microvm machine, the peer column (with or
+/// without ACPI).
+fn qemu_microvm_argv(
+    acpi: bool,
+    kernel: &str,
+    initramfs: &str,
+    vcpus: u32,
+    mem_mib: u32,
+    cmdline: &str,
+) -> Vec<String> {
+    [
+        "/usr/bin/qemu-system-x86_64",
+        "-M",
+        if acpi {
+            "microvm,acpi=on,rtc=on"
+        } else {
+            "microvm,acpi=off,rtc=on"
+        },
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        &vcpus.to_string(),
+        "-m",
+        &format!("{mem_mib}M"),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-L",
+        "/usr/share/qemu",
+        "-kernel",
+        kernel,
+        "-initrd",
+        initramfs,
+        "-append",
+        cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The plan line for L1's runner: name, timeout, marker, argv (tab separated).
 fn plan_line(run_name: &str, s: &Scenario) -> String {
     let cmdline = l2_cmdline(s);
@@ -62,57 +137,19 @@ fn plan_line(run_name: &str, s: &Scenario) -> String {
             .map(|s| s.to_string())
             .collect()
     } else if s.peer {
-        [
-            "/usr/bin/qemu-system-x86_64",
-            "-M",
-            if s.no_acpi {
-                "microvm,acpi=off,rtc=on"
-            } else {
-                "microvm,acpi=on,rtc=on"
-            },
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-smp",
-            &s.vcpus.to_string(),
-            "-m",
-            &format!("{}M", s.mem_mib),
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-L",
-            "/usr/share/qemu",
-            "-kernel",
-            &kernel,
-            "-initrd",
-            &initramfs,
-            "-append",
-            &cmdline,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        qemu_microvm_argv(
+            !s.no_acpi, &kernel, &initramfs, s.vcpus, s.mem_mib, &cmdline,
+        )
     } else {
-        [
-            "/bin/chitin-boot",
-            "--kernel",
+        chitin_boot_argv(
             &kernel,
-            "--initrd",
             &initramfs,
-            "--vcpus",
-            &s.vcpus.to_string(),
-            "--mem",
-            &s.mem_mib.to_string(),
-            "--timeout",
-            &s.timeout_s.to_string(),
-            "--cmdline",
+            s.vcpus,
+            s.mem_mib,
+            u64::from(s.timeout_s),
             &cmdline,
-        ]
-        .iter()
-        .map(|s| s.to_string())
+        )
+        .into_iter()
         .chain(
             s.disks
                 .iter()
