@@ -15,7 +15,9 @@ use chitin_memory::layout::VIRTIO_MMIO_START;
 use chitin_memory::GuestRam;
 use chitin_seccomp::Seccomp;
 use chitin_vcpu::{ExitReason, IoBuses, Vm, VmControl};
-use chitin_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use chitin_virtio::mmio::{
+    MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
 use chitin_virtio::VirtioDevice;
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -67,8 +69,9 @@ impl VirtioSlots {
 }
 
 /// Put `device` behind the next virtio-mmio window: QueueNotify writes
-/// signal its queue events inside KVM (ioeventfd), its interrupt is an
-/// irqfd, its queues are processed on the event loop. Returns where it is,
+/// signal its queue events inside KVM (ioeventfd) and InterruptACK writes
+/// are counted there too, its interrupt is an irqfd, its queues are
+/// processed on the event loop. Returns where it is,
 /// for the DSDT or the command line ([`mmio_cmdline_entry`]).
 pub(crate) fn attach_virtio<D>(
     vm: &Vm,
@@ -92,6 +95,10 @@ where
         .map_err(|e| device_err("virtio-mmio", "irqfd", e))?;
     let device = Arc::new(Mutex::new(device));
     let transport = MmioTransport::new(device.clone(), ram.memory().clone(), irq);
+    for (event, value) in transport.ack_events() {
+        vm.register_mmio_notify(event, base + INTERRUPT_ACK_OFFSET, value)
+            .map_err(|e| device_err("virtio-mmio", "ioeventfd for InterruptACK", e))?;
+    }
     buses
         .mmio
         .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)

@@ -226,6 +226,31 @@ pub enum ExecError {
     Thread(&'static str, #[source] std::io::Error),
 }
 
+/// Why a sandbox could not be paused. On every error the sandbox runs on
+/// as before (or has stopped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PauseError {
+    /// The guest had stopped, or stopped while pausing.
+    #[error("the guest stopped: {0}")]
+    GuestStopped(ExitReason),
+    /// Not every vCPU left the guest in time (a vCPU thread busy in a
+    /// device); the pause was undone.
+    #[error("{parked} of {vcpus} vCPUs left the guest within {waited:?}; the sandbox runs on")]
+    VcpusBusy {
+        /// vCPUs that had parked.
+        parked: usize,
+        /// vCPUs the sandbox has.
+        vcpus: usize,
+        /// How long the pause waited.
+        waited: Duration,
+    },
+    /// The device thread did not finish what it was handling in time; the
+    /// pause was undone.
+    #[error("the device thread did not come to rest within {0:?}; the sandbox runs on")]
+    DevicesBusy(Duration),
+}
+
 /// Render an error and its whole `source()` chain on one line, as
 /// `outer: inner: innermost`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -63,7 +63,7 @@ pub use console::{
     Console, ConsoleCapture, ConsoleInput, DEFAULT_CAPTURE_LIMIT, DEFAULT_FILE_LIMIT,
 };
 pub use disk::Disk;
-pub use error::{error_chain, ExecError, SandboxError};
+pub use error::{error_chain, ExecError, PauseError, SandboxError};
 pub use exec::{
     Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Signal, Stdio,
     AGENT_PORT, DEFAULT_OUTPUT_LIMIT,

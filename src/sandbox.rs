@@ -22,14 +22,13 @@ use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
 use chitin_net::{NetCounters, NetStats};
 use chitin_seccomp::Seccomp;
-use chitin_vcpu::{ExitReason, IoBuses, Vcpu, Vm, VmControl};
+use chitin_vcpu::{ExitReason, IoBuses, ParkError, Vcpu, Vm, VmControl};
 use chitin_vsock::{SocketFile, Vsock, VsockConfig};
 
 use crate::console::{Console, ConsoleInput};
 use crate::devices::{attach_virtio, device_err, legacy_devices, mmio_cmdline_entry, VirtioSlots};
 use crate::disk::{device_name, Disk};
-use crate::error::ExecError;
-use crate::error::SandboxError;
+use crate::error::{ExecError, PauseError, SandboxError};
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::exec::{relock, AgentLink, Child, Command, ExitStatus, Output, Stdio};
 use crate::faults::{DeviceFaults, FaultTables};
@@ -779,6 +778,8 @@ impl Sandbox {
                 events: Mutex::new(events),
                 agent: agent_socket.map(|socket| AgentLink::new(socket, rootfs, &control, seccomp)),
                 control,
+                vcpus: vcpus.len(),
+                paused: Mutex::new(false),
             }),
             vm,
             ram,
@@ -837,7 +838,18 @@ struct Life {
     agent: Option<AgentLink>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     events: Mutex<RunningEventLoop>,
+    /// vCPUs of the VM (how many a pause waits for).
+    vcpus: usize,
+    /// Whether the sandbox is paused; held across pausing and resuming,
+    /// so they happen one at a time.
+    paused: Mutex<bool>,
 }
+
+/// How long a pause waits for the vCPUs, then for the device thread, to
+/// come to rest: neither waits on the guest (a kick takes a vCPU out of
+/// the guest at once; device handlers do bounded work), so this only
+/// bounds a host too busy to schedule them.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Life {
     /// Stop the guest (if it still runs) and join its threads; whoever
@@ -873,6 +885,58 @@ impl Life {
         self.control.request_exit(ExitReason::Stopped);
         self.teardown();
         self.control.exit_reason().unwrap_or(ExitReason::Stopped)
+    }
+
+    fn pause(&self) -> Result<(), PauseError> {
+        let mut paused = relock(&self.paused);
+        let stopped = |control: &VmControl| {
+            PauseError::GuestStopped(control.exit_reason().unwrap_or(ExitReason::Stopped))
+        };
+        if let Some(reason) = self.control.exit_reason() {
+            return Err(PauseError::GuestStopped(reason));
+        }
+        if *paused {
+            return Ok(());
+        }
+        // vCPUs first, so the guest makes no new device work, then the
+        // device thread, which finishes what it is handling.
+        self.control
+            .pause(self.vcpus, PAUSE_TIMEOUT)
+            .map_err(|e| match e {
+                ParkError::Timeout {
+                    parked,
+                    vcpus,
+                    waited,
+                } => PauseError::VcpusBusy {
+                    parked,
+                    vcpus,
+                    waited,
+                },
+                _ => stopped(&self.control),
+            })?;
+        if let Err(e) = relock(&self.events).pause(PAUSE_TIMEOUT) {
+            self.control.resume();
+            if self.control.should_stop() {
+                return Err(stopped(&self.control));
+            }
+            log::warn!("pause: {e}");
+            return Err(PauseError::DevicesBusy(PAUSE_TIMEOUT));
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    fn resume(&self) {
+        let mut paused = relock(&self.paused);
+        if *paused {
+            relock(&self.events).resume();
+            self.control.resume();
+            *paused = false;
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        *relock(&self.paused) && !self.control.should_stop()
     }
 
     fn agent(&self) -> Result<&AgentLink, ExecError> {
@@ -981,9 +1045,30 @@ impl SandboxHandle {
         self.life.control.exit_reason()
     }
 
-    /// Whether the guest still runs.
+    /// Whether the guest still runs (paused or not).
     pub fn is_running(&self) -> bool {
         self.exit_reason().is_none()
+    }
+
+    /// Pause the guest: every vCPU leaves the guest and waits, and the
+    /// device thread finishes what it is handling and waits, until
+    /// [`SandboxHandle::resume`]; the guest then continues exactly where
+    /// it was (its clocks see the pause as time that passed). A paused
+    /// sandbox can still be stopped or dropped; commands sent to it wait
+    /// (within their timeouts) for the resume. Pausing a paused sandbox
+    /// does nothing. On an error the sandbox runs on.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.life.pause()
+    }
+
+    /// End a pause (nothing happens without one).
+    pub fn resume(&self) {
+        self.life.resume()
+    }
+
+    /// Whether the sandbox is paused (and not stopped).
+    pub fn is_paused(&self) -> bool {
+        self.life.is_paused()
     }
 
     /// [`RunningSandbox::output`], from wherever the handle is.
@@ -1015,6 +1100,8 @@ impl SandboxHandle {
                 agent: Some(agent),
                 threads: Mutex::new(Vec::new()),
                 events: Mutex::new(events),
+                vcpus: 0,
+                paused: Mutex::new(false),
             }),
         }
     }
@@ -1073,9 +1160,9 @@ impl RunningSandbox {
     }
 
     /// Run `cmd` in the guest and collect its status and piped output,
-    /// like `std::process::Command::output`. Waits up to 60 s (or the
-    /// command's timeout) for the agent on the first call while the guest
-    /// boots. A command that outruns its timeout or output limit is killed.
+    /// like `std::process::Command::output`. Waits for the agent while
+    /// the guest boots: up to the command's timeout, or 60 s without one.
+    /// A command that outruns its timeout or output limit is killed.
     pub fn output(&self, cmd: &Command) -> Result<Output, ExecError> {
         self.life.output(cmd)
     }
@@ -1103,6 +1190,22 @@ impl RunningSandbox {
     /// Why the guest stopped, or `None` while it runs (without blocking).
     pub fn exit_reason(&self) -> Option<ExitReason> {
         self.life.control.exit_reason()
+    }
+
+    /// Pause the guest until [`RunningSandbox::resume`]; see
+    /// [`SandboxHandle::pause`].
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.life.pause()
+    }
+
+    /// End a pause (nothing happens without one).
+    pub fn resume(&self) {
+        self.life.resume()
+    }
+
+    /// Whether the sandbox is paused (and not stopped).
+    pub fn is_paused(&self) -> bool {
+        self.life.is_paused()
     }
 
     /// Stop the guest, even one spinning in guest code, and return why it

@@ -569,7 +569,12 @@ fn vsock_hostile_guest_faults_are_counted_and_answered() {
     // (the device kept working), and each is counted under its reason.
     let out = text(&console);
     assert_eq!(reason, Some(ExitReason::Reset), "{out}");
-    assert!(out.contains("tx used 4\nrx used 4\ndone\n"), "{out}");
+    // The driver's acknowledgement (counted by KVM, applied at the next
+    // read) cleared the used-buffer bit it had read.
+    assert!(
+        out.contains("tx used 4\nrx used 4\nint 1 0\ndone\n"),
+        "{out}"
+    );
     let faults = running.device_faults();
     let vsock = faults
         .iter()
@@ -820,4 +825,112 @@ fn a_network_interface_reaches_the_guest_command_line_and_its_tap_goes_with_the_
         );
         eprintln!("network_interface NOT RUN: {why}");
     }
+}
+
+/// The numbers of the counter guest's complete `n <k>` lines, in order.
+fn counted(out: &str) -> Vec<u64> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("n "))
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// Wait until the counter guest has printed `n <at_least>`.
+fn wait_for_count(console: &ConsoleCapture, at_least: u64) -> bool {
+    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if counted(&text(console))
+            .last()
+            .is_some_and(|&n| n >= at_least)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The counter guest on two vCPUs (the second one never started by the
+/// guest, so it waits in the kernel), counting.
+fn start_counting(console: &ConsoleCapture) -> chitin::RunningSandbox {
+    let running = guest_builder(Guest::Counter, console)
+        .vcpus(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(wait_for_count(console, 3), "{}", text(console));
+    running
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn paused_guest_runs_nothing_and_resumes_where_it_stopped() {
+    if !kvm_available("pause_resume") {
+        return;
+    }
+    // Arrange
+    let console = ConsoleCapture::default();
+    let running = start_counting(&console);
+    // Act: pause; the console must not move while paused.
+    running.pause().unwrap();
+    assert!(running.is_paused());
+    let frozen = text(&console);
+    std::thread::sleep(Duration::from_millis(300));
+    let still = text(&console);
+    // Pausing a paused sandbox changes nothing.
+    running.pause().unwrap();
+    running.resume();
+    // Assert
+    assert_eq!(still, frozen, "the guest ran while paused");
+    assert!(!running.is_paused());
+    let last = *counted(&frozen).last().unwrap();
+    assert!(wait_for_count(&console, last + 3), "{}", text(&console));
+    // A second pause, from a handle on another thread, and its resume.
+    let handle = running.handle();
+    std::thread::spawn(move || {
+        handle.pause().unwrap();
+        handle.resume();
+    })
+    .join()
+    .unwrap();
+    let last = *counted(&text(&console)).last().unwrap();
+    assert!(wait_for_count(&console, last + 3), "{}", text(&console));
+    // Every number once, in order: no reset, no repeat, no gap.
+    let numbers = counted(&text(&console));
+    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
+    assert!(text(&console).starts_with("chitin-test: counter\n"));
+    assert_eq!(running.stop(), ExitReason::Stopped);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn paused_guest_can_be_stopped_and_cannot_be_paused_after() {
+    if !kvm_available("pause_stop") {
+        return;
+    }
+    // Arrange: a paused counter, a thread waiting for it to stop.
+    let console = ConsoleCapture::default();
+    let running = start_counting(&console);
+    running.pause().unwrap();
+    let handle = running.handle();
+    let waiter = {
+        let handle = handle.clone();
+        std::thread::spawn(move || handle.wait())
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!waiter.is_finished(), "a pause is not a stop");
+    // Act
+    let reason = handle.stop();
+    // Assert
+    assert_eq!(reason, ExitReason::Stopped);
+    assert_eq!(waiter.join().unwrap(), ExitReason::Stopped);
+    assert!(!running.is_paused());
+    assert_eq!(
+        running.pause(),
+        Err(chitin::PauseError::GuestStopped(ExitReason::Stopped))
+    );
+    running.resume();
+    assert_eq!(running.stop(), ExitReason::Stopped);
 }

@@ -1,12 +1,13 @@
-//! Twenty sandboxes built, run and dropped in sequence leave the process's
-//! fd and thread counts where they were. In its own test binary so no other
+//! Twenty sandboxes built, run and dropped in sequence, then six paused
+//! ones dropped or stopped, leave the process's fd and thread counts where
+//! they were. In its own test binary so no other
 //! test's threads or fds move the counts.
 
 mod common;
 
 use chitin::{ConsoleCapture, ExitReason};
 use chitin_test_guests::Guest;
-use common::{guest_builder, kvm_available, run_to_exit};
+use common::{guest_builder, kvm_available, run_to_exit, GUEST_TIMEOUT};
 
 fn count_entries(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
@@ -39,5 +40,34 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
         count_entries("/proc/self/task"),
         threads,
         "thread count changed"
+    );
+
+    // Act: paused sandboxes, half dropped and half stopped while paused.
+    for i in 0..6 {
+        let console = ConsoleCapture::default();
+        let running = guest_builder(Guest::Counter, &console)
+            .vcpus(2)
+            .build()
+            .unwrap()
+            .start()
+            .unwrap();
+        assert!(console.wait_for(b"n 1\n", GUEST_TIMEOUT));
+        running.pause().unwrap();
+        if i % 2 == 0 {
+            drop(running);
+        } else {
+            assert_eq!(running.stop(), ExitReason::Stopped);
+        }
+    }
+    // Assert
+    assert_eq!(
+        count_entries("/proc/self/fd"),
+        fds,
+        "fd count changed after paused sandboxes"
+    );
+    assert_eq!(
+        count_entries("/proc/self/task"),
+        threads,
+        "thread count changed after paused sandboxes"
     );
 }

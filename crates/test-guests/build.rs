@@ -4,8 +4,9 @@
 //!
 //! Outputs, all in `$OUT_DIR`:
 //! - `report.elf`, `smp.elf`, `triple_fault.elf`, `spin.elf`, `echo.elf`,
-//!   `pvh.elf`, `vsock_hostile.elf`, `flood.elf`, `acpi.elf`, `idle.elf`:
-//!   static ELF64 images linked at 1 MiB (`guests/guest.lds.S`);
+//!   `pvh.elf`, `vsock_hostile.elf`, `flood.elf`, `acpi.elf`, `idle.elf`,
+//!   `counter.elf`: static ELF64 images linked at 1 MiB
+//!   (`guests/guest.lds.S`);
 //! - `report.bzimage`: the `report` guest as a Linux bzImage, i.e. the setup
 //!   sectors of `guests/bzimage_setup.S` followed by the flat image of
 //!   `report_bz.elf` (`report.S` assembled with `-DBZIMAGE`);
@@ -50,7 +51,7 @@ struct ElfGuest {
 }
 
 /// Every ELF image the crate exposes, plus the bzImage's protected-mode part.
-const ELF_GUESTS: [ElfGuest; 11] = [
+const ELF_GUESTS: [ElfGuest; 12] = [
     ElfGuest {
         stem: "report",
         source: "report.S",
@@ -117,10 +118,16 @@ const ELF_GUESTS: [ElfGuest; 11] = [
         defines: &[],
         pvh_note: false,
     },
+    ElfGuest {
+        stem: "counter",
+        source: "counter.S",
+        defines: &[],
+        pvh_note: false,
+    },
 ];
 
 /// Every file in `guests/` the images are built from.
-const SOURCES: [&str; 14] = [
+const SOURCES: [&str; 15] = [
     "defs.h",
     "common.S",
     "guest.lds.S",
@@ -134,6 +141,7 @@ const SOURCES: [&str; 14] = [
     "flood.S",
     "acpi.S",
     "idle.S",
+    "counter.S",
     "bzimage_setup.S",
 ];
 

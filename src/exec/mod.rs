@@ -237,9 +237,10 @@ impl AgentLink {
             let at = started.checked_add(timeout)?;
             Some(Deadline { at, timeout })
         });
-        let wait = deadline.map_or(DEFAULT_CONNECT_TIMEOUT, |d| {
-            d.left().min(DEFAULT_CONNECT_TIMEOUT)
-        });
+        // A command's own timeout bounds the wait for the agent, however
+        // long (many guests booting at once on a busy host); without one,
+        // the default does.
+        let wait = deadline.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.left());
         let client = self.client(wait).map_err(|e| match (e, cmd.timeout) {
             (ExecError::AgentUnreachable(_), Some(t)) if wait < DEFAULT_CONNECT_TIMEOUT => {
                 ExecError::Timeout(t)

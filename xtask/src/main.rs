@@ -10,10 +10,11 @@
 //!   N times on a host loaded with K busy loops.
 //! - `nested-exec -- CMD...`: run one command in a sandbox inside L1 (for
 //!   hosts whose KVM cannot run Linux; the `exec` example uses it).
-//! - `bench-boot [--rounds N] [--distro debian]`: boot times, KVM exits
-//!   and memory of chitin next to QEMU (and Firecracker / Cloud Hypervisor
-//!   when `CHITIN_PEER_FIRECRACKER` / `CHITIN_PEER_CLOUD_HYPERVISOR` name
-//!   their binaries), interleaved rounds in one L1.
+//! - `bench-boot [--rounds N] [--density N] [--distro debian]`: boot
+//!   times, KVM exits and memory of chitin next to QEMU (and Firecracker /
+//!   Cloud Hypervisor when `CHITIN_PEER_FIRECRACKER` /
+//!   `CHITIN_PEER_CLOUD_HYPERVISOR` name their binaries), interleaved
+//!   rounds in one L1, then N sandboxes alive at once in one process.
 //! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 45 s each.
 //!
 //! Every step prints what it runs; the first failure stops the run with a
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | bench-boot [--rounds N] [--distro debian] | fuzz --smoke [SECONDS] | rootfs DIR>"
+                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | bench-boot [--rounds N] [--density N] [--distro debian] | fuzz --smoke [SECONDS] | rootfs DIR>"
             );
             return ExitCode::from(2);
         }
@@ -84,8 +85,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Rounds of `bench-boot` in the test command.
+/// Rounds of `bench-boot` in the test command, and sandboxes of its
+/// density run.
 const CI_BENCH_ROUNDS: usize = 3;
+const CI_BENCH_DENSITY: usize = 6;
 
 fn test() -> Step {
     let start = Instant::now();
@@ -162,7 +165,12 @@ fn test() -> Step {
         // The peer table runs in CI too (peers only where the environment
         // names them), with fewer rounds than a measurement wants.
         let bench_start = Instant::now();
-        nested::bench_boot(&["--rounds".to_string(), CI_BENCH_ROUNDS.to_string()])?;
+        nested::bench_boot(&[
+            "--rounds".to_string(),
+            CI_BENCH_ROUNDS.to_string(),
+            "--density".to_string(),
+            CI_BENCH_DENSITY.to_string(),
+        ])?;
         eprintln!(
             "xtask: ok bench-boot ({:.0} s)",
             bench_start.elapsed().as_secs_f64()

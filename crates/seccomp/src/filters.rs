@@ -162,11 +162,16 @@ fn runtime(rules: &mut Rules) {
 }
 
 /// vCPU threads: `KVM_RUN`, and the device work of register accesses:
-/// eventfd writes (irqfds, queue kicks, a share's stop), a net device's
+/// eventfd writes (irqfds, queue kicks, a share's stop) and 8-byte reads
+/// (InterruptACK counts), a net device's
 /// offload setting at activation and reset, vsock's shutdown of its
 /// connections at reset and the agent link's at the VM's exit.
 fn vcpu(rules: &mut Rules) {
     runtime(rules);
+    // The InterruptACK counts KVM kept in eventfds, applied when the guest
+    // reads InterruptStatus: eventfd reads, 8 bytes (all 64 bits compared,
+    // so no larger count passes as 8).
+    rules.when(libc::SYS_read, vec![qword(2, SeccompCmpOp::Eq, 8)]);
     rules.arg_in(libc::SYS_shutdown, 1, &[SHUT_RDWR]);
     rules.arg_in(libc::SYS_ioctl, 1, &[ioctl::KVM_RUN]);
     // The offloads are a value, not a pointer: CSUM, TSO4, TSO6, UFO.

@@ -21,6 +21,8 @@
  *   chitin-test: vsock_hostile
  *   tx used <n>            (4 expected)
  *   rx used <n>            (4 expected)
+ *   int <a> <b>            InterruptStatus before and after writing it
+ *                          back to InterruptACK (1 0 expected)
  *   done                   (or "no vsock device" / "features refused")
  * then an i8042 reset. Waits are bounded: a device that never answers shows
  * as a smaller count, not a hang.
@@ -40,6 +42,8 @@
 #define MMIO_QUEUE_NUM      0x038
 #define MMIO_QUEUE_READY    0x044
 #define MMIO_QUEUE_NOTIFY   0x050
+#define MMIO_INT_STATUS     0x060
+#define MMIO_INT_ACK        0x064
 #define MMIO_STATUS         0x070
 #define MMIO_DESC_LOW       0x080
 #define MMIO_DESC_HIGH      0x084
@@ -202,6 +206,21 @@ _start:
     call wait_used4
     PUTS64("rx used ")
     movzwl RING(RXQ) + USED_OFF + 2, %edi
+    call serial_putdec64
+    PUTC64(ASCII_NL)
+
+    /*
+     * InterruptStatus shows the used-buffer bit; writing back what was
+     * read to InterruptACK (which KVM counts without an exit when chitin
+     * registered it) clears it for the next read.
+     */
+    PUTS64("int ")
+    movl MMIO_INT_STATUS(%rbx), %r12d
+    mov %r12d, %edi
+    call serial_putdec64
+    PUTC64(ASCII_SPACE)
+    movl %r12d, MMIO_INT_ACK(%rbx)
+    movl MMIO_INT_STATUS(%rbx), %edi
     call serial_putdec64
     PUTC64(ASCII_NL)
 

@@ -96,6 +96,8 @@ pub enum Guest {
     /// chitin-test: vsock_hostile
     /// tx used <chains the device returned, decimal; 4 expected>
     /// rx used <receive buffers it filled (resets); 4 expected>
+    /// int <InterruptStatus> <InterruptStatus after writing that back to
+    ///     InterruptACK; 1 0 expected>
     /// done
     /// ```
     ///
@@ -126,11 +128,15 @@ pub enum Guest {
     /// sleeps in the kernel, costing no CPU, until the VMM stops it. The
     /// cheapest sandbox that stays alive (density figures).
     Idle,
+    /// Prints `chitin-test: counter`, then `n 0`, `n 1`, ... forever, a
+    /// busy wait between lines; the count is kept in guest memory, so a
+    /// paused or restored VM shows whether it continued where it stopped.
+    Counter,
 }
 
 impl Guest {
     /// Every guest, in declaration order.
-    pub const ALL: [Guest; 11] = [
+    pub const ALL: [Guest; 12] = [
         Guest::Report,
         Guest::ReportBzImage,
         Guest::Smp,
@@ -142,6 +148,7 @@ impl Guest {
         Guest::Flood,
         Guest::Acpi,
         Guest::Idle,
+        Guest::Counter,
     ];
 
     /// Absolute path of the built image in `OUT_DIR`.
@@ -158,6 +165,7 @@ impl Guest {
             Guest::Flood => concat!(env!("OUT_DIR"), "/flood.elf"),
             Guest::Acpi => concat!(env!("OUT_DIR"), "/acpi.elf"),
             Guest::Idle => concat!(env!("OUT_DIR"), "/idle.elf"),
+            Guest::Counter => concat!(env!("OUT_DIR"), "/counter.elf"),
         };
         Path::new(path)
     }
@@ -178,6 +186,7 @@ impl Guest {
             Guest::Flood => "flood",
             Guest::Acpi => "acpi",
             Guest::Idle => "idle",
+            Guest::Counter => "counter",
         }
     }
 }
@@ -215,7 +224,7 @@ mod tests {
     const REPORT_BZ_ELF: &str = concat!(env!("OUT_DIR"), "/report_bz.elf");
 
     /// Every guest that is an ELF file.
-    const ELF_GUESTS: [Guest; 10] = [
+    const ELF_GUESTS: [Guest; 11] = [
         Guest::Report,
         Guest::Smp,
         Guest::TripleFault,
@@ -226,6 +235,7 @@ mod tests {
         Guest::Flood,
         Guest::Acpi,
         Guest::Idle,
+        Guest::Counter,
     ];
 
     fn u16_at(bytes: &[u8], offset: usize) -> u16 {

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
+
 use crate::kick;
+use crate::park::{ParkError, Parking};
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +115,7 @@ pub struct VmControl {
     exited: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
     hooks: ExitHooks,
+    parking: Parking,
 }
 
 impl VmControl {
@@ -141,6 +145,7 @@ impl VmControl {
         self.stop.store(true, Ordering::SeqCst);
         self.exited.notify_all();
         self.kick_all();
+        self.parking.wake();
         if won {
             let hooks = std::mem::take(&mut *self.hooks());
             hooks.into_iter().for_each(|hook| hook());
@@ -204,6 +209,71 @@ impl VmControl {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Pause: kick every vCPU out of the guest and wait (up to `timeout`)
+    /// until all `vcpus` of them are parked outside it. On an error nothing
+    /// stays paused.
+    pub fn pause(&self, vcpus: usize, timeout: Duration) -> Result<(), ParkError> {
+        if self.should_stop() {
+            return Err(ParkError::Stopped);
+        }
+        self.parking.request();
+        self.kick_all();
+        let parked = self
+            .parking
+            .wait_parked(vcpus, timeout, &|| self.should_stop());
+        if parked.is_err() {
+            self.parking.release();
+        }
+        parked
+    }
+
+    /// End a pause: the parked vCPUs enter the guest again. Nothing
+    /// happens without one.
+    pub fn resume(&self) {
+        self.parking.release();
+    }
+
+    /// Whether a pause is in force with all `vcpus` vCPUs parked.
+    pub fn is_paused(&self, vcpus: usize) -> bool {
+        self.parking.all_parked(vcpus)
+    }
+
+    /// Run `work` on the thread of parked vCPU `id` with its fd, and
+    /// return what it returns; waits up to `timeout` for it.
+    pub fn on_parked_vcpu<T, F>(&self, id: u8, timeout: Duration, work: F) -> Result<T, ParkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&VcpuFd) -> T + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.parking.submit(
+            id,
+            Box::new(move |fd| {
+                let _ = tx.send(work(fd));
+            }),
+        )?;
+        match rx.recv_timeout(timeout) {
+            Ok(value) => Ok(value),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(ParkError::JobTimeout(id)),
+            // The job was dropped untaken: the pause ended or the VM stopped.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) if self.should_stop() => {
+                Err(ParkError::Stopped)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ParkError::NotParked(id)),
+        }
+    }
+
+    /// Whether the vCPU loops must park before entering the guest.
+    pub(crate) fn pause_requested(&self) -> bool {
+        self.parking.requested()
+    }
+
+    /// Park vCPU `id` (called on its thread) until the pause ends or the
+    /// VM stops, running the work [`VmControl::on_parked_vcpu`] hands it.
+    pub(crate) fn park(&self, id: u8, fd: &VcpuFd) {
+        self.parking.park(id, fd, &|| self.should_stop());
     }
 
     /// Register the calling thread as a vCPU thread to kick on exit.

@@ -3,7 +3,9 @@
 //! This crate owns the KVM file descriptors: VM creation with the in-kernel
 //! irqchip and PIT ([`Vm`]), per-vCPU setup (CPUID, MSRs, LAPIC) and run
 //! loops on their own threads ([`Vcpu`]), the kick that interrupts a vCPU
-//! stuck in the guest, and the typed [`ExitReason`] every stop ends in.
+//! stuck in the guest, pausing (every vCPU parked outside the guest, with
+//! work run on a parked vCPU's own thread), and the typed [`ExitReason`]
+//! every stop ends in.
 //! Devices never see KVM: they sit on the [`IoBuses`] and raise interrupts
 //! through irqfds.
 
@@ -12,10 +14,12 @@
 pub mod arch;
 mod exit;
 mod kick;
+mod park;
 mod vcpu;
 mod vm;
 
 pub use exit::{ExitReason, VmControl};
 pub use kick::kick_signal;
+pub use park::{ParkError, VcpuJob};
 pub use vcpu::{IoBuses, Vcpu, VcpuError};
 pub use vm::{Vm, VmError};

@@ -178,6 +178,10 @@ impl Vcpu {
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         kick::set_immediate_exit_target(flag);
         while !control.should_stop() {
+            if control.pause_requested() {
+                control.park(self.id, &self.fd);
+                continue;
+            }
             if let Some(reason) = self.run_once(buses) {
                 control.request_exit(reason);
             }

@@ -137,7 +137,7 @@ impl Vm {
 
     /// Make a 4-byte guest write of `datamatch` to the MMIO address `addr`
     /// signal `event` inside KVM, without an exit to userspace (a virtio
-    /// QueueNotify register).
+    /// QueueNotify or InterruptACK register).
     pub fn register_mmio_notify(
         &self,
         event: &EventFd,

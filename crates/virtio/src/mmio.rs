@@ -48,6 +48,12 @@ pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// as datamatch, so notifications never reach userspace.
 pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 
+/// Offset of InterruptACK in the window. Register each of
+/// [`MmioTransport::ack_events`] as a KVM ioeventfd at
+/// `base + INTERRUPT_ACK_OFFSET`, 4 bytes wide, with its value as
+/// datamatch, so a driver's acknowledgements never reach userspace.
+pub const INTERRUPT_ACK_OFFSET: u64 = INTERRUPT_ACK;
+
 /// The VendorID register: "CHTN" read as a little-endian `u32`.
 pub const VENDOR_ID: u32 = 0x4e54_4843;
 
@@ -220,6 +226,16 @@ impl MmioTransport {
         self.interrupt.clone()
     }
 
+    /// EventFds counting the driver's InterruptACK writes, each with the
+    /// value it stands for (see [`INTERRUPT_ACK_OFFSET`]). Registering them
+    /// is optional: an acknowledgement KVM does not catch reaches the
+    /// transport as a write and is applied at once, to every bit it names;
+    /// a counted one is applied at the driver's next read, to the bits the
+    /// driver had read (see the `irq` module).
+    pub fn ack_events(&self) -> impl Iterator<Item = (&EventFd, u32)> {
+        self.interrupt.ack_events()
+    }
+
     /// The device status register as the driver reads it, including
     /// DEVICE_NEEDS_RESET.
     pub fn status(&self) -> u32 {
@@ -287,8 +303,9 @@ impl MmioTransport {
     /// A 32-bit write of `value` to the control register at `offset`.
     fn write_register(&self, offset: u64, value: u32) {
         match offset {
-            // Lock-free paths: a device thread may be inside the interrupt
-            // state at the same time.
+            // Without the register lock: a device thread may be inside the
+            // interrupt state at the same time (which never waits for a
+            // device thread).
             QUEUE_NOTIFY => self.notify(value),
             INTERRUPT_ACK => self.interrupt.acknowledge(value),
             _ => self.write_stateful_register(offset, value),

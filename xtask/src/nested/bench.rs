@@ -17,6 +17,12 @@
 //!
 //! and each peer's ratio to chitin (above 1: chitin is ahead).
 //!
+//! Then, with `--density N` (default [`DEFAULT_DENSITY`]; 0 skips it),
+//! density: N sandboxes of the same guest alive at once in one chitin
+//! process in the same L1 (`chitin-exec-checks density`), with the memory,
+//! threads and fds of the first and of each additional one, next to the
+//! resident memory of one peer VMM process per guest from the table.
+//!
 //! Peers: QEMU's microvm machine always (`acpi=on`, like chitin's
 //! default); Firecracker when `CHITIN_PEER_FIRECRACKER` names its binary
 //! (`--no-api --config-file`), Cloud Hypervisor when
@@ -36,6 +42,16 @@ use crate::util::Step;
 
 /// Rounds when `--rounds` is not given.
 const DEFAULT_ROUNDS: usize = 10;
+/// Sandboxes of the density run when `--density` is not given.
+pub const DEFAULT_DENSITY: usize = 50;
+/// L1's memory: what the boots need, and per density sandbox what one
+/// guest touches booting (bench-boot's RSS at agent up, rounded up).
+const L1_BASE_MIB: u32 = super::L1_MEM_MIB;
+const L1_MIB_PER_SANDBOX: u32 = 48;
+/// How long the density run may take: its boots share L1's one CPU.
+const DENSITY_TIMEOUT_S: u64 = 1800;
+/// The run name of the density run.
+const DENSITY_RUN: &str = "density";
 /// vCPUs and memory of every bench guest.
 const VCPUS: u32 = 1;
 const MEM_MIB: u32 = 128;
@@ -148,12 +164,15 @@ fn firecracker_config(kernel: L2Kernel) -> String {
 struct Options {
     rounds: usize,
     kernel: L2Kernel,
+    /// Sandboxes of the density run; 0: none.
+    density: usize,
 }
 
 fn parse_options(args: &[String]) -> Step<Options> {
     let mut options = Options {
         rounds: DEFAULT_ROUNDS,
         kernel: KERNEL_6_1,
+        density: DEFAULT_DENSITY,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -165,13 +184,19 @@ fn parse_options(args: &[String]) -> Step<Options> {
                     .filter(|n| *n > 0)
                     .ok_or("--rounds needs a number above 0")?;
             }
+            "--density" => {
+                options.density = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--density needs a number (0: no density run)")?;
+            }
             "--distro" => match it.next().map(String::as_str) {
                 Some("debian") => options.kernel = KERNEL_DEBIAN,
                 other => return Err(format!("--distro {other:?}: known: debian")),
             },
             other => {
                 return Err(format!(
-                    "unknown option {other:?}; usage: cargo xtask bench-boot [--rounds N] [--distro debian]"
+                    "unknown option {other:?}; usage: cargo xtask bench-boot [--rounds N] [--density N] [--distro debian]"
                 ))
             }
         }
@@ -208,8 +233,14 @@ fn peers_from_env(kernel: L2Kernel) -> Step<Vec<(Vmm, PathBuf)>> {
 }
 
 /// The plan: a warm-up boot, then `rounds` rounds of one boot per VMM,
-/// the order rotating so that no VMM always runs first after another.
-fn plan(vmms: &[Vmm], rounds: usize, kernel: L2Kernel) -> Vec<(String, Vmm, String)> {
+/// the order rotating so that no VMM always runs first after another, then
+/// the density run of `density` sandboxes (none for 0).
+fn plan(
+    vmms: &[Vmm],
+    rounds: usize,
+    kernel: L2Kernel,
+    density: usize,
+) -> Vec<(String, Vmm, String)> {
     let mut runs = vec![(
         WARMUP.name.to_string(),
         Vmm::Chitin,
@@ -226,7 +257,149 @@ fn plan(vmms: &[Vmm], rounds: usize, kernel: L2Kernel) -> Vec<(String, Vmm, Stri
             runs.push((name, vmm, line));
         }
     }
+    if density > 0 {
+        let line = format!(
+            "{DENSITY_RUN}\t{DENSITY_TIMEOUT_S}\t{DENSITY_PREFIX} at=all\t/bin/chitin-exec-checks\tdensity\t{}\t{}\t{density}",
+            kernel.l1_path(),
+            kernel.l1_initramfs()
+        );
+        runs.push((DENSITY_RUN.to_string(), Vmm::Chitin, line));
+    }
     runs
+}
+
+/// How the density run's lines begin.
+const DENSITY_PREFIX: &str = "chitin-density:";
+
+/// The density run's report: its `chitin-density:` lines by `at=`, and
+/// its check line.
+#[derive(Debug, Default, PartialEq)]
+struct Density {
+    at: BTreeMap<String, Vec<(String, u64)>>,
+    check: Option<String>,
+}
+
+impl Density {
+    fn get(&self, at: &str, key: &str) -> Option<u64> {
+        self.at
+            .get(at)?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
+fn parse_density(log: &[String]) -> Density {
+    let mut density = Density::default();
+    let mut inside = false;
+    for line in log {
+        if let Some(rest) = line.strip_prefix("nested: ") {
+            let mut words = rest.split_whitespace();
+            let (kind, name) = (words.next(), words.next());
+            match (kind, name == Some(DENSITY_RUN)) {
+                (Some("begin"), true) => inside = true,
+                (Some("end"), true) => inside = false,
+                _ => {}
+            }
+            continue;
+        }
+        let Some(text) = line.strip_prefix("| ").filter(|_| inside) else {
+            continue;
+        };
+        if let Some(fields) = text.strip_prefix(DENSITY_PREFIX) {
+            let at = fields
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("at="))
+                .unwrap_or("?")
+                .to_string();
+            density.at.insert(at, key_values(fields));
+        } else if let Some(check) = text.strip_prefix("chitin-check: density ") {
+            density.check = Some(check.to_string());
+        }
+    }
+    density
+}
+
+/// Print the density run next to the peers' per-VM processes; an error
+/// when it did not pass.
+fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
+    let check = density
+        .check
+        .as_deref()
+        .ok_or("the density run printed no verdict")?;
+    let Some(detail) = check.strip_prefix("PASS") else {
+        return Err(format!("density: {check}"));
+    };
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let row = |label: &str, at: &str, from: &str, per: u64| -> Step<(f64, f64)> {
+        let get = |at: &str, key: &str| {
+            density
+                .get(at, key)
+                .ok_or_else(|| format!("density: no {key} at {at}"))
+        };
+        let diff = |key: &str| -> Step<f64> {
+            Ok((get(at, key)? as f64 - get(from, key)? as f64) / per as f64)
+        };
+        let (rss, guest) = (diff("rss_kib")?, diff("guest_kib")?);
+        println!(
+            "  {label:<26} {:>9.1} MiB {:>9.1} MiB {:>9.1} MiB {:>8.1} {:>8.1} {:>9.1} MiB",
+            mib(rss as u64),
+            mib(guest as u64),
+            (rss - guest) / 1024.0,
+            diff("threads")?,
+            diff("fds")?,
+            diff("l1_available_drop_kib")? / 1024.0,
+        );
+        Ok((rss, guest))
+    };
+    println!(
+        "\ndensity: {count} sandboxes of this guest ({VCPUS} vCPU, {MEM_MIB} MiB) alive at once in one chitin process in L1:"
+    );
+    println!(
+        "  first up after {} ms alone; the other {} started in {} ms, up after {} ms (median) and {} ms (last)",
+        density.get("times", "first_up_ms").unwrap_or(0),
+        count.saturating_sub(1),
+        density.get("times", "rest_started_ms").unwrap_or(0),
+        density.get("times", "rest_median_up_ms").unwrap_or(0),
+        density.get("times", "rest_all_up_ms").unwrap_or(0),
+    );
+    println!(
+        "  {:<26} {:>13} {:>13} {:>13} {:>8} {:>8} {:>13}",
+        "", "process RSS", "guest RAM", "outside it", "threads", "fds", "L1 avail. -"
+    );
+    let (first, _) = row("the first sandbox", "one", "base", 1)?;
+    let mut additional = None;
+    if count > 1 {
+        additional = Some(row(
+            "each additional (mean)",
+            "all",
+            "one",
+            count as u64 - 1,
+        )?);
+    }
+    let per_vm = additional.map_or(first, |(rss, _)| rss);
+    let peers: Vec<String> = all
+        .iter()
+        .filter(|f| f.vmm != Vmm::Chitin)
+        .filter_map(|f| {
+            let rss = f.rss_kib?.median as f64;
+            Some(format!(
+                "{} {:.1} MiB ({:.2}x)",
+                f.vmm.name(),
+                mib(rss as u64),
+                rss / per_vm.max(1.0)
+            ))
+        })
+        .collect();
+    if !peers.is_empty() {
+        println!(
+            "  a peer runs a process per VM; its RSS at agent up (table above; x: its ratio to chitin's {} sandbox): {}",
+            if count > 1 { "additional" } else { "first" },
+            peers.join(", ")
+        );
+    }
+    println!("  {}", detail.trim());
+    Ok(())
 }
 
 /// What one boot reported.
@@ -895,7 +1068,8 @@ pub fn bench_boot(args: &[String]) -> Step {
     tools
         .extra_data
         .push(("/nested/trace-exits".to_string(), b"yes\n".to_vec()));
-    let runs = plan(&vmms, options.rounds, options.kernel);
+    let runs = plan(&vmms, options.rounds, options.kernel, options.density);
+    tools.l1_mem_mib = L1_BASE_MIB + L1_MIB_PER_SANDBOX * options.density as u32;
     let lines: Vec<String> = runs.iter().map(|(_, _, l)| l.clone()).collect();
     let disks = Disks {
         images: Vec::new(),
@@ -908,7 +1082,7 @@ pub fn bench_boot(args: &[String]) -> Step {
     for vmm in &vmms {
         let mine: Vec<&Sample> = runs
             .iter()
-            .filter(|(name, v, _)| v == vmm && name != WARMUP.name)
+            .filter(|(name, v, _)| v == vmm && name != WARMUP.name && name != DENSITY_RUN)
             .filter_map(|(name, _, _)| samples.get(name))
             .collect();
         let f = figures(*vmm, &mine);
@@ -929,6 +1103,11 @@ pub fn bench_boot(args: &[String]) -> Step {
         all.push(f);
     }
     print_table(options.kernel, options.rounds, &all);
+    if options.density > 0 {
+        if let Err(e) = print_density(options.density, &parse_density(&log), &all) {
+            missing.push(e);
+        }
+    }
     // L1's runner says what it could not count (a histogram it could not
     // read or that dropped events): the table must not pass zeros off as
     // counts.
@@ -961,10 +1140,11 @@ mod tests {
             parse_options(&[]),
             Ok(Options {
                 rounds: DEFAULT_ROUNDS,
-                kernel: KERNEL_6_1
+                kernel: KERNEL_6_1,
+                density: DEFAULT_DENSITY,
             })
         );
-        let args: Vec<String> = ["--rounds", "3", "--distro", "debian"]
+        let args: Vec<String> = ["--rounds", "3", "--distro", "debian", "--density", "0"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -972,16 +1152,23 @@ mod tests {
             parse_options(&args),
             Ok(Options {
                 rounds: 3,
-                kernel: KERNEL_DEBIAN
+                kernel: KERNEL_DEBIAN,
+                density: 0,
             })
         );
+        assert!(parse_options(&["--density".into(), "x".into()]).is_err());
         assert!(parse_options(&["--rounds".into(), "0".into()]).is_err());
         assert!(parse_options(&["--fast".into()]).is_err());
     }
 
     #[test]
     fn plan_rotates_the_order_each_round_after_one_warm_up() {
-        let runs = plan(&[Vmm::Chitin, Vmm::Qemu, Vmm::Firecracker], 2, KERNEL_6_1);
+        let runs = plan(
+            &[Vmm::Chitin, Vmm::Qemu, Vmm::Firecracker],
+            2,
+            KERNEL_6_1,
+            0,
+        );
         let names: Vec<&str> = runs.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -1009,6 +1196,53 @@ mod tests {
         assert!(config.contains("\"kernel_image_path\": \"/l2/6.1/vmlinux\""));
         assert!(config.contains("chitin.scenario=bench"));
         assert!(config.contains("\"vcpu_count\": 1"));
+    }
+
+    #[test]
+    fn density_run_is_last_and_its_lines_are_parsed_by_moment() {
+        let runs = plan(&[Vmm::Chitin], 1, KERNEL_6_1, 4);
+        let (name, _, line) = runs.last().unwrap();
+        assert_eq!(name, DENSITY_RUN);
+        assert!(line.ends_with(
+            "/bin/chitin-exec-checks\tdensity\t/l2/6.1/vmlinux\t/l2/6.1/initramfs.cpio\t4"
+        ));
+        assert!(line.contains("\tchitin-density: at=all\t"), "{line}");
+        let log = lines(
+            "| chitin-density: at=base sandboxes=0 rss_kib=1000 threads=1\n\
+             nested: begin density\n\
+             nested: marker density 5\n\
+             | chitin-density: at=base sandboxes=0 rss_kib=2000 guest_kib=0 threads=1\n\
+             | chitin-density: at=one sandboxes=1 rss_kib=30000 guest_kib=25000 threads=5\n\
+             | chitin-check: density PASS 4 sandboxes answered\n\
+             nested: end density exit=0 ms=9\n\
+             | chitin-density: at=one rss_kib=7\n",
+        );
+        let d = parse_density(&log);
+        assert_eq!(d.get("base", "rss_kib"), Some(2000));
+        assert_eq!(d.get("one", "guest_kib"), Some(25000));
+        assert_eq!(d.get("one", "rss_kib"), Some(30000));
+        assert_eq!(d.get("all", "rss_kib"), None);
+        assert_eq!(d.check.as_deref(), Some("PASS 4 sandboxes answered"));
+        // A missing moment is an error, not a zero.
+        assert!(print_density(4, &d, &[]).is_err());
+        let log = lines(
+            "nested: begin density\n\
+             | chitin-density: at=base sandboxes=0 rss_kib=1528 guest_kib=0 threads=1 fds=4 l1_available_drop_kib=0\n\
+             | chitin-density: at=one sandboxes=1 rss_kib=39480 guest_kib=34816 threads=5 fds=25 l1_available_drop_kib=4580\n\
+             | chitin-density: at=all sandboxes=6 rss_kib=216368 guest_kib=208896 threads=26 fds=130 l1_available_drop_kib=184512\n\
+             | chitin-density: at=times sandboxes=6 first_up_ms=2863 rest_started_ms=1454 rest_median_up_ms=16606 rest_all_up_ms=16648\n\
+             | chitin-check: density PASS 6 sandboxes answered\n\
+             nested: end density exit=0 ms=19901\n",
+        );
+        assert_eq!(print_density(6, &parse_density(&log), &[]), Ok(()));
+        let failed = Density {
+            check: Some("FAIL sandbox 3: no kernel".into()),
+            ..Density::default()
+        };
+        assert_eq!(
+            print_density(4, &failed, &[]),
+            Err("density: FAIL sandbox 3: no kernel".to_string())
+        );
     }
 
     #[test]

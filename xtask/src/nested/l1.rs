@@ -253,7 +253,8 @@ fn spawn_qemu(
         "-cpu",
         "EPYC",
     ])
-    .args(["-smp", "1", "-m", "2G", "-nodefaults", "-no-user-config"])
+    .args(["-smp", "1", "-m", &format!("{}M", tools.l1_mem_mib)])
+    .args(["-nodefaults", "-no-user-config"])
     .args(["-nographic", "-no-reboot"])
     .args(["-chardev", "stdio,id=console,mux=on,signal=off"])
     .args(["-serial", "chardev:console"])

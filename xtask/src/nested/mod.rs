@@ -45,6 +45,8 @@ const FIRST_EXEC_MARKER: &str = "chitin-check: first-exec";
 
 /// Where L1 finds a static busybox (for the `container` scenario's root).
 pub const L1_BUSYBOX: &str = "/nested/busybox";
+/// L1's memory unless a plan asks for more.
+const L1_MEM_MIB: u32 = 2048;
 
 /// Where L1 finds the initramfs every minimal L2 kernel boots with (each
 /// kernel's directory links to it; Debian's kernel has its own, with
@@ -300,6 +302,8 @@ pub struct Tools {
     extra_files: Vec<(String, PathBuf)>,
     /// More files for L1, by content.
     extra_data: Vec<(String, Vec<u8>)>,
+    /// L1's memory.
+    l1_mem_mib: u32,
 }
 
 /// Build or fetch what L1 needs to boot `kernels` (duplicates allowed)
@@ -372,6 +376,7 @@ fn build_tools(
         l1: l1_kernel()?,
         extra_files: Vec::new(),
         extra_data: Vec::new(),
+        l1_mem_mib: L1_MEM_MIB,
     })
 }
 

@@ -3,24 +3,54 @@
 //! This module owns the InterruptStatus bits, the DEVICE_NEEDS_RESET flag,
 //! ConfigGeneration and the EventFd the VMM registered as irqfd for the
 //! device's interrupt line. Device threads reach it through
-//! [`VirtioInterrupt`] while vCPU threads read and acknowledge it through the
-//! transport, so it must never take a lock: everything here is an atomic or
-//! an EventFd write, and a device that triggers an interrupt while holding
-//! its own lock can never deadlock against a vCPU inside the transport.
+//! [`VirtioInterrupt`], which never takes a lock: raising an interrupt is an
+//! atomic OR and an EventFd write, so a device that triggers one while
+//! holding its own lock can never deadlock against a vCPU inside the
+//! transport. vCPU threads read and acknowledge InterruptStatus under a
+//! lock of this module's own, held for nothing but the bits.
+//!
+//! InterruptACK need not leave the guest: the VMM can register the
+//! [`MmioInterrupt::ack_events`] as KVM ioeventfds matching the values a
+//! driver writes (1, 2 and 3: it acknowledges what it read), so KVM only
+//! counts them and the vCPU carries on. A counted acknowledgement is applied
+//! when the driver next reads InterruptStatus (or writes InterruptACK
+//! through the VMM, or resets the device), before anything else, which is
+//! where the driver could first tell the difference. Bits raised since the
+//! driver's last read are kept apart from the ones it read, so an
+//! acknowledgement counted late never clears a bit raised after the read
+//! it answered. At worst a bit raised between a read and its
+//! acknowledgement shows once more after the driver already handled its
+//! buffers: one spurious interrupt, which a driver on a line it may share
+//! must take anyway (Linux's virtio-mmio handler finds nothing new and
+//! returns IRQ_NONE; for the configuration bit, its change handler runs
+//! twice). Where this departs from virtio 1.2 §4.2.2 otherwise: a counted
+//! acknowledgement of a bit the driver never read clears nothing.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::regs::{INT_CONFIG, INT_QUEUE};
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
 
+/// The InterruptACK values a driver writes after reading InterruptStatus.
+const ACK_VALUES: [u32; 3] = [INT_QUEUE, INT_CONFIG, INT_QUEUE | INT_CONFIG];
+
 /// InterruptStatus, NEEDS_RESET and ConfigGeneration of one transport.
 #[derive(Debug)]
 pub(crate) struct MmioInterrupt {
-    /// InterruptStatus: [`INT_QUEUE`] and [`INT_CONFIG`].
-    status: AtomicU32,
+    /// Bits raised ([`INT_QUEUE`], [`INT_CONFIG`]) since the driver last
+    /// read InterruptStatus.
+    raised: AtomicU32,
+    /// Bits the driver has read and not acknowledged; InterruptStatus
+    /// shows these and [`Self::raised`].
+    shown: Mutex<u32>,
+    /// Acknowledgements KVM counted, one EventFd per value of
+    /// [`ACK_VALUES`]; empty when the EventFds could not be made (then
+    /// every acknowledgement reaches [`Self::acknowledge`]).
+    acks: Vec<(EventFd, u32)>,
     /// The device (or the transport, for a failed activation) asked for a
     /// reset; read back as DEVICE_NEEDS_RESET in the status register.
     needs_reset: AtomicBool,
@@ -35,22 +65,56 @@ pub(crate) struct MmioInterrupt {
 impl MmioInterrupt {
     /// Interrupt state raising `irq`, with nothing pending.
     pub(crate) fn new(irq: EventFd) -> Self {
+        let acks = ACK_VALUES
+            .iter()
+            .map(|&value| EventFd::new(EFD_NONBLOCK).map(|e| (e, value)))
+            .collect::<io::Result<Vec<_>>>()
+            .unwrap_or_else(|e| {
+                log::warn!("virtio-mmio: no eventfds for InterruptACK ({e}): every ack exits");
+                Vec::new()
+            });
         MmioInterrupt {
-            status: AtomicU32::new(0),
+            raised: AtomicU32::new(0),
+            shown: Mutex::new(0),
+            acks,
             needs_reset: AtomicBool::new(false),
             config_generation: AtomicU32::new(0),
             irq,
         }
     }
 
-    /// The InterruptStatus register.
-    pub(crate) fn status(&self) -> u32 {
-        self.status.load(Ordering::Acquire)
+    /// EventFds that count InterruptACK writes of each value, for the VMM
+    /// to register as ioeventfds with a 4-byte datamatch on the value.
+    pub(crate) fn ack_events(&self) -> impl Iterator<Item = (&EventFd, u32)> {
+        self.acks.iter().map(|(event, value)| (event, *value))
     }
 
-    /// InterruptACK: clear the bits set in `bits`.
+    /// The bits shown, with the acknowledgements KVM counted applied.
+    fn shown(&self) -> MutexGuard<'_, u32> {
+        // A poisoned lock only means a holder panicked; the bits are valid.
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        for (event, value) in &self.acks {
+            // EAGAIN: none of this value since the last look.
+            if matches!(event.read(), Ok(n) if n > 0) {
+                *shown &= !value;
+            }
+        }
+        shown
+    }
+
+    /// The InterruptStatus register, as the driver reads it.
+    pub(crate) fn status(&self) -> u32 {
+        let mut shown = self.shown();
+        *shown |= self.raised.swap(0, Ordering::AcqRel);
+        *shown
+    }
+
+    /// InterruptACK that reached the VMM: clear the bits set in `bits`,
+    /// read or not (the write is ordered with everything else here).
     pub(crate) fn acknowledge(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::AcqRel);
+        let mut shown = self.shown();
+        *shown &= !bits;
+        self.raised.fetch_and(!bits, Ordering::AcqRel);
     }
 
     /// Whether DEVICE_NEEDS_RESET is to be shown in the status register.
@@ -63,11 +127,13 @@ impl MmioInterrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
-    /// Device reset: drop pending interrupts and the NEEDS_RESET flag.
-    /// ConfigGeneration keeps counting, so a driver never sees an old
-    /// generation again.
+    /// Device reset: drop pending interrupts, counted acknowledgements and
+    /// the NEEDS_RESET flag. ConfigGeneration keeps counting, so a driver
+    /// never sees an old generation again.
     pub(crate) fn reset(&self) {
-        self.status.store(0, Ordering::Release);
+        let mut shown = self.shown();
+        *shown = 0;
+        self.raised.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
     }
 }
@@ -85,7 +151,7 @@ impl VirtioInterrupt for MmioInterrupt {
         };
         // The bit is set before the line is raised, so the driver's handler
         // always finds it.
-        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.raised.fetch_or(bit, Ordering::AcqRel);
         self.irq.write(1)
     }
 

@@ -704,6 +704,103 @@ fn mmio_interrupt_ack_clears_written_bits_only() {
     assert_eq!(fixture.read(INTERRUPT_STATUS), INT_CONFIG);
 }
 
+/// Count one acknowledgement of `value` the way KVM's ioeventfd does.
+fn counted_ack(fixture: &Fixture, value: u32) {
+    let (event, _) = fixture
+        .transport
+        .ack_events()
+        .find(|(_, v)| *v == value)
+        .unwrap();
+    event.write(1).unwrap();
+}
+
+#[test]
+fn mmio_ack_events_cover_every_value_a_driver_acknowledges() {
+    // Arrange
+    let fixture = Fixture::new();
+
+    // Act
+    let mut values: Vec<u32> = fixture.transport.ack_events().map(|(_, v)| v).collect();
+
+    // Assert: Linux writes back exactly what it read: 1, 2 or 3.
+    values.sort_unstable();
+    assert_eq!(values, [INT_QUEUE, INT_CONFIG, INT_QUEUE | INT_CONFIG]);
+    assert_eq!(INTERRUPT_ACK_OFFSET, 0x64);
+}
+
+#[test]
+fn mmio_counted_ack_clears_what_the_driver_read() {
+    // Arrange: an interrupt, read by the driver.
+    let fixture = Fixture::new();
+    let interrupt = fixture.transport.interrupt();
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    interrupt.trigger(InterruptKind::Config).unwrap();
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE | INT_CONFIG);
+
+    // Act: KVM counts the acknowledgement of what it read.
+    counted_ack(&fixture, INT_QUEUE | INT_CONFIG);
+
+    // Assert
+    assert_eq!(fixture.read(INTERRUPT_STATUS), 0);
+    assert_eq!(fixture.read(INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn mmio_counted_ack_never_clears_a_bit_raised_after_the_read_it_answers() {
+    // Arrange: the driver read the queue bit; the device raises it again
+    // before the driver's acknowledgement is applied.
+    let fixture = Fixture::new();
+    let interrupt = fixture.transport.interrupt();
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE);
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    counted_ack(&fixture, INT_QUEUE);
+
+    // Act
+    let status = fixture.read(INTERRUPT_STATUS);
+
+    // Assert: the second interrupt's bit survives the first's ack.
+    assert_eq!(status, INT_QUEUE);
+    assert_eq!(fixture.irq_count(), 2);
+    counted_ack(&fixture, INT_QUEUE);
+    assert_eq!(fixture.read(INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn mmio_counted_ack_only_clears_its_own_value() {
+    // Arrange
+    let fixture = Fixture::new();
+    let interrupt = fixture.transport.interrupt();
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    interrupt.trigger(InterruptKind::Config).unwrap();
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE | INT_CONFIG);
+
+    // Act
+    counted_ack(&fixture, INT_CONFIG);
+
+    // Assert
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE);
+}
+
+#[test]
+fn mmio_reset_drops_counted_acks() {
+    // Arrange: an acknowledgement counted, then a device reset.
+    let fixture = Fixture::new();
+    let interrupt = fixture.transport.interrupt();
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE);
+    counted_ack(&fixture, INT_QUEUE);
+    fixture.write(STATUS, 0);
+
+    // Act: the next interrupt after the reset.
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    let first = fixture.read(INTERRUPT_STATUS);
+    let again = fixture.read(INTERRUPT_STATUS);
+
+    // Assert: the stale count did not clear it.
+    assert_eq!((first, again), (INT_QUEUE, INT_QUEUE));
+}
+
 #[test]
 fn mmio_config_interrupt_bumps_generation() {
     // Arrange

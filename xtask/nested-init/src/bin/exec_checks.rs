@@ -2,7 +2,9 @@
 //! run inside L1 (where KVM runs Linux) against the default guest:
 //!
 //! `chitin-exec-checks exec|vsock|net|fs|... KERNEL INITRAMFS` (`net*`:
-//! see the `net` module, `fs*`: the `fs` module)
+//! see the `net` module, `fs*`: the `fs` module), and
+//! `chitin-exec-checks density KERNEL INITRAMFS N` for bench-boot (the
+//! `density` module)
 //!
 //! Each scenario ends with a `device-faults` check: the guest's drivers
 //! must not have sent anything the devices refused as malformed (a packet
@@ -25,6 +27,8 @@ use chitin::{
 use chitin_nested_init::kvm_stats;
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
+#[path = "exec_checks/density.rs"]
+mod density;
 #[path = "exec_checks/fs.rs"]
 mod fs;
 #[path = "exec_checks/jail.rs"]
@@ -745,7 +749,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail KERNEL INITRAMFS"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail KERNEL INITRAMFS | density KERNEL INITRAMFS N"
         );
         std::process::exit(2);
     };
@@ -759,6 +763,14 @@ fn main() {
         // The child of the `fs` scenario's fsync-then-SIGKILL check.
         let share = args.get(4).map(String::as_str).unwrap_or("/nonexistent");
         std::process::exit(fs::writer(kernel, initramfs, share));
+    }
+    if which == "density" {
+        chitin::log_to_stderr(log::LevelFilter::Warn);
+        std::process::exit(density::main(
+            kernel,
+            initramfs,
+            args.get(4).map(String::as_str),
+        ));
     }
     let networked = which == "net";
     if which.starts_with("net") {

@@ -1,0 +1,179 @@
+//! Density in L1: `chitin-exec-checks density KERNEL INITRAMFS N` starts N
+//! sandboxes of the default guest (1 vCPU, 128 MiB, as bench-boot's) in
+//! this one process, waits until every agent answers, and prints what they
+//! cost: this process's resident memory split into guest RAM the guests
+//! touched and everything else, threads and fds, each after the first
+//! sandbox and after all N, and L1's MemAvailable. Then it drops them all
+//! and checks that threads and fds are back where they were.
+//!
+//! Prints `chitin-density: <key>=<value> ...` lines for bench-boot and one
+//! `chitin-check: density PASS|FAIL` line; exits 0 only on PASS.
+
+use std::time::{Duration, Instant};
+
+use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox};
+use chitin_testkit::Report as Checks;
+
+use super::seccomp_mode;
+
+/// Guest memory of each sandbox, as bench-boot's boots have.
+const MEM_MIB: u64 = 128;
+/// How long the last of N concurrent boots may take to answer: they share
+/// L1's one emulated CPU.
+const UP_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// How long to let L1 settle before the baseline.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// What this process and L1 hold at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    rss_kib: u64,
+    threads: u64,
+    fds: u64,
+    /// L1's MemAvailable.
+    available_kib: u64,
+}
+
+fn status_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn usage() -> Result<Usage, String> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| e.to_string())?;
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| e.to_string())?
+        .count() as u64;
+    Ok(Usage {
+        rss_kib: status_field(&status, "VmRSS:").ok_or("no VmRSS")?,
+        threads: status_field(&status, "Threads:").ok_or("no Threads")?,
+        fds,
+        available_kib: status_field(&meminfo, "MemAvailable:").ok_or("no MemAvailable")?,
+    })
+}
+
+/// Guest RAM resident on the host, summed over `vms`, in KiB.
+fn guest_kib(vms: &[RunningSandbox]) -> Result<u64, String> {
+    let mut bytes = 0;
+    for vm in vms {
+        bytes += vm.guest_memory_resident().map_err(|e| e.to_string())?;
+    }
+    Ok(bytes / 1024)
+}
+
+/// One `key=value` line of what `vms` and this process hold.
+fn report(label: &str, base: Usage, vms: &[RunningSandbox]) -> Result<Usage, String> {
+    let now = usage()?;
+    println!(
+        "chitin-density: at={label} sandboxes={} rss_kib={} guest_kib={} threads={} fds={} l1_available_drop_kib={}",
+        vms.len(),
+        now.rss_kib,
+        guest_kib(vms)?,
+        now.threads,
+        now.fds,
+        base.available_kib.saturating_sub(now.available_kib),
+    );
+    Ok(now)
+}
+
+/// Wait until the agent of `vm` answers; the time from `t0`.
+fn up(vm: &RunningSandbox, t0: Instant) -> Result<u64, String> {
+    let out = vm
+        .exec(Command::new("true").timeout(UP_TIMEOUT))
+        .map_err(|e| chitin::error_chain(&e))?;
+    if out.status != ExitStatus::Code(0) {
+        return Err(format!("true: {:?}", out.status));
+    }
+    Ok(t0.elapsed().as_millis() as u64)
+}
+
+fn run(kernel: &str, initramfs: &str, count: usize) -> Result<String, String> {
+    if count == 0 {
+        return Err("no sandboxes asked for".into());
+    }
+    // L1 frees the previous run's memory in the background for a moment.
+    std::thread::sleep(SETTLE);
+    let base = usage()?;
+    println!(
+        "chitin-density: at=base sandboxes=0 rss_kib={} guest_kib=0 threads={} fds={} l1_available_drop_kib=0",
+        base.rss_kib, base.threads, base.fds
+    );
+    let builder = || {
+        Sandbox::builder()
+            .guest(GuestImage::new(kernel, initramfs))
+            .vcpus(1)
+            .memory_mib(MEM_MIB)
+            .seccomp(seccomp_mode())
+    };
+    let start = |i: usize| {
+        builder()
+            .build()
+            .and_then(Sandbox::start)
+            .map_err(|e| format!("sandbox {i}: {}", chitin::error_chain(&e)))
+    };
+    // The first alone, so the cost of one is measured without the others.
+    let t0 = Instant::now();
+    let mut vms = vec![start(0)?];
+    let first_ms = up(&vms[0], t0)?;
+    let one = report("one", base, &vms)?;
+    let t1 = Instant::now();
+    for i in 1..count {
+        vms.push(start(i)?);
+    }
+    let started_ms = t1.elapsed().as_millis() as u64;
+    let mut up_ms = std::thread::scope(|s| {
+        let waits: Vec<_> = vms[1..].iter().map(|vm| s.spawn(|| up(vm, t1))).collect();
+        waits
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("waiter panicked".into())))
+            .collect::<Result<Vec<u64>, String>>()
+    })?;
+    up_ms.sort_unstable();
+    let all = report("all", base, &vms)?;
+    let median = up_ms.get(up_ms.len() / 2).copied().unwrap_or(first_ms);
+    let last = up_ms.last().copied().unwrap_or(first_ms);
+    println!(
+        "chitin-density: at=times sandboxes={count} first_up_ms={first_ms} rest_started_ms={started_ms} rest_median_up_ms={median} rest_all_up_ms={last}"
+    );
+    let running = vms.iter().filter(|vm| vm.exit_reason().is_none()).count();
+    if running != count {
+        return Err(format!("{running} of {count} sandboxes still running"));
+    }
+    drop(vms);
+    // Threads end and fds close as each sandbox drops.
+    let after = usage()?;
+    println!(
+        "chitin-density: at=dropped sandboxes=0 rss_kib={} guest_kib=0 threads={} fds={} l1_available_drop_kib={}",
+        after.rss_kib,
+        after.threads,
+        after.fds,
+        base.available_kib.saturating_sub(after.available_kib)
+    );
+    if (after.threads, after.fds) != (base.threads, base.fds) {
+        return Err(format!(
+            "after dropping {count} sandboxes: {} threads and {} fds, {} and {} before",
+            after.threads, after.fds, base.threads, base.fds
+        ));
+    }
+    Ok(format!(
+        "{count} sandboxes answered (last {last} ms after the rest started); threads {} -> {} -> {}, fds {} -> {} -> {}; all dropped, threads and fds back to {} and {}",
+        base.threads, one.threads, all.threads, base.fds, one.fds, all.fds, after.threads, after.fds
+    ))
+}
+
+/// The `density` mode; the process's exit code.
+pub fn main(kernel: &str, initramfs: &str, count: Option<&str>) -> i32 {
+    let mut c = Checks::new();
+    let result = match count.map(str::parse::<usize>) {
+        Some(Ok(n)) => run(kernel, initramfs, n),
+        other => Err(format!("density needs a count, got {other:?}")),
+    };
+    c.result("density", result);
+    c.result("seccomp", super::seccomp_check());
+    c.done();
+    i32::from(c.failed() > 0)
+}
