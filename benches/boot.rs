@@ -16,7 +16,10 @@
 //!   process: resident memory outside guest RAM, threads and file
 //!   descriptors per additional sandbox, and how fast they were created;
 //! - churn: sandboxes created, started to their first guest I/O and
-//!   stopped per second, by one thread and by one thread per core.
+//!   stopped per second, by one thread and by one thread per core;
+//! - snapshots: pause and snapshot of the `counter` guest, the files'
+//!   sizes, and restores from `Snapshot::open` to the restored guest's
+//!   first COM1 byte.
 //!
 //! The first guest I/O is the first byte the guest writes to COM1, seen by
 //! the bench's thread waiting on a console capture (the vCPU thread writes
@@ -99,6 +102,79 @@ fn timings(runs: usize) {
     kvm_floor(runs);
     stats("start() -> first guest port-I/O write", first_io);
     stats("start() -> exit (report guest)", exit);
+}
+
+/// Snapshot and restore of the counter guest (2 vCPUs, 128 MiB): pause,
+/// snapshot and file sizes once, then `runs` restores, each timed from
+/// `Snapshot::open` through `build()` and `start()` to the restored
+/// guest's first COM1 byte.
+fn snapshot_figures(runs: usize) {
+    let dir = std::env::temp_dir().join(format!("chitin-bench-snapshot-{}", std::process::id()));
+    let console = ConsoleCapture::default();
+    let running = Sandbox::builder()
+        .kernel(Guest::Counter.path())
+        .memory_mib(128)
+        .vcpus(2)
+        .console(Console::capture(&console))
+        .build()
+        .expect("build")
+        .start()
+        .expect("start");
+    assert!(
+        console.wait_for(b"n 3\n", Duration::from_secs(60)),
+        "the counter did not count"
+    );
+    let t0 = Instant::now();
+    running.pause().expect("pause");
+    let paused = t0.elapsed();
+    let t1 = Instant::now();
+    let info = running.snapshot(&dir).expect("snapshot");
+    let saved = t1.elapsed();
+    running.stop();
+    println!(
+        "snapshot of the counter guest (2 vCPUs, 128 MiB): pause {:.1} µs, snapshot {:.1} ms; state file {} B, memory file {} MiB with {} KiB written",
+        paused.as_secs_f64() * 1e6,
+        saved.as_secs_f64() * 1e3,
+        info.state_bytes,
+        info.memory_bytes >> 20,
+        info.memory_written >> 10
+    );
+    let (mut build, mut first_io, mut total) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let console = ConsoleCapture::default();
+        let t0 = Instant::now();
+        let sandbox = chitin::Snapshot::open(&dir)
+            .expect("open")
+            .restore_builder()
+            .console(Console::capture(&console))
+            .build()
+            .expect("restore build");
+        let t1 = Instant::now();
+        let running = sandbox.start().expect("start");
+        // Any byte: the restored guest goes on with the line it was in.
+        assert!(wait_any_byte(&console), "the restored guest wrote nothing");
+        let t2 = Instant::now();
+        running.stop();
+        build.push(t1 - t0);
+        first_io.push(t2 - t1);
+        total.push(t2 - t0);
+    }
+    stats("restore: open + build()", build);
+    stats("restore: start() -> first guest I/O", first_io);
+    stats("restore: open -> first guest I/O", total);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Wait (up to a minute) until `console` holds at least one byte.
+fn wait_any_byte(console: &ConsoleCapture) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if !console.contents().is_empty() {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    false
 }
 
 /// The hypervisor's own share of `build()`: create a VM with one 128 MiB
@@ -446,6 +522,7 @@ fn main() {
     }
     if args.iter().any(|a| a == "--bench") {
         timings(RUNS);
+        snapshot_figures(30);
         rss();
         density(DENSITY);
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -457,6 +534,7 @@ fn main() {
     } else {
         println!("boot bench smoke run (use `cargo bench --bench boot` for figures)");
         timings(1);
+        snapshot_figures(1);
         density(2);
         churn(2, true);
         confine_cost(1);

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::console::{Console, ConsoleInput};
 use crate::error::SandboxError;
 use crate::event_loop::EventLoop;
+use crate::snapshot::LegacyState;
 
 /// Port of the i8042 data register; the device spans 0x60..=0x64.
 const I8042_BASE: u64 = 0x60;
@@ -69,10 +70,10 @@ impl VirtioSlots {
 }
 
 /// Put `device` behind the next virtio-mmio window: QueueNotify writes
-/// signal its queue events inside KVM (ioeventfd) and InterruptACK writes
-/// are counted there too, its interrupt is an irqfd, its queues are
-/// processed on the event loop. Returns where it is,
-/// for the DSDT or the command line ([`mmio_cmdline_entry`]).
+/// signal its queue events inside KVM (ioeventfd) and its driver's usual
+/// InterruptACK write is counted there too, its interrupt is an irqfd, its
+/// queues are processed on the event loop. Returns where it is, for the
+/// DSDT or the command line ([`mmio_cmdline_entry`]).
 pub(crate) fn attach_virtio<D>(
     vm: &Vm,
     ram: &GuestRam,
@@ -122,8 +123,28 @@ pub(crate) fn mmio_cmdline_entry(device: &VirtioMmioDevice) -> String {
     )
 }
 
+/// The legacy devices whose registers a snapshot carries.
+pub(crate) struct Legacy {
+    serial: Arc<SerialDevice>,
+    rtc: Arc<CmosRtc>,
+    i8042: Arc<I8042Device>,
+}
+
+impl Legacy {
+    /// Their registers now (the VM paused).
+    pub(crate) fn state(&self) -> LegacyState {
+        LegacyState {
+            serial: self.serial.state(),
+            rtc: self.rtc.state(),
+            i8042: self.i8042.state(),
+        }
+    }
+}
+
 /// COM1, the i8042 and the CMOS RTC on the port-I/O bus, and with `acpi`
-/// the sleep and reset registers the FADT points at.
+/// the sleep and reset registers the FADT points at; with `state`, the
+/// registers a snapshot saved.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn legacy_devices(
     vm: &Vm,
     control: &Arc<VmControl>,
@@ -132,7 +153,8 @@ pub(crate) fn legacy_devices(
     events: &mut EventLoop,
     seccomp: Seccomp,
     acpi: bool,
-) -> Result<IoBuses, SandboxError> {
+    state: Option<&LegacyState>,
+) -> Result<(IoBuses, Legacy), SandboxError> {
     let mut buses = IoBuses::default();
 
     let serial_irq =
@@ -140,7 +162,7 @@ pub(crate) fn legacy_devices(
     vm.register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| device_err("serial", "irqfd", e))?;
     let serial = Arc::new(
-        SerialDevice::new(serial_irq, console.open(seccomp)?)
+        SerialDevice::with_state(serial_irq, console.open(seccomp)?, state.map(|s| &s.serial))
             .map_err(|e| device_err("serial", "device", e))?,
     );
     buses
@@ -148,20 +170,31 @@ pub(crate) fn legacy_devices(
         .insert(serial.clone(), COM1_BASE, COM1_LEN)
         .map_err(|e| device_err("serial", "port range", e))?;
     if let Some(ConsoleInput(source)) = input {
-        events.add(Arc::new(Mutex::new(SerialInput::new(serial, source))));
+        events.add(Arc::new(Mutex::new(SerialInput::new(
+            Arc::clone(&serial),
+            source,
+        ))));
     }
 
     let reset_control = Arc::clone(control);
-    let i8042 = I8042Device::new(Box::new(move || {
+    let on_reset = Box::new(move || {
         reset_control.request_exit(ExitReason::Reset);
-    }));
+    });
+    let i8042 = Arc::new(match state {
+        Some(s) => I8042Device::with_state(on_reset, &s.i8042),
+        None => I8042Device::new(on_reset),
+    });
     buses
         .pio
-        .insert(Arc::new(i8042), I8042_BASE, I8042_LEN)
+        .insert(i8042.clone(), I8042_BASE, I8042_LEN)
         .map_err(|e| device_err("i8042", "port range", e))?;
+    let rtc = Arc::new(match state {
+        Some(s) => CmosRtc::with_state(&s.rtc),
+        None => CmosRtc::new(),
+    });
     buses
         .pio
-        .insert(Arc::new(CmosRtc::new()), RTC_BASE, RTC_LEN)
+        .insert(rtc.clone(), RTC_BASE, RTC_LEN)
         .map_err(|e| device_err("rtc", "port range", e))?;
     if acpi {
         let pm_control = Arc::clone(control);
@@ -176,5 +209,5 @@ pub(crate) fn legacy_devices(
             .insert(Arc::new(pm), ACPI_PM_BASE, ACPI_PM_LEN)
             .map_err(|e| device_err("acpi-pm", "port range", e))?;
     }
-    Ok(buses)
+    Ok((buses, Legacy { serial, rtc, i8042 }))
 }

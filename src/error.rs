@@ -140,6 +140,10 @@ pub enum SandboxError {
     /// [`SandboxBuilder::seccomp`]: crate::SandboxBuilder::seccomp
     #[error("seccomp confinement is unavailable")]
     Seccomp(#[source] chitin_seccomp::SeccompError),
+    /// The snapshot a restore builder came from cannot be restored as
+    /// configured.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[source] crate::snapshot::SnapshotError),
 }
 
 /// Why a command could not be run in the guest.

@@ -51,6 +51,7 @@ mod logging;
 mod net;
 mod sandbox;
 mod share;
+mod snapshot;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
@@ -77,6 +78,7 @@ pub use sandbox::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, ROOTFS_MOUNT, VMM_CMDLINE_ENTRIES,
 };
 pub use share::Share;
+pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo, SNAPSHOT_FORMAT};
 
 pub use chitin_seccomp::{Seccomp, ThreadClass as SeccompThread, Violation as SeccompViolation};
 

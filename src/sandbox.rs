@@ -7,8 +7,9 @@
 //! outlives it.
 
 use std::fmt;
+use std::fs::File;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,11 +23,13 @@ use chitin_memory::layout::CMDLINE_MAX_SIZE;
 use chitin_memory::{Backing, GuestRam};
 use chitin_net::{NetCounters, NetStats};
 use chitin_seccomp::Seccomp;
-use chitin_vcpu::{ExitReason, IoBuses, ParkError, Vcpu, Vm, VmControl};
+use chitin_vcpu::{ExitReason, IoBuses, ParkError, Vcpu, VcpuState, Vm, VmControl, VmState};
 use chitin_vsock::{SocketFile, Vsock, VsockConfig};
 
 use crate::console::{Console, ConsoleInput};
-use crate::devices::{attach_virtio, device_err, legacy_devices, mmio_cmdline_entry, VirtioSlots};
+use crate::devices::{
+    attach_virtio, device_err, legacy_devices, mmio_cmdline_entry, Legacy, VirtioSlots,
+};
 use crate::disk::{device_name, Disk};
 use crate::error::{ExecError, PauseError, SandboxError};
 use crate::event_loop::{EventLoop, RunningEventLoop};
@@ -35,6 +38,7 @@ use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 use crate::net::{dns_entry, Net};
 use crate::share::Share;
+use crate::snapshot::{write_state, Saved, SnapshotError, SnapshotInfo, MEMORY_FILE};
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -100,6 +104,20 @@ pub struct Sandbox {
     /// every thread is gone (the event loop, which drops the device, may
     /// not remove files).
     socket_file: Option<SocketFile>,
+    /// The devices whose registers a snapshot carries.
+    legacy: Legacy,
+    /// What a snapshot needs to know of the machine.
+    machine: Machine,
+}
+
+/// The machine as a snapshot records it.
+#[derive(Debug, Clone, Copy)]
+struct Machine {
+    acpi: bool,
+    pit: bool,
+    /// virtio devices (disks, interfaces, shares, vsock): a snapshot
+    /// cannot carry them yet.
+    virtio_devices: usize,
 }
 
 /// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
@@ -127,6 +145,8 @@ pub struct SandboxBuilder {
     seccomp: Seccomp,
     acpi: bool,
     pit: bool,
+    /// The snapshot this sandbox continues from, with its directory.
+    restore: Option<(PathBuf, Arc<Saved>)>,
     first_error: Option<SandboxError>,
 }
 
@@ -153,12 +173,26 @@ impl Default for SandboxBuilder {
             seccomp: Seccomp::Enforce,
             acpi: true,
             pit: false,
+            restore: None,
             first_error: None,
         }
     }
 }
 
 impl SandboxBuilder {
+    /// A builder for a sandbox continuing from the snapshot `saved` in
+    /// `dir` ([`Snapshot::restore_builder`](crate::Snapshot::restore_builder)).
+    pub(crate) fn restoring(dir: PathBuf, saved: Arc<Saved>) -> Self {
+        Self {
+            vcpus: saved.vcpus,
+            memory_mib: saved.memory_bytes >> 20,
+            acpi: saved.acpi,
+            pit: saved.pit,
+            restore: Some((dir, saved)),
+            ..Self::default()
+        }
+    }
+
     fn fail(&mut self, error: SandboxError) {
         self.first_error.get_or_insert(error);
     }
@@ -436,9 +470,12 @@ impl SandboxBuilder {
 
     /// Validate the configuration, create the VM and load the kernel. No
     /// guest code runs until [`Sandbox::start`].
-    pub fn build(self) -> Result<Sandbox, SandboxError> {
+    pub fn build(mut self) -> Result<Sandbox, SandboxError> {
         if let Some(error) = self.first_error {
             return Err(error);
+        }
+        if let Some((dir, saved)) = self.restore.take() {
+            return self.build_restored(&dir, &saved);
         }
         let mut laps = Laps::new();
         let kernel = self.kernel.ok_or(SandboxError::MissingKernel)?;
@@ -495,7 +532,7 @@ impl SandboxBuilder {
         let control = Arc::new(VmControl::new());
         let mut events =
             EventLoop::new().map_err(|e| device_err("event loop", "epoll and stop event", e))?;
-        let mut buses = legacy_devices(
+        let (mut buses, legacy) = legacy_devices(
             &vm,
             &control,
             self.console,
@@ -503,6 +540,7 @@ impl SandboxBuilder {
             &mut events,
             self.seccomp,
             self.acpi,
+            None,
         )?;
         let base = match (&self.cmdline, self.agent) {
             (Some(line), _) => line.clone(),
@@ -671,6 +709,112 @@ impl SandboxBuilder {
             nets,
             seccomp: self.seccomp,
             socket_file,
+            legacy,
+            machine: Machine {
+                acpi: self.acpi,
+                pit: self.pit,
+                virtio_devices: mmio_devices.len(),
+            },
+        })
+    }
+
+    /// `build()` for a sandbox continuing from a snapshot: the machine
+    /// the snapshot describes, RAM mapped copy-on-write from its memory
+    /// file, every vCPU's, the VM's and the devices' state put back; no
+    /// kernel is loaded and nothing is written to guest memory.
+    fn build_restored(self, dir: &Path, saved: &Saved) -> Result<Sandbox, SandboxError> {
+        let snapshot_err = SandboxError::Snapshot;
+        let mismatch = |what, snapshot: u64, asked: u64| {
+            Err(snapshot_err(SnapshotError::Mismatch {
+                what,
+                snapshot,
+                asked,
+            }))
+        };
+        if self.vcpus != saved.vcpus {
+            return mismatch("vCPUs", saved.vcpus.into(), self.vcpus.into());
+        }
+        let memory_bytes = self.memory_mib.saturating_mul(1 << 20);
+        if memory_bytes != saved.memory_bytes {
+            return mismatch("bytes of memory", saved.memory_bytes, memory_bytes);
+        }
+        if self.acpi != saved.acpi {
+            return mismatch("ACPI (1: on)", saved.acpi.into(), self.acpi.into());
+        }
+        if self.pit != saved.pit {
+            return mismatch("a PIT (1: yes)", saved.pit.into(), self.pit.into());
+        }
+        if self.kernel.is_some() || self.initrd.is_some() || self.cmdline.is_some() {
+            return Err(snapshot_err(SnapshotError::Unsupported(
+                "a kernel, initrd or command line: a restored guest continues, it does not boot",
+            )));
+        }
+        if !self.disks.is_empty()
+            || !self.nets.is_empty()
+            || !self.shares.is_empty()
+            || self.vsock.is_some()
+            || self.agent
+        {
+            return Err(snapshot_err(SnapshotError::Unsupported(
+                "virtio devices (disks, interfaces, shares, vsock, the agent)",
+            )));
+        }
+        chitin_seccomp::check(self.seccomp).map_err(SandboxError::Seccomp)?;
+        let path = dir.join(MEMORY_FILE);
+        let file = File::open(&path).map_err(|source| {
+            snapshot_err(SnapshotError::Io {
+                path: path.clone(),
+                source,
+            })
+        })?;
+        let ram = GuestRam::from_snapshot(&file, saved.memory_bytes)
+            .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
+        let vm = Vm::new(&ram, self.pit).map_err(SandboxError::Kvm)?;
+        saved.vm.restore(vm.fd()).map_err(|e| {
+            snapshot_err(SnapshotError::Save {
+                what: "VM (restoring)".into(),
+                source: Box::new(e),
+            })
+        })?;
+        let control = Arc::new(VmControl::new());
+        let mut events =
+            EventLoop::new().map_err(|e| device_err("event loop", "epoll and stop event", e))?;
+        let (buses, legacy) = legacy_devices(
+            &vm,
+            &control,
+            self.console,
+            self.input,
+            &mut events,
+            self.seccomp,
+            self.acpi,
+            Some(&saved.legacy),
+        )?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
+        for (id, state) in (0..self.vcpus).zip(&saved.vcpu_states) {
+            let mut vcpu = Vcpu::new(&vm, id, self.vcpus).map_err(SandboxError::Vcpu)?;
+            vcpu.restore(state).map_err(SandboxError::Vcpu)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Sandbox {
+            vcpus,
+            buses: Arc::new(buses),
+            control,
+            events,
+            vm,
+            boot: saved.boot.clone(),
+            ram,
+            agent_socket: None,
+            rootfs: None,
+            faults: FaultTables::default(),
+            nets: Vec::new(),
+            seccomp: self.seccomp,
+            socket_file: None,
+            legacy,
+            machine: Machine {
+                acpi: self.acpi,
+                pit: self.pit,
+                virtio_devices: 0,
+            },
         })
     }
 }
@@ -756,7 +900,7 @@ impl Sandbox {
             control,
             events,
             vm,
-            boot: _,
+            boot,
             ram,
             agent_socket,
             rootfs,
@@ -764,6 +908,8 @@ impl Sandbox {
             nets,
             seccomp,
             socket_file,
+            legacy,
+            machine,
         } = self;
         let mut laps = Laps::new();
         // Every thread is started before any is waited for, so their
@@ -786,6 +932,9 @@ impl Sandbox {
             faults,
             nets,
             _socket_file: socket_file,
+            legacy,
+            machine,
+            boot,
         };
         let mut starting = Vec::with_capacity(vcpus.len());
         let mut failed = None;
@@ -844,6 +993,9 @@ struct Life {
     /// so they happen one at a time.
     paused: Mutex<bool>,
 }
+
+/// How long a snapshot waits for a parked vCPU to read its own state.
+const SNAPSHOT_VCPU_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a pause waits for the vCPUs, then for the device thread, to
 /// come to rest: neither waits on the guest (a kick takes a vCPU out of
@@ -980,6 +1132,9 @@ pub struct RunningSandbox {
     nets: Vec<Arc<NetCounters>>,
     /// Removed after every thread is joined (in Drop, before the fields).
     _socket_file: Option<SocketFile>,
+    legacy: Legacy,
+    machine: Machine,
+    boot: BootInfo,
 }
 
 impl fmt::Debug for RunningSandbox {
@@ -1206,6 +1361,84 @@ impl RunningSandbox {
     /// Whether the sandbox is paused (and not stopped).
     pub fn is_paused(&self) -> bool {
         self.life.is_paused()
+    }
+
+    /// Save the paused sandbox to `dir` (created if missing; a snapshot
+    /// already there is replaced): guest RAM to `memory` (sparse), every
+    /// vCPU's, the VM's and the devices' state to `state`. The sandbox
+    /// stays paused; resume it, or stop it, afterwards. Restore with
+    /// [`Snapshot::open`](crate::Snapshot::open). Sandboxes with virtio
+    /// devices (disks, interfaces, shares, vsock, the agent) cannot be
+    /// snapshotted yet.
+    pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, SnapshotError> {
+        let dir = dir.as_ref();
+        // Held throughout, so no resume can start the guest meanwhile.
+        let paused = relock(&self.life.paused);
+        if let Some(reason) = self.life.control.exit_reason() {
+            return Err(SnapshotError::GuestStopped(reason));
+        }
+        if !*paused {
+            return Err(SnapshotError::NotPaused);
+        }
+        if self.machine.virtio_devices > 0 {
+            return Err(SnapshotError::Unsupported(
+                "virtio devices (disks, interfaces, shares, vsock, the agent)",
+            ));
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut vcpu_states = Vec::with_capacity(self.life.vcpus);
+        for id in 0..self.life.vcpus {
+            let id = id as u8;
+            let msrs = self.vm.saved_msrs().to_vec();
+            let state = self
+                .life
+                .control
+                .on_parked_vcpu(id, SNAPSHOT_VCPU_TIMEOUT, move |fd| {
+                    VcpuState::save(fd, &msrs)
+                });
+            let save_err = |source: Box<dyn std::error::Error + Send + Sync>| SnapshotError::Save {
+                what: format!("vCPU {id}"),
+                source,
+            };
+            match state {
+                Ok(Ok(state)) => vcpu_states.push(state),
+                Ok(Err(e)) => return Err(save_err(Box::new(e))),
+                Err(e) => return Err(save_err(Box::new(e))),
+            }
+        }
+        let vm =
+            VmState::save(self.vm.fd(), self.vm.has_pit()).map_err(|e| SnapshotError::Save {
+                what: "VM".into(),
+                source: Box::new(e),
+            })?;
+        let saved = Saved {
+            vcpus: self.life.vcpus as u8,
+            memory_bytes: self.ram.layout().ram_size(),
+            acpi: self.machine.acpi,
+            pit: self.machine.pit,
+            boot: self.boot.clone(),
+            vm,
+            vcpu_states,
+            legacy: self.legacy.state(),
+        };
+        let path = dir.join(MEMORY_FILE);
+        let file = File::create(&path).map_err(io(&path))?;
+        let memory_written = self.ram.save(&file).map_err(|e| SnapshotError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(crate::error::error_chain(&e)),
+        })?;
+        file.sync_all().map_err(io(&path))?;
+        let state_bytes = write_state(dir, &saved)?;
+        drop(paused);
+        Ok(SnapshotInfo {
+            state_bytes,
+            memory_bytes: saved.memory_bytes,
+            memory_written,
+        })
     }
 
     /// Stop the guest, even one spinning in guest code, and return why it

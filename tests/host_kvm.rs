@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use chitin::{ConsoleCapture, ConsoleInput, ExitReason, Sandbox, SandboxError};
 use chitin_test_guests::Guest;
-use common::{guest_builder, kvm_available, run_to_exit, text, GUEST_TIMEOUT};
+use common::{
+    counted, guest_builder, kvm_available, run_to_exit, start_counting, text, wait_for_count,
+    GUEST_TIMEOUT,
+};
 
 /// The e820 map chitin reports for a 64 MiB guest, as the report guest
 /// prints it: low RAM to the EBDA, EBDA + BIOS hole reserved, RAM from 1 MiB,
@@ -825,43 +828,6 @@ fn a_network_interface_reaches_the_guest_command_line_and_its_tap_goes_with_the_
         );
         eprintln!("network_interface NOT RUN: {why}");
     }
-}
-
-/// The numbers of the counter guest's complete `n <k>` lines, in order.
-fn counted(out: &str) -> Vec<u64> {
-    out.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("n "))
-        .map(|n| n.parse().unwrap())
-        .collect()
-}
-
-/// Wait until the counter guest has printed `n <at_least>`.
-fn wait_for_count(console: &ConsoleCapture, at_least: u64) -> bool {
-    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
-    while std::time::Instant::now() < deadline {
-        if counted(&text(console))
-            .last()
-            .is_some_and(|&n| n >= at_least)
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
-
-/// The counter guest on two vCPUs (the second one never started by the
-/// guest, so it waits in the kernel), counting.
-fn start_counting(console: &ConsoleCapture) -> chitin::RunningSandbox {
-    let running = guest_builder(Guest::Counter, console)
-        .vcpus(2)
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    assert!(wait_for_count(console, 3), "{}", text(console));
-    running
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Twenty sandboxes built, run and dropped in sequence, then six paused
-//! ones dropped or stopped, leave the process's fd and thread counts where
-//! they were. In its own test binary so no other
+//! ones and six restored from a snapshot, dropped or stopped, leave the
+//! process's fd and thread counts where they were. In its own test binary so no other
 //! test's threads or fds move the counts.
 
 mod common;
@@ -69,5 +69,42 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
         count_entries("/proc/self/task"),
         threads,
         "thread count changed after paused sandboxes"
+    );
+
+    // Act: a snapshot, and sandboxes restored from it, dropped or stopped.
+    let dir = common::Scratch::new("leaks-snapshot");
+    {
+        let console = ConsoleCapture::default();
+        let running = common::start_counting(&console);
+        running.pause().unwrap();
+        running.snapshot(dir.path()).unwrap();
+    }
+    for i in 0..6 {
+        let console = ConsoleCapture::default();
+        let running = chitin::Snapshot::open(dir.path())
+            .unwrap()
+            .restore_builder()
+            .console(chitin::Console::capture(&console))
+            .build()
+            .unwrap()
+            .start()
+            .unwrap();
+        assert!(console.wait_for(b"\n", GUEST_TIMEOUT));
+        if i % 2 == 0 {
+            drop(running);
+        } else {
+            assert_eq!(running.stop(), ExitReason::Stopped);
+        }
+    }
+    // Assert
+    assert_eq!(
+        count_entries("/proc/self/fd"),
+        fds,
+        "fd count changed after restored sandboxes"
+    );
+    assert_eq!(
+        count_entries("/proc/self/task"),
+        threads,
+        "thread count changed after restored sandboxes"
     );
 }

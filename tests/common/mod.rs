@@ -85,3 +85,40 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The numbers of the counter guest's complete `n <k>` lines, in order.
+pub fn counted(out: &str) -> Vec<u64> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("n "))
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// Wait until the counter guest has printed `n <at_least>`.
+pub fn wait_for_count(console: &ConsoleCapture, at_least: u64) -> bool {
+    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if counted(&text(console))
+            .last()
+            .is_some_and(|&n| n >= at_least)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The counter guest on two vCPUs (the second one never started by the
+/// guest, so it waits in the kernel), counting.
+pub fn start_counting(console: &ConsoleCapture) -> chitin::RunningSandbox {
+    let running = guest_builder(Guest::Counter, console)
+        .vcpus(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(wait_for_count(console, 3), "{}", text(console));
+    running
+}

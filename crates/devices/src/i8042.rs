@@ -94,6 +94,21 @@ const INTERFACE_TEST_PASSED: u8 = 0x00;
 const INTERFACE_TEST_CLOCK_STUCK_LOW: u8 = 0x01;
 
 /// The controller's registers.
+/// What an i8042 carries across a snapshot: its registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct I8042State {
+    /// The configuration byte.
+    pub config: u8,
+    /// The output port.
+    pub output_port: u8,
+    /// The byte waiting in the output buffer.
+    pub output: Option<u8>,
+    /// A command waiting for its parameter.
+    pub awaiting_data: Option<u8>,
+    /// Whether the last write went to the command port.
+    pub last_was_command: bool,
+}
+
 #[derive(Debug)]
 struct Controller {
     config: u8,
@@ -234,6 +249,32 @@ impl I8042Device {
             controller: Mutex::new(Controller::default()),
             on_reset,
         }
+    }
+
+    /// The controller's registers, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        let c = self.controller();
+        I8042State {
+            config: c.config,
+            output_port: c.output_port,
+            output: c.output,
+            awaiting_data: c.awaiting_data,
+            last_was_command: c.last_was_command,
+        }
+    }
+
+    /// A controller with a snapshot's `state`.
+    pub fn with_state(on_reset: Box<dyn Fn() + Send + Sync>, state: &I8042State) -> Self {
+        let device = Self::new(on_reset);
+        {
+            let mut c = device.controller();
+            c.config = state.config;
+            c.output_port = state.output_port;
+            c.output = state.output;
+            c.awaiting_data = state.awaiting_data;
+            c.last_was_command = state.last_was_command;
+        }
+        device
     }
 
     /// Locks the registers. They are plain bytes, always consistent, so a

@@ -55,9 +55,11 @@ pub use acpi_pm::{
 };
 pub use chitin_bus::BusDevice;
 pub use console::{BufferedSink, ConsoleCapture, DEFAULT_CAPTURE_LIMIT};
-pub use i8042::{I8042Device, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_LEN};
-pub use rtc::{CmosRtc, RTC_BASE, RTC_LEN};
-pub use serial::{ReadFd, SerialDevice, SerialError, SerialInput, COM1_BASE, COM1_IRQ, COM1_LEN};
+pub use i8042::{I8042Device, I8042State, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_LEN};
+pub use rtc::{CmosRtc, RtcState, RTC_BASE, RTC_LEN};
+pub use serial::{
+    ReadFd, SerialDevice, SerialError, SerialInput, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN,
+};
 
 #[cfg(test)]
 mod tests {

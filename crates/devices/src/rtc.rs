@@ -160,6 +160,15 @@ struct Cmos {
     ram: [u8; CMOS_SIZE],
 }
 
+/// What an RTC carries across a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtcState {
+    /// The index register.
+    pub index: u8,
+    /// The CMOS RAM.
+    pub ram: Vec<u8>,
+}
+
 /// A minimal MC146818 CMOS RTC at ports `0x70` (index) and `0x71` (data).
 ///
 /// Put it on the port-I/O bus at [`RTC_BASE`] with length [`RTC_LEN`]. The
@@ -206,6 +215,29 @@ impl CmosRtc {
             }),
             now,
         }
+    }
+
+    /// The index register and the CMOS RAM, for a snapshot (the clock
+    /// registers are read from the host's clock, so they carry nothing).
+    pub fn state(&self) -> RtcState {
+        let cmos = self.cmos();
+        RtcState {
+            index: cmos.index,
+            ram: cmos.ram.to_vec(),
+        }
+    }
+
+    /// An RTC with a snapshot's `state`: RAM beyond the CMOS's 128 bytes
+    /// is ignored, missing bytes read 0.
+    pub fn with_state(state: &RtcState) -> Self {
+        let rtc = Self::new();
+        {
+            let mut cmos = rtc.cmos();
+            cmos.index = state.index;
+            let n = state.ram.len().min(CMOS_SIZE);
+            cmos.ram[..n].copy_from_slice(&state.ram[..n]);
+        }
+        rtc
     }
 
     /// Locks the CMOS. It is plain bytes, always consistent, so a lock

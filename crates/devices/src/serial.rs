@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vm_superio::serial::SerialEvents;
+pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -116,16 +117,40 @@ impl SerialDevice {
     /// [`SerialError::InputReadyEvent`] when the eventfd behind
     /// [`input_ready_event`](Self::input_ready_event) cannot be created.
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Result<Self, SerialError> {
+        Self::with_state(interrupt, out, None)
+    }
+
+    /// [`SerialDevice::new`], with the registers and receive FIFO of a
+    /// snapshot when `state` is given.
+    ///
+    /// # Errors
+    ///
+    /// As [`SerialDevice::new`]; [`SerialError::Uart`] for a state whose
+    /// FIFO holds more than the UART's.
+    pub fn with_state(
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        state: Option<&SerialState>,
+    ) -> Result<Self, SerialError> {
         let input_ready =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(SerialError::InputReadyEvent)?);
         let events = SerialEventsImpl {
             input_ready: Arc::clone(&input_ready),
         };
-        let uart = Serial::with_events(IrqTrigger(interrupt), events, out);
+        let uart = match state {
+            Some(state) => Serial::from_state(state, IrqTrigger(interrupt), events, out)
+                .map_err(SerialError::Uart)?,
+            None => Serial::with_events(IrqTrigger(interrupt), events, out),
+        };
         Ok(Self {
             uart: Mutex::new(uart),
             input_ready,
         })
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart().state()
     }
 
     /// Locks the UART. A panic in another holder (only possible from inside

@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 pub use layout::MemoryLayout;
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryRegion};
 
 /// The guest memory type every chitin crate uses.
@@ -32,6 +33,17 @@ pub enum MemoryError {
     /// The requested size is below [`MIN_RAM_SIZE`] (this includes 0).
     #[error("guest memory of {0} bytes is too small: at least {MIN_RAM_SIZE} bytes are needed")]
     TooSmall(u64),
+    /// A snapshot's memory file could not be read or written.
+    #[error("snapshot memory file")]
+    Snapshot(#[source] io::Error),
+    /// A snapshot's memory file is not the size of the RAM it holds.
+    #[error("snapshot memory file holds {have} bytes, the guest has {want}")]
+    SnapshotSize {
+        /// The file's size.
+        have: u64,
+        /// Guest RAM's size.
+        want: u64,
+    },
     /// The requested size is not a multiple of the 4 KiB page size.
     #[error("guest memory size {0:#x} is not a multiple of the 4 KiB page size")]
     Unaligned(u64),
@@ -79,6 +91,8 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     layout: MemoryLayout,
     memfd: Option<File>,
+    /// Mapped copy-on-write from a snapshot's memory file.
+    from_file: bool,
 }
 
 impl GuestRam {
@@ -124,7 +138,141 @@ impl GuestRam {
             memory,
             layout,
             memfd,
+            from_file: false,
         })
+    }
+
+    /// Map guest RAM of `size` bytes from `file` (a snapshot's memory,
+    /// as [`GuestRam::save`] wrote it) copy-on-write: nothing is read
+    /// until the guest touches it, and what the guest writes stays in this
+    /// mapping, never in the file. Many `GuestRam`s may map one file and
+    /// share the pages none of them wrote; the file must not change while
+    /// any of them lives.
+    pub fn from_snapshot(file: &File, size: u64) -> Result<Self, MemoryError> {
+        validate_size(size)?;
+        let have = file.metadata().map_err(MemoryError::Snapshot)?.len();
+        if have != size {
+            return Err(MemoryError::SnapshotSize { have, want: size });
+        }
+        let layout = MemoryLayout::new(size);
+        let mut file_offset = 0;
+        let mut mapped = Vec::new();
+        for (start, len) in layout.ram_regions() {
+            let dup = file.try_clone().map_err(MemoryError::Snapshot)?;
+            let hole = AlignedHole::prepare(len as usize);
+            let region = MmapRegionBuilder::new(len as usize)
+                .with_file_offset(FileOffset::new(dup, file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build();
+            drop(hole);
+            let region = region.map_err(|e| MemoryError::Map {
+                size,
+                source: e.into(),
+            })?;
+            mapped.push(
+                vm_memory::GuestRegionMmap::new(region, GuestAddress(start)).ok_or(
+                    MemoryError::Map {
+                        size,
+                        source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
+                    },
+                )?,
+            );
+            file_offset += len;
+        }
+        let memory = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Map {
+            size,
+            source: e.into(),
+        })?;
+        Ok(Self {
+            memory,
+            layout,
+            memfd: None,
+            from_file: true,
+        })
+    }
+
+    /// Write guest RAM to `file` (truncated to RAM's size first) for a
+    /// snapshot, regions back to back in address order: only pages that
+    /// hold something are written, so untouched and zero pages stay holes.
+    /// Returns the bytes written. Nothing may write guest RAM meanwhile
+    /// (every vCPU and device paused).
+    pub fn save(&self, file: &File) -> Result<u64, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let page = layout::PAGE_SIZE as usize;
+        file.set_len(0).map_err(MemoryError::Snapshot)?;
+        file.set_len(self.layout.ram_size())
+            .map_err(MemoryError::Snapshot)?;
+        let mut written = 0u64;
+        let mut file_offset = 0u64;
+        for region in self.memory.iter() {
+            let len = region.len() as usize;
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| MemoryError::Snapshot(io::Error::other(e.to_string())))?;
+            let mapped = self.mapped_pages(host as usize, len)?;
+            // SAFETY: `host` is the start of a live mapping of `len` bytes
+            // owned by `self.memory`; the caller guarantees nothing writes
+            // it while this reads, so a shared view of plain bytes is sound.
+            let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+            // Runs of pages with data, each written with one call.
+            let mut run: Option<usize> = None;
+            for (i, chunk) in bytes.chunks(page).enumerate() {
+                let data = mapped.as_ref().is_none_or(|m| m[i]) && chunk.iter().any(|&b| b != 0);
+                match (data, run) {
+                    (true, None) => run = Some(i * page),
+                    (false, Some(start)) => {
+                        file.write_all_at(&bytes[start..i * page], file_offset + start as u64)
+                            .map_err(MemoryError::Snapshot)?;
+                        written += (i * page - start) as u64;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(start) = run {
+                file.write_all_at(&bytes[start..], file_offset + start as u64)
+                    .map_err(MemoryError::Snapshot)?;
+                written += (len - start) as u64;
+            }
+            file_offset += len as u64;
+        }
+        Ok(written)
+    }
+
+    /// For anonymous RAM, which of the `len / 4 KiB` pages at `host` the
+    /// guest ever touched (present or swapped out, per
+    /// `/proc/self/pagemap`): the others are zero and need not be read.
+    /// `None` for RAM backed by a file or memfd, whose untouched pages may
+    /// hold data, or where the pagemap cannot be read: then every page is
+    /// read.
+    fn mapped_pages(&self, host: usize, len: usize) -> Result<Option<Vec<bool>>, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        /// Page present in RAM, or swapped out (proc(5), pagemap).
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        if self.memfd.is_some() || self.from_file {
+            return Ok(None);
+        }
+        let Ok(pagemap) = File::open("/proc/self/pagemap") else {
+            return Ok(None);
+        };
+        let page = layout::PAGE_SIZE as usize;
+        let mut entries = vec![0u8; len / page * 8];
+        let offset = (host / page * 8) as u64;
+        if pagemap.read_exact_at(&mut entries, offset).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(
+            entries
+                .chunks_exact(8)
+                .map(|e| {
+                    let mut v = [0u8; 8];
+                    v.copy_from_slice(e);
+                    u64::from_le_bytes(v) & (PRESENT | SWAPPED) != 0
+                })
+                .collect(),
+        ))
     }
 
     /// The mapped guest memory, for the loader and the devices.
@@ -308,6 +456,77 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    /// A scratch file, removed when the test ends (unlinked at once).
+    fn scratch() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "chitin-memory-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    #[test]
+    fn saved_ram_maps_back_copy_on_write_and_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        // Arrange: 16 MiB with two pages written, one of them zeroes.
+        let ram = GuestRam::new(16 * MIB, Backing::Anonymous).unwrap();
+        let mem = ram.memory();
+        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x20_0008))
+            .unwrap();
+        mem.write_obj(0u64, GuestAddress(0x40_0000)).unwrap();
+        let file = scratch();
+        // Act
+        let written = ram.save(&file).unwrap();
+        let first = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
+        let second = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
+        first
+            .memory()
+            .write_obj(7u64, GuestAddress(0x20_0008))
+            .unwrap();
+        // Assert: one page of data, the rest holes; what one mapping
+        // writes, neither the file nor the other mapping sees.
+        assert_eq!(written, layout::PAGE_SIZE);
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 16 * MIB);
+        assert!(meta.blocks() * 512 <= 64 * 1024, "{} blocks", meta.blocks());
+        let read = |ram: &GuestRam| ram.memory().read_obj::<u64>(GuestAddress(0x20_0008));
+        assert_eq!(read(&first).unwrap(), 7);
+        assert_eq!(read(&second).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(read(&ram).unwrap(), 0x1122_3344_5566_7788);
+        let again = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
+        assert_eq!(read(&again).unwrap(), 0x1122_3344_5566_7788);
+        // A restored RAM saved again before the guest touched anything:
+        // its data is in the file, not in its pages, and must carry over.
+        let untouched = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
+        let file2 = scratch();
+        assert_eq!(untouched.save(&file2).unwrap(), layout::PAGE_SIZE);
+        let resaved = GuestRam::from_snapshot(&file2, 16 * MIB).unwrap();
+        assert_eq!(read(&resaved).unwrap(), 0x1122_3344_5566_7788);
+    }
+
+    #[test]
+    fn snapshot_of_another_size_is_refused() {
+        let ram = GuestRam::new(16 * MIB, Backing::Anonymous).unwrap();
+        let file = scratch();
+        ram.save(&file).unwrap();
+        assert!(matches!(
+            GuestRam::from_snapshot(&file, 32 * MIB),
+            Err(MemoryError::SnapshotSize {
+                have,
+                want
+            }) if have == 16 * MIB && want == 32 * MIB
+        ));
+    }
 
     fn host_address(region: &vm_memory::GuestRegionMmap) -> usize {
         region

@@ -81,6 +81,30 @@ pub(crate) mod ioctl {
     pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
     /// `FIONBIO`: set or clear non-blocking mode.
     pub const FIONBIO: u64 = 0x5421;
+
+    /// `_IOR(KVMIO, nr, size)`: a KVM ioctl that reads `size` bytes of
+    /// state out (`_IOC_READ` is 2, the size field 14 bits at bit 16).
+    const fn kvm_ior(nr: u64, size: u64) -> u64 {
+        (2 << 30) | (size << 16) | (0xae << 8) | nr
+    }
+
+    /// The ioctls that read a parked vCPU's state for a snapshot, with the
+    /// sizes of their structs on x86_64 (kvm_regs 144, kvm_sregs 312,
+    /// kvm_lapic_state 1024, kvm_mp_state 4, kvm_vcpu_events 64,
+    /// kvm_debugregs 128, kvm_xsave 4096, kvm_xcrs 392); KVM_GET_MSRS is
+    /// `_IOWR` over the 8-byte kvm_msrs header, KVM_GET_TSC_KHZ `_IO`.
+    pub const VCPU_STATE_READS: [u64; 10] = [
+        kvm_ior(0x81, 144),
+        kvm_ior(0x83, 312),
+        (3 << 30) | (8 << 16) | 0xae88,
+        kvm_ior(0x8e, 1024),
+        kvm_ior(0x98, 4),
+        kvm_ior(0x9f, 64),
+        kvm_ior(0xa1, 128),
+        kvm_ior(0xa4, 4096),
+        kvm_ior(0xa6, 392),
+        0xaea3,
+    ];
 }
 
 /// One syscall condition: argument `arg` compared as a 32-bit value.
@@ -161,7 +185,8 @@ fn runtime(rules: &mut Rules) {
     rules.arg_in(libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
 }
 
-/// vCPU threads: `KVM_RUN`, and the device work of register accesses:
+/// vCPU threads: `KVM_RUN` (and, parked, the ioctls that read their
+/// state for a snapshot), and the device work of register accesses:
 /// eventfd writes (irqfds, queue kicks, a share's stop) and 8-byte reads
 /// (InterruptACK counts), a net device's
 /// offload setting at activation and reset, vsock's shutdown of its
@@ -174,6 +199,8 @@ fn vcpu(rules: &mut Rules) {
     rules.when(libc::SYS_read, vec![qword(2, SeccompCmpOp::Eq, 8)]);
     rules.arg_in(libc::SYS_shutdown, 1, &[SHUT_RDWR]);
     rules.arg_in(libc::SYS_ioctl, 1, &[ioctl::KVM_RUN]);
+    // A snapshot reads a parked vCPU's state on its own thread.
+    rules.arg_in(libc::SYS_ioctl, 1, &ioctl::VCPU_STATE_READS);
     // The offloads are a value, not a pointer: CSUM, TSO4, TSO6, UFO.
     rules.when(
         libc::SYS_ioctl,
@@ -821,3 +848,31 @@ pub(crate) const NAMES: &[(i64, &str)] = names![
     SYS_write,
     SYS_writev,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::ioctl;
+
+    /// `_IOC(dir, KVMIO, nr, size)` from the struct itself.
+    fn kvm_ioc<T>(dir: u64, nr: u64) -> u64 {
+        (dir << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+    }
+
+    #[test]
+    fn vcpu_state_reads_are_the_kvm_ioctls_of_those_structs() {
+        use kvm_bindings::*;
+        let want = [
+            kvm_ioc::<kvm_regs>(2, 0x81),
+            kvm_ioc::<kvm_sregs>(2, 0x83),
+            kvm_ioc::<kvm_msrs>(3, 0x88),
+            kvm_ioc::<kvm_lapic_state>(2, 0x8e),
+            kvm_ioc::<kvm_mp_state>(2, 0x98),
+            kvm_ioc::<kvm_vcpu_events>(2, 0x9f),
+            kvm_ioc::<kvm_debugregs>(2, 0xa1),
+            kvm_ioc::<kvm_xsave>(2, 0xa4),
+            kvm_ioc::<kvm_xcrs>(2, 0xa6),
+            0xaea3,
+        ];
+        assert_eq!(ioctl::VCPU_STATE_READS, want);
+    }
+}

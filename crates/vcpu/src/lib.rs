@@ -12,14 +12,17 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod codec;
 mod exit;
 mod kick;
 mod park;
+mod state;
 mod vcpu;
 mod vm;
 
 pub use exit::{ExitReason, VmControl};
 pub use kick::kick_signal;
 pub use park::{ParkError, VcpuJob};
+pub use state::{StateError, VcpuState, VmState};
 pub use vcpu::{IoBuses, Vcpu, VcpuError};
 pub use vm::{Vm, VmError};

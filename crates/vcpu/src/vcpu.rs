@@ -56,6 +56,15 @@ pub enum VcpuError {
         #[source]
         source: chitin_boot::BootError,
     },
+    /// Saved state could not be put into the vCPU.
+    #[error("vCPU {id}: restoring its state failed")]
+    Restore {
+        /// The vCPU.
+        id: u8,
+        /// The ioctl that failed.
+        #[source]
+        source: crate::StateError,
+    },
     /// The vCPU thread could not be spawned or confined.
     #[error("cannot start the thread of vCPU {id}")]
     Spawn {
@@ -119,6 +128,15 @@ impl Vcpu {
     /// This vCPU's index (and APIC id).
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Put saved `state` into this vCPU (created, never run), on the
+    /// thread that created it, instead of [`Vcpu::configure_boot`].
+    pub fn restore(&mut self, state: &crate::VcpuState) -> Result<(), VcpuError> {
+        let id = self.id;
+        state
+            .restore(&self.fd)
+            .map_err(|e| VcpuError::Restore { id, source: e })
     }
 
     /// Put the boot vCPU at the kernel entry: registers, segments, page

@@ -55,6 +55,10 @@ pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
     host_features: HostFeatures,
+    /// The MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
+    saved_msrs: Vec<u32>,
+    /// Whether the in-kernel PIT exists.
+    pit: bool,
 }
 
 impl Vm {
@@ -99,6 +103,11 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(setup("get supported CPUID"))?;
+        let saved_msrs = kvm
+            .get_msr_index_list()
+            .map_err(setup("get MSR index list"))?
+            .as_slice()
+            .to_vec();
         let fd = kvm.create_vm().map_err(setup("create VM"))?;
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(setup("set TSS address"))?;
@@ -117,7 +126,20 @@ impl Vm {
             fd,
             supported_cpuid,
             host_features,
+            saved_msrs,
+            pit,
         })
+    }
+
+    /// The MSRs a vCPU's saved state carries: every one KVM lists as
+    /// saveable (those a vCPU cannot read are skipped when saving).
+    pub fn saved_msrs(&self) -> &[u32] {
+        &self.saved_msrs
+    }
+
+    /// Whether the VM has the in-kernel PIT.
+    pub fn has_pit(&self) -> bool {
+        self.pit
     }
 
     /// The VM file descriptor.

@@ -51,7 +51,7 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 /// Offset of InterruptACK in the window. Register each of
 /// [`MmioTransport::ack_events`] as a KVM ioeventfd at
 /// `base + INTERRUPT_ACK_OFFSET`, 4 bytes wide, with its value as
-/// datamatch, so a driver's acknowledgements never reach userspace.
+/// datamatch, so a driver's usual acknowledgement never reaches userspace.
 pub const INTERRUPT_ACK_OFFSET: u64 = INTERRUPT_ACK;
 
 /// The VendorID register: "CHTN" read as a little-endian `u32`.

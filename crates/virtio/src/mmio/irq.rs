@@ -10,9 +10,11 @@
 //! lock of this module's own, held for nothing but the bits.
 //!
 //! InterruptACK need not leave the guest: the VMM can register the
-//! [`MmioInterrupt::ack_events`] as KVM ioeventfds matching the values a
-//! driver writes (1, 2 and 3: it acknowledges what it read), so KVM only
-//! counts them and the vCPU carries on. A counted acknowledgement is applied
+//! [`MmioInterrupt::ack_events`] as KVM ioeventfds matching the value a
+//! driver writes after nearly every interrupt (1, the used-buffer bit: it
+//! acknowledges what it read), so KVM only counts them and the vCPU
+//! carries on. Acknowledgements of a configuration change (2 or 3) are
+//! rare and still reach the VMM: one eventfd per device, not three. A counted acknowledgement is applied
 //! when the driver next reads InterruptStatus (or writes InterruptACK
 //! through the VMM, or resets the device), before anything else, which is
 //! where the driver could first tell the difference. Bits raised since the
@@ -35,8 +37,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::regs::{INT_CONFIG, INT_QUEUE};
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
 
-/// The InterruptACK values a driver writes after reading InterruptStatus.
-const ACK_VALUES: [u32; 3] = [INT_QUEUE, INT_CONFIG, INT_QUEUE | INT_CONFIG];
+/// The InterruptACK values KVM counts: what a driver writes back after an
+/// interrupt for used buffers alone.
+const ACK_VALUES: [u32; 1] = [INT_QUEUE];
 
 /// InterruptStatus, NEEDS_RESET and ConfigGeneration of one transport.
 #[derive(Debug)]
@@ -48,7 +51,7 @@ pub(crate) struct MmioInterrupt {
     /// shows these and [`Self::raised`].
     shown: Mutex<u32>,
     /// Acknowledgements KVM counted, one EventFd per value of
-    /// [`ACK_VALUES`]; empty when the EventFds could not be made (then
+    /// [`ACK_VALUES`]; empty when the EventFd could not be made (then
     /// every acknowledgement reaches [`Self::acknowledge`]).
     acks: Vec<(EventFd, u32)>,
     /// The device (or the transport, for a failed activation) asked for a

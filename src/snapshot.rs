@@ -1,0 +1,496 @@
+//! Snapshots: a paused sandbox saved to a directory, and new sandboxes
+//! restored from it, copy-on-write over its memory.
+//!
+//! A snapshot directory holds two files:
+//! - `memory`: guest RAM, regions back to back in address order, sparse
+//!   (pages that hold only zeroes are holes);
+//! - `state`: the magic `CHITINSN`, the format version (`u32`), the
+//!   payload's length (`u64`), the payload, and a CRC-32 of everything
+//!   before it (`u32`); integers little-endian. The payload is the machine
+//!   (vCPU count, RAM size, ACPI, PIT, how the kernel was booted), the
+//!   VM's interrupt controllers and clock, every vCPU's registers, and the
+//!   legacy devices' registers; docs/snapshot.md lists it field by field.
+//!
+//! A reader checks the magic, the version (a newer one is refused by
+//! name), the length against the file, and the checksum before it decodes
+//! anything, and decoding checks every length against what is left: a
+//! truncated, corrupted or foreign file is a typed error, never a panic.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
+use chitin_devices::{I8042State, RtcState, SerialState};
+use chitin_vcpu::codec::{DecodeError, Reader, Writer};
+use chitin_vcpu::{ExitReason, VcpuState, VmState};
+use vm_memory::GuestAddress;
+
+use crate::SandboxBuilder;
+
+/// The state file of a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file of a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// The state file's first bytes.
+const MAGIC: &[u8; 8] = b"CHITINSN";
+/// The state format this chitin writes and the newest it reads.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Magic, version and length.
+const HEADER_LEN: usize = 8 + 4 + 8;
+/// The checksum after the payload.
+const TRAILER_LEN: usize = 4;
+/// The largest state file chitin writes is a few hundred KiB (254 vCPUs
+/// of about 8 KiB each); anything much larger is not one of its files.
+const MAX_STATE_LEN: u64 = 16 << 20;
+
+/// Why a snapshot could not be taken, read or restored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Only a paused sandbox can be snapshotted: pause it first.
+    #[error("the sandbox is not paused")]
+    NotPaused,
+    /// The guest had stopped.
+    #[error("the guest stopped: {0}")]
+    GuestStopped(ExitReason),
+    /// The sandbox has something this version cannot carry in a
+    /// snapshot.
+    #[error("cannot snapshot a sandbox with {0} yet")]
+    Unsupported(&'static str),
+    /// A file of the snapshot could not be read or written.
+    #[error("{}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not a chitin snapshot (no magic).
+    #[error("{} is not a chitin snapshot state file", .0.display())]
+    NotASnapshot(PathBuf),
+    /// The state file was written by a newer chitin.
+    #[error("snapshot format {found} is newer than this chitin's ({SNAPSHOT_FORMAT}): restore it with a newer chitin")]
+    NewerFormat {
+        /// The file's format version.
+        found: u32,
+    },
+    /// The state file is shorter than its header says.
+    #[error("the snapshot state file is truncated: {have} bytes, {want} expected")]
+    Truncated {
+        /// Bytes in the file.
+        have: u64,
+        /// Bytes its header announces.
+        want: u64,
+    },
+    /// The state file's contents are damaged (checksum mismatch) or
+    /// inconsistent.
+    #[error("the snapshot state file is corrupt: {0}")]
+    Corrupt(String),
+    /// The restore asks for a machine the snapshot is not.
+    #[error("the snapshot has {what} {snapshot}, the restore asks for {asked}")]
+    Mismatch {
+        /// What differs.
+        what: &'static str,
+        /// The snapshot's value.
+        snapshot: u64,
+        /// The restore's.
+        asked: u64,
+    },
+    /// Saving a vCPU's or the VM's state failed in KVM.
+    #[error("cannot save the {what} state")]
+    Save {
+        /// vCPU or VM.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl From<DecodeError> for SnapshotError {
+    fn from(e: DecodeError) -> Self {
+        SnapshotError::Corrupt(e.to_string())
+    }
+}
+
+/// The registers of the legacy devices.
+#[derive(Debug, Clone)]
+pub(crate) struct LegacyState {
+    pub(crate) serial: SerialState,
+    pub(crate) rtc: RtcState,
+    pub(crate) i8042: I8042State,
+}
+
+/// Everything a snapshot's state file holds.
+#[derive(Debug)]
+pub(crate) struct Saved {
+    pub(crate) vcpus: u8,
+    pub(crate) memory_bytes: u64,
+    pub(crate) acpi: bool,
+    pub(crate) pit: bool,
+    pub(crate) boot: BootInfo,
+    pub(crate) vm: VmState,
+    pub(crate) vcpu_states: Vec<VcpuState>,
+    pub(crate) legacy: LegacyState,
+}
+
+/// CRC-32 (the ISO-HDLC / zlib polynomial, reflected), bit by bit: the
+/// state file is small and read once.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+fn flag(r: &mut Reader<'_>, what: &'static str) -> Result<bool, DecodeError> {
+    match r.u8(what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(DecodeError::Invalid {
+            what,
+            detail: other.to_string(),
+        }),
+    }
+}
+
+fn option_u8(w: &mut Writer, v: Option<u8>) {
+    match v {
+        Some(b) => {
+            w.u8(1);
+            w.u8(b);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn read_option_u8(r: &mut Reader<'_>, what: &'static str) -> Result<Option<u8>, DecodeError> {
+    Ok(if flag(r, what)? {
+        Some(r.u8(what)?)
+    } else {
+        None
+    })
+}
+
+impl Saved {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(self.vcpus);
+        w.u64(self.memory_bytes);
+        w.u8(self.acpi.into());
+        w.u8(self.pit.into());
+        w.u8(match self.boot.format {
+            KernelFormat::Elf => 0,
+            KernelFormat::BzImage => 1,
+        });
+        w.u8(match self.boot.protocol {
+            BootProtocol::Linux64 => 0,
+            BootProtocol::Pvh => 1,
+        });
+        w.u64(self.boot.entry.0);
+        w.u64(self.boot.kernel_end);
+        match self.boot.initrd {
+            Some((addr, len)) => {
+                w.u8(1);
+                w.u64(addr);
+                w.u64(len);
+            }
+            None => w.u8(0),
+        }
+        w.u64(self.boot.cmdline_len as u64);
+        self.vm.encode(&mut w);
+        for state in &self.vcpu_states {
+            state.encode(&mut w);
+        }
+        let s = &self.legacy.serial;
+        for b in [
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ] {
+            w.u8(b);
+        }
+        w.bytes(&s.in_buffer);
+        w.u8(self.legacy.rtc.index);
+        w.bytes(&self.legacy.rtc.ram);
+        let k = &self.legacy.i8042;
+        w.u8(k.config);
+        w.u8(k.output_port);
+        option_u8(&mut w, k.output);
+        option_u8(&mut w, k.awaiting_data);
+        w.u8(k.last_was_command.into());
+        w.finish()
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(payload);
+        let vcpus = r.u8("vCPU count")?;
+        if vcpus == 0 || vcpus == u8::MAX {
+            return Err(DecodeError::Invalid {
+                what: "vCPU count",
+                detail: vcpus.to_string(),
+            });
+        }
+        let memory_bytes = r.u64("memory size")?;
+        let acpi = flag(&mut r, "ACPI flag")?;
+        let pit = flag(&mut r, "PIT flag")?;
+        let format = match r.u8("kernel format")? {
+            0 => KernelFormat::Elf,
+            1 => KernelFormat::BzImage,
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "kernel format",
+                    detail: other.to_string(),
+                })
+            }
+        };
+        let protocol = match r.u8("boot protocol")? {
+            0 => BootProtocol::Linux64,
+            1 => BootProtocol::Pvh,
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "boot protocol",
+                    detail: other.to_string(),
+                })
+            }
+        };
+        let entry = GuestAddress(r.u64("kernel entry")?);
+        let kernel_end = r.u64("kernel end")?;
+        let initrd = if flag(&mut r, "initrd flag")? {
+            Some((r.u64("initrd address")?, r.u64("initrd size")?))
+        } else {
+            None
+        };
+        let cmdline_len =
+            usize::try_from(r.u64("command line length")?).map_err(|_| DecodeError::Invalid {
+                what: "command line length",
+                detail: "too large".into(),
+            })?;
+        let vm = VmState::decode(&mut r)?;
+        let mut vcpu_states = Vec::with_capacity(usize::from(vcpus));
+        for _ in 0..vcpus {
+            vcpu_states.push(VcpuState::decode(&mut r)?);
+        }
+        let mut regs = [0u8; 9];
+        for b in &mut regs {
+            *b = r.u8("serial register")?;
+        }
+        let serial = SerialState {
+            baud_divisor_low: regs[0],
+            baud_divisor_high: regs[1],
+            interrupt_enable: regs[2],
+            interrupt_identification: regs[3],
+            line_control: regs[4],
+            line_status: regs[5],
+            modem_control: regs[6],
+            modem_status: regs[7],
+            scratch: regs[8],
+            in_buffer: r.bytes("serial receive FIFO")?.to_vec(),
+        };
+        let rtc = RtcState {
+            index: r.u8("RTC index")?,
+            ram: r.bytes("CMOS RAM")?.to_vec(),
+        };
+        let i8042 = I8042State {
+            config: r.u8("i8042 configuration")?,
+            output_port: r.u8("i8042 output port")?,
+            output: read_option_u8(&mut r, "i8042 output")?,
+            awaiting_data: read_option_u8(&mut r, "i8042 pending command")?,
+            last_was_command: flag(&mut r, "i8042 last write")?,
+        };
+        r.finish("state")?;
+        Ok(Saved {
+            vcpus,
+            memory_bytes,
+            acpi,
+            pit,
+            boot: BootInfo {
+                format,
+                protocol,
+                entry,
+                kernel_end,
+                initrd,
+                cmdline_len,
+            },
+            vm,
+            vcpu_states,
+            legacy: LegacyState { serial, rtc, i8042 },
+        })
+    }
+}
+
+/// The state file's bytes for `saved`.
+fn state_file_bytes(saved: &Saved) -> Vec<u8> {
+    let payload = saved.encode();
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Parse a state file's bytes (`path` names it in errors).
+pub(crate) fn parse_state(bytes: &[u8], path: &Path) -> Result<Saved, SnapshotError> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::NotASnapshot(path.to_path_buf()));
+    }
+    let have = bytes.len() as u64;
+    if bytes.len() < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            have,
+            want: (HEADER_LEN + TRAILER_LEN) as u64,
+        });
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version > SNAPSHOT_FORMAT {
+        return Err(SnapshotError::NewerFormat { found: version });
+    }
+    if version == 0 {
+        return Err(SnapshotError::Corrupt("format version 0".into()));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[12..20]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_STATE_LEN {
+        return Err(SnapshotError::Corrupt(format!(
+            "a payload of {len} bytes announced"
+        )));
+    }
+    let want = HEADER_LEN as u64 + len + TRAILER_LEN as u64;
+    if have < want {
+        return Err(SnapshotError::Truncated { have, want });
+    }
+    if have > want {
+        return Err(SnapshotError::Corrupt(format!(
+            "{} bytes after the checksum",
+            have - want
+        )));
+    }
+    let body = &bytes[..bytes.len() - TRAILER_LEN];
+    let stored = u32::from_le_bytes([
+        bytes[bytes.len() - 4],
+        bytes[bytes.len() - 3],
+        bytes[bytes.len() - 2],
+        bytes[bytes.len() - 1],
+    ]);
+    if crc32(body) != stored {
+        return Err(SnapshotError::Corrupt("checksum mismatch".into()));
+    }
+    Ok(Saved::decode(&body[HEADER_LEN..])?)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write `saved` as `dir`'s state file: to a temporary name first, synced,
+/// then renamed, so a crash never leaves a half-written state file.
+pub(crate) fn write_state(dir: &Path, saved: &Saved) -> Result<u64, SnapshotError> {
+    let bytes = state_file_bytes(saved);
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let path = dir.join(STATE_FILE);
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(&bytes).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(bytes.len() as u64)
+}
+
+/// What [`RunningSandbox::snapshot`](crate::RunningSandbox::snapshot)
+/// wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Guest RAM's size: the memory file's length.
+    pub memory_bytes: u64,
+    /// Bytes of guest RAM actually written (the rest are holes).
+    pub memory_written: u64,
+}
+
+/// A snapshot directory, read and checked, ready to restore sandboxes
+/// from: any number of them, each copy-on-write over the same memory file.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    dir: PathBuf,
+    saved: Arc<Saved>,
+}
+
+impl Snapshot {
+    /// Read and check the snapshot in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, SnapshotError> {
+        let dir = dir.as_ref().to_path_buf();
+        let path = dir.join(STATE_FILE);
+        let mut file = File::open(&path).map_err(io_err(&path))?;
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        if len > MAX_STATE_LEN + (HEADER_LEN + TRAILER_LEN) as u64 {
+            return Err(SnapshotError::Corrupt(format!(
+                "a state file of {len} bytes"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        let saved = parse_state(&bytes, &path)?;
+        let memory = dir.join(MEMORY_FILE);
+        let have = std::fs::metadata(&memory).map_err(io_err(&memory))?.len();
+        if have != saved.memory_bytes {
+            return Err(SnapshotError::Corrupt(format!(
+                "the memory file holds {have} bytes, the state says {}",
+                saved.memory_bytes
+            )));
+        }
+        Ok(Self {
+            dir,
+            saved: Arc::new(saved),
+        })
+    }
+
+    /// vCPUs of the snapshotted machine.
+    pub fn vcpus(&self) -> u32 {
+        u32::from(self.saved.vcpus)
+    }
+
+    /// Guest RAM of the snapshotted machine, in MiB.
+    pub fn memory_mib(&self) -> u64 {
+        self.saved.memory_bytes >> 20
+    }
+
+    /// A builder for a sandbox that continues from this snapshot: the
+    /// machine (vCPUs, memory, ACPI, PIT) is the snapshot's; set where its
+    /// console goes and its seccomp mode, then `build()` and `start()`.
+    /// `build()` refuses settings the snapshot cannot honour.
+    pub fn restore_builder(&self) -> SandboxBuilder {
+        SandboxBuilder::restoring(self.dir.clone(), Arc::clone(&self.saved))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_reference_check_value() {
+        // The CRC-32 check value of "123456789" (ISO-HDLC).
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    }
+}
