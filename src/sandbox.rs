@@ -38,7 +38,10 @@ use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 use crate::net::{dns_entry, Net};
 use crate::share::Share;
-use crate::snapshot::{write_state, Saved, SnapshotError, SnapshotInfo, MEMORY_FILE};
+use crate::snapshot::{
+    new_memory_file_name, remove_other_memory_files, write_state, Saved, SnapshotError,
+    SnapshotInfo,
+};
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -760,7 +763,7 @@ impl SandboxBuilder {
             )));
         }
         chitin_seccomp::check(self.seccomp).map_err(SandboxError::Seccomp)?;
-        let path = dir.join(MEMORY_FILE);
+        let path = dir.join(&saved.memory_file);
         let file = File::open(&path).map_err(|source| {
             snapshot_err(SnapshotError::Io {
                 path: path.clone(),
@@ -770,6 +773,18 @@ impl SandboxBuilder {
         let ram = GuestRam::from_snapshot(&file, saved.memory_bytes)
             .map_err(|e| SandboxError::InvalidMemory(self.memory_mib, e))?;
         let vm = Vm::new(&ram, self.pit).map_err(SandboxError::Kvm)?;
+        // The vCPUs first (each with the CPUID the snapshot's host gave
+        // it, or none), then the interrupt controllers that deliver to
+        // them, then the devices, which may raise a line as they come.
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
+        for (id, state) in (0..self.vcpus).zip(&saved.vcpu_states) {
+            if Vcpu::cpuid_for(&vm, id, self.vcpus).as_slice() != state.cpuid.as_slice() {
+                return Err(snapshot_err(SnapshotError::CpuMismatch { vcpu: id }));
+            }
+            let mut vcpu = Vcpu::new(&vm, id, self.vcpus).map_err(SandboxError::Vcpu)?;
+            vcpu.restore(state, &vm).map_err(SandboxError::Vcpu)?;
+            vcpus.push(vcpu);
+        }
         saved.vm.restore(vm.fd()).map_err(|e| {
             snapshot_err(SnapshotError::Save {
                 what: "VM (restoring)".into(),
@@ -789,12 +804,6 @@ impl SandboxBuilder {
             self.acpi,
             Some(&saved.legacy),
         )?;
-        let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
-        for (id, state) in (0..self.vcpus).zip(&saved.vcpu_states) {
-            let mut vcpu = Vcpu::new(&vm, id, self.vcpus).map_err(SandboxError::Vcpu)?;
-            vcpu.restore(state).map_err(SandboxError::Vcpu)?;
-            vcpus.push(vcpu);
-        }
         Ok(Sandbox {
             vcpus,
             buses: Arc::new(buses),
@@ -1391,14 +1400,16 @@ impl RunningSandbox {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut vcpu_states = Vec::with_capacity(self.life.vcpus);
-        for id in 0..self.life.vcpus {
-            let id = id as u8;
+        let count = self.life.vcpus as u8;
+        for id in 0..count {
             let msrs = self.vm.saved_msrs().to_vec();
+            let xsave_size = self.vm.xsave_size();
+            let cpuid = Vcpu::cpuid_for(&self.vm, id, count).as_slice().to_vec();
             let state = self
                 .life
                 .control
                 .on_parked_vcpu(id, SNAPSHOT_VCPU_TIMEOUT, move |fd| {
-                    VcpuState::save(fd, &msrs)
+                    VcpuState::save(fd, &msrs, xsave_size, cpuid)
                 });
             let save_err = |source: Box<dyn std::error::Error + Send + Sync>| SnapshotError::Save {
                 what: format!("vCPU {id}"),
@@ -1416,7 +1427,8 @@ impl RunningSandbox {
                 source: Box::new(e),
             })?;
         let saved = Saved {
-            vcpus: self.life.vcpus as u8,
+            memory_file: new_memory_file_name(),
+            vcpus: count,
             memory_bytes: self.ram.layout().ram_size(),
             acpi: self.machine.acpi,
             pit: self.machine.pit,
@@ -1425,14 +1437,41 @@ impl RunningSandbox {
             vcpu_states,
             legacy: self.legacy.state(),
         };
-        let path = dir.join(MEMORY_FILE);
-        let file = File::create(&path).map_err(io(&path))?;
-        let memory_written = self.ram.save(&file).map_err(|e| SnapshotError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(crate::error::error_chain(&e)),
-        })?;
-        file.sync_all().map_err(io(&path))?;
-        let state_bytes = write_state(dir, &saved)?;
+        // A new file each time, never one a restored sandbox may map:
+        // the state file, written last, names it, so a crash leaves the
+        // previous snapshot whole.
+        let path = dir.join(&saved.memory_file);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        // SAFETY: the sandbox is paused (every vCPU and the event loop
+        // parked) and has no virtio device, so no virtio-fs worker either:
+        // nothing writes guest RAM until `paused` is released.
+        let saved_ram = unsafe { self.ram.save(&file) }.and_then(|n| {
+            file.sync_all()
+                .map_err(chitin_memory::MemoryError::Snapshot)?;
+            Ok(n)
+        });
+        let memory_written = match saved_ram {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(SnapshotError::Io {
+                    path,
+                    source: std::io::Error::other(crate::error::error_chain(&e)),
+                });
+            }
+        };
+        let state_bytes = match write_state(dir, &saved) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        remove_other_memory_files(dir, &saved.memory_file);
         drop(paused);
         Ok(SnapshotInfo {
             state_bytes,

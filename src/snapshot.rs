@@ -2,8 +2,10 @@
 //! restored from it, copy-on-write over its memory.
 //!
 //! A snapshot directory holds two files:
-//! - `memory`: guest RAM, regions back to back in address order, sparse
-//!   (pages that hold only zeroes are holes);
+//! - `memory-<16 hex digits>`: guest RAM, regions back to back in address
+//!   order, sparse (pages that hold only zeroes are holes); a new name for
+//!   every snapshot, so a snapshot never writes a file a restored sandbox
+//!   maps;
 //! - `state`: the magic `CHITINSN`, the format version (`u32`), the
 //!   payload's length (`u64`), the payload, and a CRC-32 of everything
 //!   before it (`u32`); integers little-endian. The payload is the machine
@@ -31,8 +33,9 @@ use crate::SandboxBuilder;
 
 /// The state file of a snapshot directory.
 pub const STATE_FILE: &str = "state";
-/// The memory file of a snapshot directory.
-pub const MEMORY_FILE: &str = "memory";
+/// How the memory files of a snapshot directory are named: this and 16
+/// hex digits.
+const MEMORY_PREFIX: &str = "memory-";
 /// The state file's first bytes.
 const MAGIC: &[u8; 8] = b"CHITINSN";
 /// The state format this chitin writes and the newest it reads.
@@ -99,6 +102,13 @@ pub enum SnapshotError {
         /// The restore's.
         asked: u64,
     },
+    /// This host gives a vCPU other CPU features (CPUID) than the host
+    /// the snapshot was taken on: the guest could not go on safely.
+    #[error("this host gives vCPU {vcpu} other CPU features than the snapshot's host")]
+    CpuMismatch {
+        /// The first vCPU that differs.
+        vcpu: u8,
+    },
     /// Saving a vCPU's or the VM's state failed in KVM.
     #[error("cannot save the {what} state")]
     Save {
@@ -127,6 +137,8 @@ pub(crate) struct LegacyState {
 /// Everything a snapshot's state file holds.
 #[derive(Debug)]
 pub(crate) struct Saved {
+    /// The memory file's name in the snapshot directory.
+    pub(crate) memory_file: String,
     pub(crate) vcpus: u8,
     pub(crate) memory_bytes: u64,
     pub(crate) acpi: bool,
@@ -183,6 +195,7 @@ fn read_option_u8(r: &mut Reader<'_>, what: &'static str) -> Result<Option<u8>, 
 impl Saved {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
+        w.bytes(self.memory_file.as_bytes());
         w.u8(self.vcpus);
         w.u64(self.memory_bytes);
         w.u8(self.acpi.into());
@@ -238,6 +251,15 @@ impl Saved {
 
     fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(payload);
+        let memory_file = r.bytes("memory file name")?;
+        let memory_file = std::str::from_utf8(memory_file)
+            .ok()
+            .filter(|n| is_memory_file_name(n))
+            .ok_or_else(|| DecodeError::Invalid {
+                what: "memory file name",
+                detail: String::from_utf8_lossy(memory_file).into_owned(),
+            })?
+            .to_string();
         let vcpus = r.u8("vCPU count")?;
         if vcpus == 0 || vcpus == u8::MAX {
             return Err(DecodeError::Invalid {
@@ -314,6 +336,7 @@ impl Saved {
         };
         r.finish("state")?;
         Ok(Saved {
+            memory_file,
             vcpus,
             memory_bytes,
             acpi,
@@ -330,6 +353,49 @@ impl Saved {
             vcpu_states,
             legacy: LegacyState { serial, rtc, i8042 },
         })
+    }
+}
+
+/// Whether `name` is a memory file's name: the prefix and 16 lowercase
+/// hex digits, nothing else (no path).
+fn is_memory_file_name(name: &str) -> bool {
+    name.strip_prefix(MEMORY_PREFIX).is_some_and(|hex| {
+        hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// A fresh memory file name for a new snapshot.
+pub(crate) fn new_memory_file_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Randomly keyed by std, with the time and a counter mixed in: two
+    // snapshots never pick the same name in practice, and if they did the
+    // second would fail to create it rather than overwrite it.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    format!("{MEMORY_PREFIX}{:016x}", h.finish())
+}
+
+/// Remove the memory files in `dir` other than `keep`: earlier
+/// snapshots' (sandboxes restored from them keep their mappings; the
+/// files go when the last one ends). Best effort.
+pub(crate) fn remove_other_memory_files(dir: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if let Some(name) = name.to_str() {
+            if is_memory_file_name(name) && name != keep {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
@@ -396,6 +462,25 @@ pub(crate) fn parse_state(bytes: &[u8], path: &Path) -> Result<Saved, SnapshotEr
     Ok(Saved::decode(&body[HEADER_LEN..])?)
 }
 
+/// Open `path` for reading, refusing anything but a regular file (a FIFO
+/// would block the open, a device could be read forever); symbolic links
+/// are followed.
+fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err(path))?;
+    if !file.metadata().map_err(io_err(path))?.is_file() {
+        return Err(SnapshotError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        });
+    }
+    Ok(file)
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
         path: path.to_path_buf(),
@@ -413,6 +498,10 @@ pub(crate) fn write_state(dir: &Path, saved: &Saved) -> Result<u64, SnapshotErro
     file.write_all(&bytes).map_err(io_err(&tmp))?;
     file.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    // The rename itself reaches the disk with the directory.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
     Ok(bytes.len() as u64)
 }
 
@@ -441,18 +530,25 @@ impl Snapshot {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join(STATE_FILE);
-        let mut file = File::open(&path).map_err(io_err(&path))?;
+        let limit = MAX_STATE_LEN + (HEADER_LEN + TRAILER_LEN) as u64;
+        let file = open_regular(&path)?;
         let len = file.metadata().map_err(io_err(&path))?.len();
-        if len > MAX_STATE_LEN + (HEADER_LEN + TRAILER_LEN) as u64 {
+        if len > limit {
             return Err(SnapshotError::Corrupt(format!(
                 "a state file of {len} bytes"
             )));
         }
+        // Read no more than the limit even if the file grows meanwhile.
         let mut bytes = Vec::with_capacity(len as usize);
-        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(&path))?;
         let saved = parse_state(&bytes, &path)?;
-        let memory = dir.join(MEMORY_FILE);
-        let have = std::fs::metadata(&memory).map_err(io_err(&memory))?.len();
+        let memory = dir.join(&saved.memory_file);
+        let have = open_regular(&memory)?
+            .metadata()
+            .map_err(io_err(&memory))?
+            .len();
         if have != saved.memory_bytes {
             return Err(SnapshotError::Corrupt(format!(
                 "the memory file holds {have} bytes, the state says {}",
@@ -487,6 +583,23 @@ impl Snapshot {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn memory_file_names_are_fresh_and_plain() {
+        let a = new_memory_file_name();
+        let b = new_memory_file_name();
+        assert_ne!(a, b);
+        assert!(is_memory_file_name(&a), "{a}");
+        for bad in [
+            "memory",
+            "memory-0123",
+            "memory-0123456789abcdeF",
+            "memory-../../etc/pass",
+            "../memory-0123456789abcdef",
+        ] {
+            assert!(!is_memory_file_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn crc32_matches_the_reference_check_value() {

@@ -113,6 +113,21 @@ fn two_clones_of_one_snapshot_run_at_once_and_diverge() {
     assert_eq!(third.stop(), ExitReason::Stopped);
 }
 
+/// The memory files (`memory-<hex>`) in `dir`.
+fn memory_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("memory-"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 /// `Snapshot::open` of a copy of `dir` whose state file was changed by
 /// `damage`.
 fn open_damaged(dir: &Path, name: &str, damage: impl FnOnce(&mut Vec<u8>)) -> SnapshotError {
@@ -120,8 +135,48 @@ fn open_damaged(dir: &Path, name: &str, damage: impl FnOnce(&mut Vec<u8>)) -> Sn
     let mut state = std::fs::read(dir.join("state")).unwrap();
     damage(&mut state);
     std::fs::write(copy.path().join("state"), &state).unwrap();
-    std::fs::copy(dir.join("memory"), copy.path().join("memory")).unwrap();
+    for memory in memory_files(dir) {
+        std::fs::copy(&memory, copy.path().join(memory.file_name().unwrap())).unwrap();
+    }
     Snapshot::open(copy.path()).unwrap_err()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn a_new_snapshot_in_the_directory_a_clone_maps_leaves_the_clone_intact() {
+    if !kvm_available("snapshot_again") {
+        return;
+    }
+    // Arrange: a clone of the snapshot in `dir`, counting.
+    let dir = Scratch::new("snapshot-again");
+    let before = snapshot_counter(dir.path());
+    let last = *counted(&before).last().unwrap();
+    let console = ConsoleCapture::default();
+    let clone = restore(dir.path(), &console);
+    assert!(wait_for_count(&console, last + 2), "{}", text(&console));
+    let old_memory = memory_files(dir.path());
+    // Act: the clone itself snapshotted into the same directory.
+    clone.pause().unwrap();
+    clone.snapshot(dir.path()).unwrap();
+    let at = *counted(&format!("{before}{}", text(&console)))
+        .last()
+        .unwrap();
+    clone.resume();
+    // Assert: the clone's memory is its own (a snapshot writes a new
+    // file and drops the old name), it counts on; a restore of the new
+    // snapshot continues from where the clone was.
+    let new_memory = memory_files(dir.path());
+    assert_eq!(new_memory.len(), 1, "{new_memory:?}");
+    assert_ne!(new_memory, old_memory);
+    assert!(wait_for_count(&console, at + 3), "{}", text(&console));
+    assert_consecutive(&format!("{before}{}", text(&console)));
+    let again = ConsoleCapture::default();
+    let second = restore(dir.path(), &again);
+    assert!(wait_for_count(&again, at + 2), "{}", text(&again));
+    let first_line = counted(&text(&again))[0];
+    assert!(first_line <= at + 1, "{first_line} after {at}");
+    assert_eq!(second.stop(), ExitReason::Stopped);
+    assert_eq!(clone.stop(), ExitReason::Stopped);
 }
 
 #[test]
@@ -163,17 +218,33 @@ fn damaged_foreign_or_mismatched_snapshots_are_typed_errors() {
         *s = b"#!/bin/sh\necho hello\n".to_vec();
     });
     assert!(matches!(e, SnapshotError::NotASnapshot(_)), "{e}");
-    // The memory file missing, or of another size.
+    // The memory file missing, of another size, or not a file.
     let copy = Scratch::new("snapshot-nomem");
     std::fs::copy(dir.path().join("state"), copy.path().join("state")).unwrap();
     assert!(matches!(
         Snapshot::open(copy.path()),
         Err(SnapshotError::Io { .. })
     ));
-    std::fs::write(copy.path().join("memory"), [0u8; 4096]).unwrap();
+    let memory = copy
+        .path()
+        .join(memory_files(dir.path())[0].file_name().unwrap());
+    std::fs::write(&memory, [0u8; 4096]).unwrap();
     assert!(matches!(
         Snapshot::open(copy.path()),
         Err(SnapshotError::Corrupt(_))
+    ));
+    std::fs::remove_file(&memory).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &memory).unwrap();
+    assert!(matches!(
+        Snapshot::open(copy.path()),
+        Err(SnapshotError::Io { .. })
+    ));
+    // A state file that is a device: refused, not read forever.
+    std::fs::remove_file(copy.path().join("state")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", copy.path().join("state")).unwrap();
+    assert!(matches!(
+        Snapshot::open(copy.path()),
+        Err(SnapshotError::Io { .. })
     ));
     // Another machine asked of it.
     let snapshot = Snapshot::open(dir.path()).unwrap();

@@ -233,7 +233,7 @@ impl CmosRtc {
         let rtc = Self::new();
         {
             let mut cmos = rtc.cmos();
-            cmos.index = state.index;
+            cmos.index = state.index & INDEX_MASK;
             let n = state.ram.len().min(CMOS_SIZE);
             cmos.ram[..n].copy_from_slice(&state.ram[..n]);
         }

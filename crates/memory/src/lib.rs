@@ -195,9 +195,13 @@ impl GuestRam {
     /// Write guest RAM to `file` (truncated to RAM's size first) for a
     /// snapshot, regions back to back in address order: only pages that
     /// hold something are written, so untouched and zero pages stay holes.
-    /// Returns the bytes written. Nothing may write guest RAM meanwhile
-    /// (every vCPU and device paused).
-    pub fn save(&self, file: &File) -> Result<u64, MemoryError> {
+    /// Returns the bytes written.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write guest RAM while this reads it: every vCPU paused
+    /// and every device at rest. (It reads RAM as plain bytes.)
+    pub unsafe fn save(&self, file: &File) -> Result<u64, MemoryError> {
         use std::os::unix::fs::FileExt;
         let page = layout::PAGE_SIZE as usize;
         file.set_len(0).map_err(MemoryError::Snapshot)?;
@@ -212,8 +216,9 @@ impl GuestRam {
                 .map_err(|e| MemoryError::Snapshot(io::Error::other(e.to_string())))?;
             let mapped = self.mapped_pages(host as usize, len)?;
             // SAFETY: `host` is the start of a live mapping of `len` bytes
-            // owned by `self.memory`; the caller guarantees nothing writes
-            // it while this reads, so a shared view of plain bytes is sound.
+            // owned by `self.memory`; the caller guarantees (this
+            // function's contract) that nothing writes it while this
+            // reads, so a shared view of plain bytes is sound.
             let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
             // Runs of pages with data, each written with one call.
             let mut run: Option<usize> = None;
@@ -257,22 +262,28 @@ impl GuestRam {
         let Ok(pagemap) = File::open("/proc/self/pagemap") else {
             return Ok(None);
         };
+        /// Pagemap entries read at once (256 KiB, for 128 MiB of RAM).
+        const CHUNK_PAGES: usize = 32 << 10;
         let page = layout::PAGE_SIZE as usize;
-        let mut entries = vec![0u8; len / page * 8];
-        let offset = (host / page * 8) as u64;
-        if pagemap.read_exact_at(&mut entries, offset).is_err() {
-            return Ok(None);
+        let pages = len / page;
+        let mut mapped = Vec::with_capacity(pages);
+        let mut entries = vec![0u8; CHUNK_PAGES.min(pages) * 8];
+        let mut done = 0;
+        while done < pages {
+            let n = CHUNK_PAGES.min(pages - done);
+            let buf = &mut entries[..n * 8];
+            let offset = ((host / page + done) * 8) as u64;
+            if pagemap.read_exact_at(buf, offset).is_err() {
+                return Ok(None);
+            }
+            mapped.extend(buf.chunks_exact(8).map(|e| {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(e);
+                u64::from_le_bytes(v) & (PRESENT | SWAPPED) != 0
+            }));
+            done += n;
         }
-        Ok(Some(
-            entries
-                .chunks_exact(8)
-                .map(|e| {
-                    let mut v = [0u8; 8];
-                    v.copy_from_slice(e);
-                    u64::from_le_bytes(v) & (PRESENT | SWAPPED) != 0
-                })
-                .collect(),
-        ))
+        Ok(Some(mapped))
     }
 
     /// The mapped guest memory, for the loader and the devices.
@@ -486,7 +497,8 @@ mod tests {
         mem.write_obj(0u64, GuestAddress(0x40_0000)).unwrap();
         let file = scratch();
         // Act
-        let written = ram.save(&file).unwrap();
+        // SAFETY: nothing else touches `ram` in this test.
+        let written = unsafe { ram.save(&file) }.unwrap();
         let first = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
         let second = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
         first
@@ -509,7 +521,9 @@ mod tests {
         // its data is in the file, not in its pages, and must carry over.
         let untouched = GuestRam::from_snapshot(&file, 16 * MIB).unwrap();
         let file2 = scratch();
-        assert_eq!(untouched.save(&file2).unwrap(), layout::PAGE_SIZE);
+        // SAFETY: nothing else touches `untouched` in this test.
+        let written = unsafe { untouched.save(&file2) }.unwrap();
+        assert_eq!(written, layout::PAGE_SIZE);
         let resaved = GuestRam::from_snapshot(&file2, 16 * MIB).unwrap();
         assert_eq!(read(&resaved).unwrap(), 0x1122_3344_5566_7788);
     }
@@ -518,7 +532,8 @@ mod tests {
     fn snapshot_of_another_size_is_refused() {
         let ram = GuestRam::new(16 * MIB, Backing::Anonymous).unwrap();
         let file = scratch();
-        ram.save(&file).unwrap();
+        // SAFETY: nothing else touches `ram` in this test.
+        unsafe { ram.save(&file) }.unwrap();
         assert!(matches!(
             GuestRam::from_snapshot(&file, 32 * MIB),
             Err(MemoryError::SnapshotSize {

@@ -164,7 +164,9 @@ impl Parking {
         while state.requested && !stopped() {
             if let Some(job) = state.jobs.remove(&id) {
                 drop(state);
-                job(fd);
+                // A job that panics loses its answer (its caller sees the
+                // job dropped), not the vCPU thread, which stays parked.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(fd)));
                 state = self.state();
                 continue;
             }

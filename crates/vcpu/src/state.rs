@@ -10,8 +10,8 @@
 //! others could change.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -62,6 +62,24 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     /// The guest TSC's frequency, kHz.
     pub tsc_khz: u32,
+    /// The CPUID the vCPU had; a restore refuses a host that gives
+    /// another.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+/// The legacy `struct kvm_xsave`: all the XSAVE state a snapshot carries.
+const XSAVE_SIZE: usize = 4096;
+
+/// An XSAVE area larger than the legacy one (AMX's, once the process
+/// asked for it): `KVM_SET_XSAVE` would read past the 4 KiB struct.
+fn xsave_too_large(size: usize) -> Result<(), StateError> {
+    if size > XSAVE_SIZE {
+        return Err(StateError {
+            what: "KVM_GET/SET_XSAVE (an XSAVE area above 4 KiB, as with AMX, is not carried)",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        });
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -107,7 +125,13 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateEr
 impl VcpuState {
     /// Save the state of the vCPU behind `fd` (not running: parked, or not
     /// started), with the MSRs of `msr_indices` it can read.
-    pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, StateError> {
+    pub fn save(
+        fd: &VcpuFd,
+        msr_indices: &[u32],
+        xsave_size: usize,
+        cpuid: Vec<kvm_cpuid_entry2>,
+    ) -> Result<Self, StateError> {
+        xsave_too_large(xsave_size)?;
         let mp_state = fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?;
         let regs = fd.get_regs().map_err(err("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
@@ -129,12 +153,26 @@ impl VcpuState {
             msrs,
             events,
             tsc_khz,
+            cpuid,
         })
     }
 
     /// Put this state into the vCPU behind `fd` (created with its CPUID,
-    /// not yet run).
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+    /// not yet run), on a host whose KVM saves `allowed_msrs` and copies
+    /// `xsave_size` bytes of XSAVE state.
+    pub fn restore(
+        &self,
+        fd: &VcpuFd,
+        allowed_msrs: &[u32],
+        xsave_size: usize,
+    ) -> Result<(), StateError> {
+        xsave_too_large(xsave_size)?;
+        if self.msrs.iter().any(|m| !allowed_msrs.contains(&m.index)) {
+            return Err(StateError {
+                what: "KVM_SET_MSRS (the snapshot holds an MSR this host's KVM does not list)",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
         if fd.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))? != self.tsc_khz {
             fd.set_tsc_khz(self.tsc_khz).map_err(err(
                 "KVM_SET_TSC_KHZ (the host cannot run the guest's TSC rate)",
@@ -199,6 +237,10 @@ impl VcpuState {
         }
         w.raw(&self.events);
         w.u32(self.tsc_khz);
+        w.u32(u32::try_from(self.cpuid.len()).unwrap_or(u32::MAX));
+        for entry in &self.cpuid {
+            w.raw(entry);
+        }
     }
 
     /// Read a state [`VcpuState::encode`] wrote.
@@ -223,6 +265,11 @@ impl VcpuState {
         }
         let events = r.raw("vCPU events")?;
         let tsc_khz = r.u32("TSC frequency")?;
+        let count = r.count("CPUID entry count", 4)?;
+        let mut cpuid = Vec::with_capacity(count);
+        for _ in 0..count {
+            cpuid.push(r.raw("CPUID entry")?);
+        }
         Ok(VcpuState {
             mp_state,
             regs,
@@ -234,6 +281,7 @@ impl VcpuState {
             msrs,
             events,
             tsc_khz,
+            cpuid,
         })
     }
 }

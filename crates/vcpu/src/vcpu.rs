@@ -12,7 +12,7 @@ use chitin_bus::Bus;
 use chitin_memory::GuestMemoryMmap;
 use chitin_seccomp::{Seccomp, Starting, ThreadClass};
 use kvm_bindings::{
-    Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -100,9 +100,8 @@ impl Vcpu {
             .fd()
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create"))?;
-        let mut cpuid = vm.supported_cpuid().clone();
-        cpuid::adjust(&mut cpuid, id, count, vm.host_features());
-        fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        fd.set_cpuid2(&Self::cpuid_for(vm, id, count))
+            .map_err(kvm_err("set CPUID"))?;
         let entries = msr::boot_msrs();
         let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
             id,
@@ -125,6 +124,15 @@ impl Vcpu {
         Ok(Self { fd, id })
     }
 
+    /// The CPUID vCPU `id` of `count` gets on this host: what KVM
+    /// supports, adjusted for topology and chitin's choices. A snapshot
+    /// records it; a restore on a host that gives something else refuses.
+    pub fn cpuid_for(vm: &Vm, id: u8, count: u8) -> CpuId {
+        let mut cpuid = vm.supported_cpuid().clone();
+        cpuid::adjust(&mut cpuid, id, count, vm.host_features());
+        cpuid
+    }
+
     /// This vCPU's index (and APIC id).
     pub fn id(&self) -> u8 {
         self.id
@@ -132,10 +140,10 @@ impl Vcpu {
 
     /// Put saved `state` into this vCPU (created, never run), on the
     /// thread that created it, instead of [`Vcpu::configure_boot`].
-    pub fn restore(&mut self, state: &crate::VcpuState) -> Result<(), VcpuError> {
+    pub fn restore(&mut self, state: &crate::VcpuState, vm: &Vm) -> Result<(), VcpuError> {
         let id = self.id;
         state
-            .restore(&self.fd)
+            .restore(&self.fd, vm.saved_msrs(), vm.xsave_size())
             .map_err(|e| VcpuError::Restore { id, source: e })
     }
 
@@ -197,6 +205,7 @@ impl Vcpu {
         kick::set_immediate_exit_target(flag);
         while !control.should_stop() {
             if control.pause_requested() {
+                self.complete_pending_exit();
                 control.park(self.id, &self.fd);
                 continue;
             }
@@ -206,6 +215,19 @@ impl Vcpu {
         }
         kick::set_immediate_exit_target(std::ptr::null_mut());
         control.unregister_current_thread();
+    }
+
+    /// Finish the exit handled last without running guest code: KVM
+    /// completes a port or MMIO access (RIP past the instruction, read
+    /// data into its register) only at the next `KVM_RUN`, so state read
+    /// before that would replay the access. With `immediate_exit` set,
+    /// `KVM_RUN` completes it and returns `EINTR` at once (api.rst,
+    /// KVM_EXIT_IO and KVM_EXIT_MMIO). Nothing is lost if it fails: the
+    /// next entry completes it.
+    fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Enter the guest once; `Some` when the VM must stop.

@@ -14,6 +14,8 @@ use chitin_memory::GuestRam;
 use crate::arch::x86_64::cpuid::HostFeatures;
 use crate::kick;
 
+/// The legacy `struct kvm_xsave`'s size.
+const LEGACY_XSAVE_SIZE: usize = 4096;
 /// KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 /// Three pages in the MMIO gap that Intel VMX needs for its real-mode TSS;
@@ -59,6 +61,9 @@ pub struct Vm {
     saved_msrs: Vec<u32>,
     /// Whether the in-kernel PIT exists.
     pit: bool,
+    /// Bytes of a vCPU's XSAVE state as KVM copies it in and out
+    /// (`KVM_CAP_XSAVE2`; 4 KiB without it).
+    xsave_size: usize,
 }
 
 impl Vm {
@@ -122,12 +127,16 @@ impl Vm {
             };
             fd.create_pit2(config).map_err(setup("create PIT"))?;
         }
+        let xsave_size = usize::try_from(fd.check_extension_int(Cap::Xsave2))
+            .unwrap_or(0)
+            .max(LEGACY_XSAVE_SIZE);
         Ok(Self {
             fd,
             supported_cpuid,
             host_features,
             saved_msrs,
             pit,
+            xsave_size,
         })
     }
 
@@ -140,6 +149,12 @@ impl Vm {
     /// Whether the VM has the in-kernel PIT.
     pub fn has_pit(&self) -> bool {
         self.pit
+    }
+
+    /// Bytes of a vCPU's XSAVE state as KVM copies it (above 4 KiB where
+    /// the process asked for AMX's state).
+    pub fn xsave_size(&self) -> usize {
+        self.xsave_size
     }
 
     /// The VM file descriptor.
