@@ -78,6 +78,8 @@ pub use sandbox::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, ROOTFS_MOUNT, VMM_CMDLINE_ENTRIES,
 };
 pub use share::Share;
+#[doc(hidden)]
+pub use snapshot::fuzzing;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo, SNAPSHOT_FORMAT};
 
 pub use chitin_seccomp::{Seccomp, ThreadClass as SeccompThread, Violation as SeccompViolation};

@@ -580,6 +580,26 @@ impl Snapshot {
     }
 }
 
+/// Entry points for the `snapshot_state` fuzz target; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use super::{parse_state, Saved, SnapshotError};
+
+    /// Parse `bytes` as a whole state file (header, length, checksum, then
+    /// the payload).
+    pub fn parse_state_file(bytes: &[u8]) -> Result<(), SnapshotError> {
+        parse_state(bytes, Path::new("fuzz-input")).map(|_| ())
+    }
+
+    /// Decode `payload` as if a valid header and checksum carried it; what
+    /// it decodes to, encoded again (which must be `payload` itself).
+    pub fn reencode_payload(payload: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+        Ok(Saved::decode(payload)?.encode())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -599,6 +619,98 @@ pub(crate) mod tests {
         ] {
             assert!(!is_memory_file_name(bad), "{bad}");
         }
+    }
+
+    /// A state as a snapshot of a 2-vCPU machine holds it (KVM structs at
+    /// their defaults but for what the reader checks).
+    fn sample() -> Saved {
+        use kvm_bindings::{kvm_cpuid_entry2, kvm_irqchip, kvm_msr_entry};
+        let mut irqchips = [kvm_irqchip::default(); 3];
+        for (i, chip) in irqchips.iter_mut().enumerate() {
+            chip.chip_id = i as u32;
+        }
+        let vcpu = VcpuState {
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Box::new([7; 1024]),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 1 << 40,
+                ..Default::default()
+            }],
+            events: Default::default(),
+            tsc_khz: 2_000_000,
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f8,
+                ..Default::default()
+            }],
+        };
+        Saved {
+            memory_file: new_memory_file_name(),
+            vcpus: 2,
+            memory_bytes: 64 << 20,
+            acpi: true,
+            pit: false,
+            boot: BootInfo {
+                format: KernelFormat::BzImage,
+                protocol: BootProtocol::Linux64,
+                entry: GuestAddress(0x100_0200),
+                kernel_end: 0x200_0000,
+                initrd: Some((0x300_0000, 4096)),
+                cmdline_len: 42,
+            },
+            vm: VmState {
+                irqchips,
+                pit: None,
+                clock: Default::default(),
+            },
+            vcpu_states: vec![vcpu.clone(), vcpu],
+            legacy: LegacyState {
+                serial: SerialState::default(),
+                rtc: RtcState {
+                    index: 3,
+                    ram: vec![1; 128],
+                },
+                i8042: I8042State {
+                    config: 0x47,
+                    output_port: 1,
+                    output: Some(0xfa),
+                    awaiting_data: None,
+                    last_was_command: true,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn state_files_round_trip_and_every_damage_is_an_error() {
+        let saved = sample();
+        let file = state_file_bytes(&saved);
+        let parsed = parse_state(&file, Path::new("t")).unwrap();
+        assert_eq!(parsed.encode(), saved.encode());
+        assert_eq!(parsed.memory_file, saved.memory_file);
+        assert_eq!(parsed.boot.initrd, Some((0x300_0000, 4096)));
+        // Every cut, and a flipped bit anywhere, is refused.
+        for cut in 0..file.len() {
+            assert!(parse_state(&file[..cut], Path::new("t")).is_err(), "{cut}");
+        }
+        for at in (0..file.len()).step_by(97) {
+            let mut bad = file.clone();
+            bad[at] ^= 1;
+            assert!(parse_state(&bad, Path::new("t")).is_err(), "bit at {at}");
+        }
+        // Behind a valid checksum, every cut of the payload still fails
+        // to decode, and what decodes encodes to itself.
+        let payload = saved.encode();
+        for cut in 0..payload.len() {
+            assert!(fuzzing::reencode_payload(&payload[..cut]).is_err(), "{cut}");
+        }
+        assert_eq!(fuzzing::reencode_payload(&payload).unwrap(), payload);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub const TARGETS: &[&str] = &[
     "net_tx",
     "net_rx",
     "fs_request",
+    "snapshot_state",
 ];
 /// Seconds per target in a smoke run.
 const SMOKE_SECONDS: u64 = 45;

@@ -391,6 +391,66 @@ fn fs_request() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// A snapshot state payload of one vCPU, every KVM struct zeroed but
+/// where the decoder checks contents (the irqchip ids): sizes are the
+/// x86_64 kernel ABI's (kvm_irqchip 520, kvm_mp_state 4, kvm_regs 144,
+/// kvm_sregs 312, the XSAVE region 4096, kvm_xcrs 392, kvm_debugregs 128,
+/// kvm_lapic_state 1024, kvm_vcpu_events 64, kvm_cpuid_entry2 40), the
+/// field order docs/snapshot.md's.
+fn snapshot_payload(msrs: &[(u32, u64)], cpuid_entries: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    let blob = |p: &mut Vec<u8>, bytes: &[u8]| {
+        p.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        p.extend_from_slice(bytes);
+    };
+    blob(&mut p, b"memory-0123456789abcdef");
+    p.push(1); // vCPUs
+    p.extend_from_slice(&(64u64 << 20).to_le_bytes());
+    p.extend_from_slice(&[1, 0]); // ACPI, no PIT
+    p.extend_from_slice(&[0, 0]); // ELF, Linux 64-bit
+    p.extend_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+    p.extend_from_slice(&0x200_0000u64.to_le_bytes()); // kernel end
+    p.push(0); // no initrd
+    p.extend_from_slice(&40u64.to_le_bytes()); // command line length
+    for chip in 0u32..3 {
+        let mut irqchip = vec![0u8; 520];
+        irqchip[..4].copy_from_slice(&chip.to_le_bytes());
+        blob(&mut p, &irqchip);
+    }
+    p.push(0); // no PIT state
+    p.extend_from_slice(&123_456u64.to_le_bytes()); // kvmclock
+    for size in [4, 144, 312, 4096, 392, 128, 1024] {
+        blob(&mut p, &vec![0u8; size]);
+    }
+    p.extend_from_slice(&(msrs.len() as u32).to_le_bytes());
+    for (index, value) in msrs {
+        p.extend_from_slice(&index.to_le_bytes());
+        p.extend_from_slice(&value.to_le_bytes());
+    }
+    blob(&mut p, &[0u8; 64]); // events
+    p.extend_from_slice(&2_000_000u32.to_le_bytes()); // TSC kHz
+    p.extend_from_slice(&(cpuid_entries as u32).to_le_bytes());
+    for _ in 0..cpuid_entries {
+        blob(&mut p, &[0u8; 40]);
+    }
+    p.extend_from_slice(&[0, 0, 0, 1, 3, 0x60, 8, 0xb0, 0]); // COM1 registers
+    blob(&mut p, b"ab"); // receive FIFO
+    p.push(0x0b); // RTC index
+    blob(&mut p, &[0u8; 128]);
+    p.extend_from_slice(&[0x47, 0x01, 1, 0xfa, 0, 0]); // i8042: output pending
+    p
+}
+
+fn snapshot_state() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "one-vcpu",
+            snapshot_payload(&[(0x10, 1 << 40), (0x6e0, 0)], 2),
+        ),
+        ("bare", snapshot_payload(&[], 0)),
+    ]
+}
+
 /// The seeds of `target`, by name.
 pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     match target {
@@ -401,6 +461,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "net_tx" => net_tx(),
         "net_rx" => net_rx(),
         "fs_request" => fs_request(),
+        "snapshot_state" => snapshot_state(),
         _ => Vec::new(),
     }
 }
