@@ -416,6 +416,54 @@ fn exec_overhead(vm: &RunningSandbox, rtt_us: Option<u128>) -> Result<String, St
     ))
 }
 
+/// Pause and resume under a real guest: a command streaming lines when the
+/// pause comes; an exec sent while paused must not finish before the
+/// resume; afterwards every line is there and exec works.
+fn pause_resume(vm: &RunningSandbox) -> Result<String, String> {
+    let lines = 40;
+    let child = vm
+        .spawn(&sh(&format!(
+            "i=0; while [ $i -lt {lines} ]; do echo $i; i=$((i+1)); sleep 0.05; done"
+        )))
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    vm.pause().map_err(|e| e.to_string())?;
+    let pause_us = t.elapsed().as_micros();
+    if !vm.is_paused() {
+        return Err("not paused after pause()".into());
+    }
+    let handle = vm.handle();
+    let sent = std::thread::spawn(move || handle.output(Command::new("echo").arg("after")));
+    std::thread::sleep(Duration::from_millis(500));
+    let early = sent.is_finished();
+    let t = Instant::now();
+    vm.resume();
+    let resume_us = t.elapsed().as_micros();
+    if early {
+        return Err("an exec finished while the sandbox was paused".into());
+    }
+    let after = sent
+        .join()
+        .map_err(|_| "the exec thread panicked".to_string())?
+        .map_err(|e| e.to_string())?;
+    if after.stdout != b"after\n" {
+        return Err(format!("exec sent while paused: {after:?}"));
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let want: String = (0..lines).map(|i| format!("{i}\n")).collect();
+    if out.status != ExitStatus::Code(0) || out.stdout != want.as_bytes() {
+        return Err(format!(
+            "the streaming command across the pause: {:?}, {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    Ok(format!(
+        "paused in {pause_us} us with a command streaming; an exec sent meanwhile waited for the resume ({resume_us} us); all {lines} lines intact"
+    ))
+}
+
 /// The async face (`chitin::tokio`) on a one-thread runtime: an exec, and
 /// a spawned `sleep` killed while its wait is pending.
 fn async_exec(vm: &RunningSandbox) -> Result<String, String> {
@@ -844,6 +892,7 @@ fn main() {
     }
     if which == "exec" {
         c.result("async-exec", async_exec(&vm));
+        c.result("pause-resume", pause_resume(&vm));
     }
     // Which kernel answered, so the harness can tell the guests apart.
     c.result("guest-kernel", guest_kernel(&vm));
