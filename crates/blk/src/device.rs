@@ -430,6 +430,17 @@ impl VirtioDevice for Block {
         // Drops the queue, guest memory and interrupt; the image stays open.
         self.active = None;
     }
+
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        self.active.as_ref().map(Active::positions)
+    }
+
+    fn snapshot_refusal(&self) -> Option<&'static str> {
+        // Every request is finished on the event loop before it takes the
+        // next event, so a paused device has nothing in flight; the image
+        // is the embedder's to keep (or give a clone its own copy).
+        None
+    }
 }
 
 #[cfg(test)]
@@ -789,6 +800,28 @@ mod tests {
                 got: 2
             })
         ));
+    }
+
+    #[test]
+    fn queue_positions_exist_only_while_activated_and_snapshots_are_allowed() {
+        let image = TempImage::filled(DISK_SIZE, 0);
+        let mut block = block(&image, false);
+        let guest = GuestQueue::new(QUEUE_SIZE);
+        assert_eq!(block.snapshot_refusal(), None);
+        assert_eq!(block.queue_positions(), None);
+
+        block
+            .activate(ActivateContext {
+                mem: guest.memory().clone(),
+                queues: vec![guest.queue()],
+                interrupt: Arc::new(RecordingInterrupt::default()),
+                acked_features: 0,
+            })
+            .unwrap();
+
+        assert_eq!(block.queue_positions(), Some(vec![(0, 0)]));
+        block.reset();
+        assert_eq!(block.queue_positions(), None);
     }
 
     #[test]

@@ -53,6 +53,15 @@ impl<const N: usize> Active<N> {
         self.failed
     }
 
+    /// (next available, next used) of each queue, for a snapshot.
+    pub fn positions(&self) -> Vec<(u16, u16)> {
+        use virtio_queue::QueueT;
+        self.queues
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
+    }
+
     /// Run `work` over the queues unless a ring broke before; an error
     /// from it marks the device failed and signals DEVICE_NEEDS_RESET.
     pub fn run<E>(

@@ -84,6 +84,26 @@ pub trait VirtioDevice: Send {
     /// memory and return to the state before activation. Must be callable
     /// when not activated.
     fn reset(&mut self);
+
+    /// While activated, where the device is in each queue: (next available
+    /// index to take, next used index to write), in queue order. `None`
+    /// when not activated, or when the device cannot say (then it cannot
+    /// be snapshotted while running).
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        None
+    }
+
+    /// Why this device cannot be carried in a snapshot, if it cannot: state
+    /// outside the guest that a snapshot would lose silently (a tap's link,
+    /// a shared directory's open files). Devices must opt in.
+    fn snapshot_refusal(&self) -> Option<&'static str> {
+        Some("a device without snapshot support")
+    }
+
+    /// Activated again from a snapshot (after `activate`): what lived on
+    /// the host (connections, open files) was not carried over; tell the
+    /// driver as the device's specification says.
+    fn restored(&mut self) {}
 }
 
 /// [`VirtioDevice::read_config`] for a configuration space held as bytes:

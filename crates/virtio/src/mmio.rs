@@ -177,7 +177,193 @@ pub struct MmioTransport {
     interrupt: Arc<MmioInterrupt>,
 }
 
+/// One queue as a snapshot carries it: the driver's registers and, while
+/// the device runs, where the device is in the rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// The descriptor table's guest address.
+    pub desc: u64,
+    /// The available ring's.
+    pub driver: u64,
+    /// The used ring's.
+    pub device: u64,
+    /// The next available entry the device takes.
+    pub next_avail: u16,
+    /// The next used entry the device writes.
+    pub next_used: u16,
+}
+
+/// A transport as a snapshot carries it (the device's own state aside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportSnapshot {
+    /// The status register, without DEVICE_NEEDS_RESET.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// SHMSel.
+    pub shm_sel: u32,
+    /// Every queue, in index order.
+    pub queues: Vec<QueueSnapshot>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// DEVICE_NEEDS_RESET.
+    pub needs_reset: bool,
+}
+
+/// Why a transport could not be saved or put back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportSnapshotError {
+    /// The device cannot be carried in a snapshot.
+    #[error("cannot snapshot {0}")]
+    Refused(&'static str),
+    /// The device runs but cannot say where it is in its queues.
+    #[error("the device cannot report its queue positions")]
+    NoPositions,
+    /// The snapshot is of another device.
+    #[error("the snapshot is of a device with {saved} queues, this one has {has}")]
+    QueueCount {
+        /// Queues in the snapshot.
+        saved: usize,
+        /// Queues of the device.
+        has: usize,
+    },
+    /// The snapshot's features include some the device does not offer.
+    #[error("the snapshot's features {0:#x} include some this device does not offer")]
+    Features(u64),
+    /// The device could not be started again on the saved queues.
+    #[error("the device did not start again: {0}")]
+    Activation(String),
+}
+
 impl MmioTransport {
+    /// The transport's registers, interrupt state and queue positions, for
+    /// a snapshot. The VM must be paused (no vCPU in a register access,
+    /// the device's thread at rest).
+    pub fn snapshot(&self) -> Result<TransportSnapshot, TransportSnapshotError> {
+        let regs = self.registers();
+        let device = lock(&self.device);
+        if let Some(why) = device.snapshot_refusal() {
+            return Err(TransportSnapshotError::Refused(why));
+        }
+        let running = regs.status & DRIVER_OK != 0 && regs.activation_error.is_none();
+        let positions = if running {
+            device
+                .queue_positions()
+                .filter(|p| p.len() == regs.queues.len())
+                .ok_or(TransportSnapshotError::NoPositions)?
+        } else {
+            vec![(0, 0); regs.queues.len()]
+        };
+        drop(device);
+        let (interrupt_status, config_generation, needs_reset) = self.interrupt.saved();
+        let queues = regs
+            .queues
+            .iter()
+            .zip(positions)
+            .map(|(q, (next_avail, next_used))| {
+                let (size, ready, desc, driver, device) = q.saved();
+                QueueSnapshot {
+                    size,
+                    ready,
+                    desc,
+                    driver,
+                    device,
+                    next_avail,
+                    next_used,
+                }
+            })
+            .collect();
+        Ok(TransportSnapshot {
+            status: regs.status,
+            device_features_sel: regs.device_features_sel,
+            driver_features_sel: regs.driver_features_sel,
+            acked_features: regs.acked_features,
+            queue_sel: regs.queue_sel,
+            shm_sel: regs.shm_sel,
+            queues,
+            interrupt_status,
+            config_generation,
+            needs_reset,
+        })
+    }
+
+    /// Put a snapshot back into this transport (new, its device never
+    /// activated): the registers, the interrupt state, and, when the driver
+    /// had started the device, the device started again on the saved rings
+    /// at the saved positions, then told it was restored.
+    pub fn restore(&self, snap: &TransportSnapshot) -> Result<(), TransportSnapshotError> {
+        let mut regs = self.registers();
+        if snap.queues.len() != regs.queues.len() {
+            return Err(TransportSnapshotError::QueueCount {
+                saved: snap.queues.len(),
+                has: regs.queues.len(),
+            });
+        }
+        if snap.acked_features & !self.offered_features != 0 {
+            return Err(TransportSnapshotError::Features(snap.acked_features));
+        }
+        regs.status = snap.status & !NEEDS_RESET;
+        regs.device_features_sel = snap.device_features_sel;
+        regs.driver_features_sel = snap.driver_features_sel;
+        regs.acked_features = snap.acked_features;
+        regs.queue_sel = snap.queue_sel;
+        regs.shm_sel = snap.shm_sel;
+        for (q, saved) in regs.queues.iter_mut().zip(&snap.queues) {
+            q.load(
+                saved.size,
+                saved.ready,
+                saved.desc,
+                saved.driver,
+                saved.device,
+            );
+        }
+        self.interrupt.load(
+            snap.interrupt_status,
+            snap.config_generation,
+            snap.needs_reset,
+        );
+        if regs.status & DRIVER_OK == 0 || snap.needs_reset {
+            return Ok(());
+        }
+        let event_idx = regs.acked_features & F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(regs.queues.len());
+        for (index, (q, saved)) in regs.queues.iter().zip(&snap.queues).enumerate() {
+            let mut queue = q
+                .to_queue(index, &self.mem, event_idx)
+                .map_err(|e| TransportSnapshotError::Activation(e.to_string()))?;
+            if saved.ready {
+                use virtio_queue::QueueT;
+                queue.set_next_avail(saved.next_avail);
+                queue.set_next_used(saved.next_used);
+            }
+            queues.push(queue);
+        }
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt(),
+            acked_features: regs.acked_features,
+        };
+        let mut device = lock(&self.device);
+        device
+            .activate(ctx)
+            .map_err(|e| TransportSnapshotError::Activation(e.to_string()))?;
+        device.restored();
+        Ok(())
+    }
+
     /// A transport for `device`, whose queues live in `mem`.
     ///
     /// `interrupt` is the EventFd the VMM registers as irqfd for this

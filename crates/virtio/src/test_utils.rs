@@ -637,6 +637,7 @@ pub struct DummyDevice {
     fail_activation: bool,
     activate_calls: usize,
     reset_calls: usize,
+    restored_calls: usize,
     activation: Option<ActivateContext>,
     last_config_write: Option<(u64, Vec<u8>)>,
 }
@@ -659,6 +660,7 @@ impl DummyDevice {
             fail_activation: false,
             activate_calls: 0,
             reset_calls: 0,
+            restored_calls: 0,
             activation: None,
             last_config_write: None,
         })
@@ -692,9 +694,19 @@ impl DummyDevice {
         self.reset_calls
     }
 
+    /// How often [`VirtioDevice::restored`] was called.
+    pub fn restored_calls(&self) -> usize {
+        self.restored_calls
+    }
+
     /// What the last successful `activate` since the last `reset` received.
     pub fn activation(&self) -> Option<&ActivateContext> {
         self.activation.as_ref()
+    }
+
+    /// The same, to move the queues along as processing would.
+    pub fn activation_mut(&mut self) -> Option<&mut ActivateContext> {
+        self.activation.as_mut()
     }
 
     /// The configuration space as written so far.
@@ -776,6 +788,25 @@ impl VirtioDevice for DummyDevice {
     fn reset(&mut self) {
         self.reset_calls += 1;
         self.activation = None;
+    }
+
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        use virtio_queue::QueueT;
+        let ctx = self.activation.as_ref()?;
+        Some(
+            ctx.queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used()))
+                .collect(),
+        )
+    }
+
+    fn snapshot_refusal(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn restored(&mut self) {
+        self.restored_calls += 1;
     }
 }
 

@@ -130,6 +130,29 @@ impl MmioInterrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
+    /// (InterruptStatus, ConfigGeneration, NEEDS_RESET) for a snapshot:
+    /// the status as the driver's next read would see it.
+    pub(crate) fn saved(&self) -> (u32, u32, bool) {
+        let mut shown = self.shown();
+        *shown |= self.raised.swap(0, Ordering::AcqRel);
+        (*shown, self.config_generation(), self.needs_reset())
+    }
+
+    /// Put back what [`MmioInterrupt::saved`] returned; the line is raised
+    /// again for pending bits, whose interrupt the old VM may not have
+    /// delivered.
+    pub(crate) fn load(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        let mut shown = self.shown();
+        *shown = status & (INT_QUEUE | INT_CONFIG);
+        self.raised.store(0, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+        if *shown != 0 {
+            let _ = self.irq.write(1);
+        }
+    }
+
     /// Device reset: drop pending interrupts, counted acknowledgements and
     /// the NEEDS_RESET flag. ConfigGeneration keeps counting, so a driver
     /// never sees an old generation again.

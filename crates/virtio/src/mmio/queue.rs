@@ -244,6 +244,22 @@ impl QueueRegisters {
         }
     }
 
+    /// (size, ready, descriptor, driver, device) for a snapshot.
+    pub(crate) fn saved(&self) -> (u16, bool, u64, u64, u64) {
+        (self.size, self.ready, self.desc, self.driver, self.device)
+    }
+
+    /// Registers from a snapshot, checked as the driver's writes would be:
+    /// a size the queue could not take leaves it poisoned.
+    pub(crate) fn load(&mut self, size: u16, ready: bool, desc: u64, driver: u64, device: u64) {
+        self.reset();
+        self.set_size(u32::from(size));
+        self.ready = ready;
+        self.desc = desc;
+        self.driver = driver;
+        self.device = device;
+    }
+
     /// The `Queue` a device gets at activation for queue number `index`.
     ///
     /// A queue the driver did not make ready is handed over in its reset
