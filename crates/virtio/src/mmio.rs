@@ -181,8 +181,11 @@ pub struct MmioTransport {
 /// the device runs, where the device is in the rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueSnapshot {
-    /// QueueNum.
+    /// QueueNum: the last valid size written.
     pub size: u16,
+    /// The last QueueNum write if it was invalid (the queue refuses to
+    /// start until a valid one).
+    pub invalid_size: Option<u32>,
     /// QueueReady.
     pub ready: bool,
     /// The descriptor table's guest address.
@@ -200,6 +203,8 @@ pub struct QueueSnapshot {
 /// A transport as a snapshot carries it (the device's own state aside).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportSnapshot {
+    /// DeviceID: a snapshot restores only into the same kind of device.
+    pub device_type: u32,
     /// The status register, without DEVICE_NEEDS_RESET.
     pub status: u32,
     /// DeviceFeaturesSel.
@@ -214,8 +219,10 @@ pub struct TransportSnapshot {
     pub shm_sel: u32,
     /// Every queue, in index order.
     pub queues: Vec<QueueSnapshot>,
-    /// InterruptStatus.
+    /// InterruptStatus bits the driver read and has not acknowledged.
     pub interrupt_status: u32,
+    /// InterruptStatus bits raised since the driver's last read.
+    pub interrupt_raised: u32,
     /// ConfigGeneration.
     pub config_generation: u32,
     /// DEVICE_NEEDS_RESET.
@@ -231,6 +238,20 @@ pub enum TransportSnapshotError {
     /// The device runs but cannot say where it is in its queues.
     #[error("the device cannot report its queue positions")]
     NoPositions,
+    /// The snapshot is of another kind of device.
+    #[error("the snapshot is of virtio device type {saved}, this one is {has}")]
+    DeviceType {
+        /// The snapshot's DeviceID.
+        saved: u32,
+        /// This device's.
+        has: u32,
+    },
+    /// The transport was already in use: restore only into a new one.
+    #[error("restore into a transport the driver already used")]
+    NotFresh,
+    /// The status is not one the driver's bring-up can reach.
+    #[error("device status {0:#x} cannot be reached by a driver")]
+    InvalidStatus(u32),
     /// The snapshot is of another device.
     #[error("the snapshot is of a device with {saved} queues, this one has {has}")]
     QueueCount {
@@ -267,15 +288,17 @@ impl MmioTransport {
             vec![(0, 0); regs.queues.len()]
         };
         drop(device);
-        let (interrupt_status, config_generation, needs_reset) = self.interrupt.saved();
+        let (interrupt_status, interrupt_raised, config_generation, needs_reset) =
+            self.interrupt.saved();
         let queues = regs
             .queues
             .iter()
             .zip(positions)
             .map(|(q, (next_avail, next_used))| {
-                let (size, ready, desc, driver, device) = q.saved();
+                let (size, invalid_size, ready, desc, driver, device) = q.saved();
                 QueueSnapshot {
                     size,
+                    invalid_size,
                     ready,
                     desc,
                     driver,
@@ -286,6 +309,7 @@ impl MmioTransport {
             })
             .collect();
         Ok(TransportSnapshot {
+            device_type: self.device_type,
             status: regs.status,
             device_features_sel: regs.device_features_sel,
             driver_features_sel: regs.driver_features_sel,
@@ -294,6 +318,7 @@ impl MmioTransport {
             shm_sel: regs.shm_sel,
             queues,
             interrupt_status,
+            interrupt_raised,
             config_generation,
             needs_reset,
         })
@@ -305,6 +330,17 @@ impl MmioTransport {
     /// at the saved positions, then told it was restored.
     pub fn restore(&self, snap: &TransportSnapshot) -> Result<(), TransportSnapshotError> {
         let mut regs = self.registers();
+        // Everything is checked before anything changes: a refused
+        // snapshot leaves the transport as new.
+        if snap.device_type != self.device_type {
+            return Err(TransportSnapshotError::DeviceType {
+                saved: snap.device_type,
+                has: self.device_type,
+            });
+        }
+        if regs.status != 0 {
+            return Err(TransportSnapshotError::NotFresh);
+        }
         if snap.queues.len() != regs.queues.len() {
             return Err(TransportSnapshotError::QueueCount {
                 saved: snap.queues.len(),
@@ -314,41 +350,59 @@ impl MmioTransport {
         if snap.acked_features & !self.offered_features != 0 {
             return Err(TransportSnapshotError::Features(snap.acked_features));
         }
-        regs.status = snap.status & !NEEDS_RESET;
+        // The status must be a step of the bring-up (virtio 1.2 §3.1.1),
+        // FAILED aside, and FEATURES_OK needs VERSION_1, as the register
+        // state machine enforces.
+        let known = INIT_SEQUENCE.iter().fold(FAILED, |acc, bit| acc | bit);
+        let base = snap.status & !FAILED;
+        let reachable = (0..=INIT_SEQUENCE.len())
+            .any(|n| INIT_SEQUENCE[..n].iter().fold(0, |acc, bit| acc | bit) == base);
+        if snap.status & !known != 0
+            || !reachable
+            || (base & FEATURES_OK != 0 && snap.acked_features & F_VERSION_1 == 0)
+        {
+            return Err(TransportSnapshotError::InvalidStatus(snap.status));
+        }
+        let mut queues_regs = regs.queues.clone();
+        for (q, saved) in queues_regs.iter_mut().zip(&snap.queues) {
+            q.load(
+                saved.size,
+                saved.invalid_size,
+                saved.ready,
+                [saved.desc, saved.driver, saved.device],
+            );
+        }
+        let running = base & DRIVER_OK != 0 && !snap.needs_reset;
+        let mut queues = Vec::new();
+        if running {
+            let event_idx = snap.acked_features & F_EVENT_IDX != 0;
+            for (index, (q, saved)) in queues_regs.iter().zip(&snap.queues).enumerate() {
+                let mut queue = q
+                    .to_queue(index, &self.mem, event_idx)
+                    .map_err(|e| TransportSnapshotError::Activation(e.to_string()))?;
+                if saved.ready {
+                    use virtio_queue::QueueT;
+                    queue.set_next_avail(saved.next_avail);
+                    queue.set_next_used(saved.next_used);
+                }
+                queues.push(queue);
+            }
+        }
+        regs.status = snap.status;
         regs.device_features_sel = snap.device_features_sel;
         regs.driver_features_sel = snap.driver_features_sel;
         regs.acked_features = snap.acked_features;
         regs.queue_sel = snap.queue_sel;
         regs.shm_sel = snap.shm_sel;
-        for (q, saved) in regs.queues.iter_mut().zip(&snap.queues) {
-            q.load(
-                saved.size,
-                saved.ready,
-                saved.desc,
-                saved.driver,
-                saved.device,
-            );
-        }
+        regs.queues = queues_regs;
         self.interrupt.load(
             snap.interrupt_status,
+            snap.interrupt_raised,
             snap.config_generation,
             snap.needs_reset,
         );
-        if regs.status & DRIVER_OK == 0 || snap.needs_reset {
+        if !running {
             return Ok(());
-        }
-        let event_idx = regs.acked_features & F_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(regs.queues.len());
-        for (index, (q, saved)) in regs.queues.iter().zip(&snap.queues).enumerate() {
-            let mut queue = q
-                .to_queue(index, &self.mem, event_idx)
-                .map_err(|e| TransportSnapshotError::Activation(e.to_string()))?;
-            if saved.ready {
-                use virtio_queue::QueueT;
-                queue.set_next_avail(saved.next_avail);
-                queue.set_next_used(saved.next_used);
-            }
-            queues.push(queue);
         }
         let ctx = ActivateContext {
             mem: self.mem.clone(),
@@ -357,11 +411,18 @@ impl MmioTransport {
             acked_features: regs.acked_features,
         };
         let mut device = lock(&self.device);
-        device
-            .activate(ctx)
-            .map_err(|e| TransportSnapshotError::Activation(e.to_string()))?;
-        device.restored();
-        Ok(())
+        match device.activate(ctx) {
+            Ok(()) => {
+                device.restored();
+                Ok(())
+            }
+            Err(e) => {
+                // Back to new, as a refused snapshot leaves it.
+                drop(device);
+                self.reset(&mut regs);
+                Err(TransportSnapshotError::Activation(e.to_string()))
+            }
+        }
     }
 
     /// A transport for `device`, whose queues live in `mem`.

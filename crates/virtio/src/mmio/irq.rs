@@ -130,25 +130,33 @@ impl MmioInterrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
-    /// (InterruptStatus, ConfigGeneration, NEEDS_RESET) for a snapshot:
-    /// the status as the driver's next read would see it.
-    pub(crate) fn saved(&self) -> (u32, u32, bool) {
-        let mut shown = self.shown();
-        *shown |= self.raised.swap(0, Ordering::AcqRel);
-        (*shown, self.config_generation(), self.needs_reset())
+    /// For a snapshot, without changing anything the driver could see:
+    /// (the bits the driver read and has not acknowledged, the bits raised
+    /// since its last read, ConfigGeneration, NEEDS_RESET). The two sets
+    /// stay apart so an acknowledgement counted after the restore keeps
+    /// its rule (it never clears a bit raised after the read it answers).
+    pub(crate) fn saved(&self) -> (u32, u32, u32, bool) {
+        let shown = *self.shown();
+        (
+            shown,
+            self.raised.load(Ordering::Acquire),
+            self.config_generation(),
+            self.needs_reset(),
+        )
     }
 
     /// Put back what [`MmioInterrupt::saved`] returned; the line is raised
     /// again for pending bits, whose interrupt the old VM may not have
-    /// delivered.
-    pub(crate) fn load(&self, status: u32, config_generation: u32, needs_reset: bool) {
-        let mut shown = self.shown();
-        *shown = status & (INT_QUEUE | INT_CONFIG);
-        self.raised.store(0, Ordering::Release);
+    /// delivered (at worst one interrupt more, which finds nothing new).
+    pub(crate) fn load(&self, shown: u32, raised: u32, config_generation: u32, needs_reset: bool) {
+        let bits = INT_QUEUE | INT_CONFIG;
+        let mut current = self.shown();
+        *current = shown & bits;
+        self.raised.store(raised & bits, Ordering::Release);
         self.config_generation
             .store(config_generation, Ordering::Release);
         self.needs_reset.store(needs_reset, Ordering::Release);
-        if *shown != 0 {
+        if (shown | raised) & bits != 0 {
             let _ = self.irq.write(1);
         }
     }

@@ -244,20 +244,36 @@ impl QueueRegisters {
         }
     }
 
-    /// (size, ready, descriptor, driver, device) for a snapshot.
-    pub(crate) fn saved(&self) -> (u16, bool, u64, u64, u64) {
-        (self.size, self.ready, self.desc, self.driver, self.device)
+    /// For a snapshot: (size, the last invalid QueueNum write if any,
+    /// ready, descriptor, driver, device).
+    pub(crate) fn saved(&self) -> (u16, Option<u32>, bool, u64, u64, u64) {
+        (
+            self.size,
+            self.invalid_size,
+            self.ready,
+            self.desc,
+            self.driver,
+            self.device,
+        )
     }
 
-    /// Registers from a snapshot, checked as the driver's writes would be:
-    /// a size the queue could not take leaves it poisoned.
-    pub(crate) fn load(&mut self, size: u16, ready: bool, desc: u64, driver: u64, device: u64) {
+    /// Registers from a snapshot, taken as the driver's writes would be:
+    /// a size the queue could not take leaves it poisoned, as does a saved
+    /// invalid write.
+    pub(crate) fn load(
+        &mut self,
+        size: u16,
+        invalid_size: Option<u32>,
+        ready: bool,
+        addresses: [u64; 3],
+    ) {
         self.reset();
         self.set_size(u32::from(size));
+        if let Some(bad) = invalid_size {
+            self.invalid_size = Some(bad);
+        }
         self.ready = ready;
-        self.desc = desc;
-        self.driver = driver;
-        self.device = device;
+        [self.desc, self.driver, self.device] = addresses;
     }
 
     /// The `Queue` a device gets at activation for queue number `index`.

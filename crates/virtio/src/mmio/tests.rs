@@ -1111,9 +1111,13 @@ fn mmio_snapshot_restores_registers_interrupts_and_queue_positions() {
     let snap = fixture.transport.snapshot().unwrap();
     let again = Fixture::new();
     again.transport.restore(&snap).unwrap();
+    // Taken before the driver reads anything, a second snapshot of the
+    // restored transport is the same.
+    let second = again.transport.snapshot().unwrap();
 
     // Assert: the driver reads what it read before; the device runs on the
     // same rings from the same places, and was told it was restored.
+    assert_eq!(second, snap);
     assert_eq!(snap.queues[0].next_avail, 3);
     assert_eq!(
         again.read(STATUS),
@@ -1135,9 +1139,6 @@ fn mmio_snapshot_restores_registers_interrupts_and_queue_positions() {
     assert_eq!(at, [(3, 2), (5, 5)]);
     assert_eq!(ctx.queues[0].desc_table(), DESC_ADDR);
     assert_eq!(device.restored_calls(), 1);
-    drop(device);
-    // A second snapshot of the restored transport is the same.
-    assert_eq!(again.transport.snapshot().unwrap(), snap);
 }
 
 #[test]
@@ -1181,4 +1182,95 @@ fn mmio_restore_refuses_a_snapshot_of_another_device() {
         Err(TransportSnapshotError::Features(_))
     ));
     assert_eq!(again.device().activate_count(), 0);
+}
+
+#[test]
+fn mmio_snapshot_keeps_the_late_acknowledgement_rule() {
+    // Arrange: the driver read the queue bit, the device raised it again,
+    // then the VM was snapshotted before the driver's acknowledgement.
+    let fixture = Fixture::new();
+    fixture.activate();
+    let interrupt = fixture.transport.interrupt();
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE);
+    interrupt.trigger(InterruptKind::Queue).unwrap();
+    let snap = fixture.transport.snapshot().unwrap();
+    let again = Fixture::new();
+    again.transport.restore(&snap).unwrap();
+
+    // Act: the acknowledgement of the first read, counted by KVM after
+    // the restore.
+    counted_ack(&again, INT_QUEUE);
+
+    // Assert: the second interrupt's bit survives it, in the original
+    // (the snapshot changed nothing there) and in the restored copy.
+    assert_eq!(again.read(INTERRUPT_STATUS), INT_QUEUE);
+    counted_ack(&fixture, INT_QUEUE);
+    assert_eq!(fixture.read(INTERRUPT_STATUS), INT_QUEUE);
+}
+
+#[test]
+fn mmio_restore_refuses_unreachable_states_and_used_transports() {
+    // Arrange
+    let fixture = Fixture::new();
+    fixture.activate();
+    let snap = fixture.transport.snapshot().unwrap();
+    let with = |change: &dyn Fn(&mut TransportSnapshot)| {
+        let mut s = snap.clone();
+        change(&mut s);
+        s
+    };
+
+    // Act / Assert: DRIVER_OK without FEATURES_OK; FEATURES_OK without
+    // VERSION_1; an unknown status bit; another device type.
+    for (bad, what) in [
+        (
+            with(&|s| s.status = ACKNOWLEDGE | DRIVER | DRIVER_OK),
+            "skipped step",
+        ),
+        (with(&|s| s.acked_features &= !F_VERSION_1), "no VERSION_1"),
+        (with(&|s| s.status |= 0x20), "unknown bit"),
+    ] {
+        let again = Fixture::new();
+        assert!(
+            matches!(
+                again.transport.restore(&bad),
+                Err(TransportSnapshotError::InvalidStatus(_))
+            ),
+            "{what}"
+        );
+        assert_eq!(again.read(STATUS), 0, "{what}: untouched");
+    }
+    let other = Fixture::with_device(DummyDevice::new(19, &[QUEUE_MAX, QUEUE_MAX]).unwrap());
+    assert!(matches!(
+        other.transport.restore(&snap),
+        Err(TransportSnapshotError::DeviceType {
+            saved: BLOCK_TYPE,
+            has: 19
+        })
+    ));
+    // A transport the driver already started.
+    assert_eq!(
+        fixture.transport.restore(&snap),
+        Err(TransportSnapshotError::NotFresh)
+    );
+}
+
+#[test]
+fn mmio_restore_with_rings_outside_memory_leaves_the_transport_new() {
+    // Arrange: a snapshot whose queue 0 lies past the end of guest memory.
+    let fixture = Fixture::new();
+    fixture.activate();
+    let mut snap = fixture.transport.snapshot().unwrap();
+    snap.queues[0].desc = MEM_SIZE * 4;
+
+    // Act
+    let again = Fixture::new();
+    let result = again.transport.restore(&snap);
+
+    // Assert
+    assert!(matches!(result, Err(TransportSnapshotError::Activation(_))));
+    assert_eq!(again.read(STATUS), 0);
+    assert_eq!(again.device().activate_count(), 0);
+    assert_eq!(again.read(INTERRUPT_STATUS), 0);
 }
