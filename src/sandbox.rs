@@ -38,10 +38,7 @@ use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 use crate::net::{dns_entry, Net};
 use crate::share::Share;
-use crate::snapshot::{
-    new_memory_file_name, remove_other_memory_files, write_state, Saved, SnapshotError,
-    SnapshotInfo,
-};
+use crate::snapshot::{new_memory_file_name, write_snapshot, Saved, SnapshotError, SnapshotInfo};
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -1394,11 +1391,6 @@ impl RunningSandbox {
                 "virtio devices (disks, interfaces, shares, vsock, the agent)",
             ));
         }
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SnapshotError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut vcpu_states = Vec::with_capacity(self.life.vcpus);
         let count = self.life.vcpus as u8;
         for id in 0..count {
@@ -1437,41 +1429,10 @@ impl RunningSandbox {
             vcpu_states,
             legacy: self.legacy.state(),
         };
-        // A new file each time, never one a restored sandbox may map:
-        // the state file, written last, names it, so a crash leaves the
-        // previous snapshot whole.
-        let path = dir.join(&saved.memory_file);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io(&path))?;
         // SAFETY: the sandbox is paused (every vCPU and the event loop
         // parked) and has no virtio device, so no virtio-fs worker either:
         // nothing writes guest RAM until `paused` is released.
-        let saved_ram = unsafe { self.ram.save(&file) }.and_then(|n| {
-            file.sync_all()
-                .map_err(chitin_memory::MemoryError::Snapshot)?;
-            Ok(n)
-        });
-        let memory_written = match saved_ram {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(SnapshotError::Io {
-                    path,
-                    source: std::io::Error::other(crate::error::error_chain(&e)),
-                });
-            }
-        };
-        let state_bytes = match write_state(dir, &saved) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        };
-        remove_other_memory_files(dir, &saved.memory_file);
+        let (state_bytes, memory_written) = unsafe { write_snapshot(dir, &saved, &self.ram) }?;
         drop(paused);
         Ok(SnapshotInfo {
             state_bytes,

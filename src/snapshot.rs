@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use chitin_boot::{BootInfo, BootProtocol, KernelFormat};
 use chitin_devices::{I8042State, RtcState, SerialState};
+use chitin_memory::{GuestRam, MemoryError};
 use chitin_vcpu::codec::{DecodeError, Reader, Writer};
 use chitin_vcpu::{ExitReason, VcpuState, VmState};
 use vm_memory::GuestAddress;
@@ -385,7 +386,7 @@ pub(crate) fn new_memory_file_name() -> String {
 /// Remove the memory files in `dir` other than `keep`: earlier
 /// snapshots' (sandboxes restored from them keep their mappings; the
 /// files go when the last one ends). Best effort.
-pub(crate) fn remove_other_memory_files(dir: &Path, keep: &str) {
+fn remove_other_memory_files(dir: &Path, keep: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -488,9 +489,54 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
+/// Write a snapshot into `dir` (created if missing): guest RAM into a new
+/// memory file (`saved.memory_file`, never a file a restored sandbox may
+/// map), synced; then the state file naming it, so a crash leaves the
+/// previous snapshot whole; then the earlier snapshots' memory files go.
+/// Returns the state file's bytes and the RAM bytes written.
+///
+/// # Safety
+///
+/// As [`GuestRam::save`]: nothing may write `ram` meanwhile.
+pub(crate) unsafe fn write_snapshot(
+    dir: &Path,
+    saved: &Saved,
+    ram: &GuestRam,
+) -> Result<(u64, u64), SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(&saved.memory_file);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    // SAFETY: the caller vouches that nothing writes `ram` meanwhile.
+    let written = unsafe { ram.save(&file) }.and_then(|n| {
+        file.sync_all().map_err(MemoryError::Snapshot)?;
+        Ok(n)
+    });
+    let result = match written {
+        Ok(n) => write_state(dir, saved).map(|state| (state, n)),
+        Err(e) => Err(SnapshotError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(crate::error::error_chain(&e)),
+        }),
+    };
+    match result {
+        Ok(sizes) => {
+            remove_other_memory_files(dir, &saved.memory_file);
+            Ok(sizes)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
 /// Write `saved` as `dir`'s state file: to a temporary name first, synced,
 /// then renamed, so a crash never leaves a half-written state file.
-pub(crate) fn write_state(dir: &Path, saved: &Saved) -> Result<u64, SnapshotError> {
+fn write_state(dir: &Path, saved: &Saved) -> Result<u64, SnapshotError> {
     let bytes = state_file_bytes(saved);
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let path = dir.join(STATE_FILE);

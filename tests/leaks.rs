@@ -13,6 +13,20 @@ fn count_entries(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
 }
 
+/// The process has exactly `fds` open files and `threads` threads again.
+fn assert_back_to(fds: usize, threads: usize, after: &str) {
+    assert_eq!(
+        count_entries("/proc/self/fd"),
+        fds,
+        "fd count changed after {after}"
+    );
+    assert_eq!(
+        count_entries("/proc/self/task"),
+        threads,
+        "thread count changed after {after}"
+    );
+}
+
 #[test]
 #[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
@@ -35,12 +49,7 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
         assert_eq!(reason, ExitReason::Reset);
     }
     // Assert
-    assert_eq!(count_entries("/proc/self/fd"), fds, "fd count changed");
-    assert_eq!(
-        count_entries("/proc/self/task"),
-        threads,
-        "thread count changed"
-    );
+    assert_back_to(fds, threads, "twenty sandboxes");
 
     // Act: paused sandboxes, half dropped and half stopped while paused.
     for i in 0..6 {
@@ -60,16 +69,7 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
         }
     }
     // Assert
-    assert_eq!(
-        count_entries("/proc/self/fd"),
-        fds,
-        "fd count changed after paused sandboxes"
-    );
-    assert_eq!(
-        count_entries("/proc/self/task"),
-        threads,
-        "thread count changed after paused sandboxes"
-    );
+    assert_back_to(fds, threads, "paused sandboxes");
 
     // Act: a snapshot, and sandboxes restored from it, dropped or stopped.
     let dir = common::Scratch::new("leaks-snapshot");
@@ -97,14 +97,5 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
         }
     }
     // Assert
-    assert_eq!(
-        count_entries("/proc/self/fd"),
-        fds,
-        "fd count changed after restored sandboxes"
-    );
-    assert_eq!(
-        count_entries("/proc/self/task"),
-        threads,
-        "thread count changed after restored sandboxes"
-    );
+    assert_back_to(fds, threads, "restored sandboxes");
 }
