@@ -11,15 +11,18 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use chitin_virtio::active::{kick, rearm};
+use chitin_virtio::queue::{next_chain, notify, QueueError, QueueRun};
 use chitin_virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, Severity, VirtioDevice,
 };
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::UnixBackend;
 use crate::handler::{HandlerError, VsockHandler};
-use crate::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
 /// Virtio device ID of a socket device (virtio 1.2 §5.10.1).
 pub const DEVICE_TYPE_VSOCK: u32 = 19;
@@ -106,6 +109,9 @@ pub struct Vsock {
     timer: TimerFd,
     timer_armed: bool,
     active: Option<Active<3>>,
+    /// A transport-reset event waits for a buffer on the event queue
+    /// (set on restore from a snapshot).
+    reset_event_pending: bool,
 }
 
 impl Vsock {
@@ -147,6 +153,7 @@ impl Vsock {
             timer,
             timer_armed: false,
             active: None,
+            reset_event_pending: false,
         })
     }
 
@@ -245,7 +252,8 @@ impl Vsock {
             return;
         };
         let (handler, events) = (&mut self.handler, &self.queue_events);
-        // The event queue (the third) is never used.
+        // The event queue (the third) only carries the reset event
+        // (`post_events`).
         active.run(|[rx_queue, tx_queue, _], mem, interrupt| {
             if tx {
                 let run = handler.process_tx(tx_queue, mem, interrupt)?;
@@ -256,6 +264,92 @@ impl Vsock {
             Ok::<(), HandlerError>(())
         });
     }
+
+    /// Whether a transport-reset event still waits for an event-queue
+    /// buffer.
+    pub fn reset_event_pending(&self) -> bool {
+        self.reset_event_pending
+    }
+
+    /// Hand the pending transport-reset event, if any, to the driver in
+    /// the next usable buffer of the event queue; a buffer it cannot use
+    /// (too short, not writable) goes back empty and is recorded. Without
+    /// one the event waits for the driver's next event-queue notification
+    /// (asked for, with EVENT_IDX too). At most a queue's worth of
+    /// buffers per call: a driver re-posting bad buffers cannot hold the
+    /// event loop; the rest come on the next turn.
+    pub(crate) fn post_events(&mut self) {
+        if !self.reset_event_pending {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let (pending, faults) = (&mut self.reset_event_pending, self.handler.faults());
+        let event = &self.queue_events[EVENT_QUEUE];
+        active.run(|[_, _, event_queue], mem, interrupt| {
+            let mut run = QueueRun::default();
+            while *pending {
+                if run.completed >= usize::from(QUEUE_SIZE) {
+                    run.pending = true;
+                    break;
+                }
+                let Some(chain) = next_chain(event_queue, mem)? else {
+                    // Ask for the next buffer, then look once more: one
+                    // may have come in between.
+                    if event_queue
+                        .enable_notification(mem)
+                        .map_err(QueueError::Notification)?
+                    {
+                        continue;
+                    }
+                    break;
+                };
+                let head = chain.head_index();
+                let used = match write_reset_event(mem, chain) {
+                    Ok(()) => {
+                        *pending = false;
+                        EVENT_LEN as u32
+                    }
+                    Err(why) => {
+                        faults.record(Severity::Malformed, "event buffer", &why);
+                        0
+                    }
+                };
+                event_queue
+                    .add_used(mem, head, used)
+                    .map_err(QueueError::UsedRing)?;
+                run.completed += 1;
+            }
+            notify(event_queue, mem, interrupt, &mut run)?;
+            rearm(event, run);
+            Ok::<(), QueueError>(())
+        });
+    }
+}
+
+/// Bytes of a `struct virtio_vsock_event` (virtio 1.2 §5.10.6.5): `le32 id`.
+const EVENT_LEN: usize = 4;
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: every connection is gone; the
+/// driver drops them and reads the guest CID again.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Write the transport-reset event into the first device-writable
+/// descriptor of `chain`.
+fn write_reset_event<M: GuestMemory>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+) -> Result<(), &'static str> {
+    let desc = chain
+        .writable()
+        .next()
+        .ok_or("an event buffer with no device-writable descriptor")?;
+    if (desc.len() as usize) < EVENT_LEN {
+        return Err("an event buffer shorter than an event");
+    }
+    mem.write_slice(&EVENT_TRANSPORT_RESET.to_le_bytes(), desc.addr())
+        .map_err(|_| "an event buffer outside guest memory")
 }
 
 impl Drop for Vsock {
@@ -299,8 +393,29 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        self.active.as_ref().map(Active::positions)
+    }
+
+    fn snapshot_refusal(&self) -> Option<&'static str> {
+        // Connections are host sockets and do not outlive the process; a
+        // restored device starts with none and says so (`restored`).
+        None
+    }
+
+    fn restored(&mut self) {
+        // The transport was just activated on the saved rings: the
+        // driver's connections have no host side here. The reset event
+        // makes it drop them all (connected sockets see ECONNRESET,
+        // listeners stay).
+        self.handler.clear();
+        self.reset_event_pending = true;
+        self.post_events();
+    }
+
     fn reset(&mut self) {
         self.active = None;
+        self.reset_event_pending = false;
         self.handler.clear();
         self.handler
             .set_driver_ready(false, std::time::Instant::now());

@@ -53,8 +53,9 @@ impl MutEventSubscriber for Vsock {
         } else if fd == queue_fds[RX_QUEUE] {
             let _ = self.queue_events()[RX_QUEUE].read();
         } else if fd == queue_fds[EVENT_QUEUE] {
-            // The device never uses the event queue.
+            // New event buffers: a pending event may go now.
             let _ = self.queue_events()[EVENT_QUEUE].read();
+            self.post_events();
         } else if fd == self.listener().as_raw_fd() {
             self.accept_all();
         } else if fd == self.timer().as_raw_fd() {

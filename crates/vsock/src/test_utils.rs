@@ -126,6 +126,33 @@ impl Guest {
         (index < used).then(|| self.rx.used_element(index).unwrap().1)
     }
 
+    /// Have the device's queues use VIRTIO_F_EVENT_IDX.
+    pub fn with_event_idx(mut self) -> Self {
+        self.rx = self.rx.with_event_idx(true);
+        self.tx = self.tx.with_event_idx(true);
+        self.ev = self.ev.with_event_idx(true);
+        self
+    }
+
+    /// The event queue's `avail_event`: the available index at which the
+    /// device asked to be notified (EVENT_IDX).
+    pub fn event_avail_event(&self) -> u16 {
+        let at = self.ev.used_ring_addr().0 + 4 + 8 * u64::from(self.ev.size());
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// Offer an event-queue chain of raw descriptors.
+    pub fn add_event_chain(&mut self, descs: &[TestDescriptor]) {
+        self.ev.add_chain(descs).unwrap();
+    }
+
+    /// The `index`th event-queue chain the device returned: (head, used
+    /// length).
+    pub fn event_used(&self, index: u16) -> Option<(u32, u32)> {
+        let used = self.ev.used_idx().unwrap();
+        (index < used).then(|| self.ev.used_element(index).unwrap())
+    }
+
     /// Queue a TX chain of raw descriptors.
     pub fn add_tx_chain(&mut self, descs: &[TestDescriptor]) {
         self.tx.add_chain(descs).unwrap();
