@@ -221,6 +221,10 @@ pub enum ExecError {
     /// vsock driver reset); the next command opens a new one.
     #[error("the connection to the guest agent broke")]
     ConnectionLost(#[source] std::io::Error),
+    /// The host's random generator failed: no entropy to hand the guest
+    /// before its first command.
+    #[error("cannot read host random bytes for the guest")]
+    HostEntropy(#[source] std::io::Error),
     /// Writing the command's stdin failed.
     #[error("cannot write the command's stdin")]
     Stdin(#[source] std::io::Error),

@@ -294,6 +294,27 @@ pub(crate) fn connect(
 /// looks whether the VM has stopped.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Fresh random bytes from the host's kernel generator.
+fn host_entropy() -> std::io::Result<[u8; chitin_agent_client::ENTROPY_LEN]> {
+    let mut bytes = [0u8; chitin_agent_client::ENTROPY_LEN];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = &mut bytes[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
+        // which is valid for writes of that length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(bytes)
+}
+
 /// One attempt: `CONNECT <port>`, `OK <n>`, then the protocol handshake,
 /// all within [`ATTEMPT_TIMEOUT`] and before `deadline`; the stream sits in
 /// `attempt` meanwhile, so a VM stop cuts the attempt short. `Err(None)`:
@@ -320,6 +341,10 @@ fn try_connect(
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1)),
             seccomp,
+            // Every connection reseeds the guest's generator first: a
+            // clone restored from a snapshot must not hand out its
+            // siblings' random numbers to the commands it runs.
+            entropy: Some(host_entropy().map_err(|e| Some(ExecError::HostEntropy(e)))?),
             ..ClientConfig::default()
         };
         let handle = stream.try_clone().map_err(|_| None)?;

@@ -191,7 +191,14 @@ pub struct ClientConfig {
     /// The seccomp mode of the connection's writer and demultiplexer
     /// threads.
     pub seccomp: Seccomp,
+    /// Host random bytes sent right after the handshake (ENTROPY): the
+    /// agent mixes them into the guest kernel's pool and reseeds it before
+    /// it reads any request of this connection.
+    pub entropy: Option<[u8; ENTROPY_LEN]>,
 }
+
+/// Bytes of host entropy a connection hands the guest.
+pub const ENTROPY_LEN: usize = 32;
 
 impl Default for ClientConfig {
     /// 30 s for the handshake, 10 s of write stall.
@@ -200,6 +207,7 @@ impl Default for ClientConfig {
             handshake_timeout: Duration::from_secs(30),
             write_stall: Duration::from_secs(10),
             seccomp: Seccomp::default(),
+            entropy: None,
         }
     }
 }
@@ -483,6 +491,13 @@ impl<S: ClientStream> Client<S> {
             Some(Frame::Error { message, .. }) => return Err(ClientError::AgentError(message)),
             Some(_) => return Err(ClientError::Protocol("first frame was not HELLO".into())),
             None => return Err(ClientError::Closed),
+        }
+        if let Some(bytes) = config.entropy {
+            let frame = Frame::Entropy {
+                bytes: bytes.to_vec(),
+            };
+            protocol::write_frame(&mut stream, &frame).map_err(|e| timeout(e.into()))?;
+            stream.flush().map_err(ClientError::Io)?;
         }
         stream
             .set_read_timeout_stream(None)
@@ -2064,6 +2079,31 @@ mod tests {
             Err(ClientError::VersionMismatch { agent }) if agent == VERSION + 1
         ));
         fake.join().unwrap();
+    }
+
+    #[test]
+    fn handshake_with_entropy_sends_it_before_any_request() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let fake = thread::spawn(move || {
+            let hello = protocol::read_frame(&mut guest).unwrap();
+            assert_eq!(hello, Some(Frame::Hello { version: VERSION }));
+            protocol::write_frame(&mut guest, &Frame::Hello { version: VERSION }).unwrap();
+            let next = protocol::read_frame(&mut guest).unwrap();
+            assert_eq!(
+                next,
+                Some(Frame::Entropy {
+                    bytes: vec![9; ENTROPY_LEN]
+                })
+            );
+            protocol::read_frame(&mut guest).unwrap()
+        });
+        let config = ClientConfig {
+            entropy: Some([9; ENTROPY_LEN]),
+            ..ClientConfig::default()
+        };
+        let client = Client::handshake_with(host, config).unwrap();
+        client.shutdown().unwrap();
+        assert_eq!(fake.join().unwrap(), Some(Frame::Shutdown));
     }
 
     #[test]

@@ -31,7 +31,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 /// per-stream flow control (the two CREDIT frames and [`WINDOW`]); version
 /// 3 gives stdout and stderr a window each, sends EXIT as soon as the
 /// process is reaped, and ends each output stream with an empty frame.
-pub const VERSION: u32 = 4;
+/// Version 5 added ENTROPY.
+pub const VERSION: u32 = 5;
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 1024;
 /// The kernel command-line key the agent reads to decide whether to serve.
@@ -71,6 +72,12 @@ pub const TYPE_SHUTDOWN: u8 = 0x05;
 /// OUTPUT_CREDIT {stream: u8 (1 stdout, 2 stderr), bytes: u32}, client →
 /// agent: that much more of that output may be sent on the stream.
 pub const TYPE_OUTPUT_CREDIT: u8 = 0x06;
+/// ENTROPY {bytes}, client → agent, stream 0: host random bytes for the
+/// guest kernel's pool, mixed in (and the pool reseeded) before the agent
+/// reads the next frame.
+pub const TYPE_ENTROPY: u8 = 0x07;
+/// Most bytes in one ENTROPY.
+pub const MAX_ENTROPY: usize = 256;
 /// STARTED {pid: u32}, agent → client.
 pub const TYPE_STARTED: u8 = 0x81;
 /// STDOUT {bytes}, agent → client; empty bytes: end of the process's
@@ -272,6 +279,12 @@ pub enum Frame {
     },
     /// Stop the guest (sync, then reboot).
     Shutdown,
+    /// Host random bytes for the guest kernel's pool (a restored clone
+    /// must not go on with its snapshot's random state).
+    Entropy {
+        /// At most [`MAX_ENTROPY`] bytes.
+        bytes: Vec<u8>,
+    },
     /// The client consumed `bytes` more of one of the stream's outputs.
     OutputCredit {
         /// Stream id.
@@ -336,6 +349,7 @@ impl Frame {
             Frame::Stdin { .. } => TYPE_STDIN,
             Frame::Signal { .. } => TYPE_SIGNAL,
             Frame::Shutdown => TYPE_SHUTDOWN,
+            Frame::Entropy { .. } => TYPE_ENTROPY,
             Frame::OutputCredit { .. } => TYPE_OUTPUT_CREDIT,
             Frame::Started { .. } => TYPE_STARTED,
             Frame::Stdout { .. } => TYPE_STDOUT,
@@ -349,7 +363,7 @@ impl Frame {
     /// The stream id in the header (0 for connection frames).
     pub fn stream_id(&self) -> u32 {
         match self {
-            Frame::Hello { .. } | Frame::Shutdown => 0,
+            Frame::Hello { .. } | Frame::Shutdown | Frame::Entropy { .. } => 0,
             Frame::Exec { id, .. }
             | Frame::Stdin { id, .. }
             | Frame::Signal { id, .. }
@@ -379,6 +393,14 @@ impl Frame {
             }
             Frame::Signal { signo, .. } => put_u32(&mut out, *signo as u32),
             Frame::Shutdown => {}
+            Frame::Entropy { bytes } => {
+                if bytes.len() > MAX_ENTROPY {
+                    return Err(ProtocolError::Malformed(
+                        "more entropy bytes than MAX_ENTROPY",
+                    ));
+                }
+                out.extend_from_slice(bytes);
+            }
             Frame::OutputCredit { stream, bytes, .. } => {
                 out.push(stream.wire());
                 put_u32(&mut out, *bytes);
@@ -418,6 +440,15 @@ impl Frame {
                 signo: r.u32()? as i32,
             },
             TYPE_SHUTDOWN => Frame::Shutdown,
+            TYPE_ENTROPY => {
+                let bytes = r.rest();
+                if bytes.len() > MAX_ENTROPY {
+                    return Err(ProtocolError::Malformed(
+                        "more entropy bytes than MAX_ENTROPY",
+                    ));
+                }
+                Frame::Entropy { bytes }
+            }
             TYPE_OUTPUT_CREDIT => Frame::OutputCredit {
                 id,
                 stream: OutputStream::from_wire(r.u8()?)?,
@@ -726,6 +757,10 @@ mod tests {
             Frame::StdinCredit { id: 7, bytes: 1 },
             Frame::Signal { id: 7, signo: 9 },
             Frame::Shutdown,
+            Frame::Entropy {
+                bytes: vec![0x5a; MAX_ENTROPY],
+            },
+            Frame::Entropy { bytes: Vec::new() },
             Frame::Started { id: 7, pid: 42 },
             Frame::Stdout {
                 id: 7,
@@ -834,6 +869,17 @@ mod tests {
         let bytes = raw(TYPE_EXEC, 1, &payload);
         let result = read_frame(&mut bytes.as_slice());
         assert!(matches!(result, Err(ProtocolError::Malformed(_))));
+    }
+
+    #[test]
+    fn entropy_over_its_cap_is_refused_both_ways() {
+        let bytes = raw(TYPE_ENTROPY, 0, &[1; MAX_ENTROPY + 1]);
+        let result = read_frame(&mut bytes.as_slice());
+        assert!(matches!(result, Err(ProtocolError::Malformed(_))));
+        let frame = Frame::Entropy {
+            bytes: vec![1; MAX_ENTROPY + 1],
+        };
+        assert!(matches!(frame.encode(), Err(ProtocolError::Malformed(_))));
     }
 
     #[test]

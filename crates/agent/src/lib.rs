@@ -13,6 +13,7 @@ use std::io::Write;
 
 pub mod cmdline;
 pub mod container;
+pub mod entropy;
 pub mod init;
 pub mod net;
 pub mod server;

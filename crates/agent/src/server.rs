@@ -64,6 +64,9 @@ pub enum ServerError {
     /// The client returned more output credit than the window holds.
     #[error("client broke output flow control")]
     OutputCredit(#[source] Overflow),
+    /// The host's entropy could not be mixed into the kernel's pool.
+    #[error("cannot add the host's entropy: {0}")]
+    Entropy(io::Error),
     /// The client asked for a signal number outside 1..=64.
     #[error("client asked for signal {0}")]
     BadSignal(i32),
@@ -82,6 +85,14 @@ pub trait ServerHooks: Sync {
     /// SHUTDOWN arrived. The guest binary syncs and reboots here (and never
     /// returns); after a return, the server ends the connection.
     fn shutdown(&self) {}
+
+    /// ENTROPY arrived: mix the host's random bytes into the kernel's pool
+    /// and reseed it. The guest binary does ([`crate::entropy::add`]); an
+    /// error ends the connection, so no command runs on unmixed state.
+    fn add_entropy(&self, bytes: &[u8]) -> io::Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
 }
 
 /// Hooks that do nothing: SHUTDOWN just closes the connection.
@@ -235,6 +246,7 @@ fn read_loop<R: Read, H: ServerHooks + ?Sized>(
                 hooks.shutdown();
                 return Ok(());
             }
+            Frame::Entropy { bytes } => hooks.add_entropy(&bytes).map_err(ServerError::Entropy)?,
             other => {
                 let _ = tx.send(Frame::Error {
                     id: 0,
@@ -740,6 +752,71 @@ mod tests {
     fn frames(bytes: &[u8]) -> Vec<Frame> {
         let mut reader = bytes;
         std::iter::from_fn(|| protocol::read_frame(&mut reader).unwrap()).collect()
+    }
+
+    /// Hooks that record the entropy they get, and fail when told to.
+    #[derive(Default)]
+    struct EntropyHooks {
+        got: Mutex<Vec<Vec<u8>>>,
+        fail: bool,
+    }
+
+    impl ServerHooks for EntropyHooks {
+        fn add_entropy(&self, bytes: &[u8]) -> io::Result<()> {
+            self.got.lock().unwrap().push(bytes.to_vec());
+            if self.fail {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            Ok(())
+        }
+    }
+
+    /// Serve `frames` then end of stream; what the agent wrote back.
+    fn serve_frames(frames: &[Frame], hooks: &EntropyHooks) -> Vec<Frame> {
+        let input: Vec<u8> = frames.iter().flat_map(|f| f.encode().unwrap()).collect();
+        let writes = Writes::default();
+        let _ = serve(input.as_slice(), writes.clone(), hooks);
+        let sent = writes.0.lock().unwrap().concat();
+        super::tests::frames(&sent)
+    }
+
+    #[test]
+    fn entropy_reaches_the_hook_before_the_next_frame() {
+        let hooks = EntropyHooks::default();
+        let hello = Frame::Hello { version: VERSION };
+        let sent = serve_frames(
+            &[hello.clone(), Frame::Entropy { bytes: vec![7; 32] }],
+            &hooks,
+        );
+        assert_eq!(sent, [hello]);
+        assert_eq!(*hooks.got.lock().unwrap(), [vec![7; 32]]);
+    }
+
+    #[test]
+    fn entropy_that_cannot_be_added_ends_the_connection() {
+        let hooks = EntropyHooks {
+            fail: true,
+            ..Default::default()
+        };
+        let sent = serve_frames(
+            &[
+                Frame::Hello { version: VERSION },
+                Frame::Entropy { bytes: vec![1; 8] },
+                Frame::Exec {
+                    id: 1,
+                    request: ExecRequest::new(["true"]),
+                },
+            ],
+            &hooks,
+        );
+        // HELLO, then the error; the EXEC after it never ran.
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        match &sent[1] {
+            Frame::Error { id: 0, message } => {
+                assert!(message.contains("entropy"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

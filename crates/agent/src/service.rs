@@ -21,6 +21,10 @@ impl ServerHooks for PowerOff {
     fn shutdown(&self) {
         init::power_off();
     }
+
+    fn add_entropy(&self, bytes: &[u8]) -> io::Result<()> {
+        crate::entropy::add(bytes)
+    }
 }
 
 /// Serve forever; returns only the error that kept the listening socket
