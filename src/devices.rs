@@ -22,10 +22,16 @@ use chitin_virtio::VirtioDevice;
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use chitin_blk::Block;
+use chitin_vsock::{SocketFile, Vsock, VsockConfig};
+
 use crate::console::{Console, ConsoleInput};
+use crate::disk::{device_name, Disk};
 use crate::error::SandboxError;
 use crate::event_loop::EventLoop;
-use crate::snapshot::LegacyState;
+use crate::faults::FaultTables;
+use crate::sandbox::VsockSettings;
+use crate::snapshot::{DeviceRecord, LegacyState};
 
 /// Port of the i8042 data register; the device spans 0x60..=0x64.
 const I8042_BASE: u64 = 0x60;
@@ -52,64 +58,144 @@ pub(crate) fn device_err(
     }
 }
 
-/// Hands out virtio-mmio windows and interrupt lines in order.
-#[derive(Default)]
-pub(crate) struct VirtioSlots {
-    used: usize,
+/// A virtio device behind its virtio-mmio window.
+pub(crate) struct VirtioAttached {
+    /// Where it is, for the DSDT or the command line.
+    pub(crate) mmio: VirtioMmioDevice,
+    /// What it is, as a snapshot records it.
+    pub(crate) record: DeviceRecord,
+    /// Its transport, for snapshots.
+    pub(crate) transport: Arc<MmioTransport>,
 }
 
-impl VirtioSlots {
-    fn next(&mut self) -> Result<(u64, u32), SandboxError> {
+/// Puts virtio devices behind virtio-mmio windows, handing out windows and
+/// interrupt lines in order: QueueNotify writes signal the device's queue
+/// events inside KVM (ioeventfd) and its driver's usual InterruptACK write
+/// is counted there too, its interrupt is an irqfd, its queues are
+/// processed on the event loop.
+pub(crate) struct Attacher<'a> {
+    vm: &'a Vm,
+    ram: &'a GuestRam,
+    buses: &'a mut IoBuses,
+    events: &'a mut EventLoop,
+    /// Every device attached so far, in window order.
+    pub(crate) devices: Vec<VirtioAttached>,
+    /// Their guest fault tables.
+    pub(crate) faults: FaultTables,
+}
+
+impl<'a> Attacher<'a> {
+    pub(crate) fn new(
+        vm: &'a Vm,
+        ram: &'a GuestRam,
+        buses: &'a mut IoBuses,
+        events: &'a mut EventLoop,
+    ) -> Self {
+        Self {
+            vm,
+            ram,
+            buses,
+            events,
+            devices: Vec::new(),
+            faults: FaultTables::default(),
+        }
+    }
+
+    /// Put `device` behind the next window.
+    pub(crate) fn add<D>(&mut self, device: D, record: DeviceRecord) -> Result<(), SandboxError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let slot = self.devices.len();
         let gsi = *VIRTIO_GSIS
-            .get(self.used)
+            .get(slot)
             .ok_or(SandboxError::TooManyDevices(VIRTIO_GSIS.len()))?;
-        let base = VIRTIO_MMIO_START + self.used as u64 * MMIO_WINDOW_SIZE;
-        self.used += 1;
-        Ok((base, gsi))
+        let base = VIRTIO_MMIO_START + slot as u64 * MMIO_WINDOW_SIZE;
+        for (queue, event) in device.queue_events().iter().enumerate() {
+            self.vm
+                .register_mmio_notify(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)
+                .map_err(|e| device_err("virtio-mmio", "ioeventfd for a queue", e))?;
+        }
+        let irq = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| device_err("virtio-mmio", "interrupt eventfd", e))?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| device_err("virtio-mmio", "irqfd", e))?;
+        let device = Arc::new(Mutex::new(device));
+        let transport = Arc::new(MmioTransport::new(
+            device.clone(),
+            self.ram.memory().clone(),
+            irq,
+        ));
+        for (event, value) in transport.ack_events() {
+            self.vm
+                .register_mmio_notify(event, base + INTERRUPT_ACK_OFFSET, value)
+                .map_err(|e| device_err("virtio-mmio", "ioeventfd for InterruptACK", e))?;
+        }
+        self.buses
+            .mmio
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .map_err(|e| device_err("virtio-mmio", "MMIO window", e))?;
+        self.events.add(device);
+        self.devices.push(VirtioAttached {
+            mmio: VirtioMmioDevice {
+                base,
+                len: MMIO_WINDOW_SIZE,
+                gsi,
+            },
+            record,
+            transport,
+        });
+        Ok(())
     }
-}
 
-/// Put `device` behind the next virtio-mmio window: QueueNotify writes
-/// signal its queue events inside KVM (ioeventfd) and its driver's usual
-/// InterruptACK write is counted there too, its interrupt is an irqfd, its
-/// queues are processed on the event loop. Returns where it is, for the
-/// DSDT or the command line ([`mmio_cmdline_entry`]).
-pub(crate) fn attach_virtio<D>(
-    vm: &Vm,
-    ram: &GuestRam,
-    device: D,
-    slots: &mut VirtioSlots,
-    buses: &mut IoBuses,
-    events: &mut EventLoop,
-) -> Result<VirtioMmioDevice, SandboxError>
-where
-    D: VirtioDevice + MutEventSubscriber + Send + 'static,
-{
-    let (base, gsi) = slots.next()?;
-    for (queue, event) in device.queue_events().iter().enumerate() {
-        vm.register_mmio_notify(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)
-            .map_err(|e| device_err("virtio-mmio", "ioeventfd for a queue", e))?;
+    /// The disk `index` (`vda` is 0).
+    pub(crate) fn disk(&mut self, index: usize, disk: &Disk) -> Result<(), SandboxError> {
+        let block = Block::new(disk.config()?).map_err(|source| SandboxError::Disk {
+            path: disk.path().to_path_buf(),
+            source,
+        })?;
+        self.faults.add(device_name(index), block.faults());
+        let record = DeviceRecord::Disk {
+            path: disk.path().to_path_buf(),
+            read_only: block.read_only(),
+            id: disk.serial().map(str::to_string),
+            sectors: block.capacity_sectors(),
+        };
+        self.add(block, record)
     }
-    let irq = EventFd::new(EFD_NONBLOCK)
-        .map_err(|e| device_err("virtio-mmio", "interrupt eventfd", e))?;
-    vm.register_irqfd(&irq, gsi)
-        .map_err(|e| device_err("virtio-mmio", "irqfd", e))?;
-    let device = Arc::new(Mutex::new(device));
-    let transport = MmioTransport::new(device.clone(), ram.memory().clone(), irq);
-    for (event, value) in transport.ack_events() {
-        vm.register_mmio_notify(event, base + INTERRUPT_ACK_OFFSET, value)
-            .map_err(|e| device_err("virtio-mmio", "ioeventfd for InterruptACK", e))?;
+
+    /// The vsock device, its port for the agent kept free when `agent`;
+    /// returns its socket file, for the sandbox's owner to remove.
+    pub(crate) fn vsock(
+        &mut self,
+        settings: &VsockSettings,
+        agent: bool,
+    ) -> Result<Option<SocketFile>, SandboxError> {
+        let mut device = Vsock::new(VsockConfig {
+            guest_cid: u64::from(settings.cid),
+            uds_path: settings.path.clone(),
+        })
+        .map_err(|source| SandboxError::Vsock {
+            path: settings.path.clone(),
+            source,
+        })?;
+        if agent {
+            // Guest programs holding every other connection must not lock
+            // exec out.
+            device.reserve_port(crate::exec::AGENT_PORT);
+        }
+        self.faults.add("vsock", device.faults());
+        let socket_file = device.take_socket_file();
+        self.add(
+            device,
+            DeviceRecord::Vsock {
+                cid: settings.cid,
+                agent,
+            },
+        )?;
+        Ok(socket_file)
     }
-    buses
-        .mmio
-        .insert(Arc::new(transport), base, MMIO_WINDOW_SIZE)
-        .map_err(|e| device_err("virtio-mmio", "MMIO window", e))?;
-    events.add(device);
-    Ok(VirtioMmioDevice {
-        base,
-        len: MMIO_WINDOW_SIZE,
-        gsi,
-    })
 }
 
 /// The `virtio_mmio.device=` entry a kernel without ACPI needs to find

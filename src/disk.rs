@@ -57,6 +57,11 @@ impl Disk {
         self
     }
 
+    /// The serial the guest reads (`id`), if set.
+    pub(crate) fn serial(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path

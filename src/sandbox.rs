@@ -16,7 +16,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chitin_agent_protocol::{CMDLINE_ENTRY as AGENT_ENTRY, CMDLINE_KEY as AGENT_KEY};
-use chitin_blk::Block;
 use chitin_boot::{BootInfo, BootParams, BootProtocol};
 use chitin_fs::Fs;
 use chitin_memory::layout::CMDLINE_MAX_SIZE;
@@ -24,11 +23,12 @@ use chitin_memory::{Backing, GuestRam};
 use chitin_net::{NetCounters, NetStats};
 use chitin_seccomp::Seccomp;
 use chitin_vcpu::{ExitReason, IoBuses, ParkError, Vcpu, VcpuState, Vm, VmControl, VmState};
-use chitin_vsock::{SocketFile, Vsock, VsockConfig};
+use chitin_virtio::mmio::TransportSnapshotError;
+use chitin_vsock::SocketFile;
 
 use crate::console::{Console, ConsoleInput};
 use crate::devices::{
-    attach_virtio, device_err, legacy_devices, mmio_cmdline_entry, Legacy, VirtioSlots,
+    device_err, legacy_devices, mmio_cmdline_entry, Attacher, Legacy, VirtioAttached,
 };
 use crate::disk::{device_name, Disk};
 use crate::error::{ExecError, PauseError, SandboxError};
@@ -38,7 +38,10 @@ use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 use crate::net::{dns_entry, Net};
 use crate::share::Share;
-use crate::snapshot::{new_memory_file_name, write_snapshot, Saved, SnapshotError, SnapshotInfo};
+use crate::snapshot::{
+    new_memory_file_name, write_snapshot, DeviceRecord, Saved, SavedDevice, SnapshotError,
+    SnapshotInfo,
+};
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -106,6 +109,8 @@ pub struct Sandbox {
     socket_file: Option<SocketFile>,
     /// The devices whose registers a snapshot carries.
     legacy: Legacy,
+    /// The virtio devices, in window order.
+    virtio: Vec<VirtioAttached>,
     /// What a snapshot needs to know of the machine.
     machine: Machine,
 }
@@ -115,9 +120,6 @@ pub struct Sandbox {
 struct Machine {
     acpi: bool,
     pit: bool,
-    /// virtio devices (disks, interfaces, shares, vsock): a snapshot
-    /// cannot carry them yet.
-    virtio_devices: usize,
 }
 
 /// Configuration for a [`Sandbox`]. Setters never panic; the first invalid
@@ -562,38 +564,20 @@ impl SandboxBuilder {
                 None => vmm_entries.push(AGENT_ENTRY.to_string()),
             }
         }
-        let mut slots = VirtioSlots::default();
-        let mut faults = FaultTables::default();
-        let mut mmio_devices = Vec::new();
+        let mut attach = Attacher::new(&vm, &ram, &mut buses, &mut events);
         for (index, disk) in self.disks.iter().enumerate() {
-            let block = Block::new(disk.config()?).map_err(|source| SandboxError::Disk {
-                path: disk.path().to_path_buf(),
-                source,
-            })?;
-            faults.add(device_name(index), block.faults());
-            mmio_devices.push(attach_virtio(
-                &vm,
-                &ram,
-                block,
-                &mut slots,
-                &mut buses,
-                &mut events,
-            )?);
+            attach.disk(index, disk)?;
         }
         let mut nets = Vec::with_capacity(self.nets.len());
         for (index, net) in self.nets.iter().enumerate() {
             let device = net.device()?;
-            faults.add(format!("eth{index}"), device.faults());
+            attach.faults.add(format!("eth{index}"), device.faults());
             nets.push(device.counters());
             vmm_entries.extend(net.cmdline_entry(device.mac()));
-            mmio_devices.push(attach_virtio(
-                &vm,
-                &ram,
+            attach.add(
                 device,
-                &mut slots,
-                &mut buses,
-                &mut events,
-            )?);
+                DeviceRecord::Unsupported("a network interface (its tap's link lives on the host)"),
+            )?;
         }
         vmm_entries.extend(dns_entry(&self.dns));
         for share in &self.shares {
@@ -603,48 +587,30 @@ impl SandboxBuilder {
                     path: share.host_dir().to_path_buf(),
                     source,
                 })?;
-            faults.add(format!("fs {}", share.tag()), device.faults());
+            attach
+                .faults
+                .add(format!("fs {}", share.tag()), device.faults());
             vmm_entries.extend(share.cmdline_entry());
-            mmio_devices.push(attach_virtio(
-                &vm,
-                &ram,
+            attach.add(
                 device,
-                &mut slots,
-                &mut buses,
-                &mut events,
-            )?);
+                DeviceRecord::Unsupported("a shared folder (its open files live on the host)"),
+            )?;
         }
         let vsock = match (self.vsock, self.agent) {
             (Some(v), _) => Some(v),
             (None, true) => Some(VsockSettings::private()),
             (None, false) => None,
         };
-        let mut socket_file = None;
-        if let Some(v) = &vsock {
-            let mut device = Vsock::new(VsockConfig {
-                guest_cid: u64::from(v.cid),
-                uds_path: v.path.clone(),
-            })
-            .map_err(|source| SandboxError::Vsock {
-                path: v.path.clone(),
-                source,
-            })?;
-            if self.agent {
-                // Guest programs holding every other connection must not
-                // lock exec out.
-                device.reserve_port(crate::exec::AGENT_PORT);
-            }
-            faults.add("vsock", device.faults());
-            socket_file = device.take_socket_file();
-            mmio_devices.push(attach_virtio(
-                &vm,
-                &ram,
-                device,
-                &mut slots,
-                &mut buses,
-                &mut events,
-            )?);
-        }
+        let socket_file = match &vsock {
+            Some(v) => attach.vsock(v, self.agent)?,
+            None => None,
+        };
+        let Attacher {
+            devices: virtio,
+            faults,
+            ..
+        } = attach;
+        let mmio_devices: Vec<_> = virtio.iter().map(|d| d.mmio).collect();
         laps.lap("devices");
         // With ACPI the DSDT describes every device; without, the kernel
         // needs one command-line entry per device.
@@ -710,10 +676,10 @@ impl SandboxBuilder {
             seccomp: self.seccomp,
             socket_file,
             legacy,
+            virtio,
             machine: Machine {
                 acpi: self.acpi,
                 pit: self.pit,
-                virtio_devices: mmio_devices.len(),
             },
         })
     }
@@ -749,16 +715,17 @@ impl SandboxBuilder {
                 "a kernel, initrd or command line: a restored guest continues, it does not boot",
             )));
         }
-        if !self.disks.is_empty()
-            || !self.nets.is_empty()
-            || !self.shares.is_empty()
-            || self.vsock.is_some()
-            || self.agent
-        {
+        if !self.nets.is_empty() || !self.shares.is_empty() || self.rootfs.is_some() {
             return Err(snapshot_err(SnapshotError::Unsupported(
-                "virtio devices (disks, interfaces, shares, vsock, the agent)",
+                "network interfaces or shared folders",
             )));
         }
+        if self.agent {
+            return Err(snapshot_err(SnapshotError::Unsupported(
+                "a guest image: a restored guest runs the snapshot's",
+            )));
+        }
+        let (disks, vsock) = self.restored_devices(saved)?;
         chitin_seccomp::check(self.seccomp).map_err(SandboxError::Seccomp)?;
         let path = dir.join(&saved.memory_file);
         let file = File::open(&path).map_err(|source| {
@@ -791,7 +758,7 @@ impl SandboxBuilder {
         let control = Arc::new(VmControl::new());
         let mut events =
             EventLoop::new().map_err(|e| device_err("event loop", "epoll and stop event", e))?;
-        let (buses, legacy) = legacy_devices(
+        let (mut buses, legacy) = legacy_devices(
             &vm,
             &control,
             self.console,
@@ -801,6 +768,35 @@ impl SandboxBuilder {
             self.acpi,
             Some(&saved.legacy),
         )?;
+        // The devices in the snapshot's window order (disks, then vsock),
+        // each checked against what the guest knows of it, then its
+        // transport put back: a running device starts again where it was.
+        let mut attach = Attacher::new(&vm, &ram, &mut buses, &mut events);
+        for (index, disk) in disks.iter().enumerate() {
+            attach.disk(index, disk)?;
+        }
+        let agent = vsock.as_ref().is_some_and(|(_, agent)| *agent);
+        let socket_file = match &vsock {
+            Some((v, agent)) => attach.vsock(v, *agent)?,
+            None => None,
+        };
+        let Attacher {
+            devices: virtio,
+            faults,
+            ..
+        } = attach;
+        for (index, (device, saved)) in virtio.iter().zip(&saved.devices).enumerate() {
+            check_restored_device(index, device, saved)?;
+            device
+                .transport
+                .restore(&saved.transport)
+                .map_err(|source| {
+                    snapshot_err(SnapshotError::Device {
+                        device: device_label(&device.record, index),
+                        source,
+                    })
+                })?;
+        }
         Ok(Sandbox {
             vcpus,
             buses: Arc::new(buses),
@@ -809,19 +805,182 @@ impl SandboxBuilder {
             vm,
             boot: saved.boot.clone(),
             ram,
-            agent_socket: None,
+            agent_socket: vsock.filter(|_| agent).map(|(v, _)| v.path),
             rootfs: None,
-            faults: FaultTables::default(),
+            faults,
             nets: Vec::new(),
             seccomp: self.seccomp,
-            socket_file: None,
+            socket_file,
             legacy,
+            virtio,
             machine: Machine {
                 acpi: self.acpi,
                 pit: self.pit,
-                virtio_devices: 0,
             },
         })
+    }
+
+    /// The disks and vsock device a restore attaches: the caller's disks
+    /// (which must be what the guest knows: as many, each as large, as
+    /// writable and with the same serial; never the paths the state file
+    /// names, which the caller may not trust), and the vsock device with
+    /// its CID: a device that served the agent gets a fresh socket path
+    /// unless the caller names one; another needs the caller's.
+    #[allow(clippy::type_complexity)]
+    fn restored_devices(
+        &self,
+        saved: &Saved,
+    ) -> Result<(Vec<Disk>, Option<(VsockSettings, bool)>), SandboxError> {
+        let snapshot_err = SandboxError::Snapshot;
+        let mut saved_disks = Vec::new();
+        let mut saved_vsock = None;
+        for device in &saved.devices {
+            match &device.record {
+                DeviceRecord::Disk { .. } if saved_vsock.is_some() => {
+                    return Err(snapshot_err(SnapshotError::Corrupt(
+                        "a disk after the vsock device".into(),
+                    )))
+                }
+                DeviceRecord::Disk {
+                    path,
+                    read_only,
+                    id,
+                    ..
+                } => {
+                    let mut disk = Disk::new(path).read_only(*read_only);
+                    if let Some(id) = id {
+                        disk = disk.id(id);
+                    }
+                    saved_disks.push(disk);
+                }
+                DeviceRecord::Vsock { cid, agent } if saved_vsock.is_none() => {
+                    saved_vsock = Some((*cid, *agent));
+                }
+                _ => {
+                    return Err(snapshot_err(SnapshotError::Corrupt(
+                        "a second vsock device, or one no snapshot holds".into(),
+                    )))
+                }
+            }
+        }
+        if self.disks.len() != saved_disks.len() {
+            if self.disks.is_empty() {
+                return Err(snapshot_err(SnapshotError::DisksNeeded(saved_disks.len())));
+            }
+            return Err(snapshot_err(SnapshotError::Mismatch {
+                what: "disks",
+                snapshot: saved_disks.len() as u64,
+                asked: self.disks.len() as u64,
+            }));
+        }
+        // The serial the guest read stays: a disk without one takes the
+        // snapshot's, a disk with another is refused.
+        let mut disks = Vec::with_capacity(self.disks.len());
+        for (disk, saved) in self.disks.iter().zip(&saved_disks) {
+            match (disk.serial(), saved.serial()) {
+                (None, Some(id)) => disks.push(disk.clone().id(id)),
+                (mine, theirs) if mine == theirs => disks.push(disk.clone()),
+                _ => {
+                    return Err(snapshot_err(SnapshotError::Unsupported(
+                        "a disk serial (id) other than the one the guest read",
+                    )))
+                }
+            }
+        }
+        let vsock = match (saved_vsock, &self.vsock) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(snapshot_err(SnapshotError::Mismatch {
+                    what: "vsock devices",
+                    snapshot: 0,
+                    asked: 1,
+                }))
+            }
+            (Some((cid, _)), Some(v)) if v.cid != cid => {
+                return Err(snapshot_err(SnapshotError::Mismatch {
+                    what: "vsock CID",
+                    snapshot: cid.into(),
+                    asked: v.cid.into(),
+                }))
+            }
+            (Some((_, agent)), Some(v)) => Some((v.clone(), agent)),
+            (Some((cid, true)), None) => Some((
+                VsockSettings {
+                    cid,
+                    ..VsockSettings::private()
+                },
+                true,
+            )),
+            (Some((_, false)), None) => {
+                return Err(snapshot_err(SnapshotError::VsockPathNeeded));
+            }
+        };
+        Ok((disks, vsock))
+    }
+}
+
+/// A device's name in errors: `vda`, `vsock`.
+fn device_label(record: &DeviceRecord, index: usize) -> String {
+    match record {
+        DeviceRecord::Disk { .. } => device_name(index),
+        DeviceRecord::Vsock { .. } => "vsock".into(),
+        DeviceRecord::Unsupported(what) => (*what).into(),
+    }
+}
+
+/// Whether the device attached for a restore is the one the guest knows:
+/// the same window and line, the same kind, a disk as large and as
+/// writable, the same CID.
+fn check_restored_device(
+    index: usize,
+    device: &VirtioAttached,
+    saved: &SavedDevice,
+) -> Result<(), SandboxError> {
+    let mismatch = |what, snapshot: u64, asked: u64| {
+        Err(SandboxError::Snapshot(SnapshotError::Mismatch {
+            what,
+            snapshot,
+            asked,
+        }))
+    };
+    if device.mmio.base != saved.base || device.mmio.gsi != saved.gsi {
+        return Err(SandboxError::Snapshot(SnapshotError::Corrupt(format!(
+            "virtio device {index} at {:#x} (line {}), where it can only be at {:#x} (line {})",
+            saved.base, saved.gsi, device.mmio.base, device.mmio.gsi
+        ))));
+    }
+    match (&saved.record, &device.record) {
+        (
+            DeviceRecord::Disk {
+                read_only: was_ro,
+                sectors: was,
+                ..
+            },
+            DeviceRecord::Disk {
+                read_only, sectors, ..
+            },
+        ) => {
+            if was_ro != read_only {
+                return mismatch(
+                    "a read-only disk (1: yes)",
+                    (*was_ro).into(),
+                    (*read_only).into(),
+                );
+            }
+            if was != sectors {
+                return mismatch("a disk of 512-byte sectors", *was, *sectors);
+            }
+            Ok(())
+        }
+        (DeviceRecord::Vsock { cid: was, .. }, DeviceRecord::Vsock { cid, .. }) => {
+            if was != cid {
+                return mismatch("vsock CID", (*was).into(), (*cid).into());
+            }
+            Ok(())
+        }
+        _ => Err(SandboxError::Snapshot(SnapshotError::Corrupt(format!(
+            "virtio device {index} is not the kind the snapshot saved"
+        )))),
     }
 }
 
@@ -869,9 +1028,9 @@ impl Laps {
 
 /// A vsock device's settings.
 #[derive(Debug, Clone)]
-struct VsockSettings {
-    cid: u32,
-    path: PathBuf,
+pub(crate) struct VsockSettings {
+    pub(crate) cid: u32,
+    pub(crate) path: PathBuf,
 }
 
 impl VsockSettings {
@@ -915,6 +1074,7 @@ impl Sandbox {
             seccomp,
             socket_file,
             legacy,
+            virtio,
             machine,
         } = self;
         let mut laps = Laps::new();
@@ -939,6 +1099,7 @@ impl Sandbox {
             nets,
             _socket_file: socket_file,
             legacy,
+            virtio,
             machine,
             boot,
         };
@@ -1139,6 +1300,7 @@ pub struct RunningSandbox {
     /// Removed after every thread is joined (in Drop, before the fields).
     _socket_file: Option<SocketFile>,
     legacy: Legacy,
+    virtio: Vec<VirtioAttached>,
     machine: Machine,
     boot: BootInfo,
 }
@@ -1316,8 +1478,18 @@ impl RunningSandbox {
     }
 
     /// Bytes of guest RAM resident on the host: what the guest has touched.
+    /// For a sandbox restored from a snapshot this includes the snapshot
+    /// file's pages it reads, shared with its clones and the page cache;
+    /// [`RunningSandbox::guest_memory_private`] leaves those out.
     pub fn guest_memory_resident(&self) -> std::io::Result<u64> {
         self.ram.resident_bytes()
+    }
+
+    /// Bytes of guest RAM this sandbox alone holds: what the guest has
+    /// touched, or, restored from a snapshot, the pages it has written
+    /// (its copies of the snapshot's).
+    pub fn guest_memory_private(&self) -> std::io::Result<u64> {
+        self.ram.private_bytes()
     }
 
     /// Run `cmd` in the guest and collect its status and piped output,
@@ -1373,9 +1545,10 @@ impl RunningSandbox {
     /// already there is replaced): guest RAM to `memory` (sparse), every
     /// vCPU's, the VM's and the devices' state to `state`. The sandbox
     /// stays paused; resume it, or stop it, afterwards. Restore with
-    /// [`Snapshot::open`](crate::Snapshot::open). Sandboxes with virtio
-    /// devices (disks, interfaces, shares, vsock, the agent) cannot be
-    /// snapshotted yet.
+    /// [`Snapshot::open`](crate::Snapshot::open). Disks, the vsock device
+    /// and the agent are carried (vsock connections are not: a restored
+    /// guest is told they were reset); network interfaces and shared
+    /// folders are not, and a sandbox with one is refused.
     pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, SnapshotError> {
         let dir = dir.as_ref();
         // Held throughout, so no resume can start the guest meanwhile.
@@ -1386,10 +1559,24 @@ impl RunningSandbox {
         if !*paused {
             return Err(SnapshotError::NotPaused);
         }
-        if self.machine.virtio_devices > 0 {
-            return Err(SnapshotError::Unsupported(
-                "virtio devices (disks, interfaces, shares, vsock, the agent)",
-            ));
+        let mut devices = Vec::with_capacity(self.virtio.len());
+        for (index, device) in self.virtio.iter().enumerate() {
+            if let DeviceRecord::Unsupported(what) = device.record {
+                return Err(SnapshotError::Unsupported(what));
+            }
+            let transport = device.transport.snapshot().map_err(|e| match e {
+                TransportSnapshotError::Refused(why) => SnapshotError::Unsupported(why),
+                e => SnapshotError::Save {
+                    what: device_label(&device.record, index),
+                    source: Box::new(e),
+                },
+            })?;
+            devices.push(SavedDevice {
+                record: device.record.clone(),
+                base: device.mmio.base,
+                gsi: device.mmio.gsi,
+                transport,
+            });
         }
         let mut vcpu_states = Vec::with_capacity(self.life.vcpus);
         let count = self.life.vcpus as u8;
@@ -1428,10 +1615,13 @@ impl RunningSandbox {
             vm,
             vcpu_states,
             legacy: self.legacy.state(),
+            devices,
         };
         // SAFETY: the sandbox is paused (every vCPU and the event loop
-        // parked) and has no virtio device, so no virtio-fs worker either:
-        // nothing writes guest RAM until `paused` is released.
+        // parked, and the devices it carries, disks and vsock, work on
+        // the event loop only; a share's worker would not, but a sandbox
+        // with a share was refused above): nothing writes guest RAM until
+        // `paused` is released.
         let (state_bytes, memory_written) = unsafe { write_snapshot(dir, &saved, &self.ram) }?;
         drop(paused);
         Ok(SnapshotInfo {

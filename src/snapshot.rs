@@ -28,6 +28,7 @@ use chitin_devices::{I8042State, RtcState, SerialState};
 use chitin_memory::{GuestRam, MemoryError};
 use chitin_vcpu::codec::{DecodeError, Reader, Writer};
 use chitin_vcpu::{ExitReason, VcpuState, VmState};
+use chitin_virtio::mmio::{QueueSnapshot, TransportSnapshot, TransportSnapshotError};
 use vm_memory::GuestAddress;
 
 use crate::SandboxBuilder;
@@ -39,8 +40,10 @@ pub const STATE_FILE: &str = "state";
 const MEMORY_PREFIX: &str = "memory-";
 /// The state file's first bytes.
 const MAGIC: &[u8; 8] = b"CHITINSN";
-/// The state format this chitin writes and the newest it reads.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The state format this chitin writes and the newest it reads. Format 2
+/// added the virtio devices; a format 1 file (written before, without
+/// them) reads as a snapshot without devices.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// Magic, version and length.
 const HEADER_LEN: usize = 8 + 4 + 8;
 /// The checksum after the payload.
@@ -110,6 +113,26 @@ pub enum SnapshotError {
         /// The first vCPU that differs.
         vcpu: u8,
     },
+    /// A virtio device of the snapshot could not be put back.
+    #[error("cannot restore {device}")]
+    Device {
+        /// Which device (`vda`, `vsock`).
+        device: String,
+        /// What its transport refused.
+        #[source]
+        source: TransportSnapshotError,
+    },
+    /// The snapshot has disks and the restore gave none: a restore opens
+    /// only the images its caller names ([`Snapshot::disks`] lists the
+    /// snapshot's own).
+    #[error("the snapshot has {0} disks: give the restore its disks with .disk(..) (Snapshot::disks lists the snapshot's)")]
+    DisksNeeded(usize),
+    /// The snapshot's vsock device served no agent, so it has no path of
+    /// its own to take: the restore must name one.
+    #[error(
+        "the snapshot has a vsock device: give the restore its socket path with .vsock(cid, path)"
+    )]
+    VsockPathNeeded,
     /// Saving a vCPU's or the VM's state failed in KVM.
     #[error("cannot save the {what} state")]
     Save {
@@ -135,6 +158,39 @@ pub(crate) struct LegacyState {
     pub(crate) i8042: I8042State,
 }
 
+/// What a virtio device is, as a snapshot records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeviceRecord {
+    /// A disk: the guest knows its size and whether it may write.
+    Disk {
+        /// The image it had (the restore's default).
+        path: PathBuf,
+        read_only: bool,
+        /// The serial the guest read.
+        id: Option<String>,
+        /// Its size in 512-byte sectors.
+        sectors: u64,
+    },
+    /// The vsock device: the guest knows its CID.
+    Vsock {
+        cid: u32,
+        /// Whether the sandbox's agent listens on it.
+        agent: bool,
+    },
+    /// A device a snapshot cannot carry, and why.
+    Unsupported(&'static str),
+}
+
+/// One virtio device in a snapshot.
+#[derive(Debug, Clone)]
+pub(crate) struct SavedDevice {
+    pub(crate) record: DeviceRecord,
+    /// Its window and interrupt line, which the guest's driver uses.
+    pub(crate) base: u64,
+    pub(crate) gsi: u32,
+    pub(crate) transport: TransportSnapshot,
+}
+
 /// Everything a snapshot's state file holds.
 #[derive(Debug)]
 pub(crate) struct Saved {
@@ -148,6 +204,8 @@ pub(crate) struct Saved {
     pub(crate) vm: VmState,
     pub(crate) vcpu_states: Vec<VcpuState>,
     pub(crate) legacy: LegacyState,
+    /// The virtio devices, in window order.
+    pub(crate) devices: Vec<SavedDevice>,
 }
 
 /// CRC-32 (the ISO-HDLC / zlib polynomial, reflected), bit by bit: the
@@ -190,6 +248,173 @@ fn read_option_u8(r: &mut Reader<'_>, what: &'static str) -> Result<Option<u8>, 
         Some(r.u8(what)?)
     } else {
         None
+    })
+}
+
+fn u16_field(r: &mut Reader<'_>, what: &'static str) -> Result<u16, DecodeError> {
+    let v = r.u32(what)?;
+    u16::try_from(v).map_err(|_| DecodeError::Invalid {
+        what,
+        detail: v.to_string(),
+    })
+}
+
+fn encode_transport(w: &mut Writer, t: &TransportSnapshot) {
+    w.u32(t.device_type);
+    w.u32(t.status);
+    w.u32(t.device_features_sel);
+    w.u32(t.driver_features_sel);
+    w.u64(t.acked_features);
+    w.u32(t.queue_sel);
+    w.u32(t.shm_sel);
+    w.u32(t.queues.len() as u32);
+    for q in &t.queues {
+        w.u32(q.size.into());
+        match q.invalid_size {
+            Some(v) => {
+                w.u8(1);
+                w.u32(v);
+            }
+            None => w.u8(0),
+        }
+        w.u8(q.ready.into());
+        w.u64(q.desc);
+        w.u64(q.driver);
+        w.u64(q.device);
+        w.u32(q.next_avail.into());
+        w.u32(q.next_used.into());
+    }
+    w.u32(t.interrupt_status);
+    w.u32(t.interrupt_raised);
+    w.u32(t.config_generation);
+    w.u8(t.needs_reset.into());
+}
+
+/// Bytes of the smallest encoded queue.
+const QUEUE_MIN_LEN: usize = 4 + 1 + 1 + 3 * 8 + 2 * 4;
+
+fn decode_transport(r: &mut Reader<'_>) -> Result<TransportSnapshot, DecodeError> {
+    let device_type = r.u32("virtio device type")?;
+    let status = r.u32("virtio status")?;
+    let device_features_sel = r.u32("DeviceFeaturesSel")?;
+    let driver_features_sel = r.u32("DriverFeaturesSel")?;
+    let acked_features = r.u64("virtio features")?;
+    let queue_sel = r.u32("QueueSel")?;
+    let shm_sel = r.u32("SHMSel")?;
+    let count = r.count("virtio queue count", QUEUE_MIN_LEN)?;
+    let mut queues = Vec::with_capacity(count);
+    for _ in 0..count {
+        queues.push(QueueSnapshot {
+            size: u16_field(r, "queue size")?,
+            invalid_size: if flag(r, "invalid queue size flag")? {
+                Some(r.u32("invalid queue size")?)
+            } else {
+                None
+            },
+            ready: flag(r, "queue ready")?,
+            desc: r.u64("descriptor table address")?,
+            driver: r.u64("available ring address")?,
+            device: r.u64("used ring address")?,
+            next_avail: u16_field(r, "next available index")?,
+            next_used: u16_field(r, "next used index")?,
+        });
+    }
+    Ok(TransportSnapshot {
+        device_type,
+        status,
+        device_features_sel,
+        driver_features_sel,
+        acked_features,
+        queue_sel,
+        shm_sel,
+        queues,
+        interrupt_status: r.u32("InterruptStatus")?,
+        interrupt_raised: r.u32("raised interrupts")?,
+        config_generation: r.u32("ConfigGeneration")?,
+        needs_reset: flag(r, "NEEDS_RESET")?,
+    })
+}
+
+/// Bytes of the smallest encoded device: a vsock record, window,
+/// interrupt line and a transport without queues.
+const DEVICE_MIN_LEN: usize = 1 + 4 + 1 + 8 + 4 + (7 * 4 + 8) + 3 * 4 + 1;
+
+fn encode_device(w: &mut Writer, device: &SavedDevice) {
+    match &device.record {
+        DeviceRecord::Disk {
+            path,
+            read_only,
+            id,
+            sectors,
+        } => {
+            use std::os::unix::ffi::OsStrExt;
+            w.u8(0);
+            w.bytes(path.as_os_str().as_bytes());
+            w.u8((*read_only).into());
+            match id {
+                Some(id) => {
+                    w.u8(1);
+                    w.bytes(id.as_bytes());
+                }
+                None => w.u8(0),
+            }
+            w.u64(*sectors);
+        }
+        DeviceRecord::Vsock { cid, agent } => {
+            w.u8(1);
+            w.u32(*cid);
+            w.u8((*agent).into());
+        }
+        // Never saved: a snapshot refuses such devices.
+        DeviceRecord::Unsupported(_) => w.u8(u8::MAX),
+    }
+    w.u64(device.base);
+    w.u32(device.gsi);
+    encode_transport(w, &device.transport);
+}
+
+fn decode_device(r: &mut Reader<'_>) -> Result<SavedDevice, DecodeError> {
+    let record = match r.u8("virtio device kind")? {
+        0 => {
+            use std::os::unix::ffi::OsStrExt;
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(r.bytes("disk path")?));
+            let read_only = flag(r, "disk read-only flag")?;
+            let id = if flag(r, "disk serial flag")? {
+                let id = r.bytes("disk serial")?;
+                Some(
+                    std::str::from_utf8(id)
+                        .map_err(|_| DecodeError::Invalid {
+                            what: "disk serial",
+                            detail: "not UTF-8".into(),
+                        })?
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            DeviceRecord::Disk {
+                path,
+                read_only,
+                id,
+                sectors: r.u64("disk size")?,
+            }
+        }
+        1 => DeviceRecord::Vsock {
+            cid: r.u32("vsock CID")?,
+            agent: flag(r, "agent flag")?,
+        },
+        other => {
+            return Err(DecodeError::Invalid {
+                what: "virtio device kind",
+                detail: other.to_string(),
+            })
+        }
+    };
+    Ok(SavedDevice {
+        record,
+        base: r.u64("virtio-mmio window")?,
+        gsi: r.u32("virtio interrupt line")?,
+        transport: decode_transport(r)?,
     })
 }
 
@@ -247,10 +472,15 @@ impl Saved {
         option_u8(&mut w, k.output);
         option_u8(&mut w, k.awaiting_data);
         w.u8(k.last_was_command.into());
+        w.u32(self.devices.len() as u32);
+        for device in &self.devices {
+            encode_device(&mut w, device);
+        }
         w.finish()
     }
 
-    fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+    /// Decode a payload of format `version`.
+    fn decode(payload: &[u8], version: u32) -> Result<Self, DecodeError> {
         let mut r = Reader::new(payload);
         let memory_file = r.bytes("memory file name")?;
         let memory_file = std::str::from_utf8(memory_file)
@@ -335,6 +565,14 @@ impl Saved {
             awaiting_data: read_option_u8(&mut r, "i8042 pending command")?,
             last_was_command: flag(&mut r, "i8042 last write")?,
         };
+        let mut devices = Vec::new();
+        if version >= 2 {
+            let count = r.count("virtio device count", DEVICE_MIN_LEN)?;
+            devices.reserve_exact(count);
+            for _ in 0..count {
+                devices.push(decode_device(&mut r)?);
+            }
+        }
         r.finish("state")?;
         Ok(Saved {
             memory_file,
@@ -353,6 +591,7 @@ impl Saved {
             vm,
             vcpu_states,
             legacy: LegacyState { serial, rtc, i8042 },
+            devices,
         })
     }
 }
@@ -460,7 +699,7 @@ pub(crate) fn parse_state(bytes: &[u8], path: &Path) -> Result<Saved, SnapshotEr
     if crc32(body) != stored {
         return Err(SnapshotError::Corrupt("checksum mismatch".into()));
     }
-    Ok(Saved::decode(&body[HEADER_LEN..])?)
+    Ok(Saved::decode(&body[HEADER_LEN..], version)?)
 }
 
 /// Open `path` for reading, refusing anything but a regular file (a FIFO
@@ -617,10 +856,53 @@ impl Snapshot {
         self.saved.memory_bytes >> 20
     }
 
+    /// The disks of the snapshotted sandbox, `vda` first, as it had them
+    /// (image path, read-only, serial; rate limits are not recorded): pass
+    /// them to [`SandboxBuilder::disk`] to restore onto the same images,
+    /// or copies of them for a clone that writes. The paths come from the
+    /// state file: trust them as much as whoever wrote it.
+    pub fn disks(&self) -> Vec<crate::Disk> {
+        self.saved
+            .devices
+            .iter()
+            .filter_map(|d| match &d.record {
+                DeviceRecord::Disk {
+                    path,
+                    read_only,
+                    id,
+                    ..
+                } => {
+                    let disk = crate::Disk::new(path).read_only(*read_only);
+                    Some(match id {
+                        Some(id) => disk.id(id),
+                        None => disk,
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether the snapshotted sandbox ran the agent (a restored one then
+    /// runs commands too).
+    pub fn has_agent(&self) -> bool {
+        self.saved
+            .devices
+            .iter()
+            .any(|d| matches!(d.record, DeviceRecord::Vsock { agent: true, .. }))
+    }
+
     /// A builder for a sandbox that continues from this snapshot: the
     /// machine (vCPUs, memory, ACPI, PIT) is the snapshot's; set where its
     /// console goes and its seccomp mode, then `build()` and `start()`.
-    /// `build()` refuses settings the snapshot cannot honour.
+    ///
+    /// Devices are re-targeted here. Disks are the caller's, always: as
+    /// many as the snapshot had, each as large and as writable as the
+    /// guest knows it ([`Snapshot::disks`] gives the snapshot's own; two
+    /// clones must not write one image). A vsock device keeps its CID;
+    /// `.vsock(cid, path)` names its socket (the agent's gets a fresh
+    /// private one otherwise). `build()` refuses settings the snapshot
+    /// cannot honour.
     pub fn restore_builder(&self) -> SandboxBuilder {
         SandboxBuilder::restoring(self.dir.clone(), Arc::clone(&self.saved))
     }
@@ -642,7 +924,7 @@ pub mod fuzzing {
     /// Decode `payload` as if a valid header and checksum carried it; what
     /// it decodes to, encoded again (which must be `payload` itself).
     pub fn reencode_payload(payload: &[u8]) -> Result<Vec<u8>, SnapshotError> {
-        Ok(Saved::decode(payload)?.encode())
+        Ok(Saved::decode(payload, super::SNAPSHOT_FORMAT)?.encode())
     }
 }
 
@@ -730,6 +1012,57 @@ pub(crate) mod tests {
                     last_was_command: true,
                 },
             },
+            devices: vec![
+                SavedDevice {
+                    record: DeviceRecord::Disk {
+                        path: "/images/root.ext4".into(),
+                        read_only: true,
+                        id: Some("root".into()),
+                        sectors: 2048,
+                    },
+                    base: 0xd000_0000,
+                    gsi: 5,
+                    transport: transport(2, 1),
+                },
+                SavedDevice {
+                    record: DeviceRecord::Vsock {
+                        cid: 3,
+                        agent: true,
+                    },
+                    base: 0xd000_1000,
+                    gsi: 6,
+                    transport: transport(19, 3),
+                },
+            ],
+        }
+    }
+
+    /// A running transport of `queues` queues.
+    fn transport(device_type: u32, queues: usize) -> TransportSnapshot {
+        TransportSnapshot {
+            device_type,
+            status: 0xf,
+            device_features_sel: 1,
+            driver_features_sel: 1,
+            acked_features: 1 << 32,
+            queue_sel: queues as u32 - 1,
+            shm_sel: 0,
+            queues: (0..queues as u64)
+                .map(|i| QueueSnapshot {
+                    size: 256,
+                    invalid_size: (i == 1).then_some(3),
+                    ready: true,
+                    desc: 0x10_0000 + i * 0x1000,
+                    driver: 0x10_0800 + i * 0x1000,
+                    device: 0x10_0c00 + i * 0x1000,
+                    next_avail: 65535,
+                    next_used: 7,
+                })
+                .collect(),
+            interrupt_status: 1,
+            interrupt_raised: 2,
+            config_generation: 4,
+            needs_reset: false,
         }
     }
 
@@ -757,6 +1090,24 @@ pub(crate) mod tests {
             assert!(fuzzing::reencode_payload(&payload[..cut]).is_err(), "{cut}");
         }
         assert_eq!(fuzzing::reencode_payload(&payload).unwrap(), payload);
+    }
+
+    #[test]
+    fn a_format_1_file_reads_as_a_snapshot_without_devices() {
+        let mut saved = sample();
+        saved.devices.clear();
+        let mut payload = saved.encode();
+        // Format 1 ended after the i8042: no device count.
+        assert_eq!(payload.split_off(payload.len() - 4), [0; 4]);
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&1u32.to_le_bytes());
+        file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        file.extend_from_slice(&payload);
+        let crc = crc32(&file);
+        file.extend_from_slice(&crc.to_le_bytes());
+        let parsed = parse_state(&file, Path::new("v1")).unwrap();
+        assert!(parsed.devices.is_empty());
+        assert_eq!(parsed.encode(), saved.encode());
     }
 
     #[test]

@@ -71,31 +71,59 @@ fn twenty_sandboxes_in_sequence_leak_no_fds_or_threads() {
     // Assert
     assert_back_to(fds, threads, "paused sandboxes");
 
-    // Act: a snapshot, and sandboxes restored from it, dropped or stopped.
+    // Act: a snapshot of a sandbox with a disk and a vsock device, and
+    // sandboxes restored from it, dropped or stopped, and restores that
+    // fail after the devices were made.
     let dir = common::Scratch::new("leaks-snapshot");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
     {
         let console = ConsoleCapture::default();
-        let running = common::start_counting(&console);
-        running.pause().unwrap();
-        running.snapshot(dir.path()).unwrap();
-    }
-    for i in 0..6 {
-        let console = ConsoleCapture::default();
-        let running = chitin::Snapshot::open(dir.path())
-            .unwrap()
-            .restore_builder()
-            .console(chitin::Console::capture(&console))
+        let running = guest_builder(Guest::Counter, &console)
+            .vcpus(2)
+            .disk(chitin::Disk::new(&image).read_only(true))
+            .vsock(3, dir.path().join("original.sock"))
             .build()
             .unwrap()
             .start()
             .unwrap();
+        assert!(console.wait_for(b"n 1\n", GUEST_TIMEOUT));
+        running.pause().unwrap();
+        running.snapshot(dir.path().join("snap")).unwrap();
+    }
+    let snapshot = chitin::Snapshot::open(dir.path().join("snap")).unwrap();
+    for i in 0..6 {
+        let console = ConsoleCapture::default();
+        let socket = dir.path().join(format!("clone-{i}.sock"));
+        let builder = snapshot
+            .restore_builder()
+            .disk(chitin::Disk::new(&image).read_only(true))
+            .vsock(3, &socket)
+            .console(chitin::Console::capture(&console));
+        let running = builder.build().unwrap().start().unwrap();
         assert!(console.wait_for(b"\n", GUEST_TIMEOUT));
         if i % 2 == 0 {
             drop(running);
         } else {
             assert_eq!(running.stop(), ExitReason::Stopped);
         }
+        assert!(!socket.exists(), "{}", socket.display());
     }
+    // A disk of another size, found after the vsock device is made.
+    let small = dir.path().join("small.img");
+    std::fs::File::create(&small)
+        .and_then(|f| f.set_len(1 << 19))
+        .unwrap();
+    let socket = dir.path().join("refused.sock");
+    assert!(snapshot
+        .restore_builder()
+        .disk(chitin::Disk::new(&small).read_only(true))
+        .vsock(3, &socket)
+        .build()
+        .is_err());
+    assert!(!socket.exists());
     // Assert
     assert_back_to(fds, threads, "restored sandboxes");
 }

@@ -271,7 +271,7 @@ fn damaged_foreign_or_mismatched_snapshots_are_typed_errors() {
 
 #[test]
 #[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
-fn only_a_paused_sandbox_without_virtio_devices_is_snapshotted() {
+fn only_a_paused_sandbox_without_interfaces_or_shares_is_snapshotted() {
     if !kvm_available("snapshot_refusals") {
         return;
     }
@@ -283,17 +283,140 @@ fn only_a_paused_sandbox_without_virtio_devices_is_snapshotted() {
         Err(SnapshotError::NotPaused)
     ));
     assert_eq!(running.stop(), ExitReason::Stopped);
-    // A sandbox with a vsock device.
-    let with_vsock = common::guest_builder(chitin_test_guests::Guest::Idle, &console)
-        .vsock(3, dir.path().join("v.sock"))
+    // A sandbox with a shared folder: its open files live on the host.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let with_share = common::guest_builder(chitin_test_guests::Guest::Idle, &console)
+        .share(chitin::Share::new(&shared, "data"))
         .build()
         .unwrap()
         .start()
         .unwrap();
-    with_vsock.pause().unwrap();
+    with_share.pause().unwrap();
+    match with_share.snapshot(dir.path().join("snap")) {
+        Err(SnapshotError::Unsupported(what)) => assert!(what.contains("shared folder"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!dir.path().join("snap").join("state").exists());
+    assert_eq!(with_share.stop(), ExitReason::Stopped);
+}
+
+/// A raw disk image of `sectors` 512-byte sectors at `path`.
+fn image(path: &Path, sectors: u64) -> std::path::PathBuf {
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(sectors * 512).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn disks_and_vsock_are_carried_and_can_be_retargeted() {
+    if !kvm_available("snapshot_devices") {
+        return;
+    }
+    // Arrange: the counting guest with two disks and a vsock device.
+    let dir = Scratch::new("snapshot-devices");
+    let root = image(&dir.path().join("root.img"), 2048);
+    let data = image(&dir.path().join("data.img"), 4096);
+    let console = ConsoleCapture::default();
+    let running = common::guest_builder(chitin_test_guests::Guest::Counter, &console)
+        .vcpus(2)
+        .disk(chitin::Disk::new(&root).read_only(true))
+        .disk(chitin::Disk::new(&data))
+        .vsock(7, dir.path().join("v.sock"))
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(wait_for_count(&console, 3), "{}", text(&console));
+    running.pause().unwrap();
+    let snap = dir.path().join("snap");
+    running.snapshot(&snap).unwrap();
+    assert_eq!(running.stop(), ExitReason::Stopped);
+    let snapshot = Snapshot::open(&snap).unwrap();
+    let own: Vec<_> = snapshot
+        .disks()
+        .iter()
+        .map(|d| (d.path().to_path_buf(), d.is_read_only()))
+        .collect();
+    assert_eq!(own, [(root.clone(), true), (data.clone(), false)]);
+
+    // The caller's disks and socket, as the guest knows them: it goes on.
+    let clone_data = image(&dir.path().join("clone-data.img"), 4096);
+    let clone_socket = dir.path().join("clone.sock");
+    let clone_console = ConsoleCapture::default();
+    let clone = snapshot
+        .restore_builder()
+        .disk(chitin::Disk::new(&root).read_only(true))
+        .disk(chitin::Disk::new(&clone_data))
+        .vsock(7, &clone_socket)
+        .console(chitin::Console::capture(&clone_console))
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(clone_socket.exists(), "the clone listens on its own socket");
+    assert!(
+        wait_for_count(&clone_console, 2),
+        "{}",
+        text(&clone_console)
+    );
+    assert_eq!(clone.stop(), ExitReason::Stopped);
+    assert!(!clone_socket.exists(), "the clone's socket goes with it");
+
+    // Everything the guest would see differently is refused by name.
+    let mismatch = |builder: chitin::SandboxBuilder, what: &str| match builder.build() {
+        Err(SandboxError::Snapshot(SnapshotError::Mismatch { what: w, .. })) => {
+            assert_eq!(w, what)
+        }
+        other => panic!("{what}: {other:?}"),
+    };
+    let small = image(&dir.path().join("small.img"), 2048);
+    let retarget = |second: chitin::Disk| {
+        snapshot
+            .restore_builder()
+            .disk(chitin::Disk::new(&root).read_only(true))
+            .disk(second)
+            .vsock(7, dir.path().join("x.sock"))
+    };
+    mismatch(
+        retarget(chitin::Disk::new(&small)),
+        "a disk of 512-byte sectors",
+    );
+    mismatch(
+        retarget(chitin::Disk::new(&clone_data).read_only(true)),
+        "a read-only disk (1: yes)",
+    );
+    mismatch(
+        snapshot.restore_builder().disk(chitin::Disk::new(&root)),
+        "disks",
+    );
+    mismatch(
+        retarget(chitin::Disk::new(&clone_data)).vsock(8, dir.path().join("y.sock")),
+        "vsock CID",
+    );
+    // A restore opens only the disks its caller names.
     assert!(matches!(
-        with_vsock.snapshot(dir.path().join("snap")),
-        Err(SnapshotError::Unsupported(_))
+        snapshot.restore_builder().build(),
+        Err(SandboxError::Snapshot(SnapshotError::DisksNeeded(2)))
     ));
-    assert_eq!(with_vsock.stop(), ExitReason::Stopped);
+    let own_disks = || {
+        snapshot
+            .disks()
+            .into_iter()
+            .fold(snapshot.restore_builder(), |b, d| b.disk(d))
+    };
+    assert!(matches!(
+        own_disks().build(),
+        Err(SandboxError::Snapshot(SnapshotError::VsockPathNeeded))
+    ));
+    // The serial the guest read stays.
+    assert!(matches!(
+        retarget(chitin::Disk::new(&clone_data).id("other")).build(),
+        Err(SandboxError::Snapshot(SnapshotError::Unsupported(_)))
+    ));
+    // No socket or image is left behind by the refused restores.
+    for name in ["x.sock", "y.sock"] {
+        assert!(!dir.path().join(name).exists(), "{name}");
+    }
 }

@@ -249,6 +249,9 @@ fn agent_frames() -> Vec<(&'static str, Vec<u8>)> {
             bytes: 4096,
         },
         Frame::Signal { id: 3, signo: 9 },
+        Frame::Entropy {
+            bytes: (0..32).collect(),
+        },
         Frame::Shutdown,
     ];
     let encode = |frames: &[Frame]| -> Vec<u8> {
@@ -396,8 +399,9 @@ fn fs_request() -> Vec<(&'static str, Vec<u8>)> {
 /// x86_64 kernel ABI's (kvm_irqchip 520, kvm_mp_state 4, kvm_regs 144,
 /// kvm_sregs 312, the XSAVE region 4096, kvm_xcrs 392, kvm_debugregs 128,
 /// kvm_lapic_state 1024, kvm_vcpu_events 64, kvm_cpuid_entry2 40), the
-/// field order docs/snapshot.md's.
-fn snapshot_payload(msrs: &[(u32, u64)], cpuid_entries: usize) -> Vec<u8> {
+/// field order docs/snapshot.md's; with `devices`, a read-only disk
+/// and the agent's vsock device, both running.
+fn snapshot_payload(msrs: &[(u32, u64)], cpuid_entries: usize, devices: bool) -> Vec<u8> {
     let mut p = Vec::new();
     let blob = |p: &mut Vec<u8>, bytes: &[u8]| {
         p.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -438,6 +442,45 @@ fn snapshot_payload(msrs: &[(u32, u64)], cpuid_entries: usize) -> Vec<u8> {
     p.push(0x0b); // RTC index
     blob(&mut p, &[0u8; 128]);
     p.extend_from_slice(&[0x47, 0x01, 1, 0xfa, 0, 0]); // i8042: output pending
+    if !devices {
+        p.extend_from_slice(&0u32.to_le_bytes());
+        return p;
+    }
+    p.extend_from_slice(&2u32.to_le_bytes());
+    let u32s = |p: &mut Vec<u8>, values: &[u32]| {
+        for v in values {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    // A read-only disk of 2048 sectors with serial "root".
+    p.push(0);
+    blob(&mut p, b"/images/root.ext4");
+    p.push(1);
+    p.push(1);
+    blob(&mut p, b"root");
+    p.extend_from_slice(&2048u64.to_le_bytes());
+    let transport = |p: &mut Vec<u8>, base: u64, gsi: u32, device_type: u32, queues: u64| {
+        p.extend_from_slice(&base.to_le_bytes());
+        u32s(p, &[gsi, device_type, 0xf, 1, 1]);
+        p.extend_from_slice(&(1u64 << 32).to_le_bytes()); // VERSION_1
+        u32s(p, &[0, 0, queues as u32]);
+        for q in 0..queues {
+            u32s(p, &[256]);
+            p.extend_from_slice(&[0, 1]); // no invalid size, ready
+            for ring in [0x10_0000, 0x10_0800, 0x10_0c00] {
+                p.extend_from_slice(&(ring + q * 0x1000u64).to_le_bytes());
+            }
+            u32s(p, &[5, 5]);
+        }
+        u32s(p, &[1, 0, 0]);
+        p.push(0);
+    };
+    transport(&mut p, 0xd000_0000, 5, 2, 1);
+    // The agent's vsock device, CID 3.
+    p.push(1);
+    u32s(&mut p, &[3]);
+    p.push(1);
+    transport(&mut p, 0xd000_1000, 6, 19, 3);
     p
 }
 
@@ -445,9 +488,13 @@ fn snapshot_state() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         (
             "one-vcpu",
-            snapshot_payload(&[(0x10, 1 << 40), (0x6e0, 0)], 2),
+            snapshot_payload(&[(0x10, 1 << 40), (0x6e0, 0)], 2, false),
         ),
-        ("bare", snapshot_payload(&[], 0)),
+        ("bare", snapshot_payload(&[], 0, false)),
+        (
+            "disk-and-vsock",
+            snapshot_payload(&[(0x10, 1 << 40)], 1, true),
+        ),
     ]
 }
 

@@ -13,7 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use chitin_virtio::active::{kick, rearm};
@@ -164,6 +164,20 @@ pub enum BlkError {
     RateLimiter(#[from] RateLimiterError),
 }
 
+/// Put `file` back in blocking mode (it was opened non-blocking only to
+/// keep the open itself from waiting).
+fn clear_nonblocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL take no pointers; `file` is open.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Take `flock` on the image for as long as `file` is open: shared when
 /// read-only, exclusive when read-write, so two sandboxes never write one
 /// image at once (nor read it while another writes). Advisory, as every
@@ -219,9 +233,12 @@ impl Block {
             rate_limit,
         } = config;
         let id = device_id(id)?;
+        // Non-blocking so that a FIFO is refused below rather than waited
+        // on here; never a controlling terminal.
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
             .map_err(|source| BlkError::Open {
                 path: path.clone(),
@@ -237,6 +254,10 @@ impl Block {
         if !file_type.is_file() && !file_type.is_block_device() {
             return Err(BlkError::NotADisk { path });
         }
+        clear_nonblocking(&file).map_err(|source| BlkError::Open {
+            path: path.clone(),
+            source,
+        })?;
         lock_image(&file, &path, read_only)?;
         let backend = FileBackend::new(file).map_err(|source| BlkError::Size {
             path: path.clone(),
@@ -724,6 +745,28 @@ mod tests {
         drop(_second);
         // The locks go with the devices.
         let _writer = block(&image, false);
+    }
+
+    #[test]
+    fn new_fifo_is_not_a_disk_and_is_not_waited_on() {
+        let dir = std::env::temp_dir().join(format!("chitin-blk-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+
+        // Read-only: a blocking open would wait for a writer forever.
+        let result = Block::new(DiskConfig {
+            path: fifo,
+            read_only: true,
+            id: None,
+            rate_limit: RateLimit::default(),
+        });
+
+        assert!(matches!(result, Err(BlkError::NotADisk { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -95,6 +95,39 @@ pub struct GuestRam {
     from_file: bool,
 }
 
+/// Page present in RAM (proc(5), pagemap).
+const PAGE_PRESENT: u64 = 1 << 63;
+/// Page swapped out.
+const PAGE_SWAPPED: u64 = 1 << 62;
+/// Page of a file, or shared anonymous memory (not a private copy).
+const PAGE_FILE: u64 = 1 << 61;
+
+/// `test` of each `/proc/self/pagemap` entry of the `len / 4 KiB` pages at
+/// `host`, read in chunks.
+fn pagemap(host: usize, len: usize, test: impl Fn(u64) -> bool) -> io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    /// Pagemap entries read at once (256 KiB, for 128 MiB of RAM).
+    const CHUNK_PAGES: usize = 32 << 10;
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let page = layout::PAGE_SIZE as usize;
+    let pages = len / page;
+    let mut out = Vec::with_capacity(pages);
+    let mut entries = vec![0u8; CHUNK_PAGES.min(pages) * 8];
+    let mut done = 0;
+    while done < pages {
+        let n = CHUNK_PAGES.min(pages - done);
+        let buf = &mut entries[..n * 8];
+        pagemap.read_exact_at(buf, ((host / page + done) * 8) as u64)?;
+        out.extend(buf.chunks_exact(8).map(|e| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(e);
+            test(u64::from_le_bytes(v))
+        }));
+        done += n;
+    }
+    Ok(out)
+}
+
 impl GuestRam {
     /// Map `size` bytes of guest RAM following the x86_64 layout.
     ///
@@ -252,38 +285,32 @@ impl GuestRam {
     /// hold data, or where the pagemap cannot be read: then every page is
     /// read.
     fn mapped_pages(&self, host: usize, len: usize) -> Result<Option<Vec<bool>>, MemoryError> {
-        use std::os::unix::fs::FileExt;
-        /// Page present in RAM, or swapped out (proc(5), pagemap).
-        const PRESENT: u64 = 1 << 63;
-        const SWAPPED: u64 = 1 << 62;
         if self.memfd.is_some() || self.from_file {
             return Ok(None);
         }
-        let Ok(pagemap) = File::open("/proc/self/pagemap") else {
-            return Ok(None);
-        };
-        /// Pagemap entries read at once (256 KiB, for 128 MiB of RAM).
-        const CHUNK_PAGES: usize = 32 << 10;
-        let page = layout::PAGE_SIZE as usize;
-        let pages = len / page;
-        let mut mapped = Vec::with_capacity(pages);
-        let mut entries = vec![0u8; CHUNK_PAGES.min(pages) * 8];
-        let mut done = 0;
-        while done < pages {
-            let n = CHUNK_PAGES.min(pages - done);
-            let buf = &mut entries[..n * 8];
-            let offset = ((host / page + done) * 8) as u64;
-            if pagemap.read_exact_at(buf, offset).is_err() {
-                return Ok(None);
-            }
-            mapped.extend(buf.chunks_exact(8).map(|e| {
-                let mut v = [0u8; 8];
-                v.copy_from_slice(e);
-                u64::from_le_bytes(v) & (PRESENT | SWAPPED) != 0
-            }));
-            done += n;
+        Ok(pagemap(host, len, |e| e & (PAGE_PRESENT | PAGE_SWAPPED) != 0).ok())
+    }
+
+    /// Bytes of guest RAM this sandbox holds on its own: for RAM mapped
+    /// from a snapshot, the pages the guest wrote (its private copies; the
+    /// pages it only read are the snapshot file's, shared with every clone
+    /// and the page cache); otherwise what it touched, as
+    /// [`GuestRam::resident_bytes`].
+    pub fn private_bytes(&self) -> io::Result<u64> {
+        if !self.from_file {
+            return self.resident_bytes();
         }
-        Ok(Some(mapped))
+        let mut private = 0u64;
+        for region in self.memory.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let own = pagemap(host as usize, region.len() as usize, |e| {
+                e & (PAGE_PRESENT | PAGE_SWAPPED) != 0 && e & PAGE_FILE == 0
+            })?;
+            private += own.iter().filter(|&&b| b).count() as u64 * layout::PAGE_SIZE;
+        }
+        Ok(private)
     }
 
     /// The mapped guest memory, for the loader and the devices.
@@ -302,7 +329,10 @@ impl GuestRam {
     }
 
     /// Bytes of guest RAM resident in host memory right now (`mincore`):
-    /// what the guest has touched, as opposed to what it was given.
+    /// what the guest has touched, as opposed to what it was given. For
+    /// RAM mapped from a snapshot this counts the snapshot file's pages in
+    /// the page cache too, shared with every clone: see
+    /// [`GuestRam::private_bytes`].
     pub fn resident_bytes(&self) -> io::Result<u64> {
         let page = layout::PAGE_SIZE as usize;
         let mut resident = 0u64;
@@ -526,6 +556,12 @@ mod tests {
         assert_eq!(written, layout::PAGE_SIZE);
         let resaved = GuestRam::from_snapshot(&file2, 16 * MIB).unwrap();
         assert_eq!(read(&resaved).unwrap(), 0x1122_3344_5566_7788);
+        // A clone holds on its own only the pages it wrote: `second` only
+        // read its page (the file's, shared), `first` wrote one.
+        assert_eq!(first.private_bytes().unwrap(), layout::PAGE_SIZE);
+        assert_eq!(second.private_bytes().unwrap(), 0);
+        assert!(second.resident_bytes().unwrap() >= layout::PAGE_SIZE);
+        assert_eq!(ram.private_bytes().unwrap(), ram.resident_bytes().unwrap());
     }
 
     #[test]

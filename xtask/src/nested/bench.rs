@@ -340,12 +340,13 @@ fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
         let diff = |key: &str| -> Step<f64> {
             Ok((get(at, key)? as f64 - get(from, key)? as f64) / per as f64)
         };
-        let (rss, guest) = (diff("rss_kib")?, diff("guest_kib")?);
+        let (rss, pss, guest) = (diff("rss_kib")?, diff("pss_kib")?, diff("guest_kib")?);
         println!(
-            "  {label:<26} {:>9.1} MiB {:>9.1} MiB {:>9.1} MiB {:>8.1} {:>8.1} {:>9.1} MiB",
+            "  {label:<26} {:>9.1} MiB {:>9.1} MiB {:>9.1} MiB {:>9.1} MiB {:>8.1} {:>8.1} {:>9.1} MiB",
             mib(rss as u64),
+            mib(pss as u64),
             mib(guest as u64),
-            (rss - guest) / 1024.0,
+            (pss - guest) / 1024.0,
             diff("threads")?,
             diff("fds")?,
             diff("l1_available_drop_kib")? / 1024.0,
@@ -364,8 +365,8 @@ fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
         density.get("times", "rest_all_up_ms").unwrap_or(0),
     );
     println!(
-        "  {:<26} {:>13} {:>13} {:>13} {:>8} {:>8} {:>13}",
-        "", "process RSS", "guest RAM", "outside it", "threads", "fds", "L1 avail. -"
+        "  {:<26} {:>13} {:>13} {:>13} {:>13} {:>8} {:>8} {:>13}",
+        "", "process RSS", "PSS", "guest RAM own", "PSS - own", "threads", "fds", "L1 avail. -"
     );
     let (first, _) = row("the first sandbox", "one", "base", 1)?;
     let mut additional = None;
@@ -377,6 +378,10 @@ fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
             count as u64 - 1,
         )?);
     }
+    // The first, snapshotted, restored `count` times: clones map its
+    // memory file copy-on-write, so RSS counts a shared page once per
+    // clone and PSS and L1's memory once in all.
+    row("each clone (mean)", "clones", "dropped", count as u64)?;
     let per_vm = additional.map_or(first, |(rss, _)| rss);
     let peers: Vec<String> = all
         .iter()
@@ -398,6 +403,11 @@ fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
             peers.join(", ")
         );
     }
+    println!(
+        "  clones restored at once: up after {} ms (median) and {} ms (last)",
+        density.get("clone-times", "median_up_ms").unwrap_or(0),
+        density.get("clone-times", "all_up_ms").unwrap_or(0),
+    );
     println!("  {}", detail.trim());
     Ok(())
 }
@@ -1227,10 +1237,13 @@ mod tests {
         assert!(print_density(4, &d, &[]).is_err());
         let log = lines(
             "nested: begin density\n\
-             | chitin-density: at=base sandboxes=0 rss_kib=1528 guest_kib=0 threads=1 fds=4 l1_available_drop_kib=0\n\
-             | chitin-density: at=one sandboxes=1 rss_kib=39480 guest_kib=34816 threads=5 fds=25 l1_available_drop_kib=4580\n\
-             | chitin-density: at=all sandboxes=6 rss_kib=216368 guest_kib=208896 threads=26 fds=130 l1_available_drop_kib=184512\n\
+             | chitin-density: at=base sandboxes=0 rss_kib=1528 pss_kib=1500 guest_kib=0 threads=1 fds=4 l1_available_drop_kib=0\n\
+             | chitin-density: at=one sandboxes=1 rss_kib=39480 pss_kib=39000 guest_kib=34816 threads=5 fds=25 l1_available_drop_kib=4580\n\
+             | chitin-density: at=all sandboxes=6 rss_kib=216368 pss_kib=216000 guest_kib=208896 threads=26 fds=130 l1_available_drop_kib=184512\n\
              | chitin-density: at=times sandboxes=6 first_up_ms=2863 rest_started_ms=1454 rest_median_up_ms=16606 rest_all_up_ms=16648\n\
+             | chitin-density: at=dropped sandboxes=0 rss_kib=1600 pss_kib=1550 guest_kib=0 threads=1 fds=4 l1_available_drop_kib=100\n\
+             | chitin-density: at=clones sandboxes=6 rss_kib=60000 pss_kib=20000 guest_kib=50000 threads=26 fds=130 l1_available_drop_kib=20000\n\
+             | chitin-density: at=clone-times sandboxes=6 median_up_ms=300 all_up_ms=400\n\
              | chitin-check: density PASS 6 sandboxes answered\n\
              nested: end density exit=0 ms=19901\n",
         );

@@ -400,6 +400,15 @@ pub const SCENARIOS: &[Scenario] = &[
         host_checks: Some("container"),
         ..FS
     },
+    // Pause, snapshot, and two clones restored at once (sandboxes of its
+    // own, host checks through the library).
+    Scenario {
+        name: "snapshot",
+        agent: "snapshot",
+        timeout_s: 600,
+        host_checks: Some("snapshot"),
+        ..EXEC
+    },
     // The exec, vsock, blk, fs and net checks in a VMM confined by
     // chitin-jail as uid 1000 with cgroup limits.
     Scenario {

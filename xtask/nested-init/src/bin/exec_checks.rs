@@ -35,6 +35,8 @@ mod fs;
 mod jail;
 #[path = "exec_checks/net.rs"]
 mod net;
+#[path = "exec_checks/snapshot.rs"]
+mod snapshot;
 
 /// The seccomp mode of every sandbox the checks make: `CHITIN_SECCOMP`
 /// (`enforce`, `log` or `off`; L1's kernel command line can set it for a
@@ -797,7 +799,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail KERNEL INITRAMFS | density KERNEL INITRAMFS N"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot KERNEL INITRAMFS | density KERNEL INITRAMFS N"
         );
         std::process::exit(2);
     };
@@ -838,6 +840,7 @@ fn main() {
         "container" => Some(fs::container_checks),
         "fs-bench" => Some(fs::bench_checks),
         "jail" => Some(jail::outer),
+        "snapshot" => Some(snapshot::checks),
         _ => None,
     };
     if let Some(checks) = own {

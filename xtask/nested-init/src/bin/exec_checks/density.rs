@@ -1,10 +1,13 @@
 //! Density in L1: `chitin-exec-checks density KERNEL INITRAMFS N` starts N
 //! sandboxes of the default guest (1 vCPU, 128 MiB, as bench-boot's) in
 //! this one process, waits until every agent answers, and prints what they
-//! cost: this process's resident memory split into guest RAM the guests
+//! cost: this process's resident memory (RSS, and PSS, which counts a
+//! page shared by several mappings once) split into guest RAM the guests
 //! touched and everything else, threads and fds, each after the first
-//! sandbox and after all N, and L1's MemAvailable. Then it drops them all
-//! and checks that threads and fds are back where they were.
+//! sandbox and after all N, and L1's MemAvailable. Then it snapshots the
+//! first, drops them all and checks that threads and fds are back where
+//! they were; then restores N clones of that snapshot at once, each
+//! answering an exec, prints the same for them, and drops them too.
 //!
 //! Prints `chitin-density: <key>=<value> ...` lines for bench-boot and one
 //! `chitin-check: density PASS|FAIL` line; exits 0 only on PASS.
@@ -12,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use chitin::{Command, ExitStatus, GuestImage, RunningSandbox, Sandbox};
+
 use chitin_testkit::Report as Checks;
 
 use super::seccomp_mode;
@@ -29,6 +33,9 @@ const SETTLE: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, Debug, Default)]
 struct Usage {
     rss_kib: u64,
+    /// Proportional: a page mapped by n mappings counts 1/n in each (the
+    /// clones' shared snapshot pages count once, not once per clone).
+    pss_kib: u64,
     threads: u64,
     fds: u64,
     /// L1's MemAvailable.
@@ -44,23 +51,26 @@ fn status_field(text: &str, key: &str) -> Option<u64> {
 
 fn usage() -> Result<Usage, String> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").map_err(|e| e.to_string())?;
     let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| e.to_string())?;
     let fds = std::fs::read_dir("/proc/self/fd")
         .map_err(|e| e.to_string())?
         .count() as u64;
     Ok(Usage {
         rss_kib: status_field(&status, "VmRSS:").ok_or("no VmRSS")?,
+        pss_kib: status_field(&rollup, "Pss:").ok_or("no Pss")?,
         threads: status_field(&status, "Threads:").ok_or("no Threads")?,
         fds,
         available_kib: status_field(&meminfo, "MemAvailable:").ok_or("no MemAvailable")?,
     })
 }
 
-/// Guest RAM resident on the host, summed over `vms`, in KiB.
+/// Guest RAM each of `vms` alone holds (for a clone, its copies of the
+/// snapshot's pages), summed, in KiB.
 fn guest_kib(vms: &[RunningSandbox]) -> Result<u64, String> {
     let mut bytes = 0;
     for vm in vms {
-        bytes += vm.guest_memory_resident().map_err(|e| e.to_string())?;
+        bytes += vm.guest_memory_private().map_err(|e| e.to_string())?;
     }
     Ok(bytes / 1024)
 }
@@ -69,9 +79,10 @@ fn guest_kib(vms: &[RunningSandbox]) -> Result<u64, String> {
 fn report(label: &str, base: Usage, vms: &[RunningSandbox]) -> Result<Usage, String> {
     let now = usage()?;
     println!(
-        "chitin-density: at={label} sandboxes={} rss_kib={} guest_kib={} threads={} fds={} l1_available_drop_kib={}",
+        "chitin-density: at={label} sandboxes={} rss_kib={} pss_kib={} guest_kib={} threads={} fds={} l1_available_drop_kib={}",
         vms.len(),
         now.rss_kib,
+        now.pss_kib,
         guest_kib(vms)?,
         now.threads,
         now.fds,
@@ -122,8 +133,8 @@ fn run(kernel: &str, initramfs: &str, count: usize) -> Result<String, String> {
     std::thread::sleep(SETTLE);
     let base = usage()?;
     println!(
-        "chitin-density: at=base sandboxes=0 rss_kib={} guest_kib=0 threads={} fds={} l1_available_drop_kib=0 fd_limit={fd_limit}",
-        base.rss_kib, base.threads, base.fds
+        "chitin-density: at=base sandboxes=0 rss_kib={} pss_kib={} guest_kib=0 threads={} fds={} l1_available_drop_kib=0 fd_limit={fd_limit}",
+        base.rss_kib, base.pss_kib, base.threads, base.fds
     );
     let builder = || {
         Sandbox::builder()
@@ -166,25 +177,90 @@ fn run(kernel: &str, initramfs: &str, count: usize) -> Result<String, String> {
     if running != count {
         return Err(format!("{running} of {count} sandboxes still running"));
     }
+    // The first, up and answering, becomes the clones' snapshot.
+    let snap = std::path::Path::new(SNAPSHOT_DIR);
+    let _ = std::fs::remove_dir_all(snap);
+    vms[0].pause().map_err(|e| format!("pause: {e}"))?;
+    vms[0]
+        .snapshot(snap)
+        .map_err(|e| format!("snapshot: {}", chitin::error_chain(&e)))?;
     drop(vms);
     // Threads end and fds close as each sandbox drops.
+    let after = dropped("dropped", base)?;
+    let clones = clones(count, base)?;
+    let _ = std::fs::remove_dir_all(snap);
+    Ok(format!(
+        "{count} sandboxes answered (last {last} ms after the rest started); threads {} -> {} -> {}, fds {} -> {} -> {}; all dropped, threads and fds back to {} and {}; {clones}",
+        base.threads, one.threads, all.threads, base.fds, one.fds, all.fds, after.threads, after.fds
+    ))
+}
+
+/// Where the clones' snapshot is written.
+const SNAPSHOT_DIR: &str = "/tmp/chitin-density-snapshot";
+
+/// After a drop: the line at `label`, and an error unless threads and fds
+/// are back to `base`'s.
+fn dropped(label: &str, base: Usage) -> Result<Usage, String> {
     let after = usage()?;
     println!(
-        "chitin-density: at=dropped sandboxes=0 rss_kib={} guest_kib=0 threads={} fds={} l1_available_drop_kib={}",
+        "chitin-density: at={label} sandboxes=0 rss_kib={} pss_kib={} guest_kib=0 threads={} fds={} l1_available_drop_kib={}",
         after.rss_kib,
+        after.pss_kib,
         after.threads,
         after.fds,
         base.available_kib.saturating_sub(after.available_kib)
     );
     if (after.threads, after.fds) != (base.threads, base.fds) {
         return Err(format!(
-            "after dropping {count} sandboxes: {} threads and {} fds, {} and {} before",
+            "after a drop: {} threads and {} fds, {} and {} before",
             after.threads, after.fds, base.threads, base.fds
         ));
     }
+    Ok(after)
+}
+
+/// `count` clones of the snapshot in [`SNAPSHOT_DIR`], restored at once,
+/// each answering an exec: the `clones` line (against the `dropped` one
+/// before them) and their times; then dropped like the cold ones.
+fn clones(count: usize, base: Usage) -> Result<String, String> {
+    let snapshot = chitin::Snapshot::open(SNAPSHOT_DIR).map_err(|e| chitin::error_chain(&e))?;
+    let t0 = Instant::now();
+    let started: Result<Vec<(RunningSandbox, u64)>, String> = std::thread::scope(|s| {
+        let starts: Vec<_> = (0..count)
+            .map(|i| {
+                let snapshot = &snapshot;
+                s.spawn(move || {
+                    let vm = snapshot
+                        .restore_builder()
+                        .seccomp(seccomp_mode())
+                        .build()
+                        .and_then(Sandbox::start)
+                        .map_err(|e| format!("clone {i}: {}", chitin::error_chain(&e)))?;
+                    let ms = up(&vm, t0)?;
+                    Ok((vm, ms))
+                })
+            })
+            .collect();
+        starts
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("a restore panicked".into()))
+            })
+            .collect()
+    });
+    let (vms, mut up_ms): (Vec<RunningSandbox>, Vec<u64>) = started?.into_iter().unzip();
+    up_ms.sort_unstable();
+    report("clones", base, &vms)?;
+    let median = up_ms.get(up_ms.len() / 2).copied().unwrap_or(0);
+    let last = up_ms.last().copied().unwrap_or(0);
+    println!(
+        "chitin-density: at=clone-times sandboxes={count} median_up_ms={median} all_up_ms={last}"
+    );
+    drop(vms);
+    dropped("clones-dropped", base)?;
     Ok(format!(
-        "{count} sandboxes answered (last {last} ms after the rest started); threads {} -> {} -> {}, fds {} -> {} -> {}; all dropped, threads and fds back to {} and {}",
-        base.threads, one.threads, all.threads, base.fds, one.fds, all.fds, after.threads, after.fds
+        "{count} clones of the first restored at once, all answered after {last} ms, dropped, threads and fds back"
     ))
 }
 
