@@ -166,6 +166,8 @@ struct Options {
     kernel: L2Kernel,
     /// Sandboxes of the density run; 0: none.
     density: usize,
+    /// Guest memory of each density sandbox, in MiB.
+    density_mem: u32,
 }
 
 fn parse_options(args: &[String]) -> Step<Options> {
@@ -173,6 +175,7 @@ fn parse_options(args: &[String]) -> Step<Options> {
         rounds: DEFAULT_ROUNDS,
         kernel: KERNEL_6_1,
         density: DEFAULT_DENSITY,
+        density_mem: MEM_MIB,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -190,13 +193,20 @@ fn parse_options(args: &[String]) -> Step<Options> {
                     .and_then(|v| v.parse().ok())
                     .ok_or("--density needs a number (0: no density run)")?;
             }
+            "--density-mem" => {
+                options.density_mem = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n >= 64)
+                    .ok_or("--density-mem needs MiB, 64 or more")?;
+            }
             "--distro" => match it.next().map(String::as_str) {
                 Some("debian") => options.kernel = KERNEL_DEBIAN,
                 other => return Err(format!("--distro {other:?}: known: debian")),
             },
             other => {
                 return Err(format!(
-                    "unknown option {other:?}; usage: cargo xtask bench-boot [--rounds N] [--density N] [--distro debian]"
+                    "unknown option {other:?}; usage: cargo xtask bench-boot [--rounds N] [--density N] [--density-mem MIB] [--distro debian]"
                 ))
             }
         }
@@ -234,12 +244,14 @@ fn peers_from_env(kernel: L2Kernel) -> Step<Vec<(Vmm, PathBuf)>> {
 
 /// The plan: a warm-up boot, then `rounds` rounds of one boot per VMM,
 /// the order rotating so that no VMM always runs first after another, then
-/// the density run of `density` sandboxes (none for 0).
+/// the density run of `density` sandboxes of `density_mem` MiB (none for
+/// 0).
 fn plan(
     vmms: &[Vmm],
     rounds: usize,
     kernel: L2Kernel,
     density: usize,
+    density_mem: u32,
 ) -> Vec<(String, Vmm, String)> {
     let mut runs = vec![(
         WARMUP.name.to_string(),
@@ -259,7 +271,7 @@ fn plan(
     }
     if density > 0 {
         let line = format!(
-            "{DENSITY_RUN}\t{DENSITY_TIMEOUT_S}\t{DENSITY_PREFIX} at=all\t/bin/chitin-exec-checks\tdensity\t{}\t{}\t{density}",
+            "{DENSITY_RUN}\t{DENSITY_TIMEOUT_S}\t{DENSITY_PREFIX} at=all\t/bin/chitin-exec-checks\tdensity\t{}\t{}\t{density}\t{density_mem}",
             kernel.l1_path(),
             kernel.l1_initramfs()
         );
@@ -322,7 +334,7 @@ fn parse_density(log: &[String]) -> Density {
 
 /// Print the density run next to the peers' per-VM processes; an error
 /// when it did not pass.
-fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
+fn print_density(count: usize, mem_mib: u32, density: &Density, all: &[Figures]) -> Step {
     let check = density
         .check
         .as_deref()
@@ -354,7 +366,7 @@ fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
         Ok((rss, guest))
     };
     println!(
-        "\ndensity: {count} sandboxes of this guest ({VCPUS} vCPU, {MEM_MIB} MiB) alive at once in one chitin process in L1:"
+        "\ndensity: {count} sandboxes of this guest ({VCPUS} vCPU, {mem_mib} MiB) alive at once in one chitin process in L1:"
     );
     println!(
         "  first up after {} ms alone; the other {} started in {} ms, up after {} ms (median) and {} ms (last)",
@@ -398,7 +410,8 @@ fn print_density(count: usize, density: &Density, all: &[Figures]) -> Step {
         .collect();
     if !peers.is_empty() {
         println!(
-            "  a peer runs a process per VM; its RSS at agent up (table above; x: its ratio to chitin's {} sandbox): {}",
+            "  a peer runs a process per VM; its RSS at agent up (table above, {MEM_MIB} MiB guests{}; x: its ratio to chitin's {} sandbox): {}",
+            if mem_mib == MEM_MIB { "" } else { ", not this run's" },
             if count > 1 { "additional" } else { "first" },
             peers.join(", ")
         );
@@ -1078,7 +1091,13 @@ pub fn bench_boot(args: &[String]) -> Step {
     tools
         .extra_data
         .push(("/nested/trace-exits".to_string(), b"yes\n".to_vec()));
-    let runs = plan(&vmms, options.rounds, options.kernel, options.density);
+    let runs = plan(
+        &vmms,
+        options.rounds,
+        options.kernel,
+        options.density,
+        options.density_mem,
+    );
     tools.l1_mem_mib = L1_BASE_MIB + L1_MIB_PER_SANDBOX * options.density as u32;
     let lines: Vec<String> = runs.iter().map(|(_, _, l)| l.clone()).collect();
     let disks = Disks {
@@ -1114,7 +1133,8 @@ pub fn bench_boot(args: &[String]) -> Step {
     }
     print_table(options.kernel, options.rounds, &all);
     if options.density > 0 {
-        if let Err(e) = print_density(options.density, &parse_density(&log), &all) {
+        let density = parse_density(&log);
+        if let Err(e) = print_density(options.density, options.density_mem, &density, &all) {
             missing.push(e);
         }
     }
@@ -1152,20 +1172,32 @@ mod tests {
                 rounds: DEFAULT_ROUNDS,
                 kernel: KERNEL_6_1,
                 density: DEFAULT_DENSITY,
+                density_mem: MEM_MIB,
             })
         );
-        let args: Vec<String> = ["--rounds", "3", "--distro", "debian", "--density", "0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "--rounds",
+            "3",
+            "--distro",
+            "debian",
+            "--density",
+            "0",
+            "--density-mem",
+            "256",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(
             parse_options(&args),
             Ok(Options {
                 rounds: 3,
                 kernel: KERNEL_DEBIAN,
                 density: 0,
+                density_mem: 256,
             })
         );
+        assert!(parse_options(&["--density-mem".into(), "8".into()]).is_err());
         assert!(parse_options(&["--density".into(), "x".into()]).is_err());
         assert!(parse_options(&["--rounds".into(), "0".into()]).is_err());
         assert!(parse_options(&["--fast".into()]).is_err());
@@ -1178,6 +1210,7 @@ mod tests {
             2,
             KERNEL_6_1,
             0,
+            MEM_MIB,
         );
         let names: Vec<&str> = runs.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(
@@ -1210,11 +1243,11 @@ mod tests {
 
     #[test]
     fn density_run_is_last_and_its_lines_are_parsed_by_moment() {
-        let runs = plan(&[Vmm::Chitin], 1, KERNEL_6_1, 4);
+        let runs = plan(&[Vmm::Chitin], 1, KERNEL_6_1, 4, 256);
         let (name, _, line) = runs.last().unwrap();
         assert_eq!(name, DENSITY_RUN);
         assert!(line.ends_with(
-            "/bin/chitin-exec-checks\tdensity\t/l2/6.1/vmlinux\t/l2/6.1/initramfs.cpio\t4"
+            "/bin/chitin-exec-checks\tdensity\t/l2/6.1/vmlinux\t/l2/6.1/initramfs.cpio\t4\t256"
         ));
         assert!(line.contains("\tchitin-density: at=all\t"), "{line}");
         let log = lines(
@@ -1234,7 +1267,7 @@ mod tests {
         assert_eq!(d.get("all", "rss_kib"), None);
         assert_eq!(d.check.as_deref(), Some("PASS 4 sandboxes answered"));
         // A missing moment is an error, not a zero.
-        assert!(print_density(4, &d, &[]).is_err());
+        assert!(print_density(4, 128, &d, &[]).is_err());
         let log = lines(
             "nested: begin density\n\
              | chitin-density: at=base sandboxes=0 rss_kib=1528 pss_kib=1500 guest_kib=0 threads=1 fds=4 l1_available_drop_kib=0\n\
@@ -1247,13 +1280,13 @@ mod tests {
              | chitin-check: density PASS 6 sandboxes answered\n\
              nested: end density exit=0 ms=19901\n",
         );
-        assert_eq!(print_density(6, &parse_density(&log), &[]), Ok(()));
+        assert_eq!(print_density(6, 128, &parse_density(&log), &[]), Ok(()));
         let failed = Density {
             check: Some("FAIL sandbox 3: no kernel".into()),
             ..Density::default()
         };
         assert_eq!(
-            print_density(4, &failed, &[]),
+            print_density(4, 128, &failed, &[]),
             Err("density: FAIL sandbox 3: no kernel".to_string())
         );
     }

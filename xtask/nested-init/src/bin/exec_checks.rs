@@ -3,7 +3,7 @@
 //!
 //! `chitin-exec-checks exec|vsock|net|fs|... KERNEL INITRAMFS` (`net*`:
 //! see the `net` module, `fs*`: the `fs` module), and
-//! `chitin-exec-checks density KERNEL INITRAMFS N` for bench-boot (the
+//! `chitin-exec-checks density KERNEL INITRAMFS N [MIB]` for bench-boot (the
 //! `density` module)
 //!
 //! Each scenario ends with a `device-faults` check: the guest's drivers
@@ -799,7 +799,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot KERNEL INITRAMFS | density KERNEL INITRAMFS N"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
         );
         std::process::exit(2);
     };
@@ -820,6 +820,7 @@ fn main() {
             kernel,
             initramfs,
             args.get(4).map(String::as_str),
+            args.get(5).map(String::as_str),
         ));
     }
     let networked = which == "net";

@@ -1,7 +1,7 @@
-//! Density in L1: `chitin-exec-checks density KERNEL INITRAMFS N` starts N
-//! sandboxes of the default guest (1 vCPU, 128 MiB, as bench-boot's) in
-//! this one process, waits until every agent answers, and prints what they
-//! cost: this process's resident memory (RSS, and PSS, which counts a
+//! Density in L1: `chitin-exec-checks density KERNEL INITRAMFS N [MIB]`
+//! starts N sandboxes of the default guest (1 vCPU, 128 MiB unless MIB
+//! says otherwise, as bench-boot's) in this one process, waits until every
+//! agent answers, and prints what they cost: this process's resident memory (RSS, and PSS, which counts a
 //! page shared by several mappings once) split into guest RAM the guests
 //! touched and everything else, threads and fds, each after the first
 //! sandbox and after all N, and L1's MemAvailable. Then it snapshots the
@@ -20,7 +20,8 @@ use chitin_testkit::Report as Checks;
 
 use super::seccomp_mode;
 
-/// Guest memory of each sandbox, as bench-boot's boots have.
+/// Guest memory of each sandbox unless asked otherwise, as bench-boot's
+/// boots have.
 const MEM_MIB: u64 = 128;
 /// How long the last of N concurrent boots may take to answer: they share
 /// L1's one emulated CPU.
@@ -124,7 +125,7 @@ fn raise_fd_limit() -> Result<u64, String> {
     Ok(limit.rlim_cur)
 }
 
-fn run(kernel: &str, initramfs: &str, count: usize) -> Result<String, String> {
+fn run(kernel: &str, initramfs: &str, count: usize, mem_mib: u64) -> Result<String, String> {
     if count == 0 {
         return Err("no sandboxes asked for".into());
     }
@@ -140,7 +141,7 @@ fn run(kernel: &str, initramfs: &str, count: usize) -> Result<String, String> {
         Sandbox::builder()
             .guest(GuestImage::new(kernel, initramfs))
             .vcpus(1)
-            .memory_mib(MEM_MIB)
+            .memory_mib(mem_mib)
             .seccomp(seccomp_mode())
     };
     let start = |i: usize| {
@@ -265,11 +266,17 @@ fn clones(count: usize, base: Usage) -> Result<String, String> {
 }
 
 /// The `density` mode; the process's exit code.
-pub fn main(kernel: &str, initramfs: &str, count: Option<&str>) -> i32 {
+pub fn main(kernel: &str, initramfs: &str, count: Option<&str>, mem_mib: Option<&str>) -> i32 {
     let mut c = Checks::new();
-    let result = match count.map(str::parse::<usize>) {
-        Some(Ok(n)) => run(kernel, initramfs, n),
-        other => Err(format!("density needs a count, got {other:?}")),
+    let mem_mib = match mem_mib.map(str::parse::<u64>) {
+        None => Ok(MEM_MIB),
+        Some(Ok(m)) => Ok(m),
+        Some(Err(e)) => Err(format!("density memory: {e}")),
+    };
+    let result = match (count.map(str::parse::<usize>), mem_mib) {
+        (Some(Ok(n)), Ok(m)) => run(kernel, initramfs, n, m),
+        (_, Err(e)) => Err(e),
+        (other, _) => Err(format!("density needs a count, got {other:?}")),
     };
     c.result("density", result);
     c.result("seccomp", super::seccomp_check());
