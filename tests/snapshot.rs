@@ -71,6 +71,61 @@ fn restored_guest_continues_where_the_snapshot_stopped_it() {
     assert_eq!(restored.stop(), ExitReason::Stopped);
 }
 
+/// The environment variable that makes `restore_in_child` the child half
+/// of `a_snapshot_is_restored_in_another_process`: the snapshot's
+/// directory and the last number before it, `DIR:LAST`.
+const CHILD_ENV: &str = "CHITIN_TEST_RESTORE_CHILD";
+
+/// The child half: restore the snapshot, check it continues, print a
+/// marker. Does nothing in a normal run.
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn restore_in_child() {
+    let Ok(arg) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (dir, last) = arg.rsplit_once(':').unwrap();
+    let last: u64 = last.parse().unwrap();
+    let console = ConsoleCapture::default();
+    let restored = restore(Path::new(dir), &console);
+    assert!(wait_for_count(&console, last + 2), "{}", text(&console));
+    let first = counted(&text(&console))[0];
+    assert!(first <= last + 1, "{}", text(&console));
+    assert_eq!(restored.stop(), ExitReason::Stopped);
+    println!("restored-in-child pid={} from={first}", std::process::id());
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
+fn a_snapshot_is_restored_in_another_process() {
+    if !kvm_available("snapshot_other_process") {
+        return;
+    }
+    // Arrange: the snapshot taken here.
+    let dir = Scratch::new("snapshot-child");
+    let before = snapshot_counter(dir.path());
+    let last = *counted(&before).last().unwrap();
+    // Act: this test binary again, running only the child half.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "restore_in_child",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, format!("{}:{last}", dir.path().display()))
+        .output()
+        .unwrap();
+    // Assert
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("restored-in-child pid="),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains(&format!("pid={} ", std::process::id())));
+}
+
 #[test]
 #[ignore = "needs /dev/kvm: run with --include-ignored (cargo xtask test does)"]
 fn two_clones_of_one_snapshot_run_at_once_and_diverge() {
