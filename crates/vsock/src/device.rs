@@ -9,14 +9,16 @@
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use chitin_virtio::active::{kick, rearm};
 use chitin_virtio::queue::{next_chain, notify, QueueError, QueueRun};
 use chitin_virtio::{
     read_config_bytes, ActivateContext, ActivateError, Active, GuestFaults, Severity, VirtioDevice,
 };
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestMemory};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -109,10 +111,32 @@ pub struct Vsock {
     timer: TimerFd,
     timer_armed: bool,
     active: Option<Active<3>>,
-    /// A transport-reset event waits for a buffer on the event queue
-    /// (set on restore from a snapshot).
-    reset_event_pending: bool,
+    /// Where the transport-reset event of a restore is.
+    reset: ResetEvent,
+    /// Whether the listener is in the event loop (it is not while host
+    /// connections are held).
+    listener_registered: bool,
 }
+
+/// The transport-reset event a restored device owes its driver. Until the
+/// driver has handled it, host connections wait in the listener's backlog:
+/// one made at once would reach the guest before the reset and be torn
+/// down by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResetEvent {
+    /// None owed.
+    Idle,
+    /// Waiting for an event-queue buffer.
+    Pending,
+    /// Delivered when the event queue's available index was `avail`: the
+    /// driver refills the buffer after handling the event, which moves
+    /// it. Host connections wait until then, or until `RESET_GRACE` after
+    /// `at` for a driver that does not refill.
+    Sent { avail: u16, at: Instant },
+}
+
+/// How long host connections wait for a driver to handle the reset event.
+const RESET_GRACE: Duration = Duration::from_secs(1);
 
 impl Vsock {
     /// Bind the listener at `uds_path` (which must not exist; it is
@@ -153,7 +177,8 @@ impl Vsock {
             timer,
             timer_armed: false,
             active: None,
-            reset_event_pending: false,
+            reset: ResetEvent::Idle,
+            listener_registered: true,
         })
     }
 
@@ -195,18 +220,20 @@ impl Vsock {
         &self.timer
     }
 
-    /// The timer ticked: close what timed out.
+    /// The timer ticked: close what timed out, and end a wait for the
+    /// driver to handle the reset event that ran out.
     pub(crate) fn on_timer(&mut self) {
         // Non-blocking: EAGAIN when the tick was cleared meanwhile; the
         // count does not matter.
         let _ = self.timer.wait();
         self.handler.reap(std::time::Instant::now());
+        self.check_reset_handled();
     }
 
     /// Tick while some connection may time out, and only then (an idle
     /// sandbox wakes nobody).
     pub(crate) fn sync_timer(&mut self) {
-        let want = self.handler.has_deadlines();
+        let want = self.handler.has_deadlines() || self.holding_host_connections();
         if want == self.timer_armed {
             return;
         }
@@ -229,8 +256,12 @@ impl Vsock {
         &mut self.handler
     }
 
-    /// Accept every pending host connection.
+    /// Accept every pending host connection, unless they wait for the
+    /// driver to handle a reset.
     pub(crate) fn accept_all(&mut self) {
+        if self.holding_host_connections() {
+            return;
+        }
         // Bounded so a connect storm cannot hold the loop: the listener
         // stays readable and the rest come next iteration.
         for _ in 0..64 {
@@ -268,7 +299,22 @@ impl Vsock {
     /// Whether a transport-reset event still waits for an event-queue
     /// buffer.
     pub fn reset_event_pending(&self) -> bool {
-        self.reset_event_pending
+        self.reset == ResetEvent::Pending
+    }
+
+    /// Whether host connections wait for the driver to handle the reset
+    /// event.
+    pub fn holding_host_connections(&self) -> bool {
+        self.reset != ResetEvent::Idle
+    }
+
+    /// Whether the listener should be in the event loop, and whether it
+    /// is; the event loop brings the second in line with the first.
+    pub(crate) fn listener_interest(&mut self) -> (bool, &mut bool) {
+        (
+            !self.holding_host_connections(),
+            &mut self.listener_registered,
+        )
     }
 
     /// Hand the pending transport-reset event, if any, to the driver in
@@ -277,19 +323,21 @@ impl Vsock {
     /// one the event waits for the driver's next event-queue notification
     /// (asked for, with EVENT_IDX too). At most a queue's worth of
     /// buffers per call: a driver re-posting bad buffers cannot hold the
-    /// event loop; the rest come on the next turn.
+    /// event loop; the rest come on the next turn. Once the event is
+    /// delivered, watch for the driver's refill: the sign it handled it.
     pub(crate) fn post_events(&mut self) {
-        if !self.reset_event_pending {
+        self.check_reset_handled();
+        if self.reset != ResetEvent::Pending {
             return;
         }
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let (pending, faults) = (&mut self.reset_event_pending, self.handler.faults());
+        let (reset, faults) = (&mut self.reset, self.handler.faults());
         let event = &self.queue_events[EVENT_QUEUE];
         active.run(|[_, _, event_queue], mem, interrupt| {
             let mut run = QueueRun::default();
-            while *pending {
+            while *reset == ResetEvent::Pending {
                 if run.completed >= usize::from(QUEUE_SIZE) {
                     run.pending = true;
                     break;
@@ -307,10 +355,7 @@ impl Vsock {
                 };
                 let head = chain.head_index();
                 let used = match write_reset_event(mem, chain) {
-                    Ok(()) => {
-                        *pending = false;
-                        EVENT_LEN as u32
-                    }
+                    Ok(()) => EVENT_LEN as u32,
                     Err(why) => {
                         faults.record(Severity::Malformed, "event buffer", &why);
                         0
@@ -320,12 +365,70 @@ impl Vsock {
                     .add_used(mem, head, used)
                     .map_err(QueueError::UsedRing)?;
                 run.completed += 1;
+                if used > 0 {
+                    let avail = ask_for_next_buffer(event_queue, mem)?;
+                    *reset = ResetEvent::Sent {
+                        avail,
+                        at: Instant::now(),
+                    };
+                }
             }
             notify(event_queue, mem, interrupt, &mut run)?;
             rearm(event, run);
             Ok::<(), QueueError>(())
         });
     }
+
+    /// After the reset event went out: host connections may go once the
+    /// driver refilled the event queue (it handled the event), after
+    /// [`RESET_GRACE`] regardless, or at once if the device stopped.
+    pub(crate) fn check_reset_handled(&mut self) {
+        let ResetEvent::Sent { avail, at } = self.reset else {
+            return;
+        };
+        let Some(active) = self.active.as_mut() else {
+            self.reset = ResetEvent::Idle;
+            return;
+        };
+        let mut moved = false;
+        active.run(|[_, _, event_queue], mem, _| {
+            let now = event_queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(QueueError::AvailRing)?;
+            moved = now.0 != avail;
+            Ok::<(), QueueError>(())
+        });
+        if moved || active.failed() || at.elapsed() >= RESET_GRACE {
+            self.reset = ResetEvent::Idle;
+        }
+    }
+}
+
+/// Make the driver notify the next buffer it adds to `queue`, whatever
+/// buffers it had already posted: without EVENT_IDX, notifications on;
+/// with it, `avail_event` at the current available index (the library's
+/// own choice, the device's next index, would wait until the device had
+/// taken every posted buffer). Returns that index.
+fn ask_for_next_buffer<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<u16, QueueError> {
+    queue
+        .enable_notification(mem)
+        .map_err(QueueError::Notification)?;
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(QueueError::AvailRing)?
+        .0;
+    if queue.event_idx_enabled() {
+        // avail_event follows the used ring's entries (virtio 1.2 §2.7.10).
+        let at = GuestAddress(queue.used_ring())
+            .checked_add(4 + 8 * u64::from(queue.size()))
+            .ok_or(QueueError::Notification(
+                virtio_queue::Error::InvalidAvailRingIndex,
+            ))?;
+        mem.write_obj(avail, at)
+            .map_err(|_| QueueError::Notification(virtio_queue::Error::InvalidAvailRingIndex))?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+    Ok(avail)
 }
 
 /// Bytes of a `struct virtio_vsock_event` (virtio 1.2 §5.10.6.5): `le32 id`.
@@ -407,15 +510,15 @@ impl VirtioDevice for Vsock {
         // The transport was just activated on the saved rings: the
         // driver's connections have no host side here. The reset event
         // makes it drop them all (connected sockets see ECONNRESET,
-        // listeners stay).
+        // listeners stay); host connections wait until it has.
         self.handler.clear();
-        self.reset_event_pending = true;
+        self.reset = ResetEvent::Pending;
         self.post_events();
     }
 
     fn reset(&mut self) {
         self.active = None;
-        self.reset_event_pending = false;
+        self.reset = ResetEvent::Idle;
         self.handler.clear();
         self.handler
             .set_driver_ready(false, std::time::Instant::now());

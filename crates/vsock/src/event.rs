@@ -53,7 +53,8 @@ impl MutEventSubscriber for Vsock {
         } else if fd == queue_fds[RX_QUEUE] {
             let _ = self.queue_events()[RX_QUEUE].read();
         } else if fd == queue_fds[EVENT_QUEUE] {
-            // New event buffers: a pending event may go now.
+            // New event buffers: a pending event may go now, or the
+            // driver refilled after handling it.
             let _ = self.queue_events()[EVENT_QUEUE].read();
             self.post_events();
         } else if fd == self.listener().as_raw_fd() {
@@ -73,6 +74,21 @@ impl MutEventSubscriber for Vsock {
         self.handler_mut()
             .sync_interest(|fd, old, new| apply(ops, fd, old, new));
         self.sync_timer();
+        // Host connections wait in the backlog while the driver handles a
+        // reset: the listener leaves the loop meanwhile (it would be
+        // ready, and not accepted, every turn).
+        let fd = self.listener().as_raw_fd();
+        let (want, registered) = self.listener_interest();
+        if want != *registered {
+            let changed = if want {
+                ops.add(Events::new_raw(fd, EventSet::IN))
+            } else {
+                ops.remove(Events::empty_raw(fd))
+            };
+            if changed.is_ok() {
+                *registered = want;
+            }
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {

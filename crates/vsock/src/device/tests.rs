@@ -1,10 +1,10 @@
 use std::sync::Arc;
-
-use virtio_queue::{Queue, QueueT};
+use std::time::Duration;
 
 use chitin_virtio::test_utils::{RecordingInterrupt, TestDescriptor};
 use chitin_virtio::InterruptKind;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
 use super::*;
@@ -187,4 +187,51 @@ fn a_queue_of_bad_event_buffers_is_taken_a_queue_at_a_time() {
     assert!(vsock.reset_event_pending());
     assert_eq!(guest.event_used(QUEUE_SIZE - 1).map(|u| u.1), Some(0));
     assert_eq!(vsock.queue_events()[EVENT_QUEUE].read().unwrap(), 1);
+}
+
+#[test]
+fn host_connections_wait_until_the_driver_refills_after_the_reset() {
+    let dir = TempDir::new();
+    let mut guest = crate::test_utils::Guest::new().with_event_idx();
+    let bufs: Vec<_> = (0..2).map(|_| guest.alloc(4)).collect();
+    for buf in &bufs {
+        guest.add_event_chain(&[TestDescriptor::new(buf.0, 4, WRITE)]);
+    }
+    let (mut vsock, _) = activated(&dir, &guest);
+    assert!(!vsock.holding_host_connections());
+    vsock.restored();
+    // Delivered in the first buffer; the driver is asked to notify its
+    // next one although one is still posted (avail_event at 2, not 1).
+    assert!(!vsock.reset_event_pending());
+    assert!(vsock.holding_host_connections());
+    assert!(!vsock.listener_interest().0);
+    assert_eq!(guest.event_avail_event(), 2);
+    // A host connection now stays in the backlog.
+    let _client = std::os::unix::net::UnixStream::connect(vsock.uds_path()).unwrap();
+    vsock.accept_all();
+    assert_eq!(vsock.handler_mut().accepting_count(), 0);
+    vsock.post_events();
+    assert!(vsock.holding_host_connections());
+    // The driver handled the event and gave the buffer back.
+    let refill = guest.alloc(4);
+    guest.add_event_chain(&[TestDescriptor::new(refill.0, 4, WRITE)]);
+    vsock.post_events();
+    assert!(!vsock.holding_host_connections());
+    assert!(vsock.listener_interest().0);
+    vsock.accept_all();
+    assert_eq!(vsock.handler_mut().accepting_count(), 1);
+}
+
+#[test]
+fn host_connections_go_after_the_grace_when_the_driver_never_refills() {
+    let dir = TempDir::new();
+    let mut guest = crate::test_utils::Guest::new();
+    let buf = guest.alloc(4);
+    guest.add_event_chain(&[TestDescriptor::new(buf.0, 4, WRITE)]);
+    let (mut vsock, _) = activated(&dir, &guest);
+    vsock.restored();
+    assert!(vsock.holding_host_connections());
+    std::thread::sleep(RESET_GRACE + Duration::from_millis(50));
+    vsock.on_timer();
+    assert!(!vsock.holding_host_connections());
 }
