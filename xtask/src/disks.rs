@@ -90,6 +90,14 @@ pub fn create(dir: &Path) -> Step<Disks> {
             path: discard,
         });
     }
+    // Debian's containerd, runc and CNI plugins, for the containerd
+    // scenarios (read-only in L1).
+    let path = dir.join(format!("{}.ext4", crate::containerd::SERIAL));
+    crate::containerd::image(&path)?;
+    images.push(Image {
+        serial: crate::containerd::SERIAL,
+        path,
+    });
     Ok(Disks {
         images,
         discard_allocated_before,

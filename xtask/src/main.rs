@@ -20,6 +20,7 @@
 //! Every step prints what it runs; the first failure stops the run with a
 //! non-zero exit code naming the step.
 
+mod containerd;
 mod cpio;
 mod disks;
 mod fuzz;

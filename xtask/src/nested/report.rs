@@ -319,6 +319,21 @@ pub fn judge_host_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
     passed_checks(run)
 }
 
+/// Checks in L1 that boot no guest (containerd with runc): exit 0, every
+/// check passed, summary line.
+pub fn judge_l1_checks(run: &Run, _disks: &Disks) -> Result<String, String> {
+    if let Some(fail) = run.first_failure() {
+        return Err(fail);
+    }
+    let exit = run.exit.as_deref().unwrap_or("none");
+    if exit != "0" {
+        return Err(format!("checks did not all pass (exit {exit})"));
+    }
+    run.summary()
+        .map_err(|e| format!("checks did not all pass: {e}"))?;
+    passed_checks(run)
+}
+
 /// What the `boot` example says once it is jailed.
 pub const JAILED_LINE: &str = "chitin: jailed as uid 1000 gid 1000";
 

@@ -3,7 +3,7 @@
 
 use super::report::{
     judge_blk, judge_checks, judge_console, judge_discard, judge_host_checks, judge_integrity,
-    judge_jailed_boot, judge_panic, Run,
+    judge_jailed_boot, judge_l1_checks, judge_panic, Run,
 };
 use crate::disks::Disks;
 use crate::guest::KernelVersion;
@@ -407,6 +407,17 @@ pub const SCENARIOS: &[Scenario] = &[
         agent: "snapshot",
         timeout_s: 600,
         host_checks: Some("snapshot"),
+        ..EXEC
+    },
+    // Debian's containerd in L1 running a busybox container with its own
+    // runc shim: the ground the chitin shim stands on, and the runc side
+    // of its start-time comparison.
+    Scenario {
+        name: "containerd-runc",
+        agent: "containerd-runc",
+        timeout_s: 600,
+        host_checks: Some("containerd-runc"),
+        judge: judge_l1_checks,
         ..EXEC
     },
     // The exec, vsock, blk, fs and net checks in a VMM confined by

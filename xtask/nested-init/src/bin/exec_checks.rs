@@ -27,6 +27,8 @@ use chitin::{
 use chitin_nested_init::kvm_stats;
 use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
+#[path = "exec_checks/containerd.rs"]
+mod containerd;
 #[path = "exec_checks/density.rs"]
 mod density;
 #[path = "exec_checks/fs.rs"]
@@ -799,7 +801,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot|containerd-runc KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
         );
         std::process::exit(2);
     };
@@ -842,6 +844,7 @@ fn main() {
         "fs-bench" => Some(fs::bench_checks),
         "jail" => Some(jail::outer),
         "snapshot" => Some(snapshot::checks),
+        "containerd-runc" => Some(containerd::runc_checks),
         _ => None,
     };
     if let Some(checks) = own {
