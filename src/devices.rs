@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use chitin_acpi::VirtioMmioDevice;
+use chitin_blk::Block;
 use chitin_devices::{
     AcpiPm, CmosRtc, I8042Device, PmEvent, SerialDevice, SerialInput, ACPI_PM_BASE, ACPI_PM_LEN,
     COM1_BASE, COM1_IRQ, COM1_LEN, RTC_BASE, RTC_LEN,
@@ -19,11 +20,9 @@ use chitin_virtio::mmio::{
     MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use chitin_virtio::VirtioDevice;
+use chitin_vsock::{SocketFile, Vsock, VsockConfig};
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use chitin_blk::Block;
-use chitin_vsock::{SocketFile, Vsock, VsockConfig};
 
 use crate::console::{Console, ConsoleInput};
 use crate::disk::{device_name, Disk};

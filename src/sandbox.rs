@@ -785,6 +785,15 @@ impl SandboxBuilder {
             faults,
             ..
         } = attach;
+        // The records are in window order; a kind out of place is caught
+        // per device below, a count that differs here.
+        if virtio.len() != saved.devices.len() {
+            return Err(snapshot_err(SnapshotError::Corrupt(format!(
+                "{} virtio devices recorded, {} of them disks or vsock",
+                saved.devices.len(),
+                virtio.len()
+            ))));
+        }
         for (index, (device, saved)) in virtio.iter().zip(&saved.devices).enumerate() {
             check_restored_device(index, device, saved)?;
             device
@@ -832,37 +841,8 @@ impl SandboxBuilder {
         saved: &Saved,
     ) -> Result<(Vec<Disk>, Option<(VsockSettings, bool)>), SandboxError> {
         let snapshot_err = SandboxError::Snapshot;
-        let mut saved_disks = Vec::new();
-        let mut saved_vsock = None;
-        for device in &saved.devices {
-            match &device.record {
-                DeviceRecord::Disk { .. } if saved_vsock.is_some() => {
-                    return Err(snapshot_err(SnapshotError::Corrupt(
-                        "a disk after the vsock device".into(),
-                    )))
-                }
-                DeviceRecord::Disk {
-                    path,
-                    read_only,
-                    id,
-                    ..
-                } => {
-                    let mut disk = Disk::new(path).read_only(*read_only);
-                    if let Some(id) = id {
-                        disk = disk.id(id);
-                    }
-                    saved_disks.push(disk);
-                }
-                DeviceRecord::Vsock { cid, agent } if saved_vsock.is_none() => {
-                    saved_vsock = Some((*cid, *agent));
-                }
-                _ => {
-                    return Err(snapshot_err(SnapshotError::Corrupt(
-                        "a second vsock device, or one no snapshot holds".into(),
-                    )))
-                }
-            }
-        }
+        let saved_disks = saved.disks();
+        let saved_vsock = saved.vsock().map_err(snapshot_err)?;
         if self.disks.len() != saved_disks.len() {
             if self.disks.is_empty() {
                 return Err(snapshot_err(SnapshotError::DisksNeeded(saved_disks.len())));

@@ -208,6 +208,43 @@ pub(crate) struct Saved {
     pub(crate) devices: Vec<SavedDevice>,
 }
 
+impl Saved {
+    /// The disks as the snapshotted sandbox had them, `vda` first.
+    pub(crate) fn disks(&self) -> Vec<crate::Disk> {
+        self.devices
+            .iter()
+            .filter_map(|d| match &d.record {
+                DeviceRecord::Disk {
+                    path,
+                    read_only,
+                    id,
+                    ..
+                } => {
+                    let disk = crate::Disk::new(path).read_only(*read_only);
+                    Some(match id {
+                        Some(id) => disk.id(id),
+                        None => disk,
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The vsock device's CID and whether the agent listened on it.
+    pub(crate) fn vsock(&self) -> Result<Option<(u32, bool)>, SnapshotError> {
+        let mut found = None;
+        for d in &self.devices {
+            if let DeviceRecord::Vsock { cid, agent } = d.record {
+                if found.replace((cid, agent)).is_some() {
+                    return Err(SnapshotError::Corrupt("two vsock devices".into()));
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// CRC-32 (the ISO-HDLC / zlib polynomial, reflected), bit by bit: the
 /// state file is small and read once.
 fn crc32(bytes: &[u8]) -> u32 {
@@ -862,25 +899,7 @@ impl Snapshot {
     /// or copies of them for a clone that writes. The paths come from the
     /// state file: trust them as much as whoever wrote it.
     pub fn disks(&self) -> Vec<crate::Disk> {
-        self.saved
-            .devices
-            .iter()
-            .filter_map(|d| match &d.record {
-                DeviceRecord::Disk {
-                    path,
-                    read_only,
-                    id,
-                    ..
-                } => {
-                    let disk = crate::Disk::new(path).read_only(*read_only);
-                    Some(match id {
-                        Some(id) => disk.id(id),
-                        None => disk,
-                    })
-                }
-                _ => None,
-            })
-            .collect()
+        self.saved.disks()
     }
 
     /// Whether the snapshotted sandbox ran the agent (a restored one then
@@ -1108,6 +1127,19 @@ pub(crate) mod tests {
         let parsed = parse_state(&file, Path::new("v1")).unwrap();
         assert!(parsed.devices.is_empty());
         assert_eq!(parsed.encode(), saved.encode());
+    }
+
+    #[test]
+    fn saved_devices_give_the_disks_and_one_vsock() {
+        let mut saved = sample();
+        let disks = saved.disks();
+        assert_eq!(disks.len(), 1);
+        assert_eq!(disks[0].path(), Path::new("/images/root.ext4"));
+        assert!(disks[0].is_read_only());
+        assert_eq!(saved.vsock().unwrap(), Some((3, true)));
+        let again = saved.devices[1].clone();
+        saved.devices.push(again);
+        assert!(matches!(saved.vsock(), Err(SnapshotError::Corrupt(_))));
     }
 
     #[test]

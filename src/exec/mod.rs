@@ -294,25 +294,21 @@ pub(crate) fn connect(
 /// looks whether the VM has stopped.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Fresh random bytes from the host's kernel generator.
+/// Fresh random bytes from the host's kernel generator (a request this
+/// small is never cut short).
 fn host_entropy() -> std::io::Result<[u8; chitin_agent_client::ENTROPY_LEN]> {
     let mut bytes = [0u8; chitin_agent_client::ENTROPY_LEN];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        let rest = &mut bytes[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
-        // which is valid for writes of that length.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            continue;
-        }
-        filled += n as usize;
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
+    // which is valid for writes of that length.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    match usize::try_from(n) {
+        Ok(n) if n == bytes.len() => Ok(bytes),
+        Ok(n) => Err(std::io::Error::other(format!(
+            "getrandom gave {n} of {} bytes",
+            bytes.len()
+        ))),
+        Err(_) => Err(std::io::Error::last_os_error()),
     }
-    Ok(bytes)
 }
 
 /// One attempt: `CONNECT <port>`, `OK <n>`, then the protocol handshake,

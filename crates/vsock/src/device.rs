@@ -422,10 +422,10 @@ fn ask_for_next_buffer<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<u16
         let at = GuestAddress(queue.used_ring())
             .checked_add(4 + 8 * u64::from(queue.size()))
             .ok_or(QueueError::Notification(
-                virtio_queue::Error::InvalidAvailRingIndex,
+                virtio_queue::Error::AddressOverflow,
             ))?;
         mem.write_obj(avail, at)
-            .map_err(|_| QueueError::Notification(virtio_queue::Error::InvalidAvailRingIndex))?;
+            .map_err(|e| QueueError::Notification(virtio_queue::Error::GuestMemory(e)))?;
         std::sync::atomic::fence(Ordering::SeqCst);
     }
     Ok(avail)

@@ -100,14 +100,19 @@ fn start(builder: SandboxBuilder) -> Result<RunningSandbox, String> {
         .map_err(|e| chitin::error_chain(&e))
 }
 
-/// A clone of `snapshot`, its disk `disk` (the snapshot's own if `None`).
-fn restore(snapshot: &Snapshot, disk: Option<&Path>) -> Result<RunningSandbox, String> {
+/// The builder of a clone of `snapshot`, its disk `disk` (the snapshot's
+/// own if `None`).
+fn clone_builder(snapshot: &Snapshot, disk: Option<&Path>) -> SandboxBuilder {
     let builder = snapshot.restore_builder().seccomp(seccomp_mode());
-    let builder = match disk {
+    match disk {
         Some(disk) => builder.disk(Disk::new(disk).read_only(true)),
         None => snapshot.disks().into_iter().fold(builder, |b, d| b.disk(d)),
-    };
-    start(builder)
+    }
+}
+
+/// A clone of `snapshot`, started.
+fn restore(snapshot: &Snapshot, disk: Option<&Path>) -> Result<RunningSandbox, String> {
+    start(clone_builder(snapshot, disk))
 }
 
 /// `start` then the first exec answered: the sandbox and the time.
@@ -302,10 +307,7 @@ pub fn checks(kernel: &str, initramfs: &str, c: &mut Checks) {
         for _ in 0..RESTORE_ROUNDS {
             // Phase by phase: open + build(), start(), the first answer.
             let t = Instant::now();
-            let builder = snapshot.disks().into_iter().fold(
-                snapshot.restore_builder().seccomp(seccomp_mode()),
-                |b, d| b.disk(d),
-            );
+            let builder = clone_builder(&snapshot, None);
             let built = builder.build().map_err(|e| chitin::error_chain(&e))?;
             let t_built = Instant::now();
             let vm = built.start().map_err(|e| chitin::error_chain(&e))?;
