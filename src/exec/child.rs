@@ -212,10 +212,10 @@ impl Child {
         self.signal(Signal::KILL)
     }
 
-    /// Something that signals this process while another thread waits on
-    /// it.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn signaller(&self) -> Signaller {
+    /// Something that signals this process from another thread while
+    /// this one waits on it (a `wait` holds `&mut self`): what a runtime
+    /// needs to deliver `kill` to a process it is also reaping.
+    pub fn signaller(&self) -> Signaller {
         Signaller {
             inner: self.inner.signaller(),
             control: Arc::clone(&self.control),
@@ -383,17 +383,25 @@ impl Child {
     }
 }
 
-/// Signals one process from anywhere (see [`Child::signaller`]).
-#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+/// Signals one guest process from any thread (see [`Child::signaller`]).
+/// It names the process by the agent's id for the exec, not by its pid, so
+/// a signal sent after the process was reaped never reaches another
+/// process that reused the pid.
 #[derive(Clone)]
-pub(crate) struct Signaller {
+pub struct Signaller {
     inner: client::Signaller,
     control: Arc<VmControl>,
 }
 
-#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+impl fmt::Debug for Signaller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signaller").finish_non_exhaustive()
+    }
+}
+
 impl Signaller {
-    pub(crate) fn signal(&self, signal: Signal) -> Result<(), ExecError> {
+    /// Send the process `signal`; returns at once (the signal is queued).
+    pub fn signal(&self, signal: Signal) -> Result<(), ExecError> {
         self.inner
             .signal(signal.number())
             .map_err(|e| explain_now(&self.control, e))

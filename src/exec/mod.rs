@@ -28,9 +28,7 @@ use chitin_agent_protocol::{OutputStream, VERSION};
 use chitin_seccomp::{Seccomp, ThreadClass};
 use chitin_vcpu::VmControl;
 
-#[cfg(feature = "tokio")]
-pub(crate) use child::Signaller;
-pub use child::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus, Output};
+pub use child::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus, Output, Signaller};
 use child::{Deadline, Parts};
 use command::StdioKind;
 pub use command::{Command, Signal, Stdio, DEFAULT_OUTPUT_LIMIT};

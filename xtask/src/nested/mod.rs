@@ -295,6 +295,8 @@ pub struct Tools {
     boot: PathBuf,
     exec: PathBuf,
     checks: PathBuf,
+    /// chitin's containerd shim (found by containerd on L1's PATH).
+    shim: PathBuf,
     init: PathBuf,
     l1: L1Kernel,
     /// More executables for L1, at their L1 paths (peer VMMs), with the
@@ -369,6 +371,7 @@ fn build_tools(
             &["-p", "chitin-nested-init", "--bin", "chitin-exec-checks"],
             "chitin-exec-checks",
         )?,
+        shim: guest::build_static(&["-p", "chitin-shim", "--bin", SHIM_BINARY], SHIM_BINARY)?,
         init: guest::build_static(
             &["-p", "chitin-nested-init", "--bin", "chitin-nested-init"],
             "chitin-nested-init",
@@ -379,6 +382,10 @@ fn build_tools(
         l1_mem_mib: L1_MEM_MIB,
     })
 }
+
+/// The shim's binary name: containerd looks for `containerd-shim-chitin-v2`
+/// on its PATH for runtime `io.containerd.chitin.v2`.
+const SHIM_BINARY: &str = "containerd-shim-chitin-v2";
 
 /// How long a command run through `nested-exec` may take, L2 boot included.
 const NESTED_EXEC_TIMEOUT_S: u64 = 300;
@@ -571,6 +578,7 @@ fn l1_initramfs(tools: &Tools, plan: &str, serials: &[&str]) -> Step<PathBuf> {
     tree.file("/bin/chitin-boot", 0o755, &tools.boot)?;
     tree.file("/bin/chitin-exec", 0o755, &tools.exec)?;
     tree.file("/bin/chitin-exec-checks", 0o755, &tools.checks)?;
+    tree.file(&format!("/bin/{SHIM_BINARY}"), 0o755, &tools.shim)?;
     tree.file(L1_INITRAMFS, 0o644, &tools.initramfs)?;
     // The static busybox the `container` scenario makes its root from
     // (the L2 initramfs carries the same binary).

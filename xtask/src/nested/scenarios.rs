@@ -409,14 +409,14 @@ pub const SCENARIOS: &[Scenario] = &[
         host_checks: Some("snapshot"),
         ..EXEC
     },
-    // Debian's containerd in L1 running a busybox container with its own
-    // runc shim: the ground the chitin shim stands on, and the runc side
-    // of its start-time comparison.
+    // Debian's containerd in L1 running busybox containers with chitin's
+    // shim (a VM each) and, side by side, its own runc shim; a detached
+    // container takes exec, ps and kill.
     Scenario {
-        name: "containerd-runc",
-        agent: "containerd-runc",
-        timeout_s: 600,
-        host_checks: Some("containerd-runc"),
+        name: "shim-ctr",
+        agent: "shim-ctr",
+        timeout_s: 900,
+        host_checks: Some("shim-ctr"),
         judge: judge_l1_checks,
         ..EXEC
     },

@@ -801,7 +801,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot|containerd-runc KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot|shim-ctr KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
         );
         std::process::exit(2);
     };
@@ -844,7 +844,7 @@ fn main() {
         "fs-bench" => Some(fs::bench_checks),
         "jail" => Some(jail::outer),
         "snapshot" => Some(snapshot::checks),
-        "containerd-runc" => Some(containerd::runc_checks),
+        "shim-ctr" => Some(containerd::shim_ctr_checks),
         _ => None,
     };
     if let Some(checks) = own {

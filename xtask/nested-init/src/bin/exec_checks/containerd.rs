@@ -1,11 +1,13 @@
-//! Containerd in L1 (issue 18's ground): `chitin-exec-checks
-//! containerd-runc` mounts the disk of Debian's containerd, runc and CNI
-//! plugins the harness attaches (serial `containerd`), starts containerd
-//! on tmpfs state, and runs a busybox container through `ctr run` with
-//! containerd's own runc shim: its output and exit code come back, the
-//! time from `ctr run` to the first output line is printed (the runc side
-//! of the shim comparison), and stopping containerd leaves no shim, mount
-//! or cgroup behind.
+//! containerd in L1 with chitin's shim: `chitin-exec-checks shim-ctr`
+//! mounts the disk of Debian's containerd, runc and CNI plugins the
+//! harness attaches (serial `containerd`), starts containerd on tmpfs
+//! state, and runs a busybox root through `ctr run` with chitin's shim
+//! (`io.containerd.chitin.v2`, one VM per container) and, interleaved,
+//! with containerd's own runc shim: output and exit code come back from
+//! both, and the time from `ctr run` to the first output line is printed
+//! for each. A detached container then takes `ctr task exec`, `ps` and
+//! `kill`; stopping containerd leaves no shim, VM, mount, cgroup or shim
+//! directory behind.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -174,30 +176,34 @@ fn environment() -> [(&'static str, String); 2] {
     ]
 }
 
-/// `ctr run` of `rootfs` with containerd's runc shim: the time to the first
-/// output line, the output, and the exit code.
-fn ctr_run(rootfs: &Path, id: &str) -> Result<(u128, String, Option<i32>), String> {
+/// containerd's own runc shim.
+const RUNC: &str = "io.containerd.runc.v2";
+/// chitin's shim.
+const CHITIN: &str = "io.containerd.chitin.v2";
+
+/// What one `ctr` command did.
+struct CtrOutput {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    /// When its first stdout line came, from its start.
+    first_line_ms: Option<u128>,
+}
+
+/// Run `ctr ARGS` to its end (at most [`RUN_TIMEOUT`]).
+fn ctr(args: &[&str]) -> Result<CtrOutput, String> {
     let t = Instant::now();
-    let mut ctr = Command::new(format!("{PACKAGES}/usr/bin/ctr"))
-        .args(["--address", SOCKET, "run", "--rm"])
-        .args(["--runtime", "io.containerd.runc.v2"])
-        // L1's root is its initramfs, which pivot_root cannot leave.
-        .arg("--no-pivot")
-        // A flag: the first argument is then the root directory.
-        .arg("--rootfs")
-        .arg(rootfs)
-        .args([id, "/bin/sh", "-c"])
-        .arg(format!(
-            "echo {GREETING}; cat /etc/hostname-of-image; exit {EXIT_CODE}"
-        ))
+    let mut child = Command::new(format!("{PACKAGES}/usr/bin/ctr"))
+        .args(["--address", SOCKET])
+        .args(args)
         .envs(environment())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("start ctr: {e}"))?;
-    let stdout = ctr.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let out = std::thread::spawn(move || {
         let mut first = None;
         let mut all = String::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -207,84 +213,283 @@ fn ctr_run(rootfs: &Path, id: &str) -> Result<(u128, String, Option<i32>), Strin
         }
         (first, all)
     });
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
     let status = loop {
-        if let Some(status) = ctr.try_wait().map_err(|e| e.to_string())? {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             break status;
         }
         if t.elapsed() > RUN_TIMEOUT {
-            let _ = ctr.kill();
-            let _ = ctr.wait();
-            return Err(format!("ctr run did not end within {RUN_TIMEOUT:?}"));
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("ctr {args:?} did not end within {RUN_TIMEOUT:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut err = String::new();
-    if let Some(mut e) = ctr.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut err);
-    }
-    let (first, out) = reader.join().map_err(|_| "reader panicked")?;
-    let first = first.ok_or_else(|| format!("no output; {status}; stderr: {}", err.trim()))?;
-    Ok((first, out, status.code()))
+    let (first_line_ms, stdout) = out.join().map_err(|_| "reader panicked")?;
+    let stderr = err.join().map_err(|_| "reader panicked")?;
+    Ok(CtrOutput {
+        code: status.code(),
+        stdout,
+        stderr,
+        first_line_ms,
+    })
 }
 
-/// The `containerd-runc` scenario.
-pub fn runc_checks(_kernel: &str, _initramfs: &str, c: &mut Checks) {
-    let mounted =
-        disk_by_serial(SERIAL).and_then(|dev| mount(&dev, PACKAGES, "ext4", libc::MS_RDONLY));
-    if let Err(e) = mounted {
-        return c.result("containerd-disk", Err(e));
+/// `ctr run --rm` of `rootfs` with `runtime`.
+fn ctr_run(runtime: &str, rootfs: &Path, id: &str) -> Result<CtrOutput, String> {
+    let root = rootfs.to_str().ok_or("rootfs path")?;
+    let script = format!("echo {GREETING}; cat /etc/hostname-of-image; exit {EXIT_CODE}");
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    if runtime == RUNC {
+        // L1's root is its initramfs, which pivot_root cannot leave.
+        args.push("--no-pivot");
     }
-    let base = PathBuf::from("/tmp/chitin-containerd");
-    let _ = std::fs::remove_dir_all(&base);
-    let rootfs = base.join("rootfs");
-    let made = chitin_testkit::rootfs::busybox_rootfs(&rootfs, Path::new(L1_BUSYBOX))
-        .and_then(|()| std::fs::write(rootfs.join("etc/hostname-of-image"), "busybox-image\n"));
-    if let Err(e) = made {
-        let _ = umount(PACKAGES);
-        return c.result("rootfs", Err(e.to_string()));
+    // A flag: the first argument is then the root directory.
+    args.extend(["--rootfs", root, id, "/bin/sh", "-c", &script]);
+    ctr(&args)
+}
+
+/// The same `ctr run` checked: the greeting, the image's file, exit 7.
+fn checked_run(runtime: &str, rootfs: &Path, id: &str) -> Result<u128, String> {
+    let run = ctr_run(runtime, rootfs, id)?;
+    let want = format!("{GREETING}\nbusybox-image\n");
+    match run.first_line_ms {
+        Some(ms) if run.stdout == want && run.code == Some(EXIT_CODE) => Ok(ms),
+        _ => Err(format!(
+            "{runtime}: printed {:?}, exit {:?}, stderr {:?}",
+            run.stdout,
+            run.code,
+            run.stderr.trim()
+        )),
     }
-    let log = base.join("containerd.log");
-    let mut daemon = match Containerd::start(&log) {
-        Ok(d) => d,
-        Err(e) => {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            let _ = umount(PACKAGES);
-            return c.result("containerd", Err(format!("{e}; log: {}", tail.join(" | "))));
+}
+
+/// Middle of three or more.
+fn median(ms: &[u128]) -> u128 {
+    let mut sorted = ms.to_vec();
+    sorted.sort_unstable();
+    sorted[sorted.len() / 2]
+}
+
+/// Everything a containerd scenario stands on: the packages' disk, a
+/// busybox root, containerd. Dropping it stops containerd and unmounts.
+struct Ground {
+    rootfs: PathBuf,
+    daemon: Containerd,
+}
+
+impl Ground {
+    fn set_up(base: &Path, c: &mut Checks) -> Option<Self> {
+        let mounted =
+            disk_by_serial(SERIAL).and_then(|dev| mount(&dev, PACKAGES, "ext4", libc::MS_RDONLY));
+        if let Err(e) = mounted {
+            c.result("containerd-disk", Err(e));
+            return None;
         }
-    };
-    let mut first_ms = Vec::new();
-    for round in 0..3 {
-        let result = ctr_run(&rootfs, &format!("runc-{round}")).and_then(|(ms, out, code)| {
-            let want = format!("{GREETING}\nbusybox-image\n");
-            if out != want || code != Some(EXIT_CODE) {
-                return Err(format!("printed {out:?}, exit {code:?}"));
-            }
-            Ok(ms)
-        });
-        match result {
-            Ok(ms) => first_ms.push(ms),
+        let _ = std::fs::remove_dir_all(base);
+        let rootfs = base.join("rootfs");
+        let made = chitin_testkit::rootfs::busybox_rootfs(&rootfs, Path::new(L1_BUSYBOX))
+            .and_then(|()| std::fs::write(rootfs.join("etc/hostname-of-image"), "busybox-image\n"));
+        if let Err(e) = made {
+            let _ = umount(PACKAGES);
+            c.result("rootfs", Err(e.to_string()));
+            return None;
+        }
+        let log = base.join("containerd.log");
+        match Containerd::start(&log) {
+            Ok(daemon) => Some(Self { rootfs, daemon }),
             Err(e) => {
-                c.result("runc-run", Err(e));
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                let _ = umount(PACKAGES);
+                c.result("containerd", Err(format!("{e}; log: {}", tail.join(" | "))));
+                None
+            }
+        }
+    }
+
+    fn tear_down(mut self) {
+        self.daemon.stop();
+        let _ = umount(PACKAGES);
+    }
+}
+
+/// The chitin shim's state directories (its `STATE_ROOT`).
+const CHITIN_STATE: &str = "/run/chitin/shim";
+/// The shim's settings file.
+const SHIM_CONFIG: &str = "/etc/chitin/shim.conf";
+
+/// The `shim-ctr` scenario: containerd runs busybox containers with
+/// chitin's shim, each in its own VM booting `kernel`'s image; side by
+/// side with runc.
+pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
+    let guest_dir = Path::new(kernel).parent().unwrap_or(Path::new("/"));
+    let config = std::fs::create_dir_all("/etc/chitin").and_then(|()| {
+        std::fs::write(
+            SHIM_CONFIG,
+            format!(
+                "# the nested tier's guest\nguest_dir = {}\nmemory_mib = 256\n",
+                guest_dir.display()
+            ),
+        )
+    });
+    if let Err(e) = config {
+        return c.result("shim-config", Err(format!("{SHIM_CONFIG}: {e}")));
+    }
+    let Some(ground) = Ground::set_up(Path::new("/tmp/chitin-shim"), c) else {
+        return;
+    };
+    // Side by side, interleaved so that both see the same machine.
+    let (mut runc, mut chitin) = (Vec::new(), Vec::new());
+    let mut failed = None;
+    for round in 0..3 {
+        let pair = checked_run(RUNC, &ground.rootfs, &format!("runc-{round}")).and_then(|r| {
+            checked_run(CHITIN, &ground.rootfs, &format!("chitin-{round}")).map(|ch| (r, ch))
+        });
+        match pair {
+            Ok((r, ch)) => {
+                runc.push(r);
+                chitin.push(ch);
+            }
+            Err(e) => {
+                failed = Some(e);
                 break;
             }
         }
     }
-    if first_ms.len() == 3 {
-        let mut sorted = first_ms.clone();
-        sorted.sort_unstable();
-        c.result(
-            "runc-run",
-            Ok(format!(
-                "ctr run --runtime io.containerd.runc.v2 -> first output line median {} ms {first_ms:?}; the image's file and exit {EXIT_CODE} came back",
-                sorted[1]
-            )),
-        );
+    match failed {
+        Some(e) => c.result("shim-run", Err(e)),
+        None => {
+            let (r, ch) = (median(&runc), median(&chitin));
+            c.result(
+                "shim-run",
+                Ok(format!(
+                    "ctr run --rootfs -> first output line, median of 3: runc {r} ms {runc:?}, chitin {ch} ms {chitin:?}, chitin/runc {:.2}; the image's file and exit {EXIT_CODE} came back from both",
+                    ch as f64 / r.max(1) as f64
+                )),
+            )
+        }
     }
-    daemon.stop();
-    let _ = umount(PACKAGES);
-    c.result("containerd-cleanup", leftovers());
+    c.result("shim-task", task_checks(&ground.rootfs));
+    ground.tear_down();
+    let _ = std::fs::remove_file(SHIM_CONFIG);
+    c.result("shim-cleanup", leftovers());
+}
+
+/// Expect `ctr ARGS` to exit 0; its stdout.
+fn ctr_ok(args: &[&str]) -> Result<String, String> {
+    let run = ctr(args)?;
+    if run.code == Some(0) {
+        return Ok(run.stdout);
+    }
+    Err(format!(
+        "ctr {args:?}: exit {:?}, stdout {:?}, stderr {:?}",
+        run.code,
+        run.stdout.trim(),
+        run.stderr.trim()
+    ))
+}
+
+/// A detached chitin container: `ctr task exec` of a second process,
+/// `ctr task ps`, `ctr task kill -s SIGUSR1` ending it with that signal,
+/// then `ctr task rm` and `ctr container rm`.
+fn task_checks(rootfs: &Path) -> Result<String, String> {
+    let root = rootfs.to_str().ok_or("rootfs path")?;
+    ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        CHITIN,
+        "--rootfs",
+        root,
+        "long",
+        "/bin/sleep",
+        "1000",
+    ])?;
+    let result = task_steps();
+    // Whatever happened, take the container away.
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", "long"]);
+    let _ = wait_stopped("long");
+    let _ = ctr(&["task", "rm", "long"]);
+    let removed = ctr_ok(&["container", "rm", "long"]);
+    let done = result?;
+    removed?;
+    Ok(done)
+}
+
+fn task_steps() -> Result<String, String> {
+    let out = ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "second",
+        "long",
+        "/bin/sh",
+        "-c",
+        "echo exec-ok; cat /etc/hostname-of-image",
+    ])?;
+    if out != "exec-ok\nbusybox-image\n" {
+        return Err(format!("ctr task exec printed {out:?}"));
+    }
+    // `PID INFO` and one line per process: the sleep.
+    let ps = ctr_ok(&["task", "ps", "long"])?;
+    let pids: Vec<u32> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    if pids.len() != 1 {
+        return Err(format!("ctr task ps listed {ps:?}"));
+    }
+    ctr_ok(&["task", "kill", "-s", "SIGUSR1", "long"])?;
+    wait_stopped("long")?;
+    // `ctr task rm` reports the task's status: 128 + SIGUSR1.
+    let want = 128 + libc::SIGUSR1;
+    let rm = ctr(&["task", "rm", "long"])?;
+    if !rm
+        .stderr
+        .contains(&format!("exit with non-zero exit code {want}\""))
+    {
+        return Err(format!(
+            "ctr task rm after SIGUSR1 did not report status {want}: {:?} {:?}",
+            rm.stdout.trim(),
+            rm.stderr.trim()
+        ));
+    }
+    Ok(format!(
+        "ctr task exec printed the image's file; ctr task ps listed guest pid {}; SIGUSR1 from ctr task kill ended it with status {}",
+        pids[0],
+        128 + libc::SIGUSR1
+    ))
+}
+
+/// Wait until `ctr task ls` shows task `id` STOPPED or no more (at most
+/// 60 s).
+fn wait_stopped(id: &str) -> Result<(), String> {
+    let t = Instant::now();
+    loop {
+        let list = ctr_ok(&["task", "ls"])?;
+        let Some(line) = list
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+        else {
+            // Gone (deleted) is stopped too.
+            return Ok(());
+        };
+        let status = line.split_whitespace().nth(2).map(str::to_string);
+        if status.as_deref() == Some("STOPPED") {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(format!("task {id} not stopped after 60 s: {status:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Nothing of containerd's left: processes, mounts, the containers'
@@ -294,7 +499,11 @@ fn leftovers() -> Result<String, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mounts: Vec<&str> = mountinfo
         .lines()
-        .filter(|l| [PACKAGES, STATE, ROOT].iter().any(|m| l.contains(m)))
+        .filter(|l| {
+            [PACKAGES, STATE, ROOT, CHITIN_STATE]
+                .iter()
+                .any(|m| l.contains(m))
+        })
         .collect();
     // ctr puts its containers' cgroups under its namespace's name.
     let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/default")
@@ -305,11 +514,19 @@ fn leftovers() -> Result<String, String> {
                 .collect()
         })
         .unwrap_or_default();
-    if running.is_empty() && mounts.is_empty() && cgroups.is_empty() {
-        Ok("no containerd or shim process, mount or container cgroup left".into())
+    // The chitin shim's directories (one per pod, under its namespace).
+    let state: Vec<String> = std::fs::read_dir(format!("{CHITIN_STATE}/default"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if running.is_empty() && mounts.is_empty() && cgroups.is_empty() && state.is_empty() {
+        Ok("no containerd or shim process, mount, container cgroup or shim directory left".into())
     } else {
         Err(format!(
-            "left: processes {running:?}, mounts {mounts:?}, cgroups {cgroups:?}"
+            "left: processes {running:?}, mounts {mounts:?}, cgroups {cgroups:?}, shim directories {state:?}"
         ))
     }
 }

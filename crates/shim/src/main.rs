@@ -1,0 +1,146 @@
+//! `containerd-shim-chitin-v2`: containerd's runtime v2 shim for chitin.
+//! containerd runs it as `io.containerd.chitin.v2` (a Kubernetes
+//! RuntimeClass with `handler: chitin`); every pod gets its own chitin
+//! VM, and the pod's containers run in it, each in its own root shared
+//! from the host over virtio-fs. docs/kubernetes.md says how to install
+//! it and what works.
+//!
+//! One shim process serves a whole pod: containerd starts it once per
+//! container, and a container of a pod whose shim already runs is handed
+//! that shim's socket (the grouping is the CRI sandbox id).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
+
+mod config;
+mod mounts;
+mod process;
+mod service;
+mod spec;
+
+/// containerd's name for this runtime.
+const RUNTIME_ID: &str = "io.containerd.chitin.v2";
+/// Where each shim keeps its directory: `<namespace>/<grouping>`.
+const STATE_ROOT: &str = "/run/chitin/shim";
+/// The CRI's annotation naming a container's pod sandbox.
+const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The shim: how containerd starts, waits for and cleans up after it.
+struct ChitinShim {
+    namespace: String,
+    id: String,
+    bundle: PathBuf,
+    state_dir: PathBuf,
+    exit: Arc<ExitSignal>,
+}
+
+/// The shim a container belongs to: its pod's (the CRI sandbox id in its
+/// spec), or its own for a container outside a pod (`ctr run`).
+fn grouping(bundle: &Path, id: &str) -> String {
+    let from_spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .ok()
+        .and_then(|s| s.annotations().clone())
+        .and_then(|a| a.get(SANDBOX_ID_ANNOTATION).cloned())
+        .filter(|g| !g.is_empty() && !g.contains('/') && g != "." && g != "..");
+    from_spec.unwrap_or_else(|| id.to_string())
+}
+
+impl containerd_shim::Shim for ChitinShim {
+    type T = service::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        let bundle = if args.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&args.bundle)
+        };
+        let group = grouping(&bundle, &args.id);
+        Self {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            state_dir: Path::new(STATE_ROOT).join(&args.namespace).join(group),
+            bundle,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let group = grouping(&self.bundle, &opts.id);
+        let (_pid, address) = containerd_shim::spawn(opts, &group, Vec::new())?;
+        containerd_shim::synchronous::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    /// containerd's clean-up after a shim that died (or a create that
+    /// failed): the VM died with it, so only host state is left: this
+    /// container's mounts, and the shim's directory once nothing else is
+    /// in it.
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let shared_root = self.state_dir.join("shared").join(&self.id).join("rootfs");
+        for mount in [shared_root.clone(), self.bundle.join("rootfs")] {
+            if mounts::is_mount_point(&mount) {
+                if let Err(e) = mounts::unmount(&mount) {
+                    log::warn!("unmounting {}: {e}", mount.display());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&shared_root);
+        let _ = std::fs::remove_dir(shared_root.parent().unwrap_or(&shared_root));
+        let _ = std::fs::remove_dir(self.state_dir.join("shared"));
+        let _ = std::fs::remove_file(self.state_dir.join("console.log"));
+        let _ = std::fs::remove_dir(&self.state_dir);
+        Ok(DeleteResponse {
+            // As runc's shim reports a task it found dead: SIGKILL.
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(containerd_shim::util::timestamp()?).into(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        service::Service::new(
+            &self.namespace,
+            self.state_dir.clone(),
+            Some(publisher),
+            Arc::clone(&self.exit),
+        )
+    }
+}
+
+/// Let the shim hold as many files as its hard limit allows: every file
+/// the guest opens in a container's root is an open file of the shim's.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which outlives the
+    // call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+        && limit.rlim_cur < limit.rlim_max
+    {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct, which outlives the call.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
+}
+
+fn main() {
+    raise_open_file_limit();
+    containerd_shim::run::<ChitinShim>(
+        RUNTIME_ID,
+        Some(Config {
+            // chitin starts no host processes: there is nothing to reap,
+            // and a reaper would race chitin's own waits.
+            no_reaper: true,
+            ..Default::default()
+        }),
+    );
+}

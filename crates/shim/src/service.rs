@@ -1,0 +1,745 @@
+//! containerd's task service (API v2) over one chitin VM per pod: the
+//! pod's first container boots the VM; every container is a process tree
+//! in it, its root the container's rootfs shared in over virtio-fs.
+//!
+//! The pid containerd is told for a task is the shim's own (the process
+//! that holds the VM, as Kata reports its VMM's): a host pid, so host
+//! tools that signal it reach the VM, never an unrelated host process.
+//! `Pids` lists the guest pids.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chitin::{Console, RunningSandbox, Sandbox, SandboxHandle, Share, Signal};
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use oci_spec::runtime::Spec;
+
+use crate::config::Config;
+use crate::mounts;
+use crate::process::{Exit, Io, Process, ProcessError, Status};
+use crate::spec;
+
+/// The share's tag, and where the guest mounts it: container `C`'s root
+/// is `GUEST_SHARED/C/rootfs`.
+const SHARE_TAG: &str = "chitin-pod";
+/// The shared directory's name in the shim's state directory.
+const SHARED: &str = "shared";
+const GUEST_SHARED: &str = "/run/chitin/pod";
+/// Most console text of a pod VM kept (in the shim's state directory).
+const CONSOLE_LIMIT: u64 = 1 << 20;
+
+fn rpc(code: Code, message: impl Display) -> ttrpc::Error {
+    ttrpc::error::get_rpc_status(code, message.to_string())
+}
+
+fn not_found(what: impl Display) -> ttrpc::Error {
+    rpc(Code::NOT_FOUND, format!("{what} not found"))
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn timestamp(at: SystemTime) -> Timestamp {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+/// A container id safe as one path component.
+fn check_id(id: &str) -> TtrpcResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 256
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(rpc(Code::INVALID_ARGUMENT, format!("invalid id {id:?}")))
+    }
+}
+
+/// The pod's VM.
+struct Vm {
+    running: RunningSandbox,
+    handle: SandboxHandle,
+}
+
+/// One container of the pod.
+struct Container {
+    bundle: PathBuf,
+    /// The snapshotter's mounts, mounted by us at `bundle/rootfs`.
+    mounted_rootfs: Option<PathBuf>,
+    /// Its root bound into the shared directory.
+    shared_root: PathBuf,
+    /// Its root in the guest.
+    guest_root: String,
+    hostname: Option<String>,
+    init: Arc<Process>,
+    execs: BTreeMap<String, Arc<Process>>,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> TtrpcResult<&Arc<Process>> {
+        if exec_id.is_empty() {
+            Ok(&self.init)
+        } else {
+            self.execs
+                .get(exec_id)
+                .ok_or_else(|| not_found(format_args!("exec {exec_id}")))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pod {
+    vm: Option<Vm>,
+    containers: BTreeMap<String, Container>,
+}
+
+/// Shared by the task service's threads and the processes' exit threads.
+struct Shared {
+    namespace: String,
+    /// This shim's directory: the shared directory and the VM's console.
+    state_dir: PathBuf,
+    publisher: Option<RemotePublisher>,
+    pod: Mutex<Pod>,
+}
+
+impl Shared {
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let Some(publisher) = &self.publisher else {
+            return;
+        };
+        if let Err(e) = publisher.publish(Context::default(), topic, &self.namespace, event) {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    fn shared_dir(&self) -> PathBuf {
+        self.state_dir.join(SHARED)
+    }
+
+    /// A process of container `id` ended: tell containerd; an init's end
+    /// also ends the container's other processes (as its PID namespace
+    /// would).
+    fn exited(&self, id: &str, exec_id: &str, exit: Exit) {
+        if exec_id.is_empty() {
+            let execs: Vec<_> = relock(&self.pod)
+                .containers
+                .get(id)
+                .map(|c| c.execs.values().cloned().collect())
+                .unwrap_or_default();
+            for exec in execs {
+                let _ = exec.signal(Signal::KILL);
+            }
+        }
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: id.to_string(),
+                id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+                pid: std::process::id(),
+                exit_status: exit.status,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            }),
+        );
+    }
+
+    /// Undo a container's host mounts and directories.
+    fn release(&self, c: &Container) {
+        if let Err(e) = mounts::unmount(&c.shared_root) {
+            log::warn!("unmounting {}: {e}", c.shared_root.display());
+        }
+        if let Some(dir) = c.shared_root.parent() {
+            let _ = fs::remove_dir(&c.shared_root);
+            let _ = fs::remove_dir(dir);
+        }
+        if let Some(rootfs) = &c.mounted_rootfs {
+            if let Err(e) = mounts::unmount(rootfs) {
+                log::warn!("unmounting {}: {e}", rootfs.display());
+            }
+        }
+    }
+
+    /// Stop the VM when no container is left.
+    fn stop_vm_if_idle(&self, pod: &mut Pod) {
+        if !pod.containers.is_empty() {
+            return;
+        }
+        if let Some(vm) = pod.vm.take() {
+            let reason = vm.handle.stop();
+            log::info!("pod VM stopped: {reason:?}");
+            drop(vm.running);
+        }
+    }
+}
+
+/// Boot the pod's VM, its shared directory in `state_dir`, from the
+/// node's settings.
+fn boot(state_dir: &Path) -> Result<Vm, String> {
+    let config = Config::load().map_err(|e| e.to_string())?;
+    let shared = state_dir.join(SHARED);
+    fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+    let console = state_dir.join("console.log");
+    let sandbox = Sandbox::builder()
+        .guest(config.guest.clone())
+        .memory_mib(config.memory_mib)
+        .vcpus(config.vcpus)
+        .console(Console::file_with_limit(console, CONSOLE_LIMIT))
+        .share(Share::new(&shared, SHARE_TAG).mount_at(GUEST_SHARED))
+        .build()
+        .and_then(|s| s.start())
+        .map_err(|e| format!("booting the pod VM: {}", chitin::error_chain(&e)))?;
+    log::info!(
+        "pod VM up: {} MiB, {} vCPUs, {}",
+        config.memory_mib,
+        config.vcpus,
+        config.guest.kernel().display()
+    );
+    Ok(Vm {
+        handle: sandbox.handle(),
+        running: sandbox,
+    })
+}
+
+/// The task service containerd talks to.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+    exit: Arc<ExitSignal>,
+}
+
+impl Service {
+    /// A service for one pod: events go to `publisher` under `namespace`;
+    /// `state_dir` is the shim's own directory; `exit` ends the shim.
+    pub fn new(
+        namespace: &str,
+        state_dir: PathBuf,
+        publisher: Option<RemotePublisher>,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                namespace: namespace.to_string(),
+                state_dir,
+                publisher,
+                pod: Mutex::new(Pod::default()),
+            }),
+            exit,
+        }
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<Arc<Process>> {
+        let pod = relock(&self.shared.pod);
+        let c = pod
+            .containers
+            .get(id)
+            .ok_or_else(|| not_found(format_args!("container {id}")))?;
+        c.process(exec_id).cloned()
+    }
+
+    /// Put the container's root in place: the snapshotter's mounts (if
+    /// any) at `bundle/rootfs`, then bound into the shared directory.
+    fn mount_root(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &Spec,
+        shared_root: &Path,
+    ) -> Result<Option<PathBuf>, String> {
+        let bundle = Path::new(&req.bundle);
+        let root = spec.root().as_ref().ok_or("the spec has no root")?;
+        let mut mounted = None;
+        let source = if req.rootfs.is_empty() {
+            spec::root_path(bundle, root.path())
+        } else {
+            let target = bundle.join("rootfs");
+            fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+            for m in &req.rootfs {
+                let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
+                let source = (!m.source.is_empty()).then_some(m.source.as_str());
+                if let Err(e) =
+                    containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target)
+                {
+                    let _ = mounts::unmount(&target);
+                    return Err(format!("mounting the rootfs ({}): {e}", m.type_));
+                }
+            }
+            mounted = Some(target.clone());
+            target
+        };
+        let undo = |e: String| {
+            if let Some(t) = &mounted {
+                let _ = mounts::unmount(t);
+            }
+            e
+        };
+        let read_only = root.readonly().unwrap_or(false);
+        if !read_only {
+            mounts::ensure_mount_points(&source)
+                .map_err(|e| undo(format!("rootfs {}: {e}", source.display())))?;
+        }
+        fs::create_dir_all(shared_root)
+            .map_err(|e| undo(format!("{}: {e}", shared_root.display())))?;
+        mounts::bind(&source, shared_root, read_only).map_err(|e| {
+            let _ = fs::remove_dir(shared_root);
+            undo(format!(
+                "binding {} into the pod VM's share: {e}",
+                source.display()
+            ))
+        })?;
+        Ok(mounted)
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        check_id(&req.id)?;
+        if !req.checkpoint.is_empty() {
+            return Err(rpc(
+                Code::UNIMPLEMENTED,
+                "creating a task from a checkpoint is not supported",
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = Spec::load(bundle.join("config.json")).map_err(|e| {
+            rpc(
+                Code::INVALID_ARGUMENT,
+                format!("the bundle's config.json: {e}"),
+            )
+        })?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| rpc(Code::INVALID_ARGUMENT, spec::SpecError::NoProcess))?;
+        let guest_root = format!("{GUEST_SHARED}/{}/rootfs", req.id);
+        let hostname = spec.hostname().clone();
+        // Refuse what cannot run before anything is mounted or booted.
+        let command = spec::command(process, &guest_root, hostname.as_deref(), req.terminal)
+            .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
+        let ignored = spec::ignored(process);
+        if !ignored.is_empty() {
+            log::warn!("{}: not applied in the VM: {}", req.id, ignored.join(", "));
+        }
+
+        let mut pod = relock(&self.shared.pod);
+        if pod.containers.contains_key(&req.id) {
+            return Err(rpc(
+                Code::ALREADY_EXISTS,
+                format!("container {} exists", req.id),
+            ));
+        }
+        if pod.vm.is_none() {
+            let vm = boot(&self.shared.state_dir).map_err(|e| rpc(Code::UNAVAILABLE, e))?;
+            pod.vm = Some(vm);
+        }
+        let shared_root = self.shared.shared_dir().join(&req.id).join("rootfs");
+        let mounted = match self.mount_root(&req, &spec, &shared_root) {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared.stop_vm_if_idle(&mut pod);
+                return Err(rpc(Code::FAILED_PRECONDITION, e));
+            }
+        };
+        let io = Io {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        pod.containers.insert(
+            req.id.clone(),
+            Container {
+                bundle: bundle.clone(),
+                mounted_rootfs: mounted,
+                shared_root,
+                guest_root,
+                hostname,
+                init: Process::new(command, io),
+                execs: BTreeMap::new(),
+            },
+        );
+        drop(pod);
+        let pid = std::process::id();
+        self.shared.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: Some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let (process, handle) = {
+            let pod = relock(&self.shared.pod);
+            let c = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+            let vm = pod
+                .vm
+                .as_ref()
+                .ok_or_else(|| rpc(Code::FAILED_PRECONDITION, "the pod VM is not running"))?;
+            (c.process(&req.exec_id)?.clone(), vm.handle.clone())
+        };
+        let shared = Arc::clone(&self.shared);
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+        let guest_pid = process
+            .start(&handle, move |_, exit| shared.exited(&id, &exec_id, exit))
+            .map_err(|e| match e {
+                ProcessError::AlreadyStarted | ProcessError::Exited => {
+                    rpc(Code::FAILED_PRECONDITION, e)
+                }
+                other => rpc(Code::UNKNOWN, chitin::error_chain(&other)),
+            })?;
+        log::info!("{} {}: guest pid {guest_pid}", req.id, req.exec_id);
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            self.shared.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.shared.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let mut pod = relock(&self.shared.pod);
+        let c = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        let process = c.process(&req.exec_id)?.clone();
+        if process.status() == Status::Running {
+            return Err(rpc(
+                Code::FAILED_PRECONDITION,
+                format!("{} {} is still running", req.id, req.exec_id),
+            ));
+        }
+        if !req.exec_id.is_empty() {
+            c.execs.remove(&req.exec_id);
+        } else {
+            if let Some(running) = c.execs.values().find(|p| p.status() == Status::Running) {
+                let _ = running.signal(Signal::KILL);
+            }
+            let c = pod.containers.remove(&req.id).expect("looked up above");
+            self.shared.release(&c);
+            self.shared.stop_vm_if_idle(&mut pod);
+        }
+        drop(pod);
+        let exit = process.exit().unwrap_or(Exit {
+            status: 0,
+            at: SystemTime::now(),
+        });
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            self.shared.publish(
+                topics::TASK_DELETE_EVENT_TOPIC,
+                Box::new(TaskDelete {
+                    container_id: req.id.clone(),
+                    pid,
+                    exit_status: exit.status,
+                    exited_at: Some(timestamp(exit.at)).into(),
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let pod = relock(&self.shared.pod);
+        let c = pod
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        let p = c.process(&req.exec_id)?;
+        let status = match p.status() {
+            Status::Created => api::Status::CREATED,
+            Status::Running => api::Status::RUNNING,
+            Status::Stopped => api::Status::STOPPED,
+        };
+        let exit = p.exit();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.display().to_string(),
+            pid: std::process::id(),
+            status: status.into(),
+            stdin: p.io.stdin.clone(),
+            stdout: p.io.stdout.clone(),
+            stderr: p.io.stderr.clone(),
+            terminal: p.io.terminal,
+            exit_status: exit.map_or(0, |e| e.status),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .and_then(Signal::new)
+            .ok_or_else(|| rpc(Code::INVALID_ARGUMENT, format!("signal {}", req.signal)))?;
+        let targets: Vec<(String, Arc<Process>)> = {
+            let pod = relock(&self.shared.pod);
+            let c = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+            let mut t = vec![(req.exec_id.clone(), c.process(&req.exec_id)?.clone())];
+            if req.all && req.exec_id.is_empty() {
+                t.extend(c.execs.iter().map(|(k, p)| (k.clone(), Arc::clone(p))));
+            }
+            t
+        };
+        for (i, (exec_id, p)) in targets.iter().enumerate() {
+            match p.signal(signal) {
+                Ok(Some(exit)) => self.shared.exited(&req.id, exec_id, exit),
+                Ok(None) => {}
+                // The one named has ended: containerd expects NotFound.
+                Err(ProcessError::Exited) if i == 0 => {
+                    return Err(not_found(format_args!(
+                        "running process {} {}",
+                        req.id, req.exec_id
+                    )))
+                }
+                Err(ProcessError::Exited) => {}
+                Err(e) => return Err(rpc(Code::UNKNOWN, chitin::error_chain(&e))),
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        if req.exec_id.is_empty() {
+            return Err(rpc(Code::INVALID_ARGUMENT, "an exec needs an exec id"));
+        }
+        let json = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
+        let process = spec::parse_process(json).map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
+        let mut pod = relock(&self.shared.pod);
+        let c = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(rpc(
+                Code::ALREADY_EXISTS,
+                format!("exec {} exists", req.exec_id),
+            ));
+        }
+        if c.init.status() != Status::Running {
+            return Err(rpc(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        let command = spec::command(&process, &c.guest_root, c.hostname.as_deref(), req.terminal)
+            .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
+        let io = Io {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.execs
+            .insert(req.exec_id.clone(), Process::new(command, io));
+        drop(pod);
+        self.shared.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::new())
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let pod = relock(&self.shared.pod);
+        let c = pod
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        let processes = std::iter::once(&c.init)
+            .chain(c.execs.values())
+            .filter(|p| p.status() == Status::Running)
+            .map(|p| ProcessInfo {
+                pid: p.pid(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let p = self.process(&req.id, &req.exec_id)?;
+        if req.stdin {
+            p.release_stdin();
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let p = self.process(&req.id, &req.exec_id)?;
+        let exit = p.wait();
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: format!("chitin {}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let mut pod = relock(&self.shared.pod);
+        if !pod.containers.is_empty() && !req.now {
+            // Other containers of the pod still use this shim.
+            return Ok(api::Empty::new());
+        }
+        let containers = std::mem::take(&mut pod.containers);
+        for c in containers.values() {
+            self.shared.release(c);
+        }
+        self.shared.stop_vm_if_idle(&mut pod);
+        drop(pod);
+        remove_state_dir(&self.shared.state_dir);
+        self.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
+
+/// Remove the shim's state directory, never crossing into a mount left
+/// in it (a bind still there is unmounted first).
+pub fn remove_state_dir(dir: &Path) {
+    let shared = dir.join(SHARED);
+    if let Ok(entries) = fs::read_dir(&shared) {
+        for e in entries.flatten() {
+            let root = e.path().join("rootfs");
+            if mounts::is_mount_point(&root) {
+                let _ = mounts::unmount(&root);
+            }
+            let _ = fs::remove_dir(&root);
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+    let _ = fs::remove_dir(&shared);
+    let _ = fs::remove_file(dir.join("console.log"));
+    let _ = fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_single_safe_path_components() {
+        for ok in ["c1", "a.b-c_d", &"x".repeat(256)] {
+            check_id(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(257)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn timestamps_split_seconds_and_nanos() {
+        let t = timestamp(UNIX_EPOCH + std::time::Duration::from_nanos(5_000_000_123));
+        assert_eq!((t.seconds, t.nanos), (5, 123));
+    }
+}
