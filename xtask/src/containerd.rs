@@ -82,10 +82,123 @@ fn tree() -> Step<PathBuf> {
     Ok(root)
 }
 
+/// The OCI image the scenarios import (`ctr image import`), by the name
+/// its index gives it.
+pub const IMAGE_NAME: &str = "docker.io/chitin/busybox:test";
+/// Where the image archive is on the disk.
+pub const IMAGE_ARCHIVE: &str = "chitin-images/busybox-oci.tar";
+/// The file only the image has, and its text.
+pub const IMAGE_FILE: &str = "etc/os-release-of-image";
+pub const IMAGE_FILE_TEXT: &str = "chitin-busybox-image";
+
+/// `sha256:<hex>` and the size of `path`.
+fn digest(path: &Path) -> Step<(String, u64)> {
+    let sum = output(Command::new("sha256sum").arg(path))?;
+    let hex = sum
+        .split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64)
+        .ok_or_else(|| format!("sha256sum {}: {sum:?}", path.display()))?;
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    Ok((format!("sha256:{hex}"), size))
+}
+
+/// Put `body` in the layout's blobs; its digest and size.
+fn blob(layout: &Path, body: &[u8]) -> Step<(String, u64)> {
+    let tmp = layout.join("blob.tmp");
+    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let (digest, size) = digest(&tmp)?;
+    let to = layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    std::fs::rename(&tmp, &to).map_err(|e| format!("{}: {e}", to.display()))?;
+    Ok((digest, size))
+}
+
+/// Build the OCI image archive of a busybox root (static busybox from
+/// the host's `busybox-static`, one uncompressed layer) at `archive`:
+/// an image-layout tar as `ctr image import` takes it. The layer has no
+/// `/dev` or `/sys`, as many images do not: the shim makes them.
+fn oci_archive(archive: &Path) -> Step<()> {
+    let work = cache_dir().join("l1").join("containerd").join("oci");
+    let _ = std::fs::remove_dir_all(&work);
+    let rootfs = work.join("rootfs");
+    let fail = |e: std::io::Error| format!("busybox image: {e}");
+    chitin_testkit::rootfs::busybox_rootfs(&rootfs, Path::new("/bin/busybox")).map_err(fail)?;
+    std::fs::write(rootfs.join(IMAGE_FILE), format!("{IMAGE_FILE_TEXT}\n")).map_err(fail)?;
+    for dir in ["dev", "sys"] {
+        std::fs::remove_dir(rootfs.join(dir)).map_err(fail)?;
+    }
+    let layout = work.join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).map_err(fail)?;
+    let layer = work.join("layer.tar");
+    run(
+        "tar the image layer",
+        Command::new("tar")
+            .args([
+                "--sort=name",
+                "--mtime=@0",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+            ])
+            .arg("-cf")
+            .arg(&layer)
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("."),
+    )?;
+    let (layer_digest, layer_size) = digest(&layer)?;
+    let to = layout
+        .join("blobs/sha256")
+        .join(&layer_digest["sha256:".len()..]);
+    std::fs::rename(&layer, &to).map_err(fail)?;
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin:/sbin:/usr/bin:/usr/sbin"],"Cmd":["/bin/sh"],"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
+    );
+    let (config_digest, config_size) = blob(&layout, config.as_bytes())?;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{layer_size}}}]}}"#
+    );
+    let (manifest_digest, manifest_size) = blob(&layout, manifest.as_bytes())?;
+    let tag = IMAGE_NAME.rsplit(':').next().unwrap_or("latest");
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{IMAGE_NAME}","org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#
+    );
+    std::fs::write(layout.join("index.json"), index).map_err(fail)?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .map_err(fail)?;
+    if let Some(dir) = archive.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    run(
+        "tar the OCI image",
+        Command::new("tar")
+            .args([
+                "--sort=name",
+                "--mtime=@0",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+            ])
+            .arg("-cf")
+            .arg(archive)
+            .arg("-C")
+            .arg(&layout)
+            .arg("."),
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
 /// The ext4 image of the packages at `path` (made afresh from the cached
-/// tree).
+/// tree, with the OCI image archive built anew).
 pub fn image(path: &Path) -> Step<()> {
     let root = tree()?;
+    oci_archive(&root.join(IMAGE_ARCHIVE))?;
     let _ = std::fs::remove_file(path);
     run(
         "mkfs.ext4 containerd image",

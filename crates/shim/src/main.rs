@@ -31,9 +31,10 @@ const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 /// The shim: how containerd starts, waits for and cleans up after it.
 struct ChitinShim {
     namespace: String,
-    id: String,
     bundle: PathBuf,
     state_dir: PathBuf,
+    /// The pod's shim socket.
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -48,6 +49,12 @@ fn grouping(bundle: &Path, id: &str) -> String {
     from_spec.unwrap_or_else(|| id.to_string())
 }
 
+/// Whether a shim listens on `address` (`unix://PATH`).
+fn socket_live(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 impl containerd_shim::Shim for ChitinShim {
     type T = service::Service;
 
@@ -60,8 +67,8 @@ impl containerd_shim::Shim for ChitinShim {
         let group = grouping(&bundle, &args.id);
         Self {
             namespace: args.namespace.clone(),
-            id: args.id.clone(),
-            state_dir: Path::new(STATE_ROOT).join(&args.namespace).join(group),
+            state_dir: Path::new(STATE_ROOT).join(&args.namespace).join(&group),
+            socket: containerd_shim::socket_address(&args.address, &args.namespace, &group),
             bundle,
             exit: Arc::new(ExitSignal::default()),
         }
@@ -75,23 +82,22 @@ impl containerd_shim::Shim for ChitinShim {
     }
 
     /// containerd's clean-up after a shim that died (or a create that
-    /// failed): the VM died with it, so only host state is left: this
-    /// container's mounts, and the shim's directory once nothing else is
-    /// in it.
+    /// failed): the container's rootfs mount, and the shim's directory
+    /// when no shim serves the pod any more.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        let shared_root = self.state_dir.join("shared").join(&self.id).join("rootfs");
-        for mount in [shared_root.clone(), self.bundle.join("rootfs")] {
-            if mounts::is_mount_point(&mount) {
-                if let Err(e) = mounts::unmount(&mount) {
-                    log::warn!("unmounting {}: {e}", mount.display());
-                }
+        let rootfs = self.bundle.join("rootfs");
+        if mounts::is_mount_point(&rootfs) {
+            if let Err(e) = mounts::unmount(&rootfs) {
+                log::warn!("unmounting {}: {e}", rootfs.display());
             }
         }
-        let _ = std::fs::remove_dir(&shared_root);
-        let _ = std::fs::remove_dir(shared_root.parent().unwrap_or(&shared_root));
-        let _ = std::fs::remove_dir(self.state_dir.join("shared"));
-        let _ = std::fs::remove_file(self.state_dir.join("console.log"));
-        let _ = std::fs::remove_dir(&self.state_dir);
+        // A shim still serving the pod (this container's create failed)
+        // keeps its directory; otherwise the VM died with the shim, and
+        // its shared directory goes, binds and all (the guest may have
+        // left anything there; nothing in it is looked at).
+        if !socket_live(&self.socket) {
+            service::remove_state_dir(&self.state_dir);
+        }
         Ok(DeleteResponse {
             // As runc's shim reports a task it found dead: SIGKILL.
             exit_status: 128 + libc::SIGKILL as u32,

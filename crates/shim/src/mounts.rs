@@ -3,10 +3,12 @@
 //! directory. Each is undone when the container is deleted.
 
 use std::ffi::CString;
-use std::fs;
+use std::fs::{self, File};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
@@ -33,35 +35,290 @@ fn mount(src: &Path, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {
     }
 }
 
-/// Bind `src` (with the mounts below it) onto the directory `dst`,
-/// read-only if asked. On failure nothing stays mounted.
-pub fn bind(src: &Path, dst: &Path, read_only: bool) -> io::Result<()> {
-    mount(src, dst, libc::MS_BIND | libc::MS_REC)?;
-    // Mounts and unmounts elsewhere do not travel into the bind.
-    let private = mount(Path::new("none"), dst, libc::MS_PRIVATE | libc::MS_REC);
-    let ro = if read_only && private.is_ok() {
-        mount(
-            Path::new("none"),
-            dst,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-        )
-    } else {
-        Ok(())
+/// A mount option that is a flag, and whether it sets or clears it.
+const FLAG_OPTIONS: &[(&str, libc::c_ulong, bool)] = &[
+    ("ro", libc::MS_RDONLY, true),
+    ("rw", libc::MS_RDONLY, false),
+    ("nosuid", libc::MS_NOSUID, true),
+    ("suid", libc::MS_NOSUID, false),
+    ("nodev", libc::MS_NODEV, true),
+    ("dev", libc::MS_NODEV, false),
+    ("noexec", libc::MS_NOEXEC, true),
+    ("exec", libc::MS_NOEXEC, false),
+    ("sync", libc::MS_SYNCHRONOUS, true),
+    ("async", libc::MS_SYNCHRONOUS, false),
+    ("noatime", libc::MS_NOATIME, true),
+    ("atime", libc::MS_NOATIME, false),
+    ("nodiratime", libc::MS_NODIRATIME, true),
+    ("diratime", libc::MS_NODIRATIME, false),
+    ("relatime", libc::MS_RELATIME, true),
+    ("norelatime", libc::MS_RELATIME, false),
+    ("strictatime", libc::MS_STRICTATIME, true),
+    ("bind", libc::MS_BIND, true),
+    ("rbind", libc::MS_BIND | libc::MS_REC, true),
+];
+
+/// containerd's mount options split into flags and the file system's
+/// own data (`lowerdir=...`, joined by commas).
+fn split_options(options: &[String]) -> (libc::c_ulong, String) {
+    let mut flags = 0;
+    let mut data = Vec::new();
+    for o in options {
+        match FLAG_OPTIONS.iter().find(|(name, _, _)| name == o) {
+            Some((_, f, true)) => flags |= f,
+            Some((_, f, false)) => flags &= !f,
+            None => data.push(o.as_str()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// Mount one of the snapshotter's mounts (as containerd describes it:
+/// type, source, options) on `target`, in this process: no helper
+/// process is forked (the shim holds a running VM's threads). Options
+/// longer than a page, which an overlay of very many layers needs, are
+/// refused rather than cut.
+pub fn mount_snapshot(
+    fs_type: &str,
+    source: &str,
+    options: &[String],
+    target: &Path,
+) -> io::Result<()> {
+    let (flags, data) = split_options(options);
+    if data.len() >= 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("mount options of {} bytes (at most 4095)", data.len()),
+        ));
+    }
+    let c = |s: &str| {
+        CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"))
     };
-    if let Err(e) = private.and(ro) {
-        let _ = unmount(dst);
-        return Err(e);
+    let (src, fstype, data_c) = (c(source)?, c(fs_type)?, c(&data)?);
+    let dst = c_path(target)?;
+    // SAFETY: NUL-terminated strings that outlive the call; the data is
+    // a string, as every file system containerd mounts takes.
+    let ret = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            if fs_type.is_empty() {
+                std::ptr::null()
+            } else {
+                fstype.as_ptr()
+            },
+            flags,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                data_c.as_ptr().cast()
+            },
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // A bind ignores MS_RDONLY until remounted.
+    if flags & libc::MS_BIND != 0 && flags & libc::MS_RDONLY != 0 {
+        if let Err(e) = mount(Path::new("none"), target, flags | libc::MS_REMOUNT) {
+            let _ = unmount(target);
+            return Err(e);
+        }
     }
     Ok(())
 }
 
+/// `/proc/self/fd/N`: the file `fd` is, as a path the kernel resolves to
+/// exactly that file (no name lookup an attacker could redirect).
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn c_name(name: &str) -> io::Result<CString> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a single path component"),
+        ));
+    }
+    CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL byte"))
+}
+
+/// Open the directory `name` in `dir` without following a symlink there,
+/// as an `O_PATH` handle (made first, mode 0755, if missing and `make`).
+fn open_dir_at(dir: BorrowedFd<'_>, name: &str, make: bool) -> io::Result<OwnedFd> {
+    let c = c_name(name)?;
+    if make {
+        // SAFETY: a NUL-terminated name that outlives the call, and a
+        // directory fd the caller holds open.
+        let ret = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) };
+        if ret != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+    }
+    // SAFETY: as above; the flags make a new fd that nothing else owns.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new fd, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open `path`, a directory the shim made (no part of it writable by a
+/// guest), as an `O_PATH` handle.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    // SAFETY: a NUL-terminated path that outlives the call; the flags
+    // make a new fd that nothing else owns.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open returned a new fd, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn same_file(a: &File, b: &std::fs::Metadata) -> io::Result<bool> {
+    let m = a.metadata()?;
+    Ok(m.dev() == b.dev() && m.ino() == b.ino())
+}
+
+/// Mount a tmpfs of `size` bytes and at most `inodes` files on `dir`: the
+/// pod's shared directory, which the guest can write, takes no more of
+/// the host's memory than that.
+pub fn mount_tmpfs(dir: &Path, size: u64, inodes: u64) -> io::Result<()> {
+    let dst = c_path(dir)?;
+    let data = CString::new(format!("size={size},nr_inodes={inodes},mode=0755"))
+        .map_err(|_| io::Error::other("tmpfs options"))?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let ret = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            dst.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A container root bound into the shared directory, undone by
+/// [`Bound::release`]. It is held by handles, not paths: the guest can
+/// rename or replace anything in the shared directory, and no path
+/// lookup there is trusted.
+#[derive(Debug)]
+pub struct Bound {
+    /// The shared directory.
+    shared: OwnedFd,
+    /// `shared/<id>`.
+    parent: OwnedFd,
+    /// The bind's root.
+    root: OwnedFd,
+    id: String,
+}
+
+/// Bind `src` (with the mounts below it) onto `shared/<id>/rootfs`,
+/// read-only if asked, never following a symlink in the shared
+/// directory. On failure nothing stays mounted.
+pub fn bind_beneath(shared: &Path, id: &str, src: &Path, read_only: bool) -> io::Result<Bound> {
+    let shared = open_dir(shared)?;
+    let parent = open_dir_at(shared.as_fd(), id, true)?;
+    let target = open_dir_at(parent.as_fd(), "rootfs", true)?;
+    let source = std::fs::metadata(src)?;
+    mount(src, &fd_path(&target), libc::MS_BIND | libc::MS_REC)?;
+    // Through the same handle's name, the mount's root: check that it is
+    // (a guest may have put another directory in its place meanwhile).
+    let root = match open_dir_at(parent.as_fd(), "rootfs", false) {
+        Ok(root) => root,
+        Err(e) => {
+            let _ = unmount(&fd_path(&target));
+            return Err(e);
+        }
+    };
+    let bound = Bound {
+        shared,
+        parent,
+        root,
+        id: id.to_string(),
+    };
+    let checked = File::open(fd_path(&bound.root)).and_then(|f| same_file(&f, &source));
+    let done = match checked {
+        Ok(true) => mount(
+            Path::new("none"),
+            &fd_path(&bound.root),
+            libc::MS_PRIVATE | libc::MS_REC,
+        )
+        .and_then(|()| {
+            if read_only {
+                mount(
+                    Path::new("none"),
+                    &fd_path(&bound.root),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                )
+            } else {
+                Ok(())
+            }
+        }),
+        Ok(false) => Err(io::Error::other(
+            "the bind's mount point was replaced in the shared directory",
+        )),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = done {
+        let _ = unmount(&fd_path(&target));
+        bound.release();
+        return Err(e);
+    }
+    drop(target);
+    Ok(bound)
+}
+
+impl Bound {
+    /// Unmount the bind and remove its directories (if the guest left
+    /// them where they were).
+    pub fn release(self) {
+        if let Err(e) = unmount(&fd_path(&self.root)) {
+            log::warn!("unmounting {}'s root: {e}", self.id);
+        }
+        drop(self.root);
+        for (dir, name) in [(&self.parent, "rootfs"), (&self.shared, self.id.as_str())] {
+            if let Ok(c) = c_name(name) {
+                // SAFETY: a NUL-terminated name and a directory fd that
+                // outlive the call; unlinkat never follows a symlink.
+                unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
+            }
+        }
+    }
+}
+
 /// Detach the mount at `path` and everything below it. Not mounted is
-/// not an error.
+/// not an error. `path` may be a `/proc/self/fd` link (it is followed).
 pub fn unmount(path: &Path) -> io::Result<()> {
     let c = c_path(path)?;
     loop {
         // SAFETY: a NUL-terminated path that outlives the call.
-        let ret = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
+        let ret = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         if ret != 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
@@ -129,6 +386,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn options_split_into_flags_and_data() {
+        let opts: Vec<String> = [
+            "ro",
+            "nosuid",
+            "lowerdir=/a:/b",
+            "upperdir=/u",
+            "rw",
+            "index=off",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (flags, data) = split_options(&opts);
+        assert_eq!(flags, libc::MS_NOSUID, "rw after ro clears it");
+        assert_eq!(data, "lowerdir=/a:/b,upperdir=/u,index=off");
+        let (flags, data) = split_options(&["rbind".to_string(), "ro".to_string()]);
+        assert_eq!(flags, libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY);
+        assert!(data.is_empty());
+    }
+
+    #[test]
+    fn overlong_options_are_refused_before_mounting() {
+        let long = vec![format!("lowerdir={}", "/x".repeat(3000))];
+        let err =
+            mount_snapshot("overlay", "overlay", &long, Path::new("/nonexistent")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    #[ignore = "needs root (mounts): run with --include-ignored (cargo xtask test does)"]
+    fn a_read_only_bind_from_options_is_read_only() {
+        let base = scratch("snap");
+        let (src, dst) = (base.join("src"), base.join("dst"));
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(&dst).unwrap();
+        fs::write(src.join("f"), b"1").unwrap();
+        let opts = ["rbind".to_string(), "ro".to_string()];
+        mount_snapshot("", src.to_str().unwrap(), &opts, &dst).unwrap();
+        assert_eq!(fs::read(dst.join("f")).unwrap(), b"1");
+        assert_eq!(
+            fs::write(dst.join("g"), b"2").unwrap_err().raw_os_error(),
+            Some(libc::EROFS)
+        );
+        unmount(&dst).unwrap();
+        assert!(!is_mount_point(&dst));
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape(r"/a\040b"), b"/a b");
         assert_eq!(unescape("/plain"), b"/plain");
@@ -156,6 +461,70 @@ mod tests {
         fs::write(dir.join("tmp"), b"").unwrap();
         assert!(ensure_mount_points(&dir).is_err());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory of the test's own, removed at the end.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("chitin-shim-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    #[ignore = "needs root (mounts): run with --include-ignored (cargo xtask test does)"]
+    fn binds_follow_no_symlink_a_guest_planted_and_release_survives_renames() {
+        let base = scratch("bind");
+        let shared = base.join("shared");
+        let src = base.join("src");
+        let outside = base.join("outside");
+        for d in [&shared, &src, &outside] {
+            fs::create_dir_all(d).unwrap();
+        }
+        mount_tmpfs(&shared, 1 << 20, 64).unwrap();
+        fs::write(src.join("file"), b"image").unwrap();
+
+        // A writable bind: the file reads and writes through it.
+        let rw = bind_beneath(&shared, "c1", &src, false).unwrap();
+        assert!(is_mount_point(&shared.join("c1/rootfs")));
+        assert_eq!(fs::read(shared.join("c1/rootfs/file")).unwrap(), b"image");
+        fs::write(shared.join("c1/rootfs/new"), b"x").unwrap();
+        assert!(src.join("new").exists());
+
+        // A read-only bind refuses writes.
+        let ro = bind_beneath(&shared, "c2", &src, true).unwrap();
+        let err = fs::write(shared.join("c2/rootfs/other"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+        // What a guest can plant in the shared directory: a symlink as
+        // the container's directory, or as its rootfs.
+        std::os::unix::fs::symlink(&outside, shared.join("c3")).unwrap();
+        assert!(bind_beneath(&shared, "c3", &src, false).is_err());
+        fs::create_dir(shared.join("c4")).unwrap();
+        std::os::unix::fs::symlink(&outside, shared.join("c4/rootfs")).unwrap();
+        assert!(bind_beneath(&shared, "c4", &src, false).is_err());
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing made outside"
+        );
+        assert!(!is_mount_point(&outside));
+        // Bad ids never reach a path.
+        for id in ["", "..", "a/b"] {
+            assert!(bind_beneath(&shared, id, &src, false).is_err(), "{id:?}");
+        }
+
+        // The guest renames the container's directory: release still
+        // unmounts the bind it made, through its handle.
+        fs::rename(shared.join("c1"), shared.join("moved")).unwrap();
+        rw.release();
+        assert!(!is_mount_point(&shared.join("moved/rootfs")));
+        ro.release();
+        assert!(!shared.join("c2").exists(), "the directories went with it");
+
+        unmount(&shared).unwrap();
+        assert!(!is_mount_point(&shared));
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -38,6 +38,11 @@ use crate::spec;
 const SHARE_TAG: &str = "chitin-pod";
 /// The shared directory's name in the shim's state directory.
 const SHARED: &str = "shared";
+/// The shared directory is a tmpfs of this size and at most this many
+/// files: the guest can write there, and holds only the containers'
+/// mount points of its own.
+const SHARED_SIZE: u64 = 1 << 20;
+const SHARED_INODES: u64 = 4096;
 const GUEST_SHARED: &str = "/run/chitin/pod";
 /// Most console text of a pod VM kept (in the shim's state directory).
 const CONSOLE_LIMIT: u64 = 1 << 20;
@@ -91,7 +96,7 @@ struct Container {
     /// The snapshotter's mounts, mounted by us at `bundle/rootfs`.
     mounted_rootfs: Option<PathBuf>,
     /// Its root bound into the shared directory.
-    shared_root: PathBuf,
+    bound: mounts::Bound,
     /// Its root in the guest.
     guest_root: String,
     hostname: Option<String>,
@@ -168,14 +173,8 @@ impl Shared {
     }
 
     /// Undo a container's host mounts and directories.
-    fn release(&self, c: &Container) {
-        if let Err(e) = mounts::unmount(&c.shared_root) {
-            log::warn!("unmounting {}: {e}", c.shared_root.display());
-        }
-        if let Some(dir) = c.shared_root.parent() {
-            let _ = fs::remove_dir(&c.shared_root);
-            let _ = fs::remove_dir(dir);
-        }
+    fn release(&self, c: Container) {
+        c.bound.release();
         if let Some(rootfs) = &c.mounted_rootfs {
             if let Err(e) = mounts::unmount(rootfs) {
                 log::warn!("unmounting {}: {e}", rootfs.display());
@@ -192,6 +191,11 @@ impl Shared {
             let reason = vm.handle.stop();
             log::info!("pod VM stopped: {reason:?}");
             drop(vm.running);
+            // The shared directory's tmpfs, and whatever the guest left.
+            let shared = self.shared_dir();
+            if let Err(e) = mounts::unmount(&shared) {
+                log::warn!("unmounting {}: {e}", shared.display());
+            }
         }
     }
 }
@@ -202,6 +206,10 @@ fn boot(state_dir: &Path) -> Result<Vm, String> {
     let config = Config::load().map_err(|e| e.to_string())?;
     let shared = state_dir.join(SHARED);
     fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+    if !mounts::is_mount_point(&shared) {
+        mounts::mount_tmpfs(&shared, SHARED_SIZE, SHARED_INODES)
+            .map_err(|e| format!("a tmpfs on {}: {e}", shared.display()))?;
+    }
     let console = state_dir.join("console.log");
     let sandbox = Sandbox::builder()
         .guest(config.guest.clone())
@@ -211,7 +219,10 @@ fn boot(state_dir: &Path) -> Result<Vm, String> {
         .share(Share::new(&shared, SHARE_TAG).mount_at(GUEST_SHARED))
         .build()
         .and_then(|s| s.start())
-        .map_err(|e| format!("booting the pod VM: {}", chitin::error_chain(&e)))?;
+        .map_err(|e| {
+            let _ = mounts::unmount(&shared);
+            format!("booting the pod VM: {}", chitin::error_chain(&e))
+        })?;
     log::info!(
         "pod VM up: {} MiB, {} vCPUs, {}",
         config.memory_mib,
@@ -262,12 +273,12 @@ impl Service {
 
     /// Put the container's root in place: the snapshotter's mounts (if
     /// any) at `bundle/rootfs`, then bound into the shared directory.
+    /// Returns what was mounted at `bundle/rootfs`, and the bind.
     fn mount_root(
         &self,
         req: &api::CreateTaskRequest,
         spec: &Spec,
-        shared_root: &Path,
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<(Option<PathBuf>, mounts::Bound), String> {
         let bundle = Path::new(&req.bundle);
         let root = spec.root().as_ref().ok_or("the spec has no root")?;
         let mut mounted = None;
@@ -277,11 +288,7 @@ impl Service {
             let target = bundle.join("rootfs");
             fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
             for m in &req.rootfs {
-                let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
-                let source = (!m.source.is_empty()).then_some(m.source.as_str());
-                if let Err(e) =
-                    containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target)
-                {
+                if let Err(e) = mounts::mount_snapshot(&m.type_, &m.source, &m.options, &target) {
                     let _ = mounts::unmount(&target);
                     return Err(format!("mounting the rootfs ({}): {e}", m.type_));
                 }
@@ -289,27 +296,27 @@ impl Service {
             mounted = Some(target.clone());
             target
         };
-        let undo = |e: String| {
-            if let Some(t) = &mounted {
-                let _ = mounts::unmount(t);
-            }
-            e
-        };
         let read_only = root.readonly().unwrap_or(false);
-        if !read_only {
+        let bound = (if read_only {
+            Ok(())
+        } else {
             mounts::ensure_mount_points(&source)
-                .map_err(|e| undo(format!("rootfs {}: {e}", source.display())))?;
+        })
+        .and_then(|()| {
+            mounts::bind_beneath(&self.shared.shared_dir(), &req.id, &source, read_only)
+        });
+        match bound {
+            Ok(bound) => Ok((mounted, bound)),
+            Err(e) => {
+                if let Some(t) = &mounted {
+                    let _ = mounts::unmount(t);
+                }
+                Err(format!(
+                    "sharing the root {} with the pod VM: {e}",
+                    source.display()
+                ))
+            }
         }
-        fs::create_dir_all(shared_root)
-            .map_err(|e| undo(format!("{}: {e}", shared_root.display())))?;
-        mounts::bind(&source, shared_root, read_only).map_err(|e| {
-            let _ = fs::remove_dir(shared_root);
-            undo(format!(
-                "binding {} into the pod VM's share: {e}",
-                source.display()
-            ))
-        })?;
-        Ok(mounted)
     }
 }
 
@@ -358,8 +365,7 @@ impl containerd_shim::Task for Service {
             let vm = boot(&self.shared.state_dir).map_err(|e| rpc(Code::UNAVAILABLE, e))?;
             pod.vm = Some(vm);
         }
-        let shared_root = self.shared.shared_dir().join(&req.id).join("rootfs");
-        let mounted = match self.mount_root(&req, &spec, &shared_root) {
+        let (mounted, bound) = match self.mount_root(&req, &spec) {
             Ok(m) => m,
             Err(e) => {
                 self.shared.stop_vm_if_idle(&mut pod);
@@ -377,7 +383,7 @@ impl containerd_shim::Task for Service {
             Container {
                 bundle: bundle.clone(),
                 mounted_rootfs: mounted,
-                shared_root,
+                bound,
                 guest_root,
                 hostname,
                 init: Process::new(command, io),
@@ -488,8 +494,9 @@ impl containerd_shim::Task for Service {
             if let Some(running) = c.execs.values().find(|p| p.status() == Status::Running) {
                 let _ = running.signal(Signal::KILL);
             }
-            let c = pod.containers.remove(&req.id).expect("looked up above");
-            self.shared.release(&c);
+            if let Some(c) = pod.containers.remove(&req.id) {
+                self.shared.release(c);
+            }
             self.shared.stop_vm_if_idle(&mut pod);
         }
         drop(pod);
@@ -693,7 +700,7 @@ impl containerd_shim::Task for Service {
             return Ok(api::Empty::new());
         }
         let containers = std::mem::take(&mut pod.containers);
-        for c in containers.values() {
+        for c in containers.into_values() {
             self.shared.release(c);
         }
         self.shared.stop_vm_if_idle(&mut pod);
@@ -704,19 +711,13 @@ impl containerd_shim::Task for Service {
     }
 }
 
-/// Remove the shim's state directory, never crossing into a mount left
-/// in it (a bind still there is unmounted first).
+/// Remove the shim's state directory: the shared directory's tmpfs is
+/// unmounted (with every bind left in it) without looking inside, since
+/// the guest could write there.
 pub fn remove_state_dir(dir: &Path) {
     let shared = dir.join(SHARED);
-    if let Ok(entries) = fs::read_dir(&shared) {
-        for e in entries.flatten() {
-            let root = e.path().join("rootfs");
-            if mounts::is_mount_point(&root) {
-                let _ = mounts::unmount(&root);
-            }
-            let _ = fs::remove_dir(&root);
-            let _ = fs::remove_dir(e.path());
-        }
+    if let Err(e) = mounts::unmount(&shared) {
+        log::warn!("unmounting {}: {e}", shared.display());
     }
     let _ = fs::remove_dir(&shared);
     let _ = fs::remove_file(dir.join("console.log"));

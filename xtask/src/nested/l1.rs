@@ -183,8 +183,8 @@ fn after_silence(plan: &[String], lines: &[String]) -> (Vec<String>, Vec<String>
 pub struct L1Kernel {
     pub vmlinuz: PathBuf,
     /// irqbypass, kvm, kvm-amd, then virtio-mmio and virtio-blk (for the
-    /// disks handed to L1), then tun (for the `net` scenario's tap), in
-    /// load order.
+    /// disks handed to L1), then tun (for the `net` scenario's tap) and
+    /// overlay (containerd's snapshotter), in load order.
     pub modules: Vec<PathBuf>,
     /// Whether the package has vhost-net (for the `net` peer column's
     /// note; the tier runs QEMU with `vhost=off`).
@@ -205,6 +205,8 @@ pub fn l1_kernel() -> Step<L1Kernel> {
         kmod.join("drivers/block/virtio_blk.ko"),
         // The `net` scenarios' tap.
         kmod.join("drivers/net/tun.ko"),
+        // containerd's overlayfs snapshotter (`shim-ctr`'s image).
+        kmod.join("fs/overlayfs/overlay.ko"),
     ];
     for m in &modules {
         if !m.exists() {

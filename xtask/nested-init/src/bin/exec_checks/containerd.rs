@@ -1,13 +1,15 @@
 //! containerd in L1 with chitin's shim: `chitin-exec-checks shim-ctr`
 //! mounts the disk of Debian's containerd, runc and CNI plugins the
-//! harness attaches (serial `containerd`), starts containerd on tmpfs
-//! state, and runs a busybox root through `ctr run` with chitin's shim
+//! harness attaches (serial `containerd`, with an OCI image archive the
+//! harness built from busybox-static), starts containerd on tmpfs state,
+//! and runs busybox containers through `ctr run` with chitin's shim
 //! (`io.containerd.chitin.v2`, one VM per container) and, interleaved,
-//! with containerd's own runc shim: output and exit code come back from
-//! both, and the time from `ctr run` to the first output line is printed
-//! for each. A detached container then takes `ctr task exec`, `ps` and
-//! `kill`; stopping containerd leaves no shim, VM, mount, cgroup or shim
-//! directory behind.
+//! with containerd's own runc shim: from a root directory (`--rootfs`)
+//! and from the imported image (overlayfs snapshots). Output and exit
+//! code come back from both, and the time from `ctr run` to the first
+//! output line is printed for each. A detached container then takes
+//! `ctr task exec`, `ps` and `kill`; stopping containerd leaves no shim,
+//! VM, mount, cgroup or shim directory behind.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -30,9 +32,16 @@ const SOCKET: &str = "/run/containerd/containerd.sock";
 /// How long containerd may take to listen (Go start-up under TCG).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one `ctr run` may take.
-const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The OCI image on the packages' disk (the harness's
+/// `containerd::IMAGE_*`): its archive, name, and a file only it has (the
+/// `--rootfs` root gets the same).
+const IMAGE_ARCHIVE: &str = "/opt/containerd/chitin-images/busybox-oci.tar";
+const IMAGE_NAME: &str = "docker.io/chitin/busybox:test";
+const IMAGE_FILE: &str = "etc/os-release-of-image";
+const IMAGE_FILE_TEXT: &str = "chitin-busybox-image";
 /// What the container prints and how it exits.
-const GREETING: &str = "hello-from-runc";
+const GREETING: &str = "hello-from-the-container";
 const EXIT_CODE: i32 = 7;
 
 fn c_str(s: &str) -> Result<std::ffi::CString, String> {
@@ -240,33 +249,71 @@ fn ctr(args: &[&str]) -> Result<CtrOutput, String> {
     })
 }
 
-/// `ctr run --rm` of `rootfs` with `runtime`.
-fn ctr_run(runtime: &str, rootfs: &Path, id: &str) -> Result<CtrOutput, String> {
-    let root = rootfs.to_str().ok_or("rootfs path")?;
-    let script = format!("echo {GREETING}; cat /etc/hostname-of-image; exit {EXIT_CODE}");
+/// What a container runs from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A root directory (`ctr run --rootfs`).
+    Rootfs(&'a Path),
+    /// The imported image ([`IMAGE_NAME`]).
+    Image,
+}
+
+/// `ctr run --rm` of `source` with `runtime`.
+fn ctr_run(runtime: &str, source: Source<'_>, id: &str) -> Result<CtrOutput, String> {
+    let script = format!("echo {GREETING}; cat /{IMAGE_FILE}; exit {EXIT_CODE}");
     let mut args = vec!["run", "--rm", "--runtime", runtime];
     if runtime == RUNC {
         // L1's root is its initramfs, which pivot_root cannot leave.
         args.push("--no-pivot");
     }
-    // A flag: the first argument is then the root directory.
-    args.extend(["--rootfs", root, id, "/bin/sh", "-c", &script]);
+    match source {
+        // A flag: the first argument is then the root directory.
+        Source::Rootfs(root) => args.extend(["--rootfs", root.to_str().ok_or("rootfs path")?]),
+        Source::Image => args.push(IMAGE_NAME),
+    }
+    args.extend([id, "/bin/sh", "-c", &script]);
     ctr(&args)
 }
 
 /// The same `ctr run` checked: the greeting, the image's file, exit 7.
-fn checked_run(runtime: &str, rootfs: &Path, id: &str) -> Result<u128, String> {
-    let run = ctr_run(runtime, rootfs, id)?;
-    let want = format!("{GREETING}\nbusybox-image\n");
+fn checked_run(runtime: &str, source: Source<'_>, id: &str) -> Result<u128, String> {
+    let run = ctr_run(runtime, source, id)?;
+    let want = format!("{GREETING}\n{IMAGE_FILE_TEXT}\n");
     match run.first_line_ms {
         Some(ms) if run.stdout == want && run.code == Some(EXIT_CODE) => Ok(ms),
         _ => Err(format!(
-            "{runtime}: printed {:?}, exit {:?}, stderr {:?}",
+            "{runtime} {id}: printed {:?}, exit {:?}, stderr {:?}",
             run.stdout,
             run.code,
             run.stderr.trim()
         )),
     }
+}
+
+/// Three `ctr run`s of `source` with runc and with chitin, interleaved so
+/// that both see the same machine: the times to the first output line.
+fn side_by_side(source: Source<'_>, name: &str) -> Result<String, String> {
+    let (mut runc, mut chitin) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        runc.push(checked_run(RUNC, source, &format!("runc-{round}"))?);
+        chitin.push(checked_run(CHITIN, source, &format!("chitin-{round}"))?);
+    }
+    let (r, ch) = (median(&runc), median(&chitin));
+    Ok(format!(
+        "ctr run {name} -> first output line, median of 3: runc {r} ms {runc:?}, chitin {ch} ms {chitin:?}, chitin/runc {:.2}; the image's file and exit {EXIT_CODE} came back from both",
+        ch as f64 / r.max(1) as f64
+    ))
+}
+
+/// The last warnings and errors in containerd's log (the shims' lines
+/// included), for a failure's message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("level=warn") || l.contains("level=error"))
+        .collect();
+    lines[lines.len().saturating_sub(6)..].join(" | ")
 }
 
 /// Middle of three or more.
@@ -281,6 +328,8 @@ fn median(ms: &[u128]) -> u128 {
 struct Ground {
     rootfs: PathBuf,
     daemon: Containerd,
+    /// containerd's log (the shims' too).
+    log: PathBuf,
 }
 
 impl Ground {
@@ -294,7 +343,7 @@ impl Ground {
         let _ = std::fs::remove_dir_all(base);
         let rootfs = base.join("rootfs");
         let made = chitin_testkit::rootfs::busybox_rootfs(&rootfs, Path::new(L1_BUSYBOX))
-            .and_then(|()| std::fs::write(rootfs.join("etc/hostname-of-image"), "busybox-image\n"));
+            .and_then(|()| std::fs::write(rootfs.join(IMAGE_FILE), format!("{IMAGE_FILE_TEXT}\n")));
         if let Err(e) = made {
             let _ = umount(PACKAGES);
             c.result("rootfs", Err(e.to_string()));
@@ -302,7 +351,11 @@ impl Ground {
         }
         let log = base.join("containerd.log");
         match Containerd::start(&log) {
-            Ok(daemon) => Some(Self { rootfs, daemon }),
+            Ok(daemon) => Some(Self {
+                rootfs,
+                daemon,
+                log,
+            }),
             Err(e) => {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
@@ -344,38 +397,25 @@ pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
     let Some(ground) = Ground::set_up(Path::new("/tmp/chitin-shim"), c) else {
         return;
     };
-    // Side by side, interleaved so that both see the same machine.
-    let (mut runc, mut chitin) = (Vec::new(), Vec::new());
-    let mut failed = None;
-    for round in 0..3 {
-        let pair = checked_run(RUNC, &ground.rootfs, &format!("runc-{round}")).and_then(|r| {
-            checked_run(CHITIN, &ground.rootfs, &format!("chitin-{round}")).map(|ch| (r, ch))
-        });
-        match pair {
-            Ok((r, ch)) => {
-                runc.push(r);
-                chitin.push(ch);
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
+    let log = ground.log.clone();
+    let with_log =
+        |r: Result<String, String>| r.map_err(|e| format!("{e}; log: {}", log_tail(&log)));
+    c.result(
+        "shim-run",
+        with_log(side_by_side(Source::Rootfs(&ground.rootfs), "--rootfs")),
+    );
+    let imported = ctr_ok(&["image", "import", IMAGE_ARCHIVE]).and_then(|_| {
+        let list = ctr_ok(&["image", "ls", "-q"])?;
+        match list.lines().any(|l| l == IMAGE_NAME) {
+            true => Ok(()),
+            false => Err(format!("ctr image ls lists no {IMAGE_NAME}: {list:?}")),
         }
-    }
-    match failed {
-        Some(e) => c.result("shim-run", Err(e)),
-        None => {
-            let (r, ch) = (median(&runc), median(&chitin));
-            c.result(
-                "shim-run",
-                Ok(format!(
-                    "ctr run --rootfs -> first output line, median of 3: runc {r} ms {runc:?}, chitin {ch} ms {chitin:?}, chitin/runc {:.2}; the image's file and exit {EXIT_CODE} came back from both",
-                    ch as f64 / r.max(1) as f64
-                )),
-            )
-        }
-    }
-    c.result("shim-task", task_checks(&ground.rootfs));
+    });
+    c.result(
+        "shim-image",
+        with_log(imported.and_then(|()| side_by_side(Source::Image, IMAGE_NAME))),
+    );
+    c.result("shim-task", with_log(task_checks(&ground.rootfs)));
     ground.tear_down();
     let _ = std::fs::remove_file(SHIM_CONFIG);
     c.result("shim-cleanup", leftovers());
@@ -431,9 +471,9 @@ fn task_steps() -> Result<String, String> {
         "long",
         "/bin/sh",
         "-c",
-        "echo exec-ok; cat /etc/hostname-of-image",
+        &format!("echo exec-ok; cat /{IMAGE_FILE}"),
     ])?;
-    if out != "exec-ok\nbusybox-image\n" {
+    if out != format!("exec-ok\n{IMAGE_FILE_TEXT}\n") {
         return Err(format!("ctr task exec printed {out:?}"));
     }
     // `PID INFO` and one line per process: the sleep.
