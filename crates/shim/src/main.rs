@@ -17,6 +17,7 @@ use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 
 mod config;
 mod mounts;
+mod netns;
 mod process;
 mod service;
 mod spec;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chitin::{Console, RunningSandbox, Sandbox, SandboxHandle, Share, Signal};
+use chitin::{Console, Net, RunningSandbox, Sandbox, SandboxHandle, Share, Signal};
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -30,6 +30,7 @@ use oci_spec::runtime::Spec;
 
 use crate::config::Config;
 use crate::mounts;
+use crate::netns;
 use crate::process::{Exit, Io, Process, ProcessError, Status};
 use crate::spec;
 
@@ -88,6 +89,8 @@ fn check_id(id: &str) -> TtrpcResult<()> {
 struct Vm {
     running: RunningSandbox,
     handle: SandboxHandle,
+    /// The pod's network it joined.
+    network: Option<netns::PodNetwork>,
 }
 
 /// One container of the pod.
@@ -191,6 +194,10 @@ impl Shared {
             let reason = vm.handle.stop();
             log::info!("pod VM stopped: {reason:?}");
             drop(vm.running);
+            // The tap went with the VM; the veth's redirect goes now.
+            if let Some(network) = vm.network {
+                network.leave();
+            }
             // The shared directory's tmpfs, and whatever the guest left.
             let shared = self.shared_dir();
             if let Err(e) = mounts::unmount(&shared) {
@@ -201,8 +208,9 @@ impl Shared {
 }
 
 /// Boot the pod's VM, its shared directory in `state_dir`, from the
-/// node's settings.
-fn boot(state_dir: &Path) -> Result<Vm, String> {
+/// node's settings; joined to the pod's network namespace `netns` if
+/// the pod has one.
+fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
     let config = Config::load().map_err(|e| e.to_string())?;
     let shared = state_dir.join(SHARED);
     fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
@@ -211,18 +219,37 @@ fn boot(state_dir: &Path) -> Result<Vm, String> {
             .map_err(|e| format!("a tmpfs on {}: {e}", shared.display()))?;
     }
     let console = state_dir.join("console.log");
-    let sandbox = Sandbox::builder()
+    let mut builder = Sandbox::builder()
         .guest(config.guest.clone())
         .memory_mib(config.memory_mib)
         .vcpus(config.vcpus)
         .console(Console::file_with_limit(console, CONSOLE_LIMIT))
-        .share(Share::new(&shared, SHARE_TAG).mount_at(GUEST_SHARED))
-        .build()
-        .and_then(|s| s.start())
-        .map_err(|e| {
+        .share(Share::new(&shared, SHARE_TAG).mount_at(GUEST_SHARED));
+    let mut network = match netns {
+        Some(path) => Some(netns::join(path).map_err(|e| {
             let _ = mounts::unmount(&shared);
-            format!("booting the pod VM: {}", chitin::error_chain(&e))
-        })?;
+            format!("joining the pod's network {}: {e}", path.display())
+        })?),
+        None => None,
+    };
+    if let Some(n) = &mut network {
+        let i = &n.interface;
+        log::info!("pod network: {}", netns::describe(i));
+        let mut net = Net::tap_fd(n.tap.take().expect("a joined network has its tap"))
+            .mac(i.mac)
+            .address(i.address, i.prefix);
+        if let Some(gw) = i.gateway {
+            net = net.gateway(gw);
+        }
+        builder = builder.net(net);
+    }
+    let sandbox = builder.build().and_then(|s| s.start()).map_err(|e| {
+        let _ = mounts::unmount(&shared);
+        if let Some(n) = network.take() {
+            n.leave();
+        }
+        format!("booting the pod VM: {}", chitin::error_chain(&e))
+    })?;
     log::info!(
         "pod VM up: {} MiB, {} vCPUs, {}",
         config.memory_mib,
@@ -232,6 +259,7 @@ fn boot(state_dir: &Path) -> Result<Vm, String> {
     Ok(Vm {
         handle: sandbox.handle(),
         running: sandbox,
+        network,
     })
 }
 
@@ -362,7 +390,9 @@ impl containerd_shim::Task for Service {
             ));
         }
         if pod.vm.is_none() {
-            let vm = boot(&self.shared.state_dir).map_err(|e| rpc(Code::UNAVAILABLE, e))?;
+            let netns = netns::netns_path(&spec);
+            let vm = boot(&self.shared.state_dir, netns.as_deref())
+                .map_err(|e| rpc(Code::UNAVAILABLE, e))?;
             pod.vm = Some(vm);
         }
         let (mounted, bound) = match self.mount_root(&req, &spec) {

@@ -183,8 +183,9 @@ fn after_silence(plan: &[String], lines: &[String]) -> (Vec<String>, Vec<String>
 pub struct L1Kernel {
     pub vmlinuz: PathBuf,
     /// irqbypass, kvm, kvm-amd, then virtio-mmio and virtio-blk (for the
-    /// disks handed to L1), then tun (for the `net` scenario's tap) and
-    /// overlay (containerd's snapshotter), in load order.
+    /// disks handed to L1), then tun (for the `net` scenario's tap),
+    /// overlay (containerd's snapshotter) and the pod network's bridge,
+    /// veth and traffic control, in load order.
     pub modules: Vec<PathBuf>,
     /// Whether the package has vhost-net (for the `net` peer column's
     /// note; the tier runs QEMU with `vhost=off`).
@@ -207,6 +208,15 @@ pub fn l1_kernel() -> Step<L1Kernel> {
         kmod.join("drivers/net/tun.ko"),
         // containerd's overlayfs snapshotter (`shim-ctr`'s image).
         kmod.join("fs/overlayfs/overlay.ko"),
+        // The pod network of `shim-ctr`: CNI's bridge and veth, and the
+        // shim's traffic-control redirect between the veth and its tap.
+        kmod.join("net/llc/llc.ko"),
+        kmod.join("net/802/stp.ko"),
+        kmod.join("net/bridge/bridge.ko"),
+        kmod.join("drivers/net/veth.ko"),
+        kmod.join("net/sched/sch_ingress.ko"),
+        kmod.join("net/sched/cls_u32.ko"),
+        kmod.join("net/sched/act_mirred.ko"),
     ];
     for m in &modules {
         if !m.exists() {

@@ -416,6 +416,7 @@ pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
         with_log(imported.and_then(|()| side_by_side(Source::Image, IMAGE_NAME))),
     );
     c.result("shim-task", with_log(task_checks(&ground.rootfs)));
+    c.result("shim-net", with_log(net_checks(&ground.rootfs)));
     ground.tear_down();
     let _ = std::fs::remove_file(SHIM_CONFIG);
     c.result("shim-cleanup", leftovers());
@@ -530,6 +531,183 @@ fn wait_stopped(id: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The pod network namespace the net check makes, as CRI would.
+const NETNS: &str = "/run/netns/chitin-pod";
+/// The CNI plugins on the packages' disk.
+const CNI_DIR: &str = "/opt/containerd/usr/lib/cni";
+/// The bridge network CNI puts the pod on (a bridge `cni0` in L1 as
+/// gateway).
+const CNI_CONFIG: &str = r#"{"cniVersion":"0.4.0","name":"chitin-pods","type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"/run/chitin-cni"}}"#;
+/// What the pod serves, and where.
+const POD_PORT: u16 = 8080;
+const POD_REPLY: &str = "reply-from-the-pod-vm";
+
+/// Make a network namespace at [`NETNS`] (a file its handle is bound to).
+fn make_netns() -> Result<(), String> {
+    std::fs::create_dir_all("/run/netns").map_err(|e| format!("/run/netns: {e}"))?;
+    std::fs::File::create(NETNS).map_err(|e| format!("{NETNS}: {e}"))?;
+    std::thread::spawn(|| {
+        // SAFETY: unshare takes flags only; it changes this thread alone,
+        // which ends right after.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("unshare: {}", std::io::Error::last_os_error()));
+        }
+        let (src, dst) = (c_str("/proc/thread-self/ns/net")?, c_str(NETNS)?);
+        // SAFETY: NUL-terminated paths that live for the call; a bind
+        // takes no type or data.
+        let ret = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        if ret != 0 {
+            return Err(format!(
+                "bind the netns: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| "the netns thread panicked")?
+}
+
+/// Run CNI's bridge plugin (`ADD` or `DEL`) for the pod's namespace, as
+/// containerd's CRI does; its stdout.
+fn cni(command: &str) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = Command::new(format!("{CNI_DIR}/bridge"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "chitin-pod")
+        .env("CNI_NETNS", NETNS)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_DIR)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start the bridge plugin: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(CNI_CONFIG.as_bytes())
+            .map_err(|e| format!("CNI config: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "CNI {command}: {}; {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(stdout)
+}
+
+/// The pod's IPv4 address in a CNI result (`"address":"10.88.0.2/16"`).
+fn cni_address(result: &str) -> Option<std::net::Ipv4Addr> {
+    let compact: String = result.chars().filter(|c| !c.is_whitespace()).collect();
+    let key = "\"address\":\"";
+    let at = compact.find(key)? + key.len();
+    compact[at..].split(['/', '"']).next()?.parse().ok()
+}
+
+/// Interfaces of the pod's namespace (from a thread inside it).
+fn netns_interfaces() -> Result<Vec<String>, String> {
+    let ns = std::fs::File::open(NETNS).map_err(|e| format!("{NETNS}: {e}"))?;
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an fd this thread holds; only this thread changes
+        // namespace, and it ends right after.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let dev =
+            std::fs::read_to_string("/proc/thread-self/net/dev").map_err(|e| e.to_string())?;
+        Ok(dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
+            .collect())
+    })
+    .join()
+    .map_err(|_| "the netns thread panicked")?
+}
+
+/// The pod network: CNI's bridge plugin gives a namespace a veth and an
+/// address; a chitin container joining that namespace (`--with-ns`)
+/// serves a TCP port from inside its VM, and L1 reaches it at the pod's
+/// IP. Afterwards the shim's tap is gone from the namespace.
+fn net_checks(rootfs: &Path) -> Result<String, String> {
+    make_netns()?;
+    let result = cni("ADD").and_then(|added| {
+        let ip = cni_address(&added).ok_or_else(|| format!("no address in {added:?}"))?;
+        let served = serve_and_connect(rootfs, ip);
+        let _ = ctr(&["task", "kill", "-s", "SIGKILL", "web"]);
+        let _ = wait_stopped("web");
+        let _ = ctr(&["task", "rm", "web"]);
+        let _ = ctr(&["container", "rm", "web"]);
+        let reply = served?;
+        let left = netns_interfaces()?;
+        if left.iter().any(|i| i.starts_with("chitin")) {
+            return Err(format!("the shim's tap is still in the pod's namespace: {left:?}"));
+        }
+        Ok(format!(
+            "the pod's IP {ip} (CNI bridge; its veth joined to the VM's tap by tc redirects) answered a TCP connection from L1 from inside the VM ({reply:?}); the tap left with the VM"
+        ))
+    });
+    let _ = cni("DEL");
+    let _ = umount(NETNS);
+    let _ = std::fs::remove_file(NETNS);
+    result
+}
+
+/// Start the pod's server and connect to it at `ip` (the guest boots
+/// meanwhile: retried for up to a minute).
+fn serve_and_connect(rootfs: &Path, ip: std::net::Ipv4Addr) -> Result<String, String> {
+    let root = rootfs.to_str().ok_or("rootfs path")?;
+    let netns = format!("network:{NETNS}");
+    let script = format!("echo {POD_REPLY} | nc -l -p {POD_PORT}");
+    ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        CHITIN,
+        "--with-ns",
+        &netns,
+        "--rootfs",
+        root,
+        "web",
+        "/bin/sh",
+        "-c",
+        &script,
+    ])?;
+    let addr = std::net::SocketAddr::from((ip, POD_PORT));
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(60) {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(stream) => {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                // One line: nc may keep the connection open after it.
+                let mut got = String::new();
+                match BufReader::new(stream).read_line(&mut got) {
+                    Ok(_) if got.trim() == POD_REPLY => return Ok(got.trim().to_string()),
+                    Ok(_) => last = format!("read {got:?}"),
+                    Err(e) => last = format!("read: {e}"),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Err(format!("{addr} did not answer within 60 s: {last}"))
 }
 
 /// Nothing of containerd's left: processes, mounts, the containers'
