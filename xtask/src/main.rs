@@ -15,7 +15,10 @@
 //!   Cloud Hypervisor when `CHITIN_PEER_FIRECRACKER` /
 //!   `CHITIN_PEER_CLOUD_HYPERVISOR` name their binaries), interleaved
 //!   rounds in one L1, then N sandboxes alive at once in one process.
-//! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 45 s each.
+//! - `fuzz --smoke [SECONDS]`: every fuzz target under ASan, 30 s each.
+//! - `shim-install [--root DIR] [--bin-dir DIR]`: install the containerd
+//!   shim, the guest it boots and its settings, and add the runtime to
+//!   containerd's config (docs/kubernetes.md).
 //!
 //! Every step prints what it runs; the first failure stops the run with a
 //! non-zero exit code naming the step.
@@ -27,6 +30,7 @@ mod fuzz;
 mod fuzz_seeds;
 mod guest;
 mod nested;
+mod shim_install;
 mod util;
 
 use std::process::ExitCode;
@@ -66,13 +70,14 @@ fn main() -> ExitCode {
         Some("bench-boot") => nested::bench_boot(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("rootfs") => rootfs(&args[1..]),
+        Some("shim-install") => shim_install::shim_install(&args[1..]),
         Some("nested-exec") => match nested::nested_exec(&args[1..]) {
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | bench-boot [--rounds N] [--density N] [--distro debian] | fuzz --smoke [SECONDS] | rootfs DIR>"
+                "usage: cargo xtask <test | guest [--kernel 6.1|6.12 | --distro debian] | nested [SCENARIO...] | nested-stress [--runs N] [--spin K] [SCENARIO...] | nested-exec [--distro debian] -- CMD... | bench-boot [--rounds N] [--density N] [--distro debian] | fuzz --smoke [SECONDS] | rootfs DIR | shim-install [--root DIR] [--bin-dir DIR]>"
             );
             return ExitCode::from(2);
         }

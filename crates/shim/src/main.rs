@@ -21,6 +21,7 @@ mod netns;
 mod process;
 mod service;
 mod spec;
+mod stats;
 
 /// containerd's name for this runtime.
 const RUNTIME_ID: &str = "io.containerd.chitin.v2";

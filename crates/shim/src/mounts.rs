@@ -5,6 +5,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
+use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -216,11 +217,63 @@ pub fn mount_tmpfs(dir: &Path, size: u64, inodes: u64) -> io::Result<()> {
             data.as_ptr().cast(),
         )
     };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
     }
+    // Under a shared /run (systemd's), it and the binds made in it would
+    // show up in every peer mount namespace.
+    if let Err(e) = mount(Path::new("none"), dir, libc::MS_PRIVATE) {
+        let _ = unmount(dir);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 1;
+const AT_RECURSIVE: libc::c_int = 0x8000;
+
+/// Make the mount whose root `fd` is read-only, with every mount below
+/// it (a plain remount would leave submounts writable). Kernels before
+/// 5.12 lack `mount_setattr`: the mount itself is remounted read-only.
+fn read_only_recursive(fd: &OwnedFd) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: an fd we hold, an empty NUL-terminated path, and the
+    // attribute struct with its size; all outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | AT_RECURSIVE,
+            std::ptr::addr_of!(attr),
+            size_of::<MountAttr>(),
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    mount(
+        Path::new("none"),
+        &fd_path(fd),
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+    )
 }
 
 /// A container root bound into the shared directory, undone by
@@ -271,11 +324,7 @@ pub fn bind_beneath(shared: &Path, id: &str, src: &Path, read_only: bool) -> io:
         )
         .and_then(|()| {
             if read_only {
-                mount(
-                    Path::new("none"),
-                    &fd_path(&bound.root),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                )
+                read_only_recursive(&bound.root)
             } else {
                 Ok(())
             }
@@ -491,10 +540,20 @@ mod tests {
         fs::write(shared.join("c1/rootfs/new"), b"x").unwrap();
         assert!(src.join("new").exists());
 
-        // A read-only bind refuses writes.
+        // A read-only bind refuses writes, in the mounts below its root
+        // too.
+        fs::create_dir_all(src.join("sub")).unwrap();
+        mount_tmpfs(&src.join("sub"), 1 << 16, 16).unwrap();
         let ro = bind_beneath(&shared, "c2", &src, true).unwrap();
         let err = fs::write(shared.join("c2/rootfs/other"), b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        let err = fs::write(shared.join("c2/rootfs/sub/other"), b"x").unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EROFS),
+            "a submount stayed writable"
+        );
+        fs::write(src.join("sub/direct"), b"x").unwrap();
 
         // What a guest can plant in the shared directory: a symlink as
         // the container's directory, or as its rootfs.
@@ -521,6 +580,7 @@ mod tests {
         assert!(!is_mount_point(&shared.join("moved/rootfs")));
         ro.release();
         assert!(!shared.join("c2").exists(), "the directories went with it");
+        unmount(&src.join("sub")).unwrap();
 
         unmount(&shared).unwrap();
         assert!(!is_mount_point(&shared));

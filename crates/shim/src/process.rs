@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -61,15 +62,25 @@ pub enum Status {
     Stopped,
 }
 
+/// Run once with a process's exit (publishing it).
+type OnExit = Box<dyn FnOnce(Exit) + Send>;
+
 struct Inner {
-    /// The command, until a start succeeds.
+    /// The command, until a start takes it.
     command: Option<Command>,
+    /// A start is in flight (the guest has not answered yet).
+    starting: bool,
+    /// A signal that came while starting, delivered once started.
+    pending_signal: Option<Signal>,
     /// Its pid in the guest once started.
     pid: u32,
     signaller: Option<Signaller>,
     exit: Option<Exit>,
-    /// The stdin thread still waits for a writer to open the FIFO.
-    stdin_opening: bool,
+    on_exit: Option<OnExit>,
+    /// Ends the stdin thread (an eventfd), while there is one.
+    stdin_cancel: Option<Arc<OwnedFd>>,
+    /// A SIGKILL was sent: its deadline is being watched.
+    kill_watched: bool,
 }
 
 /// A container's init or exec process.
@@ -83,6 +94,11 @@ pub struct Process {
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// How long a guest may take to report the death of a process it was
+/// told to SIGKILL before the shim counts it dead (137) on its own: a
+/// guest that ignores kills cannot keep a pod from being deleted.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a task call on a process failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +156,23 @@ fn open_output(target: &str) -> Result<Option<File>, ProcessError> {
     file.map(Some).map_err(fail)
 }
 
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes flags only; a new fd nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: eventfd returned a new fd, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn wake(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: eight bytes, valid for the call; a full counter only makes
+    // the write fail, and the reader is awake then anyway.
+    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
 impl Process {
     /// A process that `command` will run, its streams as `io` says.
     pub fn new(command: Command, io: Io) -> Arc<Self> {
@@ -147,10 +180,14 @@ impl Process {
             io,
             inner: Mutex::new(Inner {
                 command: Some(command),
+                starting: false,
+                pending_signal: None,
                 pid: 0,
                 signaller: None,
                 exit: None,
-                stdin_opening: false,
+                on_exit: None,
+                stdin_cancel: None,
+                kill_watched: false,
             }),
             changed: Condvar::new(),
         })
@@ -159,10 +196,12 @@ impl Process {
     /// Created, running or stopped.
     pub fn status(&self) -> Status {
         let inner = relock(&self.inner);
-        match (&inner.exit, &inner.command) {
-            (Some(_), _) => Status::Stopped,
-            (None, Some(_)) => Status::Created,
-            (None, None) => Status::Running,
+        if inner.exit.is_some() {
+            Status::Stopped
+        } else if inner.command.is_some() || inner.starting {
+            Status::Created
+        } else {
+            Status::Running
         }
     }
 
@@ -176,18 +215,52 @@ impl Process {
         relock(&self.inner).exit
     }
 
-    /// Start it in `vm`; `on_exit` runs once, on a thread of its own,
-    /// when it ends. Returns its guest pid.
+    /// Start it in `vm`. `on_start` runs with its guest pid once it runs,
+    /// before anything can report its end; `on_exit` runs once, on a
+    /// thread of its own, when it ends. No lock is held while the guest
+    /// is asked to start it.
     pub fn start(
         self: &Arc<Self>,
         vm: &SandboxHandle,
-        on_exit: impl FnOnce(&Process, Exit) + Send + 'static,
+        on_start: impl FnOnce(u32),
+        on_exit: impl FnOnce(Exit) + Send + 'static,
     ) -> Result<u32, ProcessError> {
-        let mut inner = relock(&self.inner);
-        if inner.exit.is_some() {
-            return Err(ProcessError::Exited);
+        let template = {
+            let mut inner = relock(&self.inner);
+            if inner.exit.is_some() {
+                return Err(ProcessError::Exited);
+            }
+            let cmd = inner.command.take().ok_or(ProcessError::AlreadyStarted)?;
+            inner.starting = true;
+            cmd
+        };
+        match self.spawn(vm, &template) {
+            Ok((child, cancel)) => {
+                self.run(child, cancel, on_start, Box::new(on_exit));
+                Ok(self.pid())
+            }
+            Err(e) => {
+                let mut inner = relock(&self.inner);
+                inner.starting = false;
+                // A kill while starting stopped it for good; otherwise it
+                // can be started again.
+                if inner.exit.is_none() {
+                    inner.command = Some(template);
+                }
+                Err(e)
+            }
         }
-        let mut cmd = inner.command.clone().ok_or(ProcessError::AlreadyStarted)?;
+    }
+
+    /// Open the streams and have the guest start the command; the stdin
+    /// thread's cancel fd is made first, so nothing can fail after the
+    /// process runs but thread creation (handled by the caller).
+    fn spawn(
+        &self,
+        vm: &SandboxHandle,
+        template: &Command,
+    ) -> Result<(chitin::Child, Option<Arc<OwnedFd>>), ProcessError> {
+        let mut cmd = template.clone();
         cmd.stdout(match open_output(&self.io.stdout)? {
             Some(file) => Stdio::writer(file),
             None => Stdio::null(),
@@ -196,109 +269,216 @@ impl Process {
             Some(file) => Stdio::writer(file),
             None => Stdio::null(),
         });
-        if self.io.stdin.is_empty() {
+        let cancel = if self.io.stdin.is_empty() {
             cmd.stdin(Stdio::null());
+            None
         } else if self.io.stdin.contains("://") {
             return Err(ProcessError::StreamKind(self.io.stdin.clone()));
         } else {
             cmd.stdin(Stdio::piped());
-        }
-        let mut child = vm.spawn(&cmd)?;
+            Some(Arc::new(eventfd().map_err(|source| {
+                ProcessError::Stream {
+                    path: self.io.stdin.clone(),
+                    source,
+                }
+            })?))
+        };
+        let child = vm.spawn(&cmd)?;
         // The writers live on in chitin's copying threads only, so the
         // FIFOs see their end when the process's output ends.
         drop(cmd);
-        inner.command = None;
-        inner.pid = child.id();
-        inner.signaller = Some(child.signaller());
-        if let Some(stdin) = child.stdin.take() {
-            inner.stdin_opening = true;
+        Ok((child, cancel))
+    }
+
+    /// The process runs: record it, tell the caller, then watch it.
+    fn run(
+        self: &Arc<Self>,
+        mut child: chitin::Child,
+        cancel: Option<Arc<OwnedFd>>,
+        on_start: impl FnOnce(u32),
+        on_exit: OnExit,
+    ) {
+        let stdin = child.stdin.take();
+        let pending = {
+            let mut inner = relock(&self.inner);
+            inner.starting = false;
+            inner.pid = child.id();
+            inner.signaller = Some(child.signaller());
+            inner.on_exit = Some(on_exit);
+            inner.stdin_cancel = cancel.clone();
+            inner.pending_signal.take()
+        };
+        on_start(child.id());
+        if let (Some(stdin), Some(cancel)) = (stdin, cancel) {
             let me = Arc::clone(self);
-            thread::Builder::new()
+            let fed = thread::Builder::new()
                 .name("shim-stdin".into())
-                .spawn(move || me.feed_stdin(stdin))
-                .map_err(|e| ProcessError::Stream {
-                    path: self.io.stdin.clone(),
-                    source: e,
-                })?;
+                .spawn(move || me.feed_stdin(stdin, &cancel));
+            if let Err(e) = fed {
+                log::warn!("no stdin thread ({e}): its stdin is closed");
+            }
         }
-        let pid = inner.pid;
-        drop(inner);
         let me = Arc::clone(self);
-        thread::Builder::new()
+        let signaller = child.signaller();
+        let waited = thread::Builder::new()
             .name("shim-wait".into())
             .spawn(move || {
                 let exit = Exit::of(child.wait());
-                drop(child);
-                {
-                    let mut inner = relock(&me.inner);
-                    inner.exit = Some(exit);
-                    inner.signaller = None;
-                }
-                me.changed.notify_all();
-                me.release_stdin();
-                on_exit(&me, exit);
-            })
-            .map_err(|e| ProcessError::Stream {
-                path: "(waiter thread)".into(),
-                source: e,
-            })?;
-        Ok(pid)
+                me.finish(exit);
+            });
+        if let Err(e) = waited {
+            // Nobody could report its end: end it now.
+            log::error!(
+                "no thread to wait for guest pid {} ({e}): killing it",
+                self.pid()
+            );
+            let _ = signaller.signal(Signal::KILL);
+            self.finish(Exit {
+                status: 255,
+                at: SystemTime::now(),
+            });
+        }
+        if let Some(signal) = pending {
+            let _ = self.signal(signal);
+        }
     }
 
-    /// Copy the stdin FIFO into the process until EOF. Opening blocks
-    /// until containerd opens its end (or [`Process::release_stdin`]).
-    fn feed_stdin(&self, mut to: chitin::ChildStdin) {
+    /// Record its end (the first report wins), wake waiters, end its
+    /// stdin thread, and run `on_exit`.
+    fn finish(&self, exit: Exit) {
+        let on_exit = {
+            let mut inner = relock(&self.inner);
+            if inner.exit.is_some() {
+                return;
+            }
+            inner.exit = Some(exit);
+            inner.command = None;
+            inner.signaller = None;
+            if let Some(cancel) = inner.stdin_cancel.take() {
+                wake(&cancel);
+            }
+            inner.on_exit.take()
+        };
+        self.changed.notify_all();
+        if let Some(f) = on_exit {
+            f(exit);
+        }
+    }
+
+    /// Copy the stdin FIFO into the process until EOF, or until
+    /// [`Process::release_stdin`] or its end. The FIFO is opened without
+    /// waiting for containerd's end and read only when poll says so (a
+    /// FIFO nobody has opened for writing yet reads as EOF).
+    fn feed_stdin(&self, mut to: chitin::ChildStdin, cancel: &OwnedFd) {
+        use std::io::{Read, Write};
         let opened = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&self.io.stdin);
-        relock(&self.inner).stdin_opening = false;
-        match opened {
-            Ok(mut from) => {
-                // Ends at EOF, or when the process is gone (BrokenPipe).
-                if let Err(e) = io::copy(&mut from, &mut to) {
-                    log::debug!("stdin {}: {e}", self.io.stdin);
-                }
-            }
-            Err(e) => log::warn!("stdin {}: {e}", self.io.stdin),
-        }
-    }
-
-    /// Let a stdin thread still waiting for containerd's end of the FIFO
-    /// go: open and close the writing end ourselves, which it then reads
-    /// as EOF. Used by CloseIO and when the process has exited.
-    pub fn release_stdin(&self) {
-        if !relock(&self.inner).stdin_opening {
-            return;
-        }
-        // Non-blocking: with no reader left it fails, which is fine.
-        let _ = OpenOptions::new()
-            .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&self.io.stdin);
+        let mut from = match opened {
+            Ok(f) => f,
+            Err(e) => return log::warn!("stdin {}: {e}", self.io.stdin),
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: from.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: cancel.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two pollfds, valid for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break;
+            }
+            if fds[1].revents != 0 {
+                break; // CloseIO, or the process ended
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                match from.read(&mut buf) {
+                    Ok(0) => break,
+                    // Fails once the process is gone (BrokenPipe).
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            } else if fds[0].revents != 0 {
+                break; // the writer left (POLLHUP), or an error
+            }
+        }
+        // Dropping `to` is the process's EOF.
     }
 
-    /// Send `signal`. A process killed before it started is stopped with
-    /// 128 + the signal, and `Ok(Some(exit))` says so (its exit has to be
-    /// reported by the caller).
-    pub fn signal(&self, signal: Signal) -> Result<Option<Exit>, ProcessError> {
+    /// CloseIO: end the process's stdin now (containerd has closed its
+    /// end, or wants it closed).
+    pub fn release_stdin(&self) {
+        if let Some(cancel) = relock(&self.inner).stdin_cancel.take() {
+            wake(&cancel);
+        }
+    }
+
+    /// Send `signal`. One that comes while the guest is starting the
+    /// process is delivered once it runs. A process killed before it
+    /// started is stopped with 128 + the signal, and `Ok(Some(exit))`
+    /// says so (the caller reports that exit). After a SIGKILL the guest
+    /// has [`KILL_GRACE`] to report the death before the shim records it.
+    pub fn signal(self: &Arc<Self>, signal: Signal) -> Result<Option<Exit>, ProcessError> {
         let mut inner = relock(&self.inner);
         if inner.exit.is_some() {
             return Err(ProcessError::Exited);
         }
+        if inner.starting {
+            inner.pending_signal = Some(signal);
+            return Ok(None);
+        }
         if let Some(s) = &inner.signaller {
             s.signal(signal)?;
+            if signal == Signal::KILL && !inner.kill_watched {
+                inner.kill_watched = true;
+                let me = Arc::clone(self);
+                let watch = thread::Builder::new()
+                    .name("shim-kill".into())
+                    .spawn(move || {
+                        thread::sleep(KILL_GRACE);
+                        if me.exit().is_none() {
+                            log::warn!(
+                                "guest pid {} not reported dead {KILL_GRACE:?} after SIGKILL: counted as killed",
+                                me.pid()
+                            );
+                            me.finish(Exit {
+                                status: 128 + libc::SIGKILL as u32,
+                                at: SystemTime::now(),
+                            });
+                        }
+                    });
+                if watch.is_err() {
+                    inner.kill_watched = false;
+                }
+            }
             return Ok(None);
         }
         // Never started: it ends here.
+        drop(inner);
         let exit = Exit {
             status: 128 + signal.number() as u32,
             at: SystemTime::now(),
         };
-        inner.command = None;
-        inner.exit = Some(exit);
-        drop(inner);
-        self.changed.notify_all();
+        self.finish(exit);
         Ok(Some(exit))
     }
 

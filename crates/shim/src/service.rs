@@ -33,6 +33,7 @@ use crate::mounts;
 use crate::netns;
 use crate::process::{Exit, Io, Process, ProcessError, Status};
 use crate::spec;
+use crate::stats;
 
 /// The share's tag, and where the guest mounts it: container `C`'s root
 /// is `GUEST_SHARED/C/rootfs`.
@@ -91,6 +92,8 @@ struct Vm {
     handle: SandboxHandle,
     /// The pod's network it joined.
     network: Option<netns::PodNetwork>,
+    /// Its guest memory.
+    memory_bytes: u64,
 }
 
 /// One container of the pod.
@@ -108,6 +111,13 @@ struct Container {
 }
 
 impl Container {
+    /// Its processes that run now.
+    fn running(&self) -> impl Iterator<Item = &Arc<Process>> {
+        std::iter::once(&self.init)
+            .chain(self.execs.values())
+            .filter(|p| p.status() == Status::Running)
+    }
+
     fn process(&self, exec_id: &str) -> TtrpcResult<&Arc<Process>> {
         if exec_id.is_empty() {
             Ok(&self.init)
@@ -119,8 +129,30 @@ impl Container {
     }
 }
 
+impl Pod {
+    fn container(&self, id: &str) -> TtrpcResult<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| not_found(format_args!("container {id}")))
+    }
+
+    fn vm(&self) -> TtrpcResult<&Vm> {
+        self.vm
+            .as_ref()
+            .ok_or_else(|| rpc(Code::FAILED_PRECONDITION, "the pod VM is not running"))
+    }
+
+    fn container_mut(&mut self, id: &str) -> TtrpcResult<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(format_args!("container {id}")))
+    }
+}
+
 #[derive(Default)]
 struct Pod {
+    /// Shutdown has begun: nothing new is created.
+    shutting_down: bool,
     vm: Option<Vm>,
     containers: BTreeMap<String, Container>,
 }
@@ -156,12 +188,29 @@ impl Shared {
             let execs: Vec<_> = relock(&self.pod)
                 .containers
                 .get(id)
-                .map(|c| c.execs.values().cloned().collect())
+                .map(|c| {
+                    c.execs
+                        .iter()
+                        .map(|(k, p)| (k.clone(), Arc::clone(p)))
+                        .collect()
+                })
                 .unwrap_or_default();
-            for exec in execs {
-                let _ = exec.signal(Signal::KILL);
+            self.kill_all(id, execs);
+        }
+        self.publish_exit(id, exec_id, exit);
+    }
+
+    /// SIGKILL `processes` of container `id` (`(exec id, process)`);
+    /// those that never started stop here, and their exits are reported.
+    fn kill_all(&self, id: &str, processes: Vec<(String, Arc<Process>)>) {
+        for (exec_id, p) in processes {
+            if let Ok(Some(exit)) = p.signal(Signal::KILL) {
+                self.publish_exit(id, &exec_id, exit);
             }
         }
+    }
+
+    fn publish_exit(&self, id: &str, exec_id: &str, exit: Exit) {
         self.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
@@ -214,10 +263,11 @@ fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
     let config = Config::load().map_err(|e| e.to_string())?;
     let shared = state_dir.join(SHARED);
     fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
-    if !mounts::is_mount_point(&shared) {
-        mounts::mount_tmpfs(&shared, SHARED_SIZE, SHARED_INODES)
-            .map_err(|e| format!("a tmpfs on {}: {e}", shared.display()))?;
-    }
+    // A fresh tmpfs: one left by a shim that died may hold what its
+    // guest wrote, and binds of old roots.
+    mounts::unmount(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+    mounts::mount_tmpfs(&shared, SHARED_SIZE, SHARED_INODES)
+        .map_err(|e| format!("a tmpfs on {}: {e}", shared.display()))?;
     let console = state_dir.join("console.log");
     let mut builder = Sandbox::builder()
         .guest(config.guest.clone())
@@ -260,6 +310,7 @@ fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
         handle: sandbox.handle(),
         running: sandbox,
         network,
+        memory_bytes: config.memory_mib << 20,
     })
 }
 
@@ -291,12 +342,10 @@ impl Service {
     }
 
     fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<Arc<Process>> {
-        let pod = relock(&self.shared.pod);
-        let c = pod
-            .containers
-            .get(id)
-            .ok_or_else(|| not_found(format_args!("container {id}")))?;
-        c.process(exec_id).cloned()
+        relock(&self.shared.pod)
+            .container(id)?
+            .process(exec_id)
+            .cloned()
     }
 
     /// Put the container's root in place: the snapshotter's mounts (if
@@ -383,6 +432,9 @@ impl containerd_shim::Task for Service {
         }
 
         let mut pod = relock(&self.shared.pod);
+        if pod.shutting_down {
+            return Err(rpc(Code::FAILED_PRECONDITION, "the shim is shutting down"));
+        }
         if pod.containers.contains_key(&req.id) {
             return Err(rpc(
                 Code::ALREADY_EXISTS,
@@ -453,48 +505,47 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::StartResponse> {
         let (process, handle) = {
             let pod = relock(&self.shared.pod);
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
-            let vm = pod
-                .vm
-                .as_ref()
-                .ok_or_else(|| rpc(Code::FAILED_PRECONDITION, "the pod VM is not running"))?;
+            let c = pod.container(&req.id)?;
+            let vm = pod.vm()?;
             (c.process(&req.exec_id)?.clone(), vm.handle.clone())
         };
         let shared = Arc::clone(&self.shared);
         let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-        let guest_pid = process
-            .start(&handle, move |_, exit| shared.exited(&id, &exec_id, exit))
+        let pid = std::process::id();
+        // The start event goes out before anything can report the end.
+        let started = |guest_pid: u32| {
+            log::info!("{} {}: guest pid {guest_pid}", req.id, req.exec_id);
+            if req.exec_id.is_empty() {
+                self.shared.publish(
+                    topics::TASK_START_EVENT_TOPIC,
+                    Box::new(TaskStart {
+                        container_id: req.id.clone(),
+                        pid,
+                        ..Default::default()
+                    }),
+                );
+            } else {
+                self.shared.publish(
+                    topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                    Box::new(TaskExecStarted {
+                        container_id: req.id.clone(),
+                        exec_id: req.exec_id.clone(),
+                        pid,
+                        ..Default::default()
+                    }),
+                );
+            }
+        };
+        process
+            .start(&handle, started, move |exit| {
+                shared.exited(&id, &exec_id, exit)
+            })
             .map_err(|e| match e {
                 ProcessError::AlreadyStarted | ProcessError::Exited => {
                     rpc(Code::FAILED_PRECONDITION, e)
                 }
                 other => rpc(Code::UNKNOWN, chitin::error_chain(&other)),
             })?;
-        log::info!("{} {}: guest pid {guest_pid}", req.id, req.exec_id);
-        let pid = std::process::id();
-        if req.exec_id.is_empty() {
-            self.shared.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart {
-                    container_id: req.id.clone(),
-                    pid,
-                    ..Default::default()
-                }),
-            );
-        } else {
-            self.shared.publish(
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(TaskExecStarted {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    pid,
-                    ..Default::default()
-                }),
-            );
-        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -507,10 +558,7 @@ impl containerd_shim::Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut pod = relock(&self.shared.pod);
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        let c = pod.container_mut(&req.id)?;
         let process = c.process(&req.exec_id)?.clone();
         if process.status() == Status::Running {
             return Err(rpc(
@@ -518,12 +566,20 @@ impl containerd_shim::Task for Service {
                 format!("{} {} is still running", req.id, req.exec_id),
             ));
         }
+        // What never started stops now (its waiters wake and its exit is
+        // reported); an init's execs go with it.
+        let mut doomed = vec![(req.exec_id.clone(), Arc::clone(&process))];
+        if req.exec_id.is_empty() {
+            doomed.extend(c.execs.iter().map(|(k, p)| (k.clone(), Arc::clone(p))));
+        }
+        drop(pod);
+        self.shared.kill_all(&req.id, doomed);
+        let mut pod = relock(&self.shared.pod);
         if !req.exec_id.is_empty() {
-            c.execs.remove(&req.exec_id);
-        } else {
-            if let Some(running) = c.execs.values().find(|p| p.status() == Status::Running) {
-                let _ = running.signal(Signal::KILL);
+            if let Some(c) = pod.containers.get_mut(&req.id) {
+                c.execs.remove(&req.exec_id);
             }
+        } else {
             if let Some(c) = pod.containers.remove(&req.id) {
                 self.shared.release(c);
             }
@@ -531,7 +587,7 @@ impl containerd_shim::Task for Service {
         }
         drop(pod);
         let exit = process.exit().unwrap_or(Exit {
-            status: 0,
+            status: 128 + libc::SIGKILL as u32,
             at: SystemTime::now(),
         });
         let pid = std::process::id();
@@ -561,10 +617,7 @@ impl containerd_shim::Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let pod = relock(&self.shared.pod);
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        let c = pod.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let status = match p.status() {
             Status::Created => api::Status::CREATED,
@@ -595,10 +648,7 @@ impl containerd_shim::Task for Service {
             .ok_or_else(|| rpc(Code::INVALID_ARGUMENT, format!("signal {}", req.signal)))?;
         let targets: Vec<(String, Arc<Process>)> = {
             let pod = relock(&self.shared.pod);
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+            let c = pod.container(&req.id)?;
             let mut t = vec![(req.exec_id.clone(), c.process(&req.exec_id)?.clone())];
             if req.all && req.exec_id.is_empty() {
                 t.extend(c.execs.iter().map(|(k, p)| (k.clone(), Arc::clone(p))));
@@ -634,10 +684,7 @@ impl containerd_shim::Task for Service {
             .unwrap_or_default();
         let process = spec::parse_process(json).map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
         let mut pod = relock(&self.shared.pod);
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
+        let c = pod.container_mut(&req.id)?;
         if c.execs.contains_key(&req.exec_id) {
             return Err(rpc(
                 Code::ALREADY_EXISTS,
@@ -674,13 +721,9 @@ impl containerd_shim::Task for Service {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let pod = relock(&self.shared.pod);
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format_args!("container {}", req.id)))?;
-        let processes = std::iter::once(&c.init)
-            .chain(c.execs.values())
-            .filter(|p| p.status() == Status::Running)
+        let c = pod.container(&req.id)?;
+        let processes = c
+            .running()
             .map(|p| ProcessInfo {
                 pid: p.pid(),
                 ..Default::default()
@@ -688,6 +731,29 @@ impl containerd_shim::Task for Service {
             .collect();
         Ok(api::PidsResponse {
             processes,
+            ..Default::default()
+        })
+    }
+
+    /// The pod VM's usage as cgroup v2 metrics (`ctr task metrics`): the
+    /// memory and CPU time its process has on the host, the guest's
+    /// network traffic, and the container's running processes. Every
+    /// container of the pod reports the same VM.
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let pod = relock(&self.shared.pod);
+        let c = pod.container(&req.id)?;
+        let vm = pod.vm()?;
+        let running = c.running().count() as u64;
+        let usage = stats::host_usage().map_err(|e| rpc(Code::UNKNOWN, e))?;
+        let metrics = stats::metrics(&usage, vm.memory_bytes, running, &vm.running.net_stats());
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| rpc(Code::UNKNOWN, e))?;
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
             ..Default::default()
         })
     }
@@ -729,6 +795,7 @@ impl containerd_shim::Task for Service {
             // Other containers of the pod still use this shim.
             return Ok(api::Empty::new());
         }
+        pod.shutting_down = true;
         let containers = std::mem::take(&mut pod.containers);
         for c in containers.into_values() {
             self.shared.release(c);

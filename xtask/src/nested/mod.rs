@@ -383,9 +383,7 @@ fn build_tools(
     })
 }
 
-/// The shim's binary name: containerd looks for `containerd-shim-chitin-v2`
-/// on its PATH for runtime `io.containerd.chitin.v2`.
-const SHIM_BINARY: &str = "containerd-shim-chitin-v2";
+use crate::shim_install::SHIM_BINARY;
 
 /// How long a command run through `nested-exec` may take, L2 boot included.
 const NESTED_EXEC_TIMEOUT_S: u64 = 300;

@@ -487,6 +487,22 @@ fn task_steps() -> Result<String, String> {
     if pids.len() != 1 {
         return Err(format!("ctr task ps listed {ps:?}"));
     }
+    // The pod VM's usage, as cgroup v2 metrics.
+    let metrics = ctr_ok(&["task", "metrics", "long"])?;
+    let value = |key: &str| {
+        metrics.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(key)).then(|| f.next()?.parse::<u64>().ok())?
+        })
+    };
+    let (memory, cpu, procs) = (
+        value("memory.usage"),
+        value("cpu.usage_usec"),
+        value("pids.current"),
+    );
+    if !matches!((memory, cpu, procs), (Some(m), Some(c), Some(1)) if m > 0 && c > 0) {
+        return Err(format!("ctr task metrics: {metrics:?}"));
+    }
     ctr_ok(&["task", "kill", "-s", "SIGUSR1", "long"])?;
     wait_stopped("long")?;
     // `ctr task rm` reports the task's status: 128 + SIGUSR1.
@@ -503,8 +519,10 @@ fn task_steps() -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "ctr task exec printed the image's file; ctr task ps listed guest pid {}; SIGUSR1 from ctr task kill ended it with status {}",
+        "ctr task exec printed the image's file; ctr task ps listed guest pid {}; ctr task metrics: the VM's memory {} MiB, CPU {} ms; SIGUSR1 from ctr task kill ended it with status {}",
         pids[0],
+        memory.unwrap_or(0) >> 20,
+        cpu.unwrap_or(0) / 1000,
         128 + libc::SIGUSR1
     ))
 }
