@@ -416,6 +416,7 @@ pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
         with_log(imported.and_then(|()| side_by_side(Source::Image, IMAGE_NAME))),
     );
     c.result("shim-task", with_log(task_checks(&ground.rootfs)));
+    c.result("shim-pod", with_log(pod_checks(&ground.rootfs)));
     c.result("shim-net", with_log(net_checks(&ground.rootfs)));
     ground.tear_down();
     let _ = std::fs::remove_file(SHIM_CONFIG);
@@ -549,6 +550,77 @@ fn wait_stopped(id: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// containerd's CRI names a container's pod with this annotation; the
+/// shim groups containers by it.
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The guest's boot id as `ctr task exec` in `task` reads it.
+fn boot_id(task: &str, exec_id: &str) -> Result<String, String> {
+    let out = ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        task,
+        "/bin/cat",
+        "/proc/sys/kernel/random/boot_id",
+    ])?;
+    Ok(out.trim().to_string())
+}
+
+/// A pod of two containers (annotated as CRI does): one shim process and
+/// one VM serve both (the same guest boot id); the pod's VM outlives the
+/// removal of its second container.
+fn pod_checks(rootfs: &Path) -> Result<String, String> {
+    let root = rootfs.to_str().ok_or("rootfs path")?;
+    let pod = format!("{SANDBOX_ID}=pod1");
+    let run = |id: &str| {
+        ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            CHITIN,
+            "--annotation",
+            &pod,
+            "--rootfs",
+            root,
+            id,
+            "/bin/sleep",
+            "1000",
+        ])
+    };
+    let remove = |id: &str| {
+        let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let _ = wait_stopped(id);
+        let _ = ctr(&["task", "rm", id]);
+        ctr_ok(&["container", "rm", id])
+    };
+    let result = run("pod1").and_then(|_| run("app1")).and_then(|_| {
+        let shims = processes("containerd-shim");
+        let (a, b) = (boot_id("pod1", "b1")?, boot_id("app1", "b2")?);
+        if a.is_empty() || a != b {
+            return Err(format!("two VMs for one pod: boot ids {a:?} and {b:?}"));
+        }
+        if shims.len() != 1 {
+            return Err(format!("one pod, shim processes {shims:?}"));
+        }
+        remove("app1")?;
+        let after = boot_id("pod1", "b3")?;
+        if after != a {
+            return Err(format!("the pod's VM changed after app1 left: {after:?}"));
+        }
+        Ok(format!(
+            "pod1 and app1 (annotated {SANDBOX_ID}=pod1) ran in one shim and one VM (boot id {}...), which served pod1 on after app1 was removed",
+            &a[..8.min(a.len())]
+        ))
+    });
+    let _ = remove("app1");
+    let removed = remove("pod1");
+    let done = result?;
+    removed?;
+    Ok(done)
 }
 
 /// The pod network namespace the net check makes, as CRI would.
