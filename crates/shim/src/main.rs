@@ -116,7 +116,10 @@ impl containerd_shim::Shim for ChitinShim {
         service::Service::new(
             &self.namespace,
             self.state_dir.clone(),
-            Some(publisher),
+            Some(service::Events::new(
+                std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+                publisher,
+            )),
             Arc::clone(&self.exit),
         )
     }

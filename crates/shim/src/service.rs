@@ -25,7 +25,7 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use oci_spec::runtime::Spec;
 
 use crate::config::Config;
@@ -162,18 +162,62 @@ struct Shared {
     namespace: String,
     /// This shim's directory: the shared directory and the VM's console.
     state_dir: PathBuf,
-    publisher: Option<RemotePublisher>,
+    events: Option<Events>,
     pod: Mutex<Pod>,
 }
 
+/// Where events go: containerd's ttrpc address, and a connection to it
+/// made again when one fails (containerd restarted).
+pub struct Events {
+    address: String,
+    publisher: Mutex<Option<RemotePublisher>>,
+}
+
+impl Events {
+    /// Events to `address`, starting with the connection `publisher`.
+    pub fn new(address: String, publisher: RemotePublisher) -> Self {
+        Self {
+            address,
+            publisher: Mutex::new(Some(publisher)),
+        }
+    }
+}
+
+/// How long containerd may take to take one event.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Shared {
+    /// Publish `event`; if the connection fails, connect again once and
+    /// retry. An event that still cannot go is logged and dropped.
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let Some(publisher) = &self.publisher else {
+        let Some(events) = &self.events else {
             return;
         };
-        if let Err(e) = publisher.publish(Context::default(), topic, &self.namespace, event) {
-            log::warn!("publishing {topic}: {e}");
+        let mut publisher = relock(&events.publisher);
+        let mut last = String::new();
+        for _ in 0..2 {
+            if publisher.is_none() {
+                match RemotePublisher::new(&events.address) {
+                    Ok(p) => *publisher = Some(p),
+                    Err(e) => {
+                        last = format!("connecting to {}: {e}", events.address);
+                        continue;
+                    }
+                }
+            }
+            let Some(p) = publisher.as_ref() else {
+                continue;
+            };
+            let ctx = ttrpc::context::with_duration(PUBLISH_TIMEOUT);
+            match p.publish(ctx, topic, &self.namespace, event.clone_box()) {
+                Ok(()) => return,
+                Err(e) => {
+                    last = e.to_string();
+                    *publisher = None;
+                }
+            }
         }
+        log::warn!("publishing {topic}: {last}");
     }
 
     fn shared_dir(&self) -> PathBuf {
@@ -322,19 +366,19 @@ pub struct Service {
 }
 
 impl Service {
-    /// A service for one pod: events go to `publisher` under `namespace`;
+    /// A service for one pod: events go to `events` under `namespace`;
     /// `state_dir` is the shim's own directory; `exit` ends the shim.
     pub fn new(
         namespace: &str,
         state_dir: PathBuf,
-        publisher: Option<RemotePublisher>,
+        events: Option<Events>,
         exit: Arc<ExitSignal>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 namespace: namespace.to_string(),
                 state_dir,
-                publisher,
+                events,
                 pod: Mutex::new(Pod::default()),
             }),
             exit,
@@ -833,6 +877,66 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(257)] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// containerd's events service, counting the topics it is sent.
+    #[derive(Default)]
+    struct Containerd(Mutex<Vec<String>>);
+
+    impl containerd_shim::protos::shim_sync::Events for Containerd {
+        fn forward(
+            &self,
+            _ctx: &TtrpcContext,
+            req: containerd_shim::protos::api::ForwardRequest,
+        ) -> TtrpcResult<api::Empty> {
+            relock(&self.0).push(req.envelope.topic.clone());
+            Ok(api::Empty::new())
+        }
+    }
+
+    fn serve(path: &Path) -> (ttrpc::Server, Arc<Containerd>) {
+        let _ = fs::remove_file(path);
+        let containerd = Arc::new(Containerd::default());
+        let service = containerd_shim::protos::shim_sync::create_events(containerd.clone());
+        let mut server = ttrpc::Server::new()
+            .bind(&format!("unix://{}", path.display()))
+            .unwrap()
+            .register_service(service);
+        server.start().unwrap();
+        (server, containerd)
+    }
+
+    #[test]
+    fn events_reach_a_containerd_that_restarted() {
+        let dir = std::env::temp_dir().join(format!("chitin-shim-events-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("containerd.sock.ttrpc");
+        let address = socket.display().to_string();
+        let (first, seen) = serve(&socket);
+        let events = Events::new(address.clone(), RemotePublisher::new(&address).unwrap());
+        let service = Service::new("ns", dir.join("state"), Some(events), Arc::default());
+        let start = || Box::new(TaskStart::default()) as Box<dyn MessageDyn>;
+        service
+            .shared
+            .publish(topics::TASK_START_EVENT_TOPIC, start());
+        assert_eq!(*relock(&seen.0), [topics::TASK_START_EVENT_TOPIC]);
+
+        // containerd restarts: the old connection is dead, a new server
+        // listens at the same address.
+        first.shutdown();
+        let (second, seen_again) = serve(&socket);
+        service
+            .shared
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, start());
+        assert_eq!(*relock(&seen_again.0), [topics::TASK_EXIT_EVENT_TOPIC]);
+        second.shutdown();
+
+        // Nobody listens: the event is dropped, nothing hangs or panics.
+        let _ = fs::remove_file(&socket);
+        service
+            .shared
+            .publish(topics::TASK_DELETE_EVENT_TOPIC, start());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
