@@ -91,6 +91,22 @@ pub const IMAGE_ARCHIVE: &str = "chitin-images/busybox-oci.tar";
 pub const IMAGE_FILE: &str = "etc/os-release-of-image";
 pub const IMAGE_FILE_TEXT: &str = "chitin-busybox-image";
 
+/// Tar the tree at `dir` into `archive` reproducibly: sorted, mtime 0,
+/// owned by root.
+fn tar(step: &str, dir: &Path, archive: &Path) -> Step<()> {
+    run(
+        step,
+        Command::new("tar")
+            .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0"])
+            .arg("--numeric-owner")
+            .arg("-cf")
+            .arg(archive)
+            .arg("-C")
+            .arg(dir)
+            .arg("."),
+    )
+}
+
 /// `sha256:<hex>` and the size of `path`.
 fn digest(path: &Path) -> Step<(String, u64)> {
     let sum = output(Command::new("sha256sum").arg(path))?;
@@ -132,22 +148,7 @@ fn oci_archive(archive: &Path) -> Step<()> {
     let layout = work.join("layout");
     std::fs::create_dir_all(layout.join("blobs/sha256")).map_err(fail)?;
     let layer = work.join("layer.tar");
-    run(
-        "tar the image layer",
-        Command::new("tar")
-            .args([
-                "--sort=name",
-                "--mtime=@0",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-            ])
-            .arg("-cf")
-            .arg(&layer)
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("."),
-    )?;
+    tar("tar the image layer", &rootfs, &layer)?;
     let (layer_digest, layer_size) = digest(&layer)?;
     let to = layout
         .join("blobs/sha256")
@@ -174,22 +175,7 @@ fn oci_archive(archive: &Path) -> Step<()> {
     if let Some(dir) = archive.parent() {
         std::fs::create_dir_all(dir).map_err(fail)?;
     }
-    run(
-        "tar the OCI image",
-        Command::new("tar")
-            .args([
-                "--sort=name",
-                "--mtime=@0",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-            ])
-            .arg("-cf")
-            .arg(archive)
-            .arg("-C")
-            .arg(&layout)
-            .arg("."),
-    )?;
+    tar("tar the OCI image", &layout, archive)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

@@ -40,16 +40,13 @@ pub struct PodInterface {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// The pod's network, joined: the tap's fd for the VM, and how to undo
-/// the redirects.
+/// The pod's network, joined: how to undo the redirects.
 #[derive(Debug)]
 pub struct PodNetwork {
     /// The namespace (kept open: the redirects are removed through it).
     netns: PathBuf,
     /// The interface the guest takes over.
     pub interface: PodInterface,
-    /// The tap, for `Net::tap_fd` (it disappears with its last fd).
-    pub tap: Option<OwnedFd>,
 }
 
 /// Run `f` on a thread that entered the network namespace at `netns`.
@@ -74,8 +71,9 @@ fn in_netns<T: Send + 'static>(
 }
 
 /// Join the pod's network namespace at `netns`: find its interface, make
-/// the tap, set up the redirects both ways.
-pub fn join(netns: &Path) -> io::Result<PodNetwork> {
+/// the tap, set up the redirects both ways. Returns the tap's fd for
+/// `Net::tap_fd` too (the tap disappears with its last fd).
+pub fn join(netns: &Path) -> io::Result<(PodNetwork, OwnedFd)> {
     let (interface, tap) = in_netns(netns, || {
         let interface = find_interface()?;
         let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
@@ -94,11 +92,11 @@ pub fn join(netns: &Path) -> io::Result<PodNetwork> {
         }
         Ok((interface, tap))
     })?;
-    Ok(PodNetwork {
+    let network = PodNetwork {
         netns: netns.to_path_buf(),
         interface,
-        tap: Some(tap),
-    })
+    };
+    Ok((network, tap))
 }
 
 impl PodNetwork {
@@ -491,7 +489,8 @@ fn ack(mut data: &[u8], seq: u32) -> Option<io::Result<()>> {
                 Err(io::Error::from_raw_os_error(-code))
             });
         }
-        data = &data[(len + 3) & !3..];
+        // Messages are 4-byte aligned; a last one that is not ends here.
+        data = data.get((len + 3) & !3..).unwrap_or_default();
     }
     None
 }
@@ -574,7 +573,7 @@ mod tests {
         ip(&["-n", &ns, "route", "add", "default", "via", "10.77.0.1"]);
         let path = PathBuf::from(format!("/run/netns/{ns}"));
 
-        let mut net = join(&path).unwrap();
+        let (net, tap) = join(&path).unwrap();
         let i = net.interface.clone();
         assert_eq!(
             (i.name.as_str(), i.address, i.prefix),
@@ -594,7 +593,6 @@ mod tests {
         assert!(join(&path).is_err());
 
         // Tap → eth0's egress → peer0.
-        let tap = net.tap.take().unwrap();
         let before = in_netns(&path, || Ok(rx_packets("peer0"))).unwrap();
         let mut out = vec![0u8; 10]; // the default virtio-net header
         out.extend_from_slice(&frame([2, 0, 0, 0, 0, 1]));

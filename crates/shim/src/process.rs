@@ -91,7 +91,8 @@ pub struct Process {
     changed: Condvar,
 }
 
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Lock `m`, whether or not a thread panicked holding it.
+pub(crate) fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -242,10 +243,19 @@ impl Process {
             Err(e) => {
                 let mut inner = relock(&self.inner);
                 inner.starting = false;
-                // A kill while starting stopped it for good; otherwise it
-                // can be started again.
-                if inner.exit.is_none() {
-                    inner.command = Some(template);
+                match inner.pending_signal.take() {
+                    // It can be started again.
+                    None => inner.command = Some(template),
+                    // A signal sent while starting ends it, as one sent
+                    // before the start would have; its exit is reported.
+                    Some(signal) => {
+                        inner.on_exit = Some(Box::new(on_exit));
+                        drop(inner);
+                        self.finish(Exit {
+                            status: 128 + signal.number() as u32,
+                            at: SystemTime::now(),
+                        });
+                    }
                 }
                 Err(e)
             }

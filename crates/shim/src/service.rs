@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitin::{Console, Net, RunningSandbox, Sandbox, SandboxHandle, Share, Signal};
@@ -31,7 +31,7 @@ use oci_spec::runtime::Spec;
 use crate::config::Config;
 use crate::mounts;
 use crate::netns;
-use crate::process::{Exit, Io, Process, ProcessError, Status};
+use crate::process::{relock, Exit, Io, Process, ProcessError, Status};
 use crate::spec;
 use crate::stats;
 
@@ -55,10 +55,6 @@ fn rpc(code: Code, message: impl Display) -> ttrpc::Error {
 
 fn not_found(what: impl Display) -> ttrpc::Error {
     rpc(Code::NOT_FOUND, format!("{what} not found"))
-}
-
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn timestamp(at: SystemTime) -> Timestamp {
@@ -111,6 +107,11 @@ struct Container {
 }
 
 impl Container {
+    /// Its execs with their ids, for use without the pod's lock.
+    fn execs(&self) -> impl Iterator<Item = (String, Arc<Process>)> + '_ {
+        self.execs.iter().map(|(k, p)| (k.clone(), Arc::clone(p)))
+    }
+
     /// Its processes that run now.
     fn running(&self) -> impl Iterator<Item = &Arc<Process>> {
         std::iter::once(&self.init)
@@ -232,12 +233,7 @@ impl Shared {
             let execs: Vec<_> = relock(&self.pod)
                 .containers
                 .get(id)
-                .map(|c| {
-                    c.execs
-                        .iter()
-                        .map(|(k, p)| (k.clone(), Arc::clone(p)))
-                        .collect()
-                })
+                .map(|c| c.execs().collect())
                 .unwrap_or_default();
             self.kill_all(id, execs);
         }
@@ -319,23 +315,20 @@ fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
         .vcpus(config.vcpus)
         .console(Console::file_with_limit(console, CONSOLE_LIMIT))
         .share(Share::new(&shared, SHARE_TAG).mount_at(GUEST_SHARED));
-    let mut network = match netns {
-        Some(path) => Some(netns::join(path).map_err(|e| {
+    let mut network = None;
+    if let Some(path) = netns {
+        let (n, tap) = netns::join(path).map_err(|e| {
             let _ = mounts::unmount(&shared);
             format!("joining the pod's network {}: {e}", path.display())
-        })?),
-        None => None,
-    };
-    if let Some(n) = &mut network {
+        })?;
         let i = &n.interface;
         log::info!("pod network: {}", netns::describe(i));
-        let mut net = Net::tap_fd(n.tap.take().expect("a joined network has its tap"))
-            .mac(i.mac)
-            .address(i.address, i.prefix);
+        let mut net = Net::tap_fd(tap).mac(i.mac).address(i.address, i.prefix);
         if let Some(gw) = i.gateway {
             net = net.gateway(gw);
         }
         builder = builder.net(net);
+        network = Some(n);
     }
     let sandbox = builder.build().and_then(|s| s.start()).map_err(|e| {
         let _ = mounts::unmount(&shared);
@@ -601,8 +594,8 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let mut pod = relock(&self.shared.pod);
-        let c = pod.container_mut(&req.id)?;
+        let pod = relock(&self.shared.pod);
+        let c = pod.container(&req.id)?;
         let process = c.process(&req.exec_id)?.clone();
         if process.status() == Status::Running {
             return Err(rpc(
@@ -614,7 +607,7 @@ impl containerd_shim::Task for Service {
         // reported); an init's execs go with it.
         let mut doomed = vec![(req.exec_id.clone(), Arc::clone(&process))];
         if req.exec_id.is_empty() {
-            doomed.extend(c.execs.iter().map(|(k, p)| (k.clone(), Arc::clone(p))));
+            doomed.extend(c.execs());
         }
         drop(pod);
         self.shared.kill_all(&req.id, doomed);
@@ -695,7 +688,7 @@ impl containerd_shim::Task for Service {
             let c = pod.container(&req.id)?;
             let mut t = vec![(req.exec_id.clone(), c.process(&req.exec_id)?.clone())];
             if req.all && req.exec_id.is_empty() {
-                t.extend(c.execs.iter().map(|(k, p)| (k.clone(), Arc::clone(p))));
+                t.extend(c.execs());
             }
             t
         };
