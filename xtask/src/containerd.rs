@@ -85,7 +85,11 @@ fn tree() -> Step<PathBuf> {
 /// The OCI image the scenarios import (`ctr image import`), by the name
 /// its index gives it.
 pub const IMAGE_NAME: &str = "docker.io/chitin/busybox:test";
-/// Where the image archive is on the disk.
+/// The pod sandbox ("pause") image the CRI scenario's containerd is
+/// configured with: the same layer, a command that waits to be killed.
+pub const PAUSE_IMAGE_NAME: &str = "docker.io/chitin/pause:test";
+const PAUSE_CMD: &str = r#"["/bin/sleep","2147483647"]"#;
+/// Where the image archive is on the disk (both images).
 pub const IMAGE_ARCHIVE: &str = "chitin-images/busybox-oci.tar";
 /// The file only the image has, and its text.
 pub const IMAGE_FILE: &str = "etc/os-release-of-image";
@@ -131,9 +135,10 @@ fn blob(layout: &Path, body: &[u8]) -> Step<(String, u64)> {
     Ok((digest, size))
 }
 
-/// Build the OCI image archive of a busybox root (static busybox from
+/// Build the OCI image archive of two images of a busybox root (static busybox from
 /// the host's `busybox-static`, one uncompressed layer) at `archive`:
-/// an image-layout tar as `ctr image import` takes it. The layer has no
+/// an image-layout tar as `ctr image import` takes it: [`IMAGE_NAME`]
+/// (a shell) and [`PAUSE_IMAGE_NAME`]. The layer has no
 /// `/dev` or `/sys`, as many images do not: the shim makes them.
 fn oci_archive(archive: &Path) -> Step<()> {
     let work = cache_dir().join("l1").join("containerd").join("oci");
@@ -154,17 +159,28 @@ fn oci_archive(archive: &Path) -> Step<()> {
         .join("blobs/sha256")
         .join(&layer_digest["sha256:".len()..]);
     std::fs::rename(&layer, &to).map_err(fail)?;
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin:/sbin:/usr/bin:/usr/sbin"],"Cmd":["/bin/sh"],"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
-    );
-    let (config_digest, config_size) = blob(&layout, config.as_bytes())?;
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{layer_size}}}]}}"#
-    );
-    let (manifest_digest, manifest_size) = blob(&layout, manifest.as_bytes())?;
-    let tag = IMAGE_NAME.rsplit(':').next().unwrap_or("latest");
+    // Both images share the layer; only their commands differ.
+    let mut manifests = Vec::new();
+    for (name, cmd) in [
+        (IMAGE_NAME, r#"["/bin/sh"]"#),
+        (PAUSE_IMAGE_NAME, PAUSE_CMD),
+    ] {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin:/sbin:/usr/bin:/usr/sbin"],"Cmd":{cmd},"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
+        );
+        let (config_digest, config_size) = blob(&layout, config.as_bytes())?;
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{layer_size}}}]}}"#
+        );
+        let (manifest_digest, manifest_size) = blob(&layout, manifest.as_bytes())?;
+        let tag = name.rsplit(':').next().unwrap_or("latest");
+        manifests.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{name}","org.opencontainers.image.ref.name":"{tag}"}}}}"#
+        ));
+    }
     let index = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{IMAGE_NAME}","org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+        manifests.join(",")
     );
     std::fs::write(layout.join("index.json"), index).map_err(fail)?;
     std::fs::write(

@@ -90,6 +90,9 @@ struct Vm {
     network: Option<netns::PodNetwork>,
     /// Its guest memory.
     memory_bytes: u64,
+    /// The host name of the container that booted it (CRI's pod
+    /// sandbox): the pod's.
+    hostname: Option<String>,
 }
 
 /// One container of the pod.
@@ -348,6 +351,7 @@ fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
         running: sandbox,
         network,
         memory_bytes: config.memory_mib << 20,
+        hostname: None,
     })
 }
 
@@ -411,12 +415,10 @@ impl Service {
             target
         };
         let read_only = root.readonly().unwrap_or(false);
-        let bound = (if read_only {
-            Ok(())
-        } else {
-            mounts::ensure_mount_points(&source)
-        })
-        .and_then(|()| {
+        // Made in a read-only root too, before it is made read-only, as
+        // runc does (CRI's sandbox root is read-only; pause images have
+        // no mount points).
+        let bound = mounts::ensure_mount_points(&source).and_then(|()| {
             mounts::bind_beneath(&self.shared.shared_dir(), &req.id, &source, read_only)
         });
         match bound {
@@ -459,7 +461,10 @@ impl containerd_shim::Task for Service {
             .as_ref()
             .ok_or_else(|| rpc(Code::INVALID_ARGUMENT, spec::SpecError::NoProcess))?;
         let guest_root = format!("{GUEST_SHARED}/{}/rootfs", req.id);
-        let hostname = spec.hostname().clone();
+
+        let mut pod = relock(&self.shared.pod);
+        let pod_hostname = pod.vm.as_ref().and_then(|vm| vm.hostname.as_deref());
+        let hostname = spec::hostname(&spec, pod_hostname);
         // Refuse what cannot run before anything is mounted or booted.
         let command = spec::command(process, &guest_root, hostname.as_deref(), req.terminal)
             .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
@@ -467,8 +472,6 @@ impl containerd_shim::Task for Service {
         if !ignored.is_empty() {
             log::warn!("{}: not applied in the VM: {}", req.id, ignored.join(", "));
         }
-
-        let mut pod = relock(&self.shared.pod);
         if pod.shutting_down {
             return Err(rpc(Code::FAILED_PRECONDITION, "the shim is shutting down"));
         }
@@ -480,8 +483,10 @@ impl containerd_shim::Task for Service {
         }
         if pod.vm.is_none() {
             let netns = netns::netns_path(&spec);
-            let vm = boot(&self.shared.state_dir, netns.as_deref())
+            let mut vm = boot(&self.shared.state_dir, netns.as_deref())
                 .map_err(|e| rpc(Code::UNAVAILABLE, e))?;
+            // The pod's: its later containers join its UTS namespace.
+            vm.hostname = hostname.clone();
             pod.vm = Some(vm);
         }
         let (mounted, bound) = match self.mount_root(&req, &spec) {

@@ -69,6 +69,25 @@ pub fn command(
     Ok(cmd)
 }
 
+/// The host name a container runs with: its spec's, or, for a container
+/// that joins another's UTS namespace by path (CRI's containers join
+/// their pod sandbox's), the pod's (`pod`: the first container's).
+pub fn hostname(spec: &oci_spec::runtime::Spec, pod: Option<&str>) -> Option<String> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    if let Some(own) = spec.hostname().as_ref().filter(|h| !h.is_empty()) {
+        return Some(own.clone());
+    }
+    let joins_uts = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Uts && n.path().is_some())
+        });
+    joins_uts.then(|| pod.map(str::to_string)).flatten()
+}
+
 /// The parts of `process` chitin does not apply yet, by their spec names.
 pub fn ignored(process: &Process) -> Vec<&'static str> {
     let user = process.user();
@@ -201,6 +220,20 @@ mod tests {
         );
         let plain = process(r#"{"args":["x"],"cwd":"/","user":{"uid":0,"gid":0}}"#);
         assert!(ignored(&plain).is_empty());
+    }
+
+    #[test]
+    fn a_container_joining_the_pods_uts_namespace_takes_the_pods_hostname() {
+        let spec = |json: &str| -> oci_spec::runtime::Spec { serde_json::from_str(json).unwrap() };
+        let own = spec(r#"{"ociVersion":"1.0.2","hostname":"web"}"#);
+        assert_eq!(hostname(&own, Some("pod")).as_deref(), Some("web"));
+        let joins = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"uts","path":"/proc/7/ns/uts"}]}}"#,
+        );
+        assert_eq!(hostname(&joins, Some("pod")).as_deref(), Some("pod"));
+        assert_eq!(hostname(&joins, None), None);
+        let fresh = spec(r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"uts"}]}}"#);
+        assert_eq!(hostname(&fresh, Some("pod")), None);
     }
 
     #[test]

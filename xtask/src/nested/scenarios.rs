@@ -420,6 +420,17 @@ pub const SCENARIOS: &[Scenario] = &[
         judge: judge_l1_checks,
         ..EXEC
     },
+    // containerd's CRI plugin running pods with chitin's shim (runtime
+    // handler `chitin`), driven over the CRI socket as the kubelet does;
+    // pod start side by side with runc.
+    Scenario {
+        name: "shim-cri",
+        agent: "shim-cri",
+        timeout_s: 900,
+        host_checks: Some("shim-cri"),
+        judge: judge_l1_checks,
+        ..EXEC
+    },
     // The exec, vsock, blk, fs and net checks in a VMM confined by
     // chitin-jail as uid 1000 with cgroup limits.
     Scenario {

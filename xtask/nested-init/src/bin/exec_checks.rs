@@ -29,6 +29,8 @@ use chitin_testkit::{fnv1a, Report as Checks, FNV_BASIS, UP_MARKER};
 
 #[path = "exec_checks/containerd.rs"]
 mod containerd;
+#[path = "exec_checks/cri.rs"]
+mod cri;
 #[path = "exec_checks/density.rs"]
 mod density;
 #[path = "exec_checks/fs.rs"]
@@ -801,7 +803,7 @@ fn main() {
     let (Some(which), Some(kernel), Some(initramfs)) = (args.get(1), args.get(2), args.get(3))
     else {
         eprintln!(
-            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot|shim-ctr KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
+            "usage: chitin-exec-checks exec|vsock|net|net-offload|net-limit|net-reset|fs|fs-escape|fs-ro|fs-bench|container|jail|snapshot|shim-ctr|shim-cri KERNEL INITRAMFS | density KERNEL INITRAMFS N [MIB]"
         );
         std::process::exit(2);
     };
@@ -845,6 +847,7 @@ fn main() {
         "jail" => Some(jail::outer),
         "snapshot" => Some(snapshot::checks),
         "shim-ctr" => Some(containerd::shim_ctr_checks),
+        "shim-cri" => Some(cri::shim_cri_checks),
         _ => None,
     };
     if let Some(checks) = own {

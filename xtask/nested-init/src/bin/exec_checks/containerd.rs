@@ -28,7 +28,7 @@ const PACKAGES: &str = "/opt/containerd";
 const STATE: &str = "/run/containerd";
 const ROOT: &str = "/var/lib/containerd";
 /// Its socket.
-const SOCKET: &str = "/run/containerd/containerd.sock";
+pub(crate) const SOCKET: &str = "/run/containerd/containerd.sock";
 /// How long containerd may take to listen (Go start-up under TCG).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one `ctr run` may take.
@@ -36,10 +36,10 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// The OCI image on the packages' disk (the harness's
 /// `containerd::IMAGE_*`): its archive, name, and a file only it has (the
 /// `--rootfs` root gets the same).
-const IMAGE_ARCHIVE: &str = "/opt/containerd/chitin-images/busybox-oci.tar";
-const IMAGE_NAME: &str = "docker.io/chitin/busybox:test";
-const IMAGE_FILE: &str = "etc/os-release-of-image";
-const IMAGE_FILE_TEXT: &str = "chitin-busybox-image";
+pub(crate) const IMAGE_ARCHIVE: &str = "/opt/containerd/chitin-images/busybox-oci.tar";
+pub(crate) const IMAGE_NAME: &str = "docker.io/chitin/busybox:test";
+pub(crate) const IMAGE_FILE: &str = "etc/os-release-of-image";
+pub(crate) const IMAGE_FILE_TEXT: &str = "chitin-busybox-image";
 /// What the container prints and how it exits.
 const GREETING: &str = "hello-from-the-container";
 const EXIT_CODE: i32 = 7;
@@ -89,7 +89,7 @@ fn disk_by_serial(serial: &str) -> Result<String, String> {
 
 /// Live processes (zombies aside: reaping orphans is L1's init's job)
 /// whose command name starts with `prefix`, as `pid name state`.
-fn processes(prefix: &str) -> Vec<String> {
+pub(crate) fn processes(prefix: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -113,7 +113,9 @@ struct Containerd {
 }
 
 impl Containerd {
-    fn start(log: &Path) -> Result<Self, String> {
+    /// Start containerd; `plugins` is the rest of its config (after
+    /// root, state and socket).
+    fn start(log: &Path, plugins: &str) -> Result<Self, String> {
         mount("tmpfs", STATE, "tmpfs", 0)?;
         mount("tmpfs", ROOT, "tmpfs", 0)?;
         let config = Path::new(STATE).join("config.toml");
@@ -121,8 +123,7 @@ impl Containerd {
             &config,
             format!(
                 "version = 2\nroot = \"{ROOT}\"\nstate = \"{STATE}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{SOCKET}\"\n"
+                 [grpc]\n  address = \"{SOCKET}\"\n{plugins}"
             ),
         )
         .map_err(|e| format!("write {}: {e}", config.display()))?;
@@ -307,7 +308,7 @@ fn side_by_side(source: Source<'_>, name: &str) -> Result<String, String> {
 
 /// The last warnings and errors in containerd's log (the shims' lines
 /// included), for a failure's message.
-fn log_tail(log: &Path) -> String {
+pub(crate) fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
@@ -317,7 +318,7 @@ fn log_tail(log: &Path) -> String {
 }
 
 /// Middle of three or more.
-fn median(ms: &[u128]) -> u128 {
+pub(crate) fn median(ms: &[u128]) -> u128 {
     let mut sorted = ms.to_vec();
     sorted.sort_unstable();
     sorted[sorted.len() / 2]
@@ -325,15 +326,20 @@ fn median(ms: &[u128]) -> u128 {
 
 /// Everything a containerd scenario stands on: the packages' disk, a
 /// busybox root, containerd. Dropping it stops containerd and unmounts.
-struct Ground {
+pub(crate) struct Ground {
     rootfs: PathBuf,
     daemon: Containerd,
     /// containerd's log (the shims' too).
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
+/// containerd's config for `ctr` alone: no CRI.
+const WITHOUT_CRI: &str = "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n";
+
 impl Ground {
-    fn set_up(base: &Path, c: &mut Checks) -> Option<Self> {
+    /// Mount the packages, make the busybox root under `base`, start
+    /// containerd with `plugins` config.
+    pub(crate) fn set_up(base: &Path, plugins: &str, c: &mut Checks) -> Option<Self> {
         let mounted =
             disk_by_serial(SERIAL).and_then(|dev| mount(&dev, PACKAGES, "ext4", libc::MS_RDONLY));
         if let Err(e) = mounted {
@@ -350,7 +356,7 @@ impl Ground {
             return None;
         }
         let log = base.join("containerd.log");
-        match Containerd::start(&log) {
+        match Containerd::start(&log, plugins) {
             Ok(daemon) => Some(Self {
                 rootfs,
                 daemon,
@@ -366,35 +372,41 @@ impl Ground {
         }
     }
 
-    fn tear_down(mut self) {
+    pub(crate) fn tear_down(mut self) {
         self.daemon.stop();
         let _ = umount(PACKAGES);
     }
 }
 
 /// The chitin shim's state directories (its `STATE_ROOT`).
-const CHITIN_STATE: &str = "/run/chitin/shim";
+pub(crate) const CHITIN_STATE: &str = "/run/chitin/shim";
 /// The shim's settings file.
-const SHIM_CONFIG: &str = "/etc/chitin/shim.conf";
+pub(crate) const SHIM_CONFIG: &str = "/etc/chitin/shim.conf";
+
+/// Write the shim's settings: the guest of `kernel`'s directory.
+pub(crate) fn write_shim_config(kernel: &str) -> Result<(), String> {
+    let guest_dir = Path::new(kernel).parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all("/etc/chitin")
+        .and_then(|()| {
+            std::fs::write(
+                SHIM_CONFIG,
+                format!(
+                    "# the nested tier's guest\nguest_dir = {}\nmemory_mib = 256\n",
+                    guest_dir.display()
+                ),
+            )
+        })
+        .map_err(|e| format!("{SHIM_CONFIG}: {e}"))
+}
 
 /// The `shim-ctr` scenario: containerd runs busybox containers with
 /// chitin's shim, each in its own VM booting `kernel`'s image; side by
 /// side with runc.
 pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
-    let guest_dir = Path::new(kernel).parent().unwrap_or(Path::new("/"));
-    let config = std::fs::create_dir_all("/etc/chitin").and_then(|()| {
-        std::fs::write(
-            SHIM_CONFIG,
-            format!(
-                "# the nested tier's guest\nguest_dir = {}\nmemory_mib = 256\n",
-                guest_dir.display()
-            ),
-        )
-    });
-    if let Err(e) = config {
-        return c.result("shim-config", Err(format!("{SHIM_CONFIG}: {e}")));
+    if let Err(e) = write_shim_config(kernel) {
+        return c.result("shim-config", Err(e));
     }
-    let Some(ground) = Ground::set_up(Path::new("/tmp/chitin-shim"), c) else {
+    let Some(ground) = Ground::set_up(Path::new("/tmp/chitin-shim"), WITHOUT_CRI, c) else {
         return;
     };
     let log = ground.log.clone();
@@ -420,11 +432,11 @@ pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
     c.result("shim-net", with_log(net_checks(&ground.rootfs)));
     ground.tear_down();
     let _ = std::fs::remove_file(SHIM_CONFIG);
-    c.result("shim-cleanup", leftovers());
+    c.result("shim-cleanup", leftovers("default"));
 }
 
 /// Expect `ctr ARGS` to exit 0; its stdout.
-fn ctr_ok(args: &[&str]) -> Result<String, String> {
+pub(crate) fn ctr_ok(args: &[&str]) -> Result<String, String> {
     let run = ctr(args)?;
     if run.code == Some(0) {
         return Ok(run.stdout);
@@ -626,13 +638,13 @@ fn pod_checks(rootfs: &Path) -> Result<String, String> {
 /// The pod network namespace the net check makes, as CRI would.
 const NETNS: &str = "/run/netns/chitin-pod";
 /// The CNI plugins on the packages' disk.
-const CNI_DIR: &str = "/opt/containerd/usr/lib/cni";
+pub(crate) const CNI_DIR: &str = "/opt/containerd/usr/lib/cni";
 /// The bridge network CNI puts the pod on (a bridge `cni0` in L1 as
 /// gateway).
 const CNI_CONFIG: &str = r#"{"cniVersion":"0.4.0","name":"chitin-pods","type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"/run/chitin-cni"}}"#;
 /// What the pod serves, and where.
-const POD_PORT: u16 = 8080;
-const POD_REPLY: &str = "reply-from-the-pod-vm";
+pub(crate) const POD_PORT: u16 = 8080;
+pub(crate) const POD_REPLY: &str = "reply-from-the-pod-vm";
 
 /// Make a network namespace at [`NETNS`] (a file its handle is bound to).
 fn make_netns() -> Result<(), String> {
@@ -758,8 +770,7 @@ fn net_checks(rootfs: &Path) -> Result<String, String> {
     result
 }
 
-/// Start the pod's server and connect to it at `ip` (the guest boots
-/// meanwhile: retried for up to a minute).
+/// Start the pod's server and connect to it at `ip`.
 fn serve_and_connect(rootfs: &Path, ip: std::net::Ipv4Addr) -> Result<String, String> {
     let root = rootfs.to_str().ok_or("rootfs path")?;
     let netns = format!("network:{NETNS}");
@@ -778,6 +789,12 @@ fn serve_and_connect(rootfs: &Path, ip: std::net::Ipv4Addr) -> Result<String, St
         "-c",
         &script,
     ])?;
+    read_reply(ip)
+}
+
+/// Connect to the pod's server at `ip` and read its reply line (the
+/// guest boots meanwhile: retried for up to a minute).
+pub(crate) fn read_reply(ip: std::net::Ipv4Addr) -> Result<String, String> {
     let addr = std::net::SocketAddr::from((ip, POD_PORT));
     let t = Instant::now();
     let mut last = String::new();
@@ -801,8 +818,9 @@ fn serve_and_connect(rootfs: &Path, ip: std::net::Ipv4Addr) -> Result<String, St
 }
 
 /// Nothing of containerd's left: processes, mounts, the containers'
-/// cgroups.
-fn leftovers() -> Result<String, String> {
+/// cgroups and the shim's directories in containerd namespace
+/// `namespace`.
+pub(crate) fn leftovers(namespace: &str) -> Result<String, String> {
     let running = processes("containerd");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mounts: Vec<&str> = mountinfo
@@ -814,7 +832,7 @@ fn leftovers() -> Result<String, String> {
         })
         .collect();
     // ctr puts its containers' cgroups under its namespace's name.
-    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/default")
+    let cgroups: Vec<String> = std::fs::read_dir(format!("/sys/fs/cgroup/{namespace}"))
         .map(|d| {
             d.flatten()
                 .filter(|e| e.path().is_dir())
@@ -823,7 +841,7 @@ fn leftovers() -> Result<String, String> {
         })
         .unwrap_or_default();
     // The chitin shim's directories (one per pod, under its namespace).
-    let state: Vec<String> = std::fs::read_dir(format!("{CHITIN_STATE}/default"))
+    let state: Vec<String> = std::fs::read_dir(format!("{CHITIN_STATE}/{namespace}"))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
