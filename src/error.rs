@@ -180,6 +180,11 @@ pub enum ExecError {
         /// The agent's reason.
         reason: String,
     },
+    /// The command's settings are out of range (a umask over 0777, an
+    /// OOM score outside -1000..=1000, too many mounts, groups or
+    /// rlimits); nothing was sent to the guest.
+    #[error("invalid command: {0}")]
+    InvalidCommand(String),
     /// A stream was given a [`Stdio`](crate::Stdio) it cannot take
     /// (bytes for an output, a writer for stdin).
     #[error("{stream} cannot be Stdio::{what}")]

@@ -66,8 +66,8 @@ pub use console::{
 pub use disk::Disk;
 pub use error::{error_chain, ExecError, PauseError, SandboxError};
 pub use exec::{
-    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Signal, Signaller,
-    Stdio, AGENT_PORT, DEFAULT_OUTPUT_LIMIT,
+    Capabilities, Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Mount, Output,
+    Signal, Signaller, Stdio, AGENT_PORT, DEFAULT_OUTPUT_LIMIT,
 };
 pub use faults::DeviceFaults;
 pub use guest::{GuestImage, GUEST_CMDLINE};

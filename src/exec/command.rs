@@ -7,7 +7,12 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chitin_agent_protocol::ExecRequest;
+use chitin_agent_protocol::{
+    Attributes, ExecRequest, MountKind, MountRequest, Rlimit, MAX_GROUPS, MAX_MOUNTS, MAX_RLIMITS,
+    MOUNT_NODEV, MOUNT_NOEXEC, MOUNT_NOSUID, MOUNT_READ_ONLY,
+};
+
+pub use chitin_agent_protocol::Capabilities;
 
 /// The environment a [`Command`] starts with.
 const DEFAULT_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
@@ -159,6 +164,79 @@ pub struct Command {
     pub(crate) output_limit: usize,
     pub(crate) root: Root,
     pub(crate) hostname: Option<OsString>,
+    pub(crate) mounts: Vec<Mount>,
+    pub(crate) attributes: Attributes,
+}
+
+/// A mount inside a container process's root (see [`Command::mount`]): a
+/// fresh tmpfs, or a bind of a path in the guest, typically a file or
+/// directory of a [`Share`](crate::Share).
+///
+/// ```
+/// use chitin::Mount;
+/// let cache = Mount::tmpfs("/cache").options("size=16m,mode=1777").nosuid().nodev();
+/// let config = Mount::bind("/run/chitin/config/app.toml", "/etc/app.toml").read_only();
+/// # let _ = (cache, config);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount(MountRequest);
+
+impl Mount {
+    fn new(kind: MountKind, source: OsString, destination: OsString) -> Self {
+        Self(MountRequest {
+            kind,
+            source,
+            destination,
+            flags: 0,
+            options: OsString::new(),
+        })
+    }
+
+    /// A fresh tmpfs at `destination` (an absolute path in the container).
+    pub fn tmpfs(destination: impl Into<OsString>) -> Self {
+        Self::new(MountKind::Tmpfs, OsString::new(), destination.into())
+    }
+
+    /// `source`, a path in the guest, bound (with what is mounted below
+    /// it) at `destination` in the container.
+    pub fn bind(source: impl Into<OsString>, destination: impl Into<OsString>) -> Self {
+        Self::new(MountKind::Bind, source.into(), destination.into())
+    }
+
+    /// Read-only.
+    pub fn read_only(mut self) -> Self {
+        self.0.flags |= MOUNT_READ_ONLY;
+        self
+    }
+
+    /// No set-user-id or set-group-id programs.
+    pub fn nosuid(mut self) -> Self {
+        self.0.flags |= MOUNT_NOSUID;
+        self
+    }
+
+    /// No device nodes.
+    pub fn nodev(mut self) -> Self {
+        self.0.flags |= MOUNT_NODEV;
+        self
+    }
+
+    /// No programs run from it.
+    pub fn noexec(mut self) -> Self {
+        self.0.flags |= MOUNT_NOEXEC;
+        self
+    }
+
+    /// A tmpfs's options, as `mount -o` takes them (`size=64m,mode=1777`).
+    pub fn options(mut self, options: impl Into<OsString>) -> Self {
+        self.0.options = options.into();
+        self
+    }
+
+    /// Where it goes in the container.
+    pub fn destination(&self) -> &std::ffi::OsStr {
+        &self.0.destination
+    }
 }
 
 /// Which root a command runs in.
@@ -190,6 +268,8 @@ impl Command {
             output_limit: DEFAULT_OUTPUT_LIMIT,
             root: Root::Default,
             hostname: None,
+            mounts: Vec::new(),
+            attributes: Attributes::default(),
         }
     }
 
@@ -294,6 +374,65 @@ impl Command {
         self
     }
 
+    /// Mount `mount` inside the container root (with [`Command::root`]
+    /// or a sandbox rootfs; the exec is refused without a root). Mounts
+    /// go on in the order given, after the root's `/proc`, `/sys`, `/dev`
+    /// and `/tmp`. The destination is resolved inside the root, its
+    /// symlinks included, and missing directories (for a bind of a file,
+    /// the file) are made; a mount that fails fails the command's set-up
+    /// (status 125, the step on its stderr).
+    pub fn mount(&mut self, mount: Mount) -> &mut Self {
+        self.mounts.push(mount);
+        self
+    }
+
+    /// Supplementary groups of a container process (with a root; none
+    /// by default).
+    pub fn groups(&mut self, groups: impl IntoIterator<Item = u32>) -> &mut Self {
+        self.attributes.groups = groups.into_iter().collect();
+        self
+    }
+
+    /// The file mode creation mask of a container process (at most
+    /// `0o777`; the agent's, `0o022`, by default).
+    pub fn umask(&mut self, mask: u32) -> &mut Self {
+        self.attributes.umask = Some(mask);
+        self
+    }
+
+    /// A resource limit of a container process: `resource` is Linux's
+    /// `RLIMIT_*` number (`libc::RLIMIT_NOFILE`), `u64::MAX` unlimited.
+    pub fn rlimit(&mut self, resource: u32, soft: u64, hard: u64) -> &mut Self {
+        self.attributes.rlimits.push(Rlimit {
+            resource,
+            soft,
+            hard,
+        });
+        self
+    }
+
+    /// The capability sets of a container process (every capability by
+    /// default, as root). A root process keeps what the bounding set
+    /// allows across exec; another user keeps its ambient set.
+    pub fn capabilities(&mut self, caps: Capabilities) -> &mut Self {
+        self.attributes.capabilities = Some(caps);
+        self
+    }
+
+    /// No privileges gained through exec (set-user-id programs, file
+    /// capabilities) for a container process.
+    pub fn no_new_privileges(&mut self) -> &mut Self {
+        self.attributes.no_new_privileges = true;
+        self
+    }
+
+    /// The OOM killer's adjustment for a container process, -1000 to
+    /// 1000.
+    pub fn oom_score_adj(&mut self, score: i32) -> &mut Self {
+        self.attributes.oom_score_adj = Some(score);
+        self
+    }
+
     /// Where stdin comes from (default [`Stdio::null`]).
     pub fn stdin(&mut self, stdin: Stdio) -> &mut Self {
         self.stdin = stdin;
@@ -374,8 +513,42 @@ impl Command {
             Root::Agent => None,
         };
         request.hostname = self.hostname.clone();
+        request.mounts = self.mounts.iter().map(|m| m.0.clone()).collect();
+        request.attributes = Box::new(self.attributes.clone());
+        check_settings(&request)?;
         Ok(request)
     }
+}
+
+/// What the agent would take for a malformed request (and close the
+/// connection over), refused here with a clear error instead.
+fn check_settings(request: &ExecRequest) -> Result<(), crate::ExecError> {
+    let a = &request.attributes;
+    let bad = |what: String| Err(crate::ExecError::InvalidCommand(what));
+    if request.mounts.len() > MAX_MOUNTS {
+        return bad(format!(
+            "{} mounts, at most {MAX_MOUNTS}",
+            request.mounts.len()
+        ));
+    }
+    if a.groups.len() > MAX_GROUPS {
+        return bad(format!("{} groups, at most {MAX_GROUPS}", a.groups.len()));
+    }
+    if a.rlimits.len() > MAX_RLIMITS {
+        return bad(format!(
+            "{} rlimits, at most {MAX_RLIMITS}",
+            a.rlimits.len()
+        ));
+    }
+    if let Some(mask) = a.umask.filter(|&m| m > 0o777) {
+        return bad(format!("umask {mask:#o} is over 0o777"));
+    }
+    if let Some(score) = a.oom_score_adj.filter(|s| !(-1000..=1000).contains(s)) {
+        return bad(format!(
+            "OOM score adjustment {score} is outside -1000..=1000"
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(stream: &'static str, what: &'static str) -> crate::ExecError {
@@ -385,6 +558,33 @@ fn invalid(stream: &'static str, what: &'static str) -> crate::ExecError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_settings_are_refused_before_the_guest() {
+        let ok = Command::new("x")
+            .umask(0o777)
+            .oom_score_adj(-1000)
+            .request(None);
+        assert!(ok.is_ok());
+        for cmd in [
+            Command::new("x").umask(0o1000).clone(),
+            Command::new("x").oom_score_adj(1001).clone(),
+            Command::new("x").groups(0..300).clone(),
+        ] {
+            assert!(matches!(
+                cmd.request(None),
+                Err(crate::ExecError::InvalidCommand(_))
+            ));
+        }
+        let mut many = Command::new("x");
+        for i in 0..65 {
+            many.mount(Mount::tmpfs(format!("/t{i}")));
+        }
+        assert!(matches!(
+            many.request(None),
+            Err(crate::ExecError::InvalidCommand(_))
+        ));
+    }
 
     #[test]
     fn request_carries_everything_set() {

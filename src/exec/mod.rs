@@ -31,7 +31,7 @@ use chitin_vcpu::VmControl;
 pub use child::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus, Output, Signaller};
 use child::{Deadline, Parts};
 use command::StdioKind;
-pub use command::{Command, Signal, Stdio, DEFAULT_OUTPUT_LIMIT};
+pub use command::{Capabilities, Command, Mount, Signal, Stdio, DEFAULT_OUTPUT_LIMIT};
 
 use crate::error::ExecError;
 

@@ -31,8 +31,10 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 /// per-stream flow control (the two CREDIT frames and [`WINDOW`]); version
 /// 3 gives stdout and stderr a window each, sends EXIT as soon as the
 /// process is reaped, and ends each output stream with an empty frame.
-/// Version 5 added ENTROPY.
-pub const VERSION: u32 = 5;
+/// Version 5 added ENTROPY; version 6 added an EXEC's container mounts
+/// and process attributes (groups, umask, rlimits, capabilities,
+/// no-new-privileges, OOM score).
+pub const VERSION: u32 = 6;
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 1024;
 /// The kernel command-line key the agent reads to decide whether to serve.
@@ -56,12 +58,20 @@ pub const WINDOW: u32 = 256 << 10;
 pub const MAX_ARGS: usize = 4096;
 /// Most environment entries in one EXEC.
 pub const MAX_ENV: usize = 4096;
+/// Most container mounts in one EXEC.
+pub const MAX_MOUNTS: usize = 64;
+/// Most supplementary groups in one EXEC (Linux's `NGROUPS_MAX` is far
+/// larger; no container needs more).
+pub const MAX_GROUPS: usize = 256;
+/// Most rlimits in one EXEC (Linux has 16).
+pub const MAX_RLIMITS: usize = 32;
 /// Longest single string in an EXEC or ERROR: Linux's `MAX_ARG_STRLEN`.
 pub const MAX_STRING: usize = 128 << 10;
 
 /// HELLO {version: u32}, both directions, stream 0.
 pub const TYPE_HELLO: u8 = 0x01;
-/// EXEC {argv, env, cwd, uid, gid, stdin, root, hostname}, client → agent.
+/// EXEC {argv, env, cwd, uid, gid, stdin, root, hostname, mounts}, client
+/// → agent.
 pub const TYPE_EXEC: u8 = 0x02;
 /// STDIN {bytes}, client → agent; empty bytes close the child's stdin.
 pub const TYPE_STDIN: u8 = 0x03;
@@ -197,6 +207,97 @@ pub struct ExecRequest {
     pub root: Option<OsString>,
     /// Hostname of a container process (only with `root`).
     pub hostname: Option<OsString>,
+    /// Mounts inside a container process's root, in order, after its
+    /// `/proc`, `/sys`, `/dev` and `/tmp` (only with `root`).
+    pub mounts: Vec<MountRequest>,
+    /// The container process's attributes beyond its ids (only with
+    /// `root`). Boxed: most requests carry none, and every frame is as
+    /// large as its largest kind.
+    pub attributes: Box<Attributes>,
+}
+
+/// A container process's attributes beyond its user and group: what an
+/// OCI process carries besides them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attributes {
+    /// Supplementary groups (none when empty).
+    pub groups: Vec<u32>,
+    /// The file mode creation mask; `None` keeps the agent's.
+    pub umask: Option<u32>,
+    /// Resource limits, set before the process runs.
+    pub rlimits: Vec<Rlimit>,
+    /// Capability sets; `None` keeps every capability (root's).
+    pub capabilities: Option<Capabilities>,
+    /// `PR_SET_NO_NEW_PRIVS`: no privileges gained through exec.
+    pub no_new_privileges: bool,
+    /// `/proc/self/oom_score_adj`, -1000 to 1000.
+    pub oom_score_adj: Option<i32>,
+}
+
+/// One resource limit: `RLIMIT_*` number (Linux's), soft and hard values
+/// (`u64::MAX` is unlimited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rlimit {
+    /// `RLIMIT_NOFILE` and the like.
+    pub resource: u32,
+    /// The soft limit.
+    pub soft: u64,
+    /// The hard limit.
+    pub hard: u64,
+}
+
+/// Capability sets as bit masks (bit `n` is capability number `n`, as in
+/// `/proc/<pid>/status`). Bits past the guest kernel's last capability
+/// are ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The bounding set.
+    pub bounding: u64,
+    /// The effective set.
+    pub effective: u64,
+    /// The permitted set.
+    pub permitted: u64,
+    /// The inheritable set.
+    pub inheritable: u64,
+    /// The ambient set.
+    pub ambient: u64,
+}
+
+/// What a container mount is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountKind {
+    /// A bind of a path in the guest (typically in a share).
+    Bind,
+    /// A fresh tmpfs.
+    Tmpfs,
+}
+
+/// A container mount: read-only.
+pub const MOUNT_READ_ONLY: u32 = 1;
+/// A container mount: no set-user-id programs.
+pub const MOUNT_NOSUID: u32 = 2;
+/// A container mount: no device nodes.
+pub const MOUNT_NODEV: u32 = 4;
+/// A container mount: no programs run from it.
+pub const MOUNT_NOEXEC: u32 = 8;
+/// Every `MOUNT_*` bit.
+pub const MOUNT_FLAGS: u32 = MOUNT_READ_ONLY | MOUNT_NOSUID | MOUNT_NODEV | MOUNT_NOEXEC;
+
+/// One mount inside a container's root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountRequest {
+    /// Bind or tmpfs.
+    pub kind: MountKind,
+    /// A bind's source, a path in the guest; empty for a tmpfs.
+    pub source: OsString,
+    /// Where in the container: an absolute path, resolved inside its root
+    /// (symlinks included); missing directories, and for a bind of a file
+    /// the file, are made.
+    pub destination: OsString,
+    /// `MOUNT_*` bits.
+    pub flags: u32,
+    /// A tmpfs's options (`size=64m,mode=1777`); empty for a bind.
+    pub options: OsString,
 }
 
 impl ExecRequest {
@@ -561,7 +662,12 @@ fn put_opt_u32(out: &mut Vec<u8>, v: Option<u32>) {
 
 /// EXEC payload: argv list, env list of (key, value), cwd flag + string,
 /// uid flag + u32, gid flag + u32, stdin flag, root flag + string,
-/// hostname flag + string.
+/// hostname flag + string, mounts list of (kind u8: 1 bind, 2 tmpfs;
+/// flags u32; source, destination, options strings), then the
+/// attributes: groups list of u32, umask flag + u32, rlimits list of
+/// (resource u32, soft u64, hard u64), capabilities flag + five u64
+/// (bounding, effective, permitted, inheritable, ambient), the
+/// no-new-privileges flag, OOM score flag + i32.
 fn encode_exec(out: &mut Vec<u8>, req: &ExecRequest) -> Result<(), ProtocolError> {
     put_count(out, req.argv.len(), MAX_ARGS)?;
     for a in &req.argv {
@@ -585,6 +691,43 @@ fn encode_exec(out: &mut Vec<u8>, req: &ExecRequest) -> Result<(), ProtocolError
             put_bytes(out, value.as_bytes())?;
         }
     }
+    put_count(out, req.mounts.len(), MAX_MOUNTS)?;
+    for m in &req.mounts {
+        out.push(match m.kind {
+            MountKind::Bind => 1,
+            MountKind::Tmpfs => 2,
+        });
+        put_u32(out, m.flags);
+        for s in [&m.source, &m.destination, &m.options] {
+            put_bytes(out, s.as_bytes())?;
+        }
+    }
+    let a = &req.attributes;
+    put_count(out, a.groups.len(), MAX_GROUPS)?;
+    for g in &a.groups {
+        put_u32(out, *g);
+    }
+    put_opt_u32(out, a.umask);
+    put_count(out, a.rlimits.len(), MAX_RLIMITS)?;
+    for r in &a.rlimits {
+        put_u32(out, r.resource);
+        out.extend_from_slice(&r.soft.to_le_bytes());
+        out.extend_from_slice(&r.hard.to_le_bytes());
+    }
+    out.push(u8::from(a.capabilities.is_some()));
+    if let Some(c) = &a.capabilities {
+        for set in [
+            c.bounding,
+            c.effective,
+            c.permitted,
+            c.inheritable,
+            c.ambient,
+        ] {
+            out.extend_from_slice(&set.to_le_bytes());
+        }
+    }
+    out.push(u8::from(a.no_new_privileges));
+    put_opt_u32(out, a.oom_score_adj.map(|v| v as u32));
     Ok(())
 }
 
@@ -617,6 +760,27 @@ fn decode_exec(r: &mut Cursor<'_>) -> Result<ExecRequest, ProtocolError> {
     };
     let root = optional()?;
     let hostname = optional()?;
+    let count = r.count(MAX_MOUNTS)?;
+    let mut mounts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let kind = match r.u8()? {
+            1 => MountKind::Bind,
+            2 => MountKind::Tmpfs,
+            _ => return Err(ProtocolError::Malformed("mount kind is neither 1 nor 2")),
+        };
+        let flags = r.u32()?;
+        if flags & !MOUNT_FLAGS != 0 {
+            return Err(ProtocolError::Malformed("unknown mount flags"));
+        }
+        mounts.push(MountRequest {
+            kind,
+            flags,
+            source: r.os_string()?,
+            destination: r.os_string()?,
+            options: r.os_string()?,
+        });
+    }
+    let attributes = Box::new(decode_attributes(r)?);
     Ok(ExecRequest {
         argv,
         env,
@@ -626,6 +790,55 @@ fn decode_exec(r: &mut Cursor<'_>) -> Result<ExecRequest, ProtocolError> {
         stdin,
         root,
         hostname,
+        mounts,
+        attributes,
+    })
+}
+
+fn decode_attributes(r: &mut Cursor<'_>) -> Result<Attributes, ProtocolError> {
+    let count = r.count(MAX_GROUPS)?;
+    let mut groups = Vec::with_capacity(count);
+    for _ in 0..count {
+        groups.push(r.u32()?);
+    }
+    let umask = r.opt_u32()?;
+    if umask.is_some_and(|m| m > 0o777) {
+        return Err(ProtocolError::Malformed("umask over 0777"));
+    }
+    let count = r.count(MAX_RLIMITS)?;
+    let mut rlimits = Vec::with_capacity(count);
+    for _ in 0..count {
+        rlimits.push(Rlimit {
+            resource: r.u32()?,
+            soft: r.u64()?,
+            hard: r.u64()?,
+        });
+    }
+    let capabilities = if r.flag()? {
+        Some(Capabilities {
+            bounding: r.u64()?,
+            effective: r.u64()?,
+            permitted: r.u64()?,
+            inheritable: r.u64()?,
+            ambient: r.u64()?,
+        })
+    } else {
+        None
+    };
+    let no_new_privileges = r.flag()?;
+    let oom_score_adj = r.opt_u32()?.map(|v| v as i32);
+    if oom_score_adj.is_some_and(|v| !(-1000..=1000).contains(&v)) {
+        return Err(ProtocolError::Malformed(
+            "OOM score adjustment outside -1000..=1000",
+        ));
+    }
+    Ok(Attributes {
+        groups,
+        umask,
+        rlimits,
+        capabilities,
+        no_new_privileges,
+        oom_score_adj,
     })
 }
 
@@ -651,6 +864,13 @@ impl Cursor<'_> {
     fn u32(&mut self) -> Result<u32, ProtocolError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        let b = self.take(8)?;
+        let mut le = [0u8; 8];
+        le.copy_from_slice(b);
+        Ok(u64::from_le_bytes(le))
     }
 
     fn flag(&mut self) -> Result<bool, ProtocolError> {
@@ -716,6 +936,53 @@ mod tests {
     }
 
     #[test]
+    fn bad_mounts_and_attributes_are_malformed() {
+        let mut request = ExecRequest::new(["true"]).root("/r");
+        request.mounts.push(MountRequest {
+            kind: MountKind::Tmpfs,
+            source: "".into(),
+            destination: "/t".into(),
+            flags: 0,
+            options: "".into(),
+        });
+        let frame = Frame::Exec { id: 1, request };
+        let good = frame.encode().unwrap();
+        // The mount's kind byte follows its count, 19 bytes before the
+        // default attributes (kind, flags, then the source, "/t" and the
+        // options, each with its 4-byte length). The attributes: groups
+        // count, umask, rlimits count, capabilities flag, the
+        // no-new-privileges flag, OOM score.
+        let attributes = 4 + (1 + 4) + 4 + 1 + 1 + (1 + 4);
+        let kind_at = good.len() - attributes - (1 + 4 + 4 + (4 + 2) + 4);
+        assert_eq!(good[kind_at], 2);
+        let mut bad_kind = good.clone();
+        bad_kind[kind_at] = 3;
+        let mut bad_flags = good.clone();
+        bad_flags[kind_at + 1] = 0x10;
+        let mut too_many = good.clone();
+        too_many[kind_at - 4..kind_at].copy_from_slice(&(MAX_MOUNTS as u32 + 1).to_le_bytes());
+        // umask 0o1000; OOM score 1001.
+        let umask_at = good.len() - attributes + 4;
+        let mut bad_umask = good.clone();
+        bad_umask[umask_at] = 1;
+        bad_umask[umask_at + 1..umask_at + 5].copy_from_slice(&0o1000u32.to_le_bytes());
+        let oom_at = good.len() - 5;
+        let mut bad_oom = good.clone();
+        bad_oom[oom_at] = 1;
+        bad_oom[oom_at + 1..].copy_from_slice(&1001u32.to_le_bytes());
+        for bad in [bad_kind, bad_flags, too_many, bad_umask, bad_oom] {
+            assert!(
+                matches!(
+                    read_frame(&mut bad.as_slice()),
+                    Err(ProtocolError::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(read_frame(&mut good.as_slice()).unwrap().unwrap(), frame);
+    }
+
+    #[test]
     fn frame_every_type_round_trips() {
         let request = ExecRequest::new(["sh", "-c", "echo \u{e9}"])
             .env("PATH", "/bin")
@@ -725,6 +992,40 @@ mod tests {
             .root("/mnt/rootfs");
         let mut named = ExecRequest::new(["hostname"]).root("/r");
         named.hostname = Some("box".into());
+        named.mounts = vec![
+            MountRequest {
+                kind: MountKind::Bind,
+                source: "/run/chitin/pod/c1/m0".into(),
+                destination: "/etc/hosts".into(),
+                flags: MOUNT_READ_ONLY,
+                options: "".into(),
+            },
+            MountRequest {
+                kind: MountKind::Tmpfs,
+                source: "".into(),
+                destination: "/cache".into(),
+                flags: MOUNT_NOSUID | MOUNT_NODEV | MOUNT_NOEXEC,
+                options: "size=64m,mode=1777".into(),
+            },
+        ];
+        named.attributes = Box::new(Attributes {
+            groups: vec![10, 20],
+            umask: Some(0o027),
+            rlimits: vec![Rlimit {
+                resource: 7,
+                soft: 1024,
+                hard: u64::MAX,
+            }],
+            capabilities: Some(Capabilities {
+                bounding: 1 << 21,
+                effective: 1,
+                permitted: 3,
+                inheritable: 0,
+                ambient: 1 << 40,
+            }),
+            no_new_privileges: true,
+            oom_score_adj: Some(-999),
+        });
         let frames = [
             Frame::Exec {
                 id: 9,

@@ -12,13 +12,23 @@
 //!    `full`, `random`, `urandom`, `tty`, a new `devpts` instance with
 //!    `ptmx`, and a `shm` tmpfs) and `/tmp`; the root must already hold
 //!    those four directories (every OCI image does);
-//! 3. `pivot_root`s into it and detaches the old root (or, on the
+//! 3. mounts the request's mounts (tmpfs, or binds of guest paths such
+//!    as a share's files) in order: each destination is resolved inside
+//!    the root with `openat2(RESOLVE_IN_ROOT)`, so an image's symlinks
+//!    resolve as they would in the container and never lead out of it;
+//!    missing directories (and, for a bind of a file, the file) are made;
+//!    the mount goes on through that handle, then read-only, `nosuid`,
+//!    `nodev` and `noexec` are applied;
+//! 4. `pivot_root`s into it and detaches the old root (or, on the
 //!    initial ramfs, which cannot be pivoted away from, moves it over `/`
 //!    and `chroot`s, as runc does on a ramdisk);
-//! 4. sets the hostname, and a hostname file over `/etc/hostname` when
+//! 5. sets the hostname, and a hostname file over `/etc/hostname` when
 //!    the image has one;
-//! 5. drops to the group and user (no supplementary groups), changes to
-//!    the working directory, and `exec`s the program (found through the request's `PATH` inside the
+//! 6. sets the OOM score and rlimits (before the pivot), drops what the
+//!    bounding set leaves out, sets the supplementary groups, the group
+//!    and the user, the capability sets (ambient ones raised), the umask
+//!    and no-new-privileges, changes to the working directory, and
+//!    `exec`s the program (found through the request's `PATH` inside the
 //!    new root). The helper *becomes* the program: its pid, its signals
 //!    and its exit status are the program's.
 //!
@@ -34,9 +44,15 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
+
+use chitin_agent_protocol::{
+    Attributes, Capabilities, MountKind, MountRequest, Rlimit, MAX_GROUPS, MAX_MOUNTS, MAX_RLIMITS,
+    MOUNT_FLAGS, MOUNT_NODEV, MOUNT_NOEXEC, MOUNT_NOSUID, MOUNT_READ_ONLY,
+};
 
 /// The helper's first argument.
 pub const HELPER_FLAG: &str = "--chitin-container";
@@ -57,49 +73,218 @@ pub struct Spec {
     pub gid: Option<u32>,
     /// User to run as.
     pub uid: Option<u32>,
+    /// Mounts inside the root, in order.
+    pub mounts: Vec<MountRequest>,
+    /// Groups, umask, rlimits, capabilities and the rest.
+    pub attributes: Attributes,
+}
+
+/// Numbers joined by commas (empty for none).
+fn join<T: ToString>(values: impl IntoIterator<Item = T>) -> OsString {
+    values
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+        .into()
+}
+
+/// The inverse of [`join`], at most `cap` numbers.
+fn split<T: std::str::FromStr>(arg: &OsStr, cap: usize) -> Option<Vec<T>> {
+    let text = arg.to_str()?;
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    let values: Option<Vec<T>> = text.split(',').map(|v| v.parse().ok()).collect();
+    values.filter(|v| v.len() <= cap)
 }
 
 impl Spec {
     /// The helper's argv before the program: flag, root, hostname, cwd,
-    /// gid, uid, `--`.
+    /// gid, uid; the attributes (groups, umask, rlimits as
+    /// `resource:soft:hard`, capabilities as five masks, no-new-privileges
+    /// `0`/`1`, OOM score), numbers joined by commas, empty for none; the
+    /// number of mounts and five arguments for each (kind, flags, source,
+    /// destination, options); `--`.
     pub fn helper_args(&self) -> Vec<OsString> {
-        let id = |v: Option<u32>| OsString::from(v.map(|v| v.to_string()).unwrap_or_default());
-        vec![
+        let opt = |v: Option<String>| OsString::from(v.unwrap_or_default());
+        let a = &self.attributes;
+        let caps = a.capabilities.map(|c| {
+            join([
+                c.bounding,
+                c.effective,
+                c.permitted,
+                c.inheritable,
+                c.ambient,
+            ])
+        });
+        let mut args = vec![
             HELPER_FLAG.into(),
             self.root.clone(),
             self.hostname.clone(),
             self.cwd.clone(),
-            id(self.gid),
-            id(self.uid),
-            "--".into(),
-        ]
+            opt(self.gid.map(|v| v.to_string())),
+            opt(self.uid.map(|v| v.to_string())),
+            join(&a.groups),
+            opt(a.umask.map(|v| v.to_string())),
+            join(
+                a.rlimits
+                    .iter()
+                    .map(|r| format!("{}:{}:{}", r.resource, r.soft, r.hard)),
+            ),
+            caps.unwrap_or_default(),
+            u8::from(a.no_new_privileges).to_string().into(),
+            opt(a.oom_score_adj.map(|v| v.to_string())),
+            self.mounts.len().to_string().into(),
+        ];
+        for m in &self.mounts {
+            let kind = match m.kind {
+                MountKind::Bind => "bind",
+                MountKind::Tmpfs => "tmpfs",
+            };
+            args.extend([
+                kind.into(),
+                m.flags.to_string().into(),
+                m.source.clone(),
+                m.destination.clone(),
+                m.options.clone(),
+            ]);
+        }
+        args.push("--".into());
+        args
     }
 
     /// Read the spec back from the helper's argv (after `argv[0]`); returns
     /// it and the program's argv.
     pub fn parse(args: &[OsString]) -> Result<(Spec, &[OsString]), String> {
         let bad = || "malformed container helper arguments".to_string();
-        if args.len() < 8 || args[0] != HELPER_FLAG || args[6] != "--" {
-            return Err(bad());
-        }
+        let number = |s: &OsString| -> Result<u32, String> {
+            s.to_str().and_then(|s| s.parse().ok()).ok_or_else(bad)
+        };
         let id = |s: &OsString| -> Result<Option<u32>, String> {
             if s.is_empty() {
                 return Ok(None);
             }
-            s.to_str()
-                .and_then(|s| s.parse().ok())
-                .map(Some)
-                .ok_or_else(bad)
+            number(s).map(Some)
         };
+        if args.len() < 13 || args[0] != HELPER_FLAG {
+            return Err(bad());
+        }
+        let attributes = Self::parse_attributes(&args[6..12]).ok_or_else(bad)?;
+        let count = number(&args[12])? as usize;
+        if count > MAX_MOUNTS {
+            return Err(bad());
+        }
+        let program = 13 + 5 * count + 1;
+        if args.len() <= program || args[program - 1] != "--" {
+            return Err(bad());
+        }
+        let mut mounts = Vec::with_capacity(count);
+        for m in args[13..program - 1].chunks_exact(5) {
+            let kind = match m[0].to_str() {
+                Some("bind") => MountKind::Bind,
+                Some("tmpfs") => MountKind::Tmpfs,
+                _ => return Err(bad()),
+            };
+            mounts.push(MountRequest {
+                kind,
+                flags: number(&m[1])?,
+                source: m[2].clone(),
+                destination: m[3].clone(),
+                options: m[4].clone(),
+            });
+        }
         let spec = Spec {
             root: args[1].clone(),
             hostname: args[2].clone(),
             cwd: args[3].clone(),
             gid: id(&args[4])?,
             uid: id(&args[5])?,
+            mounts,
+            attributes,
         };
-        Ok((spec, &args[7..]))
+        Ok((spec, &args[program..]))
     }
+
+    /// The six attribute arguments back.
+    fn parse_attributes(args: &[OsString]) -> Option<Attributes> {
+        let optional = |s: &OsString| -> Option<Option<String>> {
+            let text = s.to_str()?;
+            Some((!text.is_empty()).then(|| text.to_string()))
+        };
+        let rlimits = split::<String>(&args[2], MAX_RLIMITS)?
+            .iter()
+            .map(|r| {
+                let mut parts = r.split(':');
+                let limit = Rlimit {
+                    resource: parts.next()?.parse().ok()?,
+                    soft: parts.next()?.parse().ok()?,
+                    hard: parts.next()?.parse().ok()?,
+                };
+                parts.next().is_none().then_some(limit)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let capabilities = match split::<u64>(&args[3], 5)?.as_slice() {
+            [] => None,
+            &[bounding, effective, permitted, inheritable, ambient] => Some(Capabilities {
+                bounding,
+                effective,
+                permitted,
+                inheritable,
+                ambient,
+            }),
+            _ => return None,
+        };
+        Some(Attributes {
+            groups: split(&args[0], MAX_GROUPS)?,
+            umask: optional(&args[1])?.map(|v| v.parse()).transpose().ok()?,
+            rlimits,
+            capabilities,
+            no_new_privileges: match args[4].to_str()? {
+                "0" => false,
+                "1" => true,
+                _ => return None,
+            },
+            oom_score_adj: optional(&args[5])?.map(|v| v.parse()).transpose().ok()?,
+        })
+    }
+}
+
+/// Check a container mount before anything is mounted: an absolute
+/// destination other than `/` with no `..`, known flags, a bind's source
+/// an absolute path that exists, no source for a tmpfs.
+pub fn check_mount(m: &MountRequest) -> Result<(), String> {
+    let dest = Path::new(&m.destination);
+    let shown = dest.display();
+    if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
+        return Err(format!(
+            "mount destination {shown} is not an absolute path without `..`"
+        ));
+    }
+    if dest.components().all(|c| c == Component::RootDir) {
+        return Err("a mount over the container's root is refused".into());
+    }
+    if m.flags & !MOUNT_FLAGS != 0 {
+        return Err(format!("mount {shown}: unknown flags {:#x}", m.flags));
+    }
+    match m.kind {
+        MountKind::Bind => {
+            let source = Path::new(&m.source);
+            if !source.is_absolute() {
+                return Err(format!(
+                    "bind source {} of {shown} is not absolute",
+                    source.display()
+                ));
+            }
+            std::fs::metadata(source)
+                .map_err(|e| format!("bind source {} of {shown}: {e}", source.display()))?;
+        }
+        MountKind::Tmpfs if !m.source.is_empty() => {
+            return Err(format!("tmpfs {shown} has a source"));
+        }
+        MountKind::Tmpfs => {}
+    }
+    Ok(())
 }
 
 /// Check in the agent, before starting the helper, what can be told
@@ -311,6 +496,9 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=1777",
     )?;
+    for m in &spec.mounts {
+        container_mount(root, m)?;
+    }
     if !spec.hostname.is_empty() {
         let name = spec.hostname.as_bytes();
         // SAFETY: the pointer and length describe `name`.
@@ -341,11 +529,54 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
             })?;
         }
     }
+    let a = &spec.attributes;
+    // Through the agent's /proc, before it is left behind.
+    if let Some(score) = a.oom_score_adj {
+        std::fs::write("/proc/self/oom_score_adj", score.to_string())
+            .map_err(|e| ("oom_score_adj".to_string(), e))?;
+    }
+    let caps_known = match a.capabilities {
+        Some(_) => Some(last_cap().map_err(|e| ("cap_last_cap".to_string(), e))?),
+        None => None,
+    };
+    for r in &a.rlimits {
+        let limit = libc::rlimit {
+            rlim_cur: r.soft,
+            rlim_max: r.hard,
+        };
+        // SAFETY: a valid rlimit that outlives the call; the resource is
+        // checked by the kernel.
+        check(&format!("setrlimit {}", r.resource), unsafe {
+            libc::setrlimit(r.resource as _, &limit)
+        })?;
+    }
     std::env::set_current_dir(root).map_err(|e| ("chdir to the root".to_string(), e))?;
     pivot_or_move()?;
-    if spec.gid.is_some() || spec.uid.is_some() {
-        // SAFETY: setgroups reads 0 entries from a null list.
-        check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    if let (Some(caps), Some(last)) = (a.capabilities, caps_known) {
+        for cap in 0..=last {
+            if caps.bounding & (1 << cap) == 0 {
+                let step = format!("drop capability {cap} from the bounding set");
+                // SAFETY: prctl with integer arguments only.
+                let ret =
+                    unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+                check(&step, ret)?;
+            }
+        }
+        if spec.uid.is_some_and(|u| u != 0) {
+            // Keep the permitted set across the change of user, for the
+            // capset below.
+            // SAFETY: prctl with integer arguments only.
+            check("keep capabilities", unsafe {
+                libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0)
+            })?;
+        }
+    }
+    if spec.gid.is_some() || spec.uid.is_some() || !a.groups.is_empty() {
+        // SAFETY: the pointer and length describe `a.groups` (an empty
+        // list passes no entries).
+        check("setgroups", unsafe {
+            libc::setgroups(a.groups.len(), a.groups.as_ptr())
+        })?;
     }
     if let Some(gid) = spec.gid {
         // SAFETY: setgid takes an id.
@@ -354,6 +585,19 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
     if let Some(uid) = spec.uid {
         // SAFETY: setuid takes an id.
         check("setuid", unsafe { libc::setuid(uid) })?;
+    }
+    if let (Some(caps), Some(last)) = (a.capabilities, caps_known) {
+        set_capabilities(&caps, last)?;
+    }
+    if let Some(mask) = a.umask {
+        // SAFETY: umask takes a mode and cannot fail.
+        unsafe { libc::umask(mask as libc::mode_t) };
+    }
+    if a.no_new_privileges {
+        // SAFETY: prctl with integer arguments only.
+        check("no_new_privs", unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        })?;
     }
     // After the ids: the user must be able to reach its directory.
     let cwd = if spec.cwd.is_empty() {
@@ -364,6 +608,257 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
     std::env::set_current_dir(cwd)
         .map_err(|e| (format!("chdir to {}", cwd.to_string_lossy()), e))?;
     Ok(())
+}
+
+/// The guest kernel's highest capability number.
+fn last_cap() -> io::Result<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|&n| n < 64)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "cap_last_cap"))
+}
+
+/// `capset(2)`'s header and one of its two 32-bit data halves.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets in two halves.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Set the effective, permitted and inheritable sets, then raise the
+/// ambient ones; bits past capability `last` are dropped.
+fn set_capabilities(caps: &Capabilities, last: u32) -> Result<(), (String, io::Error)> {
+    let known = if last >= 63 {
+        u64::MAX
+    } else {
+        (1u64 << (last + 1)) - 1
+    };
+    let (e, p, i) = (
+        caps.effective & known,
+        caps.permitted & known,
+        caps.inheritable & known,
+    );
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: e as u32,
+            permitted: p as u32,
+            inheritable: i as u32,
+        },
+        CapData {
+            effective: (e >> 32) as u32,
+            permitted: (p >> 32) as u32,
+            inheritable: (i >> 32) as u32,
+        },
+    ];
+    // SAFETY: capset reads the header and two data structs, laid out as
+    // the kernel's, which outlive the call.
+    check("capset", unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            std::ptr::addr_of_mut!(header),
+            data.as_ptr(),
+        ) as libc::c_int
+    })?;
+    for cap in 0..=last {
+        if caps.ambient & (1 << cap) != 0 {
+            // SAFETY: prctl with integer arguments only.
+            check(&format!("raise ambient capability {cap}"), unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn invalid(step: String, message: String) -> (String, io::Error) {
+    (step, io::Error::new(io::ErrorKind::InvalidInput, message))
+}
+
+/// `openat2(dir, path, O_PATH, RESOLVE_IN_ROOT)`: `path` resolved as if
+/// `dir` were `/`, symlinks and `..` included, never leaving it.
+fn open_in_root(dir: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: open_how is plain data, valid all zeros.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid directory fd, a NUL-terminated path and an open_how
+    // of the size passed, all outliving the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `dest` inside the root at `dir` (an `O_PATH` handle), made if missing:
+/// its missing directories, and the last component as a directory
+/// (`dir_wanted`) or an empty file. Every step resolves inside the root.
+fn make_in_root(dir: &OwnedFd, dest: &Path, dir_wanted: bool) -> io::Result<OwnedFd> {
+    match open_in_root(dir, dest) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        found => return found,
+    }
+    let names: Vec<&OsStr> = dest
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let mut at = PathBuf::from("/");
+    let mut parent = open_in_root(dir, &at)?;
+    for (i, name) in names.iter().enumerate() {
+        at.push(name);
+        match open_in_root(dir, &at) {
+            Ok(fd) => {
+                parent = fd;
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let c = CString::new(name.as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let last = i + 1 == names.len();
+        // SAFETY: a directory fd and a NUL-terminated single name that
+        // outlive the calls; neither follows a symlink in the name.
+        let ret = unsafe {
+            if last && !dir_wanted {
+                let fd = libc::openat(
+                    parent.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+                fd.min(0)
+            } else {
+                libc::mkdirat(parent.as_raw_fd(), c.as_ptr(), 0o755)
+            }
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        parent = open_in_root(dir, &at)?;
+    }
+    Ok(parent)
+}
+
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// One of the spec's mounts, inside the root: the destination is
+/// resolved (and made) inside it, then mounted on through its handle,
+/// so a symlink in the image cannot send the mount outside the root.
+fn container_mount(root: &Path, m: &MountRequest) -> Result<(), (String, io::Error)> {
+    let dest = Path::new(&m.destination);
+    let step = format!("mount {}", dest.display());
+    check_mount(m).map_err(|e| invalid(step.clone(), e))?;
+    let root_fd = std::fs::File::open(root)
+        .map(OwnedFd::from)
+        .map_err(|e| (format!("{step}: open the root"), e))?;
+    let dir_wanted = match m.kind {
+        MountKind::Tmpfs => true,
+        MountKind::Bind => std::fs::metadata(&m.source)
+            .map_err(|e| (format!("{step}: its source"), e))?
+            .is_dir(),
+    };
+    let target = make_in_root(&root_fd, dest, dir_wanted)
+        .map_err(|e| (format!("{step}: make its mount point"), e))?;
+    let is_dir = std::fs::metadata(fd_path(&target))
+        .map_err(|e| (step.clone(), e))?
+        .is_dir();
+    if is_dir != dir_wanted {
+        let what = if dir_wanted { "directory" } else { "file" };
+        return Err(invalid(step, format!("a {what} cannot be mounted there")));
+    }
+    let mut flags = 0;
+    for (bit, flag) in [
+        (MOUNT_READ_ONLY, libc::MS_RDONLY),
+        (MOUNT_NOSUID, libc::MS_NOSUID),
+        (MOUNT_NODEV, libc::MS_NODEV),
+        (MOUNT_NOEXEC, libc::MS_NOEXEC),
+    ] {
+        if m.flags & bit != 0 {
+            flags |= flag;
+        }
+    }
+    let options = m
+        .options
+        .to_str()
+        .ok_or_else(|| invalid(step.clone(), "mount options are not UTF-8".into()))?;
+    match m.kind {
+        MountKind::Tmpfs => mount("tmpfs", &fd_path(&target), "tmpfs", flags, options)
+            .map_err(|(_, e)| (format!("{step}: tmpfs"), e)),
+        MountKind::Bind => {
+            let source = m
+                .source
+                .to_str()
+                .ok_or_else(|| invalid(step.clone(), "a bind source that is not UTF-8".into()))?;
+            mount(
+                source,
+                &fd_path(&target),
+                "",
+                libc::MS_BIND | libc::MS_REC,
+                "",
+            )
+            .map_err(|(_, e)| (format!("{step}: bind {source}"), e))?;
+            if flags == 0 {
+                return Ok(());
+            }
+            // The new mount, not the one it covers: resolved again.
+            let bound = open_in_root(&root_fd, dest).map_err(|e| (step.clone(), e))?;
+            mount(
+                "none",
+                &fd_path(&bound),
+                "",
+                libc::MS_BIND | libc::MS_REMOUNT | flags,
+                "",
+            )
+            .map_err(|(_, e)| (format!("{step}: remount with its flags"), e))
+        }
+    }
 }
 
 /// Make the current directory the root. `pivot_root(".", ".")` stacks
@@ -418,15 +913,141 @@ mod tests {
             cwd: "/work".into(),
             gid: Some(100),
             uid: None,
+            mounts: vec![
+                MountRequest {
+                    kind: MountKind::Bind,
+                    source: "/run/chitin/pod/c1/m0".into(),
+                    destination: "/etc/hosts".into(),
+                    flags: MOUNT_READ_ONLY,
+                    options: "".into(),
+                },
+                MountRequest {
+                    kind: MountKind::Tmpfs,
+                    source: "".into(),
+                    // An argument that looks like the separator survives.
+                    destination: "--".into(),
+                    flags: 0,
+                    options: "size=1m".into(),
+                },
+            ],
+            attributes: Attributes {
+                groups: vec![10, 20],
+                umask: Some(0o027),
+                rlimits: vec![
+                    Rlimit {
+                        resource: 7,
+                        soft: 1024,
+                        hard: u64::MAX,
+                    },
+                    Rlimit {
+                        resource: 0,
+                        soft: 1,
+                        hard: 2,
+                    },
+                ],
+                capabilities: Some(Capabilities {
+                    bounding: 1 << 21,
+                    effective: 1,
+                    permitted: 3,
+                    inheritable: 0,
+                    ambient: 1 << 40,
+                }),
+                no_new_privileges: true,
+                oom_score_adj: Some(-999),
+            },
         };
+        let plain = Spec {
+            root: "/r".into(),
+            ..Spec::default()
+        };
+        let (back, _) = Spec::parse(&[plain.helper_args(), vec!["true".into()]].concat()).unwrap();
+        assert_eq!(back, plain);
         let mut args = spec.helper_args();
         args.extend(["ls".into(), "-l".into()]);
         let (back, argv) = Spec::parse(&args).unwrap();
         assert_eq!(back, spec);
         assert_eq!(argv, ["ls", "-l"]);
-        assert!(Spec::parse(&args[..7]).is_err(), "no program");
-        let mut bad = args.clone();
-        bad[4] = "x".into();
-        assert!(Spec::parse(&bad).is_err());
+        assert!(Spec::parse(&args[..args.len() - 2]).is_err(), "no program");
+        let bad_args = [
+            (4, "x"),
+            (6, "1,,2"),
+            (7, "-1"),
+            (8, "7:1"),
+            (8, "7:1:2:3"),
+            (9, "1,2,3"),
+            (10, "2"),
+            (11, "x"),
+            (12, "3"),
+            (12, "99999"),
+            (13, "overlay"),
+            (14, "z"),
+        ];
+        for (at, value) in bad_args {
+            let mut bad = args.clone();
+            bad[at] = value.into();
+            assert!(Spec::parse(&bad).is_err(), "{at} {value}");
+        }
+    }
+
+    #[test]
+    fn mounts_are_checked_before_anything_is_mounted() {
+        let tmpfs = |dest: &str| MountRequest {
+            kind: MountKind::Tmpfs,
+            source: "".into(),
+            destination: dest.into(),
+            flags: MOUNT_NOSUID,
+            options: "".into(),
+        };
+        assert!(check_mount(&tmpfs("/cache")).is_ok());
+        for dest in ["cache", "/", "//", "/a/../../etc", ""] {
+            assert!(check_mount(&tmpfs(dest)).is_err(), "{dest:?}");
+        }
+        let mut flags = tmpfs("/t");
+        flags.flags = 0x100;
+        assert!(check_mount(&flags).is_err());
+        let mut sourced = tmpfs("/t");
+        sourced.source = "/x".into();
+        assert!(check_mount(&sourced).is_err());
+        let bind = |source: &str| MountRequest {
+            kind: MountKind::Bind,
+            source: source.into(),
+            destination: "/data".into(),
+            flags: 0,
+            options: "".into(),
+        };
+        assert!(check_mount(&bind("/")).is_ok());
+        assert!(check_mount(&bind("relative")).is_err());
+        assert!(check_mount(&bind("/nonexistent/chitin")).is_err());
+    }
+
+    #[test]
+    fn mount_points_are_made_inside_the_root_whatever_its_symlinks() {
+        let base = std::env::temp_dir().join(format!("chitin-mkroot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // An image's symlinks: relative, absolute (meaning the root's
+        // /run), and one aimed outside through `..`.
+        std::os::unix::fs::symlink("../run", root.join("varrun")).unwrap();
+        std::os::unix::fs::symlink("/run", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../outside", root.join("escape")).unwrap();
+        let dir = std::fs::File::open(&root).map(OwnedFd::from).unwrap();
+        make_in_root(&dir, Path::new("/varrun/secrets/token"), true).unwrap();
+        assert!(root.join("run/secrets/token").is_dir());
+        make_in_root(&dir, Path::new("/abs/hosts"), false).unwrap();
+        assert!(root.join("run/hosts").is_file());
+        // `..` stops at the root: the link names the root's `outside`,
+        // missing, so nothing is made (a dangling link is not followed
+        // out); once it exists, the mount point is made in it.
+        assert!(make_in_root(&dir, Path::new("/escape/x"), true).is_err());
+        std::fs::create_dir(root.join("outside")).unwrap();
+        make_in_root(&dir, Path::new("/escape/x"), true).unwrap();
+        assert!(root.join("outside/x").is_dir());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // What exists is opened, not made again.
+        let again = make_in_root(&dir, Path::new("/run/hosts"), false).unwrap();
+        assert!(std::fs::metadata(fd_path(&again)).unwrap().is_file());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

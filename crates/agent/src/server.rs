@@ -35,8 +35,8 @@ use chitin_agent_protocol::window::{Overflow, Window};
 
 use crate::container;
 use chitin_agent_protocol::{
-    self as protocol, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError, MAX_CHUNK,
-    MAX_STRING, VERSION, WINDOW,
+    self as protocol, Attributes, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError,
+    MAX_CHUNK, MAX_STRING, VERSION, WINDOW,
 };
 
 /// Most processes running at once on one connection (bounds threads).
@@ -342,6 +342,8 @@ fn command(req: &ExecRequest) -> Command {
                 cwd: req.cwd.clone().unwrap_or_default(),
                 gid: req.gid,
                 uid: req.uid,
+                mounts: req.mounts.clone(),
+                attributes: (*req.attributes).clone(),
             };
             let mut cmd = Command::new("/proc/self/exe");
             cmd.args(spec.helper_args()).args(&req.argv);
@@ -404,8 +406,19 @@ fn start(
         if let Err(e) = container::precheck(root) {
             return refuse(&e);
         }
+        if let Some(e) = req
+            .mounts
+            .iter()
+            .find_map(|m| container::check_mount(m).err())
+        {
+            return refuse(&e);
+        }
     } else if req.hostname.is_some() {
         return refuse("a hostname needs a container root");
+    } else if !req.mounts.is_empty() {
+        return refuse("mounts need a container root");
+    } else if *req.attributes != Attributes::default() {
+        return refuse("groups, umask, rlimits, capabilities, no-new-privileges and an OOM score need a container root");
     }
     if running >= MAX_PROCS {
         return refuse("too many processes on this connection");

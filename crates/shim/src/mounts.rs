@@ -3,7 +3,7 @@
 //! directory. Each is undone when the container is deleted.
 
 use std::ffi::CString;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -149,11 +149,38 @@ fn c_name(name: &str) -> io::Result<CString> {
 /// Open the directory `name` in `dir` without following a symlink there,
 /// as an `O_PATH` handle (made first, mode 0755, if missing and `make`).
 fn open_dir_at(dir: BorrowedFd<'_>, name: &str, make: bool) -> io::Result<OwnedFd> {
+    open_at(dir, name, make, true)
+}
+
+/// `name` in `dir`, a directory or (`want_dir` false) a regular file,
+/// made if `make` and missing, opened as an `O_PATH` handle without
+/// following a symlink.
+fn open_at(dir: BorrowedFd<'_>, name: &str, make: bool, want_dir: bool) -> io::Result<OwnedFd> {
     let c = c_name(name)?;
     if make {
-        // SAFETY: a NUL-terminated name that outlives the call, and a
-        // directory fd the caller holds open.
-        let ret = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) };
+        // SAFETY: a NUL-terminated name that outlives the calls, and a
+        // directory fd the caller holds open; neither call follows a
+        // symlink at the name.
+        let ret = unsafe {
+            if want_dir {
+                libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755)
+            } else {
+                let fd = libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+                fd.min(0)
+            }
+        };
         if ret != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
@@ -161,19 +188,31 @@ fn open_dir_at(dir: BorrowedFd<'_>, name: &str, make: bool) -> io::Result<OwnedF
             }
         }
     }
+    let dir_flag = if want_dir { libc::O_DIRECTORY } else { 0 };
     // SAFETY: as above; the flags make a new fd that nothing else owns.
     let fd = unsafe {
         libc::openat(
             dir.as_raw_fd(),
             c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            libc::O_PATH | dir_flag | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: openat returned a new fd, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if !want_dir {
+        // O_PATH | O_NOFOLLOW opens a symlink itself: refused, as is
+        // anything but a plain file.
+        let meta = fs::metadata(fd_path(&fd))?;
+        if !meta.is_file() {
+            return Err(io::Error::other(format!(
+                "{name} in the shared directory is not a plain file"
+            )));
+        }
+    }
+    Ok(fd)
 }
 
 /// Open `path`, a directory the shim made (no part of it writable by a
@@ -195,8 +234,10 @@ pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn same_file(a: &File, b: &std::fs::Metadata) -> io::Result<bool> {
-    let m = a.metadata()?;
+/// Whether the handle `a` is the file `b` (without opening it: a bind
+/// source may be a socket or a device).
+fn same_file(a: &OwnedFd, b: &std::fs::Metadata) -> io::Result<bool> {
+    let m = fs::metadata(fd_path(a))?;
     Ok(m.dev() == b.dev() && m.ino() == b.ino())
 }
 
@@ -276,10 +317,10 @@ fn read_only_recursive(fd: &OwnedFd) -> io::Result<()> {
     )
 }
 
-/// A container root bound into the shared directory, undone by
-/// [`Bound::release`]. It is held by handles, not paths: the guest can
-/// rename or replace anything in the shared directory, and no path
-/// lookup there is trusted.
+/// A container's root (or one of its mounts) bound into the shared
+/// directory, undone by [`Bound::release`]. It is held by handles, not
+/// paths: the guest can rename or replace anything in the shared
+/// directory, and no path lookup there is trusted.
 #[derive(Debug)]
 pub struct Bound {
     /// The shared directory.
@@ -289,20 +330,30 @@ pub struct Bound {
     /// The bind's root.
     root: OwnedFd,
     id: String,
+    /// Its name in `shared/<id>`, and whether it is a directory.
+    name: String,
+    dir: bool,
 }
 
-/// Bind `src` (with the mounts below it) onto `shared/<id>/rootfs`,
-/// read-only if asked, never following a symlink in the shared
-/// directory. On failure nothing stays mounted.
-pub fn bind_beneath(shared: &Path, id: &str, src: &Path, read_only: bool) -> io::Result<Bound> {
+/// Bind `src` (with the mounts below it) onto `shared/<id>/<name>`, a
+/// directory or a file as `src` is, read-only if asked, never following
+/// a symlink in the shared directory. On failure nothing stays mounted.
+pub fn bind_beneath(
+    shared: &Path,
+    id: &str,
+    name: &str,
+    src: &Path,
+    read_only: bool,
+) -> io::Result<Bound> {
+    let source = fs::metadata(src)?;
+    let dir = source.is_dir();
     let shared = open_dir(shared)?;
     let parent = open_dir_at(shared.as_fd(), id, true)?;
-    let target = open_dir_at(parent.as_fd(), "rootfs", true)?;
-    let source = std::fs::metadata(src)?;
+    let target = open_at(parent.as_fd(), name, true, dir)?;
     mount(src, &fd_path(&target), libc::MS_BIND | libc::MS_REC)?;
     // Through the same handle's name, the mount's root: check that it is
     // (a guest may have put another directory in its place meanwhile).
-    let root = match open_dir_at(parent.as_fd(), "rootfs", false) {
+    let root = match open_at(parent.as_fd(), name, false, dir) {
         Ok(root) => root,
         Err(e) => {
             let _ = unmount(&fd_path(&target));
@@ -314,9 +365,10 @@ pub fn bind_beneath(shared: &Path, id: &str, src: &Path, read_only: bool) -> io:
         parent,
         root,
         id: id.to_string(),
+        name: name.to_string(),
+        dir,
     };
-    let checked = File::open(fd_path(&bound.root)).and_then(|f| same_file(&f, &source));
-    let done = match checked {
+    let done = match same_file(&bound.root, &source) {
         Ok(true) => mount(
             Path::new("none"),
             &fd_path(&bound.root),
@@ -344,18 +396,23 @@ pub fn bind_beneath(shared: &Path, id: &str, src: &Path, read_only: bool) -> io:
 }
 
 impl Bound {
-    /// Unmount the bind and remove its directories (if the guest left
-    /// them where they were).
+    /// Unmount the bind and remove its mount point, and the container's
+    /// directory once empty (if the guest left them where they were).
     pub fn release(self) {
         if let Err(e) = unmount(&fd_path(&self.root)) {
-            log::warn!("unmounting {}'s root: {e}", self.id);
+            log::warn!("unmounting {}'s {}: {e}", self.id, self.name);
         }
         drop(self.root);
-        for (dir, name) in [(&self.parent, "rootfs"), (&self.shared, self.id.as_str())] {
+        let entries = [
+            (&self.parent, self.name.as_str(), self.dir),
+            (&self.shared, self.id.as_str(), true),
+        ];
+        for (dir, name, is_dir) in entries {
             if let Ok(c) = c_name(name) {
+                let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
                 // SAFETY: a NUL-terminated name and a directory fd that
                 // outlive the call; unlinkat never follows a symlink.
-                unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
+                unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) };
             }
         }
     }
@@ -398,6 +455,49 @@ pub fn ensure_mount_points(root: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Make the mount point of a container mount at `dest` (absolute,
+/// inside the container root `root`) on the host, a directory or
+/// (`dir` false) an empty file, before the root is shared, so that a
+/// read-only root (CRI's sandbox has one, with `/etc/resolv.conf` bound
+/// in) has it, as runc makes them. Nothing is followed: at a symlink or
+/// `..` this stops without error and leaves the rest to the guest, which
+/// resolves the path inside the root.
+pub fn make_mount_point(root: &Path, dest: &Path, dir: bool) -> io::Result<()> {
+    use std::path::Component;
+    let mut names = Vec::new();
+    for c in dest.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => names.push(n.to_str().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a destination that is not UTF-8",
+                )
+            })?),
+            Component::ParentDir | Component::Prefix(_) => return Ok(()),
+        }
+    }
+    let Some((last, parents)) = names.split_last() else {
+        return Ok(());
+    };
+    let mut at = open_dir(root)?;
+    for name in parents {
+        at = match open_dir_at(at.as_fd(), name, true) {
+            Ok(fd) => fd,
+            // A symlink (or a file) on the way: the guest's to resolve.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    match open_at(at.as_fd(), last, true, dir) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether `path` is a mount point in this mount namespace (binds within
@@ -534,7 +634,7 @@ mod tests {
         fs::write(src.join("file"), b"image").unwrap();
 
         // A writable bind: the file reads and writes through it.
-        let rw = bind_beneath(&shared, "c1", &src, false).unwrap();
+        let rw = bind_beneath(&shared, "c1", "rootfs", &src, false).unwrap();
         assert!(is_mount_point(&shared.join("c1/rootfs")));
         assert_eq!(fs::read(shared.join("c1/rootfs/file")).unwrap(), b"image");
         fs::write(shared.join("c1/rootfs/new"), b"x").unwrap();
@@ -544,7 +644,7 @@ mod tests {
         // too.
         fs::create_dir_all(src.join("sub")).unwrap();
         mount_tmpfs(&src.join("sub"), 1 << 16, 16).unwrap();
-        let ro = bind_beneath(&shared, "c2", &src, true).unwrap();
+        let ro = bind_beneath(&shared, "c2", "rootfs", &src, true).unwrap();
         let err = fs::write(shared.join("c2/rootfs/other"), b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         let err = fs::write(shared.join("c2/rootfs/sub/other"), b"x").unwrap_err();
@@ -558,10 +658,10 @@ mod tests {
         // What a guest can plant in the shared directory: a symlink as
         // the container's directory, or as its rootfs.
         std::os::unix::fs::symlink(&outside, shared.join("c3")).unwrap();
-        assert!(bind_beneath(&shared, "c3", &src, false).is_err());
+        assert!(bind_beneath(&shared, "c3", "rootfs", &src, false).is_err());
         fs::create_dir(shared.join("c4")).unwrap();
         std::os::unix::fs::symlink(&outside, shared.join("c4/rootfs")).unwrap();
-        assert!(bind_beneath(&shared, "c4", &src, false).is_err());
+        assert!(bind_beneath(&shared, "c4", "rootfs", &src, false).is_err());
         assert_eq!(
             fs::read_dir(&outside).unwrap().count(),
             0,
@@ -570,8 +670,26 @@ mod tests {
         assert!(!is_mount_point(&outside));
         // Bad ids never reach a path.
         for id in ["", "..", "a/b"] {
-            assert!(bind_beneath(&shared, id, &src, false).is_err(), "{id:?}");
+            assert!(
+                bind_beneath(&shared, id, "rootfs", &src, false).is_err(),
+                "{id:?}"
+            );
         }
+
+        // A file (CRI's /etc/hosts, say) binds onto a file, read-only;
+        // a symlink planted where it goes is refused.
+        let hosts = base.join("hosts");
+        fs::write(&hosts, b"127.0.0.1 pod\n").unwrap();
+        let file = bind_beneath(&shared, "c5", "m0", &hosts, true).unwrap();
+        assert_eq!(fs::read(shared.join("c5/m0")).unwrap(), b"127.0.0.1 pod\n");
+        let err = fs::write(shared.join("c5/m0"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        fs::create_dir(shared.join("c6")).unwrap();
+        std::os::unix::fs::symlink(outside.join("planted"), shared.join("c6/m0")).unwrap();
+        assert!(bind_beneath(&shared, "c6", "m0", &hosts, false).is_err());
+        assert!(!outside.join("planted").exists());
+        file.release();
+        assert!(!shared.join("c5").exists(), "the file and directory went");
 
         // The guest renames the container's directory: release still
         // unmounts the bind it made, through its handle.
@@ -584,6 +702,29 @@ mod tests {
 
         unmount(&shared).unwrap();
         assert!(!is_mount_point(&shared));
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn mount_points_are_made_without_following_a_symlink() {
+        let base = scratch("points");
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("var")).unwrap();
+        make_mount_point(&root, Path::new("/etc/resolv.conf"), false).unwrap();
+        assert!(root.join("etc/resolv.conf").is_file());
+        make_mount_point(&root, Path::new("/data/sub"), true).unwrap();
+        assert!(root.join("data/sub").is_dir());
+        // Already there: fine.
+        make_mount_point(&root, Path::new("/etc/resolv.conf"), false).unwrap();
+        // A symlink on the way, or as the mount point itself: left to the
+        // guest, nothing made outside the root.
+        make_mount_point(&root, Path::new("/var/run/secrets"), true).unwrap();
+        make_mount_point(&root, Path::new("/var"), true).unwrap();
+        make_mount_point(&root, Path::new("/etc/../x"), true).unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!base.join("x").exists());
         fs::remove_dir_all(&base).unwrap();
     }
 

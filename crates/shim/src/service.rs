@@ -102,9 +102,13 @@ struct Container {
     mounted_rootfs: Option<PathBuf>,
     /// Its root bound into the shared directory.
     bound: mounts::Bound,
+    /// The host paths of its mounts bound there too.
+    volumes: Vec<mounts::Bound>,
     /// Its root in the guest.
     guest_root: String,
     hostname: Option<String>,
+    /// Its mounts inside the root, for its execs too.
+    mounts: Vec<chitin::Mount>,
     init: Arc<Process>,
     execs: BTreeMap<String, Arc<Process>>,
 }
@@ -269,6 +273,9 @@ impl Shared {
 
     /// Undo a container's host mounts and directories.
     fn release(&self, c: Container) {
+        for v in c.volumes {
+            v.release();
+        }
         c.bound.release();
         if let Some(rootfs) = &c.mounted_rootfs {
             if let Err(e) = mounts::unmount(rootfs) {
@@ -396,6 +403,7 @@ impl Service {
         &self,
         req: &api::CreateTaskRequest,
         spec: &Spec,
+        planned: &[spec::Planned],
     ) -> Result<(Option<PathBuf>, mounts::Bound), String> {
         let bundle = Path::new(&req.bundle);
         let root = spec.root().as_ref().ok_or("the spec has no root")?;
@@ -417,9 +425,21 @@ impl Service {
         let read_only = root.readonly().unwrap_or(false);
         // Made in a read-only root too, before it is made read-only, as
         // runc does (CRI's sandbox root is read-only; pause images have
-        // no mount points).
+        // no mount points), with those of the spec's mounts.
+        for p in planned {
+            let dest = Path::new(p.mount().destination());
+            if let Err(e) = mounts::make_mount_point(&source, dest, p.is_dir()) {
+                log::warn!("{}: mount point {}: {e}", req.id, dest.display());
+            }
+        }
         let bound = mounts::ensure_mount_points(&source).and_then(|()| {
-            mounts::bind_beneath(&self.shared.shared_dir(), &req.id, &source, read_only)
+            mounts::bind_beneath(
+                &self.shared.shared_dir(),
+                &req.id,
+                "rootfs",
+                &source,
+                read_only,
+            )
         });
         match bound {
             Ok(bound) => Ok((mounted, bound)),
@@ -433,6 +453,42 @@ impl Service {
                 ))
             }
         }
+    }
+}
+
+impl Service {
+    /// Bind the host paths of a container's mounts into the shared
+    /// directory beside its root; on failure, none stays bound.
+    fn bind_volumes(
+        &self,
+        id: &str,
+        planned: &[spec::Planned],
+    ) -> Result<Vec<mounts::Bound>, String> {
+        let mut bound = Vec::new();
+        for p in planned {
+            let spec::Planned::Host {
+                source,
+                name,
+                read_only,
+                ..
+            } = p
+            else {
+                continue;
+            };
+            match mounts::bind_beneath(&self.shared.shared_dir(), id, name, source, *read_only) {
+                Ok(b) => bound.push(b),
+                Err(e) => {
+                    for b in bound {
+                        b.release();
+                    }
+                    return Err(format!(
+                        "sharing the mount source {} with the pod VM: {e}",
+                        source.display()
+                    ));
+                }
+            }
+        }
+        Ok(bound)
     }
 }
 
@@ -460,15 +516,22 @@ impl containerd_shim::Task for Service {
             .process()
             .as_ref()
             .ok_or_else(|| rpc(Code::INVALID_ARGUMENT, spec::SpecError::NoProcess))?;
-        let guest_root = format!("{GUEST_SHARED}/{}/rootfs", req.id);
+        let guest_dir = format!("{GUEST_SHARED}/{}", req.id);
+        let guest_root = format!("{guest_dir}/rootfs");
+        let (planned, not_mounted) = spec::plan_mounts(&spec, &guest_dir);
+        let mounts: Vec<chitin::Mount> = planned.iter().map(|p| p.mount().clone()).collect();
 
         let mut pod = relock(&self.shared.pod);
         let pod_hostname = pod.vm.as_ref().and_then(|vm| vm.hostname.as_deref());
         let hostname = spec::hostname(&spec, pod_hostname);
         // Refuse what cannot run before anything is mounted or booted.
-        let command = spec::command(process, &guest_root, hostname.as_deref(), req.terminal)
+        let mut command = spec::command(process, &guest_root, hostname.as_deref(), req.terminal)
             .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
-        let ignored = spec::ignored(process);
+        for m in &mounts {
+            command.mount(m.clone());
+        }
+        let mut ignored = spec::ignored(process);
+        ignored.extend(not_mounted);
         if !ignored.is_empty() {
             log::warn!("{}: not applied in the VM: {}", req.id, ignored.join(", "));
         }
@@ -489,9 +552,20 @@ impl containerd_shim::Task for Service {
             vm.hostname = hostname.clone();
             pod.vm = Some(vm);
         }
-        let (mounted, bound) = match self.mount_root(&req, &spec) {
+        let (mounted, bound) = match self.mount_root(&req, &spec, &planned) {
             Ok(m) => m,
             Err(e) => {
+                self.shared.stop_vm_if_idle(&mut pod);
+                return Err(rpc(Code::FAILED_PRECONDITION, e));
+            }
+        };
+        let volumes = match self.bind_volumes(&req.id, &planned) {
+            Ok(v) => v,
+            Err(e) => {
+                bound.release();
+                if let Some(t) = &mounted {
+                    let _ = mounts::unmount(t);
+                }
                 self.shared.stop_vm_if_idle(&mut pod);
                 return Err(rpc(Code::FAILED_PRECONDITION, e));
             }
@@ -508,8 +582,10 @@ impl containerd_shim::Task for Service {
                 bundle: bundle.clone(),
                 mounted_rootfs: mounted,
                 bound,
+                volumes,
                 guest_root,
                 hostname,
+                mounts,
                 init: Process::new(command, io),
                 execs: BTreeMap::new(),
             },
@@ -739,8 +815,12 @@ impl containerd_shim::Task for Service {
                 format!("container {} is not running", req.id),
             ));
         }
-        let command = spec::command(&process, &c.guest_root, c.hostname.as_deref(), req.terminal)
-            .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
+        let mut command =
+            spec::command(&process, &c.guest_root, c.hostname.as_deref(), req.terminal)
+                .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
+        for m in &c.mounts {
+            command.mount(m.clone());
+        }
         let io = Io {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -40,6 +40,8 @@ pub(crate) const IMAGE_ARCHIVE: &str = "/opt/containerd/chitin-images/busybox-oc
 pub(crate) const IMAGE_NAME: &str = "docker.io/chitin/busybox:test";
 pub(crate) const IMAGE_FILE: &str = "etc/os-release-of-image";
 pub(crate) const IMAGE_FILE_TEXT: &str = "chitin-busybox-image";
+/// The file in the host directory `ctr run --mount` binds.
+const VOLUME_TEXT: &str = "from-a-host-volume";
 /// What the container prints and how it exits.
 const GREETING: &str = "hello-from-the-container";
 const EXIT_CODE: i32 = 7;
@@ -307,14 +309,21 @@ fn side_by_side(source: Source<'_>, name: &str) -> Result<String, String> {
 }
 
 /// The last warnings and errors in containerd's log (the shims' lines
-/// included), for a failure's message.
+/// and messages included), for a failure's message.
 pub(crate) fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("level=warn") || l.contains("level=error"))
+        .filter(|l| {
+            // Warnings and errors, and what is not containerd's logfmt
+            // (a shim's panic message).
+            ["level=warn", "level=error", "level=fatal"]
+                .iter()
+                .any(|w| l.contains(w))
+                || (!l.contains("level=") && !l.trim().is_empty())
+        })
         .collect();
-    lines[lines.len().saturating_sub(6)..].join(" | ")
+    lines[lines.len().saturating_sub(10)..].join(" | ")
 }
 
 /// Middle of three or more.
@@ -454,11 +463,24 @@ pub(crate) fn ctr_ok(args: &[&str]) -> Result<String, String> {
 /// then `ctr task rm` and `ctr container rm`.
 fn task_checks(rootfs: &Path) -> Result<String, String> {
     let root = rootfs.to_str().ok_or("rootfs path")?;
+    // A host directory bound read-only and a tmpfs, for the exec to see.
+    let volume = rootfs.with_file_name("volume");
+    std::fs::create_dir_all(&volume)
+        .and_then(|()| std::fs::write(volume.join("file"), format!("{VOLUME_TEXT}\n")))
+        .map_err(|e| format!("{}: {e}", volume.display()))?;
+    let bind = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        volume.display()
+    );
     ctr_ok(&[
         "run",
         "-d",
         "--runtime",
         CHITIN,
+        "--mount",
+        &bind,
+        "--mount",
+        "type=tmpfs,src=tmpfs,dst=/scratch,options=size=1m:nosuid",
         "--rootfs",
         root,
         "long",
@@ -485,9 +507,13 @@ fn task_steps() -> Result<String, String> {
         "long",
         "/bin/sh",
         "-c",
-        &format!("echo exec-ok; cat /{IMAGE_FILE}"),
+        &format!(
+            "echo exec-ok; cat /{IMAGE_FILE}; cat /data/file; \
+             touch /data/x 2>/dev/null || echo data-read-only; \
+             grep -c ' /scratch .* tmpfs ' /proc/self/mountinfo"
+        ),
     ])?;
-    if out != format!("exec-ok\n{IMAGE_FILE_TEXT}\n") {
+    if out != format!("exec-ok\n{IMAGE_FILE_TEXT}\n{VOLUME_TEXT}\ndata-read-only\n1\n") {
         return Err(format!("ctr task exec printed {out:?}"));
     }
     // `PID INFO` and one line per process: the sleep.
@@ -532,7 +558,7 @@ fn task_steps() -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "ctr task exec printed the image's file; ctr task ps listed guest pid {}; ctr task metrics: the VM's memory {} MiB, CPU {} ms; SIGUSR1 from ctr task kill ended it with status {}",
+        "ctr task exec printed the image's file, a host directory's file through a read-only bind (--mount type=bind) and found its tmpfs (--mount type=tmpfs); ctr task ps listed guest pid {}; ctr task metrics: the VM's memory {} MiB, CPU {} ms; SIGUSR1 from ctr task kill ended it with status {}",
         pids[0],
         memory.unwrap_or(0) >> 20,
         cpu.unwrap_or(0) / 1000,

@@ -226,6 +226,12 @@ pub fn shim_cri_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
     if let Err(e) = write_shim_config(kernel) {
         return c.result("shim-config", Err(e));
     }
+    // CRI's streaming server listens on 127.0.0.1, as on any node.
+    let flags = std::fs::read_to_string("/sys/class/net/lo/flags").unwrap_or_default();
+    println!("chitin-cri: L1's lo flags {}", flags.trim());
+    if let Err(e) = chitin_agent::net::set_up("lo") {
+        return c.result("cri-setup", Err(format!("lo up: {e}")));
+    }
     let made = host_files().and_then(|made| {
         std::fs::create_dir_all(CNI_CONF_DIR)
             .and_then(|()| {
@@ -321,6 +327,7 @@ fn pod_steps(cri: &mut Cri, pod: &Pod, c: &mut Checks) {
     };
     c.result("shim-cri-pod", one_vm(cri, pod, &app, &web));
     c.result("shim-cri-exec", exec_check(cri, &app));
+    c.result("shim-cri-mounts", files_check(cri, pod, &app));
     c.result("shim-cri-net", pod_ip(cri, pod));
     c.result("shim-cri-logs", app_log(pod));
 }
@@ -367,6 +374,32 @@ fn exec_check(cri: &mut Cri, app: &str) -> Result<String, String> {
         return Err(format!("ExecSync answered {got:?}, not {want:?}"));
     }
     Ok("ExecSync answered the image's file on stdout, a line on stderr and exit code 3".into())
+}
+
+/// The files CRI binds into each container (the image has none of
+/// them): `/etc/resolv.conf` from the pod's DNS config, `/etc/hosts`,
+/// and `/etc/hostname` with the pod's name.
+fn files_check(cri: &mut Cri, pod: &Pod, app: &str) -> Result<String, String> {
+    let script = "cat /etc/resolv.conf; echo ---; cat /etc/hostname; echo ---; \
+                  grep -c localhost /etc/hosts; grep -c ' /etc/resolv.conf ' /proc/self/mountinfo";
+    let (out, err, code) = cri.exec(app, &["/bin/sh", "-c", script])?;
+    let parts: Vec<&str> = out.split("---\n").collect();
+    let ok = code == 0
+        && parts.len() == 3
+        && parts[0].lines().any(|l| l.trim() == "nameserver 10.89.0.1")
+        && parts[1].trim() == pod.name
+        && parts[2]
+            .lines()
+            .all(|l| l.trim().parse::<u32>().is_ok_and(|n| n > 0));
+    if !ok {
+        return Err(format!(
+            "CRI's files in the container: {out:?} {err:?} exit {code}"
+        ));
+    }
+    Ok(format!(
+        "CRI's bind mounts of host files reached the container through the pod's share: /etc/resolv.conf (nameserver 10.89.0.1), /etc/hostname ({}), /etc/hosts",
+        pod.name
+    ))
 }
 
 /// The pod is ready and its IP (from `PodSandboxStatus`) answers TCP

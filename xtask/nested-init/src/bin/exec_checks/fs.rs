@@ -738,11 +738,19 @@ pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     // A second root inside the image whose /dev is a symlink to `/`: the
     // agent must refuse it rather than mount over its own root.
     let bad = root.join("home/bad");
+    // What the mounts check binds from: a writable share beside the root.
+    let vols = Path::new(BASE).join("vols");
     let made = busybox_rootfs(&root, Path::new(L1_BUSYBOX)).and_then(|()| {
         for dir in ["proc", "sys", "tmp"] {
             fs::create_dir_all(bad.join(dir))?;
         }
-        symlink("/", bad.join("dev"))
+        symlink("/", bad.join("dev"))?;
+        // An image's absolute symlink: the container's /root, not L1's.
+        symlink("/root", root.join("home/link"))?;
+        let _ = fs::remove_dir_all(&vols);
+        fs::create_dir_all(vols.join("data"))?;
+        fs::write(vols.join("data/file"), "bound-dir\n")?;
+        fs::write(vols.join("release"), "bound-file\n")
     });
     if let Err(e) = made {
         return c.result("setup", Err(e.to_string()));
@@ -751,9 +759,14 @@ pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     // `uname` is in both roots; the first exec already runs in the
     // container.
     let rootfs = Share::new(&root, "rootfs").read_only(true);
-    let Some(vm) = booted(builder(kernel, initramfs).rootfs(rootfs), c) else {
+    let configured = builder(kernel, initramfs)
+        .rootfs(rootfs)
+        .share(Share::new(&vols, "vols").mount_at("/mnt/vols"));
+    let Some(vm) = booted(configured, c) else {
         return;
     };
+    mount_checks(&vm, c);
+    attribute_checks(&vm, c);
     container_run(
         &vm,
         c,
@@ -882,6 +895,132 @@ pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
         },
     );
     c.result("device-faults", super::device_faults(&vm));
+}
+
+/// Mounts inside a container's (read-only) root: a tmpfs through the
+/// image's absolute symlink, a share's directory bound read-only, a
+/// share's file bound over the image's; a mount point the read-only root
+/// lacks fails the set-up with status 125; a relative destination is
+/// refused.
+fn mount_checks(vm: &RunningSandbox, c: &mut Checks) {
+    use chitin::Mount;
+    let script = "grep -E ' /root .* tmpfs ' /proc/self/mountinfo | wc -l; \
+                  touch /root/new && echo tmpfs-writable; \
+                  cat /home/user/file; touch /home/user/x 2>/dev/null || echo dir-read-only; \
+                  cat /etc/os-release";
+    container_run(
+        vm,
+        c,
+        "mounts",
+        sh_in(script)
+            .mount(
+                Mount::tmpfs("/home/link")
+                    .options("size=1m,mode=700")
+                    .nosuid()
+                    .nodev(),
+            )
+            .mount(Mount::bind("/mnt/vols/data", "/home/user").read_only())
+            .mount(Mount::bind("/mnt/vols/release", "/etc/os-release")),
+        |o| o == "1\ntmpfs-writable\nbound-dir\ndir-read-only\nbound-file",
+    );
+    let missing = vm.exec(
+        sh_in("true")
+            .mount(Mount::tmpfs("/no/such/dir"))
+            .timeout(Duration::from_secs(60)),
+    );
+    c.result(
+        "mount-point-missing",
+        match missing {
+            Ok(o) if o.status == ExitStatus::Code(125) => {
+                let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                match err.contains("/no/such/dir") {
+                    true => Ok(format!("exit 125: {err}")),
+                    false => Err(err),
+                }
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    c.result(
+        "mount-refused",
+        match vm.exec(
+            sh_in("true")
+                .mount(Mount::tmpfs("relative"))
+                .timeout(Duration::from_secs(60)),
+        ) {
+            Err(e) if chitin::error_chain(&e).contains("absolute") => Ok(chitin::error_chain(&e)),
+            other => Err(format!("{other:?}")),
+        },
+    );
+}
+
+/// A container process's attributes as it sees them: supplementary
+/// groups, umask, an rlimit, the capability sets (a user keeps its
+/// ambient set; root keeps what the bounding set allows),
+/// no-new-privileges and the OOM score.
+fn attribute_checks(vm: &RunningSandbox, c: &mut Checks) {
+    use chitin::Capabilities;
+    let status = "grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status | tr -d '\\t'";
+    let script = format!("id -G; umask; ulimit -n; {status}; cat /proc/self/oom_score_adj");
+    // CAP_CHOWN (0) and CAP_NET_RAW (13) bound, none effective.
+    let bounded = Capabilities {
+        bounding: 1 | 1 << 13,
+        ..Capabilities::default()
+    };
+    container_run(
+        vm,
+        c,
+        "attributes",
+        sh_in(&script)
+            .uid(1000)
+            .gid(1000)
+            .groups([10, 20])
+            .umask(0o027)
+            .rlimit(libc::RLIMIT_NOFILE, 512, 1024)
+            .capabilities(bounded)
+            .no_new_privileges()
+            .oom_score_adj(500),
+        |o| {
+            o == "1000 10 20\n0027\n512\nCapEff:0000000000000000\nCapBnd:0000000000002001\nNoNewPrivs:1\n500"
+        },
+    );
+    // CAP_NET_BIND_SERVICE (10) kept by a user through the ambient set.
+    let bind = 1 << 10;
+    let ambient = Capabilities {
+        bounding: bind,
+        effective: bind,
+        permitted: bind,
+        inheritable: bind,
+        ambient: bind,
+    };
+    container_run(
+        vm,
+        c,
+        "ambient-capability",
+        sh_in("grep CapEff /proc/self/status | tr -d '\\t'")
+            .uid(1000)
+            .gid(1000)
+            .capabilities(ambient),
+        |o| o == "CapEff:0000000000000400",
+    );
+    // Root keeps only what the bounding set allows: CAP_CHOWN.
+    let chown = Capabilities {
+        bounding: 1,
+        effective: 1,
+        permitted: 1,
+        ..Capabilities::default()
+    };
+    container_run(
+        vm,
+        c,
+        "root-bounded",
+        sh_in(
+            "grep CapEff /proc/self/status | tr -d '\\t'; chown 1000 /tmp && echo chown-ok; \
+               mknod /tmp/n c 1 3 2>/dev/null || echo mknod-refused",
+        )
+        .capabilities(chown),
+        |o| o == "CapEff:0000000000000001\nchown-ok\nmknod-refused",
+    );
 }
 
 /// `key=value` from a tool's output line.
