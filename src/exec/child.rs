@@ -406,6 +406,14 @@ impl Signaller {
             .signal(signal.number())
             .map_err(|e| explain_now(&self.control, e))
     }
+
+    /// Give the process's terminal ([`Command::tty`](crate::Command::tty))
+    /// a new size; returns at once. A process without one ignores it.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ExecError> {
+        self.inner
+            .resize(rows, cols)
+            .map_err(|e| explain_now(&self.control, e))
+    }
 }
 
 /// Copy one output into a caller's writer until it ends; after a write

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chitin_agent_protocol::{
-    Attributes, ExecRequest, MountKind, MountRequest, Rlimit, MAX_GROUPS, MAX_MOUNTS, MAX_RLIMITS,
-    MOUNT_NODEV, MOUNT_NOEXEC, MOUNT_NOSUID, MOUNT_READ_ONLY,
+    Attributes, ExecRequest, MountKind, MountRequest, Rlimit, WindowSize, MAX_GROUPS, MAX_MOUNTS,
+    MAX_RLIMITS, MOUNT_NODEV, MOUNT_NOEXEC, MOUNT_NOSUID, MOUNT_READ_ONLY,
 };
 
 pub use chitin_agent_protocol::Capabilities;
@@ -166,6 +166,7 @@ pub struct Command {
     pub(crate) hostname: Option<OsString>,
     pub(crate) mounts: Vec<Mount>,
     pub(crate) attributes: Attributes,
+    pub(crate) tty: Option<WindowSize>,
 }
 
 /// A mount inside a container process's root (see [`Command::mount`]): a
@@ -270,6 +271,7 @@ impl Command {
             hostname: None,
             mounts: Vec::new(),
             attributes: Attributes::default(),
+            tty: None,
         }
     }
 
@@ -383,6 +385,17 @@ impl Command {
     /// (status 125, the step on its stderr).
     pub fn mount(&mut self, mount: Mount) -> &mut Self {
         self.mounts.push(mount);
+        self
+    }
+
+    /// Run on a new terminal of `rows` × `cols` in the guest: the
+    /// process's stdin, stdout and stderr are the terminal, it leads a
+    /// session of its own with the terminal as its controlling one, and
+    /// what it writes comes on stdout (stderr is empty; a terminal turns
+    /// `\n` into `\r\n`). [`Signaller::resize`](crate::Signaller::resize)
+    /// changes the size; closing stdin does not end the terminal's input.
+    pub fn tty(&mut self, rows: u16, cols: u16) -> &mut Self {
+        self.tty = Some(WindowSize { rows, cols });
         self
     }
 
@@ -515,6 +528,7 @@ impl Command {
         request.hostname = self.hostname.clone();
         request.mounts = self.mounts.iter().map(|m| m.0.clone()).collect();
         request.attributes = Box::new(self.attributes.clone());
+        request.tty = self.tty;
         check_settings(&request)?;
         Ok(request)
     }

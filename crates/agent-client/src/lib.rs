@@ -1201,6 +1201,13 @@ impl Signaller {
         }
         self.shared.send(&Frame::Signal { id: self.id, signo })
     }
+
+    /// Give the process's terminal (an exec with a `tty`) a new size;
+    /// returns at once. A process without a terminal ignores it.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        let size = protocol::WindowSize { rows, cols };
+        self.shared.send(&Frame::Resize { id: self.id, size })
+    }
 }
 
 /// Writes a child's stdin; dropping it (or [`ChildStdin::close`]) sends EOF.
@@ -2018,6 +2025,46 @@ mod tests {
             server.join().unwrap(),
             Err(ServerError::OutputCredit(_))
         ));
+    }
+
+    #[test]
+    fn a_terminal_takes_its_size_a_resize_and_typed_input() {
+        use std::io::BufRead;
+        let (client, _server) = connect();
+        let script =
+            "test -t 0 && test -t 2 && echo tty; stty size; read l; stty size; echo got-$l";
+        let mut req = request(&["sh", "-c", script]).with_stdin();
+        req.tty = Some(protocol::WindowSize {
+            rows: 30,
+            cols: 100,
+        });
+        let mut child = client.spawn(&req).unwrap();
+        let mut stdin = child.stdin().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout());
+        let mut seen = String::new();
+        while !seen.contains("30 100") {
+            assert!(out.read_line(&mut seen).unwrap() > 0, "{seen:?}");
+        }
+        child.signaller().resize(40, 120).unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let mut err = Vec::new();
+        child.stderr().read_to_end(&mut err).unwrap();
+        assert_eq!(child.wait().unwrap(), ExitStatus::Code(0));
+        let text = format!("{seen}{rest}").replace('\r', "");
+        // The terminal echoes the typed line; stderr is the terminal too.
+        assert_eq!(text, "tty\n30 100\ngo\n40 120\ngot-go\n");
+        assert!(err.is_empty());
+    }
+
+    #[test]
+    fn a_resize_for_a_process_without_a_terminal_is_ignored() {
+        let (client, _server) = connect();
+        let child = client.spawn(&request(&["sleep", "1000"])).unwrap();
+        child.signaller().resize(1, 1).unwrap();
+        child.kill().unwrap();
+        assert_eq!(child.wait().unwrap(), ExitStatus::Signal(9));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 /// process is reaped, and ends each output stream with an empty frame.
 /// Version 5 added ENTROPY; version 6 added an EXEC's container mounts
 /// and process attributes (groups, umask, rlimits, capabilities,
-/// no-new-privileges, OOM score).
+/// no-new-privileges, OOM score), terminals and RESIZE.
 pub const VERSION: u32 = 6;
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 1024;
@@ -86,6 +86,8 @@ pub const TYPE_OUTPUT_CREDIT: u8 = 0x06;
 /// guest kernel's pool, mixed in (and the pool reseeded) before the agent
 /// reads the next frame.
 pub const TYPE_ENTROPY: u8 = 0x07;
+/// RESIZE {rows: u16, cols: u16}, client → agent: a terminal's new size.
+pub const TYPE_RESIZE: u8 = 0x08;
 /// Most bytes in one ENTROPY.
 pub const MAX_ENTROPY: usize = 256;
 /// STARTED {pid: u32}, agent → client.
@@ -207,6 +209,11 @@ pub struct ExecRequest {
     pub root: Option<OsString>,
     /// Hostname of a container process (only with `root`).
     pub hostname: Option<OsString>,
+    /// Run on a new terminal of this size: stdin, stdout and stderr are
+    /// its slave side, the process leads a new session with it as its
+    /// controlling terminal, and everything it writes comes as STDOUT
+    /// (STDERR ends at once).
+    pub tty: Option<WindowSize>,
     /// Mounts inside a container process's root, in order, after its
     /// `/proc`, `/sys`, `/dev` and `/tmp` (only with `root`).
     pub mounts: Vec<MountRequest>,
@@ -261,6 +268,15 @@ pub struct Capabilities {
     pub inheritable: u64,
     /// The ambient set.
     pub ambient: u64,
+}
+
+/// A terminal's size in characters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// What a container mount is.
@@ -378,6 +394,13 @@ pub enum Frame {
         /// Signal number.
         signo: i32,
     },
+    /// A running process's terminal has a new size.
+    Resize {
+        /// Stream id.
+        id: u32,
+        /// The size.
+        size: WindowSize,
+    },
     /// Stop the guest (sync, then reboot).
     Shutdown,
     /// Host random bytes for the guest kernel's pool (a restored clone
@@ -449,6 +472,7 @@ impl Frame {
             Frame::Exec { .. } => TYPE_EXEC,
             Frame::Stdin { .. } => TYPE_STDIN,
             Frame::Signal { .. } => TYPE_SIGNAL,
+            Frame::Resize { .. } => TYPE_RESIZE,
             Frame::Shutdown => TYPE_SHUTDOWN,
             Frame::Entropy { .. } => TYPE_ENTROPY,
             Frame::OutputCredit { .. } => TYPE_OUTPUT_CREDIT,
@@ -468,6 +492,7 @@ impl Frame {
             Frame::Exec { id, .. }
             | Frame::Stdin { id, .. }
             | Frame::Signal { id, .. }
+            | Frame::Resize { id, .. }
             | Frame::Started { id, .. }
             | Frame::Stdout { id, .. }
             | Frame::Stderr { id, .. }
@@ -493,6 +518,10 @@ impl Frame {
                 out.extend_from_slice(data)
             }
             Frame::Signal { signo, .. } => put_u32(&mut out, *signo as u32),
+            Frame::Resize { size, .. } => {
+                out.extend_from_slice(&size.rows.to_le_bytes());
+                out.extend_from_slice(&size.cols.to_le_bytes());
+            }
             Frame::Shutdown => {}
             Frame::Entropy { bytes } => {
                 if bytes.len() > MAX_ENTROPY {
@@ -539,6 +568,10 @@ impl Frame {
             TYPE_SIGNAL => Frame::Signal {
                 id,
                 signo: r.u32()? as i32,
+            },
+            TYPE_RESIZE => Frame::Resize {
+                id,
+                size: r.window_size()?,
             },
             TYPE_SHUTDOWN => Frame::Shutdown,
             TYPE_ENTROPY => {
@@ -662,7 +695,7 @@ fn put_opt_u32(out: &mut Vec<u8>, v: Option<u32>) {
 
 /// EXEC payload: argv list, env list of (key, value), cwd flag + string,
 /// uid flag + u32, gid flag + u32, stdin flag, root flag + string,
-/// hostname flag + string, mounts list of (kind u8: 1 bind, 2 tmpfs;
+/// hostname flag + string, tty flag + u16 rows + u16 cols, mounts list of (kind u8: 1 bind, 2 tmpfs;
 /// flags u32; source, destination, options strings), then the
 /// attributes: groups list of u32, umask flag + u32, rlimits list of
 /// (resource u32, soft u64, hard u64), capabilities flag + five u64
@@ -691,6 +724,10 @@ fn encode_exec(out: &mut Vec<u8>, req: &ExecRequest) -> Result<(), ProtocolError
             put_bytes(out, value.as_bytes())?;
         }
     }
+    out.push(u8::from(req.tty.is_some()));
+    let tty = req.tty.unwrap_or_default();
+    out.extend_from_slice(&tty.rows.to_le_bytes());
+    out.extend_from_slice(&tty.cols.to_le_bytes());
     put_count(out, req.mounts.len(), MAX_MOUNTS)?;
     for m in &req.mounts {
         out.push(match m.kind {
@@ -760,6 +797,9 @@ fn decode_exec(r: &mut Cursor<'_>) -> Result<ExecRequest, ProtocolError> {
     };
     let root = optional()?;
     let hostname = optional()?;
+    let has_tty = r.flag()?;
+    let size = r.window_size()?;
+    let tty = has_tty.then_some(size);
     let count = r.count(MAX_MOUNTS)?;
     let mut mounts = Vec::with_capacity(count);
     for _ in 0..count {
@@ -790,6 +830,7 @@ fn decode_exec(r: &mut Cursor<'_>) -> Result<ExecRequest, ProtocolError> {
         stdin,
         root,
         hostname,
+        tty,
         mounts,
         attributes,
     })
@@ -864,6 +905,18 @@ impl Cursor<'_> {
     fn u32(&mut self) -> Result<u32, ProtocolError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn window_size(&mut self) -> Result<WindowSize, ProtocolError> {
+        Ok(WindowSize {
+            rows: self.u16()?,
+            cols: self.u16()?,
+        })
     }
 
     fn u64(&mut self) -> Result<u64, ProtocolError> {
@@ -1033,6 +1086,23 @@ mod tests {
             },
             Frame::Hello { version: VERSION },
             Frame::Exec { id: 7, request },
+            Frame::Exec {
+                id: 10,
+                request: ExecRequest {
+                    tty: Some(WindowSize {
+                        rows: 33,
+                        cols: 101,
+                    }),
+                    ..ExecRequest::new(["sh"])
+                },
+            },
+            Frame::Resize {
+                id: 10,
+                size: WindowSize {
+                    rows: 50,
+                    cols: u16::MAX,
+                },
+            },
             Frame::Exec {
                 id: 8,
                 request: ExecRequest::new(["true"]),

@@ -23,6 +23,13 @@ const MOUNTS: &[(&str, &str, &str, libc::c_ulong)] = &[
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
     ),
     ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID),
+    // Terminals for commands that ask for one (/dev/ptmx finds them here).
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+    ),
     ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
     ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
 ];
@@ -59,7 +66,7 @@ pub(crate) fn mount(
     Ok(())
 }
 
-/// Mount /proc, /sys, /dev, /tmp and /run. Returns the first failure as
+/// Mount /proc, /sys, /dev, /dev/pts, /tmp and /run. Returns the first failure as
 /// text, after trying every mount.
 pub fn mount_basics() -> Result<(), String> {
     let mut first_error = None;

@@ -22,9 +22,12 @@
 //! stream-0 ERROR and the connection is closed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,7 +39,7 @@ use chitin_agent_protocol::window::{Overflow, Window};
 use crate::container;
 use chitin_agent_protocol::{
     self as protocol, Attributes, ExecRequest, ExitStatus, Frame, OutputStream, ProtocolError,
-    MAX_CHUNK, MAX_STRING, VERSION, WINDOW,
+    WindowSize, MAX_CHUNK, MAX_STRING, VERSION, WINDOW,
 };
 
 /// Most processes running at once on one connection (bounds threads).
@@ -172,6 +175,8 @@ struct Proc {
     /// Credit for this process's STDOUT and STDERR, one window each (see
     /// [`OutputStream::index`]).
     output: [Arc<Window>; 2],
+    /// Its terminal's master side, for RESIZE.
+    tty: Option<File>,
 }
 
 /// The processes of one connection, by stream id. A process is marked
@@ -242,6 +247,7 @@ fn read_loop<R: Read, H: ServerHooks + ?Sized>(
             Frame::Stdin { id, data } => feed_stdin(id, data, table)?,
             Frame::OutputCredit { id, stream, bytes } => output_credit(id, stream, bytes, table)?,
             Frame::Signal { id, signo } => signal(id, signo, table)?,
+            Frame::Resize { id, size } => resize(id, size, table),
             Frame::Shutdown => {
                 hooks.shutdown();
                 return Ok(());
@@ -331,7 +337,58 @@ fn bounded(mut message: String) -> String {
     message
 }
 
-fn command(req: &ExecRequest) -> Command {
+/// A new terminal: its master side, and its slave side for the process.
+struct Pty {
+    master: File,
+    slave: File,
+}
+
+/// Open a terminal of `size` (the guest's devpts at /dev/pts).
+fn open_pty(size: WindowSize) -> io::Result<Pty> {
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int, which outlives the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new fd of the
+    // slave side, which nothing else owns.
+    let slave = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd from the kernel, owned by nothing else.
+    let slave = unsafe { File::from_raw_fd(slave) };
+    resize_pty(&master, size)?;
+    Ok(Pty { master, slave })
+}
+
+/// Set a terminal's size (its foreground process group gets SIGWINCH).
+fn resize_pty(master: &File, size: WindowSize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize, which outlives the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn command(req: &ExecRequest, pty: Option<&Pty>) -> io::Result<Command> {
     let mut cmd = match &req.root {
         // A container process: the helper sets up its namespaces, root,
         // working directory and ids, then becomes the program.
@@ -355,20 +412,40 @@ fn command(req: &ExecRequest) -> Command {
             cmd
         }
     };
-    cmd.env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group, so closing the connection can kill what the
-        // process started too (and their pipe ends close).
-        .process_group(0);
+    cmd.env_clear().envs(req.env.iter().map(|(k, v)| (k, v)));
+    match pty {
+        Some(pty) => {
+            cmd.stdin(pty.slave.try_clone()?)
+                .stdout(pty.slave.try_clone()?)
+                .stderr(pty.slave.try_clone()?);
+            // A session of its own with the terminal as its controlling
+            // one: its process group is its pid too, as below.
+            // SAFETY: setsid and ioctl are async-signal-safe system calls
+            // that touch no memory of the parent's.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        None => {
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group, so closing the connection can kill what
+            // the process started too (and their pipe ends close).
+            .process_group(0);
+        }
+    }
     if req.root.is_some() {
-        return cmd;
+        return Ok(cmd);
     }
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
@@ -381,7 +458,7 @@ fn command(req: &ExecRequest) -> Command {
     if let Some(u) = req.uid.filter(|&u| u != uid) {
         cmd.uid(u);
     }
-    cmd
+    Ok(cmd)
 }
 
 /// Start one process; `Ok(None)` when it was refused with an ERROR frame.
@@ -428,8 +505,24 @@ fn start(
         drop(procs);
         return refuse("stream id already in use");
     }
+    // A terminal, and its master three times: its stdin, its stdout,
+    // and its handle for RESIZE.
+    let pty = req.tty.map(|size| {
+        let pty = open_pty(size)?;
+        let (writer, reader) = (pty.master.try_clone()?, pty.master.try_clone()?);
+        Ok::<_, io::Error>((pty, writer, reader))
+    });
+    let (pty, tty_ends) = match pty.transpose() {
+        Ok(Some((pty, writer, reader))) => (Some(pty), Some((writer, reader))),
+        Ok(None) => (None, None),
+        Err(e) => {
+            drop(procs);
+            return refuse(&format!("a terminal: {e}"));
+        }
+    };
     let mut owned = owned();
-    let mut child = match command(req).spawn() {
+    let spawned = command(req, pty.as_ref()).and_then(|mut c| c.spawn());
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             drop(owned);
@@ -441,6 +534,9 @@ fn start(
     let pid = child.id() as i32;
     owned.insert(pid);
     drop(owned);
+    // Only the process holds the slave side now: the master reads EIO
+    // (the output's end) once it and its children close it.
+    let tty = pty.map(|p| p.master);
     let output = [Arc::new(Window::new()), Arc::new(Window::new())];
     let stdin_unacked = Arc::new(AtomicU32::new(0));
     // STARTED is queued before any helper exists, so it comes first.
@@ -451,21 +547,42 @@ fn start(
     let mut stdin_tx = None;
     let mut helpers = Vec::new();
     let mut started = Ok(());
-    if let Some(pipe) = child.stdin.take() {
+    // With a terminal, its stderr ends at once (the terminal carries
+    // both outputs).
+    let (tty_in, tty_out, tty_err) = match tty_ends {
+        Some((writer, reader)) => (
+            Some(Box::new(writer) as Box<dyn Write + Send>),
+            Some(Box::new(reader) as Box<dyn Read + Send>),
+            Some(Box::new(io::empty()) as Box<dyn Read + Send>),
+        ),
+        None => (None, None, None),
+    };
+    let stdin = match tty_in {
+        Some(w) => Some(w),
+        None => child
+            .stdin
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Write + Send>),
+    };
+    if let Some(pipe) = stdin {
         let (q_tx, q_rx) = channel();
         stdin_tx = Some(q_tx);
         started =
             feed(pipe, q_rx, id, tx.clone(), Arc::clone(&stdin_unacked)).map(|h| helpers.push(h));
     }
     let pipes = [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        tty_out.or_else(|| {
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>)
+        }),
+        tty_err.or_else(|| {
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>)
+        }),
     ];
     let mut readers = Vec::new();
     for (pipe, stream) in pipes.into_iter().zip(OutputStream::BOTH) {
@@ -491,6 +608,7 @@ fn start(
             stdin: stdin_tx,
             stdin_unacked,
             output,
+            tty,
         },
     );
     drop(procs);
@@ -563,7 +681,7 @@ fn abandon_pid(pid: i32) {
 /// for every chunk once it is in the pipe (or dropped because the process
 /// no longer reads). The pipe closes when the queue's sender is dropped.
 fn feed(
-    mut pipe: ChildStdin,
+    mut pipe: Box<dyn Write + Send>,
     queue: Receiver<Vec<u8>>,
     id: u32,
     tx: Sender<Frame>,
@@ -723,6 +841,15 @@ fn signal(id: u32, signo: i32, table: &ProcTable) -> Result<(), ServerError> {
         unsafe { libc::kill(p.pid, signo) };
     }
     Ok(())
+}
+
+/// Resize a running process's terminal; a stream without one, or gone,
+/// is left alone (a late RESIZE is no error).
+fn resize(id: u32, size: WindowSize, table: &ProcTable) {
+    let procs = lock(table);
+    if let Some(master) = procs.get(&id).and_then(|p| p.tty.as_ref()) {
+        let _ = resize_pty(master, size);
+    }
 }
 
 /// SIGKILL every process of the connection and its process group, close

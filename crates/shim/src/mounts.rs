@@ -3,7 +3,7 @@
 //! directory. Each is undone when the container is deleted.
 
 use std::ffi::CString;
-use std::fs;
+use std::fs::{self, File};
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -158,31 +158,7 @@ fn open_dir_at(dir: BorrowedFd<'_>, name: &str, make: bool) -> io::Result<OwnedF
 fn open_at(dir: BorrowedFd<'_>, name: &str, make: bool, want_dir: bool) -> io::Result<OwnedFd> {
     let c = c_name(name)?;
     if make {
-        // SAFETY: a NUL-terminated name that outlives the calls, and a
-        // directory fd the caller holds open; neither call follows a
-        // symlink at the name.
-        let ret = unsafe {
-            if want_dir {
-                libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755)
-            } else {
-                let fd = libc::openat(
-                    dir.as_raw_fd(),
-                    c.as_ptr(),
-                    libc::O_CREAT
-                        | libc::O_EXCL
-                        | libc::O_WRONLY
-                        | libc::O_NOFOLLOW
-                        | libc::O_CLOEXEC,
-                    0o644,
-                );
-                if fd >= 0 {
-                    libc::close(fd);
-                }
-                fd.min(0)
-            }
-        };
-        if ret != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = chitin_inroot::make_entry(&dir, &c, want_dir) {
             if e.raw_os_error() != Some(libc::EEXIST) {
                 return Err(e);
             }
@@ -281,14 +257,34 @@ struct MountAttr {
 const MOUNT_ATTR_RDONLY: u64 = 1;
 const AT_RECURSIVE: libc::c_int = 0x8000;
 
-/// Make the mount whose root `fd` is read-only, with every mount below
-/// it (a plain remount would leave submounts writable). Kernels before
-/// 5.12 lack `mount_setattr`: the mount itself is remounted read-only.
-fn read_only_recursive(fd: &OwnedFd) -> io::Result<()> {
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+/// A bind of `src` (with the mounts below it if `recursive`) made as a
+/// detached mount tree, private and, if asked, read-only throughout: so
+/// it is complete before anything can see it (Linux 5.12 or later:
+/// `open_tree`, `mount_setattr`).
+fn detached_bind(src: &Path, read_only: bool, recursive: bool) -> io::Result<OwnedFd> {
+    let c = c_path(src)?;
+    let recursive_flag = if recursive {
+        AT_RECURSIVE as libc::c_uint
+    } else {
+        0
+    };
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive_flag;
+    // SAFETY: a NUL-terminated path that outlives the call; the flags
+    // make a new fd that nothing else owns.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(needs_new_mount_api(io::Error::last_os_error()));
+    }
+    // SAFETY: open_tree returned a new fd, owned by nothing else.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
+        attr_set: if read_only { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
-        propagation: 0,
+        propagation: libc::MS_PRIVATE,
         userns_fd: 0,
     };
     // SAFETY: an fd we hold, an empty NUL-terminated path, and the
@@ -296,25 +292,61 @@ fn read_only_recursive(fd: &OwnedFd) -> io::Result<()> {
     let ret = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
+            tree.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH | AT_RECURSIVE,
             std::ptr::addr_of!(attr),
             size_of::<MountAttr>(),
         )
     };
-    if ret == 0 {
-        return Ok(());
+    if ret != 0 {
+        return Err(needs_new_mount_api(io::Error::last_os_error()));
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::ENOSYS) {
-        return Err(e);
+    Ok(tree)
+}
+
+/// ENOSYS from the mount API, said plainly.
+fn needs_new_mount_api(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => io::Error::other(
+            "this kernel lacks open_tree or mount_setattr: the shim needs Linux 5.12 or later",
+        ),
+        _ => e,
     }
-    mount(
-        Path::new("none"),
-        &fd_path(fd),
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-    )
+}
+
+/// Attach the detached tree `tree` on the mount point `target` holds.
+fn attach(tree: &OwnedFd, target: &OwnedFd) -> io::Result<()> {
+    // SAFETY: two fds we hold and empty NUL-terminated paths that outlive
+    // the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Remove `name` from `dir` and `id` from `shared` if empty, never
+/// following a symlink (what a failed bind leaves).
+fn remove_entries(shared: &OwnedFd, id: &str, dir: &OwnedFd, name: &str, is_dir: bool) {
+    let entries = [(dir, name, is_dir), (shared, id, true)];
+    for (dir, name, is_dir) in entries {
+        if let Ok(c) = c_name(name) {
+            let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+            // SAFETY: a NUL-terminated name and a directory fd that
+            // outlive the call; unlinkat never follows a symlink.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) };
+        }
+    }
 }
 
 /// A container's root (or one of its mounts) bound into the shared
@@ -335,28 +367,42 @@ pub struct Bound {
     dir: bool,
 }
 
-/// Bind `src` (with the mounts below it) onto `shared/<id>/<name>`, a
-/// directory or a file as `src` is, read-only if asked, never following
-/// a symlink in the shared directory. On failure nothing stays mounted.
+/// Bind `src` (with the mounts below it if `recursive`) onto
+/// `shared/<id>/<name>`, a directory or a file as `src` is, read-only if
+/// asked, never following a symlink in the shared directory. The bind is
+/// made detached, private and read-only first, then attached: the guest
+/// never sees it writable, and undoing it never propagates to the host's
+/// own mounts. On failure nothing stays mounted.
 pub fn bind_beneath(
     shared: &Path,
     id: &str,
     name: &str,
     src: &Path,
     read_only: bool,
+    recursive: bool,
 ) -> io::Result<Bound> {
     let source = fs::metadata(src)?;
     let dir = source.is_dir();
+    let tree = detached_bind(src, read_only, recursive)?;
     let shared = open_dir(shared)?;
     let parent = open_dir_at(shared.as_fd(), id, true)?;
-    let target = open_at(parent.as_fd(), name, true, dir)?;
-    mount(src, &fd_path(&target), libc::MS_BIND | libc::MS_REC)?;
+    let attached = open_at(parent.as_fd(), name, true, dir)
+        .and_then(|target| attach(&tree, &target).map(|()| target));
+    let target = match attached {
+        Ok(target) => target,
+        Err(e) => {
+            remove_entries(&shared, id, &parent, name, dir);
+            return Err(e);
+        }
+    };
+    drop(tree);
     // Through the same handle's name, the mount's root: check that it is
     // (a guest may have put another directory in its place meanwhile).
     let root = match open_at(parent.as_fd(), name, false, dir) {
         Ok(root) => root,
         Err(e) => {
             let _ = unmount(&fd_path(&target));
+            remove_entries(&shared, id, &parent, name, dir);
             return Err(e);
         }
     };
@@ -368,31 +414,16 @@ pub fn bind_beneath(
         name: name.to_string(),
         dir,
     };
-    let done = match same_file(&bound.root, &source) {
-        Ok(true) => mount(
-            Path::new("none"),
-            &fd_path(&bound.root),
-            libc::MS_PRIVATE | libc::MS_REC,
-        )
-        .and_then(|()| {
-            if read_only {
-                read_only_recursive(&bound.root)
-            } else {
-                Ok(())
-            }
-        }),
-        Ok(false) => Err(io::Error::other(
-            "the bind's mount point was replaced in the shared directory",
-        )),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = done {
-        let _ = unmount(&fd_path(&target));
-        bound.release();
-        return Err(e);
+    match same_file(&bound.root, &source) {
+        Ok(true) => Ok(bound),
+        failed => {
+            let _ = unmount(&fd_path(&target));
+            bound.release();
+            Err(failed.err().unwrap_or_else(|| {
+                io::Error::other("the bind's mount point was replaced in the shared directory")
+            }))
+        }
     }
-    drop(target);
-    Ok(bound)
 }
 
 impl Bound {
@@ -403,18 +434,7 @@ impl Bound {
             log::warn!("unmounting {}'s {}: {e}", self.id, self.name);
         }
         drop(self.root);
-        let entries = [
-            (&self.parent, self.name.as_str(), self.dir),
-            (&self.shared, self.id.as_str(), true),
-        ];
-        for (dir, name, is_dir) in entries {
-            if let Ok(c) = c_name(name) {
-                let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-                // SAFETY: a NUL-terminated name and a directory fd that
-                // outlive the call; unlinkat never follows a symlink.
-                unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) };
-            }
-        }
+        remove_entries(&self.shared, &self.id, &self.parent, &self.name, self.dir);
     }
 }
 
@@ -461,43 +481,11 @@ pub fn ensure_mount_points(root: &Path) -> io::Result<()> {
 /// inside the container root `root`) on the host, a directory or
 /// (`dir` false) an empty file, before the root is shared, so that a
 /// read-only root (CRI's sandbox has one, with `/etc/resolv.conf` bound
-/// in) has it, as runc makes them. Nothing is followed: at a symlink or
-/// `..` this stops without error and leaves the rest to the guest, which
-/// resolves the path inside the root.
+/// in) has it, as runc makes them. The path is resolved inside the root,
+/// the image's symlinks included (`/var/run -> /run`), never leaving it.
 pub fn make_mount_point(root: &Path, dest: &Path, dir: bool) -> io::Result<()> {
-    use std::path::Component;
-    let mut names = Vec::new();
-    for c in dest.components() {
-        match c {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(n) => names.push(n.to_str().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "a destination that is not UTF-8",
-                )
-            })?),
-            Component::ParentDir | Component::Prefix(_) => return Ok(()),
-        }
-    }
-    let Some((last, parents)) = names.split_last() else {
-        return Ok(());
-    };
-    let mut at = open_dir(root)?;
-    for name in parents {
-        at = match open_dir_at(at.as_fd(), name, true) {
-            Ok(fd) => fd,
-            // A symlink (or a file) on the way: the guest's to resolve.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-                return Ok(())
-            }
-            Err(e) => return Err(e),
-        };
-    }
-    match open_at(at.as_fd(), last, true, dir) {
-        Ok(_) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => Ok(()),
-        Err(e) => Err(e),
-    }
+    let root = OwnedFd::from(File::open(root)?);
+    chitin_inroot::make_in_root(&root, dest, dir).map(drop)
 }
 
 /// Whether `path` is a mount point in this mount namespace (binds within
@@ -634,7 +622,7 @@ mod tests {
         fs::write(src.join("file"), b"image").unwrap();
 
         // A writable bind: the file reads and writes through it.
-        let rw = bind_beneath(&shared, "c1", "rootfs", &src, false).unwrap();
+        let rw = bind_beneath(&shared, "c1", "rootfs", &src, false, true).unwrap();
         assert!(is_mount_point(&shared.join("c1/rootfs")));
         assert_eq!(fs::read(shared.join("c1/rootfs/file")).unwrap(), b"image");
         fs::write(shared.join("c1/rootfs/new"), b"x").unwrap();
@@ -644,7 +632,7 @@ mod tests {
         // too.
         fs::create_dir_all(src.join("sub")).unwrap();
         mount_tmpfs(&src.join("sub"), 1 << 16, 16).unwrap();
-        let ro = bind_beneath(&shared, "c2", "rootfs", &src, true).unwrap();
+        let ro = bind_beneath(&shared, "c2", "rootfs", &src, true, true).unwrap();
         let err = fs::write(shared.join("c2/rootfs/other"), b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         let err = fs::write(shared.join("c2/rootfs/sub/other"), b"x").unwrap_err();
@@ -654,14 +642,18 @@ mod tests {
             "a submount stayed writable"
         );
         fs::write(src.join("sub/direct"), b"x").unwrap();
+        // A plain bind (not rbind) leaves the mounts below out.
+        let plain = bind_beneath(&shared, "c7", "rootfs", &src, false, false).unwrap();
+        assert!(!is_mount_point(&shared.join("c7/rootfs/sub")));
+        plain.release();
 
         // What a guest can plant in the shared directory: a symlink as
         // the container's directory, or as its rootfs.
         std::os::unix::fs::symlink(&outside, shared.join("c3")).unwrap();
-        assert!(bind_beneath(&shared, "c3", "rootfs", &src, false).is_err());
+        assert!(bind_beneath(&shared, "c3", "rootfs", &src, false, true).is_err());
         fs::create_dir(shared.join("c4")).unwrap();
         std::os::unix::fs::symlink(&outside, shared.join("c4/rootfs")).unwrap();
-        assert!(bind_beneath(&shared, "c4", "rootfs", &src, false).is_err());
+        assert!(bind_beneath(&shared, "c4", "rootfs", &src, false, true).is_err());
         assert_eq!(
             fs::read_dir(&outside).unwrap().count(),
             0,
@@ -671,7 +663,7 @@ mod tests {
         // Bad ids never reach a path.
         for id in ["", "..", "a/b"] {
             assert!(
-                bind_beneath(&shared, id, "rootfs", &src, false).is_err(),
+                bind_beneath(&shared, id, "rootfs", &src, false, true).is_err(),
                 "{id:?}"
             );
         }
@@ -680,14 +672,17 @@ mod tests {
         // a symlink planted where it goes is refused.
         let hosts = base.join("hosts");
         fs::write(&hosts, b"127.0.0.1 pod\n").unwrap();
-        let file = bind_beneath(&shared, "c5", "m0", &hosts, true).unwrap();
+        let file = bind_beneath(&shared, "c5", "m0", &hosts, true, true).unwrap();
         assert_eq!(fs::read(shared.join("c5/m0")).unwrap(), b"127.0.0.1 pod\n");
         let err = fs::write(shared.join("c5/m0"), b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         fs::create_dir(shared.join("c6")).unwrap();
-        std::os::unix::fs::symlink(outside.join("planted"), shared.join("c6/m0")).unwrap();
-        assert!(bind_beneath(&shared, "c6", "m0", &hosts, false).is_err());
-        assert!(!outside.join("planted").exists());
+        fs::write(outside.join("real"), b"keep").unwrap();
+        std::os::unix::fs::symlink(outside.join("real"), shared.join("c6/m0")).unwrap();
+        assert!(bind_beneath(&shared, "c6", "m0", &hosts, false, true).is_err());
+        assert_eq!(fs::read(outside.join("real")).unwrap(), b"keep");
+        assert!(!is_mount_point(&outside.join("real")));
+        fs::remove_file(outside.join("real")).unwrap();
         file.release();
         assert!(!shared.join("c5").exists(), "the file and directory went");
 
@@ -706,23 +701,28 @@ mod tests {
     }
 
     #[test]
-    fn mount_points_are_made_without_following_a_symlink() {
+    fn mount_points_are_made_inside_the_root_only() {
         let base = scratch("points");
         let (root, outside) = (base.join("root"), base.join("outside"));
         fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("run")).unwrap();
         fs::create_dir_all(&outside).unwrap();
-        std::os::unix::fs::symlink(&outside, root.join("var")).unwrap();
+        // An image's symlinks: absolute (the root's /run), and one aimed
+        // at the host's directory.
+        std::os::unix::fs::symlink("/run", root.join("var")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("host")).unwrap();
         make_mount_point(&root, Path::new("/etc/resolv.conf"), false).unwrap();
         assert!(root.join("etc/resolv.conf").is_file());
         make_mount_point(&root, Path::new("/data/sub"), true).unwrap();
         assert!(root.join("data/sub").is_dir());
         // Already there: fine.
         make_mount_point(&root, Path::new("/etc/resolv.conf"), false).unwrap();
-        // A symlink on the way, or as the mount point itself: left to the
-        // guest, nothing made outside the root.
-        make_mount_point(&root, Path::new("/var/run/secrets"), true).unwrap();
-        make_mount_point(&root, Path::new("/var"), true).unwrap();
-        make_mount_point(&root, Path::new("/etc/../x"), true).unwrap();
+        make_mount_point(&root, Path::new("/var/secrets/token"), true).unwrap();
+        assert!(root.join("run/secrets/token").is_dir());
+        // The host path the link names is taken inside the root: made
+        // there or refused, never outside.
+        let _ = make_mount_point(&root, Path::new("/host/x"), true);
+        let _ = make_mount_point(&root, Path::new("/etc/../../x"), true);
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         assert!(!base.join("x").exists());
         fs::remove_dir_all(&base).unwrap();

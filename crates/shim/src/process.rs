@@ -22,7 +22,8 @@ pub struct Io {
     pub stdout: String,
     /// Where stderr goes.
     pub stderr: String,
-    /// A terminal (refused before a process is made).
+    /// A terminal: the process runs on a guest terminal, its output all
+    /// on stdout.
     pub terminal: bool,
 }
 
@@ -81,6 +82,8 @@ struct Inner {
     stdin_cancel: Option<Arc<OwnedFd>>,
     /// A SIGKILL was sent: its deadline is being watched.
     kill_watched: bool,
+    /// A terminal size that came while starting, applied once started.
+    pending_size: Option<(u16, u16)>,
 }
 
 /// A container's init or exec process.
@@ -189,6 +192,7 @@ impl Process {
                 on_exit: None,
                 stdin_cancel: None,
                 kill_watched: false,
+                pending_size: None,
             }),
             changed: Condvar::new(),
         })
@@ -316,6 +320,9 @@ impl Process {
             inner.signaller = Some(child.signaller());
             inner.on_exit = Some(on_exit);
             inner.stdin_cancel = cancel.clone();
+            if let Some((rows, cols)) = inner.pending_size.take() {
+                let _ = child.signaller().resize(rows, cols);
+            }
             inner.pending_signal.take()
         };
         on_start(child.id());
@@ -440,6 +447,28 @@ impl Process {
         if let Some(cancel) = relock(&self.inner).stdin_cancel.take() {
             wake(&cancel);
         }
+    }
+
+    /// Give its terminal a new size (`ResizePty`): before the start, the
+    /// size it starts with; while starting, applied once it runs. A
+    /// process without a terminal, or ended, ignores it.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProcessError> {
+        if !self.io.terminal {
+            return Ok(());
+        }
+        let mut inner = relock(&self.inner);
+        if let Some(s) = &inner.signaller {
+            return Ok(s.resize(rows, cols)?);
+        }
+        let starting = inner.starting;
+        match inner.command.as_mut() {
+            Some(cmd) => {
+                cmd.tty(rows, cols);
+            }
+            None if starting => inner.pending_size = Some((rows, cols)),
+            None => {}
+        }
+        Ok(())
     }
 
     /// Send `signal`. One that comes while the guest is starting the

@@ -439,6 +439,7 @@ impl Service {
                 "rootfs",
                 &source,
                 read_only,
+                true,
             )
         });
         match bound {
@@ -470,12 +471,14 @@ impl Service {
                 source,
                 name,
                 read_only,
+                recursive,
                 ..
             } = p
             else {
                 continue;
             };
-            match mounts::bind_beneath(&self.shared.shared_dir(), id, name, source, *read_only) {
+            let shared = self.shared.shared_dir();
+            match mounts::bind_beneath(&shared, id, name, source, *read_only, *recursive) {
                 Ok(b) => bound.push(b),
                 Err(e) => {
                     for b in bound {
@@ -788,6 +791,22 @@ impl containerd_shim::Task for Service {
                 Err(e) => return Err(rpc(Code::UNKNOWN, chitin::error_chain(&e))),
             }
         }
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let process = {
+            let pod = relock(&self.shared.pod);
+            pod.container(&req.id)?.process(&req.exec_id)?.clone()
+        };
+        let (rows, cols) = (spec::clamp_u16(req.height), spec::clamp_u16(req.width));
+        process
+            .resize(rows, cols)
+            .map_err(|e| rpc(Code::UNKNOWN, chitin::error_chain(&e)))?;
         Ok(api::Empty::new())
     }
 

@@ -6,7 +6,8 @@
 //! `noNewPrivileges`, `oomScoreAdj`, the container's `hostname` and
 //! root, and its mounts the guest can provide (see [`plan_mounts`]). Not
 //! applied (logged; docs/kubernetes.md lists them): the LSM labels.
-//! A terminal is refused: the agent has no pty yet.
+//! A terminal (`terminal`, or the task's) is a guest terminal of
+//! `consoleSize`, 24 × 80 without one, resized by `ResizePty`.
 
 use std::path::{Path, PathBuf};
 
@@ -28,9 +29,6 @@ pub enum SpecError {
     /// An `env` entry is not `KEY=VALUE`.
     #[error("process.env entry {0:?} is not KEY=VALUE")]
     BadEnv(String),
-    /// A terminal was asked for.
-    #[error("a terminal (tty) is not supported by chitin yet")]
-    Terminal,
 }
 
 /// The command that runs `process` with `root` (a directory in the guest)
@@ -41,9 +39,6 @@ pub fn command(
     hostname: Option<&str>,
     terminal: bool,
 ) -> Result<Command, SpecError> {
-    if terminal || process.terminal() == Some(true) {
-        return Err(SpecError::Terminal);
-    }
     let args = process.args().as_deref().unwrap_or_default();
     let (program, rest) = args.split_first().ok_or(SpecError::NoArgs)?;
     let mut cmd = Command::new(program);
@@ -66,6 +61,15 @@ pub fn command(
     cmd.root(root);
     if let Some(name) = hostname.filter(|n| !n.is_empty()) {
         cmd.hostname(name);
+    }
+    if terminal || process.terminal() == Some(true) {
+        // The spec's size, or a console's usual one until ResizePty.
+        let (rows, cols) = process
+            .console_size()
+            .as_ref()
+            .map(|b| (b.height(), b.width()))
+            .unwrap_or((24, 80));
+        cmd.tty(clamp_u16(rows), clamp_u16(cols));
     }
     if let Some(groups) = user.additional_gids() {
         cmd.groups(groups.iter().copied());
@@ -100,6 +104,11 @@ pub fn command(
         cmd.oom_score_adj(score.clamp(-1000, 1000));
     }
     Ok(cmd)
+}
+
+/// A terminal dimension as the guest takes it.
+pub fn clamp_u16(v: impl TryInto<u16>) -> u16 {
+    v.try_into().unwrap_or(u16::MAX)
 }
 
 /// Linux's capability numbers, by the names OCI gives them.
@@ -266,6 +275,8 @@ pub enum Planned {
         name: String,
         /// Bound read-only on the host.
         read_only: bool,
+        /// With the mounts below it (`rbind`).
+        recursive: bool,
         /// The guest's bind.
         mount: Mount,
     },
@@ -317,8 +328,9 @@ pub fn plan_mounts(spec: &oci_spec::runtime::Spec, guest_dir: &str) -> (Vec<Plan
         let typ = m.typ().as_deref().unwrap_or("");
         let options = m.options().as_deref().unwrap_or_default();
         let has = |o: &str| options.iter().any(|x| x == o);
+        let read_only = has("ro") || has("rro");
         let flagged = |mut mount: Mount| {
-            if has("ro") {
+            if read_only {
                 mount = mount.read_only();
             }
             if has("nosuid") {
@@ -333,14 +345,23 @@ pub fn plan_mounts(spec: &oci_spec::runtime::Spec, guest_dir: &str) -> (Vec<Plan
             mount
         };
         if typ == "bind" || has("bind") || has("rbind") {
+            let special =
+                |s: &PathBuf| std::fs::metadata(s).is_ok_and(|m| !m.is_dir() && !m.is_file());
             match m.source().as_ref().filter(|s| s.is_absolute()) {
+                // A socket or a device cannot cross into the VM through
+                // virtio-fs.
+                Some(source) if special(source) => ignored.push(format!(
+                    "bind mount {dest_str} of {} (neither a file nor a directory)",
+                    source.display()
+                )),
                 Some(source) => {
                     let name = format!("m{}", planned.len());
                     let guest_source = format!("{guest_dir}/{name}");
                     planned.push(Planned::Host {
                         source: source.clone(),
                         name,
-                        read_only: has("ro"),
+                        read_only,
+                        recursive: has("rbind"),
                         mount: flagged(Mount::bind(guest_source, dest_str)),
                     });
                 }
@@ -431,10 +452,6 @@ mod tests {
                 r#"{"args":["x"],"env":["=v"],"cwd":"/","user":{"uid":0,"gid":0}}"#,
                 SpecError::BadEnv("=v".into()),
             ),
-            (
-                r#"{"args":["x"],"terminal":true,"cwd":"/","user":{"uid":0,"gid":0}}"#,
-                SpecError::Terminal,
-            ),
         ];
         for (json, want) in cases {
             assert_eq!(
@@ -443,12 +460,27 @@ mod tests {
                 "{json}"
             );
         }
-        let ok = process(r#"{"args":["x"],"cwd":"/","user":{"uid":0,"gid":0}}"#);
-        assert_eq!(
-            command(&ok, "/r", None, true).unwrap_err(),
-            SpecError::Terminal
-        );
         assert!(parse_process(b"{not json").is_err());
+    }
+
+    #[test]
+    fn a_terminal_is_a_guest_terminal_of_the_specs_size() {
+        let ok = process(r#"{"args":["x"],"cwd":"/","user":{"uid":0,"gid":0}}"#);
+        let shown = format!("{:?}", command(&ok, "/r", None, true).unwrap());
+        assert!(
+            shown.contains("tty: Some(WindowSize { rows: 24, cols: 80 })"),
+            "{shown}"
+        );
+        let sized = process(
+            r#"{"args":["x"],"terminal":true,"consoleSize":{"height":33,"width":101},"cwd":"/","user":{"uid":0,"gid":0}}"#,
+        );
+        let shown = format!("{:?}", command(&sized, "/r", None, false).unwrap());
+        assert!(
+            shown.contains("tty: Some(WindowSize { rows: 33, cols: 101 })"),
+            "{shown}"
+        );
+        let none = format!("{:?}", command(&ok, "/r", None, false).unwrap());
+        assert!(none.contains("tty: None"), "{none}");
     }
 
     #[test]
@@ -516,6 +548,8 @@ mod tests {
                 {"destination":"/etc/hosts","type":"bind","source":"/var/lib/sandboxes/p/hosts","options":["rbind","rprivate","rw"]},
                 {"destination":"/data","source":"/var/lib/kubelet/pods/u/volumes/v","options":["rbind","ro","nosuid"]},
                 {"destination":"/cache","type":"tmpfs","source":"tmpfs","options":["nodev","size=1m","mode=1777","huge=always","rw"]},
+                {"destination":"/plain","type":"bind","source":"/var/lib/kubelet/pods/u/volumes/w","options":["bind","rro"]},
+                {"destination":"/dev/fuse","type":"bind","source":"/dev/null","options":["bind"]},
                 {"destination":"/bad","type":"bind","source":"relative","options":["rbind"]}
             ]}"#,
         )
@@ -528,17 +562,26 @@ mod tests {
                     source: "/var/lib/sandboxes/p/hosts".into(),
                     name: "m0".into(),
                     read_only: false,
+                    recursive: true,
                     mount: Mount::bind("/run/chitin/pod/c1/m0", "/etc/hosts"),
                 },
                 Planned::Host {
                     source: "/var/lib/kubelet/pods/u/volumes/v".into(),
                     name: "m1".into(),
                     read_only: true,
+                    recursive: true,
                     mount: Mount::bind("/run/chitin/pod/c1/m1", "/data")
                         .read_only()
                         .nosuid(),
                 },
                 Planned::Guest(Mount::tmpfs("/cache").options("size=1m,mode=1777").nodev()),
+                Planned::Host {
+                    source: "/var/lib/kubelet/pods/u/volumes/w".into(),
+                    name: "m3".into(),
+                    read_only: true,
+                    recursive: false,
+                    mount: Mount::bind("/run/chitin/pod/c1/m3", "/plain").read_only(),
+                },
             ]
         );
         assert_eq!(
@@ -546,6 +589,7 @@ mod tests {
             [
                 "mount /dev/mqueue (mqueue)",
                 "mount /sys/fs/cgroup (cgroup)",
+                "bind mount /dev/fuse of /dev/null (neither a file nor a directory)",
                 "bind mount /bad (no absolute source)"
             ]
         );

@@ -202,6 +202,26 @@ struct CtrOutput {
     first_line_ms: Option<u128>,
 }
 
+/// Wait for the `ctr ARGS` started at `t` to end, killing it after
+/// [`RUN_TIMEOUT`].
+fn wait_ctr(
+    child: &mut Child,
+    t: Instant,
+    args: &[&str],
+) -> Result<std::process::ExitStatus, String> {
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if t.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("ctr {args:?} did not end within {RUN_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Run `ctr ARGS` to its end (at most [`RUN_TIMEOUT`]).
 fn ctr(args: &[&str]) -> Result<CtrOutput, String> {
     let t = Instant::now();
@@ -231,17 +251,7 @@ fn ctr(args: &[&str]) -> Result<CtrOutput, String> {
         let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
         s
     });
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break status;
-        }
-        if t.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("ctr {args:?} did not end within {RUN_TIMEOUT:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_ctr(&mut child, t, args)?;
     let (first_line_ms, stdout) = out.join().map_err(|_| "reader panicked")?;
     let stderr = err.join().map_err(|_| "reader panicked")?;
     Ok(CtrOutput {
@@ -437,6 +447,7 @@ pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
         with_log(imported.and_then(|()| side_by_side(Source::Image, IMAGE_NAME))),
     );
     c.result("shim-task", with_log(task_checks(&ground.rootfs)));
+    c.result("shim-tty", with_log(tty_checks(&ground.rootfs)));
     c.result("shim-pod", with_log(pod_checks(&ground.rootfs)));
     c.result("shim-net", with_log(net_checks(&ground.rootfs)));
     ground.tear_down();
@@ -563,6 +574,109 @@ fn task_steps() -> Result<String, String> {
         memory.unwrap_or(0) >> 20,
         cpu.unwrap_or(0) / 1000,
         128 + libc::SIGUSR1
+    ))
+}
+
+/// `ctr ARGS` on a terminal of `rows` × `cols` in L1 (ctr takes its
+/// terminal for `-t`): its exit code and what appeared on the terminal.
+fn ctr_on_terminal(args: &[&str], rows: u16, cols: u16) -> Result<(Option<i32>, String), String> {
+    use std::os::fd::FromRawFd;
+    // L1's init mounts no devpts; openpty needs one.
+    if !Path::new("/dev/pts/ptmx").exists() {
+        mount(
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+        )?;
+    }
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds into the ints given and reads the
+    // winsize; a null name and termios are allowed.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    if ret != 0 {
+        return Err(format!("openpty: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: two new fds from openpty, owned by nothing else.
+    let (mut master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let dup = |f: &std::fs::File| f.try_clone().map_err(|e| e.to_string());
+    let t = Instant::now();
+    let mut child = Command::new(format!("{PACKAGES}/usr/bin/ctr"))
+        .args(["--address", SOCKET])
+        .args(args)
+        .envs(environment())
+        .stdin(dup(&slave)?)
+        .stdout(dup(&slave)?)
+        .stderr(slave)
+        .spawn()
+        .map_err(|e| format!("start ctr: {e}"))?;
+    // The terminal ends (EIO) when ctr, the last holder of its slave side,
+    // exits.
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut master, &mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let status = wait_ctr(&mut child, t, args)?;
+    let output = reader.join().map_err(|_| "terminal reader panicked")?;
+    Ok((status.code(), output))
+}
+
+/// `ctr run -t` on a 33 × 101 terminal: the container's stdin is a
+/// terminal, and it ends up the size of ctr's (`ResizePty`, or the
+/// spec's console size), its output and exit code come back.
+fn tty_checks(rootfs: &Path) -> Result<String, String> {
+    let root = rootfs.to_str().ok_or("rootfs path")?;
+    // Until the resize arrives the size is the shim's 24 × 80.
+    let script = "test -t 0 && echo is-a-tty; i=0; \
+                  while [ \"$(stty size)\" = '24 80' ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+                  stty size; exit 3";
+    let (code, output) = ctr_on_terminal(
+        &[
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            CHITIN,
+            "--rootfs",
+            root,
+            "tty1",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+        33,
+        101,
+    )?;
+    let lines: Vec<&str> = output
+        .split(['\r', '\n'])
+        .filter(|l| !l.is_empty())
+        .collect();
+    if code != Some(3) || !lines.contains(&"is-a-tty") || lines.last() != Some(&"33 101") {
+        return Err(format!("ctr run -t: exit {code:?}, terminal {output:?}"));
+    }
+    Ok(format!(
+        "ctr run -t: the container's stdin was a terminal, 33x101 as ctr's ({}), exit 3",
+        lines.join(" | ")
     ))
 }
 

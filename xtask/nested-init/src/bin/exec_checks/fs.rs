@@ -767,6 +767,7 @@ pub fn container_checks(kernel: &str, initramfs: &str, c: &mut Checks) {
     };
     mount_checks(&vm, c);
     attribute_checks(&vm, c);
+    c.result("tty", tty_check(&vm));
     container_run(
         &vm,
         c,
@@ -1021,6 +1022,57 @@ fn attribute_checks(vm: &RunningSandbox, c: &mut Checks) {
         .capabilities(chown),
         |o| o == "CapEff:0000000000000001\nchown-ok\nmknod-refused",
     );
+}
+
+/// A container process on a guest terminal: stdin is a terminal, its
+/// size is the one asked for, a resize reaches it, input typed reaches
+/// it, and everything comes on stdout.
+fn tty_check(vm: &RunningSandbox) -> Result<String, String> {
+    use std::io::Write;
+    let mut cmd =
+        sh_in("test -t 0 && echo is-a-tty; stty size; read line; stty size; echo got-$line");
+    cmd.tty(30, 100)
+        .stdin(chitin::Stdio::piped())
+        .timeout(Duration::from_secs(120));
+    let mut child = vm.spawn(&cmd).map_err(|e| chitin::error_chain(&e))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    // The first size is printed before the resize.
+    let mut seen = String::new();
+    while !seen.contains("30 100") {
+        let mut line = String::new();
+        match stdout.read_line(&mut line) {
+            Ok(0) | Err(_) => return Err(format!("output ended early: {seen:?}")),
+            Ok(_) => seen.push_str(&line),
+        }
+    }
+    // RESIZE goes before the line on the same connection: the shell reads
+    // the line only after the new size is set.
+    child
+        .signaller()
+        .resize(40, 120)
+        .map_err(|e| chitin::error_chain(&e))?;
+    stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let out = child
+        .wait_with_output()
+        .map_err(|e| chitin::error_chain(&e))?;
+    let stdout = format!("{seen}{rest}").replace('\r', "");
+    let lines: Vec<&str> = stdout.lines().collect();
+    // The terminal echoes the typed line.
+    let want = ["is-a-tty", "30 100", "go", "40 120", "got-go"];
+    if out.status != ExitStatus::Code(0) || !out.stderr.is_empty() || lines != want {
+        return Err(format!(
+            "{:?}: stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(format!(
+        "on a 30x100 terminal, resized to 40x120, the typed line echoed and read: {}",
+        lines.join(" | ")
+    ))
 }
 
 /// `key=value` from a tool's output line.
