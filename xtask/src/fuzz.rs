@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz --smoke [SECONDS]`: run every fuzz target of the
 //! separate `fuzz/` workspace under AddressSanitizer on the nightly
-//! toolchain, for 30 s each by default, and fail on any crash.
+//! toolchain, for 25 s each by default, and fail on any crash.
 //!
 //! Each target starts from seeds written from source ([`crate::fuzz_seeds`])
 //! into a fresh `target/fuzz-corpus/<target>`, so the repo holds no binary
@@ -24,7 +24,7 @@ pub const TARGETS: &[&str] = &[
     "snapshot_state",
 ];
 /// Seconds per target in a smoke run.
-const SMOKE_SECONDS: u64 = 30;
+const SMOKE_SECONDS: u64 = 25;
 
 fn have_cargo_fuzz() -> bool {
     cargo(&["fuzz", "--version"])

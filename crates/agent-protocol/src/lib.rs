@@ -31,10 +31,11 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 /// per-stream flow control (the two CREDIT frames and [`WINDOW`]); version
 /// 3 gives stdout and stderr a window each, sends EXIT as soon as the
 /// process is reaped, and ends each output stream with an empty frame.
-/// Version 5 added ENTROPY; version 6 added an EXEC's container mounts
-/// and process attributes (groups, umask, rlimits, capabilities,
-/// no-new-privileges, OOM score), terminals and RESIZE.
-pub const VERSION: u32 = 6;
+/// Version 5 added ENTROPY; version 6 an EXEC's container mounts and
+/// process attributes (groups, umask, rlimits, capabilities,
+/// no-new-privileges, OOM score); version 7 terminals (EXEC's tty,
+/// RESIZE).
+pub const VERSION: u32 = 7;
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 1024;
 /// The kernel command-line key the agent reads to decide whether to serve.

@@ -580,6 +580,14 @@ fn enter(spec: &Spec) -> Result<(), (String, io::Error)> {
             libc::setgroups(a.groups.len(), a.groups.as_ptr())
         })?;
     }
+    // A terminal's slave comes from the guest's devpts, root's and 0600:
+    // the user it runs as gets it, as runc gives its console.
+    // SAFETY: isatty and fchown take an fd and ids only.
+    if spec.uid.is_some_and(|u| u != 0) && unsafe { libc::isatty(0) } == 1 {
+        let (uid, gid) = (spec.uid.unwrap_or(0), spec.gid.unwrap_or(u32::MAX));
+        // SAFETY: as above; gid u32::MAX (-1) leaves the group.
+        check("chown the terminal", unsafe { libc::fchown(0, uid, gid) })?;
+    }
     if let Some(gid) = spec.gid {
         // SAFETY: setgid takes an id.
         check("setgid", unsafe { libc::setgid(gid) })?;

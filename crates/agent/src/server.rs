@@ -868,12 +868,56 @@ fn kill_all(table: &ProcTable) {
                 libc::kill(p.pid, libc::SIGKILL);
             }
         }
+        if p.tty.is_some() {
+            // A shell on a terminal puts each job in a group of its own,
+            // within the session the process leads: every one goes.
+            kill_session(p.pid);
+        }
     }
+}
+
+/// SIGKILL every process of session `sid` (its id stays taken while any
+/// member lives), a few rounds for those forked meanwhile.
+fn kill_session(sid: i32) {
+    for _ in 0..4 {
+        let members: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| session_of(pid) == Some(sid))
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        for pid in members {
+            // SAFETY: kill takes no pointers; a member of the session is
+            // ours to end (a pid gone meanwhile is ESRCH).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The session of `pid`, from `/proc/<pid>/stat` (`pid (comm) state ppid
+/// pgrp session ...`; comm may hold anything, so fields count from its
+/// closing parenthesis).
+fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(3)?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_session_is_read_from_proc() {
+        // SAFETY: getsid(0) reads this process's session.
+        let sid = unsafe { libc::getsid(0) };
+        assert_eq!(session_of(std::process::id() as i32), Some(sid));
+        assert_eq!(session_of(-1), None);
+    }
 
     /// Records each write call apart.
     #[derive(Clone, Default)]

@@ -18,6 +18,18 @@ use std::path::{Component, Path, PathBuf};
 /// `openat2(dir, path, O_PATH, RESOLVE_IN_ROOT)`: `path` resolved as if
 /// `dir` were `/`, symlinks and `..` included, never leaving it.
 pub fn open_in_root(dir: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
+    // EAGAIN: a `..` met while something was renamed or mounted anywhere
+    // on the system; the lookup is safe to repeat.
+    let mut tries = 0;
+    loop {
+        match open_in_root_once(dir, path) {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 16 => tries += 1,
+            done => return done,
+        }
+    }
+}
+
+fn open_in_root_once(dir: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: open_how is plain data, valid all zeros.

@@ -247,6 +247,11 @@ impl Process {
             Err(e) => {
                 let mut inner = relock(&self.inner);
                 inner.starting = false;
+                // A size that came meanwhile is the next start's.
+                let mut template = template;
+                if let Some((rows, cols)) = inner.pending_size.take() {
+                    template.tty(rows, cols);
+                }
                 match inner.pending_signal.take() {
                     // It can be started again.
                     None => inner.command = Some(template),

@@ -577,7 +577,8 @@ impl containerd_shim::Task for Service {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
-            terminal: req.terminal,
+            // As the command has it: the task's or the spec's.
+            terminal: req.terminal || process.terminal() == Some(true),
         };
         pod.containers.insert(
             req.id.clone(),
@@ -844,7 +845,7 @@ impl containerd_shim::Task for Service {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
-            terminal: req.terminal,
+            terminal: req.terminal || process.terminal() == Some(true),
         };
         c.execs
             .insert(req.exec_id.clone(), Process::new(command, io));

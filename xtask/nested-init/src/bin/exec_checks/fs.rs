@@ -1029,9 +1029,13 @@ fn attribute_checks(vm: &RunningSandbox, c: &mut Checks) {
 /// it, and everything comes on stdout.
 fn tty_check(vm: &RunningSandbox) -> Result<String, String> {
     use std::io::Write;
-    let mut cmd =
-        sh_in("test -t 0 && echo is-a-tty; stty size; read line; stty size; echo got-$line");
+    let mut cmd = sh_in(
+        "test -t 0 && echo is-a-tty; stat -L -c %u /proc/self/fd/0; stty size; read line; stty size; echo got-$line",
+    );
+    // A user's terminal is the user's.
     cmd.tty(30, 100)
+        .uid(1000)
+        .gid(1000)
         .stdin(chitin::Stdio::piped())
         .timeout(Duration::from_secs(120));
     let mut child = vm.spawn(&cmd).map_err(|e| chitin::error_chain(&e))?;
@@ -1061,7 +1065,7 @@ fn tty_check(vm: &RunningSandbox) -> Result<String, String> {
     let stdout = format!("{seen}{rest}").replace('\r', "");
     let lines: Vec<&str> = stdout.lines().collect();
     // The terminal echoes the typed line.
-    let want = ["is-a-tty", "30 100", "go", "40 120", "got-go"];
+    let want = ["is-a-tty", "1000", "30 100", "go", "40 120", "got-go"];
     if out.status != ExitStatus::Code(0) || !out.stderr.is_empty() || lines != want {
         return Err(format!(
             "{:?}: stdout {stdout:?}, stderr {:?}",
@@ -1070,7 +1074,7 @@ fn tty_check(vm: &RunningSandbox) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "on a 30x100 terminal, resized to 40x120, the typed line echoed and read: {}",
+        "uid 1000 on a 30x100 terminal it owns, resized to 40x120, the typed line echoed and read: {}",
         lines.join(" | ")
     ))
 }
