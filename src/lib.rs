@@ -49,6 +49,7 @@ mod faults;
 mod guest;
 mod logging;
 mod net;
+mod remote;
 mod sandbox;
 mod share;
 mod snapshot;
@@ -73,6 +74,7 @@ pub use faults::DeviceFaults;
 pub use guest::{GuestImage, GUEST_CMDLINE};
 pub use logging::log_to_stderr;
 pub use net::{Net, RateLimit};
+pub use remote::RemoteSandbox;
 pub use sandbox::{
     RunningSandbox, Sandbox, SandboxBuilder, SandboxHandle, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS, ROOTFS_MOUNT, VMM_CMDLINE_ENTRIES,

@@ -116,6 +116,13 @@ pub enum JailError {
         /// `uid` or `gid`.
         what: &'static str,
     },
+    /// [`Jail::root_keeping`] was given a capability number past 63.
+    #[error("capability {0} does not exist")]
+    InvalidCapability(u32),
+    /// [`Jail::root_keeping`] and [`Jail::user_namespace`] together: a
+    /// jail that stays root has no user namespace.
+    #[error("a jail that stays root cannot have a user namespace")]
+    RootInUserNamespace,
     /// A resource path is relative or holds `..`.
     #[error("jail path {0} must be absolute without ..")]
     InvalidPath(PathBuf),
@@ -375,6 +382,9 @@ pub struct Jail {
     fsize: Option<u64>,
     keep_fds: Vec<RawFd>,
     keep_env: Vec<OsString>,
+    /// [`Jail::root_keeping`]'s capabilities, as a mask.
+    root_caps: Option<u64>,
+    bad_cap: Option<u32>,
 }
 
 impl Jail {
@@ -397,6 +407,8 @@ impl Jail {
             fsize: None,
             keep_fds: Vec::new(),
             keep_env: Vec::new(),
+            root_caps: None,
+            bad_cap: None,
         }
     }
 
@@ -416,6 +428,30 @@ impl Jail {
     /// uid in.
     pub fn user_namespace(mut self, on: bool) -> Self {
         self.user_ns = on;
+        self
+    }
+
+    /// Stay root (uid and gid 0, no supplementary groups; [`Jail::ids`]
+    /// no longer applies) with only `capabilities` (numbers from
+    /// `linux/capability.h`: 0 is `CAP_CHOWN`) left in the bounding,
+    /// permitted and effective sets, for a process that must act as many
+    /// host users: a VMM serving container roots through chitin-fs, which
+    /// switches to each guest user's ids per request. Everything else
+    /// applies as in an unprivileged jail, and its `/proc` holds only
+    /// processes (`subset=pid`): root in the jail cannot reach the
+    /// kernel's settings (`/proc/sys`, `/proc/sysrq-trigger`) there.
+    /// Only where an unprivileged uid cannot do the work.
+    pub fn root_keeping(mut self, capabilities: &[u32]) -> Self {
+        let mut mask = 0u64;
+        for &cap in capabilities {
+            match 1u64.checked_shl(cap) {
+                Some(bit) => mask |= bit,
+                None => self.bad_cap = Some(cap),
+            }
+        }
+        self.root_caps = Some(mask);
+        self.uid = 0;
+        self.gid = 0;
         self
     }
 
@@ -498,6 +534,17 @@ impl Jail {
         self
     }
 
+    /// Where the jail's cgroup is made on the host:
+    /// `<cgroup v2 root>/<parent>/<id>` (see [`Jail::cgroup_parent`]),
+    /// for a caller that watches or cleans up after a jail it did not
+    /// enter itself, without trusting anything the jail says.
+    pub fn cgroup_path(&self) -> Result<PathBuf, JailError> {
+        let mut path = cgroup::v2_root()?;
+        path.extend(self.cgroup_parent.split('/').filter(|p| !p.is_empty()));
+        path.push(&self.id);
+        Ok(path)
+    }
+
     /// The jail's directory: `<state dir>/<id>`, whose `root` the jail's
     /// root tmpfs is mounted on.
     pub fn dir(&self) -> PathBuf {
@@ -516,12 +563,21 @@ impl Jail {
         if !id_ok {
             return Err(JailError::InvalidId(self.id.clone()));
         }
-        // In a user namespace these are the host's ids of its root.
-        if self.uid == 0 {
-            return Err(JailError::IdNotAllowed { what: "uid" });
+        if let Some(cap) = self.bad_cap {
+            return Err(JailError::InvalidCapability(cap));
         }
-        if self.gid == 0 {
-            return Err(JailError::IdNotAllowed { what: "gid" });
+        if self.root_caps.is_some() {
+            if self.user_ns {
+                return Err(JailError::RootInUserNamespace);
+            }
+        } else {
+            // In a user namespace these are the host's ids of its root.
+            if self.uid == 0 {
+                return Err(JailError::IdNotAllowed { what: "uid" });
+            }
+            if self.gid == 0 {
+                return Err(JailError::IdNotAllowed { what: "gid" });
+            }
         }
         let mut resources: Vec<Resource> = Vec::new();
         for (path, kind) in &self.paths {
@@ -851,7 +907,13 @@ impl Jail {
         // the caller's terminal.
         run("leave the caller's session", sys::setsid())?;
         let new_root = dir.join("root");
-        root::build(&new_root, resources, (self.uid, self.gid), self.user_ns)?;
+        root::build(
+            &new_root,
+            resources,
+            (self.uid, self.gid),
+            self.user_ns,
+            self.root_caps.is_some(),
+        )?;
         let switch = root::enter(&new_root)?;
         run(
             "set the hostname",
@@ -866,7 +928,7 @@ impl Jail {
         clear_env(&self.keep_env);
         run(
             "drop the capability bounding and ambient sets",
-            sys::drop_bounding_and_ambient(),
+            sys::drop_bounding_and_ambient(self.root_caps.unwrap_or(0)),
         )?;
         run("set no_new_privs", sys::no_new_privs())?;
         // The caller's keys (credentials of its session) stay outside.
@@ -879,7 +941,10 @@ impl Jail {
             sys::set_ids(self.uid, self.gid, true)
         };
         run("drop to the jailed ids", ids)?;
-        run("clear the capabilities", sys::clear_capabilities())?;
+        run(
+            "clear the capabilities",
+            sys::set_capabilities(self.root_caps.unwrap_or(0)),
+        )?;
         // A change of ids clears the parent-death signal.
         run("die with the supervisor", sys::die_with_parent())?;
         for resource in resources {
@@ -1088,6 +1153,20 @@ mod tests {
         // Not even as the host's ids of a user namespace's root.
         assert!(err(Jail::new("x").ids(0, 0).user_namespace(true)).contains("uid 0"));
         assert!(err(Jail::new("x").ids(1, 1).read_only("/tmp/a\tb")).contains("absolute"));
+    }
+
+    #[test]
+    fn a_jail_that_stays_root_keeps_only_known_capabilities() {
+        let err = |jail: Jail| jail.check().err().unwrap().to_string();
+        // CAP_CHOWN and CAP_DAC_OVERRIDE: root ids are taken.
+        let root = Jail::new("x").root_keeping(&[0, 1]);
+        assert!(root.check().is_ok());
+        assert_eq!(root.root_caps, Some(0b11));
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(err(Jail::new("x").root_keeping(&[0, 64])).contains("capability 64"));
+        assert!(
+            err(Jail::new("x").root_keeping(&[]).user_namespace(true)).contains("user namespace")
+        );
     }
 
     #[test]

@@ -49,12 +49,15 @@ fn step<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Fai
 }
 
 /// Make `root` (an existing, empty directory) the new root: tmpfs, the
-/// resources, `/dev`, `/proc`, `/tmp`; read-only where it can be.
+/// resources, `/dev`, `/proc`, `/tmp`; read-only where it can be. With
+/// `processes_only`, `/proc` holds only the processes (for a jail that
+/// stays root: no `/proc/sys`, no `/proc/sysrq-trigger`).
 pub(crate) fn build(
     root: &Path,
     resources: &[Resource],
     owner: (u32, u32),
     user_ns: bool,
+    processes_only: bool,
 ) -> Result<(), Fail> {
     let slash = Path::new("/");
     // Mounts made here must not show outside (host mounts made later
@@ -92,7 +95,7 @@ pub(crate) fn build(
         &proc_dir,
         Some("proc"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
+        processes_only.then_some("subset=pid"),
     )
     .map_err(step("mount /proc", &proc_dir))?;
     // The root itself holds only mount points: nothing may be added.

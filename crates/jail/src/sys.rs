@@ -258,11 +258,14 @@ pub(crate) fn no_new_privs() -> io::Result<()> {
     cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
 }
 
-/// Empty the capability bounding set (needs `CAP_SETPCAP`) and the
-/// ambient set: nothing this process or a program it execs runs can gain
-/// a capability again.
-pub(crate) fn drop_bounding_and_ambient() -> io::Result<()> {
+/// Empty the capability bounding set but for `keep` (a mask; dropping
+/// needs `CAP_SETPCAP`) and the ambient set: nothing this process or a
+/// program it execs runs can gain another capability again.
+pub(crate) fn drop_bounding_and_ambient(keep: u64) -> io::Result<()> {
     for cap in 0..=63 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
         // SAFETY: prctl with integer arguments only.
         let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
         if ret == -1 {
@@ -287,8 +290,9 @@ pub(crate) fn drop_bounding_and_ambient() -> io::Result<()> {
     .map(drop)
 }
 
-/// `capset(2)` to empty effective, permitted and inheritable sets.
-pub(crate) fn clear_capabilities() -> io::Result<()> {
+/// `capset(2)`: effective and permitted sets of `keep` (a mask), an
+/// empty inheritable set.
+pub(crate) fn set_capabilities(keep: u64) -> io::Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -307,11 +311,12 @@ pub(crate) fn clear_capabilities() -> io::Result<()> {
         version: VERSION_3,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
+    let word = |i: u32| (keep >> (32 * i)) as u32;
+    let data = [0, 1].map(|i| Data {
+        effective: word(i),
+        permitted: word(i),
         inheritable: 0,
-    }; 2];
+    });
     // SAFETY: a valid header and the two data words version 3 reads.
     let ret = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
     cvt(ret as libc::c_int).map(drop)

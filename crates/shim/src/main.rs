@@ -22,6 +22,7 @@ mod process;
 mod service;
 mod spec;
 mod stats;
+mod vmm;
 
 /// containerd's name for this runtime.
 const RUNTIME_ID: &str = "io.containerd.chitin.v2";
@@ -145,11 +146,16 @@ fn raise_open_file_limit() {
 
 fn main() {
     raise_open_file_limit();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == vmm::SUBCOMMAND) {
+        // The pod VM's own process, which the shim starts.
+        vmm::main(&args);
+    }
     containerd_shim::run::<ChitinShim>(
         RUNTIME_ID,
         Some(Config {
-            // chitin starts no host processes: there is nothing to reap,
-            // and a reaper would race chitin's own waits.
+            // The shim's only child is its VMM process, which it waits
+            // for itself: a reaper would race that wait.
             no_reaper: true,
             ..Default::default()
         }),

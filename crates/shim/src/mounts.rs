@@ -238,10 +238,14 @@ pub fn mount_tmpfs(dir: &Path, size: u64, inodes: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // Under a shared /run (systemd's), it and the binds made in it would
-    // show up in every peer mount namespace.
-    if let Err(e) = mount(Path::new("none"), dir, libc::MS_PRIVATE) {
-        let _ = unmount(dir);
-        return Err(e);
+    // show up in every peer mount namespace: private first, then shared
+    // alone in a peer group of its own, so that the VMM's jail (whose
+    // copy is a slave of it) sees the binds made in it later.
+    for flag in [libc::MS_PRIVATE, libc::MS_SHARED] {
+        if let Err(e) = mount(Path::new("none"), dir, flag) {
+            let _ = unmount(dir);
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
-use chitin::{Command, ExitStatus, SandboxHandle, Signal, Signaller, Stdio};
+use chitin::{Command, ExitStatus, RemoteSandbox, Signal, Signaller, Stdio};
 
 /// The standard streams containerd asked for (paths of FIFOs it made, or
 /// `file://` URIs; empty: none) and whether a terminal was asked for.
@@ -226,7 +226,7 @@ impl Process {
     /// is asked to start it.
     pub fn start(
         self: &Arc<Self>,
-        vm: &SandboxHandle,
+        vm: &RemoteSandbox,
         on_start: impl FnOnce(u32),
         on_exit: impl FnOnce(Exit) + Send + 'static,
     ) -> Result<u32, ProcessError> {
@@ -276,7 +276,7 @@ impl Process {
     /// process runs but thread creation (handled by the caller).
     fn spawn(
         &self,
-        vm: &SandboxHandle,
+        vm: &RemoteSandbox,
         template: &Command,
     ) -> Result<(chitin::Child, Option<Arc<OwnedFd>>), ProcessError> {
         let mut cmd = template.clone();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chitin::{Console, Net, RunningSandbox, Sandbox, SandboxHandle, Share, Signal};
+use chitin::Signal;
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -34,20 +34,13 @@ use crate::netns;
 use crate::process::{relock, Exit, Io, Process, ProcessError, Status};
 use crate::spec;
 use crate::stats;
+use crate::vmm::{self, Vmm, GUEST_SHARED, SHARED};
 
-/// The share's tag, and where the guest mounts it: container `C`'s root
-/// is `GUEST_SHARED/C/rootfs`.
-const SHARE_TAG: &str = "chitin-pod";
-/// The shared directory's name in the shim's state directory.
-const SHARED: &str = "shared";
 /// The shared directory is a tmpfs of this size and at most this many
 /// files: the guest can write there, and holds only the containers'
 /// mount points of its own.
 const SHARED_SIZE: u64 = 1 << 20;
 const SHARED_INODES: u64 = 4096;
-const GUEST_SHARED: &str = "/run/chitin/pod";
-/// Most console text of a pod VM kept (in the shim's state directory).
-const CONSOLE_LIMIT: u64 = 1 << 20;
 
 fn rpc(code: Code, message: impl Display) -> ttrpc::Error {
     ttrpc::error::get_rpc_status(code, message.to_string())
@@ -84,8 +77,8 @@ fn check_id(id: &str) -> TtrpcResult<()> {
 
 /// The pod's VM.
 struct Vm {
-    running: RunningSandbox,
-    handle: SandboxHandle,
+    /// Its process, in its jail.
+    vmm: Arc<Vmm>,
     /// The pod's network it joined.
     network: Option<netns::PodNetwork>,
     /// Its guest memory.
@@ -290,9 +283,8 @@ impl Shared {
             return;
         }
         if let Some(vm) = pod.vm.take() {
-            let reason = vm.handle.stop();
+            let reason = vm.vmm.stop();
             log::info!("pod VM stopped: {reason:?}");
-            drop(vm.running);
             // The tap went with the VM; the veth's redirect goes now.
             if let Some(network) = vm.network {
                 network.leave();
@@ -306,10 +298,11 @@ impl Shared {
     }
 }
 
-/// Boot the pod's VM, its shared directory in `state_dir`, from the
-/// node's settings; joined to the pod's network namespace `netns` if
-/// the pod has one.
-fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
+/// Boot the pod's VM in its own jailed process ([`Vmm`]), its shared
+/// directory in `state_dir`, from the node's settings; joined to the
+/// pod's network namespace `netns` if the pod has one; its cgroup made
+/// in `cgroup_parent`.
+fn boot(state_dir: &Path, netns: Option<&Path>, cgroup_parent: String) -> Result<Vm, String> {
     let config = Config::load().map_err(|e| e.to_string())?;
     let shared = state_dir.join(SHARED);
     fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
@@ -318,44 +311,42 @@ fn boot(state_dir: &Path, netns: Option<&Path>) -> Result<Vm, String> {
     mounts::unmount(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
     mounts::mount_tmpfs(&shared, SHARED_SIZE, SHARED_INODES)
         .map_err(|e| format!("a tmpfs on {}: {e}", shared.display()))?;
-    let console = state_dir.join("console.log");
-    let mut builder = Sandbox::builder()
-        .guest(config.guest.clone())
-        .memory_mib(config.memory_mib)
-        .vcpus(config.vcpus)
-        .console(Console::file_with_limit(console, CONSOLE_LIMIT))
-        .share(Share::new(&shared, SHARE_TAG).mount_at(GUEST_SHARED));
     let mut network = None;
+    let mut tap = None;
     if let Some(path) = netns {
-        let (n, tap) = netns::join(path).map_err(|e| {
+        let (n, t) = netns::join(path).map_err(|e| {
             let _ = mounts::unmount(&shared);
             format!("joining the pod's network {}: {e}", path.display())
         })?;
-        let i = &n.interface;
-        log::info!("pod network: {}", netns::describe(i));
-        let mut net = Net::tap_fd(tap).mac(i.mac).address(i.address, i.prefix);
-        if let Some(gw) = i.gateway {
-            net = net.gateway(gw);
-        }
-        builder = builder.net(net);
+        log::info!("pod network: {}", netns::describe(&n.interface));
+        tap = Some(t);
         network = Some(n);
     }
-    let sandbox = builder.build().and_then(|s| s.start()).map_err(|e| {
+    let args = vmm::Args {
+        state_dir: state_dir.to_path_buf(),
+        cgroup_parent,
+        net: network.as_ref().map(|n| vmm::Interface {
+            mac: n.interface.mac,
+            address: n.interface.address,
+            prefix: n.interface.prefix,
+            gateway: n.interface.gateway,
+        }),
+    };
+    let vmm = Vmm::start(&args, tap).inspect_err(|_| {
         let _ = mounts::unmount(&shared);
         if let Some(n) = network.take() {
             n.leave();
         }
-        format!("booting the pod VM: {}", chitin::error_chain(&e))
     })?;
     log::info!(
-        "pod VM up: {} MiB, {} vCPUs, {}",
+        "pod VM up: {} MiB, {} vCPUs, {}, cgroup {}",
         config.memory_mib,
         config.vcpus,
-        config.guest.kernel().display()
+        config.guest.kernel().display(),
+        vmm.cgroup().display()
     );
     Ok(Vm {
-        handle: sandbox.handle(),
-        running: sandbox,
+        vmm,
         network,
         memory_bytes: config.memory_mib << 20,
         hostname: None,
@@ -549,7 +540,19 @@ impl containerd_shim::Task for Service {
         }
         if pod.vm.is_none() {
             let netns = netns::netns_path(&spec);
-            let mut vm = boot(&self.shared.state_dir, netns.as_deref())
+            let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+            let pod_id = self
+                .shared
+                .state_dir
+                .file_name()
+                .map_or(req.id.clone(), |n| n.to_string_lossy().into_owned());
+            let parent = vmm::cgroup_parent(
+                cgroups_path.as_deref().and_then(Path::to_str),
+                &self.shared.namespace,
+                &pod_id,
+            )
+            .map_err(|e| rpc(Code::INVALID_ARGUMENT, e))?;
+            let mut vm = boot(&self.shared.state_dir, netns.as_deref(), parent)
                 .map_err(|e| rpc(Code::UNAVAILABLE, e))?;
             // The pod's: its later containers join its UTS namespace.
             vm.hostname = hostname.clone();
@@ -625,11 +628,11 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let (process, handle) = {
+        let (process, vmm) = {
             let pod = relock(&self.shared.pod);
             let c = pod.container(&req.id)?;
             let vm = pod.vm()?;
-            (c.process(&req.exec_id)?.clone(), vm.handle.clone())
+            (c.process(&req.exec_id)?.clone(), Arc::clone(&vm.vmm))
         };
         let shared = Arc::clone(&self.shared);
         let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
@@ -659,7 +662,7 @@ impl containerd_shim::Task for Service {
             }
         };
         process
-            .start(&handle, started, move |exit| {
+            .start(vmm.remote(), started, move |exit| {
                 shared.exited(&id, &exec_id, exit)
             })
             .map_err(|e| match e {
@@ -878,20 +881,26 @@ impl containerd_shim::Task for Service {
     }
 
     /// The pod VM's usage as cgroup v2 metrics (`ctr task metrics`): the
-    /// memory and CPU time its process has on the host, the guest's
-    /// network traffic, and the container's running processes. Every
-    /// container of the pod reports the same VM.
+    /// memory and CPU time of its VMM's cgroup, the guest's network
+    /// traffic, and the container's running processes. Every container
+    /// of the pod reports the same VM.
     fn stats(
         &self,
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let pod = relock(&self.shared.pod);
-        let c = pod.container(&req.id)?;
-        let vm = pod.vm()?;
-        let running = c.running().count() as u64;
-        let usage = stats::host_usage().map_err(|e| rpc(Code::UNKNOWN, e))?;
-        let metrics = stats::metrics(&usage, vm.memory_bytes, running, &vm.running.net_stats());
+        let (vmm, memory_bytes, running) = {
+            let pod = relock(&self.shared.pod);
+            let c = pod.container(&req.id)?;
+            let vm = pod.vm()?;
+            (
+                Arc::clone(&vm.vmm),
+                vm.memory_bytes,
+                c.running().count() as u64,
+            )
+        };
+        let usage = stats::cgroup_usage(vmm.cgroup()).map_err(|e| rpc(Code::UNKNOWN, e))?;
+        let metrics = stats::metrics(&usage, memory_bytes, running, &vmm.net_stats());
         let any = containerd_shim::util::convert_to_any(Box::new(metrics))
             .map_err(|e| rpc(Code::UNKNOWN, e))?;
         Ok(api::StatsResponse {
@@ -959,7 +968,8 @@ pub fn remove_state_dir(dir: &Path) {
         log::warn!("unmounting {}: {e}", shared.display());
     }
     let _ = fs::remove_dir(&shared);
-    let _ = fs::remove_file(dir.join("console.log"));
+    // The VMM's run directory: its console log and sockets.
+    vmm::remove_run_dir(dir);
     let _ = fs::remove_dir(dir);
 }
 

@@ -8,10 +8,10 @@ use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryStat, Metrics, NetworkStat, PidsStat,
 };
 
-/// The shim process's (the VM's) usage on the host.
+/// The VMM's usage on the host (its cgroup's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostUsage {
-    /// Resident memory now, and at most so far (bytes).
+    /// Memory charged now, and at most so far (bytes).
     pub rss: u64,
     pub rss_peak: u64,
     /// CPU time in user and kernel mode (µs).
@@ -19,40 +19,30 @@ pub struct HostUsage {
     pub system_usec: u64,
 }
 
-/// `VmRSS` and `VmHWM` from `/proc/self/status`'s text, in bytes.
-fn memory(status: &str) -> Option<(u64, u64)> {
-    let kib = |key: &str| {
-        status.lines().find_map(|l| {
-            let rest = l.strip_prefix(key)?;
-            rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
-        })
-    };
-    Some((kib("VmRSS:")? << 10, kib("VmHWM:")? << 10))
-}
-
-/// `utime` and `stime` (clock ticks) from `/proc/self/stat`'s text.
-fn cpu_ticks(stat: &str) -> Option<(u64, u64)> {
-    // After `pid (comm) `, which may hold spaces: state is field 3, utime
-    // field 14, stime field 15.
-    let rest = stat.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
-}
-
-/// This process's usage now.
-pub fn host_usage() -> io::Result<HostUsage> {
+/// The usage of the cgroup at `dir` (the VMM's): `memory.current`,
+/// `memory.peak` (where the kernel has it, else the current figure) and
+/// `cpu.stat`'s times.
+pub fn cgroup_usage(dir: &std::path::Path) -> io::Result<HostUsage> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("parsing {what}"));
-    let (rss, rss_peak) =
-        memory(&std::fs::read_to_string("/proc/self/status")?).ok_or_else(|| bad("status"))?;
-    let (utime, stime) =
-        cpu_ticks(&std::fs::read_to_string("/proc/self/stat")?).ok_or_else(|| bad("stat"))?;
-    // SAFETY: sysconf takes a constant and touches no memory.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let number = |name: &str| -> io::Result<u64> {
+        std::fs::read_to_string(dir.join(name))?
+            .trim()
+            .parse()
+            .map_err(|_| bad(name))
+    };
+    let rss = number("memory.current")?;
+    let rss_peak = number("memory.peak").unwrap_or(rss);
+    let cpu = std::fs::read_to_string(dir.join("cpu.stat"))?;
+    let field = |key: &str| {
+        cpu.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            .ok_or_else(|| bad("cpu.stat"))
+    };
     Ok(HostUsage {
         rss,
         rss_peak,
-        user_usec: utime * 1_000_000 / hz,
-        system_usec: stime * 1_000_000 / hz,
+        user_usec: field("user_usec")?,
+        system_usec: field("system_usec")?,
     })
 }
 
@@ -103,24 +93,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_and_stat_parse() {
-        let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
-        assert_eq!(memory(status), Some((1 << 20, 2 << 20)));
-        assert_eq!(memory("VmRSS: 1 kB\n"), None);
-        let stat = "42 (a b) S 1 42 42 0 -1 4194304 100 0 0 0 7 3 0 0 20 0 1 0";
-        assert_eq!(cpu_ticks(stat), Some((7, 3)));
-        assert_eq!(cpu_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_has_usage_and_it_lands_in_the_metrics() {
-        let usage = host_usage().unwrap();
-        assert!(usage.rss > 0 && usage.rss_peak >= usage.rss);
+    fn a_cgroups_usage_lands_in_the_metrics() {
+        let dir = std::env::temp_dir().join(format!("chitin-stats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.current"), "1048576\n").unwrap();
+        std::fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 30\nuser_usec 10\nsystem_usec 20\nnr_periods 0\n",
+        )
+        .unwrap();
+        // No memory.peak (before Linux 5.19): the current figure.
+        let usage = cgroup_usage(&dir).unwrap();
+        assert_eq!(
+            usage,
+            HostUsage {
+                rss: 1 << 20,
+                rss_peak: 1 << 20,
+                user_usec: 10,
+                system_usec: 20
+            }
+        );
+        std::fs::write(dir.join("memory.peak"), "2097152\n").unwrap();
+        assert_eq!(cgroup_usage(&dir).unwrap().rss_peak, 2 << 20);
         let m = metrics(&usage, 256 << 20, 2, &[NetStats::default()]);
         assert_eq!(m.memory.usage, usage.rss);
         assert_eq!(m.memory.usage_limit, 256 << 20);
         assert_eq!(m.pids.current, 2);
-        assert_eq!(m.cpu.usage_usec, usage.user_usec + usage.system_usec);
+        assert_eq!(m.cpu.usage_usec, 30);
         assert_eq!(m.network[0].name, "eth0");
+        std::fs::write(dir.join("cpu.stat"), "usage_usec 30\n").unwrap();
+        assert!(cgroup_usage(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -58,6 +58,10 @@ pub enum ExitReason {
         /// The OS error number.
         errno: i32,
     },
+    /// The process that ran the VM (a VMM in a process of its own,
+    /// driven from another) ended without saying why: it was killed or
+    /// failed.
+    VmmGone,
 }
 
 impl ExitReason {
@@ -88,6 +92,7 @@ impl fmt::Display for ExitReason {
                 "KVM_RUN failed on vCPU {vcpu}: {}",
                 std::io::Error::from_raw_os_error(*errno)
             ),
+            Self::VmmGone => write!(f, "the VMM process ended without saying why"),
         }
     }
 }
@@ -369,5 +374,6 @@ mod tests {
         assert!(ExitReason::PowerOff.is_clean());
         assert!(!ExitReason::TripleFault.is_clean());
         assert!(!ExitReason::VcpuError { vcpu: 0, errno: 22 }.is_clean());
+        assert!(!ExitReason::VmmGone.is_clean());
     }
 }

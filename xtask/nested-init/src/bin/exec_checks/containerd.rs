@@ -447,6 +447,7 @@ pub fn shim_ctr_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
         with_log(imported.and_then(|()| side_by_side(Source::Image, IMAGE_NAME))),
     );
     c.result("shim-task", with_log(task_checks(&ground.rootfs)));
+    c.result("shim-vmm-killed", with_log(vmm_killed(&ground.rootfs)));
     c.result("shim-tty", with_log(tty_checks(&ground.rootfs)));
     c.result("shim-pod", with_log(pod_checks(&ground.rootfs)));
     c.result("shim-net", with_log(net_checks(&ground.rootfs)));
@@ -553,6 +554,7 @@ fn task_steps() -> Result<String, String> {
     if !matches!((memory, cpu, procs), (Some(m), Some(c), Some(1)) if m > 0 && c > 0) {
         return Err(format!("ctr task metrics: {metrics:?}"));
     }
+    let jail = vmm_jail("default/long")?;
     ctr_ok(&["task", "kill", "-s", "SIGUSR1", "long"])?;
     wait_stopped("long")?;
     // `ctr task rm` reports the task's status: 128 + SIGUSR1.
@@ -569,11 +571,188 @@ fn task_steps() -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "ctr task exec printed the image's file, a host directory's file through a read-only bind (--mount type=bind) and found its tmpfs (--mount type=tmpfs); ctr task ps listed guest pid {}; ctr task metrics: the VM's memory {} MiB, CPU {} ms; SIGUSR1 from ctr task kill ended it with status {}",
+        "ctr task exec printed the image's file, a host directory's file through a read-only bind (--mount type=bind) and found its tmpfs (--mount type=tmpfs); ctr task ps listed guest pid {}; {jail}; ctr task metrics: the VM's memory {} MiB, CPU {} ms; SIGUSR1 from ctr task kill ended it with status {}",
         pids[0],
         memory.unwrap_or(0) >> 20,
         cpu.unwrap_or(0) / 1000,
         128 + libc::SIGUSR1
+    ))
+}
+
+/// The capabilities the jailed VMM keeps: CAP_CHOWN, CAP_DAC_OVERRIDE,
+/// CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETGID, CAP_SETUID.
+const VMM_CAPS: u64 = 0xcf;
+
+/// A `Key:` line's value in `/proc/<pid>/status`.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A container whose VMM process is killed from the host: its task
+/// ends (status 255: the guest is gone), and its removal leaves neither
+/// the VMM's cgroup nor the container's.
+fn vmm_killed(rootfs: &Path) -> Result<String, String> {
+    let root = rootfs.to_str().ok_or("rootfs path")?;
+    ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        CHITIN,
+        "--rootfs",
+        root,
+        "doomed",
+        "/bin/sleep",
+        "1000",
+    ])?;
+    let result = (|| {
+        let pid = jailed_vmm()?;
+        // SAFETY: kill takes integers only.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } != 0 {
+            return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
+        }
+        let killed = Instant::now();
+        wait_stopped("doomed")?;
+        let ended = killed.elapsed();
+        let rm = ctr(&["task", "rm", "doomed"])?;
+        if !rm.stderr.contains("exit with non-zero exit code 255\"") {
+            return Err(format!(
+                "ctr task rm after the VMM was killed: {:?} {:?}",
+                rm.stdout.trim(),
+                rm.stderr.trim()
+            ));
+        }
+        Ok((pid, ended))
+    })();
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", "doomed"]);
+    let _ = wait_stopped("doomed");
+    let _ = ctr(&["task", "rm", "doomed"]);
+    let removed = ctr_ok(&["container", "rm", "doomed"]);
+    let (pid, ended) = result?;
+    removed?;
+    let cgroup = Path::new("/sys/fs/cgroup/default/doomed");
+    if cgroup.exists() {
+        return Err(format!("{} is left", cgroup.display()));
+    }
+    Ok(format!(
+        "SIGKILL to the jailed VMM (pid {pid}) ended the task in {} ms with status 255; its removal left no cgroup",
+        ended.as_millis()
+    ))
+}
+
+/// The one jailed VMM process in L1.
+pub(crate) fn jailed_vmm() -> Result<u32, String> {
+    let jailed: Vec<u32> = std::fs::read_dir("/proc")
+        .map_err(|e| format!("/proc: {e}"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            args.len() > 1
+                && args[0].ends_with(b"containerd-shim-chitin-v2")
+                && args[1] == b"vmm"
+                && status_field(&status, "NSpid").split_whitespace().last() == Some("1")
+        })
+        .collect();
+    match jailed[..] {
+        [pid] => Ok(pid),
+        _ => Err(format!("jailed VMM processes: {jailed:?}")),
+    }
+}
+
+/// The pod VM's process (`containerd-shim-chitin-v2 vmm`, PID 1 of its
+/// own PID namespace) is confined: its cgroup is `vmm` below the
+/// container's `cgroup` (a path below the cgroup v2 root), its
+/// namespaces are not L1's, its root holds only its resources, it is
+/// root with six capabilities, no others to gain, and its vCPU threads
+/// run under seccomp.
+fn vmm_jail(cgroup: &str) -> Result<String, String> {
+    let pid = jailed_vmm()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("VMM status: {e}"))?;
+    let field = |k: &str| status_field(&status, k);
+    let cap = |k: &str| u64::from_str_radix(&field(k), 16).unwrap_or(u64::MAX);
+    let ids_ok = field("Uid").split_whitespace().all(|u| u == "0")
+        && cap("CapEff") == VMM_CAPS
+        && cap("CapPrm") == VMM_CAPS
+        && cap("CapBnd") == VMM_CAPS
+        && cap("CapInh") == 0
+        && cap("CapAmb") == 0
+        && field("NoNewPrivs") == "1";
+    if !ids_ok {
+        return Err(format!(
+            "VMM {pid}: Uid {} CapEff {} CapPrm {} CapBnd {} CapInh {} CapAmb {} NoNewPrivs {}",
+            field("Uid"),
+            field("CapEff"),
+            field("CapPrm"),
+            field("CapBnd"),
+            field("CapInh"),
+            field("CapAmb"),
+            field("NoNewPrivs")
+        ));
+    }
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let want = format!("0::/{cgroup}/vmm");
+    if own.trim() != want {
+        return Err(format!("VMM cgroup {:?}, want {want:?}", own.trim()));
+    }
+    let memory_max = std::fs::read_to_string(format!("/sys/fs/cgroup/{cgroup}/vmm/memory.max"))
+        .unwrap_or_default();
+    let pids_max = std::fs::read_to_string(format!("/sys/fs/cgroup/{cgroup}/vmm/pids.max"))
+        .unwrap_or_default();
+    if memory_max.trim().parse::<u64>().is_err() || pids_max.trim().parse::<u64>().is_err() {
+        return Err(format!(
+            "VMM cgroup limits: memory.max {memory_max:?} pids.max {pids_max:?}"
+        ));
+    }
+    let shared = ["mnt", "pid", "net", "ipc", "uts"]
+        .into_iter()
+        .filter(|ns| {
+            let link = |p: String| std::fs::read_link(p).ok();
+            link(format!("/proc/{pid}/ns/{ns}")) == link(format!("/proc/self/ns/{ns}"))
+        })
+        .collect::<Vec<_>>();
+    if !shared.is_empty() {
+        return Err(format!("the VMM shares L1's namespaces {shared:?}"));
+    }
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .map_err(|e| format!("VMM root: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    if ["etc", "usr", "bin", "home"]
+        .iter()
+        .any(|d| root.iter().any(|r| r == d))
+    {
+        return Err(format!("the VMM's root holds the host's: {root:?}"));
+    }
+    let mut vcpus = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("VMM tasks: {e}"))?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("chitin-vcpu") {
+            let st = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if status_field(&st, "Seccomp") != "2" {
+                return Err(format!("VMM thread {} is not under seccomp", comm.trim()));
+            }
+            vcpus += 1;
+        }
+    }
+    if vcpus == 0 {
+        return Err(format!("the jailed VMM {pid} has no vCPU thread"));
+    }
+    Ok(format!(
+        "shim-jail: the pod VM's process is PID 1 of its own namespaces (mnt pid net ipc uts), cgroup /{cgroup}/vmm (memory.max {} MiB, pids.max {}), root {root:?}, uid 0 with CapEff/CapBnd {VMM_CAPS:#x} and nothing inheritable or ambient, NoNewPrivs 1, {vcpus} vCPU thread(s) under seccomp",
+        memory_max.trim().parse::<u64>().unwrap_or(0) >> 20,
+        pids_max.trim()
     ))
 }
 

@@ -20,9 +20,9 @@ use chitin_nested_init::cri::{Client, Fields, Message};
 use chitin_testkit::Report as Checks;
 
 use crate::containerd::{
-    ctr_ok, leftovers, log_tail, median, processes, read_reply, write_shim_config, Ground,
-    CHITIN_STATE, CNI_DIR, IMAGE_ARCHIVE, IMAGE_FILE, IMAGE_FILE_TEXT, IMAGE_NAME, POD_PORT,
-    POD_REPLY, SHIM_CONFIG, SOCKET,
+    ctr_ok, jailed_vmm, leftovers, log_tail, median, processes, read_reply, write_shim_config,
+    Ground, CHITIN_STATE, CNI_DIR, IMAGE_ARCHIVE, IMAGE_FILE, IMAGE_FILE_TEXT, IMAGE_NAME,
+    POD_PORT, POD_REPLY, SHIM_CONFIG, SOCKET,
 };
 
 /// The sandbox image (the harness's `containerd::PAUSE_IMAGE_NAME`).
@@ -32,6 +32,9 @@ const CNI_CONF_DIR: &str = "/run/chitin-cri/net.d";
 const CNI_CONFLIST: &str = r#"{"cniVersion":"0.4.0","name":"chitin-cri","plugins":[{"type":"bridge","bridge":"cri0","isGateway":true,"ipMasq":false,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.89.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"/run/chitin-cri/ipam"}}]}"#;
 /// The pods' log directories are under this.
 const LOGS: &str = "/tmp/chitin-cri/logs";
+/// The pods' cgroups (the kubelet's `kubepods`), below the cgroup v2
+/// root: pod `P`'s is `POD_CGROUPS/P`, its containers' below it.
+const POD_CGROUPS: &str = "chitin-pods";
 /// The CRI services.
 const RUNTIME: &str = "runtime.v1.RuntimeService";
 const IMAGES: &str = "runtime.v1.ImageService";
@@ -65,7 +68,8 @@ fn plugins() -> String {
 }
 
 /// A pod's `PodSandboxConfig`: metadata, hostname (its name), log
-/// directory, a DNS server.
+/// directory, a DNS server, its cgroup parent (as the kubelet's cgroupfs
+/// driver gives it).
 fn pod_config(name: &str) -> Message {
     Message::new()
         .message(
@@ -78,6 +82,50 @@ fn pod_config(name: &str) -> Message {
         .string(2, name)
         .string(3, &format!("{LOGS}/{name}"))
         .message(4, Message::new().string(1, "10.89.0.1"))
+        .message(
+            8,
+            Message::new().string(1, &format!("/{POD_CGROUPS}/{name}")),
+        )
+}
+
+/// The pod's VMM is jailed in cgroup `vmm` below the pod sandbox's
+/// (`POD_CGROUPS/<pod>/<sandbox id>`).
+fn vmm_cgroup(pod: &Pod) -> Result<String, String> {
+    let pid = jailed_vmm()?;
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let want = format!("0::/{POD_CGROUPS}/{}/{}/vmm", pod.name, pod.id);
+    if own.trim() != want {
+        return Err(format!(
+            "the pod VM's cgroup is {:?}, not {want:?}",
+            own.trim()
+        ));
+    }
+    Ok(format!(
+        "the pod VM's process runs jailed in /{POD_CGROUPS}/{}/<sandbox id>/vmm, below the pod's cgroup",
+        pod.name
+    ))
+}
+
+/// What is left below the pods' cgroups once the pods are gone: the
+/// pod-level cgroups (the kubelet's, which the test removes as it
+/// would) must hold nothing.
+fn pod_cgroups_left() -> Vec<String> {
+    let base = Path::new("/sys/fs/cgroup").join(POD_CGROUPS);
+    let mut left = Vec::new();
+    for pod in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        for inner in std::fs::read_dir(pod.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if inner.path().is_dir() {
+                left.push(inner.path().display().to_string());
+            }
+        }
+        let _ = std::fs::remove_dir(pod.path());
+    }
+    let _ = std::fs::remove_dir(&base);
+    left
 }
 
 /// A pod as the client knows it.
@@ -257,7 +305,14 @@ pub fn shim_cri_checks(kernel: &str, _initramfs: &str, c: &mut Checks) {
             Err(e) => c.result("cri-connect", with_log(Err(e))),
         }
         ground.tear_down();
-        c.result("shim-cri-leftovers", leftovers("k8s.io"));
+        let cgroups = pod_cgroups_left();
+        c.result(
+            "shim-cri-leftovers",
+            leftovers("k8s.io").and_then(|ok| match cgroups.is_empty() {
+                true => Ok(format!("{ok}; no container cgroup below the pods'")),
+                false => Err(format!("cgroups left below the pods': {cgroups:?}")),
+            }),
+        );
     }
     let _ = std::fs::remove_file(SHIM_CONFIG);
     let _ = std::fs::remove_dir_all("/run/chitin-cri");
@@ -326,6 +381,7 @@ fn pod_steps(cri: &mut Cri, pod: &Pod, c: &mut Checks) {
         Err(e) => return c.result("shim-cri-pod", Err(e)),
     };
     c.result("shim-cri-pod", one_vm(cri, pod, &app, &web));
+    c.result("shim-cri-jail", vmm_cgroup(pod));
     c.result("shim-cri-exec", exec_check(cri, &app));
     c.result("shim-cri-mounts", files_check(cri, pod, &app));
     c.result("shim-cri-net", pod_ip(cri, pod));
