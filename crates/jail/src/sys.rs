@@ -252,6 +252,54 @@ pub(crate) fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::
     cvt(unsafe { libc::setrlimit(resource, &limit) }).map(drop)
 }
 
+/// The audit architecture of this build's syscalls.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xc000_003e;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xc000_00b7;
+
+/// A seccomp filter for the whole process and every thread it starts:
+/// `open_by_handle_at` fails with `EPERM`, and so does every syscall of
+/// another ABI (i386 through `int 0x80`, x32), whose numbers the filter
+/// does not check. Needs `no_new_privs`.
+pub(crate) fn refuse_open_by_handle() -> io::Result<()> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    // `struct seccomp_data`: nr at 0, arch at 4.
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 1, 0, AUDIT_ARCH),
+        op(RET_K, 0, 0, EPERM),
+        op(LD_W_ABS, 0, 0, 0),
+        // x32's numbers have bit 30 set.
+        op(JGE_K, 1, 0, 0x4000_0000),
+        op(JEQ_K, 0, 1, libc::SYS_open_by_handle_at as u32),
+        op(RET_K, 0, 0, EPERM),
+        op(RET_K, 0, 0, ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: a valid program that outlives the call; the kernel copies
+    // it.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            std::ptr::addr_of!(prog),
+            0,
+            0,
+        )
+    })
+    .map(drop)
+}
+
 /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
 pub(crate) fn no_new_privs() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
@@ -520,4 +568,42 @@ pub(crate) fn fs_magic(path: &Path) -> io::Result<i64> {
     // SAFETY: a NUL-terminated path and a valid buffer.
     cvt(unsafe { libc::statfs(path.as_ptr(), &mut buf) })?;
     Ok(buf.f_type)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_jails_filter_refuses_open_by_handle_at_only() {
+        // In a child: the filter is for the whole process, for good.
+        // SAFETY: the child only makes raw syscalls and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let refused = (|| {
+                no_new_privs().ok()?;
+                refuse_open_by_handle().ok()?;
+                // SAFETY: a bad fd and a null handle: the call fails
+                // either way; the question is how.
+                let ret = unsafe {
+                    libc::syscall(libc::SYS_open_by_handle_at, -1, std::ptr::null::<u8>(), 0)
+                };
+                let errno = io::Error::last_os_error().raw_os_error();
+                // SAFETY: getpid has no preconditions.
+                let pid_ok = unsafe { libc::getpid() } > 0;
+                Some(ret == -1 && errno == Some(libc::EPERM) && pid_ok)
+            })();
+            // SAFETY: ends the child without running the parent's
+            // destructors or test harness.
+            unsafe { libc::_exit(if refused == Some(true) { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+    }
 }

@@ -259,6 +259,8 @@ struct MountAttr {
     userns_fd: u64,
 }
 const MOUNT_ATTR_RDONLY: u64 = 1;
+const MOUNT_ATTR_NOSUID: u64 = 2;
+const MOUNT_ATTR_NODEV: u64 = 4;
 const AT_RECURSIVE: libc::c_int = 0x8000;
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -266,9 +268,12 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
 const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 
 /// A bind of `src` (with the mounts below it if `recursive`) made as a
-/// detached mount tree, private and, if asked, read-only throughout: so
-/// it is complete before anything can see it (Linux 5.12 or later:
-/// `open_tree`, `mount_setattr`).
+/// detached mount tree, private, `nosuid` and `nodev` and, if asked,
+/// read-only throughout: so it is complete before anything can see it
+/// (Linux 5.12 or later: `open_tree`, `mount_setattr`). The VMM's jail
+/// sees it too (it arrives there by propagation, after the jail applied
+/// its own flags): a device node in an image or a volume opens nothing
+/// there, and chitin-fs never opens one for the guest either.
 fn detached_bind(src: &Path, read_only: bool, recursive: bool) -> io::Result<OwnedFd> {
     let c = c_path(src)?;
     let recursive_flag = if recursive {
@@ -286,7 +291,9 @@ fn detached_bind(src: &Path, read_only: bool, recursive: bool) -> io::Result<Own
     // SAFETY: open_tree returned a new fd, owned by nothing else.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     let attr = MountAttr {
-        attr_set: if read_only { MOUNT_ATTR_RDONLY } else { 0 },
+        attr_set: MOUNT_ATTR_NOSUID
+            | MOUNT_ATTR_NODEV
+            | if read_only { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
         propagation: libc::MS_PRIVATE,
         userns_fd: 0,

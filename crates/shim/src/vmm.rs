@@ -72,8 +72,14 @@ const PIDS_MAX: u64 = 1024;
 /// How long the VMM process may take to come up (the jail's set-up, the
 /// VM's build and start; the guest boots after).
 const UP_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a stop may take before the process is killed.
+/// How long a stop may take before the VMM's cgroup is killed, and how
+/// long that may take before its supervisor is.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The run directory's tmpfs: the console log (at most
+/// [`CONSOLE_LIMIT`]), the vsock sockets.
+const RUN_DIR_SIZE: u64 = 2 << 20;
+const RUN_DIR_INODES: u64 = 64;
 /// How long a stats request may take.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest line the shim reads from the VMM process.
@@ -81,7 +87,7 @@ const MAX_LINE: usize = 4096;
 /// Most lines of the VMM's (its log, or what it should not say) the
 /// shim logs per [`LOG_WINDOW`]; the rest are counted and dropped, so a
 /// VMM the guest took over cannot flood containerd's log.
-const LOG_LINES: u32 = 200;
+const LOG_LINES: u32 = 100;
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// The VMM's share of the shim's log.
@@ -110,7 +116,8 @@ impl LogBudget {
         }
         if self.logged < LOG_LINES {
             self.logged += 1;
-            log::log!(level, "vmm: {line}");
+            // Escaped: no control character of the VMM's reaches the log.
+            log::log!(level, "vmm: {}", line.escape_debug());
         } else {
             self.dropped += 1;
         }
@@ -223,7 +230,7 @@ impl Args {
 /// the hierarchy.
 pub fn cgroup_parent(path: Option<&str>, namespace: &str, pod: &str) -> Result<String, String> {
     let path = match path.filter(|p| !p.is_empty()) {
-        None => format!("chitin/{namespace}-{pod}"),
+        None => format!("chitin/{namespace}/{pod}"),
         Some(p) if !p.starts_with('/') && p.matches(':').count() == 2 => {
             let mut parts = p.splitn(3, ':');
             let (slice, prefix, name) = (
@@ -239,12 +246,23 @@ pub fn cgroup_parent(path: Option<&str>, namespace: &str, pod: &str) -> Result<S
             let Some(stem) = slice.strip_suffix(".slice") else {
                 return Err(format!("cgroupsPath {p:?}: {slice:?} is not a slice"));
             };
-            // `a-b-c.slice` lives in `a.slice/a-b.slice/a-b-c.slice`.
-            let mut dirs: Vec<String> = stem
-                .match_indices('-')
-                .map(|(i, _)| format!("{}.slice", &stem[..i]))
-                .collect();
-            dirs.push(slice.to_string());
+            // `-.slice` is the root slice; `a-b-c.slice` lives in
+            // `a.slice/a-b.slice/a-b-c.slice`; systemd refuses empty
+            // parts (`a--b`, `-a`, `a-`) and slashes.
+            let mut dirs: Vec<String> = Vec::new();
+            if stem != "-" {
+                if stem.is_empty() || stem.contains('/') || stem.split('-').any(str::is_empty) {
+                    return Err(format!("cgroupsPath {p:?}: {slice:?} is not a valid slice"));
+                }
+                dirs = stem
+                    .match_indices('-')
+                    .map(|(i, _)| format!("{}.slice", &stem[..i]))
+                    .collect();
+                dirs.push(slice.to_string());
+            }
+            if prefix.contains('/') || name.contains('/') || name.is_empty() {
+                return Err(format!("cgroupsPath {p:?}: not a scope name"));
+            }
             let scope = if prefix.is_empty() {
                 format!("{name}.scope")
             } else {
@@ -343,10 +361,16 @@ fn run(args: &[OsString]) -> Result<(), String> {
     say("up");
     let vm = Arc::new(vm);
     let served = Arc::clone(&vm);
-    // The shim's requests, until it asks for the stop or is gone.
-    std::thread::Builder::new()
-        .name("chitin-vmm-ctl".into())
-        .spawn(move || {
+    // The shim's requests, until it asks for the stop or is gone. This
+    // thread and the main one run under the writer filter (everything
+    // but what no VMM thread may do: no ptrace, no open_by_handle_at, no
+    // mounts, namespaces or id changes), as chitin's threads run under
+    // theirs: a guest that takes the VMM over finds no thread without.
+    chitin_seccomp::spawn(
+        "chitin-vmm-ctl",
+        chitin_seccomp::ThreadClass::Writer,
+        Seccomp::Enforce,
+        move || {
             let mut lines = io::stdin().lock();
             let mut line = String::new();
             loop {
@@ -361,8 +385,12 @@ fn run(args: &[OsString]) -> Result<(), String> {
                 }
             }
             served.handle().stop();
-        })
-        .map_err(|e| format!("starting the control thread: {e}"))?;
+        },
+    )
+    .map_err(|e| format!("starting the control thread: {e}"))?;
+    // Every thread of the VM is started; none is started from here on.
+    chitin_seccomp::confine_current_thread(chitin_seccomp::ThreadClass::Writer, Seccomp::Enforce)
+        .map_err(|e| format!("confining the main thread: {e}"))?;
     let reason = vm.wait();
     log::info!("pod VM stopped: {reason:?}");
     say(&format!("exit {}", encode_reason(&reason)));
@@ -457,9 +485,15 @@ struct Ended {
 /// The jailed VMM process of a pod, as the shim sees it.
 pub struct Vmm {
     remote: RemoteSandbox,
+    /// The vsock socket the VMM made, opened once it was up and reached
+    /// only through this handle from then on: a VMM the guest took over
+    /// cannot swap a symlink in and point the shim at another socket.
+    _socket: OwnedFd,
     /// The process (the jail's supervisor), for signals that cannot hit
     /// another process once it is reaped.
     pidfd: OwnedFd,
+    /// Its stdin, non-blocking: a VMM that stops reading cannot block
+    /// the shim.
     stdin: Mutex<Option<ChildStdin>>,
     /// `stats` answers, in order.
     stats: Mutex<mpsc::Receiver<String>>,
@@ -467,6 +501,8 @@ pub struct Vmm {
     cgroup: PathBuf,
     /// The cgroup the shim asked for it to be made in, below the v2 root.
     cgroup_parent: String,
+    /// Its run directory (a tmpfs of the shim's).
+    run_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -489,6 +525,46 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// `path`, which must be a socket, opened `O_PATH` without following a
+/// symlink.
+fn open_socket(path: &Path) -> io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"))?;
+    // SAFETY: a NUL-terminated path that outlives the call; the flags
+    // make a new fd that nothing else owns.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::other(format!(
+            "{} is not a socket",
+            path.display()
+        )));
+    }
+    Ok(fd)
+}
+
+/// Make `fd` non-blocking.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we hold, integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A line of at most [`MAX_LINE`] bytes, without its newline; `None` at
 /// the end of the stream or on an error.
 fn read_line<R: BufRead>(reader: &mut R) -> Option<String> {
@@ -502,9 +578,22 @@ fn read_line<R: BufRead>(reader: &mut R) -> Option<String> {
     if buf.last() == Some(&b'\n') {
         buf.pop();
     } else if n == MAX_LINE {
-        // Too long: the rest of it is skipped.
-        let mut rest = Vec::new();
-        let _ = reader.read_until(b'\n', &mut rest);
+        // Too long: the rest of it is skipped, none of it kept.
+        while let Ok(chunk) = reader.fill_buf() {
+            if chunk.is_empty() {
+                break;
+            }
+            match chunk.iter().position(|b| *b == b'\n') {
+                Some(end) => {
+                    reader.consume(end + 1);
+                    break;
+                }
+                None => {
+                    let len = chunk.len();
+                    reader.consume(len);
+                }
+            }
+        }
     }
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
@@ -513,6 +602,31 @@ impl Vmm {
     /// Start the VMM process and wait until its VM runs. `tap` is the
     /// pod's tap, handed over as fd 3.
     pub fn start(args: &Args, tap: Option<OwnedFd>) -> Result<Arc<Vmm>, String> {
+        // Computed here: nothing the VMM says is trusted with a path. A
+        // cgroup that is there already is not ours to use, kill or
+        // remove.
+        let cgroup = chitin::jail::Jail::new(JAIL_ID)
+            .cgroup_parent(args.cgroup_parent.clone())
+            .cgroup_path()
+            .map_err(|e| format!("the VMM's cgroup: {e}"))?;
+        if cgroup.exists() {
+            return Err(format!("the VMM's cgroup {} exists", cgroup.display()));
+        }
+        // Its run directory: a small tmpfs, so the VMM cannot fill the
+        // host's /run through it.
+        let run_dir = args.run_dir();
+        std::fs::create_dir_all(&run_dir)
+            .and_then(|()| crate::mounts::unmount(&run_dir))
+            .and_then(|()| crate::mounts::mount_tmpfs(&run_dir, RUN_DIR_SIZE, RUN_DIR_INODES))
+            .map_err(|e| format!("the VMM's run directory {}: {e}", run_dir.display()))?;
+        let started = Self::spawn(args, tap, &cgroup);
+        if started.is_err() {
+            let _ = crate::mounts::unmount(&run_dir);
+        }
+        started
+    }
+
+    fn spawn(args: &Args, tap: Option<OwnedFd>, cgroup: &Path) -> Result<Arc<Vmm>, String> {
         let tap_fd = tap.as_ref().map(AsRawFd::as_raw_fd);
         // This very binary, even if the file was replaced since, under
         // its own name for `ps`.
@@ -540,15 +654,12 @@ impl Vmm {
                 }
                 // No parent-death signal: it follows the forking thread,
                 // a ttrpc worker that may end first. The VM ends with the
-                // shim anyway: its stdin reaches end of file.
+                // shim anyway: its stdin reaches end of file (and
+                // containerd's clean-up after a dead shim kills the
+                // VMM's cgroup).
                 Ok(())
             });
         }
-        // Computed here: nothing the VMM says is trusted with a path.
-        let cgroup = chitin::jail::Jail::new(JAIL_ID)
-            .cgroup_parent(args.cgroup_parent.clone())
-            .cgroup_path()
-            .map_err(|e| format!("the VMM's cgroup: {e}"))?;
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting the VMM process: {e}"))?;
@@ -563,6 +674,13 @@ impl Vmm {
         };
         let (stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        if let Some(stdin) = &stdin {
+            if let Err(e) = set_nonblocking(stdin.as_raw_fd()) {
+                send_signal(&pidfd, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(format!("the VMM's stdin: {e}"));
+            }
+        }
         if let Some(stderr) = stderr {
             // The VMM's log, as the shim's.
             let _ = std::thread::Builder::new()
@@ -581,7 +699,11 @@ impl Vmm {
         // The Vmm once it exists, or how the process ended before.
         let remote_slot: Arc<Mutex<Ended>> = Arc::default();
         let watched = Arc::clone(&remote_slot);
-        let stdout = stdout.ok_or("the VMM process has no stdout")?;
+        let Some(stdout) = stdout else {
+            send_signal(&pidfd, libc::SIGKILL);
+            let _ = child.wait();
+            return Err("the VMM process has no stdout".into());
+        };
         // The process's lines until it ends, then its reaping.
         let watcher = std::thread::Builder::new()
             .name("vmm-watch".into())
@@ -598,13 +720,15 @@ impl Vmm {
                         }
                         "error" => {
                             budget.log(log::Level::Error, rest);
-                            let _ = up.take().map(|tx| tx.send(Err(rest.to_string())));
+                            let _ = up
+                                .take()
+                                .map(|tx| tx.send(Err(rest.escape_debug().to_string())));
                         }
                         "stats" => {
                             let _ = stats_tx.try_send(rest.to_string());
                         }
                         "exit" => reason = Some(decode_reason(rest)),
-                        _ => budget.log(log::Level::Warn, &format!("said {line:?}")),
+                        _ => budget.log(log::Level::Warn, &format!("said {line}")),
                     }
                 }
                 let status = child.wait();
@@ -623,33 +747,46 @@ impl Vmm {
                     None => slot.reason = Some(reason),
                 }
             })
-            .map_err(|e| format!("starting the VMM watcher: {e}"))?;
+            .map_err(|e| {
+                send_signal(&pidfd, libc::SIGKILL);
+                format!("starting the VMM watcher: {e}")
+            })?;
         drop(watcher);
-        let failed = match up_rx.recv_timeout(UP_TIMEOUT) {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("the pod VM did not start: {e}")),
-            Err(_) => Some(format!("the pod VM did not start within {UP_TIMEOUT:?}")),
-        };
-        if let Some(e) = failed {
-            // Killed if it still runs; once the watcher reaped it, the
-            // cgroups its jail made go.
-            send_signal(&pidfd, libc::SIGKILL);
-            for _ in 0..500 {
-                if crate::process::relock(&remote_slot).reason.is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        let up = match up_rx.recv_timeout(UP_TIMEOUT) {
+            Ok(Ok(())) => {
+                open_socket(&args.socket()).map_err(|e| format!("the pod VM's vsock socket: {e}"))
             }
-            remove_cgroups(&cgroup, &args.cgroup_parent);
-            return Err(e);
-        }
+            Ok(Err(e)) => Err(format!("the pod VM did not start: {e}")),
+            Err(_) => Err(format!("the pod VM did not start within {UP_TIMEOUT:?}")),
+        };
+        let socket = match up {
+            Ok(socket) => socket,
+            Err(e) => {
+                // Killed if it still runs; once the watcher reaped it,
+                // the cgroups its jail made go.
+                send_signal(&pidfd, libc::SIGKILL);
+                for _ in 0..500 {
+                    if crate::process::relock(&remote_slot).reason.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                remove_cgroups(cgroup, &args.cgroup_parent);
+                return Err(e);
+            }
+        };
         let vmm = Arc::new(Vmm {
-            remote: RemoteSandbox::new(args.socket(), Seccomp::Enforce),
+            remote: RemoteSandbox::new(
+                format!("/proc/self/fd/{}", socket.as_raw_fd()),
+                Seccomp::Enforce,
+            ),
+            _socket: socket,
             pidfd,
             stdin: Mutex::new(stdin),
             stats: Mutex::new(stats_rx),
-            cgroup,
+            cgroup: cgroup.to_path_buf(),
             cgroup_parent: args.cgroup_parent.clone(),
+            run_dir: args.run_dir(),
         });
         let mut slot = crate::process::relock(&remote_slot);
         match slot.reason.take() {
@@ -684,34 +821,48 @@ impl Vmm {
         }
     }
 
+    /// One request line; `false` if it could not all go at once (the
+    /// pipe is full: the VMM does not read) or the VMM is gone.
     fn send(&self, line: &str) -> bool {
         let mut stdin = crate::process::relock(&self.stdin);
         match stdin.as_mut() {
-            Some(s) => writeln!(s, "{line}").and_then(|()| s.flush()).is_ok(),
+            // A line is far below PIPE_BUF: it goes whole or not at all.
+            Some(s) => s
+                .write(format!("{line}\n").as_bytes())
+                .is_ok_and(|n| n == line.len() + 1),
             None => false,
         }
     }
 
-    /// Stop the VM and wait for the process to end (killed if it takes
-    /// longer than [`STOP_TIMEOUT`]); why the VM stopped. Then the
-    /// cgroup the shim asked for goes too, if the VMM's was its only one.
+    /// Stop the VM and wait for the process to end; why the VM stopped.
+    /// A VMM that does not stop within [`STOP_TIMEOUT`] has its cgroup
+    /// killed (the jail's supervisor, outside it, then cleans up), and
+    /// its supervisor is killed if even that does not end it. Then its
+    /// cgroup, the one the shim asked for, and its run directory go.
     pub fn stop(&self) -> ExitReason {
         if self.remote.exit_reason().is_none() {
             self.send("stop");
         }
         // End of file: the VMM stops its VM if the line did not reach it.
         crate::process::relock(&self.stdin).take();
-        let reason = match self.remote.wait_timeout(STOP_TIMEOUT) {
-            Some(reason) => reason,
-            None => {
-                log::warn!("the VMM did not stop within {STOP_TIMEOUT:?}: killing it");
-                send_signal(&self.pidfd, libc::SIGKILL);
-                self.remote
-                    .wait_timeout(STOP_TIMEOUT)
-                    .unwrap_or(ExitReason::VmmGone)
+        let reason = self.remote.wait_timeout(STOP_TIMEOUT).or_else(|| {
+            log::warn!("the VMM did not stop within {STOP_TIMEOUT:?}: killing its cgroup");
+            if let Err(e) = std::fs::write(self.cgroup.join("cgroup.kill"), "1") {
+                log::warn!("{}: {e}", self.cgroup.join("cgroup.kill").display());
             }
-        };
+            self.remote.wait_timeout(KILL_TIMEOUT)
+        });
+        let reason = reason.unwrap_or_else(|| {
+            log::warn!("the VMM's supervisor did not end: killing it");
+            send_signal(&self.pidfd, libc::SIGKILL);
+            self.remote
+                .wait_timeout(KILL_TIMEOUT)
+                .unwrap_or(ExitReason::VmmGone)
+        });
         remove_cgroups(&self.cgroup, &self.cgroup_parent);
+        if let Err(e) = crate::mounts::unmount(&self.run_dir) {
+            log::warn!("unmounting {}: {e}", self.run_dir.display());
+        }
         reason
     }
 }
@@ -720,9 +871,11 @@ impl Vmm {
 /// (its processes killed first); and the cgroup it was made in, the
 /// shim's `parent`, once empty (runc removes a container's cgroup too;
 /// the levels above are the kubelet's or containerd's).
-fn remove_cgroups(cgroup: &Path, parent: &str) {
+pub fn remove_cgroups(cgroup: &Path, parent: &str) {
     if cgroup.exists() {
-        let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+        if let Err(e) = std::fs::write(cgroup.join("cgroup.kill"), "1") {
+            log::warn!("{}: {e}", cgroup.join("cgroup.kill").display());
+        }
         for _ in 0..200 {
             if std::fs::remove_dir(cgroup).is_ok() {
                 break;
@@ -749,15 +902,13 @@ fn send_signal(pidfd: &OwnedFd, signo: libc::c_int) {
     };
 }
 
-/// Remove the VMM's run directory in `state_dir` (console log and
-/// sockets: plain entries, nothing followed) and the jail's directory,
-/// which the jail's supervisor removes unless it was killed.
+/// Remove the VMM's run directory in `state_dir` (its tmpfs detached
+/// with whatever the VMM left in it) and the jail's directory, which the
+/// jail's supervisor removes unless it was killed.
 pub fn remove_run_dir(state_dir: &Path) {
     let run = state_dir.join(RUN_DIR);
-    if let Ok(entries) = std::fs::read_dir(&run) {
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
+    if let Err(e) = crate::mounts::unmount(&run) {
+        log::warn!("unmounting {}: {e}", run.display());
     }
     let _ = std::fs::remove_dir(&run);
     let jails = state_dir.join(JAIL_DIR);
@@ -818,7 +969,11 @@ mod tests {
         );
         assert_eq!(
             cgroup_parent(None, "k8s.io", "p1").unwrap(),
-            "chitin/k8s.io-p1"
+            "chitin/k8s.io/p1"
+        );
+        assert_eq!(
+            cgroup_parent(Some("-.slice:cri:x"), "n", "x").unwrap(),
+            "cri-x.scope"
         );
         assert_eq!(
             cgroup_parent(
@@ -833,7 +988,18 @@ mod tests {
             cgroup_parent(Some(":runc:x"), "n", "x").unwrap(),
             "system.slice/runc-x.scope"
         );
-        for bad in ["/a/../../b", "/a//b", "/./a", "/", "a:b:c"] {
+        for bad in [
+            "/a/../../b",
+            "/a//b",
+            "/./a",
+            "/",
+            "a:b:c",
+            "a--b.slice:p:x",
+            "-a.slice:p:x",
+            "a-.slice:p:x",
+            "a/b.slice:p:x",
+            "a.slice:p:../x",
+        ] {
             assert!(cgroup_parent(Some(bad), "n", "p").is_err(), "{bad}");
         }
     }
@@ -879,6 +1045,26 @@ mod tests {
         budget.window -= LOG_WINDOW;
         budget.log(log::Level::Trace, "again");
         assert_eq!((budget.logged, budget.dropped), (1, 0));
+    }
+
+    #[test]
+    fn the_vsock_socket_is_opened_only_as_the_socket_itself() {
+        let dir = std::env::temp_dir().join(format!("chitin-vmm-sock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vsock.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let fd = open_socket(&socket).unwrap();
+        // Reached through the handle: the socket it was.
+        std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&socket, &link).unwrap();
+        assert!(open_socket(&link).is_err(), "a symlink is not followed");
+        let file = dir.join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(open_socket(&file).is_err(), "a file is not a socket");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -669,8 +669,9 @@ pub(crate) fn jailed_vmm() -> Result<u32, String> {
 /// own PID namespace) is confined: its cgroup is `vmm` below the
 /// container's `cgroup` (a path below the cgroup v2 root), its
 /// namespaces are not L1's, its root holds only its resources, it is
-/// root with six capabilities, no others to gain, and its vCPU threads
-/// run under seccomp.
+/// root with six capabilities, no others to gain, and every thread of
+/// it runs under seccomp (chitin's own, and its main and control
+/// threads under the writer filter).
 fn vmm_jail(cgroup: &str) -> Result<String, String> {
     let pid = jailed_vmm()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -732,17 +733,18 @@ fn vmm_jail(cgroup: &str) -> Result<String, String> {
     {
         return Err(format!("the VMM's root holds the host's: {root:?}"));
     }
-    let mut vcpus = 0;
+    let (mut vcpus, mut threads) = (0, 0);
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .map_err(|e| format!("VMM tasks: {e}"))?
         .flatten()
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let st = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if status_field(&st, "Seccomp") != "2" {
+            return Err(format!("VMM thread {} is not under seccomp", comm.trim()));
+        }
+        threads += 1;
         if comm.starts_with("chitin-vcpu") {
-            let st = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            if status_field(&st, "Seccomp") != "2" {
-                return Err(format!("VMM thread {} is not under seccomp", comm.trim()));
-            }
             vcpus += 1;
         }
     }
@@ -750,7 +752,7 @@ fn vmm_jail(cgroup: &str) -> Result<String, String> {
         return Err(format!("the jailed VMM {pid} has no vCPU thread"));
     }
     Ok(format!(
-        "shim-jail: the pod VM's process is PID 1 of its own namespaces (mnt pid net ipc uts), cgroup /{cgroup}/vmm (memory.max {} MiB, pids.max {}), root {root:?}, uid 0 with CapEff/CapBnd {VMM_CAPS:#x} and nothing inheritable or ambient, NoNewPrivs 1, {vcpus} vCPU thread(s) under seccomp",
+        "shim-jail: the pod VM's process is PID 1 of its own namespaces (mnt pid net ipc uts), cgroup /{cgroup}/vmm (memory.max {} MiB, pids.max {}), root {root:?}, uid 0 with CapEff/CapBnd {VMM_CAPS:#x} and nothing inheritable or ambient, NoNewPrivs 1, all its {threads} threads ({vcpus} vCPU) under seccomp",
         memory_max.trim().parse::<u64>().unwrap_or(0) >> 20,
         pids_max.trim()
     ))
