@@ -296,7 +296,7 @@ fn known_step(step: &str) -> &'static str {
         "set RLIMIT_FSIZE",
         "drop the capability bounding and ambient sets",
         "set no_new_privs",
-        "refuse open_by_handle_at",
+        "install the seccomp filter",
         "drop to the jailed ids",
         "clear the capabilities",
         "close inherited fds",
@@ -443,8 +443,10 @@ impl Jail {
     /// kernel's settings (`/proc/sys`, `/proc/sysrq-trigger`) there, and
     /// a seccomp filter on the whole process refuses `open_by_handle_at`
     /// (which `CAP_DAC_READ_SEARCH` would open to any file of a file
-    /// system the jail has a mount of) and other ABIs' syscalls. Only
-    /// where an unprivileged uid cannot do the work.
+    /// system the jail has a mount of), the key syscalls (root's user
+    /// keyring is uid 0's), `ptrace`, `process_vm_readv`/`writev` and
+    /// other ABIs' syscalls. Only where an unprivileged uid cannot do the
+    /// work.
     pub fn root_keeping(mut self, capabilities: &[u32]) -> Self {
         let mut mask = 0u64;
         for &cap in capabilities {
@@ -935,13 +937,14 @@ impl Jail {
             sys::drop_bounding_and_ambient(self.root_caps.unwrap_or(0)),
         )?;
         run("set no_new_privs", sys::no_new_privs())?;
-        if self.root_caps.is_some() {
-            // With CAP_DAC_READ_SEARCH, open_by_handle_at opens any file
-            // of a file system the jail has a mount of, past its root.
-            run("refuse open_by_handle_at", sys::refuse_open_by_handle())?;
-        }
         // The caller's keys (credentials of its session) stay outside.
         run("join a new session keyring", sys::new_session_keyring())?;
+        if self.root_caps.is_some() {
+            // With CAP_DAC_READ_SEARCH, open_by_handle_at opens any file
+            // of a file system the jail has a mount of, past its root;
+            // as uid 0, keyctl reaches root's user keyring.
+            run("install the seccomp filter", sys::refuse_root_escapes())?;
+        }
         // In a user namespace the jailed ids are its root, mapped to the
         // host's ids; setgroups is denied there.
         let ids = if self.user_ns {

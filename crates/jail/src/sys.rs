@@ -258,33 +258,51 @@ const AUDIT_ARCH: u32 = 0xc000_003e;
 #[cfg(target_arch = "aarch64")]
 const AUDIT_ARCH: u32 = 0xc000_00b7;
 
+/// Syscalls a jail that stays root refuses in every thread: what would
+/// reach past its root (`open_by_handle_at` with `CAP_DAC_READ_SEARCH`),
+/// root's user keyring (the key syscalls, as uid 0), and other
+/// processes' memory.
+const ROOT_REFUSED: [libc::c_long; 7] = [
+    libc::SYS_open_by_handle_at,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+];
+
 /// A seccomp filter for the whole process and every thread it starts:
-/// `open_by_handle_at` fails with `EPERM`, and so does every syscall of
+/// [`ROOT_REFUSED`] fail with `EPERM`, and so does every syscall of
 /// another ABI (i386 through `int 0x80`, x32), whose numbers the filter
 /// does not check. Needs `no_new_privs`.
-pub(crate) fn refuse_open_by_handle() -> io::Result<()> {
+pub(crate) fn refuse_root_escapes() -> io::Result<()> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
-    // `struct seccomp_data`: nr at 0, arch at 4.
     let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let program = [
+    let n = ROOT_REFUSED.len() as u8;
+    // `struct seccomp_data`: nr at 0, arch at 4. Jumps count from the
+    // next instruction; the last one refuses.
+    let mut program = vec![
         op(LD_W_ABS, 0, 0, 4),
         op(JEQ_K, 1, 0, AUDIT_ARCH),
         op(RET_K, 0, 0, EPERM),
         op(LD_W_ABS, 0, 0, 0),
         // x32's numbers have bit 30 set.
-        op(JGE_K, 1, 0, 0x4000_0000),
-        op(JEQ_K, 0, 1, libc::SYS_open_by_handle_at as u32),
-        op(RET_K, 0, 0, EPERM),
-        op(RET_K, 0, 0, ALLOW),
+        op(JGE_K, n + 1, 0, 0x4000_0000),
     ];
+    for (i, nr) in ROOT_REFUSED.iter().enumerate() {
+        program.push(op(JEQ_K, n - i as u8, 0, *nr as u32));
+    }
+    program.push(op(RET_K, 0, 0, ALLOW));
+    program.push(op(RET_K, 0, 0, EPERM));
     let prog = libc::sock_fprog {
         len: program.len() as u16,
-        filter: program.as_ptr() as *mut libc::sock_filter,
+        filter: program.as_mut_ptr(),
     };
     // SAFETY: a valid program that outlives the call; the kernel copies
     // it.
@@ -575,7 +593,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_root_jails_filter_refuses_open_by_handle_at_only() {
+    fn the_root_jails_filter_refuses_what_it_lists_only() {
         // In a child: the filter is for the whole process, for good.
         // SAFETY: the child only makes raw syscalls and exits.
         let pid = unsafe { libc::fork() };
@@ -583,16 +601,27 @@ mod tests {
         if pid == 0 {
             let refused = (|| {
                 no_new_privs().ok()?;
-                refuse_open_by_handle().ok()?;
+                refuse_root_escapes().ok()?;
                 // SAFETY: a bad fd and a null handle: the call fails
                 // either way; the question is how.
                 let ret = unsafe {
                     libc::syscall(libc::SYS_open_by_handle_at, -1, std::ptr::null::<u8>(), 0)
                 };
                 let errno = io::Error::last_os_error().raw_os_error();
+                // Allowed unprivileged, and refused here.
+                // SAFETY: KEYCTL_GET_KEYRING_ID of the session keyring,
+                // without creating it: integers only.
+                let key = unsafe { libc::syscall(libc::SYS_keyctl, 0, -3, 0) };
+                let key_errno = io::Error::last_os_error().raw_os_error();
                 // SAFETY: getpid has no preconditions.
                 let pid_ok = unsafe { libc::getpid() } > 0;
-                Some(ret == -1 && errno == Some(libc::EPERM) && pid_ok)
+                Some(
+                    ret == -1
+                        && errno == Some(libc::EPERM)
+                        && key == -1
+                        && key_errno == Some(libc::EPERM)
+                        && pid_ok,
+                )
             })();
             // SAFETY: ends the child without running the parent's
             // destructors or test harness.

@@ -34,8 +34,6 @@ const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 /// The shim: how containerd starts, waits for and cleans up after it.
 struct ChitinShim {
     namespace: String,
-    /// The container containerd started this shim binary for.
-    id: String,
     bundle: PathBuf,
     state_dir: PathBuf,
     /// The pod's shim socket.
@@ -60,34 +58,6 @@ fn socket_live(address: &str) -> bool {
     !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
-impl ChitinShim {
-    /// Kill and remove the VMM cgroup of pod `group`, whose sandbox
-    /// container this is: where the shim made it, from this container's
-    /// spec.
-    fn kill_vmm(&self, group: &str) {
-        let spec = oci_spec::runtime::Spec::load(self.bundle.join("config.json")).ok();
-        let cgroups_path = spec
-            .as_ref()
-            .and_then(|s| s.linux().as_ref())
-            .and_then(|l| l.cgroups_path().clone());
-        let parent = vmm::cgroup_parent(
-            cgroups_path.as_deref().and_then(Path::to_str),
-            &self.namespace,
-            group,
-        );
-        let cgroup = parent.as_ref().map_err(Clone::clone).and_then(|p| {
-            chitin::jail::Jail::new(vmm::JAIL_ID)
-                .cgroup_parent(p.clone())
-                .cgroup_path()
-                .map_err(|e| e.to_string())
-        });
-        match (cgroup, parent) {
-            (Ok(cgroup), Ok(parent)) => vmm::remove_cgroups(&cgroup, &parent),
-            (Err(e), _) | (_, Err(e)) => log::warn!("the VMM's cgroup: {e}"),
-        }
-    }
-}
-
 impl containerd_shim::Shim for ChitinShim {
     type T = service::Service;
 
@@ -100,7 +70,6 @@ impl containerd_shim::Shim for ChitinShim {
         let group = grouping(&bundle, &args.id);
         Self {
             namespace: args.namespace.clone(),
-            id: args.id.clone(),
             state_dir: Path::new(STATE_ROOT).join(&args.namespace).join(&group),
             socket: containerd_shim::socket_address(&args.address, &args.namespace, &group),
             bundle,
@@ -126,14 +95,14 @@ impl containerd_shim::Shim for ChitinShim {
             }
         }
         // A shim still serving the pod (this container's create failed)
-        // keeps its directory; otherwise its VMM is killed with its cgroup
-        // (if the shim died, a VMM that ignores the end of its stdin could
-        // outlive it), and the shared directory goes, binds and all (the
-        // guest may have left anything there; nothing in it is looked at).
+        // keeps its directory; otherwise its VMM is killed with its cgroup,
+        // as the shim recorded it (if the shim died, a VMM that ignores
+        // the end of its stdin could outlive it), and the shared directory
+        // goes, binds and all (the guest may have left anything there;
+        // nothing in it is looked at).
         if !socket_live(&self.socket) {
-            let group = grouping(&self.bundle, &self.id);
-            if group == self.id {
-                self.kill_vmm(&group);
+            if let Some((cgroup, parent)) = vmm::recorded_cgroup(&self.state_dir) {
+                vmm::remove_cgroups(&cgroup, &parent);
             }
             service::remove_state_dir(&self.state_dir);
         }

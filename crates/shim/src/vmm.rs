@@ -30,7 +30,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Stdio};
+use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ pub const SHARED: &str = "shared";
 const RUN_DIR: &str = "vmm";
 /// The jails' directory in the shim's.
 const JAIL_DIR: &str = "jail";
+/// The file in the shim's directory naming the cgroup parent of the
+/// running VMM's cgroup, for the clean-up after a shim that died.
+const CGROUP_RECORD: &str = "vmm.cgroup";
 /// The jail's id: its directory in [`JAIL_DIR`] and its cgroup's name.
 pub const JAIL_ID: &str = "vmm";
 /// The share's tag, and where the guest mounts it: container `C`'s root
@@ -342,7 +345,13 @@ fn run(args: &[OsString]) -> Result<(), String> {
             pids_max: Some(PIDS_MAX),
         })
         .enter()
-        .map_err(|e| format!("jailing the VMM: {}", chitin::error_chain(&e)))?;
+        .map_err(|e| {
+            if let chitin::jail::JailError::Busy(path) = &e {
+                // Not ours: the shim must leave it alone.
+                say(&format!("busy {}", path.display()));
+            }
+            format!("jailing the VMM: {}", chitin::error_chain(&e))
+        })?;
     // Only the jailed process gets here (the caller supervises the jail).
     let vm = builder
         .build()
@@ -503,6 +512,8 @@ pub struct Vmm {
     cgroup_parent: String,
     /// Its run directory (a tmpfs of the shim's).
     run_dir: PathBuf,
+    /// The file that records its cgroup parent.
+    record: PathBuf,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -612,21 +623,102 @@ impl Vmm {
         if cgroup.exists() {
             return Err(format!("the VMM's cgroup {} exists", cgroup.display()));
         }
+        // Where it goes, for containerd's clean-up after a shim that
+        // died (out of the jail's reach).
+        let record = args.state_dir.join(CGROUP_RECORD);
+        std::fs::write(&record, &args.cgroup_parent)
+            .map_err(|e| format!("{}: {e}", record.display()))?;
         // Its run directory: a small tmpfs, so the VMM cannot fill the
         // host's /run through it.
         let run_dir = args.run_dir();
-        std::fs::create_dir_all(&run_dir)
+        let mounted = std::fs::create_dir_all(&run_dir)
             .and_then(|()| crate::mounts::unmount(&run_dir))
             .and_then(|()| crate::mounts::mount_tmpfs(&run_dir, RUN_DIR_SIZE, RUN_DIR_INODES))
-            .map_err(|e| format!("the VMM's run directory {}: {e}", run_dir.display()))?;
-        let started = Self::spawn(args, tap, &cgroup);
-        if started.is_err() {
-            let _ = crate::mounts::unmount(&run_dir);
+            .map_err(|e| {
+                (
+                    false,
+                    format!("the VMM's run directory {}: {e}", run_dir.display()),
+                )
+            });
+        match mounted.and_then(|()| Self::spawn(args, tap, &cgroup)) {
+            Ok(vmm) => Ok(vmm),
+            Err((busy, e)) => {
+                // The process is gone; what its jail made goes, unless
+                // the cgroup turned out to be another's.
+                if !busy {
+                    remove_cgroups(&cgroup, &args.cgroup_parent);
+                }
+                let _ = crate::mounts::unmount(&run_dir);
+                let _ = std::fs::remove_file(&record);
+                Err(e)
+            }
         }
-        started
     }
 
-    fn spawn(args: &Args, tap: Option<OwnedFd>, cgroup: &Path) -> Result<Arc<Vmm>, String> {
+    /// [`Vmm::start`]'s process and threads. On an error the process has
+    /// ended (or was killed and waited for); `true` with it: the jail
+    /// found its cgroup made by another meanwhile.
+    fn spawn(args: &Args, tap: Option<OwnedFd>, cgroup: &Path) -> Result<Arc<Vmm>, (bool, String)> {
+        let failed = |e: String| (false, e);
+        let (up_tx, up_rx) = mpsc::channel::<Result<(), (bool, String)>>();
+        // One answer waits at most: a VMM that sends more is not heard.
+        let (stats_tx, stats_rx) = mpsc::sync_channel::<String>(1);
+        // The Vmm once it exists, or how the process ended before.
+        let remote_slot: Arc<Mutex<Ended>> = Arc::default();
+        let watched = Arc::clone(&remote_slot);
+        // The watcher first, so that no process runs without one: it
+        // gets the process once it is started.
+        let (child_tx, child_rx) = mpsc::channel::<(std::process::Child, ChildStdout)>();
+        let watcher = std::thread::Builder::new()
+            .name("vmm-watch".into())
+            .spawn(move || {
+                let Ok((mut child, stdout)) = child_rx.recv() else {
+                    return;
+                };
+                let mut reader = BufReader::new(stdout);
+                let mut reason = None;
+                let mut up = Some(up_tx);
+                let mut budget = LogBudget::new();
+                while let Some(line) = read_line(&mut reader) {
+                    let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
+                    match word {
+                        "up" if up.is_some() => {
+                            let _ = up.take().map(|tx| tx.send(Ok(())));
+                        }
+                        "error" | "busy" => {
+                            budget.log(log::Level::Error, rest);
+                            let busy = word == "busy";
+                            let text = rest.escape_debug().to_string();
+                            let _ = up.take().map(|tx| tx.send(Err((busy, text))));
+                        }
+                        "stats" => {
+                            let _ = stats_tx.try_send(rest.to_string());
+                        }
+                        "exit" => reason = Some(decode_reason(rest)),
+                        _ => budget.log(log::Level::Warn, &format!("said {line}")),
+                    }
+                }
+                let status = child.wait();
+                log::info!("VMM process ended: {status:?}");
+                let _ = up.take().map(|tx| {
+                    tx.send(Err((
+                        false,
+                        format!(
+                            "the VMM process ended ({})",
+                            status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                        ),
+                    )))
+                });
+                let reason = reason.unwrap_or(ExitReason::VmmGone);
+                let mut slot = crate::process::relock(&watched);
+                match slot.vmm.take() {
+                    Some(vmm) => vmm.remote.stopped(reason),
+                    // Not made yet: it sees the reason when it is.
+                    None => slot.reason = Some(reason),
+                }
+            })
+            .map_err(|e| failed(format!("starting the VMM watcher: {e}")))?;
+        drop(watcher);
         let tap_fd = tap.as_ref().map(AsRawFd::as_raw_fd);
         // This very binary, even if the file was replaced since, under
         // its own name for `ps`.
@@ -662,27 +754,28 @@ impl Vmm {
         }
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("starting the VMM process: {e}"))?;
+            .map_err(|e| failed(format!("starting the VMM process: {e}")))?;
         drop(tap);
+        let stop_now = |child: &mut std::process::Child, e: String| {
+            let _ = child.kill();
+            let _ = child.wait();
+            failed(e)
+        };
         let pidfd = match pidfd_open(child.id()) {
             Ok(fd) => fd,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("pidfd_open of the VMM process: {e}"));
-            }
+            Err(e) => return Err(stop_now(&mut child, format!("pidfd_open of the VMM: {e}"))),
         };
         let (stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        if let Some(stdin) = &stdin {
-            if let Err(e) = set_nonblocking(stdin.as_raw_fd()) {
-                send_signal(&pidfd, libc::SIGKILL);
-                let _ = child.wait();
-                return Err(format!("the VMM's stdin: {e}"));
-            }
+        let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
+            return Err(stop_now(&mut child, "the VMM process has no pipes".into()));
+        };
+        if let Err(e) = set_nonblocking(stdin.as_raw_fd()) {
+            return Err(stop_now(&mut child, format!("the VMM's stdin: {e}")));
         }
         if let Some(stderr) = stderr {
-            // The VMM's log, as the shim's.
+            // The VMM's log, as the shim's (without the thread, the VMM
+            // writes to a closed pipe).
             let _ = std::thread::Builder::new()
                 .name("vmm-log".into())
                 .spawn(move || {
@@ -693,77 +786,21 @@ impl Vmm {
                     }
                 });
         }
-        let (up_tx, up_rx) = mpsc::channel::<Result<(), String>>();
-        // One answer waits at most: a VMM that sends more is not heard.
-        let (stats_tx, stats_rx) = mpsc::sync_channel::<String>(1);
-        // The Vmm once it exists, or how the process ended before.
-        let remote_slot: Arc<Mutex<Ended>> = Arc::default();
-        let watched = Arc::clone(&remote_slot);
-        let Some(stdout) = stdout else {
-            send_signal(&pidfd, libc::SIGKILL);
-            let _ = child.wait();
-            return Err("the VMM process has no stdout".into());
-        };
-        // The process's lines until it ends, then its reaping.
-        let watcher = std::thread::Builder::new()
-            .name("vmm-watch".into())
-            .spawn(move || {
-                let mut reader = BufReader::new(stdout);
-                let mut reason = None;
-                let mut up = Some(up_tx);
-                let mut budget = LogBudget::new();
-                while let Some(line) = read_line(&mut reader) {
-                    let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
-                    match word {
-                        "up" if up.is_some() => {
-                            let _ = up.take().map(|tx| tx.send(Ok(())));
-                        }
-                        "error" => {
-                            budget.log(log::Level::Error, rest);
-                            let _ = up
-                                .take()
-                                .map(|tx| tx.send(Err(rest.escape_debug().to_string())));
-                        }
-                        "stats" => {
-                            let _ = stats_tx.try_send(rest.to_string());
-                        }
-                        "exit" => reason = Some(decode_reason(rest)),
-                        _ => budget.log(log::Level::Warn, &format!("said {line}")),
-                    }
-                }
-                let status = child.wait();
-                log::info!("VMM process ended: {status:?}");
-                let _ = up.take().map(|tx| {
-                    tx.send(Err(format!(
-                        "the VMM process ended ({})",
-                        status.map_or_else(|e| e.to_string(), |s| s.to_string())
-                    )))
-                });
-                let reason = reason.unwrap_or(ExitReason::VmmGone);
-                let mut slot = crate::process::relock(&watched);
-                match slot.vmm.take() {
-                    Some(vmm) => vmm.remote.stopped(reason),
-                    // Not made yet: it sees the reason when it is.
-                    None => slot.reason = Some(reason),
-                }
-            })
-            .map_err(|e| {
-                send_signal(&pidfd, libc::SIGKILL);
-                format!("starting the VMM watcher: {e}")
-            })?;
-        drop(watcher);
+        if let Err(mpsc::SendError((mut child, _))) = child_tx.send((child, stdout)) {
+            return Err(stop_now(&mut child, "the VMM watcher is gone".into()));
+        }
         let up = match up_rx.recv_timeout(UP_TIMEOUT) {
-            Ok(Ok(())) => {
-                open_socket(&args.socket()).map_err(|e| format!("the pod VM's vsock socket: {e}"))
-            }
-            Ok(Err(e)) => Err(format!("the pod VM did not start: {e}")),
-            Err(_) => Err(format!("the pod VM did not start within {UP_TIMEOUT:?}")),
+            Ok(Ok(())) => open_socket(&args.socket())
+                .map_err(|e| failed(format!("the pod VM's vsock socket: {e}"))),
+            Ok(Err((busy, e))) => Err((busy, format!("the pod VM did not start: {e}"))),
+            Err(_) => Err(failed(format!(
+                "the pod VM did not start within {UP_TIMEOUT:?}"
+            ))),
         };
         let socket = match up {
             Ok(socket) => socket,
             Err(e) => {
-                // Killed if it still runs; once the watcher reaped it,
-                // the cgroups its jail made go.
+                // Killed if it still runs, and reaped by the watcher.
                 send_signal(&pidfd, libc::SIGKILL);
                 for _ in 0..500 {
                     if crate::process::relock(&remote_slot).reason.is_some() {
@@ -771,7 +808,6 @@ impl Vmm {
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                remove_cgroups(cgroup, &args.cgroup_parent);
                 return Err(e);
             }
         };
@@ -782,11 +818,12 @@ impl Vmm {
             ),
             _socket: socket,
             pidfd,
-            stdin: Mutex::new(stdin),
+            stdin: Mutex::new(Some(stdin)),
             stats: Mutex::new(stats_rx),
             cgroup: cgroup.to_path_buf(),
             cgroup_parent: args.cgroup_parent.clone(),
             run_dir: args.run_dir(),
+            record: args.state_dir.join(CGROUP_RECORD),
         });
         let mut slot = crate::process::relock(&remote_slot);
         match slot.reason.take() {
@@ -863,6 +900,7 @@ impl Vmm {
         if let Err(e) = crate::mounts::unmount(&self.run_dir) {
             log::warn!("unmounting {}: {e}", self.run_dir.display());
         }
+        let _ = std::fs::remove_file(&self.record);
         reason
     }
 }
@@ -902,6 +940,24 @@ fn send_signal(pidfd: &OwnedFd, signo: libc::c_int) {
     };
 }
 
+/// The cgroup of the VMM the shim in `state_dir` ran, and its parent, as
+/// it recorded them; for containerd's clean-up after a shim that died.
+pub fn recorded_cgroup(state_dir: &Path) -> Option<(PathBuf, String)> {
+    let parent = std::fs::read_to_string(state_dir.join(CGROUP_RECORD)).ok()?;
+    let clean = !parent.is_empty()
+        && parent
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'));
+    if !clean {
+        return None;
+    }
+    let cgroup = chitin::jail::Jail::new(JAIL_ID)
+        .cgroup_parent(parent.clone())
+        .cgroup_path()
+        .ok()?;
+    Some((cgroup, parent))
+}
+
 /// Remove the VMM's run directory in `state_dir` (its tmpfs detached
 /// with whatever the VMM left in it) and the jail's directory, which the
 /// jail's supervisor removes unless it was killed.
@@ -911,6 +967,7 @@ pub fn remove_run_dir(state_dir: &Path) {
         log::warn!("unmounting {}: {e}", run.display());
     }
     let _ = std::fs::remove_dir(&run);
+    let _ = std::fs::remove_file(state_dir.join(CGROUP_RECORD));
     let jails = state_dir.join(JAIL_DIR);
     let jail = jails.join(JAIL_ID);
     let _ = std::fs::remove_dir(jail.join("root"));
@@ -1064,6 +1121,26 @@ mod tests {
         let file = dir.join("file");
         std::fs::write(&file, "x").unwrap();
         assert!(open_socket(&file).is_err(), "a file is not a socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_recorded_cgroup_is_read_back_only_if_it_stays_in_the_hierarchy() {
+        let dir = std::env::temp_dir().join(format!("chitin-vmm-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(recorded_cgroup(&dir).is_none(), "nothing recorded");
+        for bad in ["", "a/../../b", "/a", "a//b"] {
+            std::fs::write(dir.join(CGROUP_RECORD), bad).unwrap();
+            assert!(recorded_cgroup(&dir).is_none(), "{bad:?}");
+        }
+        std::fs::write(dir.join(CGROUP_RECORD), "default/c1").unwrap();
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            let (cgroup, parent) = recorded_cgroup(&dir).unwrap();
+            assert!(cgroup.ends_with("default/c1/vmm"), "{}", cgroup.display());
+            assert_eq!(parent, "default/c1");
+        }
+        remove_run_dir(&dir);
+        assert!(!dir.join(CGROUP_RECORD).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
