@@ -10,7 +10,7 @@ use chitin_seccomp::Seccomp;
 use chitin_vcpu::{ExitReason, VmControl};
 
 use crate::error::ExecError;
-use crate::exec::{AgentLink, Child, Command, ExitStatus, Output, Stdio};
+use crate::exec::{AgentLink, Child, Command, ExitStatus, Output};
 
 /// A sandbox that another process runs (a VMM confined in its own jail,
 /// as chitin's containerd shim runs one per pod), driven from this one
@@ -79,14 +79,7 @@ impl RemoteSandbox {
     /// Run `cmd` to completion, its output thrown away unless it goes
     /// elsewhere; the exit status.
     pub fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
-        let mut cmd = cmd.clone();
-        if cmd.stdout.is_piped() {
-            cmd.stdout(Stdio::null());
-        }
-        if cmd.stderr.is_piped() {
-            cmd.stderr(Stdio::null());
-        }
-        self.link.output(&cmd).map(|out| out.status)
+        self.link.status(cmd)
     }
 
     /// Start `cmd`, as [`RunningSandbox::spawn`](crate::RunningSandbox::spawn).

@@ -33,7 +33,7 @@ use crate::devices::{
 use crate::disk::{device_name, Disk};
 use crate::error::{ExecError, PauseError, SandboxError};
 use crate::event_loop::{EventLoop, RunningEventLoop};
-use crate::exec::{relock, AgentLink, Child, Command, ExitStatus, Output, Stdio};
+use crate::exec::{relock, AgentLink, Child, Command, ExitStatus, Output};
 use crate::faults::{DeviceFaults, FaultTables};
 use crate::guest::{GuestImage, GUEST_CMDLINE};
 use crate::net::{dns_entry, Net};
@@ -1247,14 +1247,7 @@ impl Life {
     }
 
     fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
-        let mut cmd = cmd.clone();
-        if cmd.stdout.is_piped() {
-            cmd.stdout(Stdio::null());
-        }
-        if cmd.stderr.is_piped() {
-            cmd.stderr(Stdio::null());
-        }
-        self.agent()?.output(&cmd).map(|out| out.status)
+        self.agent()?.status(cmd)
     }
 
     fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {
@@ -1487,7 +1480,7 @@ impl RunningSandbox {
     }
 
     /// Run `cmd` in the guest and return how it ended, like
-    /// `std::process::Command::status`: outputs left [`Stdio::piped`] are
+    /// `std::process::Command::status`: outputs left [`Stdio::piped`](crate::Stdio::piped) are
     /// thrown away (others go where the command says).
     pub fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
         self.life.status(cmd)

@@ -225,6 +225,19 @@ impl AgentLink {
         self.spawn(cmd)?.collect(true)
     }
 
+    /// Run `cmd` to completion, its piped output thrown away; its exit
+    /// status.
+    pub(crate) fn status(&self, cmd: &Command) -> Result<ExitStatus, ExecError> {
+        let mut cmd = cmd.clone();
+        if cmd.stdout.is_piped() {
+            cmd.stdout(Stdio::null());
+        }
+        if cmd.stderr.is_piped() {
+            cmd.stderr(Stdio::null());
+        }
+        self.output(&cmd).map(|out| out.status)
+    }
+
     /// Start `cmd`; with a timeout, the wait for the agent and the start
     /// are part of it.
     pub(crate) fn spawn(&self, cmd: &Command) -> Result<Child, ExecError> {

@@ -64,8 +64,7 @@ const CONSOLE_LIMIT: u64 = 1 << 20;
 const TAP_FD: RawFd = 3;
 /// What the jailed VMM keeps of root's capabilities: `CAP_CHOWN`,
 /// `CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, `CAP_FOWNER`, `CAP_SETGID`
-/// and `CAP_SETUID`, the set chitin-fs's serving thread keeps (every
-/// other thread drops them too, where its seccomp filter lets it).
+/// and `CAP_SETUID`, the set chitin-fs's serving thread keeps.
 pub const KEPT_CAPABILITIES: [u32; 6] = [0, 1, 2, 3, 6, 7];
 /// The VMM's memory limit beyond guest RAM (its own heap, device
 /// buffers, the page cache of what the share's server reads and writes).
@@ -183,9 +182,15 @@ impl Args {
                 tail.get(..n)
                     .ok_or_else(|| format!("{flag} needs {n} value(s)"))
             };
-            match *flag {
-                "--state" => state_dir = Some(PathBuf::from(take(1)?[0])),
-                "--cgroup" => cgroup_parent = Some(take(1)?[0].to_string()),
+            let used = match *flag {
+                "--state" => {
+                    state_dir = Some(PathBuf::from(take(1)?[0]));
+                    1
+                }
+                "--cgroup" => {
+                    cgroup_parent = Some(take(1)?[0].to_string());
+                    1
+                }
                 "--net" => {
                     let v = take(3)?;
                     let mac = v[0].parse().map_err(|e| format!("--net MAC: {e}"))?;
@@ -200,12 +205,9 @@ impl Args {
                         prefix: prefix.parse().map_err(|e| format!("--net prefix: {e}"))?,
                         gateway,
                     });
+                    3
                 }
                 other => return Err(format!("unknown argument {other:?}")),
-            }
-            let used = match *flag {
-                "--net" => 3,
-                _ => 1,
             };
             rest = &tail[used..];
         }
@@ -229,7 +231,7 @@ impl Args {
 /// pod sandbox container's `cgroupsPath`, as runc would make it
 /// (`/kubepods/...` from the cgroupfs driver; `slice:prefix:name` from
 /// the systemd driver is made a path the way systemd names it), or
-/// `chitin/<namespace>-<pod>` without one. Refuses a path that leaves
+/// `chitin/<namespace>/<pod>` without one. Refuses a path that leaves
 /// the hierarchy.
 pub fn cgroup_parent(path: Option<&str>, namespace: &str, pod: &str) -> Result<String, String> {
     let path = match path.filter(|p| !p.is_empty()) {
@@ -276,15 +278,20 @@ pub fn cgroup_parent(path: Option<&str>, namespace: &str, pod: &str) -> Result<S
         }
         Some(p) => p.trim_start_matches('/').to_string(),
     };
-    let clean = !path.is_empty()
-        && path
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'));
-    if clean {
+    if stays_in_hierarchy(&path) {
         Ok(path)
     } else {
         Err(format!("cgroup path {path:?} leaves the cgroup hierarchy"))
     }
+}
+
+/// Whether `path`, below the cgroup v2 root, stays there: plain
+/// components only.
+fn stays_in_hierarchy(path: &str) -> bool {
+    !path.is_empty()
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
 }
 
 /// The VMM process's `main`: never returns.
@@ -539,30 +546,18 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// `path`, which must be a socket, opened `O_PATH` without following a
 /// symlink.
 fn open_socket(path: &Path) -> io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"))?;
-    // SAFETY: a NUL-terminated path that outlives the call; the flags
-    // make a new fd that nothing else owns.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    use std::os::unix::fs::FileTypeExt;
-    if !meta.file_type().is_socket() {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_socket() {
         return Err(io::Error::other(format!(
             "{} is not a socket",
             path.display()
         )));
     }
-    Ok(fd)
+    Ok(file.into())
 }
 
 /// Make `fd` non-blocking.
@@ -812,10 +807,7 @@ impl Vmm {
             }
         };
         let vmm = Arc::new(Vmm {
-            remote: RemoteSandbox::new(
-                format!("/proc/self/fd/{}", socket.as_raw_fd()),
-                Seccomp::Enforce,
-            ),
+            remote: RemoteSandbox::new(chitin_inroot::fd_path(&socket), Seccomp::Enforce),
             _socket: socket,
             pidfd,
             stdin: Mutex::new(Some(stdin)),
@@ -944,11 +936,7 @@ fn send_signal(pidfd: &OwnedFd, signo: libc::c_int) {
 /// it recorded them; for containerd's clean-up after a shim that died.
 pub fn recorded_cgroup(state_dir: &Path) -> Option<(PathBuf, String)> {
     let parent = std::fs::read_to_string(state_dir.join(CGROUP_RECORD)).ok()?;
-    let clean = !parent.is_empty()
-        && parent
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'));
-    if !clean {
+    if !stays_in_hierarchy(&parent) {
         return None;
     }
     let cgroup = chitin::jail::Jail::new(JAIL_ID)

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::jail::status_field;
 use chitin_testkit::Report as Checks;
 
 /// The packages disk's serial (the harness's `containerd::SERIAL`).
@@ -582,15 +583,6 @@ fn task_steps() -> Result<String, String> {
 /// The capabilities the jailed VMM keeps: CAP_CHOWN, CAP_DAC_OVERRIDE,
 /// CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETGID, CAP_SETUID.
 const VMM_CAPS: u64 = 0xcf;
-
-/// A `Key:` line's value in `/proc/<pid>/status`.
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
 
 /// A container whose VMM process is killed from the host: its task
 /// ends (status 255: the guest is gone), and its removal leaves neither

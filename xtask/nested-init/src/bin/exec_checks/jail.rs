@@ -271,7 +271,9 @@ pub fn inner(kernel: &str, initramfs: &str) -> i32 {
     i32::from(c.failed() > 0)
 }
 
-fn status_field(status: &str, field: &str) -> String {
+/// A `Field:` line's value in `/proc/<pid>/status`, its whitespace runs
+/// made single spaces.
+pub(crate) fn status_field(status: &str, field: &str) -> String {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
